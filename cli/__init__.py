@@ -1,0 +1,1 @@
+"""The `letter` command line (click). The library never imports this package."""

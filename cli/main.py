@@ -1,0 +1,34 @@
+"""Entry point of the `letter` command."""
+import click
+
+from letter import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="letter")
+def main():
+    """LETTER: learnable item tokenization for generative recommendation.
+
+    Data flows one way, with files between stages so each stage can run alone:
+    data -> embed -> train-cf -> train-tokenizer -> train-rec -> evaluate.
+    """
+
+
+@main.group()
+def bench():
+    """Kernel benchmarks (print a table, write JSON)."""
+
+
+@bench.command("kernels")
+@click.option("--op", "ops", multiple=True, help="Op(s) to benchmark (default: all).")
+@click.option("--quick", is_flag=True, help="Small shapes only (a smoke run).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON output file.")
+def bench_kernels(ops, quick, out):
+    """Benchmark the letter_ext kernels against torch-eager baselines."""
+    from letter_ext.bench import run_benchmarks
+
+    run_benchmarks(list(ops) or None, quick=quick, out=out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Loading of the compiled library and choice of backend for each op call."""
+import glob
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+def _load_library():
+    """Load the compiled op library (it registers the letter:: ops); return its path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
+    if not found:
+        raise ImportError("no compiled letter_ext/_C library in this installation")
+    torch.ops.load_library(found[0])
+    return found[0]
+
+
+_C = None
+if os.environ.get("LETTER_SKIP_EXT") == "1":
+    warnings.warn(
+        "LETTER_SKIP_EXT=1: the compiled letter_ext._C is not loaded; ops run on their "
+        "Triton or pure-torch reference backends (slow on CPU).",
+        stacklevel=2,
+    )
+else:
+    try:
+        _C = _load_library()
+    except (ImportError, OSError) as e:  # a source checkout without a build, or LETTER_SKIP_EXT at build time
+        warnings.warn(
+            f"letter_ext._C could not be loaded ({e}); ops run on their Triton or pure-torch "
+            "reference backends. Build it with `pip install --no-build-isolation -e .`.",
+            stacklevel=2,
+        )
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def has_compiled_op(name: str, device_type: str) -> bool:
+    """Whether letter::<name> has a compiled kernel for this device type."""
+    if _C is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"letter::{name}", key)
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    if not HAS_TRITON:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(op: str, device: torch.device, backend: str | None) -> str:
+    """Pick the backend of one call: the argument, else $LETTER_BACKEND, else the fastest available.
+
+    Auto choice: the compiled kernel for the tensor's device, then Triton on CUDA, then the reference.
+    """
+    choice = backend or os.environ.get("LETTER_BACKEND") or "auto"
+    if choice not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {choice!r}")
+    if choice == "auto":
+        if has_compiled_op(op, device.type):
+            return device.type
+        if device.type == "cuda" and triton_usable(device):
+            return "triton"
+        return "reference"
+    if choice in ("cpu", "cuda"):
+        if device.type != choice:
+            raise ValueError(f"backend={choice!r} needs {choice} tensors, got {device.type} tensors")
+        if not has_compiled_op(op, choice):
+            raise RuntimeError(
+                f"backend={choice!r}: letter::{op} has no compiled {choice} kernel in this build"
+            )
+    if choice == "triton" and not triton_usable(device):
+        raise RuntimeError(
+            "backend='triton' needs triton installed and CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
+        )
+    return choice

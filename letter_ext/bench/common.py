@@ -1,0 +1,74 @@
+"""Shared helpers of the kernel benchmarks: timing, memory, machine info, output."""
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device: torch.device, *, warmup: int = 1, repeat: int = 5, max_seconds: float = 20.0) -> float:
+    """Median wall time of fn() in seconds (CUDA-synchronized); fewer repeats if one call is slow."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    t_start = time.perf_counter()
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > max_seconds:
+            break
+    return statistics.median(times)
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    print(f"\n## {title}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |")
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Atomic write: a reader never sees a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,35 @@
+"""Pure-torch references of every LETTER op: the specification the kernels are tested against.
+
+They materialize whatever is convenient (distance matrices, logits) and are differentiable through
+plain autograd. Pass float64 tensors to get a float64 reference.
+"""
+import torch
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor, return_residuals: bool = False):
+    """Residual nearest-code search.
+
+    r_0 = x; c_l = argmin_j ||r_l - C_l[j]||^2 (ties -> lowest j); r_{l+1} = r_l - C_l[c_l].
+    Returns (codes [B, L] int64, quantized = sum_l C_l[c_l] [B, d] in x's dtype,
+    residuals [B, L, d] (r_0..r_{L-1}) or an empty tensor).
+    """
+    dt = _acc_dtype(x)
+    cb = codebooks.to(dt)
+    r = x.to(dt)
+    codes, residuals = [], []
+    quantized = torch.zeros_like(r)
+    for level in cb:
+        residuals.append(r)
+        dist = (r * r).sum(1, keepdim=True) - 2 * r @ level.T + (level * level).sum(1)[None, :]
+        code = dist.argmin(1)  # first minimum on ties
+        chosen = level[code]
+        codes.append(code)
+        quantized = quantized + chosen
+        r = r - chosen
+    codes_t = torch.stack(codes, 1) if codes else x.new_zeros((x.shape[0], 0), dtype=torch.long)
+    res = torch.stack(residuals, 1).to(x.dtype) if return_residuals else x.new_empty(0)
+    return codes_t, quantized.to(x.dtype), res
