@@ -33,7 +33,7 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=fast"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=fast"]
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None
     )
