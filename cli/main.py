@@ -2,9 +2,20 @@
 import click
 
 from letter import __version__
+from letter.errors import LetterError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LetterGroup(click.Group):
+    """Turns LetterError (bad input the user can fix) into a one-line click error, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LetterError as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=LetterGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="letter")
 def main():
     """LETTER: learnable item tokenization for generative recommendation.
@@ -14,7 +25,7 @@ def main():
     """
 
 
-@main.group()
+@main.group(cls=LetterGroup)
 def bench():
     """Kernel benchmarks (print a table, write JSON)."""
 

@@ -1,0 +1,69 @@
+"""Small shared helpers: atomic file writes, seeding, device choice, progress bars."""
+import contextlib
+import json
+import os
+import random
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary path next to `path`; on success it replaces `path` atomically.
+
+    On error the temporary file is removed, so a reader never sees a half-written output.
+    """
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix or os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, array)
+
+
+def torch_save(path: str, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """'auto' or None -> cuda if available, else cpu; anything else is passed to torch.device."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar that stays quiet when output is not a terminal unless forced by LETTER_PROGRESS=1."""
+    from tqdm.auto import tqdm
+
+    disable = kwargs.pop("disable", None)
+    if disable is None:
+        forced = os.environ.get("LETTER_PROGRESS")
+        disable = (forced == "0") if forced is not None else None  # None: tqdm decides (off for non-tty)
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
