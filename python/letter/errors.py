@@ -1,4 +1,4 @@
-"""User-facing errors: the CLI prints their message (no traceback) and exits with status 2."""
+"""User-facing errors: the CLI prints their message (no traceback) and exits with status 1."""
 
 
 class LetterError(Exception):
