@@ -9,4 +9,15 @@ TORCH_LIBRARY(letter, m) {
   m.def(
       "residual_quantize(Tensor x, Tensor codebooks, bool return_residuals=False)"
       " -> (Tensor quantized, Tensor codes, Tensor residuals)");
+  // Softmax cross-entropy over dot products q [B, d] . keys [M, d] (+ bias [M]) / temperature,
+  // exclude[i] (or -1) removed from row i, rows with targets == ignore_index give 0.
+  // Forward returns per-row losses and logsumexps (fp64 for fp64 q, else fp32); backward
+  // recomputes the logits from lse and returns dq, dkeys, dbias (empty without bias).
+  m.def(
+      "dot_product_cross_entropy_fwd(Tensor q, Tensor keys, Tensor targets, Tensor? exclude,"
+      " Tensor? bias, float temperature, int ignore_index) -> (Tensor loss_rows, Tensor lse)");
+  m.def(
+      "dot_product_cross_entropy_bwd(Tensor grad_rows, Tensor q, Tensor keys, Tensor targets,"
+      " Tensor? exclude, Tensor? bias, Tensor lse, float temperature, int ignore_index)"
+      " -> (Tensor dq, Tensor dkeys, Tensor dbias)");
 }

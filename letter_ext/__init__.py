@@ -2,9 +2,19 @@
 
 Standalone: it never imports the `letter` library. Ops:
   residual_quantize   residual nearest-code search over L codebooks (RQ-VAE quantization)
+  dot_product_cross_entropy (+ info_nce, codebook_diversity_loss)
+                      softmax cross-entropy over dot products without the B x M logits
 """
 from ._version import __version__
 from ._backend import BACKENDS
 from .ops import residual_quantize
+from .ops import codebook_diversity_loss, dot_product_cross_entropy, info_nce
 
-__all__ = ["__version__", "BACKENDS", "residual_quantize"]
+__all__ = [
+    "__version__",
+    "BACKENDS",
+    "residual_quantize",
+    "dot_product_cross_entropy",
+    "info_nce",
+    "codebook_diversity_loss",
+]

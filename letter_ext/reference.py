@@ -33,3 +33,34 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor, return_residuals
     codes_t = torch.stack(codes, 1) if codes else x.new_zeros((x.shape[0], 0), dtype=torch.long)
     res = torch.stack(residuals, 1).to(x.dtype) if return_residuals else x.new_empty(0)
     return codes_t, quantized.to(x.dtype), res
+
+
+def dot_product_cross_entropy_rows(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    exclude: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+):
+    """Softmax cross-entropy over dot products, materializing the B x M logits.
+
+    logits_ij = (q_i . k_j + bias_j) / temperature, with logits_i,exclude_i = -inf;
+    loss_i = logsumexp_j logits_ij - logits_i,targets_i, and 0 where targets_i == ignore_index.
+    Returns (loss_rows [B], lse [B]) in the accumulation dtype (fp64 for fp64 q, else fp32),
+    differentiable through plain autograd.
+    """
+    dt = _acc_dtype(q)
+    logits = q.to(dt) @ keys.to(dt).T
+    if bias is not None:
+        logits = logits + bias.to(dt)[None, :]
+    logits = logits / temperature
+    if exclude is not None:
+        rows = torch.nonzero(exclude >= 0)[:, 0]
+        logits = logits.index_put((rows, exclude[rows]), torch.tensor(float("-inf"), dtype=dt, device=q.device))
+    lse = torch.logsumexp(logits, dim=1)
+    valid = targets != ignore_index
+    target_logit = logits.gather(1, torch.where(valid, targets, 0)[:, None])[:, 0]
+    loss_rows = torch.where(valid, lse - torch.where(valid, target_logit, 0.0), 0.0)
+    return loss_rows, lse
