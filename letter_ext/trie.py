@@ -1,0 +1,142 @@
+"""Tensor form of a prefix trie over item identifiers, as consumed by `constrained_beam_step`.
+
+Items are code sequences of length L; the token of (level l, code c) is vocab_offsets[l] + c.
+Nodes at depth d are the distinct prefixes of length d (depth 0: the root, node 0), numbered in
+lexicographic order. Level l holds the edges from depth l to depth l + 1 in CSR form:
+
+    children of node n (depth l) = child_token[l][row_ptr[l][n] : row_ptr[l][n + 1]]
+
+in strictly increasing token order, and the child reached through edge e has node id e at depth
+l + 1. So level 0 is a single dense row (every valid first token), and the node ids of the last
+level are the leaves: the distinct full code sequences.
+"""
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+class TrieLevels(NamedTuple):
+    """Prefix trie as per-level CSR arrays (see the module docstring).
+
+    row_ptr[l]: int64 [n_l + 1] (n_0 = 1), child_token[l]: int64 [n_{l+1}];
+    vocab_size: 1 + the largest token id (logits must be at least this wide).
+    """
+
+    row_ptr: tuple[torch.Tensor, ...]
+    child_token: tuple[torch.Tensor, ...]
+    vocab_size: int
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.row_ptr)
+
+    @property
+    def num_leaves(self) -> int:
+        return self.child_token[-1].numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.child_token[0].device
+
+    def to(self, device) -> "TrieLevels":
+        return TrieLevels(
+            tuple(t.to(device) for t in self.row_ptr), tuple(t.to(device) for t in self.child_token), self.vocab_size
+        )
+
+
+def _as_int_list(name: str, values, length: int) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    try:
+        out = [int(v) for v in values]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a sequence of {length} integers") from e
+    if len(out) != length:
+        raise ValueError(f"{name} must have one entry per level ({length}), got {len(out)}")
+    return out
+
+
+def check_codes(codes, level_sizes: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    """Validate item codes [I, L] against per-level code counts; returns (codes int64, level_sizes)."""
+    if not isinstance(codes, torch.Tensor):
+        try:
+            codes = torch.as_tensor(codes)
+        except (ValueError, TypeError) as e:  # ragged nested lists land here
+            raise ValueError(f"codes must be a rectangular [I, L] integer array: {e}") from e
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be [I, L] (one row of L codes per item), got shape {tuple(codes.shape)}")
+    num_items, num_levels = codes.shape
+    if num_items == 0:
+        raise ValueError("codes is empty: the catalog needs at least one item")
+    if num_levels == 0:
+        raise ValueError("codes must have L >= 1 levels")
+    sizes = _as_int_list("level_sizes", level_sizes, num_levels)
+    if min(sizes) < 1:
+        raise ValueError(f"level_sizes must be >= 1, got {sizes}")
+    codes = codes.long()
+    low = codes.min(0).values.tolist()
+    high = codes.max(0).values.tolist()
+    for level, (lo, hi, size) in enumerate(zip(low, high, sizes)):
+        if lo < 0 or hi >= size:
+            raise ValueError(f"codes out of vocabulary at level {level}: values in [{lo}, {hi}], level size {size}")
+    return codes, sizes
+
+
+def default_vocab_offsets(level_sizes: Sequence[int]) -> list[int]:
+    """Offsets of consecutive per-level token ranges: [0, n_0, n_0 + n_1, ...]."""
+    offsets, total = [], 0
+    for size in level_sizes:
+        offsets.append(total)
+        total += size
+    return offsets
+
+
+def build_trie_levels(codes, level_sizes: Sequence[int], vocab_offsets: Sequence[int] | None = None):
+    """Build the trie of item codes on their device, vectorized (no Python loop over items).
+
+    Args:
+        codes: [I, L] integer codes, item i = row i; 0 <= codes[:, l] < level_sizes[l].
+        level_sizes: codes per level.
+        vocab_offsets: token id of (l, c) is vocab_offsets[l] + c (default: cumulative level sizes).
+
+    Returns:
+        (trie: TrieLevels, leaf_of_item: int64 [I] — the leaf (node id at depth L) of each item,
+        order: int64 [I] — the items sorted by code sequence, ties by item id).
+    """
+    codes, sizes = check_codes(codes, level_sizes)
+    num_items, num_levels = codes.shape
+    offsets = default_vocab_offsets(sizes) if vocab_offsets is None else _as_int_list(
+        "vocab_offsets", vocab_offsets, num_levels
+    )
+    if min(offsets) < 0:
+        raise ValueError(f"vocab_offsets must be >= 0, got {offsets}")
+    device = codes.device
+    # Lexicographic order by stable sorts from the last level to the first (radix style): works
+    # for any number of levels (a packed key could overflow int64) and keeps item ids ascending
+    # among equal sequences.
+    order = torch.arange(num_items, device=device)
+    for level in reversed(range(num_levels)):
+        order = order[torch.sort(codes[order, level], stable=True).indices]
+    sorted_codes = codes[order]
+    new_prefix = torch.zeros(num_items, dtype=torch.bool, device=device)
+    new_prefix[0] = True
+    node_of_row = torch.zeros(num_items, dtype=torch.long, device=device)  # node at depth `level`
+    row_ptr, child_token = [], []
+    for level in range(num_levels):
+        # Row i opens a new prefix of length level + 1 when it differs from row i - 1 in any of
+        # the first level + 1 codes.
+        new_prefix[1:] |= sorted_codes[1:, level] != sorted_codes[:-1, level]
+        edge_rows = new_prefix.nonzero().squeeze(1)
+        parents = node_of_row[edge_rows]
+        num_parents = int(node_of_row[-1]) + 1
+        ptr = torch.zeros(num_parents + 1, dtype=torch.long, device=device)
+        ptr[1:] = torch.cumsum(torch.bincount(parents, minlength=num_parents), 0)
+        row_ptr.append(ptr)
+        child_token.append(sorted_codes[edge_rows, level] + offsets[level])
+        node_of_row = torch.cumsum(new_prefix.long(), 0) - 1
+    vocab_size = max(o + s for o, s in zip(offsets, sizes))
+    leaf_of_item = torch.empty_like(order)
+    leaf_of_item[order] = node_of_row
+    return TrieLevels(tuple(row_ptr), tuple(child_token), vocab_size), leaf_of_item, order
