@@ -1,0 +1,70 @@
+"""The in-memory dataset every stage consumes: users' time-ordered item sequences with 0-based ids."""
+from dataclasses import dataclass, field
+
+from letter.errors import DataError
+
+TEXT_FIELDS = ("title", "description", "brand", "categories")
+
+
+@dataclass
+class Dataset:
+    """Interactions of one dataset with contiguous 0-based item ids.
+
+    sequences[u] are the items of user_ids[u] in time order; item_ids[i] is the original id of
+    internal item i; item_text[i] (or None for CF-only datasets) holds the item's text fields
+    (title, description, brand, categories; the synthetic data adds "category").
+    """
+
+    name: str
+    user_ids: list[str]
+    sequences: list[list[int]]
+    item_ids: list[str]
+    item_text: list[dict] | None = None
+    source: str = field(default="", compare=False)  # where it was read from, for error messages
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_interactions(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+def item_order(raw_ids) -> list[str]:
+    """Deterministic internal order of original item ids: numeric when all are integers (so ids
+    0..N-1 keep their value, matching the authors' index/embedding files), else lexicographic."""
+    ids = {str(i) for i in raw_ids}
+    if all(i.lstrip("-").isdigit() for i in ids):
+        return sorted(ids, key=int)
+    return sorted(ids)
+
+
+def build_dataset(
+    name: str,
+    user_items: dict[str, list[str]],
+    item_text: dict[str, dict] | None = None,
+    source: str = "",
+) -> Dataset:
+    """Map original string ids to a Dataset. With item_text, its keys define the item set and
+    every history item must be among them."""
+    if item_text is not None:
+        known = set(item_text)
+        for user, items in user_items.items():
+            missing = [i for i in items if i not in known]
+            if missing:
+                raise DataError(
+                    f"{source}: user {user!r} has item {missing[0]!r} that is missing from the item "
+                    f"text file ({len(missing)} such item(s) in this history)"
+                )
+        item_ids = item_order(item_text)
+    else:
+        item_ids = item_order(i for items in user_items.values() for i in items)
+    index = {item: k for k, item in enumerate(item_ids)}
+    sequences = [[index[i] for i in items] for items in user_items.values()]
+    text = [item_text[i] for i in item_ids] if item_text is not None else None
+    return Dataset(name, list(user_items), sequences, item_ids, text, source)

@@ -1,0 +1,306 @@
+"""Readers: LETTER/LC-Rec folders, P5 sequential_data.txt and raw Amazon review dumps -> Dataset."""
+import ast
+import glob
+import gzip
+import html
+import json
+import os
+import re
+import warnings
+from collections import Counter, defaultdict
+
+from letter.data.dataset import TEXT_FIELDS, Dataset, build_dataset
+from letter.errors import DataError
+from letter.utils import write_json
+
+INTER_SUFFIX = ".inter.json"
+ITEM_SUFFIX = ".item.json"
+P5_FILE = "sequential_data.txt"
+
+
+def _no_duplicate_keys(path):
+    def hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DataError(f"{path}: duplicate key {key!r}")
+            seen.add(key)
+        return dict(pairs)
+
+    return hook
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f, object_pairs_hook=_no_duplicate_keys(path))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed json: {e}") from e
+
+
+def _id(value, path: str, key: str) -> str:
+    # bool is an int subclass; reject it along with floats, lists, ...
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or str(value) == "":
+        raise DataError(f"{path}: key {key!r}: item id {value!r} is not an integer or non-empty string")
+    return str(value)
+
+
+# ---------------------------------------------------------------- LETTER / LC-Rec folder
+
+
+def _letter_files(path: str) -> tuple[str, str, str | None]:
+    """(name, inter.json path, item.json path or None) for a folder or an inter.json file."""
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*" + INTER_SUFFIX)))
+        if len(found) != 1:
+            raise DataError(f"{path}: expected exactly one *{INTER_SUFFIX} file, found {len(found)}")
+        inter = found[0]
+    else:
+        inter = path
+    name = os.path.basename(inter)[: -len(INTER_SUFFIX)]
+    item = os.path.join(os.path.dirname(inter), name + ITEM_SUFFIX)
+    return name, inter, item if os.path.exists(item) else None
+
+
+def read_letter(path: str) -> Dataset:
+    """A LETTER/LC-Rec folder: <Name>.inter.json {user: [item ids]} and optional <Name>.item.json."""
+    name, inter_path, item_path = _letter_files(path)
+    raw = _read_json(inter_path)
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{inter_path}: expected a non-empty object {{user id: [item ids]}}")
+    user_items = {}
+    for user, items in raw.items():
+        if not isinstance(items, list) or not items:
+            raise DataError(f"{inter_path}: key {user!r}: expected a non-empty list of item ids")
+        user_items[user] = [_id(i, inter_path, user) for i in items]
+    item_text = None
+    if item_path is not None:
+        raw_text = _read_json(item_path)
+        if not isinstance(raw_text, dict):
+            raise DataError(f"{item_path}: expected an object {{item id: {{title, description, ...}}}}")
+        for key, fields in raw_text.items():
+            if not isinstance(fields, dict):
+                raise DataError(f"{item_path}: key {key!r}: expected an object of text fields")
+        item_text = raw_text
+    return build_dataset(name, user_items, item_text, source=inter_path)
+
+
+def write_letter(dataset: Dataset, out_dir: str) -> str:
+    """Write <Name>.inter.json (+ <Name>.item.json) with internal ids as keys; returns the folder.
+
+    Internal ids are written (not the originals) so index and embedding files, whose row i is
+    item i, line up with the ids in the files."""
+    inter = {u: seq for u, seq in zip(dataset.user_ids, dataset.sequences)}
+    write_json(os.path.join(out_dir, dataset.name + INTER_SUFFIX), inter, indent=None)
+    if dataset.item_text is not None:
+        items = {str(i): fields for i, fields in enumerate(dataset.item_text)}
+        write_json(os.path.join(out_dir, dataset.name + ITEM_SUFFIX), items)
+    return out_dir
+
+
+# ---------------------------------------------------------------- P5
+
+
+def read_p5(path: str, name: str | None = None) -> Dataset:
+    """P5 `sequential_data.txt`: one line per user, `user item item ...` (1-based integer ids)."""
+    file = os.path.join(path, P5_FILE) if os.path.isdir(path) else path
+    user_items: dict[str, list[str]] = {}
+    try:
+        with open(file) as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) < 2:
+                    raise DataError(f"{file}: line {lineno}: user {parts[0]!r} has no items")
+                bad = [p for p in parts if not p.isdigit()]
+                if bad:
+                    raise DataError(f"{file}: line {lineno}: id {bad[0]!r} is not a positive integer")
+                if parts[0] in user_items:
+                    raise DataError(f"{file}: line {lineno}: duplicate user {parts[0]!r}")
+                user_items[parts[0]] = parts[1:]
+    except OSError as e:
+        raise DataError(f"{file}: cannot read: {e.strerror}") from e
+    if not user_items:
+        raise DataError(f"{file}: no users")
+    default = os.path.basename(os.path.dirname(os.path.abspath(file))) or "p5"
+    return build_dataset(name or default, user_items, None, source=file)
+
+
+# ---------------------------------------------------------------- raw Amazon dumps
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
+
+
+def _json_lines(path: str):
+    """Records of a json-lines dump; the 2014 dumps hold Python dict literals, so fall back to those."""
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError:
+                    try:
+                        yield lineno, ast.literal_eval(line)
+                    except (ValueError, SyntaxError) as e:
+                        raise DataError(f"{path}: line {lineno}: not a json/dict record") from e
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+
+
+_TAG = re.compile(r"<[^>]+>")
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(value) -> str:
+    """Text field -> one clean line: lists joined, html entities decoded, tags dropped."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        value = " ".join(clean_text(v) for v in value)
+    text = _TAG.sub(" ", html.unescape(str(value)))
+    return _SPACE.sub(" ", text).strip()
+
+
+def _categories(meta: dict) -> str:
+    # 2018 dumps: "category": [..]; 2014 dumps: "categories": [[..], ..] (we keep the first path)
+    cats = meta.get("category")
+    if cats is None:
+        cats = meta.get("categories") or []
+        cats = cats[0] if cats and isinstance(cats[0], list) else cats
+    return ",".join(c for c in (clean_text(c) for c in cats) if c)
+
+
+def k_core(user_items: dict[str, list[str]], k: int) -> dict[str, list[str]]:
+    """Repeatedly drop users and items with fewer than k interactions until none is left."""
+    while True:
+        counts = Counter(i for items in user_items.values() for i in items)
+        kept = {}
+        for user, items in user_items.items():
+            items = [i for i in items if counts[i] >= k]
+            if len(items) >= k:
+                kept[user] = items
+        if kept == user_items:
+            return kept
+        user_items = kept
+
+
+def _amazon_files(path: str) -> tuple[str, str | None]:
+    if not os.path.isdir(path):
+        return path, None
+    files = sorted(glob.glob(os.path.join(path, "*.json*")))
+    meta = [f for f in files if os.path.basename(f).startswith("meta_")]
+    reviews = [f for f in files if f not in meta and f.endswith((".json.gz", ".json", ".jsonl", ".jsonl.gz"))]
+    if len(reviews) != 1 or len(meta) > 1:
+        raise DataError(
+            f"{path}: expected one review dump and at most one meta_* file, found "
+            f"{len(reviews)} review and {len(meta)} meta file(s)"
+        )
+    return reviews[0], (meta[0] if meta else None)
+
+
+def _dump_name(review_path: str) -> str:
+    base = os.path.basename(review_path)
+    for ext in (".gz", ".jsonl", ".json"):
+        base = base[: -len(ext)] if base.endswith(ext) else base
+    return re.sub(r"(^reviews_|_5$)", "", base) or "amazon"
+
+
+def read_amazon(path: str, meta_path: str | None = None, k: int = 5, name: str | None = None) -> Dataset:
+    """Raw Amazon reviews (json lines with reviewerID, asin, unixReviewTime; .gz or plain) and an
+    optional meta_*.json.gz. `path` may be the review file or a folder with both. Repeated
+    (user, item) pairs keep the first; ties in time keep file order; then k-core filtering."""
+    review_path, found_meta = _amazon_files(path)
+    meta_path = meta_path or found_meta
+    events: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    for order, (lineno, record) in enumerate(_json_lines(review_path)):
+        try:
+            user, item, time = record["reviewerID"], record["asin"], int(record["unixReviewTime"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(
+                f"{review_path}: line {lineno}: needs reviewerID, asin and integer unixReviewTime ({e!r})"
+            ) from e
+        events[str(user)].append((time, order, str(item)))
+    user_items = {}
+    for user, evs in events.items():
+        seen, items = set(), []
+        for _, _, item in sorted(evs):
+            if item not in seen:
+                seen.add(item)
+                items.append(item)
+        user_items[user] = items
+    before = len(user_items)
+    user_items = k_core(user_items, k)
+    if not user_items:
+        raise DataError(f"{review_path}: no user is left after {k}-core filtering ({before} before)")
+    item_text = _read_meta(meta_path, user_items) if meta_path else None
+    return build_dataset(name or _dump_name(review_path), user_items, item_text, source=review_path)
+
+
+def _read_meta(meta_path: str, user_items: dict[str, list[str]]) -> dict[str, dict]:
+    """Text of the interacted items; items without a meta record get empty fields (counted in a warning)."""
+    wanted = {i for items in user_items.values() for i in items}
+    text = {}
+    for lineno, record in _json_lines(meta_path):
+        if not isinstance(record, dict) or "asin" not in record:
+            raise DataError(f"{meta_path}: line {lineno}: record has no 'asin'")
+        item = str(record["asin"])
+        if item in wanted:
+            text[item] = {
+                "title": clean_text(record.get("title")),
+                "description": clean_text(record.get("description")),
+                "brand": clean_text(record.get("brand")),
+                "categories": _categories(record),
+            }
+    missing = wanted - set(text)
+    if missing:
+        warnings.warn(f"{meta_path}: {len(missing)} item(s) have no meta record; their text is empty", stacklevel=3)
+        for item in missing:
+            text[item] = dict.fromkeys(TEXT_FIELDS, "")
+    return text
+
+
+# ---------------------------------------------------------------- format detection
+
+FORMATS = ("auto", "letter", "p5", "amazon")
+
+
+def detect_format(path: str) -> str:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        if glob.glob(os.path.join(path, "*" + INTER_SUFFIX)):
+            return "letter"
+        if os.path.exists(os.path.join(path, P5_FILE)):
+            return "p5"
+        if glob.glob(os.path.join(path, "*.json*")):
+            return "amazon"
+    elif path.endswith(INTER_SUFFIX):
+        return "letter"
+    elif path.endswith(".txt"):
+        return "p5"
+    elif path.endswith((".json.gz", ".json", ".jsonl", ".jsonl.gz")):
+        return "amazon"
+    raise DataError(
+        f"{path}: cannot tell the format: expected a folder with <Name>{INTER_SUFFIX}, a P5 "
+        f"{P5_FILE}, or an Amazon review dump (.json[.gz]/.jsonl)"
+    )
+
+
+def load_dataset(path: str, format: str = "auto", k: int = 5, name: str | None = None) -> Dataset:
+    """Read any supported format (auto-detected by default). `k` (k-core) applies to raw Amazon dumps."""
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "letter":
+        return read_letter(path)
+    if fmt == "p5":
+        return read_p5(path, name=name)
+    if fmt == "amazon":
+        return read_amazon(path, k=k, name=name)
+    raise ValueError(f"format must be one of {FORMATS}, got {format!r}")

@@ -1,0 +1,71 @@
+"""Leave-one-out split exactly as the LETTER / LC-Rec code builds it."""
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from letter.data.dataset import Dataset
+
+Sample = tuple[list[int], int]  # (history, target), history in time order
+
+MIN_SEQUENCE_LENGTH = 3  # one training item, one validation target, one test target
+
+
+@dataclass
+class Split:
+    train: list[Sample]
+    valid: list[Sample]
+    test: list[Sample]
+    max_history: int
+    # user index (into Dataset.user_ids) of each valid/test sample; train samples are not tied to it
+    eval_users: list[int]
+
+    def part(self, name: str) -> list[Sample]:
+        if name not in ("train", "valid", "test"):
+            raise ValueError(f"split part must be train, valid or test, got {name!r}")
+        return getattr(self, name)
+
+    def tensors(self, name: str, pad: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(histories LongTensor [N, max_history] left-padded with `pad`, targets LongTensor [N])."""
+        samples = self.part(name)
+        return pad_left([h for h, _ in samples], self.max_history, pad), torch.tensor(
+            [t for _, t in samples], dtype=torch.long
+        )
+
+
+def pad_left(histories: list[list[int]], length: int, pad: int = -1) -> torch.Tensor:
+    """Stack histories into [N, length], keeping the last `length` items, padding on the left so the
+    most recent item is always in the last column."""
+    out = torch.full((len(histories), length), pad, dtype=torch.long)
+    for row, history in enumerate(histories):
+        tail = history[-length:] if length > 0 else []
+        if tail:
+            out[row, length - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+    return out
+
+
+def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
+    """Per user: test = items[:-1] -> items[-1], valid = items[:-2] -> items[-2], train = every
+    prefix items[:i] -> items[i] for 1 <= i < len(items) - 2. Histories keep their last
+    `max_history` items. Users with fewer than 3 items are skipped with a warning."""
+    if max_history < 1:
+        raise ValueError(f"max_history must be >= 1, got {max_history}")
+    train, valid, test, eval_users = [], [], [], []
+    short = 0
+    for user, items in enumerate(dataset.sequences):
+        if len(items) < MIN_SEQUENCE_LENGTH:
+            short += 1
+            continue
+        head = items[:-2]
+        for i in range(1, len(head)):
+            train.append((head[max(0, i - max_history) : i], head[i]))
+        valid.append((head[-max_history:], items[-2]))
+        test.append((items[:-1][-max_history:], items[-1]))
+        eval_users.append(user)
+    if short:
+        warnings.warn(
+            f"{dataset.name}: skipped {short} user(s) with fewer than {MIN_SEQUENCE_LENGTH} "
+            "interactions in the leave-one-out split",
+            stacklevel=2,
+        )
+    return Split(train, valid, test, max_history, eval_users)

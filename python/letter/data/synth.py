@@ -1,0 +1,119 @@
+"""A seeded synthetic dataset with latent categories and sequential structure.
+
+Each item belongs to one latent category; its title/description are drawn from that category's
+vocabulary (so text embeddings see the categories) and item.json keeps the category id in the
+field "category" (so tokenizers can be checked against it). Each user prefers one to three
+categories; a history is a walk where, with probability `p_follow`, the next item is one of the
+previous item's few fixed successors (within its category, so sequence models have something to
+learn), and otherwise a popular item (Zipf within the category) of a preferred category.
+"""
+import numpy as np
+
+from letter.data.dataset import Dataset
+
+# Vocabularies of the first categories; further categories get generated pseudo-words.
+THEMES = [
+    ("Guitars", "guitar string fret acoustic electric pick neck maple rosewood strap capo tuner"),
+    ("Drums", "drum snare cymbal kick stick hihat tom drumhead pedal percussion rim throne"),
+    ("Keyboards", "keyboard piano synthesizer keys midi organ weighted sustain pedal octave digital stand"),
+    ("Microphones", "microphone condenser dynamic vocal cardioid shock mount pop filter studio xlr capsule"),
+    ("Cables", "cable cord jack connector shielded patch adapter plug braided length gold insulated"),
+    ("Amplifiers", "amplifier amp speaker watt tube combo cabinet gain reverb head preamp tone"),
+    ("Lab", "beaker flask pipette glass laboratory tube measuring borosilicate burette funnel graduated rack"),
+    ("Safety", "glove goggles mask respirator safety protective nitrile helmet vest earplug shield visor"),
+    ("Tools", "wrench screwdriver pliers hammer drill bit socket ratchet torque hex clamp vise"),
+    ("Electronics", "resistor capacitor transistor breadboard solder circuit diode led voltage arduino relay sensor"),
+    ("Adhesives", "tape glue adhesive epoxy sealant duct masking bond resin silicone caulk strip"),
+    ("Measuring", "caliper gauge ruler thermometer multimeter scale micrometer meter level tape digital probe"),
+    ("Cleaning", "brush sponge cleaner wipe detergent mop spray microfiber scrub towel bucket polish"),
+    ("Storage", "box bin container organizer drawer shelf case rack tray cabinet bag crate"),
+    ("Lighting", "lamp bulb flashlight lantern headlamp torch lumen beam battery spotlight floodlight dimmer"),
+    ("Plumbing", "pipe valve faucet fitting hose washer drain coupling elbow gasket sealing pvc"),
+    ("Fasteners", "screw bolt nut washer rivet anchor nail pin stainless hex zinc threaded"),
+    ("Office", "pen paper notebook stapler folder binder marker envelope clip label desk calendar"),
+    ("Garden", "shovel rake hose sprinkler pruner soil seed planter trowel watering gloves fertilizer"),
+    ("Audio", "headphone earbud speaker bluetooth wireless stereo bass noise cancelling audio driver volume"),
+]
+ADJECTIVES = "premium professional compact heavy duty lightweight durable classic deluxe portable".split()
+
+
+def _pseudo_words(rng: np.random.Generator, n: int) -> list[str]:
+    syllables = ["ka", "lo", "mi", "ren", "sa", "tu", "vor", "zel", "qui", "bra", "dun", "ex"]
+    return ["".join(rng.choice(syllables, size=rng.integers(2, 4))) for _ in range(n)]
+
+
+def make_synthetic(
+    num_users: int = 3000,
+    num_items: int = 1000,
+    num_categories: int = 20,
+    min_length: int = 5,
+    max_length: int = 20,
+    p_follow: float = 0.6,
+    seed: int = 0,
+    name: str = "Synth",
+) -> Dataset:
+    """Build the synthetic Dataset (same arguments and seed -> identical data)."""
+    # 4 items per category at least, so a walk can always avoid its last 3 items
+    if num_categories < 1 or num_items < 4 * num_categories:
+        raise ValueError(f"need 1 <= num_categories <= num_items / 4, got {num_categories} and {num_items}")
+    if not 3 <= min_length <= max_length:
+        raise ValueError(f"need 3 <= min_length <= max_length, got {min_length} and {max_length}")
+    rng = np.random.default_rng(seed)
+
+    vocab, cat_names = [], []
+    for c in range(num_categories):
+        if c < len(THEMES):
+            cat_names.append(THEMES[c][0])
+            vocab.append(THEMES[c][1].split())
+        else:
+            cat_names.append(f"Category{c}")
+            vocab.append(_pseudo_words(rng, 12))
+
+    category = np.sort(rng.permutation(np.arange(num_items) % num_categories))  # balanced, contiguous
+    members = [np.flatnonzero(category == c) for c in range(num_categories)]
+    # Zipf popularity within each category; successors: 3 fixed items of the same category
+    popularity = [1.0 / np.arange(1, len(m) + 1) ** 1.1 for m in members]
+    popularity = [p / p.sum() for p in popularity]
+    popularity = [p[rng.permutation(len(p))] for p in popularity]
+    successors = np.array(
+        [rng.choice(members[category[i]], size=3) for i in range(num_items)], dtype=np.int64
+    )
+
+    item_text = []
+    for i in range(num_items):
+        c = category[i]
+        words = rng.choice(vocab[c], size=3, replace=False)
+        brand = f"{cat_names[c][:3].upper()}{rng.integers(1, 6)}"
+        item_text.append(
+            {
+                "title": f"{brand} {rng.choice(ADJECTIVES)} {words[0]} {words[1]} model {i}",
+                "description": "A " + " ".join(rng.choice(vocab[c], size=8)) + f" for {words[2]} use.",
+                "brand": brand,
+                "categories": f"Synthetic,{cat_names[c]}",
+                "category": int(c),
+            }
+        )
+
+    sequences = []
+    for _ in range(num_users):
+        liked = rng.choice(num_categories, size=rng.integers(1, min(3, num_categories) + 1), replace=False)
+        length = int(rng.integers(min_length, max_length + 1))
+        seq: list[int] = []
+        while len(seq) < length:
+            if seq and rng.random() < p_follow:
+                item = int(rng.choice(successors[seq[-1]]))
+            else:
+                c = int(rng.choice(liked))
+                item = int(rng.choice(members[c], p=popularity[c]))
+            if item not in seq[-3:]:  # no immediate repeats
+                seq.append(item)
+        sequences.append(seq)
+
+    return Dataset(
+        name=name,
+        user_ids=[str(u) for u in range(num_users)],
+        sequences=sequences,
+        item_ids=[str(i) for i in range(num_items)],
+        item_text=item_text,
+        source="synthetic",
+    )

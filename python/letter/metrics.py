@@ -1,0 +1,44 @@
+"""Top-K ranking metrics with one relevant item per user (leave-one-out)."""
+import torch
+
+
+def hits_from_topk(topk: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Bool [U, K]: topk[u, k] == targets[u]. Empty slots (-1) never hit."""
+    if topk.dim() != 2 or targets.dim() != 1 or topk.shape[0] != targets.shape[0]:
+        raise ValueError(f"need topk [U, K] and targets [U], got {tuple(topk.shape)} and {tuple(targets.shape)}")
+    return (topk == targets.unsqueeze(1)) & (topk >= 0)
+
+
+def metrics_from_hits(hits: torch.Tensor, ks=(5, 10)) -> dict[str, float]:
+    """Recall@k and NDCG@k (=1/log2(rank+2) at the first hit, rank 0-based) averaged over users.
+
+    Only the first hit of a row counts, so a caller may mark several slots (e.g. all items sharing
+    a generated code) without inflating the score."""
+    if hits.dim() != 2:
+        raise ValueError(f"hits must be [U, K], got {tuple(hits.shape)}")
+    num_users, width = hits.shape
+    if max(ks) > width:
+        raise ValueError(f"need at least {max(ks)} ranked slots, got {width}")
+    hits = hits.bool()
+    any_hit = hits.any(dim=1)
+    first = torch.where(any_hit, hits.float().argmax(dim=1), torch.full_like(any_hit, width, dtype=torch.long))
+    out = {}
+    for k in ks:
+        within = first < k
+        gain = torch.where(within, 1.0 / torch.log2(first.double() + 2.0), torch.zeros((), dtype=torch.double))
+        denom = max(num_users, 1)
+        out[f"recall@{k}"] = within.sum().item() / denom
+        out[f"ndcg@{k}"] = gain.sum().item() / denom
+    return out
+
+
+def ranking_metrics(topk: torch.Tensor, targets: torch.Tensor, ks=(5, 10)) -> dict[str, float]:
+    """Metrics of ranked item ids topk [U, K] (-1 = empty slot) against targets [U]."""
+    return metrics_from_hits(hits_from_topk(topk, targets), ks)
+
+
+def metric_sums(hits: torch.Tensor, ks=(5, 10)) -> dict[str, float]:
+    """Per-metric sums (not means) over the rows, for combining shards: divide by the total users."""
+    means = metrics_from_hits(hits, ks)
+    return {key: value * hits.shape[0] for key, value in means.items()}
+

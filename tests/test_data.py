@@ -1,0 +1,233 @@
+"""Data layer: readers, leave-one-out split, index files, synthetic data, ranking metrics."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from letter.data import (
+    Dataset,
+    leave_one_out,
+    load_dataset,
+    make_synthetic,
+    read_index_json,
+    write_index_json,
+    write_letter,
+)
+from letter.errors import DataError
+from letter.metrics import hits_from_topk, metrics_from_hits, ranking_metrics
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# ---------------------------------------------------------------- split
+
+
+def test_leave_one_out_matches_paper_code():
+    ds = Dataset("t", ["u0", "u1", "u2"], [[0, 1, 2, 3, 4], [5, 6, 7], [1, 2]], [str(i) for i in range(8)])
+    with pytest.warns(UserWarning, match="1 user"):
+        split = leave_one_out(ds, max_history=2)
+    assert split.train == [([0], 1), ([0, 1], 2)]  # prefixes of items[:-2]; u1 has one item there
+    assert split.valid == [([1, 2], 3), ([5], 6)]
+    assert split.test == [([2, 3], 4), ([5, 6], 7)]
+    assert split.eval_users == [0, 1]
+    hist, tgt = split.tensors("test", pad=-1)
+    assert hist.tolist() == [[2, 3], [5, 6]] and tgt.tolist() == [4, 7]
+    hist, _ = split.tensors("valid", pad=-1)
+    assert hist.tolist() == [[1, 2], [-1, 5]]  # left padded: last column = most recent
+
+
+def test_leave_one_out_default_history_20():
+    ds = Dataset("t", ["u"], [list(range(30))], [str(i) for i in range(30)])
+    split = leave_one_out(ds)
+    assert split.test == [(list(range(9, 29)), 29)]
+    assert split.train[-1] == (list(range(7, 27)), 27)
+    assert len(split.train) == 27
+
+
+# ---------------------------------------------------------------- LETTER folder
+
+
+def test_letter_folder_roundtrip_and_id_order(tmp_path):
+    _write(tmp_path / "Toy.inter.json", json.dumps({"a": [10, 2, 3], "b": [3, 10, 2, 5]}))
+    ds = load_dataset(str(tmp_path))
+    assert ds.name == "Toy" and ds.item_text is None
+    assert ds.item_ids == ["2", "3", "5", "10"]  # numeric order
+    assert ds.sequences == [[3, 0, 1], [1, 3, 0, 2]]
+    out = tmp_path / "out"
+    write_letter(ds, str(out))
+    again = load_dataset(str(out / "Toy.inter.json"))
+    assert again.sequences == ds.sequences
+
+
+def test_letter_folder_with_item_text(tmp_path):
+    _write(tmp_path / "T.inter.json", json.dumps({"u": ["x", "y", "x"]}))
+    _write(tmp_path / "T.item.json", json.dumps({"y": {"title": "Y"}, "x": {"title": "X"}, "z": {"title": "Z"}}))
+    ds = load_dataset(str(tmp_path))
+    assert ds.item_ids == ["x", "y", "z"] and [t["title"] for t in ds.item_text] == ["X", "Y", "Z"]
+    assert ds.sequences == [[0, 1, 0]]
+
+
+@pytest.mark.parametrize(
+    "inter, item, match",
+    [
+        ('{"u": [1, 2], "u": [3]}', None, "duplicate key 'u'"),
+        ('{"u": [1, 2', None, "malformed json"),
+        ('{"u": []}', None, "key 'u': expected a non-empty list"),
+        ('{"u": [1, 2.5]}', None, "item id 2.5"),
+        ('{"u": [1, 2]}', '{"1": {"title": "a"}}', "user 'u' has item '2' that is missing"),
+    ],
+)
+def test_letter_folder_errors_name_file_and_key(tmp_path, inter, item, match):
+    _write(tmp_path / "B.inter.json", inter)
+    if item:
+        _write(tmp_path / "B.item.json", item)
+    with pytest.raises(DataError, match=match) as e:
+        load_dataset(str(tmp_path))
+    assert "B." in str(e.value)
+
+
+def test_unknown_path_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset(str(tmp_path / "missing"))
+    (tmp_path / "x.csv").write_text("")
+    with pytest.raises(DataError, match="cannot tell the format"):
+        load_dataset(str(tmp_path / "x.csv"))
+
+
+# ---------------------------------------------------------------- P5
+
+
+def test_p5_reader(tmp_path):
+    folder = tmp_path / "beauty"
+    folder.mkdir()
+    _write(folder / "sequential_data.txt", "1 1 2 3\n2 3 4 1 2\n\n")
+    ds = load_dataset(str(folder))
+    assert ds.name == "beauty" and ds.user_ids == ["1", "2"]
+    assert ds.item_ids == ["1", "2", "3", "4"] and ds.sequences == [[0, 1, 2], [2, 3, 0, 1]]
+    _write(folder / "sequential_data.txt", "1 1 2\n2 3 x\n")
+    with pytest.raises(DataError, match="line 2: id 'x'"):
+        load_dataset(str(folder))
+    _write(folder / "sequential_data.txt", "1 1 2\n1 3 4\n")
+    with pytest.raises(DataError, match="duplicate user '1'"):
+        load_dataset(str(folder))
+
+
+# ---------------------------------------------------------------- raw Amazon
+
+
+def _gz_lines(path, records, literal=False):
+    with gzip.open(path, "wt") as f:
+        for r in records:
+            f.write((repr(r) if literal else json.dumps(r)) + "\n")
+
+
+def test_amazon_reader_kcore_time_order_and_text(tmp_path):
+    reviews = []
+    # users A, B, C each review items i1..i3 at decreasing times (so time order reverses file order);
+    # D reviews only i4 (dropped by the 2-core), A repeats i1 (kept once)
+    for u in "ABC":
+        for t, item in enumerate(["i3", "i2", "i1"]):
+            reviews.append({"reviewerID": u, "asin": item, "unixReviewTime": 100 - t})
+    reviews.append({"reviewerID": "A", "asin": "i1", "unixReviewTime": 500})
+    reviews.append({"reviewerID": "D", "asin": "i4", "unixReviewTime": 1})
+    _gz_lines(tmp_path / "Toys_5.json.gz", reviews)
+    meta = [
+        {"asin": "i1", "title": "One &amp; <b>only</b>", "description": ["first", "line"], "category": ["Toys", "Cars"]},
+        {"asin": "i2", "title": "Two", "categories": [["Toys", "Dolls"]], "brand": "Acme"},
+        {"asin": "i4", "title": "Four"},
+    ]
+    _gz_lines(tmp_path / "meta_Toys.json.gz", meta, literal=True)  # 2014 dumps are Python literals
+    with pytest.warns(UserWarning, match="1 item"):  # i3 has no meta record
+        ds = load_dataset(str(tmp_path), k=2)
+    assert ds.name == "Toys" and ds.user_ids == ["A", "B", "C"]
+    assert ds.item_ids == ["i1", "i2", "i3"]
+    assert ds.sequences == [[0, 1, 2]] * 3  # i1 (t=98), i2 (99), i3 (100)
+    assert ds.item_text[0] == {"title": "One & only", "description": "first line", "brand": "", "categories": "Toys,Cars"}
+    assert ds.item_text[1]["categories"] == "Toys,Dolls" and ds.item_text[1]["brand"] == "Acme"
+    assert ds.item_text[2]["title"] == ""
+
+
+def test_amazon_reader_errors(tmp_path):
+    _gz_lines(tmp_path / "r.json.gz", [{"reviewerID": "A", "asin": "x"}])
+    with pytest.raises(DataError, match="r.json.gz: line 1: needs reviewerID"):
+        load_dataset(str(tmp_path / "r.json.gz"))
+    _gz_lines(tmp_path / "r.json.gz", [{"reviewerID": "A", "asin": "x", "unixReviewTime": 1}])
+    with pytest.raises(DataError, match="no user is left after 5-core"):
+        load_dataset(str(tmp_path / "r.json.gz"))
+
+
+# ---------------------------------------------------------------- index files
+
+
+def test_index_json_roundtrip_and_errors(tmp_path):
+    codes = np.array([[3, 0, 255], [1, 2, 7]])
+    path = str(tmp_path / "X.index.json")
+    write_index_json(path, codes)
+    assert json.load(open(path))["1"] == ["<a_1>", "<b_2>", "<c_7>"]
+    out = read_index_json(path, num_items=2)
+    assert out.dtype == np.int64 and (out == codes).all()
+    with pytest.raises(DataError, match="missing item id"):
+        read_index_json(path, num_items=3)
+    _write(tmp_path / "bad.json", json.dumps({"0": ["<a_1>", "<c_2>"]}))
+    with pytest.raises(DataError, match="key '0': token '<c_2>' at level 1"):
+        read_index_json(str(tmp_path / "bad.json"))
+    _write(tmp_path / "bad.json", json.dumps({"0": ["<a_1>"], "1": ["<a_1>", "<b_1>"]}))
+    with pytest.raises(DataError, match="key '1' has 2 tokens"):
+        read_index_json(str(tmp_path / "bad.json"))
+
+
+def test_authors_index_files(shared_data):
+    codes = read_index_json(os.path.join(shared_data, "instruments", "Instruments.index.json"), 9922)
+    assert codes.shape == (9922, 4) and codes.max() < 256
+
+
+# ---------------------------------------------------------------- synthetic data
+
+
+def test_synthetic_is_deterministic_and_structured():
+    a = make_synthetic(num_users=200, num_items=120, num_categories=6, seed=3)
+    b = make_synthetic(num_users=200, num_items=120, num_categories=6, seed=3)
+    c = make_synthetic(num_users=200, num_items=120, num_categories=6, seed=4)
+    assert a == b and a.sequences != c.sequences
+    assert a.num_items == 120 and len(a.sequences) == 200
+    assert all(5 <= len(s) <= 20 for s in a.sequences)
+    cats = np.array([t["category"] for t in a.item_text])
+    assert set(cats) == set(range(6))
+    # sequential structure: consecutive items share a category far more often than chance (1/6)
+    same = np.mean([cats[x] == cats[y] for s in a.sequences for x, y in zip(s, s[1:])])
+    assert same > 0.6
+
+
+def test_synthetic_roundtrip(tmp_path):
+    ds = make_synthetic(num_users=50, num_items=40, num_categories=4)
+    write_letter(ds, str(tmp_path))
+    again = load_dataset(str(tmp_path))
+    assert again.sequences == ds.sequences and again.item_text == ds.item_text
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_ranking_metrics_by_hand():
+    topk = torch.tensor([[5, 1, 2, -1, -1, -1], [7, 8, 9, 3, 4, 6], [0, 1, 2, 3, 4, 5]])
+    targets = torch.tensor([1, 6, 9])
+    m = ranking_metrics(topk, targets, ks=(1, 5, 6))
+    assert m["recall@1"] == 0 and m["recall@5"] == pytest.approx(1 / 3) and m["recall@6"] == pytest.approx(2 / 3)
+    assert m["ndcg@5"] == pytest.approx((1 / np.log2(3)) / 3)
+    assert m["ndcg@6"] == pytest.approx((1 / np.log2(3) + 1 / np.log2(7)) / 3)
+    # -1 slots never hit, even for a target of -1
+    assert not hits_from_topk(torch.tensor([[-1]]), torch.tensor([-1])).any()
+
+
+def test_metrics_from_hits_counts_first_hit_only():
+    hits = torch.tensor([[False, True, True], [False, False, False]])
+    m = metrics_from_hits(hits, ks=(1, 3))
+    assert m["recall@3"] == 0.5 and m["ndcg@3"] == pytest.approx(0.5 / np.log2(3))
+    with pytest.raises(ValueError, match="at least 10"):
+        metrics_from_hits(hits)
