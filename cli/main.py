@@ -41,5 +41,9 @@ def bench_kernels(ops, quick, out):
     run_benchmarks(list(ops) or None, quick=quick, out=out)
 
 
+from letter.cli.data import data  # noqa: E402  (stage commands live in their own modules)
+
+main.add_command(data)
+
 if __name__ == "__main__":
     main()

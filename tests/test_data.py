@@ -231,3 +231,25 @@ def test_metrics_from_hits_counts_first_hit_only():
     assert m["recall@3"] == 0.5 and m["ndcg@3"] == pytest.approx(0.5 / np.log2(3))
     with pytest.raises(ValueError, match="at least 10"):
         metrics_from_hits(hits)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_synth_stats_convert(tmp_path):
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    runner = CliRunner()
+    out = tmp_path / "synth"
+    r = runner.invoke(main, ["data", "synth", str(out), "--users", "30", "--items", "20", "--categories", "2"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["data", "stats", str(out), "--json"])
+    stats = json.loads(r.output)
+    assert stats["users"] == 30 and stats["items"] == 20 and stats["has_item_text"]
+    _write(tmp_path / "sequential_data.txt", "1 2 3 4\n")
+    r = runner.invoke(main, ["data", "convert", str(tmp_path / "sequential_data.txt"), str(tmp_path / "p5"), "--name", "P"])
+    assert r.exit_code == 0 and load_dataset(str(tmp_path / "p5")).sequences == [[0, 1, 2]]
+    r = runner.invoke(main, ["data", "stats", str(tmp_path / "nothing")])
+    assert r.exit_code == 1 and "no such file" in r.output and "Traceback" not in r.output
