@@ -20,4 +20,12 @@ TORCH_LIBRARY(letter, m) {
       "dot_product_cross_entropy_bwd(Tensor grad_rows, Tensor q, Tensor keys, Tensor targets,"
       " Tensor? exclude, Tensor? bias, Tensor lse, float temperature, int ignore_index)"
       " -> (Tensor dq, Tensor dkeys, Tensor dbias)");
+  // One step of trie-constrained beam search: logits [B*K_in, V], beam_scores [B, K_in],
+  // nodes [B, K_in], this level's CSR (row_ptr [n+1], child_token [E]). Returns the num_beams
+  // best (beam, child) pairs per row: scores, parent beam, token, child node (edge index);
+  // empty slots are (-inf, 0, -1, -1). Spec: letter_ext.reference.constrained_beam_step.
+  m.def(
+      "constrained_beam_step(Tensor logits, Tensor beam_scores, Tensor nodes, Tensor row_ptr,"
+      " Tensor child_token, int num_beams)"
+      " -> (Tensor scores, Tensor parent, Tensor token, Tensor node)");
 }

@@ -64,3 +64,52 @@ def dot_product_cross_entropy_rows(
     target_logit = logits.gather(1, torch.where(valid, targets, 0)[:, None])[:, 0]
     loss_rows = torch.where(valid, lse - torch.where(valid, target_logit, 0.0), 0.0)
     return loss_rows, lse
+
+
+def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
+    """One step of trie-constrained beam search (the spec of letter::constrained_beam_step).
+
+    logits [B*K_in, V] (row b*K_in + k belongs to beam k of batch row b), beam_scores [B, K_in],
+    nodes [B, K_in] (trie node of each beam at this level), row_ptr/child_token: this level's CSR.
+    Candidate (k, token) of row b scores beam_scores[b, k] + log_softmax(logits[b*K_in + k])[token]
+    for every child token of nodes[b, k]; beams scored -inf have no candidates, nor do candidates
+    scoring -inf or NaN. Keeps the num_beams best per row, best first, ties -> lowest (k, token).
+    Returns (scores [B, num_beams] (fp64 for fp64 logits, else fp32), parent [B, num_beams],
+    token, node (child node id = edge index)); empty slots: (-inf, 0, -1, -1).
+    """
+    batch, k_in = beam_scores.shape
+    vocab = logits.shape[1]
+    dt = _acc_dtype(logits)
+    logp = torch.log_softmax(logits.to(dt), dim=1).view(batch, k_in, vocab)
+    out_scores = torch.full((batch, num_beams), float("-inf"), dtype=dt, device=logits.device)
+    out_parent = torch.zeros((batch, num_beams), dtype=torch.long, device=logits.device)
+    out_token = torch.full((batch, num_beams), -1, dtype=torch.long, device=logits.device)
+    out_node = torch.full((batch, num_beams), -1, dtype=torch.long, device=logits.device)
+    for b in range(batch):
+        scores, parents, tokens, edges = [], [], [], []
+        for k in range(k_in):
+            beam_score = beam_scores[b, k].to(dt)
+            if not beam_score > float("-inf"):
+                continue
+            node = int(nodes[b, k])
+            edge = torch.arange(int(row_ptr[node]), int(row_ptr[node + 1]), device=logits.device)
+            token = child_token[edge]
+            scores.append(beam_score + logp[b, k, token])
+            parents.append(torch.full_like(edge, k))
+            tokens.append(token)
+            edges.append(edge)
+        if not scores:
+            continue
+        score, parent, token, edge = (torch.cat(t) for t in (scores, parents, tokens, edges))
+        keep = score > float("-inf")  # also drops NaN
+        score, parent, token, edge = score[keep], parent[keep], token[keep], edge[keep]
+        # Order by (k, token), then a stable sort by score: equal scores keep (k, token) order.
+        by_key = torch.argsort(parent * vocab + token)
+        by_score = torch.sort(score[by_key], descending=True, stable=True).indices[:num_beams]
+        chosen = by_key[by_score]
+        n = chosen.numel()
+        out_scores[b, :n] = score[chosen]
+        out_parent[b, :n] = parent[chosen]
+        out_token[b, :n] = token[chosen]
+        out_node[b, :n] = edge[chosen]
+    return out_scores, out_parent, out_token, out_node

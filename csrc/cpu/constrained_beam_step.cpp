@@ -1,0 +1,221 @@
+// CPU kernel of letter::constrained_beam_step.
+//
+// One batch row per task. For each live beam: log-sum-exp of its logits row
+// (two passes over V, the row stays in L1), then one gather per child of the
+// beam's trie node into a running top-K kept sorted by (score desc, beam asc,
+// token asc). V is never sorted and no V-sized mask exists; dead beams skip
+// their row entirely (at step 0 that is all beams but one).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace letter {
+namespace {
+
+template <typename scalar_t>
+struct Candidate {
+  scalar_t score;
+  int64_t beam;
+  int64_t token;
+  int64_t edge;
+};
+
+template <typename scalar_t>
+bool ranks_before(const Candidate<scalar_t>& a, const Candidate<scalar_t>& b) {
+  if (a.score != b.score) return a.score > b.score;
+  if (a.beam != b.beam) return a.beam < b.beam;
+  return a.token < b.token;
+}
+
+// The k best candidates seen so far, best first.
+template <typename scalar_t>
+class RunningTopK {
+ public:
+  explicit RunningTopK(int64_t k) : k_(k) { items_.reserve(k); }
+  void clear() { items_.clear(); }
+  // Cheap rejection before building a candidate: below the current k-th score.
+  bool rejects(scalar_t score) const {
+    return static_cast<int64_t>(items_.size()) == k_ && score < items_.back().score;
+  }
+  void push(const Candidate<scalar_t>& c) {
+    const bool full = static_cast<int64_t>(items_.size()) == k_;
+    if (full && !ranks_before(c, items_.back())) return;
+    if (full) items_.pop_back();
+    auto pos = items_.end();
+    while (pos != items_.begin() && ranks_before(c, *(pos - 1))) --pos;
+    items_.insert(pos, c);
+  }
+  const std::vector<Candidate<scalar_t>>& items() const { return items_; }
+
+ private:
+  int64_t k_;
+  std::vector<Candidate<scalar_t>> items_;
+};
+
+template <typename scalar_t>
+scalar_t log_sum_exp_generic(const scalar_t* x, int64_t n) {
+  scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i]);
+  if (!std::isfinite(mx)) return mx;  // all -inf (or +inf): every candidate becomes invalid
+  scalar_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i] - mx);
+  return mx + std::log(sum);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LETTER_HAVE_AVX2_LSE 1
+// exp(x) for x <= 0: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, p the degree-6 Taylor
+// polynomial (relative error ~1e-7, enough for a sum); x < -87 (incl. -inf) gives 0.
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.0f);
+  const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lowest);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln2 split in a short high part (exact n*hi) and a correction.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i pow2n =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)));
+}
+
+__attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64_t n) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 vmax = neg_inf;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float mx = lanes[0];
+  for (int t = 1; t < 8; ++t) mx = std::max(mx, lanes[t]);
+  for (; i < n; ++i) mx = std::max(mx, x[i]);
+  if (!std::isfinite(mx)) return mx;
+  const __m256 shift = _mm256_set1_ps(mx);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_add_ps(acc0, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift)));
+    acc1 = _mm256_add_ps(acc1, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), shift)));
+  }
+  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+  float sum = 0.f;
+  for (int t = 0; t < 8; ++t) sum += lanes[t];
+  for (; i < n; ++i) sum += std::exp(x[i] - mx);
+  return mx + std::log(sum);
+}
+#endif
+
+template <typename scalar_t>
+using LogSumExpFn = scalar_t (*)(const scalar_t*, int64_t);
+
+template <typename scalar_t>
+LogSumExpFn<scalar_t> pick_log_sum_exp() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+#ifdef LETTER_HAVE_AVX2_LSE
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return log_sum_exp_avx2;
+#endif
+  }
+  return log_sum_exp_generic<scalar_t>;
+}
+
+template <typename scalar_t>
+void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const int64_t* nodes,
+                      const int64_t* row_ptr, int64_t num_nodes, const int64_t* child_token,
+                      int64_t num_edges,
+                      int64_t B, int64_t k_in, int64_t V, int64_t k_out, scalar_t* out_scores,
+                      int64_t* out_parent, int64_t* out_token, int64_t* out_node) {
+  const LogSumExpFn<scalar_t> log_sum_exp = pick_log_sum_exp<scalar_t>();
+  constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    RunningTopK<scalar_t> top(k_out);
+    for (int64_t b = begin; b < end; ++b) {
+      top.clear();
+      for (int64_t k = 0; k < k_in; ++k) {
+        const scalar_t beam = beam_scores[b * k_in + k];
+        if (!(beam > neg_inf)) continue;
+        const int64_t node = nodes[b * k_in + k];
+        TORCH_CHECK(node >= 0 && node < num_nodes, "constrained_beam_step: node ", node,
+                    " of a live beam is outside [0, ", num_nodes, ")");
+        const int64_t first = row_ptr[node], last = row_ptr[node + 1];
+        TORCH_CHECK(0 <= first && first <= last && last <= num_edges,
+                    "constrained_beam_step: row_ptr is not a valid CSR row pointer");
+        const scalar_t* row = logits + (b * k_in + k) * V;
+        const scalar_t base = beam - log_sum_exp(row, V);
+        for (int64_t e = first; e < last; ++e) {
+          const int64_t token = child_token[e];
+          TORCH_CHECK(token >= 0 && token < V, "constrained_beam_step: child token ", token,
+                      " outside the logits width ", V);
+          const scalar_t score = base + row[token];
+          if (!(score > neg_inf) || top.rejects(score)) continue;  // also drops NaN
+          top.push({score, k, token, e});
+        }
+      }
+      const auto& best = top.items();
+      for (int64_t j = 0; j < k_out; ++j) {
+        const int64_t o = b * k_out + j;
+        const bool filled = j < static_cast<int64_t>(best.size());
+        out_scores[o] = filled ? best[j].score : neg_inf;
+        out_parent[o] = filled ? best[j].beam : 0;
+        out_token[o] = filled ? best[j].token : -1;
+        out_node[o] = filled ? best[j].edge : -1;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> constrained_beam_step_cpu(
+    const at::Tensor& logits, const at::Tensor& beam_scores, const at::Tensor& nodes,
+    const at::Tensor& row_ptr, const at::Tensor& child_token, int64_t num_beams) {
+  TORCH_CHECK(logits.dim() == 2 && beam_scores.dim() == 2 && nodes.sizes() == beam_scores.sizes(),
+              "constrained_beam_step: expected logits [B*K, V], beam_scores and nodes [B, K]");
+  TORCH_CHECK(logits.size(0) == beam_scores.size(0) * beam_scores.size(1),
+              "constrained_beam_step: logits must have B*K rows");
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && child_token.dim() == 1,
+              "constrained_beam_step: row_ptr [n+1] and child_token [E] expected");
+  TORCH_CHECK(num_beams >= 1, "constrained_beam_step: num_beams must be >= 1");
+  TORCH_CHECK(logits.is_floating_point() && beam_scores.is_floating_point(),
+              "constrained_beam_step: floating-point logits and beam_scores required");
+  const int64_t B = beam_scores.size(0), k_in = beam_scores.size(1), V = logits.size(1);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor lg = logits.to(acc).contiguous();
+  const at::Tensor bs = beam_scores.to(acc).contiguous();
+  const at::Tensor nd = nodes.to(at::kLong).contiguous();
+  const at::Tensor rp = row_ptr.to(at::kLong).contiguous();
+  const at::Tensor ct = child_token.to(at::kLong).contiguous();
+  const auto long_opts = logits.options().dtype(at::kLong);
+  at::Tensor scores = at::empty({B, num_beams}, logits.options().dtype(acc));
+  at::Tensor parent = at::empty({B, num_beams}, long_opts);
+  at::Tensor token = at::empty({B, num_beams}, long_opts);
+  at::Tensor node = at::empty({B, num_beams}, long_opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "constrained_beam_step_cpu", [&] {
+    beam_step_kernel<scalar_t>(lg.data_ptr<scalar_t>(), bs.data_ptr<scalar_t>(),
+                               nd.data_ptr<int64_t>(), rp.data_ptr<int64_t>(), rp.size(0) - 1,
+                               ct.data_ptr<int64_t>(), ct.size(0), B, k_in, V, num_beams,
+                               scores.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(),
+                               token.data_ptr<int64_t>(), node.data_ptr<int64_t>());
+  });
+  return {scores, parent, token, node};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(letter, CPU, m) { m.impl("constrained_beam_step", &constrained_beam_step_cpu); }
+
+}  // namespace letter

@@ -1,0 +1,104 @@
+"""Triton kernel of constrained_beam_step: one fused kernel per decoding step.
+
+One program per batch row. For each live beam it computes the row's log-sum-exp in BLOCK_V tiles,
+gathers the logits of the beam's trie children in BLOCK_C chunks and merges them into a running
+top-BLOCK_C (tl.topk over the running best joined with the chunk). Candidates are packed into one
+int64 sort key: the order-preserving bits of the fp32 score on top, (2^31 - 1 - (beam * V +
+child rank)) below, so "largest key" is exactly "best score, then lowest (beam, token)" (children
+are stored in increasing token order). No V-sized mask and no candidate list is written.
+"""
+import torch
+import triton
+import triton.language as tl
+
+_LOW_BITS = 2**31 - 1  # beam * V + child rank must stay below this
+
+
+@triton.jit
+def _order_bits(x):
+    """fp32 -> int32 whose signed order matches the float order (flip the magnitude of negatives)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _constrained_beam_step_kernel(
+    logits_ptr, beam_ptr, nodes_ptr, row_ptr_ptr, child_ptr,
+    out_score_ptr, out_parent_ptr, out_token_ptr, out_node_ptr,
+    K_IN, V, K_OUT,
+    BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    empty = tl.full((BLOCK_C,), -(2**63), dtype=tl.int64)  # ranks below every real candidate
+    top = empty
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_c = tl.arange(0, BLOCK_C)
+    for k in range(K_IN):
+        beam = tl.load(beam_ptr + b * K_IN + k)
+        if beam > float("-inf"):
+            row = logits_ptr + (b * K_IN + k) * V
+            run_max = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
+            for v0 in range(0, V, BLOCK_V):
+                x = tl.load(row + v0 + offs_v, mask=v0 + offs_v < V, other=float("-inf"))
+                run_max = tl.maximum(run_max, x)
+            row_max = tl.max(run_max, axis=0)
+            run_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
+            for v0 in range(0, V, BLOCK_V):
+                x = tl.load(row + v0 + offs_v, mask=v0 + offs_v < V, other=float("-inf"))
+                run_sum += tl.exp(x - row_max)
+            base = beam - (row_max + tl.log(tl.sum(run_sum, axis=0)))
+            node = tl.load(nodes_ptr + b * K_IN + k)
+            first = tl.load(row_ptr_ptr + node)
+            last = tl.load(row_ptr_ptr + node + 1)
+            for c0 in range(first, last, BLOCK_C):
+                edge = c0 + offs_c
+                ok = edge < last
+                token = tl.load(child_ptr + edge, mask=ok, other=0)
+                ok = ok & (token >= 0) & (token < V)
+                score = base + tl.load(row + token, mask=ok, other=float("-inf"))
+                rank = k * V + (edge - first)
+                key = (_order_bits(score).to(tl.int64) << 32) + (_LOW_BITS - rank)
+                key = tl.where(ok & (score > float("-inf")), key, empty)  # drops -inf and NaN
+                if tl.max(key, axis=0) > tl.min(top, axis=0):  # merge only chunks that improve
+                    top = tl.topk(tl.reshape(tl.join(top, key), (2 * BLOCK_C,)), BLOCK_C)
+    filled = top > -(2**63)
+    score = _order_bits((top >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+    rank = _LOW_BITS - (top - ((top >> 32) << 32))
+    parent = rank // V
+    node = tl.load(nodes_ptr + b * K_IN + parent, mask=filled, other=0)
+    edge = tl.load(row_ptr_ptr + node, mask=filled, other=0) + rank % V
+    token = tl.load(child_ptr + edge, mask=filled, other=0)
+    out = b * K_OUT + offs_c
+    keep = offs_c < K_OUT
+    tl.store(out_score_ptr + out, tl.where(filled, score, float("-inf")), mask=keep)
+    tl.store(out_parent_ptr + out, tl.where(filled, parent, 0), mask=keep)
+    tl.store(out_token_ptr + out, tl.where(filled, token, -1), mask=keep)
+    tl.store(out_node_ptr + out, tl.where(filled, edge, -1), mask=keep)
+
+
+def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
+    """Launch the kernel; returns (scores, parent, token, node) like letter::constrained_beam_step.
+
+    Computes in fp32 (scores are cast back to fp64 for fp64 logits).
+    """
+    batch, k_in = beam_scores.shape
+    vocab = logits.shape[1]
+    if k_in * vocab >= _LOW_BITS:
+        raise ValueError(f"triton constrained_beam_step needs K_in * V < 2^31, got {k_in} * {vocab}")
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    device = logits.device
+    scores = torch.empty((batch, num_beams), dtype=torch.float32, device=device)
+    parent = torch.empty((batch, num_beams), dtype=torch.long, device=device)
+    token = torch.empty((batch, num_beams), dtype=torch.long, device=device)
+    node = torch.empty((batch, num_beams), dtype=torch.long, device=device)
+    if batch > 0:
+        # wrap_triton makes the launch traceable (torch.compile / opcheck); eager it just launches.
+        torch.library.wrap_triton(_constrained_beam_step_kernel)[(batch,)](
+            logits.float().contiguous(), beam_scores.float().contiguous(), nodes.long().contiguous(),
+            row_ptr.long().contiguous(), child_token.long().contiguous(),
+            scores, parent, token, node,
+            k_in, vocab, num_beams,
+            BLOCK_V=min(1024, triton.next_power_of_2(vocab)),
+            BLOCK_C=max(16, triton.next_power_of_2(num_beams)),
+        )
+    return scores.to(out_dtype), parent, token, node
