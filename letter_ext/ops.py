@@ -326,6 +326,46 @@ def _register_dot_product_cross_entropy() -> None:
             _make_dpce_backward(torch.ops.letter.dot_product_cross_entropy_bwd),
             setup_context=_dpce_setup,
         )
+    if HAS_TRITON:
+        from .triton import dot_product_cross_entropy as dpce_triton
+
+        @torch.library.triton_op("letter::dot_product_cross_entropy_fwd_triton", mutates_args=())
+        def _fwd_triton(
+            q: torch.Tensor,
+            keys: torch.Tensor,
+            targets: torch.Tensor,
+            exclude: torch.Tensor | None,
+            bias: torch.Tensor | None,
+            temperature: float,
+            ignore_index: int,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return dpce_triton.forward(q, keys, targets, exclude, bias, temperature, ignore_index)
+
+        @torch.library.triton_op("letter::dot_product_cross_entropy_bwd_triton", mutates_args=())
+        def _bwd_triton(
+            grad_rows: torch.Tensor,
+            q: torch.Tensor,
+            keys: torch.Tensor,
+            targets: torch.Tensor,
+            exclude: torch.Tensor | None,
+            bias: torch.Tensor | None,
+            lse: torch.Tensor,
+            temperature: float,
+            ignore_index: int,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return dpce_triton.backward(grad_rows, q, keys, targets, exclude, bias, lse, temperature, ignore_index)
+
+        _fwd_triton.register_fake(_dpce_fwd_fake)
+        _bwd_triton.register_fake(_dpce_bwd_fake)
+        _fwd_triton.register_autograd(
+            _make_dpce_backward(torch.ops.letter.dot_product_cross_entropy_bwd_triton), setup_context=_dpce_setup
+        )
+        if _has_schema("letter::dot_product_cross_entropy_fwd") and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "letter::dot_product_cross_entropy_fwd", "CUDA"
+        ):
+            # No hand-written CUDA kernel: CUDA tensors go to the Triton kernels.
+            torch.library.register_kernel("letter::dot_product_cross_entropy_fwd", "cuda", dpce_triton.forward)
+            torch.library.register_kernel("letter::dot_product_cross_entropy_bwd", "cuda", dpce_triton.backward)
 
 
 _register_dot_product_cross_entropy()
