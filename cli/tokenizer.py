@@ -1,0 +1,127 @@
+"""`letter train-tokenizer` and `letter tokenize` (cold start)."""
+import glob
+import os
+
+import click
+import numpy as np
+
+from letter.errors import LetterError
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise LetterError(f"{what} {path}: cannot read as .npy ({e})") from e
+
+
+def _find_one(data_dir: str, pattern: str, what: str) -> str | None:
+    """The single file matching `pattern` in data_dir, None if none; ambiguity is an error."""
+    hits = sorted(glob.glob(os.path.join(data_dir, pattern)))
+    if len(hits) > 1:
+        raise LetterError(f"several {what} files in {data_dir} ({', '.join(map(os.path.basename, hits))}); pick one")
+    return hits[0] if hits else None
+
+
+def _codebook_sizes(levels: int | None, sizes: str | None, default: list[int]) -> list[int]:
+    """--codebook-size N (every level) or N1,N2,...; --levels L repeats a single size L times."""
+    if sizes is None:
+        parsed = default if levels is None or len(set(default)) > 1 else [default[0]]
+    else:
+        try:
+            parsed = [int(s) for s in sizes.split(",")]
+        except ValueError:
+            raise LetterError(f"--codebook-size: expected N or N1,N2,..., got {sizes!r}") from None
+    if levels is None:
+        return parsed
+    if len(parsed) == 1:
+        return parsed * levels
+    if len(parsed) != levels:
+        raise LetterError(f"--levels {levels} but --codebook-size names {len(parsed)} sizes")
+    return parsed
+
+
+@click.command("train-tokenizer")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset folder.")
+@click.option("--text-emb", type=click.Path(exists=True, dir_okay=False), help="[items, dim] .npy (default: the one <Name>.emb-*.npy in --data).")
+@click.option("--cf-emb", type=click.Path(exists=True, dir_okay=False), help="[items, d] .npy (default: the one <Name>.cf-*.npy in --data; none -> alpha 0).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON of TokenizerConfig fields; flags override it.")
+@click.option("--alpha", type=float, help="Collaborative regularization weight (default 0.02).")
+@click.option("--beta", type=float, help="Diversity regularization weight (default 1e-4).")
+@click.option("--clusters", type=int, help="Codebook clusters for the diversity loss (default 10).")
+@click.option("--cluster-every", type=int, help="Epochs between cluster refreshes (default 1).")
+@click.option("--epochs", type=int, help="Training epochs (default 200; the authors use up to 20k).")
+@click.option("--batch-size", type=int, help="Default 1024.")
+@click.option("--lr", type=float, help="AdamW learning rate (default 1e-3).")
+@click.option("--levels", type=int, help="Number of codebooks (default 4).")
+@click.option("--codebook-size", help="Codes per level: N, or N1,N2,... per level (default 256).")
+@click.option("--e-dim", type=int, help="Latent/code dimension (default 32).")
+@click.option("--unique", is_flag=True, default=None, help="Guarantee unique identifiers (nearest unused code).")
+@click.option("--seed", type=int, help="Default 42.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder (default: runs/tokenizer-<Name>).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's checkpoint.pt.")
+def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codebook_size, out_dir, device, resume, **flags):
+    """Train the LETTER tokenizer (RQ-VAE + collaborative and diversity regularization) and write
+    <Name>.index.json, codes.npy, model, report.json/.md and curves into the run folder."""
+    from letter.data import load_dataset
+    from letter.tokenizer import TokenizerConfig, train_tokenizer
+
+    config = TokenizerConfig.from_file(config_file) if config_file else TokenizerConfig()
+    for key, value in flags.items():
+        if value is not None:
+            setattr(config, key, value)
+    config.codebook_sizes = _codebook_sizes(levels, codebook_size, config.codebook_sizes)
+    dataset = load_dataset(data_dir)
+    text_emb = text_emb or _find_one(data_dir, f"{dataset.name}.emb-*.npy", "text embedding")
+    if text_emb is None:
+        raise LetterError(f"no --text-emb given and no {dataset.name}.emb-*.npy in {data_dir} (run `letter embed`)")
+    cf_emb = cf_emb or _find_one(data_dir, f"{dataset.name}.cf-*.npy", "CF embedding")
+    if cf_emb is None and config.alpha > 0:
+        click.echo(f"warning: no CF embeddings (--cf-emb, {dataset.name}.cf-*.npy): training with alpha 0", err=True)
+        config.alpha = 0.0
+    categories = None
+    if dataset.item_text and all(t and "category" in t for t in dataset.item_text):
+        categories = np.array([t["category"] for t in dataset.item_text])
+    out_dir = out_dir or os.path.join("runs", f"tokenizer-{dataset.name}")
+    report = train_tokenizer(
+        config,
+        _load_npy(text_emb, "--text-emb"),
+        _load_npy(cf_emb, "--cf-emb") if cf_emb else None,
+        out_dir,
+        name=dataset.name,
+        num_items=dataset.num_items,
+        device=device,
+        resume=resume,
+        item_labels=categories,
+    )
+    if report:  # empty on non-zero torchrun ranks
+        used = ", ".join(str(s["used"]) for s in report["level_stats"])
+        click.echo(
+            f"{out_dir}: {report['items']} items, collision {report['collision_rate_before']:.4f} -> "
+            f"{report['collision_rate_after']:.4f}, codes used per level {used}; see report.md"
+        )
+
+
+@click.command("tokenize")
+@click.option("--tokenizer", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-tokenizer run folder.")
+@click.option("--embeddings", required=True, type=click.Path(exists=True, dir_okay=False), help="[n, text_dim] .npy of new items.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Output .index.json or .npy (default: <embeddings>.index.json).")
+def tokenize_cmd(run_dir, embeddings, out):
+    """Assign identifiers to unseen (cold-start) items with a trained tokenizer: the catalog's
+    identifiers stay taken, collisions get the run's rules. Row i of --embeddings -> key "i"."""
+    from letter.data import write_index_json
+    from letter.tokenizer import load_tokenizer
+    from letter.utils import save_npy
+
+    tok = load_tokenizer(run_dir)
+    codes = tok.encode(_load_npy(embeddings, "--embeddings"))
+    out = out or os.path.splitext(embeddings)[0] + ".index.json"
+    if out.endswith(".npy"):
+        save_npy(out, codes)
+    else:
+        write_index_json(out, codes)
+    taken = {tuple(c) for c in tok.catalog_codes.tolist()} if tok.catalog_codes is not None else set()
+    clash = sum(tuple(c) in taken for c in codes.tolist())
+    click.echo(f"{out}: {len(codes)} items, {len(np.unique(codes, axis=0))} distinct identifiers, "
+               f"{clash} shared with catalog items")

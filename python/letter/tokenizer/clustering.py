@@ -1,0 +1,121 @@
+"""k-means (k-means++ seeding + Lloyd steps on the fused nearest-code op), size-bounded assignment
+and Sinkhorn-balanced assignment. Used for codebook init, the diversity loss's codebook clusters
+and the authors' collision re-assignment."""
+import math
+
+import torch
+
+import letter_ext
+
+
+def nearest(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest center per row (ties -> lowest index), via residual_quantize with L=1."""
+    codes, _ = letter_ext.residual_quantize(x, centers.unsqueeze(0))
+    return codes[:, 0]
+
+
+def inertia(x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> float:
+    """Sum of squared distances of the rows to their assigned centers."""
+    return float(((x - centers[labels]) ** 2).sum())
+
+
+def kmeans_pp_seed(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each next center drawn with probability proportional to D(x)^2.
+
+    With fewer distinct points than k, the remaining centers are drawn uniformly (duplicates).
+    """
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator))
+    centers = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total > 0:
+            idx = int(torch.multinomial(d2 / total, 1, generator=generator))
+        else:
+            idx = int(torch.randint(n, (1,), generator=generator))
+        centers.append(x[idx])
+        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
+    return torch.stack(centers)
+
+
+def balanced_assign(dist: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Assign each row of `dist` [n, K] to a column, at most `capacity` rows per column.
+
+    Rounds of proposals: every unassigned row proposes its nearest column that still has room;
+    each column accepts its closest proposers up to its remaining room. Each round fills a column
+    or places every proposer, so it ends within K + 1 rounds. Deterministic.
+    """
+    n, k = dist.shape
+    if capacity * k < n:
+        raise ValueError(f"capacity {capacity} x {k} clusters cannot hold {n} rows")
+    labels = torch.full((n,), -1, dtype=torch.long, device=dist.device)
+    room = torch.full((k,), capacity, dtype=torch.long, device=dist.device)
+    while True:
+        todo = (labels < 0).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            return labels
+        d = dist[todo].masked_fill((room == 0).unsqueeze(0), float("inf"))
+        best_d, choice = d.min(1)
+        # Sort proposers by (column, distance) to rank them within their column.
+        order = torch.argsort(best_d, stable=True)
+        order = order[torch.argsort(choice[order], stable=True)]
+        col = choice[order]
+        first_of_col = torch.searchsorted(col, col, right=False)
+        rank = torch.arange(col.numel(), device=dist.device) - first_of_col
+        take = rank < room[col]
+        labels[todo[order[take]]] = col[take]
+        room -= torch.bincount(col[take], minlength=k)
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int,
+    generator: torch.Generator,
+    capacity: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means++ seeding then up to `iters` Lloyd steps; returns (centers [k, d], labels [n]).
+
+    The assignment step is letter_ext.residual_quantize with L=1 (no n x k matrix), or with
+    `capacity` a size-bounded assignment (balanced_assign). Empty clusters keep their center.
+    """
+    x = x.detach().float()
+    centers = kmeans_pp_seed(x, k, generator)
+    labels = None
+    for _ in range(max(iters, 1)):
+        if capacity is None:
+            new = nearest(x, centers)
+        else:
+            new = balanced_assign(torch.cdist(x, centers) ** 2, capacity)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)
+        filled = counts > 0
+        centers[filled] = sums[filled] / counts[filled].unsqueeze(1).to(x.dtype)
+    return centers, labels
+
+
+def diversity_capacity(n: int, k: int) -> int:
+    """Cluster size bound for splitting a codebook of n codes into k groups: small enough that
+    every group keeps >= 2 members (so each code has a positive besides itself) when feasible."""
+    return max(math.ceil(n / k), (n - 2) // (k - 1))
+
+
+def sinkhorn_assign(dist: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
+    """Balanced assignment of rows to columns by Sinkhorn-Knopp on exp(-dist / epsilon).
+
+    As the authors do, distances are first rescaled to [-1, 1] (so epsilon is scale-free), then
+    rows and columns are normalized alternately; each row takes its argmax column. Computed in
+    float64 in the log domain (no overflow at small epsilon).
+    """
+    d = dist.double()
+    lo, hi = d.min(), d.max()
+    middle = (hi + lo) / 2
+    log_q = -(d - middle) / ((hi - middle + 1e-5) * epsilon)
+    for _ in range(iters):
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)
+    return log_q.argmax(1)

@@ -1,0 +1,152 @@
+"""The RQ-VAE of LETTER and its loss terms.
+
+Forward (training): z = encoder(x); codes by residual nearest-code search (letter_ext
+residual_quantize; optionally Sinkhorn-balanced on the last level); e_l = C_l[c_l];
+z_hat = z + sg(sum_l e_l - z) (straight-through estimator); recon = decoder(z_hat).
+Loss = MSE(recon, x) + mean_l [ ||sg(r_l) - e_l||^2 + mu ||r_l - sg(e_l)||^2 ]
+       + alpha * InfoNCE(z_hat, h) + beta * mean_l L_div,l
+with r_l = z - sg(sum_{k<l} e_k): the commitment term of every level pulls the encoder, never an
+earlier level's codebook (squared norms are means over elements, as the authors' F.mse_loss).
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import letter_ext
+
+from .clustering import sinkhorn_assign
+from .config import TokenizerConfig
+
+
+def mlp(dims: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
+    """Linear layers with ReLU between them (none after the last), Xavier-normal init."""
+    mods: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        if dropout > 0:
+            mods.append(nn.Dropout(dropout))
+        lin = nn.Linear(a, b)
+        nn.init.xavier_normal_(lin.weight)
+        nn.init.zeros_(lin.bias)
+        mods.append(lin)
+        if i < len(dims) - 2:
+            if batch_norm:
+                mods.append(nn.BatchNorm1d(b))
+            mods.append(nn.ReLU())
+    return nn.Sequential(*mods)
+
+
+def assign_codes(z: torch.Tensor, codebooks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual nearest-code search -> (codes [B, L], residuals r_0..r_{L-1} [B, L, d]), no grad.
+
+    Equal-sized levels go through one fused residual_quantize call; mixed sizes level by level.
+    """
+    z = z.detach()
+    with torch.no_grad():
+        if len({c.shape[0] for c in codebooks}) == 1:
+            codes, _, residuals = letter_ext.residual_quantize(
+                z, torch.stack([c.detach() for c in codebooks]), return_residuals=True
+            )
+            return codes, residuals
+        codes, residuals, r = [], [], z
+        for cb in codebooks:
+            c, q = letter_ext.residual_quantize(r, cb.detach().unsqueeze(0))
+            codes.append(c[:, 0])
+            residuals.append(r)
+            r = r - q
+        return torch.stack(codes, 1), torch.stack(residuals, 1)
+
+
+class RQVAE(nn.Module):
+    """MLP encoder -> residual quantizer (L codebooks) -> MLP decoder."""
+
+    def __init__(self, in_dim: int, config: TokenizerConfig, cf_dim: int | None = None):
+        super().__init__()
+        self.config = config
+        self.in_dim = in_dim
+        dims = [in_dim] + list(config.layers) + [config.e_dim]
+        self.encoder = mlp(dims, config.dropout, config.batch_norm)
+        self.decoder = mlp(dims[::-1], config.dropout, config.batch_norm)
+        # Zero until k-means init; the authors' non-k-means init is uniform(-1/N, 1/N).
+        self.codebooks = nn.ParameterList(
+            nn.Parameter(torch.empty(n, config.e_dim).uniform_(-1.0 / n, 1.0 / n)) for n in config.codebook_sizes
+        )
+        self.cf_proj = nn.Linear(config.e_dim, cf_dim, bias=False) if cf_dim is not None else None
+
+    def quantize(self, z: torch.Tensor, sinkhorn: bool = False):
+        """-> codes [B, L], selected code vectors e [B, L, d] (grad to codebooks), residuals r [B, L, d]
+        (grad to z only), z_hat [B, d] (straight-through: value sum_l e_l, gradient to z)."""
+        codes, assigned_residuals = assign_codes(z, list(self.codebooks))
+        if sinkhorn and self.config.sinkhorn_epsilon > 0:
+            # Balanced re-assignment of the last level within the batch (the authors' training rule).
+            dist = torch.cdist(assigned_residuals[:, -1], self.codebooks[-1].detach()) ** 2
+            codes[:, -1] = sinkhorn_assign(dist, self.config.sinkhorn_epsilon, self.config.sinkhorn_iters)
+        e = torch.stack([cb[codes[:, l]] for l, cb in enumerate(self.codebooks)], 1)
+        before = torch.cumsum(e.detach(), 1) - e.detach()  # sum_{k<l} e_k
+        residuals = z.unsqueeze(1) - before
+        quantized = e.sum(1)
+        z_hat = z + (quantized - z).detach()
+        return codes, e, residuals, z_hat
+
+    def forward(self, x: torch.Tensor, sinkhorn: bool = False) -> dict:
+        z = self.encoder(x)
+        codes, e, residuals, z_hat = self.quantize(z, sinkhorn=sinkhorn)
+        return {"z": z, "codes": codes, "e": e, "residuals": residuals, "z_hat": z_hat, "recon": self.decoder(z_hat)}
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode codes by plain argmin (no Sinkhorn) -> (codes [B, L], latent z [B, d])."""
+        z = self.encoder(x)
+        return assign_codes(z, list(self.codebooks))[0], z
+
+
+def quantization_loss(e: torch.Tensor, residuals: torch.Tensor, mu: float) -> torch.Tensor:
+    """mean_l [ ||sg(r_l) - e_l||^2 + mu ||r_l - sg(e_l)||^2 ] (squared norms as element means)."""
+    codebook = F.mse_loss(e, residuals.detach())
+    commitment = F.mse_loss(residuals, e.detach())
+    return codebook + mu * commitment
+
+
+def collaborative_loss(z_hat: torch.Tensor, cf: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE between quantized item vectors and their CF embeddings, in-batch negatives."""
+    return letter_ext.info_nce(z_hat, cf, temperature=temperature)
+
+
+def sample_positives(codes: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    """For each selected code, a different code of the same codebook cluster, uniformly.
+
+    codes [B] (selected code ids), labels [N] (cluster of each code). Returns (positives [B],
+    valid [B] bool); rows whose code is alone in its cluster have no positive (valid False).
+    """
+    n = labels.numel()
+    order = torch.argsort(labels * n + torch.arange(n, device=labels.device))  # members grouped by cluster
+    sizes = torch.bincount(labels)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank_of = torch.empty_like(order)
+    rank_of[order] = torch.arange(n, device=labels.device) - starts[labels[order]]
+    cluster = labels[codes]
+    size = sizes[cluster]
+    valid = size > 1
+    # Draw among the size-1 others: j uniform in [0, size-1), skipping the code's own rank.
+    u = torch.rand(codes.shape, generator=generator, device=codes.device)
+    j = (u * (size - 1).clamp(min=1)).long()
+    j = j + (j >= rank_of[codes]).long()
+    j = torch.minimum(j, size - 1)
+    return order[starts[cluster] + j], valid
+
+
+def diversity_loss(
+    e: torch.Tensor,
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    temperature: float,
+) -> torch.Tensor:
+    """One level's code-assignment diversity loss: each selected code e_c against the level's whole
+    codebook (c itself excluded), target = a code sampled from c's cluster."""
+    positives, valid = sample_positives(codes, labels, generator)
+    if not bool(valid.all()):
+        e, codes, positives = e[valid], codes[valid], positives[valid]
+    if e.shape[0] == 0:
+        return codebook.sum() * 0.0
+    return letter_ext.codebook_diversity_loss(e, codebook, positives, codes, temperature=temperature)
