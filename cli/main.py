@@ -45,5 +45,10 @@ from letter.cli.data import data  # noqa: E402  (stage commands live in their ow
 
 main.add_command(data)
 
+from letter.cli.tokenizer import tokenize_cmd, train_tokenizer_cmd  # noqa: E402
+
+main.add_command(train_tokenizer_cmd)
+main.add_command(tokenize_cmd)
+
 if __name__ == "__main__":
     main()
