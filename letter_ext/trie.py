@@ -19,12 +19,18 @@ class TrieLevels(NamedTuple):
     """Prefix trie as per-level CSR arrays (see the module docstring).
 
     row_ptr[l]: int64 [n_l + 1] (n_0 = 1), child_token[l]: int64 [n_{l+1}];
-    vocab_size: 1 + the largest token id (logits must be at least this wide).
+    level_sizes[l]: codes at level l; vocab_offsets[l]: token id of code 0 at level l.
     """
 
     row_ptr: tuple[torch.Tensor, ...]
     child_token: tuple[torch.Tensor, ...]
-    vocab_size: int
+    level_sizes: tuple[int, ...]
+    vocab_offsets: tuple[int, ...]
+
+    @property
+    def vocab_size(self) -> int:
+        """1 + the largest token id any level may use: logits must be at least this wide."""
+        return max(o + s for o, s in zip(self.vocab_offsets, self.level_sizes))
 
     @property
     def num_levels(self) -> int:
@@ -38,9 +44,26 @@ class TrieLevels(NamedTuple):
     def device(self) -> torch.device:
         return self.child_token[0].device
 
+    def max_children(self, level: int) -> int:
+        """Largest number of children of one node at depth `level`."""
+        return int(torch.diff(self.row_ptr[level]).max())
+
+    def leaf_tokens(self) -> torch.Tensor:
+        """Token sequence of every leaf, [num_leaves, L] int64 (leaf order = lexicographic)."""
+        # Walk up from the leaves: the parent of edge e at level l is the CSR row containing e.
+        node = torch.arange(self.num_leaves, device=self.device)
+        columns = []
+        for level in reversed(range(self.num_levels)):
+            columns.append(self.child_token[level][node])
+            node = torch.searchsorted(self.row_ptr[level], node, right=True) - 1
+        return torch.stack(columns[::-1], 1)
+
     def to(self, device) -> "TrieLevels":
         return TrieLevels(
-            tuple(t.to(device) for t in self.row_ptr), tuple(t.to(device) for t in self.child_token), self.vocab_size
+            tuple(t.to(device) for t in self.row_ptr),
+            tuple(t.to(device) for t in self.child_token),
+            self.level_sizes,
+            self.vocab_offsets,
         )
 
 
@@ -136,7 +159,6 @@ def build_trie_levels(codes, level_sizes: Sequence[int], vocab_offsets: Sequence
         row_ptr.append(ptr)
         child_token.append(sorted_codes[edge_rows, level] + offsets[level])
         node_of_row = torch.cumsum(new_prefix.long(), 0) - 1
-    vocab_size = max(o + s for o, s in zip(offsets, sizes))
     leaf_of_item = torch.empty_like(order)
     leaf_of_item[order] = node_of_row
-    return TrieLevels(tuple(row_ptr), tuple(child_token), vocab_size), leaf_of_item, order
+    return TrieLevels(tuple(row_ptr), tuple(child_token), tuple(sizes), tuple(offsets)), leaf_of_item, order

@@ -1,0 +1,73 @@
+"""Slower decoding steps that constrained_beam_step is measured against (benchmarks, and the
+HF-style decoder of `letter.decoding`). Both return (scores, parent, token[, node]) like the op.
+"""
+import torch
+
+from .trie import TrieLevels
+
+
+def dict_trie(trie: TrieLevels) -> dict:
+    """The trie as nested dicts {token: subtree}; the last level maps token -> leaf id."""
+    root: dict = {}
+    for leaf, tokens in enumerate(trie.leaf_tokens().tolist()):
+        node = root
+        for token in tokens[:-1]:
+            node = node.setdefault(token, {})
+        node[tokens[-1]] = leaf
+    return root
+
+
+def prefix_allowed_tokens_fn(root: dict):
+    """HF `prefix_allowed_tokens_fn(batch_id, prefix)` over a dict trie: the tokens that may follow
+    `prefix` (a list of the tokens generated so far); [] for a prefix not in the trie."""
+
+    def allowed(batch_id: int, prefix: list[int]) -> list[int]:
+        node = root
+        for token in prefix:
+            node = node.get(token)
+            if not isinstance(node, dict):
+                return []
+        return list(node)
+
+    return allowed
+
+
+def hf_style_step(logits, beam_scores, prefixes, allowed_tokens_fn, num_beams: int):
+    """What HF generate() does with prefix_allowed_tokens_fn: one Python call per beam filling a
+    -inf mask [B*K_in, V], log_softmax + mask + beam score, top-K over K_in * V per row.
+
+    prefixes: [B*K_in, level] tokens generated so far. Returns (scores, parent, token) [B, K];
+    slots without a valid candidate have score -inf and an arbitrary token.
+    """
+    batch, k_in = beam_scores.shape
+    vocab = logits.shape[1]
+    mask = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+    for i, prefix in enumerate(prefixes.tolist()):
+        mask[i, allowed_tokens_fn(i // k_in, prefix)] = 0.0
+    logp = torch.log_softmax(logits.float(), dim=1) + mask
+    candidates = (beam_scores.float().reshape(-1, 1) + logp).view(batch, k_in * vocab)
+    scores, flat = torch.topk(candidates, num_beams, dim=1)
+    return scores, flat // vocab, flat % vocab
+
+
+def torch_gather_step(logits, beam_scores, nodes, trie: TrieLevels, level: int, num_beams: int, max_children: int):
+    """Vectorized pure torch (STATIC-style): log_softmax, gather each beam's children padded to
+    `max_children` (trie.max_children(level)), top-K over K_in * max_children per row.
+
+    Returns (scores, parent, token, node) [B, K]; empty slots (-inf, *, -1, -1).
+    """
+    row_ptr, child_token = trie.row_ptr[level], trie.child_token[level]
+    batch, k_in = beam_scores.shape
+    logp = torch.log_softmax(logits.float(), dim=1)
+    node = nodes.reshape(-1).clamp(0, row_ptr.numel() - 2)
+    first = row_ptr[node]
+    rank = torch.arange(max_children, device=logits.device)
+    valid = rank < (row_ptr[node + 1] - first)[:, None]
+    edge = (first[:, None] + rank).clamp(max=child_token.numel() - 1)
+    candidates = beam_scores.float().reshape(-1, 1) + logp.gather(1, child_token[edge])
+    candidates = candidates.masked_fill(~valid, float("-inf")).view(batch, k_in * max_children)
+    scores, flat = torch.topk(candidates, num_beams, dim=1)
+    chosen = edge.view(batch, -1).gather(1, flat)
+    alive = scores > float("-inf")
+    token = torch.where(alive, child_token[chosen], -1)
+    return scores, flat // max_children, token, torch.where(alive, chosen, -1)

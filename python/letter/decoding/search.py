@@ -1,0 +1,162 @@
+"""Beam search over item identifiers: the fused trie-constrained decoder and the HF-style baseline.
+
+Both drive the same loop. step_fn(step, last_tokens, state) -> (logits, state):
+  step: 0..L-1; last_tokens: int64 [B*K] tokens chosen at the previous step (None at step 0);
+  logits: float [B*K, V] next-token logits, row b*K + k = beam k of batch row b (at step 0 it
+  may also return [B, V], one row per user, since every beam is still the empty prefix).
+reorder_state(state, flat_parent) -> state is called between steps (not after the last one) with
+flat_parent int64 [B*K]: new beam row r continues old row flat_parent[r] (index_select your KV
+cache with it). Beams left without a valid continuation score -inf; they get the token of code 0
+of the next level as `last_tokens`, and their logits are ignored.
+"""
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+import letter_ext
+from letter_ext.baselines import hf_style_step, prefix_allowed_tokens_fn
+
+from .prefix_index import PrefixIndex
+
+StepFn = Callable[[int, torch.Tensor | None, Any], tuple[torch.Tensor, Any]]
+
+
+@dataclass
+class BeamSearchResult:
+    """Top-K identifiers per batch row, best first.
+
+    items: int64 [B, K] item id (the first item of the identifier), -1 where fewer than K valid
+    identifiers exist; codes: int64 [B, K, L] per-level codes (-1 in empty slots); scores: [B, K]
+    float sum of log-probs (-inf in empty slots); leaves: int64 [B, K] identifier (leaf) ids, -1
+    in empty slots; item_groups: None when every identifier names one item, else [B][K] lists of
+    all item ids of each slot's identifier ([] in empty slots).
+    """
+
+    items: torch.Tensor
+    codes: torch.Tensor
+    scores: torch.Tensor
+    leaves: torch.Tensor
+    item_groups: list[list[list[int]]] | None
+
+
+def _check_search_args(step_fn, batch_size, index, num_beams) -> None:
+    if not callable(step_fn):
+        raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
+    if not isinstance(index, PrefixIndex):
+        raise TypeError(f"index must be a letter.decoding.PrefixIndex, got {type(index).__name__}")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+
+
+def _beam_loop(step_fn: StepFn, batch_size: int, index: PrefixIndex, num_beams: int, choose, reorder_state, state):
+    """The loop shared by both decoders.
+
+    choose(level, logits, beam_scores [B, K_in], history [B*K_in, level]) -> (scores, parent,
+    token), each [B, K]. Returns (scores [B, K], history [B*K, L] tokens).
+    """
+    batch, levels = batch_size, index.num_levels
+    last_tokens, beam_scores, history = None, None, None
+    for level in range(levels):
+        logits, state = step_fn(level, last_tokens, state)
+        if level == 0:
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] not in (batch, batch * num_beams):
+                shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise ValueError(f"step_fn must return logits [B*K, V] (or [B, V] at step 0), got {shape}")
+            k_in = 1 if logits.shape[0] == batch else num_beams
+            # One live beam per row: the empty prefix.
+            beam_scores = torch.full((batch, k_in), float("-inf"), device=logits.device)
+            beam_scores[:, 0] = 0.0
+            history = torch.empty((batch * k_in, 0), dtype=torch.long, device=logits.device)
+        k_in = beam_scores.shape[1]
+        scores, parent, token = choose(level, logits, beam_scores, history)
+        flat_parent = (parent + k_in * torch.arange(batch, device=parent.device)[:, None]).reshape(-1)
+        token = torch.where(scores > float("-inf"), token, index.vocab_offsets[level])
+        history = torch.cat([history[flat_parent], token.reshape(-1, 1)], 1)
+        last_tokens, beam_scores = token.reshape(-1), scores
+        if reorder_state is not None and level + 1 < levels:
+            state = reorder_state(state, flat_parent)
+    return beam_scores, history
+
+
+def _result(index: PrefixIndex, scores, history, leaves) -> BeamSearchResult:
+    batch, num_beams = scores.shape
+    alive = scores > float("-inf")
+    leaves = torch.where(alive, leaves.to(scores.device), -1)
+    first_item = index.first_item_of_leaf.to(scores.device)
+    items = torch.where(alive, first_item[leaves.clamp(min=0)], -1)
+    offsets = torch.tensor(index.vocab_offsets, device=scores.device)
+    codes = history.view(batch, num_beams, -1) - offsets
+    codes = torch.where(alive[..., None], codes, -1)
+    groups = None
+    if index.duplicate_leaves.numel():
+        groups = [[index.items_of_leaf(f) if f >= 0 else [] for f in row] for row in leaves.tolist()]
+    return BeamSearchResult(items, codes, scores, leaves, groups)
+
+
+def constrained_beam_search(
+    step_fn: StepFn,
+    batch_size: int,
+    index: PrefixIndex,
+    num_beams: int,
+    *,
+    reorder_state: Callable[[Any, torch.Tensor], Any] | None = None,
+    state: Any = None,
+    backend: str | None = None,
+) -> BeamSearchResult:
+    """Beam search that only emits identifiers of real items: one fused
+    letter_ext.constrained_beam_step per level (log_softmax over the full vocabulary row, as HF
+    does, + beam score, top-K over the trie children of all beams of a row).
+
+    step_fn, reorder_state, state: see the module docstring. index: on the logits' device.
+    backend: the op's backend ('reference' | 'cpu' | 'cuda' | 'triton', default the fastest).
+    Returns a BeamSearchResult; never a duplicate identifier within a row.
+    """
+    _check_search_args(step_fn, batch_size, index, num_beams)
+    nodes = None
+
+    def choose(level, logits, beam_scores, history):
+        nonlocal nodes
+        if level == 0:
+            nodes = torch.zeros(beam_scores.shape, dtype=torch.long, device=beam_scores.device)
+        scores, parent, token, nodes = letter_ext.constrained_beam_step(
+            logits, beam_scores, nodes, index.trie, level, num_beams, backend=backend
+        )
+        return scores, parent, token
+
+    scores, history = _beam_loop(step_fn, batch_size, index, num_beams, choose, reorder_state, state)
+    return _result(index, scores, history, nodes)
+
+
+def hf_style_beam_search(
+    step_fn: StepFn,
+    batch_size: int,
+    index: PrefixIndex,
+    num_beams: int,
+    *,
+    reorder_state: Callable[[Any, torch.Tensor], Any] | None = None,
+    state: Any = None,
+) -> BeamSearchResult:
+    """The research-code decoder, for comparison: HF generate()'s constrained beam search, a Python
+    prefix_allowed_tokens_fn over a dict trie (index.dict_trie()) filling a -inf mask per beam,
+    then log_softmax + mask + beam score and top-K over K * V. Same arguments and result as
+    constrained_beam_search (ties may break differently: torch.topk's order is unspecified).
+    """
+    _check_search_args(step_fn, batch_size, index, num_beams)
+    root = index.dict_trie()
+    allowed = prefix_allowed_tokens_fn(root)
+
+    def choose(level, logits, beam_scores, history):
+        return hf_style_step(logits, beam_scores, history, allowed, num_beams)
+
+    scores, history = _beam_loop(step_fn, batch_size, index, num_beams, choose, reorder_state, state)
+    leaves = []
+    for tokens in history.tolist():
+        node = root
+        for token in tokens:
+            node = node.get(token, {}) if isinstance(node, dict) else {}
+        leaves.append(node if isinstance(node, int) else -1)
+    leaves = torch.tensor(leaves, dtype=torch.long).view(scores.shape)
+    return _result(index, scores, history, leaves)
