@@ -41,14 +41,21 @@ def bench_kernels(ops, quick, out):
     run_benchmarks(list(ops) or None, quick=quick, out=out)
 
 
+from letter.cli.cf import train_cf_command  # noqa: E402
 from letter.cli.data import data  # noqa: E402  (stage commands live in their own modules)
 
 main.add_command(data)
+main.add_command(train_cf_command)
 
 from letter.cli.tokenizer import tokenize_cmd, train_tokenizer_cmd  # noqa: E402
 
 main.add_command(train_tokenizer_cmd)
 main.add_command(tokenize_cmd)
+
+from letter.cli.pipeline import config, pipeline  # noqa: E402
+
+main.add_command(pipeline)
+main.add_command(config)
 
 if __name__ == "__main__":
     main()
