@@ -1,0 +1,19 @@
+"""TIGER generative recommender on learnable item identifiers.
+
+Python API (the CLI commands train-rec / evaluate / recommend call exactly these):
+  RecConfig                          settings; defaults = the authors' LETTER-TIGER setup
+  train_rec(config, data, codes, out_dir, *, resume=False, stop_after=None) -> summary dict
+  evaluate(run_dir, split="test", *, num_beams=20, max_users=0, decoder="fused", out=None, ...) -> dict
+  recommend(run_dir, history [original item ids], k=10) -> [{item_id, title, score, code}]
+  load_run(run_dir) -> (Tiger model, RecData, RecConfig)
+`data` is a dataset path (any format letter.data reads) or a letter.data.Dataset; `codes` an
+array [num_items, L], an authors'-format index .json, a codes .npy or a tokenizer run folder.
+"""
+from .config import RecConfig
+from .data import RecData, load_rec_data, resolve_codes
+from .evaluate import evaluate, generate, load_run, recommend
+from .model import Tiger, TokenLayout
+from .train import train_rec
+
+__all__ = ["RecConfig", "RecData", "Tiger", "TokenLayout", "evaluate", "generate", "load_rec_data", "load_run",
+           "recommend", "resolve_codes", "train_rec"]

@@ -1,0 +1,145 @@
+"""Inputs of the recommender: the dataset's leave-one-out split turned into token tensors.
+
+Encoder input: the codes of the last <= max_history history items, flattened in time order, then
+EOS, right-padded with PAD. Decoder: BOS + the target's first L-1 tokens, predicting its L tokens
+(no EOS: every identifier has exactly L tokens, and decoding stops after L steps).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from letter.data import Dataset, Split, leave_one_out, load_dataset, read_index_json
+from letter.errors import DataError, LetterError
+
+from .model import BOS, EOS, PAD, TokenLayout
+
+
+def _index_json_codes(path: str, dataset: Dataset) -> np.ndarray:
+    """Rows of an authors'-format index (keyed by original item id) in the dataset's item order."""
+    raw = read_index_json(path)
+    try:
+        rows = [int(i) for i in dataset.item_ids]
+    except ValueError:
+        raise DataError(f"{path}: index files are keyed by integer item ids, but {dataset.source} has "
+                        f"non-integer ids such as {dataset.item_ids[0]!r}") from None
+    missing = [i for i in rows if not 0 <= i < raw.shape[0]]
+    if missing:
+        raise DataError(f"{path}: no codes for item id(s) {missing[:5]} of {dataset.source} ({len(missing)} missing)")
+    return raw[rows]
+
+
+def resolve_codes(codes, dataset: Dataset) -> tuple[np.ndarray, str]:
+    """Item codes [num_items, L] from an array, an index .json, a codes .npy, or a tokenizer run
+    folder (its codes.npy, else its single <Name>.index.json). Returns (codes, description)."""
+    source = "array"
+    if isinstance(codes, (str, os.PathLike)):
+        path = os.fspath(codes)
+        source = os.path.abspath(path)
+        if os.path.isdir(path):
+            if os.path.exists(os.path.join(path, "codes.npy")):
+                path = os.path.join(path, "codes.npy")
+            else:
+                found = sorted(glob.glob(os.path.join(path, "*.index.json")))
+                if len(found) != 1:
+                    raise LetterError(f"{path}: expected codes.npy or exactly one <Name>.index.json, found {len(found)} index files")
+                path = found[0]
+        if path.endswith(".json"):
+            codes = _index_json_codes(path, dataset)
+        elif path.endswith(".npy"):
+            try:
+                codes = np.load(path)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: cannot read codes: {e}") from e
+        elif not os.path.exists(path):
+            raise LetterError(f"{path}: no such codes file or tokenizer run folder")
+        else:
+            raise LetterError(f"{path}: codes must be an index .json, a codes .npy or a tokenizer run folder")
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] < 1 or not np.issubdtype(codes.dtype, np.integer):
+        raise DataError(f"{source}: codes must be an integer array [num_items, levels], got {codes.dtype} {codes.shape}")
+    if codes.shape[0] != dataset.num_items:
+        raise DataError(f"{source}: codes cover {codes.shape[0]} items but {dataset.source} has {dataset.num_items}")
+    if codes.min() < 0:
+        raise DataError(f"{source}: codes must be non-negative")
+    return codes.astype(np.int64), source
+
+
+@dataclass
+class RecData:
+    dataset: Dataset
+    split: Split
+    codes: np.ndarray  # [num_items, L]
+    layout: TokenLayout
+    source: str
+    codes_source: str
+    item_tokens: torch.Tensor = field(init=False)  # [num_items, L] token ids
+
+    def __post_init__(self):
+        self.item_tokens = torch.from_numpy(self.layout.item_tokens(self.codes))
+
+    @property
+    def num_levels(self) -> int:
+        return self.codes.shape[1]
+
+    def run_info(self, config) -> dict:
+        return {
+            "config": config.to_dict(),
+            "data": self.source,
+            "codes_source": self.codes_source,
+            "codes_sha": hashlib.sha256(np.ascontiguousarray(self.codes).tobytes()).hexdigest(),
+            "num_items": int(self.codes.shape[0]),
+            "level_sizes": list(self.layout.level_sizes),
+            "vocab_offsets": list(self.layout.offsets),
+        }
+
+    def encode(self, histories: list[list[int]]) -> torch.Tensor:
+        """Encoder token ids [N, max_history * L + 1]."""
+        L, width = self.num_levels, self.split.max_history * self.num_levels + 1
+        out = torch.full((len(histories), width), PAD, dtype=torch.long)
+        for row, history in enumerate(histories):
+            tokens = self.item_tokens[history[-self.split.max_history:]].reshape(-1)
+            out[row, : tokens.numel()] = tokens
+            out[row, tokens.numel()] = EOS
+        return out
+
+    def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder tokens [N, S], target tokens [N, L]) of every training sample."""
+        enc = self.encode([h for h, _ in self.split.train])
+        targets = torch.tensor([t for _, t in self.split.train], dtype=torch.long)
+        return enc, self.item_tokens[targets]
+
+    def _sample(self, part: str, max_users: int, seed: int) -> list:
+        samples = self.split.part(part)
+        if 0 < max_users < len(samples):
+            keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_users, replace=False))
+            samples = [samples[i] for i in keep]
+        return samples
+
+    def eval_tensors(self, part: str, max_users: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder tokens [U, S], target item ids [U]) of `part`, or of a fixed random sample of
+        max_users of its users (0 = all)."""
+        samples = self._sample(part, max_users, seed)
+        return self.encode([h for h, _ in samples]), torch.tensor([t for _, t in samples], dtype=torch.long)
+
+    @staticmethod
+    def decoder_inputs(labels: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: BOS followed by all but the last target token."""
+        bos = torch.full_like(labels[:, :1], BOS)
+        return torch.cat([bos, labels[:, :-1]], dim=1)
+
+
+def load_rec_data(data, codes, max_history: int) -> RecData:
+    """`data`: a dataset path (any format `letter.data.load_dataset` reads) or a Dataset."""
+    if isinstance(data, Dataset):
+        dataset, source = data, data.source
+    else:
+        dataset, source = load_dataset(os.fspath(data)), os.path.abspath(os.fspath(data))
+    codes, codes_source = resolve_codes(codes, dataset)
+    layout = TokenLayout(tuple(int(c) + 1 for c in codes.max(axis=0)))
+    return RecData(dataset, leave_one_out(dataset, max_history), codes, layout, source, codes_source)

@@ -1,0 +1,148 @@
+"""Generation and evaluation of a TIGER run: trie-constrained beam search over real identifiers,
+Recall/NDCG@5,10 over the full catalog, and top-k recommendations with titles.
+
+Hit rule (the authors'): a generated identifier is a hit when it equals the target item's
+identifier, so items sharing an identifier (a collision group) are indistinguishable; the report
+also counts how many evaluated targets sit in such groups.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_search
+from letter.errors import LetterError
+from letter.metrics import metrics_from_hits
+from letter.utils import pick_device, progress, write_json
+
+from .config import RecConfig
+from .data import RecData, load_rec_data
+from .model import Tiger
+
+DECODERS = ("fused", "hf")
+
+
+def prefix_index(rec: RecData, device) -> PrefixIndex:
+    return PrefixIndex.from_codes(rec.codes, rec.layout.level_sizes, rec.layout.offsets, device=device)
+
+
+@torch.no_grad()
+def generate(model: Tiger, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch_size: int, device,
+             decoder: str = "fused", show_progress: bool = False):
+    """Top-`num_beams` identifiers per row of encoder tokens enc [U, S].
+
+    Returns (leaves [U, K] identifier ids of `index` (-1: empty slot), scores [U, K] summed
+    log-probabilities), best first. decoder='hf' runs the same model through the
+    HF-style Python prefix_allowed_tokens_fn baseline (for speed comparisons only)."""
+    if decoder not in DECODERS:
+        raise LetterError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if num_beams < 1:
+        raise LetterError(f"--beams must be >= 1, got {num_beams}")
+    search = hf_style_beam_search if decoder == "hf" else constrained_beam_search
+    model.eval()
+    leaves, scores = [], []
+    bar = progress(total=enc.shape[0], unit="user", unit_scale=True, desc="beam search",
+                   disable=None if show_progress else True)
+    for start in range(0, enc.shape[0], batch_size):
+        chunk = enc[start:start + batch_size].to(device)
+        state = model.start_decoding(chunk, num_beams)
+        result = search(lambda step, last, st: model.decode_step(last, st), chunk.shape[0], index, num_beams,
+                        reorder_state=model.reorder_state, state=state)
+        leaves.append(result.leaves.cpu())
+        scores.append(result.scores.cpu())
+        bar.update(chunk.shape[0])
+    bar.close()
+    return torch.cat(leaves), torch.cat(scores)
+
+
+def evaluate_model(model: Tiger, rec: RecData, enc: torch.Tensor, targets: torch.Tensor, num_beams: int,
+                   batch_size: int, device, decoder: str = "fused", index: PrefixIndex | None = None,
+                   show_progress: bool = False) -> dict:
+    """Recall/NDCG@5,10 of constrained beam search on encoder tokens enc [U, S] vs targets [U]."""
+    if num_beams < 10:
+        raise LetterError(f"--beams must be >= 10 to compute the @10 metrics, got {num_beams}")
+    index = index if index is not None else prefix_index(rec, device)
+    started = time.perf_counter()
+    leaves, _ = generate(model, index, enc, num_beams, batch_size, device, decoder, show_progress)
+    wall = time.perf_counter() - started
+    target_leaves = index.leaf_of_item.cpu()[targets]
+    hits = leaves == target_leaves[:, None]  # [U, K]: generated identifier == the target's
+    leaf_sizes = (index.leaf_ptr[1:] - index.leaf_ptr[:-1]).cpu()
+    in_collision = leaf_sizes[target_leaves] > 1
+    users = int(targets.numel())
+    return {
+        "metrics": metrics_from_hits(hits, ks=(5, 10)),
+        "users": users,
+        "beams": num_beams,
+        "decoder": decoder,
+        "wall_s": round(wall, 3),
+        "users_per_s": round(users / wall, 2) if wall > 0 else None,
+        "targets_in_collision_groups": int(in_collision.sum()),
+        "index": index.summary(),
+    }
+
+
+def load_run(run_dir: str, data=None, device="cpu") -> tuple[Tiger, RecData, RecConfig]:
+    """(model with the best validation weights, its data, its settings) of a train-rec run folder.
+    `data` overrides the dataset path recorded in run.json (e.g. when the run was moved)."""
+    info_path, model_path = os.path.join(run_dir, "run.json"), os.path.join(run_dir, "model.pt")
+    for path in (info_path, model_path):
+        if not os.path.exists(path):
+            raise LetterError(f"--model {run_dir}: not a train-rec run folder (missing {os.path.basename(path)})")
+    with open(info_path) as f:
+        info = json.load(f)
+    config = RecConfig.from_dict(info["config"])
+    data = data if data is not None else info["data"]
+    rec = load_rec_data(data, np.load(os.path.join(run_dir, "codes.npy")), config.max_history)
+    saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    model = Tiger(**saved["hparams"])
+    model.load_state_dict(saved["state_dict"])
+    return model.to(device).eval(), rec, config
+
+
+def evaluate(run_dir: str, split: str = "test", *, data=None, num_beams: int = 20, batch_size: int = 256,
+             max_users: int = 0, decoder: str = "fused", device: str = "cpu", out: str | None = None,
+             show_progress: bool = False) -> dict:
+    """Evaluate a run on `split` ('valid' or 'test'; max_users > 0: a fixed random sample).
+    Returns (and with `out`, writes as JSON) the metrics, users, beams, wall time and users/s."""
+    if split not in ("valid", "test"):
+        raise LetterError(f"--split must be valid or test, got {split!r}")
+    device = pick_device(device)
+    model, rec, config = load_run(run_dir, data, device)
+    enc, targets = rec.eval_tensors(split, max_users, config.seed)
+    result = {"model": os.path.abspath(run_dir), "split": split,
+              **evaluate_model(model, rec, enc, targets, num_beams, batch_size, device, decoder,
+                               show_progress=show_progress),
+              "device": str(device), "threads": torch.get_num_threads()}
+    if out:
+        write_json(out, result)
+    return result
+
+
+def recommend(run_dir: str, history: list[str], k: int = 10, *, data=None, device: str = "cpu") -> list[dict]:
+    """Top-k items for a history of original item ids (oldest first): [{item_id, title, score, code}].
+    Items sharing a generated identifier are listed together under that identifier's rank."""
+    if k < 1:
+        raise LetterError(f"-k must be >= 1, got {k}")
+    device = pick_device(device)
+    model, rec, _ = load_run(run_dir, data, device)
+    position = {item: i for i, item in enumerate(rec.dataset.item_ids)}
+    unknown = [h for h in history if h not in position]
+    if unknown or not history:
+        raise LetterError(f"--history: unknown item id(s) {', '.join(unknown[:5])}" if unknown else "--history is empty")
+    index = prefix_index(rec, device)
+    enc = rec.encode([[position[h] for h in history]])
+    leaves, scores = generate(model, index, enc, k, 1, device)
+    text = rec.dataset.item_text
+    out = []
+    for leaf, score in zip(leaves[0].tolist(), scores[0].tolist()):
+        if leaf < 0:
+            continue  # fewer than k identifiers exist
+        for item in index.items_of_leaf(leaf):
+            out.append({"item_id": rec.dataset.item_ids[item], "title": text[item].get("title", "") if text else "",
+                        "score": score, "code": rec.codes[item].tolist()})
+    return out
