@@ -1,0 +1,207 @@
+import itertools
+
+import pytest
+import torch
+
+import letter_ext
+from conftest import available_backends, devices
+from letter_ext.trie import build_trie_levels
+
+NEG_INF = float("-inf")
+BACKEND_DEVICE = [(b, dev) for dev in devices() for b in available_backends("constrained_beam_step", dev)]
+SPECIALS = 3  # PAD/EOS/BOS-like ids below the code tokens, never valid continuations
+
+
+def random_trie(num_items, num_levels, gen, device="cpu"):
+    """Random catalog; level sizes small enough that many nodes have few children."""
+    sizes = torch.randint(2, 12, (num_levels,), generator=gen).tolist()
+    codes = torch.stack([torch.randint(0, s, (num_items,), generator=gen) for s in sizes], 1)
+    offsets = [SPECIALS + sum(sizes[:l]) for l in range(num_levels)]
+    trie, _, _ = build_trie_levels(codes.to(device), sizes, offsets)
+    return trie
+
+
+def random_step_inputs(trie, level, batch, k_in, gen, device="cpu"):
+    vocab = trie.vocab_size + 2 + (trie.vocab_size % 2)  # odd V with unused tail columns
+    logits = 3 * torch.randn(batch * k_in, vocab, generator=gen)
+    logits[:, :SPECIALS] += 5  # specials are likely tokens that must never be chosen
+    beam_scores = -torch.rand(batch, k_in, generator=gen) * 4
+    beam_scores[torch.rand(batch, k_in, generator=gen) < 0.2] = NEG_INF  # dead beams
+    num_nodes = trie.row_ptr[level].numel() - 1
+    nodes = torch.randint(0, num_nodes, (batch, k_in), generator=gen)
+    return logits.to(device), beam_scores.to(device), nodes.to(device)
+
+
+def assert_step_valid(out, ref, logits, beam_scores, nodes, trie, level, tol=1e-5):
+    """Backend output vs the reference: same scores; every choice a real child with the score it
+    claims; the same (parent, token) wherever the reference's score is not a near-tie."""
+    scores, parent, token, node = (t.cpu() for t in out)
+    r_scores, r_parent, r_token, r_node = ref
+    assert torch.equal(scores == NEG_INF, r_scores == NEG_INF), "different number of valid continuations"
+    torch.testing.assert_close(scores.double(), r_scores.double(), atol=tol, rtol=tol)
+    logp = torch.log_softmax(logits.double().cpu(), 1)
+    row_ptr, child = trie.row_ptr[level].cpu(), trie.child_token[level].cpu()
+    batch, k_in = beam_scores.shape
+    for b in range(batch):
+        seen = set()
+        for j in range(scores.shape[1]):
+            if scores[b, j] == NEG_INF:
+                assert (parent[b, j], token[b, j], node[b, j]) == (0, -1, -1)
+                continue
+            k, t, e = int(parent[b, j]), int(token[b, j]), int(node[b, j])
+            n = int(nodes[b, k])
+            assert row_ptr[n] <= e < row_ptr[n + 1] and child[e] == t, "not a child of the parent's node"
+            expected = float(beam_scores[b, k]) + float(logp[b * k_in + k, t])
+            assert abs(float(scores[b, j]) - expected) <= tol * (1 + abs(expected))
+            assert (k, t) not in seen
+            seen.add((k, t))
+            gaps = [abs(float(r_scores[b, j]) - float(r_scores[b, i])) for i in (j - 1, j + 1) if 0 <= i < scores.shape[1]]
+            if all(g > 1e-4 for g in gaps):
+                assert (k, t, e) == (int(r_parent[b, j]), int(r_token[b, j]), int(r_node[b, j]))
+
+
+SHAPES = list(itertools.product([1, 37, 5000], [1, 2, 3, 4], [1, 5, 20]))
+# The Triton interpreter is slow: on CPU it gets a few shapes covering every K and L.
+INTERPRETER_SHAPES = {(37, 1, 20), (5000, 2, 5), (37, 3, 1), (5000, 4, 5), (1, 2, 5), (300, 2, 20)}
+CASES = [
+    (backend, device, *shape)
+    for backend, device in BACKEND_DEVICE
+    for shape in SHAPES + [(300, 2, 20)]
+    if not (backend == "triton" and device == "cpu" and shape not in INTERPRETER_SHAPES)
+]
+
+
+@pytest.mark.parametrize("backend,device,items,levels,k", CASES)
+def test_matches_reference(backend, device, items, levels, k):
+    gen = torch.Generator().manual_seed(items * 100 + levels * 10 + k)
+    trie = random_trie(items, levels, gen)
+    batch = 2 if backend == "triton" and device == "cpu" else 5
+    for level in range(levels):
+        k_in = 1 if level == 0 else k
+        logits, beam_scores, nodes = random_step_inputs(trie, level, batch, k_in, gen)
+        ref = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, level, k, backend="reference")
+        out = letter_ext.constrained_beam_step(
+            logits.to(device), beam_scores.to(device), nodes.to(device), trie.to(device), level, k, backend=backend
+        )
+        assert out[0].shape == (batch, k) and out[0].dtype == torch.float32
+        assert all(t.dtype == torch.long and t.shape == (batch, k) for t in out[1:])
+        assert_step_valid(out, ref, logits, beam_scores, nodes, trie, level)
+
+
+def test_reference_counts_valid_continuations():
+    """The spec itself: fewer live children than K leaves -inf slots; specials never chosen."""
+    codes = torch.tensor([[0, 1], [0, 2], [1, 0]])
+    trie, _, _ = build_trie_levels(codes, [2, 3], [3, 5])
+    logits = torch.zeros(3, 9)
+    logits[:, :3] = 100.0  # specials dominate the softmax but are not continuations
+    beam_scores = torch.tensor([[0.0, -1.0, NEG_INF]])
+    nodes = torch.tensor([[0, 1, 0]])
+    scores, parent, token, node = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 5, backend="reference")
+    # beam 0 (prefix code 0) has children tokens 6, 7; beam 1 (prefix code 1) has token 5
+    assert token.tolist() == [[6, 7, 5, -1, -1]]
+    assert parent.tolist() == [[0, 0, 1, 0, 0]]
+    assert node.tolist() == [[0, 1, 2, -1, -1]]
+    lse = torch.logsumexp(logits[0], 0)
+    torch.testing.assert_close(scores[0, :3], torch.stack([-lse, -lse, -1 - lse]))
+    assert (scores[0, 3:] == NEG_INF).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_exact_ties_pick_lowest_beam_then_token(backend, device):
+    gen = torch.Generator().manual_seed(7)
+    trie = random_trie(300, 2, gen)
+    num_nodes = trie.row_ptr[1].numel() - 1
+    k_in, k = 6, 20
+    row = torch.randn(1, trie.vocab_size + 1, generator=gen).round()  # many equal logits
+    logits = row.repeat(2 * k_in, 1)
+    beam_scores = torch.zeros(2, k_in)
+    nodes = torch.randint(0, num_nodes, (2, k_in), generator=gen)
+    ref = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, k, backend="reference")
+    out = letter_ext.constrained_beam_step(
+        logits.to(device), beam_scores.to(device), nodes.to(device), trie.to(device), 1, k, backend=backend
+    )
+    for a, b in zip(out, ref):
+        assert torch.equal(a.cpu(), b) if not a.is_floating_point() else torch.allclose(a.cpu(), b)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_all_dead_and_masked_children(backend, device):
+    gen = torch.Generator().manual_seed(8)
+    trie = random_trie(50, 2, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 3, 4, gen)
+    beam_scores[0] = NEG_INF  # a row without live beams
+    logits[4:8] = NEG_INF  # row 1: every logit -inf (log_softmax is NaN) -> no candidates
+    logits[8:, trie.child_token[1]] = NEG_INF  # row 2: every child masked by the model
+    scores, parent, token, node = letter_ext.constrained_beam_step(
+        logits.to(device), beam_scores.to(device), nodes.to(device), trie.to(device), 1, 5, backend=backend
+    )
+    assert (scores.cpu() == NEG_INF).all() and (token.cpu() == -1).all() and (node.cpu() == -1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_input_dtypes(dtype):
+    gen = torch.Generator().manual_seed(9)
+    trie = random_trie(200, 3, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 2, 4, 5, gen)
+    logits = logits.to(dtype)
+    ref = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 2, 5, backend="reference")
+    for backend in available_backends("constrained_beam_step"):
+        if backend == "triton" and dtype != torch.float64:
+            continue  # the Triton wrapper upcasts every dtype alike; once is enough in the interpreter
+        out = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 2, 5, backend=backend)
+        assert out[0].dtype == ref[0].dtype
+        assert_step_valid(out, ref, logits, beam_scores, nodes, trie, 2)
+
+
+@pytest.mark.skipif("cpu" not in available_backends("constrained_beam_step"), reason="no compiled kernel")
+def test_opcheck():
+    gen = torch.Generator().manual_seed(10)
+    trie = random_trie(100, 2, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 3, 4, gen)
+    args = (logits, beam_scores, nodes, trie.row_ptr[1], trie.child_token[1], 6)
+    torch.library.opcheck(torch.ops.letter.constrained_beam_step.default, args)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_triton(device):
+    if "triton" not in available_backends("constrained_beam_step", device):
+        pytest.skip("triton not usable here")
+    gen = torch.Generator().manual_seed(11)
+    trie = random_trie(30, 2, gen, device)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 2, 3, gen, device)
+    args = (logits, beam_scores, nodes, trie.row_ptr[1], trie.child_token[1], 4)
+    # The interpreter cannot run a traced (fake-tensor) launch on CPU; on CUDA all checks run.
+    kwargs = {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")} if device == "cpu" else {}
+    torch.library.opcheck(torch.ops.letter.constrained_beam_step_triton.default, args, **kwargs)
+
+
+def _good_inputs():
+    gen = torch.Generator().manual_seed(12)
+    trie = random_trie(40, 2, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 2, 3, gen)
+    beam_scores[:] = 0.0
+    return logits, beam_scores, nodes, trie
+
+
+@pytest.mark.parametrize(
+    "change,exc,words",
+    [
+        (lambda a: a.update(logits=a["logits"][:-1]), ValueError, "logits must have B\\*K"),
+        (lambda a: a.update(logits=a["logits"][:, :3]), ValueError, "logits has V="),
+        (lambda a: a.update(logits=a["logits"].long()), TypeError, "logits must be a floating"),
+        (lambda a: a.update(beam_scores=a["beam_scores"][0]), ValueError, "beam_scores must be"),
+        (lambda a: a.update(nodes=a["nodes"].int()), TypeError, "nodes must be an int64"),
+        (lambda a: a.update(nodes=a["nodes"] + 10**6), ValueError, "nodes of live beams"),
+        (lambda a: a.update(nodes=a["nodes"][:, :2]), ValueError, "nodes .* must have the shape"),
+        (lambda a: a.update(num_beams=0), ValueError, "num_beams must be an int >= 1"),
+        (lambda a: a.update(level=2), ValueError, "level must be"),
+        (lambda a: a.update(trie=tuple(a["trie"])), TypeError, "trie must be a letter_ext.TrieLevels"),
+        (lambda a: a.update(beam_scores=a["beam_scores"].to("meta")), ValueError, "beam_scores is on"),
+    ],
+)
+def test_bad_input(change, exc, words):
+    logits, beam_scores, nodes, trie = _good_inputs()
+    args = {"logits": logits, "beam_scores": beam_scores, "nodes": nodes, "trie": trie, "level": 1, "num_beams": 4}
+    change(args)
+    with pytest.raises(exc, match=words):
+        letter_ext.constrained_beam_step(**args)
