@@ -56,10 +56,13 @@ class PrefixIndex:
         try:
             if not isinstance(codes, torch.Tensor):
                 codes = torch.as_tensor(codes)
-            if device is not None:
-                codes = codes.to(device)
+        except (ValueError, TypeError) as e:  # ragged rows land here
+            raise DataError(f"codes must be a rectangular [I, L] integer array: {e}") from e
+        if device is not None:
+            codes = codes.to(device)
+        try:
             trie, leaf_of_item, order = build_trie_levels(codes, level_sizes, vocab_offsets)
-        except ValueError as e:  # ragged rows land here too
+        except ValueError as e:
             raise DataError(f"cannot build a PrefixIndex from codes: {e}") from e
         index = cls(trie, leaf_of_item, order)
         if index.duplicate_leaves.numel():
@@ -148,7 +151,7 @@ class PrefixIndex:
         """Load an index written by `save`; a file of another kind raises DataError naming it."""
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as e:
+        except Exception as e:  # torch.load fails in many ways on a foreign or truncated file
             raise DataError(f"{path}: cannot read a PrefixIndex ({e})") from e
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
             raise DataError(f"{path}: not a PrefixIndex file (format key {_FORMAT!r} missing)")
