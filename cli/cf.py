@@ -1,7 +1,5 @@
 """`letter train-cf`: SASRec collaborative item embeddings."""
 import dataclasses
-import os
-
 import click
 
 from letter.cf.train import CFConfig
@@ -43,9 +41,10 @@ def train_cf_command(data_path, out_dir, resume, device, **options):
     $(which letter) train-cf ... (gloo on CPU, nccl on GPU)."""
     from letter.cf.train import train_cf
     from letter.data import load_dataset
+    from letter.data.readers import dataset_dir
 
     cfg = CFConfig(**{f.name: options[f.name] for f in dataclasses.fields(CFConfig)})
     dataset = load_dataset(data_path)
     if out_dir is None:
-        out_dir = data_path if os.path.isdir(data_path) else os.path.dirname(os.path.abspath(data_path))
+        out_dir = dataset_dir(data_path)
     train_cf(dataset, out_dir, cfg, resume=resume, device=device, log=click.echo)

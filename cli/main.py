@@ -43,8 +43,10 @@ def bench_kernels(ops, quick, out):
 
 from letter.cli.cf import train_cf_command  # noqa: E402
 from letter.cli.data import data  # noqa: E402  (stage commands live in their own modules)
+from letter.cli.embed import embed_command  # noqa: E402
 
 main.add_command(data)
+main.add_command(embed_command)
 main.add_command(train_cf_command)
 
 from letter.cli.tokenizer import tokenize_cmd, train_tokenizer_cmd  # noqa: E402

