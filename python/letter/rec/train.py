@@ -139,11 +139,9 @@ def _train(config, data, codes, out_dir, resume, stop_after, rank, world, device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     train_enc, train_labels = rec.train_tensors()
     n_train = train_enc.shape[0]
+    if n_train == 0:
+        raise LetterError(f"{rec.source}: no training samples (every user needs at least 3 interactions)")
     batches_per_epoch = math.ceil(n_train / config.batch_size)
-    if n_train % config.batch_size and n_train % config.batch_size < world:
-        batches_per_epoch -= 1  # a last batch smaller than the world would leave a process idle
-    if batches_per_epoch < 1:
-        raise LetterError(f"{rec.source}: {n_train} training samples cannot fill one batch across {world} processes")
     total_steps = batches_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _cosine_with_warmup(total_steps, max(1, round(config.warmup_ratio * total_steps)))
@@ -176,30 +174,34 @@ def _train(config, data, codes, out_dir, resume, stop_after, rank, world, device
         model.train()
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
         loss_sum = torch.zeros((), dtype=torch.float64)
-        bar = progress(total=batches_per_epoch * config.batch_size, unit="sample", unit_scale=True,
+        bar = progress(total=n_train, unit="sample", unit_scale=True,
                        desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if rank == 0 else True)
         for b in range(batches_per_epoch):
             batch = order[b * config.batch_size:(b + 1) * config.batch_size]
             mine = batch[rank::world]
+            # DDP averages gradients over processes; scaling by world/|global batch tokens| makes that
+            # the mean over the whole global batch, so any world size follows the same trajectory.
+            weight = world / (batch.numel() * rec.num_levels)
+            if mine.numel() == 0:  # a last batch smaller than the world: join the gradient sync with weight 0
+                mine, weight = batch[:1], 0.0
             enc, labels = train_enc[mine].to(device), train_labels[mine].to(device)
             dec = rec.decoder_inputs(labels)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 summed = step_module(enc, dec, labels)
-            # DDP averages gradients over processes; scaling by world/|global batch| makes that the
-            # mean over the whole global batch, so any world size follows the same trajectory.
-            (summed * (world / labels.new_tensor(batch.numel() * labels.shape[1]).float())).backward()
+            (summed * weight).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += summed.detach().double().cpu()
+            if weight:
+                loss_sum += summed.detach().double().cpu()
             bar.update(batch.numel())
             bar.set_postfix(loss=f"{summed.item() / labels.numel():.4f}")
         bar.close()
         if world > 1:
             dist.all_reduce(loss_sum)
-        trained_tokens = min(batches_per_epoch * config.batch_size, n_train) * rec.num_levels
-        record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / trained_tokens, "lr": scheduler.get_last_lr()[0]}
+        record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / (n_train * rec.num_levels),
+                  "lr": scheduler.get_last_lr()[0]}
         stop = False
         if rank == 0:
             record["valid_loss"] = _mean_loss(model, rec, valid_enc, valid_targets, config.eval_batch_size, device)
