@@ -41,26 +41,37 @@ def sinkhorn_resolve(
     movable: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """The authors' rule: re-assign the last level of each colliding group with a Sinkhorn-balanced
-    assignment over that group, up to `rounds` rounds. Only `movable` items change (cold start
-    keeps the catalog's codes). Returns (codes, rounds run)."""
-    codes = codes.copy()
+    assignment over that group, up to `rounds` rounds (all groups of a round in one batched
+    Sinkhorn). Only `movable` items change (cold start keeps the catalog's codes). Unlike the
+    authors' loop, the round with the fewest collisions is returned (a round can create new ones).
+    Returns (codes, rounds run)."""
     movable = np.ones(len(codes), bool) if movable is None else movable
     r_last = last_level_residuals(z, codes, codebooks)
     last = codebooks[-1]
+    best, best_rate = codes, collision_rate(codes)
+    seen = set()  # Sinkhorn is deterministic: a group with the same members gives the same answer
     done = 0
     for done in range(1, rounds + 1):
-        changed = False
+        groups = []
         for group in colliding_groups(codes):
             members = group[movable[group]]
-            if len(members) < 2:  # a one-row Sinkhorn is uniform: nothing to balance
-                continue
-            dist = torch.cdist(r_last[members], last) ** 2
-            new = sinkhorn_assign(dist, epsilon, iters).numpy()
-            changed |= bool((codes[members, -1] != new).any())
-            codes[members, -1] = new
-        if not changed or not colliding_groups(codes):
+            key = tuple(members.tolist())
+            if len(members) >= 2 and key not in seen:  # a one-row Sinkhorn is uniform: nothing to balance
+                seen.add(key)
+                groups.append(members)
+        if not groups:
             break
-    return codes, (done if rounds else 0)
+        rows = np.concatenate(groups)
+        group_of = torch.from_numpy(np.repeat(np.arange(len(groups)), [len(g) for g in groups]))
+        dist = torch.cdist(r_last[torch.from_numpy(rows)], last) ** 2
+        codes = codes.copy()
+        codes[rows, -1] = sinkhorn_assign(dist, epsilon, iters, groups=group_of).numpy()
+        rate = collision_rate(codes)
+        if rate < best_rate:
+            best, best_rate = codes, rate
+        if rate == 0:
+            break
+    return best, (done if rounds else 0)
 
 
 def make_unique(

@@ -25,6 +25,9 @@ class TokenizerConfig:
     codebook_sizes: list[int] = field(default_factory=lambda: [256, 256, 256, 256])
     dropout: float = 0.0
     batch_norm: bool = False
+    # Center the text embeddings and scale them to unit mean square (one global factor) before the
+    # encoder; not in the authors' code (their LLaMA features are large), needed for unit-norm ones.
+    standardize: bool = True
     # Losses
     mu: float = 0.25  # commitment weight
     alpha: float = 0.02  # collaborative regularization (InfoNCE between z_hat and the CF embedding)
@@ -47,7 +50,11 @@ class TokenizerConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 42
-    eval_every: int = 1  # epochs between collision evaluations (best-collision checkpoint)
+    eval_every: int = 1  # epochs between collision evaluations (live display, curves, best checkpoint)
+    # The lowest-collision checkpoint is kept among evaluations from this fraction of the epochs on.
+    # The authors first evaluate at 10% of training (epoch 2000 of 20000); in short CPU runs the
+    # collision rate first rises while the encoder learns, so an early pick would be undertrained.
+    best_from: float = 0.5
     checkpoint_every: int = 10  # epochs between resumable checkpoints
     # Codes
     collision_rounds: int = 20  # the authors' Sinkhorn re-assignment rounds for colliding groups
@@ -69,6 +76,7 @@ class TokenizerConfig:
         need(all(int(h) >= 1 for h in self.layers), f"layer sizes must be >= 1, got {self.layers}")
         need(self.e_dim >= 1, f"e_dim must be >= 1, got {self.e_dim}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(0.0 <= self.best_from <= 1.0, f"best_from must be in [0, 1], got {self.best_from}")
         for name in ("mu", "alpha", "beta", "weight_decay", "sinkhorn_epsilon"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("cf_temperature", "div_temperature", "lr"):

@@ -71,6 +71,20 @@ class RQVAE(nn.Module):
             nn.Parameter(torch.empty(n, config.e_dim).uniform_(-1.0 / n, 1.0 / n)) for n in config.codebook_sizes
         )
         self.cf_proj = nn.Linear(config.e_dim, cf_dim, bias=False) if cf_dim is not None else None
+        # Input standardization x' = (x - mean) / scale (set by fit_input_scaling); identity until then.
+        self.register_buffer("x_mean", torch.zeros(in_dim))
+        self.register_buffer("x_scale", torch.ones(()))
+
+    @torch.no_grad()
+    def fit_input_scaling(self, x: torch.Tensor) -> None:
+        """Center the inputs and give them unit mean squared value with one global scale (geometry
+        kept). Unit-norm sentence embeddings otherwise have a reconstruction MSE ~1/dim, so small
+        that the alpha-weighted InfoNCE term swamps it."""
+        self.x_mean.copy_(x.mean(0))
+        self.x_scale.copy_(((x - self.x_mean) ** 2).mean().sqrt().clamp(min=1e-12))
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.x_mean) / self.x_scale
 
     def quantize(self, z: torch.Tensor, sinkhorn: bool = False):
         """-> codes [B, L], selected code vectors e [B, L, d] (grad to codebooks), residuals r [B, L, d]
@@ -88,14 +102,17 @@ class RQVAE(nn.Module):
         return codes, e, residuals, z_hat
 
     def forward(self, x: torch.Tensor, sinkhorn: bool = False) -> dict:
-        z = self.encoder(x)
+        """x: raw embeddings; "target" is the standardized input that "recon" reconstructs."""
+        target = self.standardize(x)
+        z = self.encoder(target)
         codes, e, residuals, z_hat = self.quantize(z, sinkhorn=sinkhorn)
-        return {"z": z, "codes": codes, "e": e, "residuals": residuals, "z_hat": z_hat, "recon": self.decoder(z_hat)}
+        return {"target": target, "z": z, "codes": codes, "e": e, "residuals": residuals, "z_hat": z_hat,
+                "recon": self.decoder(z_hat)}
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode codes by plain argmin (no Sinkhorn) -> (codes [B, L], latent z [B, d])."""
-        z = self.encoder(x)
+        z = self.encoder(self.standardize(x))
         return assign_codes(z, list(self.codebooks))[0], z
 
 

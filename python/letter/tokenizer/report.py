@@ -35,7 +35,7 @@ def build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, 
         c = torch.as_tensor(codes)
         quantized = sum(cb[c[:, l]] for l, cb in enumerate(tok.codebooks))
         recon = model.decoder(quantized)
-        x = torch.from_numpy(text)
+        x = model.standardize(torch.from_numpy(text))
         report = {
             "name": tok.name,
             "items": int(len(text)),
@@ -50,7 +50,7 @@ def build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, 
             "unique": config.unique,
             "level_stats": level_stats(codes, config.codebook_sizes),
             "level_stats_before_resolution": level_stats(codes_raw, config.codebook_sizes),
-            "recon_mse": float(F.mse_loss(recon, x)),
+            "recon_mse": float(F.mse_loss(recon, x)),  # on the standardized inputs when config.standardize
             "quantization_mse": float(F.mse_loss(quantized, z)),
         }
         if config.unique:

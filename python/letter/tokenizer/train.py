@@ -62,7 +62,7 @@ def _init_codebooks(model: RQVAE, x: torch.Tensor, config: TokenizerConfig, gen:
     """k-means the encoder's initial outputs level by level into the codebooks; returns inertia per level."""
     model.eval()
     with torch.no_grad():
-        r = model.encoder(x)
+        r = model.encoder(model.standardize(x))
         out = []
         for cb in model.codebooks:
             n = cb.shape[0]
@@ -127,7 +127,7 @@ def train_tokenizer(
             `config.json`, `report.json`, `report.md`, `curves.png` (when matplotlib is present).
         num_items: if given, the embeddings must have this many rows.
         device: 'cpu', 'cuda', 'auto'/None.
-        resume: continue from `out_dir/checkpoint.pt` (same config required).
+        resume: continue from `out_dir/checkpoint.pt` (same config; `epochs` may grow).
         item_labels: optional [I] ints (e.g. latent categories); the report then gives the purity
             of level-1 codes w.r.t. them.
     Bad input raises LetterError before any training. Under torchrun the batches are split over
@@ -145,8 +145,11 @@ def train_tokenizer(
         if not os.path.isfile(ckpt_path):
             raise LetterError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config"] != config.to_dict():
+        # Only the epoch count may change on resume (to extend a finished run).
+        if {**state["config"], "epochs": 0} != {**config.to_dict(), "epochs": 0}:
             raise LetterError(f"--resume: {ckpt_path} was trained with another config; rerun with the same settings")
+        if state["epoch"] > config.epochs:
+            raise LetterError(f"--resume: the checkpoint is at epoch {state['epoch']}, past --epochs {config.epochs}")
 
     set_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -157,6 +160,8 @@ def train_tokenizer(
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     timings = {"kmeans_init_s": 0.0, "cluster_refresh_s": [], "epoch_s": []}
     if state is None:
+        if config.standardize:
+            model.fit_input_scaling(x)
         t0 = time.perf_counter()
         init_stats = _init_codebooks(model, x, config, gen)
         timings["kmeans_init_s"] = time.perf_counter() - t0
@@ -169,6 +174,10 @@ def train_tokenizer(
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch, labels = state["history"], state["epoch"], state["labels"]
         best, init_stats, timings = state["best"], state["init_stats"], state["timings"]
+        if best["epoch"] < config.best_from * config.epochs and "collision" in history[-1]:
+            # More epochs moved the selection window past the stored best: the checkpoint's own
+            # state is the first candidate inside it.
+            best = {"collision": history[-1]["collision"], "epoch": start_epoch, "state": copy.deepcopy(model.state_dict())}
 
     n = len(x)
     bar = progress(range(start_epoch, config.epochs), desc="train-tokenizer", initial=start_epoch, total=config.epochs,
@@ -186,7 +195,7 @@ def train_tokenizer(
         for start in range(0, n, config.batch_size):
             idx = perm[start : start + config.batch_size][rank::world]
             out = model(x[idx], sinkhorn=True)
-            recon = torch.nn.functional.mse_loss(out["recon"], x[idx])
+            recon = torch.nn.functional.mse_loss(out["recon"], out["target"])
             quant = quantization_loss(out["e"], out["residuals"], config.mu)
             loss = recon + quant
             cf_l = div_l = torch.zeros((), device=dev)
@@ -208,14 +217,15 @@ def train_tokenizer(
                 _average_gradients(model, world)
             opt.step()
             for k, v in zip(sums, (loss, recon, quant, cf_l, div_l)):
-                sums[k] += float(v)
+                sums[k] += v.item()
             steps += 1
         record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:  # the last epoch is always eligible
             codes, _ = _encode_all(model, x)
             record["collision"] = collision_rate(codes)
             record["used"] = [int(len(np.unique(codes[:, l]))) for l in range(config.levels)]
-            if record["collision"] < best["collision"]:
+            eligible = epoch + 1 >= config.best_from * config.epochs
+            if eligible and record["collision"] < best["collision"]:
                 best = {"collision": record["collision"], "epoch": epoch + 1, "state": copy.deepcopy(model.state_dict())}
         timings["epoch_s"].append(time.perf_counter() - t_epoch)
         history.append(record)
