@@ -14,9 +14,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "avx2_math.h"
 
 namespace letter {
 namespace {
@@ -71,31 +69,7 @@ scalar_t log_sum_exp_generic(const scalar_t* x, int64_t n) {
   return mx + std::log(sum);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LETTER_HAVE_AVX2_LSE 1
-// exp(x) for x <= 0: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, p the degree-6 Taylor
-// polynomial (relative error ~1e-7, enough for a sum); x < -87 (incl. -inf) gives 0.
-__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
-  const __m256 lowest = _mm256_set1_ps(-87.0f);
-  const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lowest);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // ln2 split in a short high part (exact n*hi) and a correction.
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i pow2n =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)));
-}
-
+#ifdef LETTER_HAVE_AVX2_MATH
 __attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64_t n) {
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 vmax = neg_inf;
@@ -111,8 +85,8 @@ __attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   i = 0;
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_add_ps(acc0, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift)));
-    acc1 = _mm256_add_ps(acc1, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), shift)));
+    acc0 = _mm256_add_ps(acc0, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift)));
+    acc1 = _mm256_add_ps(acc1, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), shift)));
   }
   _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
   float sum = 0.f;
@@ -128,7 +102,7 @@ using LogSumExpFn = scalar_t (*)(const scalar_t*, int64_t);
 template <typename scalar_t>
 LogSumExpFn<scalar_t> pick_log_sum_exp() {
   if constexpr (std::is_same_v<scalar_t, float>) {
-#ifdef LETTER_HAVE_AVX2_LSE
+#ifdef LETTER_HAVE_AVX2_MATH
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return log_sum_exp_avx2;
 #endif
   }

@@ -1,0 +1,111 @@
+"""Benchmark of constrained_beam_step: the HF-style prefix_allowed_tokens_fn baseline, the
+vectorized pure-torch gather (STATIC-style) and the fused backends, per level and for a whole
+L-level search, in the same run. Also times the trie build.
+
+Shapes: B=256 users, K=20 beams, L=4 levels of 256 codes (V = 1024 code tokens + 3 specials),
+random uniform codes, catalogs of 10k, 100k and 1M items. Logits are random (model time excluded);
+every method gets the same logits and the same beam states (those of the fused search).
+"""
+import time
+
+import torch
+
+from .. import ops
+from .._backend import has_compiled_op, triton_usable
+from ..baselines import dict_trie, hf_style_step, prefix_allowed_tokens_fn, torch_gather_step
+from ..trie import build_trie_levels
+from .common import median_time, sync
+
+B, K, L, CODES, SPECIALS = 256, 20, 4, 256, 3
+
+
+def _fused_search(logits, trie, backend, states=None):
+    """Chained fused steps (no token history: the trie node is the whole decoding state); appends
+    each level's input (beam_scores, nodes, history) to `states` when given."""
+    beam_scores = torch.zeros(B, 1, device=logits[0].device)
+    nodes = torch.zeros(B, 1, dtype=torch.long, device=beam_scores.device)
+    history = torch.empty(B, 0, dtype=torch.long, device=beam_scores.device)
+    for level in range(L):
+        k_in = beam_scores.shape[1]
+        if states is not None:
+            states.append((beam_scores, nodes, history))
+        beam_scores, parent, token, nodes = ops.constrained_beam_step(
+            logits[level], beam_scores, nodes, trie, level, K, backend=backend
+        )
+        if states is not None:
+            flat_parent = (parent + k_in * torch.arange(B, device=parent.device)[:, None]).reshape(-1)
+            history = torch.cat([history[flat_parent], token.reshape(-1, 1)], 1)
+    return beam_scores
+
+
+def _torch_search(logits, trie, max_children):
+    beam_scores = torch.zeros(B, 1, device=logits[0].device)
+    nodes = torch.zeros(B, 1, dtype=torch.long, device=beam_scores.device)
+    for level in range(L):
+        beam_scores, _, _, nodes = torch_gather_step(logits[level], beam_scores, nodes, trie, level, K, max_children[level])
+    return beam_scores
+
+
+def _hf_search(logits, allowed):
+    beam_scores = torch.zeros(B, 1, device=logits[0].device)
+    history = torch.empty(B, 0, dtype=torch.long, device=beam_scores.device)
+    for level in range(L):
+        k_in = beam_scores.shape[1]
+        beam_scores, parent, token = hf_style_step(logits[level], beam_scores, history, allowed, K)
+        flat_parent = (parent + k_in * torch.arange(B, device=parent.device)[:, None]).reshape(-1)
+        history = torch.cat([history[flat_parent], token.reshape(-1, 1)], 1)
+    return beam_scores
+
+
+def _timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def run(device: torch.device, quick: bool = False) -> list[dict]:
+    catalogs = [10_000] if quick else [10_000, 100_000, 1_000_000]
+    backends = []
+    if has_compiled_op("constrained_beam_step", device.type):
+        backends.append(device.type)
+    if device.type == "cuda" and triton_usable(device):
+        backends.append("triton")
+    if not backends:
+        return []
+    vocab = SPECIALS + L * CODES
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for num_items in catalogs:
+        codes = torch.randint(0, CODES, (num_items, L), generator=gen).to(device)
+        offsets = [SPECIALS + CODES * level for level in range(L)]
+        (trie, _, _), build_s = _timed(lambda: build_trie_levels(codes, [CODES] * L, offsets), device)
+        max_children = [trie.max_children(level) for level in range(L)]
+        root, dict_s = _timed(lambda: dict_trie(trie), device)
+        allowed = prefix_allowed_tokens_fn(root)
+        logits = [torch.randn((B if level == 0 else B * K), vocab, generator=gen).to(device) for level in range(L)]
+        states = []
+        final = _fused_search(logits, trie, backends[0], states)
+        # Whole search: every method chains its own L steps on the same logits.
+        row = {"items": num_items, "level": "all", "build_trie_s": build_s, "build_dict_trie_s": dict_s}
+        t_hf = median_time(lambda: _hf_search(logits, allowed), device, repeat=3)
+        t_torch = median_time(lambda: _torch_search(logits, trie, max_children), device)
+        row.update(hf_ms=t_hf * 1e3, torch_ms=t_torch * 1e3)
+        for be in backends:
+            t = median_time(lambda: _fused_search(logits, trie, be), device)
+            row.update({f"{be}_ms": t * 1e3, f"{be}_vs_hf": t_hf / t, f"{be}_vs_torch": t_torch / t})
+        row["scores_equal_torch"] = bool(torch.allclose(final, _torch_search(logits, trie, max_children), atol=1e-4))
+        rows.append(row)
+        for level, (beam_scores, nodes, history) in enumerate(states):
+            row = {"items": num_items, "level": level, "children_max": max_children[level]}
+            t_hf = median_time(lambda: hf_style_step(logits[level], beam_scores, history, allowed, K), device, repeat=3)
+            t_torch = median_time(
+                lambda: torch_gather_step(logits[level], beam_scores, nodes, trie, level, K, max_children[level]), device
+            )
+            row.update(hf_ms=t_hf * 1e3, torch_ms=t_torch * 1e3)
+            for be in backends:
+                t = median_time(lambda: ops.constrained_beam_step(logits[level], beam_scores, nodes, trie, level, K, backend=be), device)
+                row.update({f"{be}_ms": t * 1e3, f"{be}_vs_hf": t_hf / t, f"{be}_vs_torch": t_torch / t})
+            rows.append(row)
+    return rows
