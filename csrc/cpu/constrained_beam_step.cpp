@@ -2,13 +2,14 @@
 //
 // One batch row per task. For each live beam: log-sum-exp of its logits row
 // (two passes over V, the row stays in L1), then one gather per child of the
-// beam's trie node into a running top-K kept sorted by (score desc, beam asc,
-// token asc). V is never sorted and no V-sized mask exists; dead beams skip
+// beam's trie node into a thresholded top-K buffer ordered by (score desc,
+// beam asc, token asc). V is never sorted and no V-sized mask exists; dead beams skip
 // their row entirely (at step 0 that is all beams but one).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -34,28 +35,44 @@ bool ranks_before(const Candidate<scalar_t>& a, const Candidate<scalar_t>& b) {
   return a.token < b.token;
 }
 
-// The k best candidates seen so far, best first.
+// Top-k selection in amortized O(1) per candidate: candidates at or above the current k-th
+// score go to a buffer; a full buffer is cut back to its k best with nth_element, which raises
+// the threshold. No sorted insertion per candidate.
 template <typename scalar_t>
-class RunningTopK {
+class TopKBuffer {
  public:
-  explicit RunningTopK(int64_t k) : k_(k) { items_.reserve(k); }
-  void clear() { items_.clear(); }
-  // Cheap rejection before building a candidate: below the current k-th score.
-  bool rejects(scalar_t score) const {
-    return static_cast<int64_t>(items_.size()) == k_ && score < items_.back().score;
+  explicit TopKBuffer(int64_t k) : k_(k), capacity_(std::max<int64_t>(4 * k, 256)) {
+    items_.reserve(capacity_);
   }
+  void clear() {
+    items_.clear();
+    threshold_ = -std::numeric_limits<scalar_t>::infinity();
+  }
+  // Strictly below the k-th best so far: can never be chosen (equal scores may still win on
+  // (beam, token), so they are kept).
+  bool rejects(scalar_t score) const { return score < threshold_; }
   void push(const Candidate<scalar_t>& c) {
-    const bool full = static_cast<int64_t>(items_.size()) == k_;
-    if (full && !ranks_before(c, items_.back())) return;
-    if (full) items_.pop_back();
-    auto pos = items_.end();
-    while (pos != items_.begin() && ranks_before(c, *(pos - 1))) --pos;
-    items_.insert(pos, c);
+    items_.push_back(c);
+    if (static_cast<int64_t>(items_.size()) == capacity_) cut_to_k();
   }
-  const std::vector<Candidate<scalar_t>>& items() const { return items_; }
+  // The k best (fewer if fewer were pushed), best first.
+  const std::vector<Candidate<scalar_t>>& best() {
+    cut_to_k();
+    std::sort(items_.begin(), items_.end(), ranks_before<scalar_t>);
+    return items_;
+  }
 
  private:
-  int64_t k_;
+  void cut_to_k() {
+    if (static_cast<int64_t>(items_.size()) <= k_) return;
+    std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.end(),
+                     ranks_before<scalar_t>);
+    items_.resize(k_);
+    threshold_ = items_[k_ - 1].score;
+  }
+
+  int64_t k_, capacity_;
+  scalar_t threshold_ = -std::numeric_limits<scalar_t>::infinity();
   std::vector<Candidate<scalar_t>> items_;
 };
 
@@ -118,7 +135,7 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
   const LogSumExpFn<scalar_t> log_sum_exp = pick_log_sum_exp<scalar_t>();
   constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    RunningTopK<scalar_t> top(k_out);
+    TopKBuffer<scalar_t> top(k_out);
     for (int64_t b = begin; b < end; ++b) {
       top.clear();
       for (int64_t k = 0; k < k_in; ++k) {
@@ -141,7 +158,7 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
           top.push({score, k, token, e});
         }
       }
-      const auto& best = top.items();
+      const auto& best = top.best();
       for (int64_t j = 0; j < k_out; ++j) {
         const int64_t o = b * k_out + j;
         const bool filled = j < static_cast<int64_t>(best.size());
