@@ -125,7 +125,7 @@ class Attention(nn.Module):
             q = q.view(b, beams_per_memory, self.num_heads, t, self.d_kv).transpose(1, 2)
             q = q.reshape(b, self.num_heads, beams_per_memory * t, self.d_kv)
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout)  # bf16 autocast
         if beams_per_memory > 1:
             out = out.view(n // beams_per_memory, self.num_heads, beams_per_memory, t, self.d_kv).transpose(1, 2)
             out = out.reshape(n, self.num_heads, t, self.d_kv)

@@ -27,7 +27,7 @@ from letter.utils import pick_device, progress, save_npy, set_seed, torch_save, 
 
 from .config import RecConfig
 from .data import RecData, load_rec_data
-from .evaluate import evaluate_model
+from .evaluate import evaluate_model, prefix_index
 from .model import Tiger
 
 CHECKPOINT, BEST_MODEL, RUN_INFO, HISTORY, SUMMARY = "checkpoint.pt", "model.pt", "run.json", "history.json", "summary.json"
@@ -81,7 +81,9 @@ def _set_rng_state(state: dict) -> None:
 def _check_run_info(path: str, info: dict) -> None:
     with open(path) as f:
         saved = json.load(f)
-    for key in ("config", "codes_sha", "num_items", "data"):
+    without_device = lambda config: {k: v for k, v in config.items() if k != "device"}  # noqa: E731
+    saved["config"], info = without_device(saved["config"]), {**info, "config": without_device(info["config"])}
+    for key in ("config", "codes_sha", "num_items", "data"):  # the device may change between calls
         if saved.get(key) != info.get(key):
             raise LetterError(
                 f"{path}: the run in this folder was started with a different {key}; resume needs the same "
@@ -147,6 +149,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, rank, world, device
         optimizer, _cosine_with_warmup(total_steps, max(1, round(config.warmup_ratio * total_steps)))
     )
     valid_enc, valid_targets = rec.eval_tensors("valid", config.valid_users, config.seed)
+    index = prefix_index(rec, device) if rank == 0 else None
 
     start_epoch, history = 0, []
     best = {"epoch": -1, "ndcg@10": -1.0}
@@ -207,7 +210,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, rank, world, device
             record["valid_loss"] = _mean_loss(model, rec, valid_enc, valid_targets, config.eval_batch_size, device)
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 metrics = evaluate_model(model, rec, valid_enc, valid_targets, config.eval_beams,
-                                         config.eval_batch_size, device)
+                                         config.eval_batch_size, device, index=index)
                 record.update({f"valid_{k}": v for k, v in metrics["metrics"].items()})
                 if metrics["metrics"]["ndcg@10"] > best["ndcg@10"]:
                     best = {"epoch": epoch + 1, **metrics["metrics"]}
