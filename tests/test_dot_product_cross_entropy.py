@@ -1,9 +1,15 @@
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import letter_ext
+from conftest import available_backends, devices
 from letter_ext import reference
+
+BACKENDS = available_backends("dot_product_cross_entropy_fwd")
+BACKEND_DEVICE = [(b, dev) for dev in devices() for b in available_backends("dot_product_cross_entropy_fwd", dev)]
 
 
 def make_inputs(B, M, d, *, seed, exclude=False, bias=False, ignore=False, dtype=torch.float32, scale=1.0):
@@ -111,3 +117,227 @@ Q, K, T = torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)
 def test_bad_input(args, kwargs, exc, words):
     with pytest.raises(exc, match=words):
         letter_ext.dot_product_cross_entropy(*args, **kwargs)
+
+
+def run_backend(backend, q, keys, targets, excl, b, temperature, w, reduction="none"):
+    """Loss and gradients (q, keys, bias) of sum(loss * w) on one backend."""
+    q = q.detach().clone().requires_grad_(True)
+    keys = keys.detach().clone().requires_grad_(True)
+    b = None if b is None else b.detach().clone().requires_grad_(True)
+    loss = letter_ext.dot_product_cross_entropy(
+        q, keys, targets, temperature=temperature, exclude=excl, bias=b, reduction=reduction, backend=backend
+    )
+    (loss * w).sum().backward()
+    return loss.detach(), q.grad, keys.grad, None if b is None else b.grad
+
+
+def assert_matches_float64_reference(backend, device, B, M, d, exclude, bias, ignore, tau, seed, scale=1.0, rel=1e-4):
+    q, keys, targets, excl, b = make_inputs(B, M, d, seed=seed, exclude=exclude, bias=bias, ignore=ignore, scale=scale)
+    w = torch.randn(B, generator=torch.Generator().manual_seed(seed + 1))
+    want = run_backend("reference", q.double(), keys.double(), targets, excl, None if b is None else b.double(), tau,
+                       w.double())
+    move = (lambda t: None if t is None else t.to(device))
+    got = run_backend(backend, move(q), move(keys), move(targets), move(excl), move(b), tau, w.to(device))
+    for name, g, r in zip(("loss", "dq", "dkeys", "dbias"), got, want):
+        if r is None:
+            assert g is None, name
+            continue
+        assert torch.isfinite(g).all(), name
+        # fp32 kernels: errors scale with the largest logit-sized quantity of the tensor.
+        atol = rel * (r.abs().max().item() + 1.0)
+        torch.testing.assert_close(g.cpu().double(), r, atol=atol, rtol=rel, msg=lambda m: f"{name}: {m}")
+
+
+SIZES = [1, 2, 7, 129, 1000]
+DIMS = [1, 31, 32, 128]
+OPTIONS = list(itertools.product([False, True], repeat=3))  # (exclude, bias, ignore)
+TAUS = [0.07, 0.7, 1.0]
+# Every (B, M, d) of the grid, each with one (options, tau) variant so that all variants occur.
+GRID = [
+    (B, M, d, *OPTIONS[n % len(OPTIONS)], TAUS[n % len(TAUS)])
+    for n, (B, M, d) in enumerate(itertools.product(SIZES, SIZES, DIMS))
+]
+# The Triton interpreter is slow on CPU: a sample covering every size, d and variant.
+INTERPRETER_GRID = [c for n, c in enumerate(GRID) if n % 9 == 0 and c[0] * c[1] <= 129 * 1000]
+CASES = [
+    (backend, device, *case)
+    for backend, device in BACKEND_DEVICE
+    for case in (INTERPRETER_GRID if (backend, device) == ("triton", "cpu") else GRID)
+]
+
+
+@pytest.mark.parametrize("backend,device,B,M,d,exclude,bias,ignore,tau", CASES)
+def test_matches_float64_reference(backend, device, B, M, d, exclude, bias, ignore, tau):
+    seed = B * 1000003 + M * 1009 + d
+    assert_matches_float64_reference(backend, device, B, M, d, exclude, bias, ignore, tau, seed)
+
+
+# Every (options, tau) combination on one shape; the interpreter gets each option set once.
+VARIANTS = [
+    (backend, device, *options, tau)
+    for backend, device in BACKEND_DEVICE
+    for n, (options, tau) in enumerate(itertools.product(OPTIONS, TAUS))
+    if (backend, device) != ("triton", "cpu") or n % len(TAUS) == (n // len(TAUS)) % len(TAUS)
+]
+
+
+@pytest.mark.parametrize("backend,device,exclude,bias,ignore,tau", VARIANTS)
+def test_every_variant_on_one_shape(backend, device, exclude, bias, ignore, tau):
+    assert_matches_float64_reference(backend, device, 70, 45, 33, exclude, bias, ignore, tau, seed=7)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_large_logits_stay_finite_and_correct(backend, device):
+    # x100 inputs: logits around 1e5 / tau; a naive exp would overflow.
+    assert_matches_float64_reference(backend, device, 129, 300, 32, True, True, True, 0.07, seed=8, scale=100.0)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reductions(backend, device, reduction):
+    q, keys, targets, excl, b = make_inputs(40, 23, 16, seed=9, exclude=True, bias=True, ignore=True)
+    want = run_backend("reference", q.double(), keys.double(), targets, excl, b.double(), 0.5, 1.0, reduction)
+    got = run_backend(backend, q.to(device), keys.to(device), targets.to(device), excl.to(device), b.to(device), 0.5,
+                      1.0, reduction)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.cpu().double(), r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_deterministic(backend, device):
+    # Several row and key tiles of both kernels (kept small for the interpreter).
+    q, keys, targets, excl, b = make_inputs(150, 270, 32, seed=10, exclude=True, bias=True, ignore=True)
+    args = [t.to(device) for t in (q, keys, targets, excl, b)]
+    w = torch.randn(150).to(device)
+    first = run_backend(backend, *args, 0.07, w)
+    second = run_backend(backend, *args, 0.07, w)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+    if backend == "cpu":
+        # Every output row belongs to one task: the thread count does not change a bit.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            single = run_backend(backend, *args, 0.07, w)
+        finally:
+            torch.set_num_threads(threads)
+        for a, c in zip(first, single):
+            assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(backend, device, dtype):
+    q, keys, targets, excl, b = make_inputs(65, 40, 32, seed=11, exclude=True, bias=True, dtype=dtype)
+    w = torch.randn(65)
+    got = run_backend(backend, q.to(device), keys.to(device), targets.to(device), excl.to(device), b.to(device), 0.7,
+                      w.to(device, dtype))
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == dtype and got[3].dtype == dtype
+    # fp32 accumulation: the only errors are the rounding of the outputs to dtype.
+    want = run_backend("reference", q.double(), keys.double(), targets, excl, b.double(), 0.7, w.to(dtype).double())
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.cpu().double(), r, atol=2e-2 * (r.abs().max().item() + 1), rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_non_contiguous_inputs(backend, device):
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(30, 40, generator=gen).to(device)[::2, ::2]
+    keys = torch.randn(20, 40, generator=gen).to(device).T[:17]
+    targets = torch.randint(0, 17, (30,), generator=gen).to(device)[::2]
+    assert not q.is_contiguous() and not keys.is_contiguous() and not targets.is_contiguous()
+    got = letter_ext.dot_product_cross_entropy(q, keys, targets, reduction="none", backend=backend)
+    want = letter_ext.dot_product_cross_entropy(q.contiguous(), keys.contiguous(), targets.contiguous(),
+                                                reduction="none", backend=backend)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_empty_batch(backend, device):
+    q, keys = torch.zeros(0, 4, device=device, requires_grad=True), torch.randn(3, 4, device=device, requires_grad=True)
+    targets = torch.zeros(0, dtype=torch.long, device=device)
+    loss = letter_ext.dot_product_cross_entropy(q, keys, targets, reduction="sum", backend=backend)
+    loss.backward()
+    assert loss.item() == 0 and keys.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_wrappers_are_the_op(backend, device):
+    gen = torch.Generator().manual_seed(13)
+    z, h = torch.randn(20, 8, generator=gen).to(device), torch.randn(20, 8, generator=gen).to(device)
+    for sym in (False, True):
+        torch.testing.assert_close(
+            letter_ext.info_nce(z, h, 0.2, sym, backend=backend).cpu(),
+            letter_ext.info_nce(z.cpu(), h.cpu(), 0.2, sym, backend="reference"),
+        )
+    codebook = torch.randn(9, 8, generator=gen).to(device)
+    idx = torch.randint(0, 9, (20,), generator=gen).to(device)
+    pos = (idx + 1) % 9
+    torch.testing.assert_close(
+        letter_ext.codebook_diversity_loss(codebook[idx], codebook, pos, idx, 0.1, backend=backend).cpu(),
+        letter_ext.codebook_diversity_loss(codebook[idx].cpu(), codebook.cpu(), pos.cpu(), idx.cpu(), 0.1,
+                                           backend="reference"),
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in BACKENDS if b != "triton"])
+def test_gradcheck_float64(backend):
+    q, keys, targets, excl, b = make_inputs(6, 7, 3, seed=14, exclude=True, bias=True, ignore=True,
+                                            dtype=torch.float64)
+
+    def f(q, keys, b):
+        return letter_ext.dot_product_cross_entropy(
+            q, keys, targets, temperature=0.7, exclude=excl, bias=b, reduction="none", backend=backend
+        )
+
+    assert torch.autograd.gradcheck(f, tuple(t.requires_grad_(True) for t in (q, keys, b)))
+
+
+def _op_args(requires_grad=True):
+    q, keys, targets, excl, b = make_inputs(9, 11, 6, seed=15, exclude=True, bias=True, ignore=True)
+    for t in (q, keys, b):
+        t.requires_grad_(requires_grad)
+    return q, keys, targets, excl, b
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+def test_opcheck():
+    q, keys, targets, excl, b = _op_args()
+    fwd = torch.ops.letter.dot_product_cross_entropy_fwd.default
+    bwd = torch.ops.letter.dot_product_cross_entropy_bwd.default
+    torch.library.opcheck(fwd, (q, keys, targets, excl, b, 0.7, -100))
+    _, lse = fwd(q, keys, targets, excl, b, 0.7, -100)
+    grad_rows = torch.randn(9)
+    torch.library.opcheck(bwd, (grad_rows, q.detach(), keys.detach(), targets, excl, b.detach(), lse, 0.7, -100))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_triton(device):
+    if "triton" not in available_backends("dot_product_cross_entropy_fwd", device):
+        pytest.skip("triton not usable here")
+    q, keys, targets, excl, b = (t.to(device).detach().requires_grad_(t.requires_grad) for t in _op_args())
+    kwargs = {}
+    if device == "cpu":
+        # The interpreter cannot run a traced (fake-tensor) launch on CPU; on CUDA all checks run.
+        kwargs["test_utils"] = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(
+        torch.ops.letter.dot_product_cross_entropy_fwd_triton.default, (q, keys, targets, excl, b, 0.7, -100), **kwargs
+    )
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+def test_compiled_op_checks_indices_itself():
+    # Called directly (no Python checks), out-of-range indices must not reach the kernel's memory reads.
+    q, keys = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="targets out of range"):
+        torch.ops.letter.dot_product_cross_entropy_fwd(q, keys, torch.tensor([0, 9, 1]), None, None, 1.0, -100)
+    with pytest.raises(ValueError, match="exclude out of range"):
+        torch.ops.letter.dot_product_cross_entropy_fwd(q, keys, torch.tensor([0, 1, 1]), torch.tensor([5, -1, -1]),
+                                                       None, 1.0, -100)
+
+
+def test_auto_backend_is_the_compiled_kernel_when_built():
+    from letter_ext._backend import resolve
+
+    expected = "cpu" if "cpu" in BACKENDS else "reference"
+    assert resolve("dot_product_cross_entropy_fwd", torch.device("cpu"), None) == expected

@@ -62,10 +62,12 @@ Operand<T> make_operand(const T* src, int64_t n, int64_t d, T scale) {
 
 // ---- portable primitives (also the fp64 path) ------------------------------------------------
 
-// out[i][j] = sum_k a[i][k] * bt[k][j] + row_add[i] + col_add[j] for kRows rows, nc columns.
+// out[i][j] = (sum_k a[i][k] * bt[k][j] + bias) + shift for kRows rows and nc columns, where
+// (bias, shift) = (col_add[j], row_add[i]), or (row_add[i], col_add[j]) when bias_in_rows. The
+// fixed order makes every pass round a logit (dot + bias) and logit - lse bit-identically.
 template <typename T>
 void scores_generic(const T* a, int64_t d, const T* bt, int64_t ldb, int64_t nc, const T* row_add,
-                    const T* col_add, T* out) {
+                    const T* col_add, bool bias_in_rows, T* out) {
   for (int64_t i = 0; i < kRows; ++i) {
     T* o = out + i * kTile;
     for (int64_t j = 0; j < nc; ++j) o[j] = T(0);
@@ -74,7 +76,8 @@ void scores_generic(const T* a, int64_t d, const T* bt, int64_t ldb, int64_t nc,
       const T* b = bt + k * ldb;
       for (int64_t j = 0; j < nc; ++j) o[j] += aik * b[j];
     }
-    for (int64_t j = 0; j < nc; ++j) o[j] = o[j] + row_add[i] + col_add[j];
+    for (int64_t j = 0; j < nc; ++j)
+      o[j] = bias_in_rows ? (o[j] + row_add[i]) + col_add[j] : (o[j] + col_add[j]) + row_add[i];
   }
 }
 
@@ -149,7 +152,7 @@ __attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
 // vectors and four broadcasts (nc is a multiple of kCols).
 __attribute__((target("avx2,fma"))) void scores_avx2(const float* a, int64_t d, const float* bt,
                                                      int64_t ldb, int64_t nc, const float* row_add,
-                                                     const float* col_add, float* out) {
+                                                     const float* col_add, bool bias_in_rows, float* out) {
   static_assert(kRows == 4 && kCols == 16, "tile shape is hard-wired below");
   const float* a0 = a;
   const float* a1 = a + d;
@@ -180,8 +183,10 @@ __attribute__((target("avx2,fma"))) void scores_avx2(const float* a, int64_t d, 
     const __m256 acc[kRows][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}};
     for (int i = 0; i < kRows; ++i) {
       const __m256 r = _mm256_set1_ps(row_add[i]);
-      _mm256_storeu_ps(out + i * kTile + j0, _mm256_add_ps(_mm256_add_ps(acc[i][0], r), col0));
-      _mm256_storeu_ps(out + i * kTile + j0 + 8, _mm256_add_ps(_mm256_add_ps(acc[i][1], r), col1));
+      const __m256 first0 = bias_in_rows ? r : col0, second0 = bias_in_rows ? col0 : r;
+      const __m256 first1 = bias_in_rows ? r : col1, second1 = bias_in_rows ? col1 : r;
+      _mm256_storeu_ps(out + i * kTile + j0, _mm256_add_ps(_mm256_add_ps(acc[i][0], first0), second0));
+      _mm256_storeu_ps(out + i * kTile + j0 + 8, _mm256_add_ps(_mm256_add_ps(acc[i][1], first1), second1));
     }
   }
 }
@@ -248,7 +253,7 @@ __attribute__((target("avx2,fma"))) void accumulate_avx2(const float* coef, int6
 
 template <typename T>
 struct Kernels {
-  void (*scores)(const T*, int64_t, const T*, int64_t, int64_t, const T*, const T*, T*);
+  void (*scores)(const T*, int64_t, const T*, int64_t, int64_t, const T*, const T*, bool, T*);
   T (*row_max)(const T*, int64_t);
   T (*exp_sum)(const T*, int64_t, T);
   T (*exp_scale)(T*, int64_t, const T*, T);
@@ -319,7 +324,7 @@ void forward_kernel(const Problem<T>& p, T* loss, T* lse) {
       for (int64_t j0 = 0; j0 < n_keys; j0 += kTile) {
         const int64_t nc = std::min(kTile, n_keys - j0);
         for (int64_t row = r0; row < r1; row += kRows) {
-          kern.scores(&p.q.rows[row * d], d, &p.k.cols[j0], n_keys, nc, no_row_add, &p.bias[j0], buf.data());
+          kern.scores(&p.q.rows[row * d], d, &p.k.cols[j0], n_keys, nc, no_row_add, &p.bias[j0], false, buf.data());
           for (int64_t i = 0; i < std::min(kRows, r1 - row); ++i) {
             T* s = &buf[i * kTile];
             const int64_t e = p.excluded(row + i);
@@ -363,7 +368,7 @@ void backward_rows_kernel(const Problem<T>& p, const std::vector<T>& g, const st
         for (int64_t row = r0; row < r1; row += kRows) {
           const int64_t rows = std::min(kRows, r1 - row);
           if (std::all_of(&g[row], &g[row] + rows, [](T v) { return v == T(0); })) continue;
-          kern.scores(&p.q.rows[row * d], d, &p.k.cols[j0], n_keys, nc, &neg_lse[row], &p.bias[j0], buf.data());
+          kern.scores(&p.q.rows[row * d], d, &p.k.cols[j0], n_keys, nc, &neg_lse[row], &p.bias[j0], false, buf.data());
           for (int64_t i = 0; i < kRows; ++i) {
             T* s = &buf[i * kTile];
             const int64_t e = i < rows ? p.excluded(row + i) : -1;
@@ -404,7 +409,7 @@ void backward_keys_kernel(const Problem<T>& p, const std::vector<T>& g, const st
           if (p.valid(i) && g[i] != T(0) && t >= k0 && t < k1) target_hits.emplace_back(i, t);
         }
         for (int64_t key = k0; key < k1; key += kRows) {
-          kern.scores(&p.k.rows[key * d], d, &p.q.cols[i0], n_rows, nc, &p.bias[key], &neg_lse_cols[i0],
+          kern.scores(&p.k.rows[key * d], d, &p.q.cols[i0], n_rows, nc, &p.bias[key], &neg_lse_cols[i0], true,
                       buf.data());
           for (const auto& [i, e] : excluded_hits)
             if (e >= key && e < key + kRows) buf[(e - key) * kTile + (i - i0)] = kNegInf<T>;
