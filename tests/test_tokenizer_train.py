@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from letter.cli.main import main
+from letter.decoding import PrefixIndex
 from letter.data import make_synthetic, read_index_json, write_letter
 from letter.embed import embed_items
 from letter.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
@@ -79,6 +80,8 @@ def test_cli_writes_every_output(cli_run, synth):
     assert [s["used"] for s in report["level_stats"]] == [len(np.unique(codes[:, l])) for l in range(3)]
     assert report["timing"]["cluster_refreshes"] == 40 and report["timing"]["epoch_mean_s"] > 0
     assert -1 <= report["cf_alignment_cosine"] <= 1 and report["recon_mse"] > 0
+    assert report["prefix_index"] == "prefix_index.pt"
+    assert PrefixIndex.load(os.path.join(out, "prefix_index.pt")).num_items == 1000
 
 
 def test_codes_capture_the_synthetic_categories(cli_run, synth):

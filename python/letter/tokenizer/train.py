@@ -138,6 +138,8 @@ def train_tokenizer(
     _check_inputs(config, text, cf)
     rank, world = _distributed()
     dev = pick_device(device)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     state = None
@@ -153,6 +155,9 @@ def train_tokenizer(
 
     set_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
+    # Batch order has its own stream: under torchrun every process must draw the same permutation,
+    # while the positives drawn from `gen` depend on each process's share of the batch.
+    order_gen = torch.Generator().manual_seed(config.seed + 1)
     x = torch.from_numpy(text).to(dev)
     h = torch.from_numpy(cf).to(dev) if cf is not None else None
     needs_proj = cf is not None and cf.shape[1] != config.e_dim
@@ -171,6 +176,7 @@ def train_tokenizer(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
+        order_gen.set_state(state["order_generator"])
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch, labels = state["history"], state["epoch"], state["labels"]
         best, init_stats, timings = state["best"], state["init_stats"], state["timings"]
@@ -189,11 +195,14 @@ def train_tokenizer(
             labels = _refresh_clusters(model, config, gen)
             timings["cluster_refresh_s"].append(time.perf_counter() - t0)
         model.train()
-        perm = torch.randperm(n, generator=gen).to(dev)
+        perm = torch.randperm(n, generator=order_gen).to(dev)
         sums = dict.fromkeys(("loss", "recon", "quant", "cf", "div"), 0.0)
         steps = 0
         for start in range(0, n, config.batch_size):
-            idx = perm[start : start + config.batch_size][rank::world]
+            batch = perm[start : start + config.batch_size]
+            if len(batch) < world:  # a tail too short to give every process a row (same on all ranks)
+                continue
+            idx = batch[rank::world]
             out = model(x[idx], sinkhorn=True)
             recon = torch.nn.functional.mse_loss(out["recon"], out["target"])
             quant = quantization_loss(out["e"], out["residuals"], config.mu)
@@ -219,7 +228,7 @@ def train_tokenizer(
             for k, v in zip(sums, (loss, recon, quant, cf_l, div_l)):
                 sums[k] += v.item()
             steps += 1
-        record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
+        record = {"epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()}}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:  # the last epoch is always eligible
             codes, _ = _encode_all(model, x)
             record["collision"] = collision_rate(codes)
@@ -234,7 +243,8 @@ def train_tokenizer(
         if rank == 0 and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
             torch_save(ckpt_path, {
                 "config": config.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "optimizer": opt.state_dict(), "generator": gen.get_state(), "order_generator": order_gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
                 "labels": labels, "history": history, "best": best, "init_stats": init_stats, "timings": timings,
             })
     bar.close()
