@@ -208,6 +208,17 @@ def test_recommend_cli_prints_items_with_titles(trained, synth):
     assert [r["item_id"] for r in items] == [line.split()[1] for line in lines]
 
 
+def test_evaluate_cli_writes_json(trained, tmp_path):
+    out, _ = trained
+    path = tmp_path / "valid.json"
+    result = CliRunner().invoke(cli, ["evaluate", "--model", out, "--split", "valid", "--max-users", "50",
+                                      "--device", "cpu", "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(path.read_text())
+    assert saved["split"] == "valid" and saved["users"] == 50 and saved["beams"] == 20
+    assert set(saved["metrics"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+
+
 # ------------------------------------------------------------------------------ resume and DDP
 
 
