@@ -9,7 +9,8 @@ flat_parent int64 [B*K]: new beam row r continues old row flat_parent[r] (index_
 cache with it). Beams left without a valid continuation score -inf; they get the token of code 0
 of the next level as `last_tokens`, and their logits are ignored.
 """
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -29,15 +30,21 @@ class BeamSearchResult:
     items: int64 [B, K] item id (the first item of the identifier), -1 where fewer than K valid
     identifiers exist; codes: int64 [B, K, L] per-level codes (-1 in empty slots); scores: [B, K]
     float sum of log-probs (-inf in empty slots); leaves: int64 [B, K] identifier (leaf) ids, -1
-    in empty slots; item_groups: None when every identifier names one item, else [B][K] lists of
-    all item ids of each slot's identifier ([] in empty slots).
+    in empty slots; index: the PrefixIndex searched; item_groups (computed on first access): None when every identifier names one
+    item, else [B][K] lists of all item ids of each slot's identifier ([] in empty slots).
     """
 
     items: torch.Tensor
     codes: torch.Tensor
     scores: torch.Tensor
     leaves: torch.Tensor
-    item_groups: list[list[list[int]]] | None
+    index: PrefixIndex = field(repr=False)
+
+    @functools.cached_property
+    def item_groups(self) -> list[list[list[int]]] | None:
+        if not self.index.duplicate_leaves.numel():
+            return None
+        return [[self.index.items_of_leaf(f) if f >= 0 else [] for f in row] for row in self.leaves.tolist()]
 
 
 def _check_search_args(step_fn, batch_size, index, num_beams) -> None:
@@ -90,10 +97,7 @@ def _result(index: PrefixIndex, scores, history, leaves) -> BeamSearchResult:
     offsets = torch.tensor(index.vocab_offsets, device=scores.device)
     codes = history.view(batch, num_beams, -1) - offsets
     codes = torch.where(alive[..., None], codes, -1)
-    groups = None
-    if index.duplicate_leaves.numel():
-        groups = [[index.items_of_leaf(f) if f >= 0 else [] for f in row] for row in leaves.tolist()]
-    return BeamSearchResult(items, codes, scores, leaves, groups)
+    return BeamSearchResult(items, codes, scores, leaves, index)
 
 
 def constrained_beam_search(
