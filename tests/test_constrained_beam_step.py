@@ -205,3 +205,14 @@ def test_bad_input(change, exc, words):
     change(args)
     with pytest.raises(exc, match=words):
         letter_ext.constrained_beam_step(**args)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))
+def test_empty_batch(backend):
+    gen = torch.Generator().manual_seed(13)
+    trie = random_trie(20, 2, gen)
+    logits = torch.zeros(0, trie.vocab_size)
+    scores, parent, token, node = letter_ext.constrained_beam_step(
+        logits, torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long), trie, 1, 4, backend=backend
+    )
+    assert scores.shape == parent.shape == token.shape == node.shape == (0, 4)
