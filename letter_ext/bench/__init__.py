@@ -9,7 +9,7 @@ import torch
 
 from .common import machine_info, print_table, write_json
 
-OPS = ["residual_quantize", "constrained_beam_step"]
+OPS = ["residual_quantize", "constrained_beam_step", "dot_product_cross_entropy"]
 
 
 def run_benchmarks(ops=None, *, quick: bool = False, out: str | None = None, device: str | None = None) -> dict:
