@@ -65,17 +65,24 @@ def _distributed(device_arg: str):
         dist.init_process_group("nccl" if use_cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)  # nccl collectives (and all_gather_object) use the current device
     return dist.get_rank(), dist.get_world_size(), device, created
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()  # dropout on the GPU draws from here
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _check_run_info(path: str, info: dict) -> None:
@@ -202,6 +209,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, rank, world, device
             bar.set_postfix(loss=f"{summed.item() / labels.numel():.4f}")
         bar.close()
         if world > 1:
+            loss_sum = loss_sum.to(device)  # nccl reduces device tensors only
             dist.all_reduce(loss_sum)
         record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / (n_train * rec.num_levels),
                   "lr": scheduler.get_last_lr()[0]}
@@ -224,7 +232,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, rank, world, device
             history.append(record)
             print(_format_record(record), flush=True)
         if world > 1:
-            flag = torch.tensor([int(stop)])
+            flag = torch.tensor([int(stop)], device=device)
             dist.broadcast(flag, 0)
             stop = bool(flag.item())
         finished = stop or epoch + 1 == config.epochs
