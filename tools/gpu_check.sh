@@ -16,7 +16,7 @@ python3 - <<'PY' | tee "$OUT/env.txt"
 import torch, letter_ext
 from letter_ext._backend import has_compiled_op
 print("torch", torch.__version__, "gpu", torch.cuda.get_device_name(0))
-for op in ("residual_quantize",):
+for op in ("residual_quantize", "dot_product_cross_entropy_fwd"):
     print(op, "cuda kernel:", has_compiled_op(op, "cuda"))
 PY
 echo "== tests on the GPU"
@@ -28,6 +28,10 @@ import torch, letter_ext
 x = torch.randn(257, 33, device='cuda'); cb = torch.randn(3, 255, 33, device='cuda')
 for be in ('cuda', 'triton'):
     letter_ext.residual_quantize(x, cb, return_residuals=True, backend=be)
+q = torch.randn(257, 33, device='cuda', requires_grad=True); k = torch.randn(129, 33, device='cuda', requires_grad=True)
+t = torch.randint(0, 129, (257,), device='cuda'); b = torch.randn(129, device='cuda', requires_grad=True)
+for be in ('cuda', 'triton'):  # dot_product_cross_entropy: 'cuda' is the Triton kernel registered for CUDA
+    letter_ext.dot_product_cross_entropy(q, k, t, temperature=0.1, exclude=(t + 1) % 129, bias=b, backend=be).backward()
 torch.cuda.synchronize(); print('sanitizer run ok')
 " 2>&1 | tail -5 | tee "$OUT/sanitizer.txt"
 fi
