@@ -42,25 +42,26 @@ def _constrained_beam_step_kernel(
                 x = tl.load(row + v0 + offs_v, mask=v0 + offs_v < V, other=float("-inf"))
                 run_max = tl.maximum(run_max, x)
             row_max = tl.max(run_max, axis=0)
-            run_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                x = tl.load(row + v0 + offs_v, mask=v0 + offs_v < V, other=float("-inf"))
-                run_sum += tl.exp(x - row_max)
-            base = beam - (row_max + tl.log(tl.sum(run_sum, axis=0)))
-            node = tl.load(nodes_ptr + b * K_IN + k)
-            first = tl.load(row_ptr_ptr + node)
-            last = tl.load(row_ptr_ptr + node + 1)
-            for c0 in range(first, last, BLOCK_C):
-                edge = c0 + offs_c
-                ok = edge < last
-                token = tl.load(child_ptr + edge, mask=ok, other=0)
-                ok = ok & (token >= 0) & (token < V)
-                score = base + tl.load(row + token, mask=ok, other=float("-inf"))
-                rank = k * V + (edge - first)
-                key = (_order_bits(score).to(tl.int64) << 32) + (_LOW_BITS - rank)
-                key = tl.where(ok & (score > float("-inf")), key, empty)  # drops -inf and NaN
-                if tl.max(key, axis=0) > tl.min(top, axis=0):  # merge only chunks that improve
-                    top = tl.topk(tl.reshape(tl.join(top, key), (2 * BLOCK_C,)), BLOCK_C)
+            if row_max > float("-inf"):  # an all -inf row has no probabilities, hence no candidates
+                run_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
+                for v0 in range(0, V, BLOCK_V):
+                    x = tl.load(row + v0 + offs_v, mask=v0 + offs_v < V, other=float("-inf"))
+                    run_sum += tl.exp(x - row_max)
+                base = beam - (row_max + tl.log(tl.sum(run_sum, axis=0)))
+                node = tl.load(nodes_ptr + b * K_IN + k)
+                first = tl.load(row_ptr_ptr + node)
+                last = tl.load(row_ptr_ptr + node + 1)
+                for c0 in range(first, last, BLOCK_C):
+                    edge = c0 + offs_c
+                    ok = edge < last
+                    token = tl.load(child_ptr + edge, mask=ok, other=0)
+                    ok = ok & (token >= 0) & (token < V)
+                    score = base + tl.load(row + token, mask=ok, other=float("-inf"))
+                    rank = k * V + (edge - first)
+                    key = (_order_bits(score).to(tl.int64) << 32) + (_LOW_BITS - rank)
+                    key = tl.where(ok & (score > float("-inf")), key, empty)  # drops -inf and NaN
+                    if tl.max(key, axis=0) > tl.min(top, axis=0):  # merge only chunks that improve
+                        top = tl.topk(tl.reshape(tl.join(top, key), (2 * BLOCK_C,)), BLOCK_C)
     filled = top > -(2**63)
     score = _order_bits((top >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
     rank = _LOW_BITS - (top - ((top >> 32) << 32))
