@@ -203,21 +203,8 @@ def train_tokenizer(
             if len(batch) < world:  # a tail too short to give every process a row (same on all ranks)
                 continue
             idx = batch[rank::world]
-            out = model(x[idx], sinkhorn=True)
-            recon = torch.nn.functional.mse_loss(out["recon"], out["target"])
-            quant = quantization_loss(out["e"], out["residuals"], config.mu)
-            loss = recon + quant
-            cf_l = div_l = torch.zeros((), device=dev)
-            if config.alpha > 0:
-                z_hat = model.cf_proj(out["z_hat"]) if model.cf_proj is not None else out["z_hat"]
-                cf_l = collaborative_loss(z_hat, h[idx], config.cf_temperature)
-                loss = loss + config.alpha * cf_l
-            if config.beta > 0:
-                div_l = torch.stack([
-                    diversity_loss(out["e"][:, l], out["codes"][:, l], cb, labels[l], gen, config.div_temperature)
-                    for l, cb in enumerate(model.codebooks)
-                ]).mean()
-                loss = loss + config.beta * div_l
+            terms = _batch_losses(model, config, x[idx], None if h is None else h[idx], labels, gen)
+            loss = terms["loss"]
             if not torch.isfinite(loss):
                 raise LetterError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -225,7 +212,7 @@ def train_tokenizer(
             if world > 1:
                 _average_gradients(model, world)
             opt.step()
-            for k, v in zip(sums, (loss, recon, quant, cf_l, div_l)):
+            for k, v in terms.items():
                 sums[k] += v.item()
             steps += 1
         record = {"epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()}}
@@ -287,6 +274,29 @@ def _save_prefix_index(out_dir: str, codes: np.ndarray, sizes: list[int]) -> str
     path = os.path.join(out_dir, "prefix_index.pt")
     PrefixIndex.from_codes(torch.from_numpy(codes), sizes).save(path)
     return os.path.basename(path)
+
+
+def _batch_losses(model: RQVAE, config: TokenizerConfig, x: torch.Tensor, h: torch.Tensor | None,
+                  labels: list[torch.Tensor] | None, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One training batch's loss and its terms (the terms with weight 0 are not computed: 0)."""
+    out = model(x, sinkhorn=True)
+    zero = torch.zeros((), device=x.device)
+    terms = {
+        "recon": torch.nn.functional.mse_loss(out["recon"], out["target"]),
+        "quant": quantization_loss(out["e"], out["residuals"], config.mu),
+        "cf": zero,
+        "div": zero,
+    }
+    if config.alpha > 0:
+        z_hat = model.cf_proj(out["z_hat"]) if model.cf_proj is not None else out["z_hat"]
+        terms["cf"] = collaborative_loss(z_hat, h, config.cf_temperature)
+    if config.beta > 0:
+        terms["div"] = torch.stack([
+            diversity_loss(out["e"][:, l], out["codes"][:, l], cb, labels[l], gen, config.div_temperature)
+            for l, cb in enumerate(model.codebooks)
+        ]).mean()
+    terms["loss"] = terms["recon"] + terms["quant"] + config.alpha * terms["cf"] + config.beta * terms["div"]
+    return terms
 
 
 def history_last(history: list[dict], key: str, default=math.nan):
