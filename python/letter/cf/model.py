@@ -28,7 +28,7 @@ class SASRecBlock(nn.Module):
 
 
 class SASRec(nn.Module):
-    def __init__(self, num_items: int, dim: int = 32, blocks: int = 2, heads: int = 2, dropout: float = 0.5,
+    def __init__(self, num_items: int, dim: int = 32, blocks: int = 2, heads: int = 2, dropout: float = 0.3,
                  max_len: int = 50):
         super().__init__()
         if dim % heads:
