@@ -7,7 +7,7 @@ from letter.data.dataset import Dataset
 def dataset_stats(dataset: Dataset) -> dict:
     lengths = np.array([len(s) for s in dataset.sequences], dtype=np.int64)
     users, items = dataset.num_users, dataset.num_items
-    interactions = int(lengths.sum())
+    interactions = dataset.num_interactions
     pct = (0, 25, 50, 75, 90, 99, 100)
     return {
         "name": dataset.name,
