@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 
 from letter.data.dataset import TEXT_FIELDS, Dataset, build_dataset
 from letter.errors import DataError
-from letter.utils import write_json
+from letter.utils import progress, write_json
 
 INTER_SUFFIX = ".inter.json"
 ITEM_SUFFIX = ".item.json"
@@ -220,7 +220,7 @@ def read_amazon(path: str, meta_path: str | None = None, k: int = 5, name: str |
     review_path, found_meta = _amazon_files(path)
     meta_path = meta_path or found_meta
     events: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
-    for order, (lineno, record) in enumerate(_json_lines(review_path)):
+    for order, (lineno, record) in enumerate(progress(_json_lines(review_path), desc="reviews", unit=" lines")):
         try:
             user, item, time = record["reviewerID"], record["asin"], int(record["unixReviewTime"])
         except (KeyError, TypeError, ValueError) as e:
