@@ -37,11 +37,15 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // A [n, d] matrix (times `scale`) in both layouts the passes need, zero-padded to n_pad rows:
-// `rows` [n_pad, d] (micro-kernel A operand, accumulation source) and `cols` [d, n_pad].
+// `rows` [n_pad, d] (micro-kernel A operand, accumulation source) and `cols`, transposed tile by
+// tile: [n / kTile][d][kTile]. A tile is contiguous, so the micro-kernel's k loop stays within a
+// few pages (a plain [d, n] layout strides n floats per k: a TLB miss per step at large n).
 template <typename T>
 struct Operand {
   std::vector<T> rows, cols;
   int64_t n_pad = 0;
+  // The transposed tile starting at column j0 (a multiple of kTile), with row stride kTile.
+  const T* tile(int64_t j0, int64_t d) const { return &cols[j0 * d]; }
 };
 
 template <typename T>
@@ -49,12 +53,12 @@ Operand<T> make_operand(const T* src, int64_t n, int64_t d, T scale) {
   Operand<T> op;
   op.n_pad = round_up(n, kCols);
   op.rows.assign(op.n_pad * d, T(0));
-  op.cols.assign(d * op.n_pad, T(0));
+  op.cols.assign(d * round_up(op.n_pad, kTile), T(0));
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t k = 0; k < d; ++k) {
       const T v = src[i * d + k] * scale;
       op.rows[i * d + k] = v;
-      op.cols[k * op.n_pad + i] = v;
+      op.cols[(i / kTile) * d * kTile + k * kTile + i % kTile] = v;
     }
   }
   return op;
@@ -324,7 +328,7 @@ void forward_kernel(const Problem<T>& p, T* loss, T* lse) {
       for (int64_t j0 = 0; j0 < n_keys; j0 += kTile) {
         const int64_t nc = std::min(kTile, n_keys - j0);
         for (int64_t row = r0; row < r1; row += kRows) {
-          kern.scores(&p.q.rows[row * d], d, &p.k.cols[j0], n_keys, nc, no_row_add, &p.bias[j0], false, buf.data());
+          kern.scores(&p.q.rows[row * d], d, p.k.tile(j0, d), kTile, nc, no_row_add, &p.bias[j0], false, buf.data());
           for (int64_t i = 0; i < std::min(kRows, r1 - row); ++i) {
             T* s = &buf[i * kTile];
             const int64_t e = p.excluded(row + i);
@@ -368,7 +372,7 @@ void backward_rows_kernel(const Problem<T>& p, const std::vector<T>& g, const st
         for (int64_t row = r0; row < r1; row += kRows) {
           const int64_t rows = std::min(kRows, r1 - row);
           if (std::all_of(&g[row], &g[row] + rows, [](T v) { return v == T(0); })) continue;
-          kern.scores(&p.q.rows[row * d], d, &p.k.cols[j0], n_keys, nc, &neg_lse[row], &p.bias[j0], false, buf.data());
+          kern.scores(&p.q.rows[row * d], d, p.k.tile(j0, d), kTile, nc, &neg_lse[row], &p.bias[j0], false, buf.data());
           for (int64_t i = 0; i < kRows; ++i) {
             T* s = &buf[i * kTile];
             const int64_t e = i < rows ? p.excluded(row + i) : -1;
@@ -409,7 +413,7 @@ void backward_keys_kernel(const Problem<T>& p, const std::vector<T>& g, const st
           if (p.valid(i) && g[i] != T(0) && t >= k0 && t < k1) target_hits.emplace_back(i, t);
         }
         for (int64_t key = k0; key < k1; key += kRows) {
-          kern.scores(&p.k.rows[key * d], d, &p.q.cols[i0], n_rows, nc, &p.bias[key], &neg_lse_cols[i0], true,
+          kern.scores(&p.k.rows[key * d], d, p.q.tile(i0, d), kTile, nc, &p.bias[key], &neg_lse_cols[i0], true,
                       buf.data());
           for (const auto& [i, e] : excluded_hits)
             if (e >= key && e < key + kRows) buf[(e - key) * kTile + (i - i0)] = kNegInf<T>;
