@@ -258,6 +258,9 @@ def info_nce(z, h, temperature: float = 1.0, symmetric: bool = False, *, backend
     same loss with z and h swapped. Normalize z and h first for a cosine-similarity InfoNCE.
     """
     _check_float_tensor("z", z, 2, "[B, d]")
+    _check_float_tensor("h", h, 2, "[B, d]")
+    if h.shape[0] != z.shape[0]:
+        raise ValueError(f"h must have the B={z.shape[0]} rows of z (row i is z_i's positive), got {h.shape[0]}")
     targets = torch.arange(z.shape[0], device=z.device)
     loss = dot_product_cross_entropy(z, h, targets, temperature=temperature, backend=backend)
     if symmetric:

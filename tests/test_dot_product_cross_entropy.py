@@ -75,6 +75,11 @@ def test_codebook_diversity_loss_excludes_the_selected_code():
     torch.testing.assert_close(got, want)
 
 
+def test_info_nce_needs_one_positive_per_row():
+    with pytest.raises(ValueError, match="h must have the B=3 rows"):
+        letter_ext.info_nce(torch.zeros(3, 2), torch.zeros(4, 2))
+
+
 def test_all_rows_ignored_mean_is_nan_like_torch():
     q, keys, targets, _, _ = make_inputs(3, 4, 2, seed=3)
     targets[:] = -100
