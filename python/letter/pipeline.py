@@ -138,16 +138,13 @@ def _embed(p: Pipeline, directory: str) -> dict:
 
 
 def _cf(p: Pipeline, directory: str) -> dict:
-    from letter.cf import CFConfig, output_paths, popularity_metrics, train_cf
-    from letter.data import leave_one_out
+    from letter.cf import CFConfig, output_paths, train_cf
 
     ds = p.dataset()
     cfg = CFConfig(**p.config["cf"])
     paths = output_paths(directory, ds.name, cfg.dim)
-    metrics = train_cf(ds, directory, cfg, resume=os.path.exists(paths["checkpoint"]), device=p.device, log=p.log)
-    popularity = popularity_metrics(leave_one_out(ds, max_history=p.config["data"]["max_history"]), ds)
-    write_json(os.path.join(directory, "popularity.json"), popularity)
-    return {"cf_embeddings": paths["embeddings"], "metrics": paths["metrics"], "popularity": popularity}
+    train_cf(ds, directory, cfg, resume=os.path.exists(paths["checkpoint"]), device=p.device, log=p.log)
+    return {"cf_embeddings": paths["embeddings"], "metrics": paths["metrics"]}
 
 
 def _tokenizer(p: Pipeline, directory: str) -> dict:
@@ -176,8 +173,8 @@ def _rec(p: Pipeline, directory: str) -> dict:
     cfg = RecConfig.from_dict(values)
     summary = train_rec(cfg, p.outputs["prepare"]["dataset"], p.outputs["tokenizer"]["run"], directory,
                         resume=os.path.exists(os.path.join(directory, "checkpoint.pt")))
-    return {"run": directory, "summary": os.path.join(directory, "summary.json"),
-            "best_valid": summary.get("best")}
+    return {"run": directory, "history": os.path.join(directory, "history.json"),
+            "best_valid": summary.get("best_valid")}
 
 
 def _evaluate(p: Pipeline, directory: str) -> dict:
@@ -211,12 +208,12 @@ def _load(path: str) -> dict:
 def metric_table(p: Pipeline) -> list[dict]:
     """Popularity, SASRec and LETTER-TIGER on the same leave-one-out test split."""
     cf_metrics = _load(p.outputs["cf"]["metrics"])
-    rows = [
-        {"model": "Popularity", **{m: p.outputs["cf"]["popularity"].get(m) for m in METRICS}},
+    tiger = p.outputs["evaluate"]["result"]["metrics"]
+    return [
+        {"model": "Popularity", **{m: cf_metrics.get("popularity_test", {}).get(m) for m in METRICS}},
         {"model": "SASRec", **{m: cf_metrics.get("test", {}).get(m) for m in METRICS}},
-        {"model": "LETTER-TIGER", **{m: p.outputs["evaluate"]["result"].get(m) for m in METRICS}},
+        {"model": "LETTER-TIGER", **{m: tiger.get(m) for m in METRICS}},
     ]
-    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -236,7 +233,8 @@ def write_report(p: Pipeline) -> dict:
         "dataset": p.outputs["prepare"]["stats"],
         "tokenizer": tok,
         "metrics": table,
-        "evaluation": {k: evaluation.get(k) for k in ("split", "users", "beams", "seconds", "users_per_second")},
+        "evaluation": {k: evaluation.get(k) for k in ("split", "users", "beams", "wall_s", "users_per_s",
+                                                       "targets_in_collision_groups")},
         "stage_seconds": {s: _stage_seconds(p, s) for s in STAGES},
     }
     plots = _plot_curves(p)
@@ -249,7 +247,8 @@ def write_report(p: Pipeline) -> dict:
         f"Dataset **{stats['name']}**: {stats['users']} users, {stats['items']} items, "
         f"{stats['interactions']} interactions (sparsity {stats['sparsity']:.4f}).",
         "",
-        f"## Test metrics (leave-one-out, full ranking; {evaluation.get('beams')} beams)",
+        f"## Test metrics (leave-one-out, full ranking; TIGER: constrained beam search, {evaluation.get('beams')} beams,"
+        f" {evaluation.get('users_per_s')} users/s)",
         "",
         format_table(table),
         "",
@@ -296,8 +295,7 @@ def _plot_curves(p: Pipeline) -> list[str]:
     cf_hist = _load(p.outputs["cf"]["metrics"]).get("history", [])
     if cf_hist:
         series.append(("SASRec valid NDCG@10", [h.get("epoch") for h in cf_hist], [h.get("valid_ndcg@10") for h in cf_hist]))
-    rec_summary = p.outputs["rec"]["summary"]
-    rec_hist = _load(rec_summary).get("history", []) if os.path.isfile(rec_summary) else []
+    rec_hist = _load(p.outputs["rec"]["history"])
     if rec_hist:
         series.append(("TIGER train loss", [h.get("epoch") for h in rec_hist], [h.get("train_loss") for h in rec_hist]))
         evals = [h for h in rec_hist if h.get("valid_ndcg@10") is not None]

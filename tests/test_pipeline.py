@@ -1,0 +1,107 @@
+"""`letter pipeline` end to end on a tiny synthetic config, resume after an interruption, config."""
+import json
+import os
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from letter import pipeline as pipeline_module
+from letter.cli.main import main
+from letter.config import effective_config
+from letter.errors import LetterError
+
+TINY = {
+    "data": {"synthetic": {"num_users": 300, "num_items": 120, "num_categories": 6, "seed": 0}},
+    "embed": {"model": "hash"},
+    "cf": {"epochs": 3, "patience": 2},
+    "tokenizer": {"layers": [64, 32], "codebook_sizes": [16, 16, 16], "epochs": 10, "batch_size": 128,
+                  "kmeans_iters": 10, "clusters": 4},
+    "rec": {"d_model": 32, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "d_kv": 16, "d_ff": 64,
+            "epochs": 2, "batch_size": 128, "eval_every": 1, "valid_users": 50},
+    "evaluate": {"num_beams": 10},
+}
+STAGES = pipeline_module.STAGES
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)
+
+
+def markers(run):
+    return {s: os.stat(os.path.join(run, s, pipeline_module.MARKER)).st_mtime_ns
+            for s in STAGES if os.path.exists(os.path.join(run, s, pipeline_module.MARKER))}
+
+
+def test_pipeline_end_to_end_then_resume(tmp_path, tiny_config, monkeypatch):
+    run = str(tmp_path / "run")
+    runner = CliRunner()
+
+    # First attempt: interrupted (Ctrl-C) when the recommender stage starts.
+    def interrupted(p, directory):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline_module.STAGE_FUNCTIONS, "rec", interrupted)
+    result = runner.invoke(main, ["pipeline", "--synthetic", "--config", tiny_config, "--out", run])
+    assert result.exit_code != 0
+    done = markers(run)
+    assert set(done) == {"prepare", "embed", "cf", "tokenizer"}
+    assert not os.path.exists(os.path.join(run, "report.md"))
+    monkeypatch.undo()
+
+    # Rerun: the finished stages are skipped (their markers untouched), the rest runs.
+    result = runner.invoke(main, ["pipeline", "--synthetic", "--config", tiny_config, "--out", run])
+    assert result.exit_code == 0, result.output
+    for stage in done:
+        assert f"[{stage}] up to date" in result.output
+    after = markers(run)
+    assert all(after[s] == done[s] for s in done)
+    assert set(after) == set(STAGES)
+
+    report = json.loads(open(os.path.join(run, "report.json")).read())
+    table = {row["model"]: row for row in report["metrics"]}
+    assert set(table) == {"Popularity", "SASRec", "LETTER-TIGER"}
+    for row in table.values():
+        assert 0.0 <= row["recall@5"] <= row["recall@10"] <= 1.0
+    assert report["dataset"]["items"] == 120
+    assert os.path.isfile(os.path.join(run, "report.md"))
+    assert "| LETTER-TIGER |" in result.output
+
+    # A changed tokenizer setting reruns the tokenizer and everything after it, not before.
+    cfg = yaml.safe_load(open(tiny_config))
+    cfg["tokenizer"]["epochs"] = 11
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(main, ["pipeline", "--synthetic", "--config", str(changed), "--out", run])
+    assert result.exit_code == 0, result.output
+    final = markers(run)
+    assert all(final[s] == after[s] for s in ("prepare", "embed", "cf"))
+    assert all(final[s] != after[s] for s in ("tokenizer", "rec", "evaluate"))
+
+
+def test_failing_stage_is_named_and_keeps_earlier_outputs(tmp_path, tiny_config):
+    cfg = yaml.safe_load(open(tiny_config))
+    cfg["tokenizer"]["clusters"] = 50  # invalid for 16-code levels
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    run = str(tmp_path / "run")
+    result = CliRunner().invoke(main, ["pipeline", "--synthetic", "--config", str(bad), "--out", run])
+    assert result.exit_code == 1
+    assert "stage 'tokenizer' failed" in result.output and "Traceback" not in result.output
+    assert set(markers(run)) == {"prepare", "embed", "cf"}
+
+
+def test_config_show_and_unknown_keys(tmp_path):
+    result = CliRunner().invoke(main, ["config", "show", "--synthetic"])
+    assert result.exit_code == 0
+    shown = yaml.safe_load(result.output)
+    assert shown["tokenizer"]["alpha"] == 0.02 and shown["rec"]["lr"] > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"tokenizer": {"alpah": 1}}))
+    with pytest.raises(LetterError, match="tokenizer.alpah"):
+        effective_config(str(bad))
+    result = CliRunner().invoke(main, ["pipeline", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "exactly one of" in result.output
