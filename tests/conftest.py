@@ -34,3 +34,13 @@ def shared_data():
     if not os.path.isdir(path):
         pytest.skip(f"real data not present at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded: on a shared 2-core CPU a second OpenMP thread only
+    adds barrier waits. Restores the thread count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

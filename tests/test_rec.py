@@ -28,12 +28,8 @@ def small_config(**overrides) -> RecConfig:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, and the CI machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models: run the whole module single-threaded (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

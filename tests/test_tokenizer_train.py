@@ -30,12 +30,8 @@ def cooccurrence_embedding(sequences, num_items: int, dim: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a shared CPU two OpenMP threads only add barrier waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Tiny models: run the whole module single-threaded (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

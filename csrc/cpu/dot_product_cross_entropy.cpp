@@ -19,6 +19,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "avx2_math.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -124,27 +126,6 @@ void accumulate_generic(const T* coef, int64_t nc, const T* src, int64_t d, T* a
 // ---- AVX2 + FMA primitives (fp32), chosen at run time ----------------------------------------
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LETTER_HAVE_AVX2_KERNEL 1
-
-// exp(x) for x <= 88.37: 2^n * p(r) with n = round(x / ln 2), |r| <= ln2 / 2 and p the degree-6
-// Taylor polynomial (relative error ~1e-7); exactly 0 below -87.33 (including -inf).
-__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
-  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_GE_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.37626f)), _mm256_set1_ps(-87.33654f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // r = x - n ln2, with ln2 split in a high part exact in float and a low correction.
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), keep);
-}
 
 __attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
   alignas(32) float t[8];
