@@ -254,10 +254,15 @@ def write_report(p: Pipeline) -> dict:
         "",
         "## Tokenizer",
         "",
-        "```json",
-        json.dumps({k: tok[k] for k in tok if not isinstance(tok[k], (list, dict)) or k in ("collisions", "levels")},
-                   indent=1)[:4000],
-        "```",
+        f"Collision rate {tok.get('collision_rate_before', float('nan')):.4f} before resolution, "
+        f"{tok.get('collision_rate_after', float('nan')):.4f} after; reconstruction MSE "
+        f"{tok.get('recon_mse', float('nan')):.4f}; CF alignment (mean cosine) "
+        f"{tok.get('cf_alignment_cosine', float('nan')):.4f}; best epoch {tok.get('best_epoch')}.",
+        "",
+        "| level | codes used | entropy (bits) | perplexity | Gini |",
+        "|---|---|---|---|---|",
+        *[f"| {st['level']} | {st['used']} / {st['codebook_size']} | {st['entropy_bits']:.2f} | "
+          f"{st['perplexity']:.1f} | {st['gini']:.3f} |" for st in tok.get("level_stats", [])],
         "",
         "## Time per stage (s)",
         "",
