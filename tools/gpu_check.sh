@@ -16,7 +16,7 @@ python3 - <<'PY' | tee "$OUT/env.txt"
 import torch, letter_ext
 from letter_ext._backend import has_compiled_op
 print("torch", torch.__version__, "gpu", torch.cuda.get_device_name(0))
-for op in ("residual_quantize", "dot_product_cross_entropy_fwd"):
+for op in ("residual_quantize", "dot_product_cross_entropy_fwd", "constrained_beam_step"):
     print(op, "cuda kernel:", has_compiled_op(op, "cuda"))
 PY
 echo "== tests on the GPU"
@@ -32,6 +32,11 @@ q = torch.randn(257, 33, device='cuda', requires_grad=True); k = torch.randn(129
 t = torch.randint(0, 129, (257,), device='cuda'); b = torch.randn(129, device='cuda', requires_grad=True)
 for be in ('cuda', 'triton'):  # dot_product_cross_entropy: 'cuda' is the Triton kernel registered for CUDA
     letter_ext.dot_product_cross_entropy(q, k, t, temperature=0.1, exclude=(t + 1) % 129, bias=b, backend=be).backward()
+codes = torch.randint(0, 16, (300, 3), device='cuda')
+trie, _, _ = letter_ext.build_trie_levels(codes, [16, 16, 16])
+logits = torch.randn(7, 48, device='cuda'); beams = torch.zeros(7, 1, device='cuda')
+nodes = torch.zeros(7, 1, dtype=torch.long, device='cuda')
+letter_ext.constrained_beam_step(logits, beams, nodes, trie, 0, 5, backend='triton')
 torch.cuda.synchronize(); print('sanitizer run ok')
 " 2>&1 | tail -5 | tee "$OUT/sanitizer.txt"
 fi
