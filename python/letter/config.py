@@ -13,10 +13,9 @@ before the file is applied.
 """
 import copy
 import dataclasses
-import json
-import os
 
 from letter.errors import LetterError
+from letter.utils import read_mapping_file
 
 SECTIONS = ("data", "embed", "cf", "tokenizer", "rec", "evaluate")
 
@@ -75,34 +74,13 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
     return out
 
 
-def read_config_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise LetterError(f"config file not found: {path}")
-    with open(path) as f:
-        text = f.read()
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # yaml and json raise different types; the message is what matters
-        raise LetterError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise LetterError(f"{path}: the top level must be a mapping of sections {SECTIONS}")
-    return data
-
-
 def effective_config(config_file: str | None = None, synthetic: bool = False) -> dict:
     """Defaults, then the synthetic preset (if asked), then the file."""
     cfg = default_config()
     if synthetic:
         cfg = merge(cfg, SYNTHETIC_PRESET)
     if config_file:
-        cfg = merge(cfg, read_config_file(config_file))
+        cfg = merge(cfg, read_mapping_file(config_file))
     return cfg
 
 

@@ -1,5 +1,6 @@
 """Small shared helpers: atomic file writes, seeding, device choice, progress bars."""
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -8,6 +9,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+from letter.errors import LetterError
 
 
 @contextlib.contextmanager
@@ -67,3 +70,35 @@ def progress(iterable=None, **kwargs):
         forced = os.environ.get("LETTER_PROGRESS")
         disable = (forced == "0") if forced is not None else None  # None: tqdm decides (off for non-tty)
     return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
+
+
+def read_mapping_file(path: str) -> dict:
+    """A config file whose top level is a mapping: JSON for *.json, YAML otherwise; {} if empty."""
+    if not os.path.isfile(path):
+        raise LetterError(f"config file not found: {path}")
+    with open(path) as f:
+        text = f.read()
+    is_json = path.endswith(".json")
+    try:
+        if is_json:
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml and json raise different types; the message is what matters
+        raise LetterError(f"{path}: not valid {'JSON' if is_json else 'YAML'}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LetterError(f"{path}: the top level must be a mapping of setting -> value")
+    return data
+
+
+def dataclass_from_dict(cls, values: dict, what: str):
+    """cls(**values), with unknown keys reported as a LetterError that names them."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LetterError(f"{what}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)

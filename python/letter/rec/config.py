@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from letter.errors import LetterError
+from letter.utils import dataclass_from_dict
 
 
 @dataclass
@@ -67,8 +68,4 @@ class RecConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "RecConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise LetterError(f"rec config: unknown setting(s) {', '.join(unknown)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "rec config")

@@ -1,10 +1,9 @@
 """TokenizerConfig: every knob of the LETTER tokenizer, with the authors' defaults."""
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 
 from letter.errors import LetterError
+from letter.utils import dataclass_from_dict, read_mapping_file
 
 
 @dataclass
@@ -96,28 +95,9 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenizerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise LetterError(f"tokenizer config: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "tokenizer config")
 
     @classmethod
     def from_file(cls, path: str) -> "TokenizerConfig":
-        """Read a .json or .yaml/.yml file of TokenizerConfig fields."""
-        if not os.path.isfile(path):
-            raise LetterError(f"config file not found: {path}")
-        with open(path) as f:
-            text = f.read()
-        try:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except Exception as e:  # yaml and json raise different types; the message is what matters
-            raise LetterError(f"{path}: cannot parse config: {e}") from e
-        if not isinstance(data, dict):
-            raise LetterError(f"{path}: config must be a mapping of field -> value")
-        return cls.from_dict(data)
+        """Read a .json or YAML file of TokenizerConfig fields."""
+        return cls.from_dict(read_mapping_file(path))
