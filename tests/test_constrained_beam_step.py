@@ -89,6 +89,36 @@ def test_matches_reference(backend, device, items, levels, k):
         assert_step_valid(out, ref, logits, beam_scores, nodes, trie, level)
 
 
+@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICE if bd != ("triton", "cpu")])
+def test_wide_nodes_match_reference(backend, device):
+    """Real tokenizer shapes: 256 codes at the first level, so nodes have tens to 256 children
+    (the vectorized child scan's chunks of 8 and its scalar tail)."""
+    gen = torch.Generator().manual_seed(21)
+    sizes = [256, 64, 7]
+    codes = torch.stack([torch.randint(0, s, (3000,), generator=gen) for s in sizes], 1)
+    trie, _, _ = build_trie_levels(codes, sizes, [SPECIALS + sum(sizes[:l]) for l in range(3)])
+    for level, k_in in [(0, 1), (1, 20), (2, 20)]:
+        logits, beam_scores, nodes = random_step_inputs(trie, level, 7, k_in, gen)
+        ref = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, level, 20, backend="reference")
+        out = letter_ext.constrained_beam_step(
+            logits.to(device), beam_scores.to(device), nodes.to(device), trie.to(device), level, 20, backend=backend
+        )
+        assert_step_valid(out, ref, logits, beam_scores, nodes, trie, level)
+
+
+@pytest.mark.parametrize("position", [3, 10])  # inside a vectorized chunk of 8 / in the scalar tail
+def test_compiled_op_rejects_child_token_outside_logits(position):
+    if not letter_ext._backend.has_compiled_op("constrained_beam_step", "cpu"):
+        pytest.skip("compiled extension not built")
+    child_token = torch.arange(SPECIALS, SPECIALS + 11)
+    child_token[position] = 50
+    logits = torch.randn(1, 20)
+    with pytest.raises(RuntimeError, match="child token 50 outside the logits width 20"):
+        torch.ops.letter.constrained_beam_step(
+            logits, torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.tensor([0, 11]), child_token, 4
+        )
+
+
 def test_reference_counts_valid_continuations():
     """The spec itself: fewer live children than K leaves -inf slots; specials never chosen."""
     codes = torch.tensor([[0, 1], [0, 2], [1, 0]])

@@ -30,5 +30,27 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), keep);
 }
 
+// exp(x) for x <= 0 (inputs already shifted by their maximum, as in a log-sum-exp), with fewer
+// operations than exp_avx2: the exponent comes from the rounding constant's low mantissa bits,
+// r uses one FMA with float ln2 (error n * 2e-9), and x is clamped at -87.33 so that -inf gives
+// 2^-126 * p(r) ~ 1e-38 instead of 0 (negligible next to the maximum's 1 in a sum).
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
+  const __m256 round = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: float add rounds to an integer
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), round);
+  const __m256 n = _mm256_sub_ps(t, round);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147181f), x);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // t's bits are 0x4B400000 + n; shifting by 23 drops the constant and leaves n in the exponent.
+  const __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
 }  // namespace letter
 #endif

@@ -41,7 +41,7 @@ bool ranks_before(const Candidate<scalar_t>& a, const Candidate<scalar_t>& b) {
 template <typename scalar_t>
 class TopKBuffer {
  public:
-  explicit TopKBuffer(int64_t k) : k_(k), capacity_(std::max<int64_t>(4 * k, 256)) {
+  explicit TopKBuffer(int64_t k) : k_(k), capacity_(std::max<int64_t>(4 * k, 32)) {
     items_.reserve(capacity_);
   }
   void clear() {
@@ -51,6 +51,7 @@ class TopKBuffer {
   // Strictly below the k-th best so far: can never be chosen (equal scores may still win on
   // (beam, token), so they are kept).
   bool rejects(scalar_t score) const { return score < threshold_; }
+  scalar_t threshold() const { return threshold_; }
   void push(const Candidate<scalar_t>& c) {
     items_.push_back(c);
     if (static_cast<int64_t>(items_.size()) == capacity_) cut_to_k();
@@ -77,7 +78,7 @@ class TopKBuffer {
 };
 
 template <typename scalar_t>
-scalar_t log_sum_exp_generic(const scalar_t* x, int64_t n) {
+scalar_t log_sum_exp_generic(const scalar_t* x, int64_t n, const scalar_t* /*next*/) {
   scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
   for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i]);
   if (!std::isfinite(mx)) return mx;  // all -inf (or +inf): every candidate becomes invalid
@@ -87,7 +88,9 @@ scalar_t log_sum_exp_generic(const scalar_t* x, int64_t n) {
 }
 
 #ifdef LETTER_HAVE_AVX2_MATH
-__attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64_t n) {
+// `next` (may be null) is the row the caller reads after this one: it is prefetched during the
+// exp pass, which is compute bound, so that the next row's max pass does not wait on memory.
+__attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64_t n, const float* next) {
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 vmax = neg_inf;
   int64_t i = 0;
@@ -100,12 +103,23 @@ __attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64
   if (!std::isfinite(mx)) return mx;
   const __m256 shift = _mm256_set1_ps(mx);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
   i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_add_ps(acc0, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift)));
-    acc1 = _mm256_add_ps(acc1, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), shift)));
+  for (; i + 32 <= n; i += 32) {  // 32 floats = two cache lines
+    if (next != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + i + 16), _MM_HINT_T0);
+    }
+    acc0 = _mm256_add_ps(acc0, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift)));
+    acc1 = _mm256_add_ps(acc1, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), shift)));
+    acc2 = _mm256_add_ps(acc2, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i + 16), shift)));
+    acc3 = _mm256_add_ps(acc3, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i + 24), shift)));
   }
-  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_add_ps(acc0, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift)));
+  if (next != nullptr) {
+    for (int64_t j = n - n % 32; j < n; j += 16) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
+  }
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
   float sum = 0.f;
   for (int t = 0; t < 8; ++t) sum += lanes[t];
   for (; i < n; ++i) sum += std::exp(x[i] - mx);
@@ -113,8 +127,46 @@ __attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64
 }
 #endif
 
+#ifdef LETTER_HAVE_AVX2_MATH
+// The scalar candidate loop, 8 children at a time: gather their logits, keep those that can
+// enter the top-K (score > -inf and >= the current threshold; a stale, lower threshold only keeps
+// more). Scores are the same single float add as the scalar loop. Stops at the first chunk with a
+// token outside [0, V) and returns the first edge it did not scan; the scalar loop goes on from
+// there (and reports the bad token).
+__attribute__((target("avx2,fma"))) int64_t scan_children_avx2(const float* row, float base,
+                                                                const int64_t* child_token, int64_t first,
+                                                                int64_t last, int64_t V, int64_t beam,
+                                                                TopKBuffer<float>& top) {
+  const __m256i below = _mm256_set1_epi64x(-1), width = _mm256_set1_epi64x(V);
+  const __m256 vbase = _mm256_set1_ps(base);
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t e = first;
+  for (; e + 8 <= last; e += 8) {
+    const __m256i t0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(child_token + e));
+    const __m256i t1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(child_token + e + 4));
+    const __m256i in_range =
+        _mm256_and_si256(_mm256_and_si256(_mm256_cmpgt_epi64(t0, below), _mm256_cmpgt_epi64(width, t0)),
+                         _mm256_and_si256(_mm256_cmpgt_epi64(t1, below), _mm256_cmpgt_epi64(width, t1)));
+    if (_mm256_movemask_epi8(in_range) != -1) break;
+    const __m256 x = _mm256_set_m128(_mm256_i64gather_ps(row, t1, 4), _mm256_i64gather_ps(row, t0, 4));
+    const __m256 score = _mm256_add_ps(vbase, x);
+    const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(score, neg_inf, _CMP_GT_OQ),
+                                      _mm256_cmp_ps(score, _mm256_set1_ps(top.threshold()), _CMP_GE_OQ));
+    int mask = _mm256_movemask_ps(keep);
+    if (mask == 0) continue;
+    alignas(32) float scores[8];
+    _mm256_store_ps(scores, score);
+    for (; mask != 0; mask &= mask - 1) {
+      const int j = __builtin_ctz(mask);
+      top.push({scores[j], beam, child_token[e + j], e + j});
+    }
+  }
+  return e;
+}
+#endif
+
 template <typename scalar_t>
-using LogSumExpFn = scalar_t (*)(const scalar_t*, int64_t);
+using LogSumExpFn = scalar_t (*)(const scalar_t*, int64_t, const scalar_t*);
 
 template <typename scalar_t>
 LogSumExpFn<scalar_t> pick_log_sum_exp() {
@@ -133,6 +185,9 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
                       int64_t B, int64_t k_in, int64_t V, int64_t k_out, scalar_t* out_scores,
                       int64_t* out_parent, int64_t* out_token, int64_t* out_node) {
   const LogSumExpFn<scalar_t> log_sum_exp = pick_log_sum_exp<scalar_t>();
+#ifdef LETTER_HAVE_AVX2_MATH
+  const bool vector_scan = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
   constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     TopKBuffer<scalar_t> top(k_out);
@@ -147,9 +202,16 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
         const int64_t first = row_ptr[node], last = row_ptr[node + 1];
         TORCH_CHECK(0 <= first && first <= last && last <= num_edges,
                     "constrained_beam_step: row_ptr is not a valid CSR row pointer");
-        const scalar_t* row = logits + (b * k_in + k) * V;
-        const scalar_t base = beam - log_sum_exp(row, V);
-        for (int64_t e = first; e < last; ++e) {
+        const int64_t r = b * k_in + k;
+        const scalar_t* row = logits + r * V;
+        const scalar_t base = beam - log_sum_exp(row, V, r + 1 < B * k_in ? row + V : nullptr);
+        int64_t e = first;
+#ifdef LETTER_HAVE_AVX2_MATH
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (vector_scan) e = scan_children_avx2(row, base, child_token, first, last, V, k, top);
+        }
+#endif
+        for (; e < last; ++e) {
           const int64_t token = child_token[e];
           TORCH_CHECK(token >= 0 && token < V, "constrained_beam_step: child token ", token,
                       " outside the logits width ", V);
