@@ -8,6 +8,13 @@
 
 namespace letter {
 
+// exp(r) for |r| <= ln2 / 2: the degree-6 Taylor polynomial (relative error ~1e-7).
+__attribute__((target("avx2,fma"))) inline __m256 exp_reduced_avx2(__m256 r) {
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  return p;
+}
+
 // exp(x), x <= 88.37: 2^n * p(r) with n = round(x / ln 2), |r| <= ln2 / 2 and p the degree-6
 // Taylor polynomial (relative error ~1e-7); exactly 0 below -87.33 (including -inf).
 __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
@@ -18,13 +25,7 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
   // r = x - n ln2, with ln2 split in a high part exact in float and a low correction.
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256 p = exp_reduced_avx2(r);
   const __m256i bits =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), keep);
@@ -40,13 +41,7 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x)
   const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), round);
   const __m256 n = _mm256_sub_ps(t, round);
   const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147181f), x);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256 p = exp_reduced_avx2(r);
   // t's bits are 0x4B400000 + n; shifting by 23 drops the constant and leaves n in the exponent.
   const __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
