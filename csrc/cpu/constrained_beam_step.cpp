@@ -28,12 +28,15 @@ struct Candidate {
   int64_t edge;
 };
 
-template <typename scalar_t>
-bool ranks_before(const Candidate<scalar_t>& a, const Candidate<scalar_t>& b) {
-  if (a.score != b.score) return a.score > b.score;
-  if (a.beam != b.beam) return a.beam < b.beam;
-  return a.token < b.token;
-}
+// A function object rather than a function pointer, so that sort/nth_element inline it.
+struct RanksBefore {
+  template <typename scalar_t>
+  bool operator()(const Candidate<scalar_t>& a, const Candidate<scalar_t>& b) const {
+    if (a.score != b.score) return a.score > b.score;
+    if (a.beam != b.beam) return a.beam < b.beam;
+    return a.token < b.token;
+  }
+};
 
 // Top-k selection in amortized O(1) per candidate: candidates at or above the current k-th
 // score go to a buffer; a full buffer is cut back to its k best with nth_element, which raises
@@ -59,7 +62,7 @@ class TopKBuffer {
   // The k best (fewer if fewer were pushed), best first.
   const std::vector<Candidate<scalar_t>>& best() {
     cut_to_k();
-    std::sort(items_.begin(), items_.end(), ranks_before<scalar_t>);
+    std::sort(items_.begin(), items_.end(), RanksBefore{});
     return items_;
   }
 
@@ -67,7 +70,7 @@ class TopKBuffer {
   void cut_to_k() {
     if (static_cast<int64_t>(items_.size()) <= k_) return;
     std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.end(),
-                     ranks_before<scalar_t>);
+                     RanksBefore{});
     items_.resize(k_);
     threshold_ = items_[k_ - 1].score;
   }
@@ -128,37 +131,69 @@ __attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64
 #endif
 
 #ifdef LETTER_HAVE_AVX2_MATH
-// The scalar candidate loop, 8 children at a time: gather their logits, keep those that can
-// enter the top-K (score > -inf and >= the current threshold; a stale, lower threshold only keeps
-// more). Scores are the same single float add as the scalar loop. Stops at the first chunk with a
-// token outside [0, V) and returns the first edge it did not scan; the scalar loop goes on from
-// there (and reports the bad token).
+// The scalar candidate loop, vectorized: gather the children's logits 8 at a time into `scores`
+// (the same single float add as the scalar loop), then push those that can enter the top-K
+// (score > -inf and >= the threshold). While the buffer has no threshold yet, a wide node first
+// raises it to the k-th largest of the maxima of 8g >= k disjoint groups of its scores (lane l of
+// every g-th chunk of 8): k of those maxima are candidates, so the k-th best overall is at least
+// that, and only a few children reach the buffer. Stops before the first chunk holding a token
+// outside [0, V) and returns the first edge it did not handle; the scalar loop goes on from there
+// (and reports the bad token).
 __attribute__((target("avx2,fma"))) int64_t scan_children_avx2(const float* row, float base,
                                                                 const int64_t* child_token, int64_t first,
-                                                                int64_t last, int64_t V, int64_t beam,
-                                                                TopKBuffer<float>& top) {
+                                                                int64_t last, int64_t V, int64_t beam, int64_t k,
+                                                                std::vector<float>& scores, TopKBuffer<float>& top) {
   const __m256i below = _mm256_set1_epi64x(-1), width = _mm256_set1_epi64x(V);
+  const __m256i steps_low = _mm256_setr_epi64x(0, 1, 2, 3), steps_high = _mm256_setr_epi64x(4, 5, 6, 7);
   const __m256 vbase = _mm256_set1_ps(base);
-  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  scores.resize(last - first + 8);
+  // g accumulators of 8 lanes: 8g >= k group maxima (NaN scores are skipped: max_ps returns its
+  // second operand when either is NaN).
+  constexpr int64_t kMaxGroups = 16;
+  const int64_t groups = (k + 7) / 8;
+  __m256 group_max[kMaxGroups];
+  const bool bound_wanted = groups <= kMaxGroups && !(top.threshold() > neg_inf);
+  for (int64_t g = 0; g < std::min(groups, kMaxGroups); ++g) group_max[g] = _mm256_set1_ps(neg_inf);
   int64_t e = first;
-  for (; e + 8 <= last; e += 8) {
+  for (int64_t chunk = 0; e + 8 <= last; e += 8, ++chunk) {
     const __m256i t0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(child_token + e));
     const __m256i t1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(child_token + e + 4));
     const __m256i in_range =
         _mm256_and_si256(_mm256_and_si256(_mm256_cmpgt_epi64(t0, below), _mm256_cmpgt_epi64(width, t0)),
                          _mm256_and_si256(_mm256_cmpgt_epi64(t1, below), _mm256_cmpgt_epi64(width, t1)));
     if (_mm256_movemask_epi8(in_range) != -1) break;
-    const __m256 x = _mm256_set_m128(_mm256_i64gather_ps(row, t1, 4), _mm256_i64gather_ps(row, t0, 4));
+    // Runs of consecutive tokens (dense trie levels) are one load; gathers are slow on some CPUs.
+    const __m256i start = _mm256_set1_epi64x(child_token[e]);
+    const __m256i consecutive = _mm256_and_si256(_mm256_cmpeq_epi64(t0, _mm256_add_epi64(start, steps_low)),
+                                                 _mm256_cmpeq_epi64(t1, _mm256_add_epi64(start, steps_high)));
+    const __m256 x = _mm256_movemask_epi8(consecutive) == -1
+                         ? _mm256_loadu_ps(row + child_token[e])
+                         : _mm256_set_m128(_mm256_i64gather_ps(row, t1, 4), _mm256_i64gather_ps(row, t0, 4));
     const __m256 score = _mm256_add_ps(vbase, x);
-    const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(score, neg_inf, _CMP_GT_OQ),
-                                      _mm256_cmp_ps(score, _mm256_set1_ps(top.threshold()), _CMP_GE_OQ));
-    int mask = _mm256_movemask_ps(keep);
-    if (mask == 0) continue;
-    alignas(32) float scores[8];
-    _mm256_store_ps(scores, score);
-    for (; mask != 0; mask &= mask - 1) {
+    _mm256_storeu_ps(scores.data() + (e - first), score);
+    if (bound_wanted) {
+      __m256& m = group_max[chunk % groups];
+      m = _mm256_max_ps(score, m);
+    }
+  }
+  const int64_t n = e - first;
+  float threshold = top.threshold();
+  if (bound_wanted && n >= std::max(2 * k, 8 * groups)) {  // every group has a score
+    alignas(32) float maxima[8 * kMaxGroups];
+    for (int64_t g = 0; g < groups; ++g) _mm256_store_ps(maxima + 8 * g, group_max[g]);
+    std::nth_element(maxima, maxima + (k - 1), maxima + 8 * groups, std::greater<float>());
+    threshold = std::max(threshold, maxima[k - 1]);
+  }
+  const __m256 neg_inf8 = _mm256_set1_ps(neg_inf);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 score = _mm256_loadu_ps(scores.data() + i);
+    threshold = std::max(threshold, top.threshold());
+    const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(score, neg_inf8, _CMP_GT_OQ),
+                                      _mm256_cmp_ps(score, _mm256_set1_ps(threshold), _CMP_GE_OQ));
+    for (int mask = _mm256_movemask_ps(keep); mask != 0; mask &= mask - 1) {
       const int j = __builtin_ctz(mask);
-      top.push({scores[j], beam, child_token[e + j], e + j});
+      top.push({scores[i + j], beam, child_token[first + i + j], first + i + j});
     }
   }
   return e;
@@ -191,6 +226,7 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
   constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     TopKBuffer<scalar_t> top(k_out);
+    std::vector<float> scratch;  // the vectorized scan's child scores of one beam
     for (int64_t b = begin; b < end; ++b) {
       top.clear();
       for (int64_t k = 0; k < k_in; ++k) {
@@ -208,7 +244,7 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
         int64_t e = first;
 #ifdef LETTER_HAVE_AVX2_MATH
         if constexpr (std::is_same_v<scalar_t, float>) {
-          if (vector_scan) e = scan_children_avx2(row, base, child_token, first, last, V, k, top);
+          if (vector_scan) e = scan_children_avx2(row, base, child_token, first, last, V, k, k_out, scratch, top);
         }
 #endif
         for (; e < last; ++e) {
