@@ -1,4 +1,5 @@
 """Loading of the compiled library and choice of backend for each op call."""
+import functools
 import glob
 import importlib.util
 import os
@@ -39,8 +40,10 @@ else:
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
 def has_compiled_op(name: str, device_type: str) -> bool:
-    """Whether letter::<name> has a compiled kernel for this device type."""
+    """Whether letter::<name> has a compiled kernel for this device type (cached: kernels are
+    registered when letter_ext is imported, before any op call asks)."""
     if _C is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]

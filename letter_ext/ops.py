@@ -404,6 +404,9 @@ def _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_be
     for name, t in (("beam_scores", beam_scores), ("nodes", nodes), ("trie", trie)):
         if t.device != logits.device:
             raise ValueError(f"logits is on {logits.device} but {name} is on {t.device}")
+
+
+def _check_live_nodes(beam_scores, nodes, trie, level):
     num_nodes = trie.row_ptr[level].numel() - 1
     live = beam_scores > float("-inf")
     if bool((live & ((nodes < 0) | (nodes >= num_nodes))).any()):
@@ -434,8 +437,10 @@ def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, num_beam
         (-inf, 0, -1, -1); candidates scoring -inf or NaN are never chosen.
     """
     _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_beams)
-    row_ptr, child_token = trie.row_ptr[level], trie.child_token[level]
     which = resolve("constrained_beam_step", logits.device, backend)
+    if which != "cpu":  # the C++ kernel raises the same ValueError without extra passes over the beams
+        _check_live_nodes(beam_scores, nodes, trie, level)
+    row_ptr, child_token = trie.row_ptr[level], trie.child_token[level]
     if which == "reference":
         return reference.constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
     op = (

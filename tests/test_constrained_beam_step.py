@@ -113,7 +113,7 @@ def test_compiled_op_rejects_child_token_outside_logits(position):
     child_token = torch.arange(SPECIALS, SPECIALS + 11)
     child_token[position] = 50
     logits = torch.randn(1, 20)
-    with pytest.raises(RuntimeError, match="child token 50 outside the logits width 20"):
+    with pytest.raises(ValueError, match="child token 50 outside the logits width 20"):
         torch.ops.letter.constrained_beam_step(
             logits, torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.tensor([0, 11]), child_token, 4
         )
@@ -236,6 +236,17 @@ def test_bad_input(change, exc, words):
     change(args)
     with pytest.raises(exc, match=words):
         letter_ext.constrained_beam_step(**args)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))
+def test_live_node_out_of_range_is_a_value_error(backend):
+    """The wrapper checks live nodes for the reference/Triton paths; the C++ kernel checks them itself."""
+    logits, beam_scores, nodes, trie = _good_inputs()
+    nodes[1, 2] = 10**6
+    with pytest.raises(ValueError, match="nodes of live beams"):
+        letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 4, backend=backend)
+    beam_scores[1, 2] = NEG_INF  # a dead beam's node is ignored
+    letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 4, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))

@@ -233,8 +233,9 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
         const scalar_t beam = beam_scores[b * k_in + k];
         if (!(beam > neg_inf)) continue;
         const int64_t node = nodes[b * k_in + k];
-        TORCH_CHECK(node >= 0 && node < num_nodes, "constrained_beam_step: node ", node,
-                    " of a live beam is outside [0, ", num_nodes, ")");
+        // ValueError in Python, like the wrapper's own input checks (which leave this one to us).
+        TORCH_CHECK_VALUE(node >= 0 && node < num_nodes, "constrained_beam_step: nodes of live beams must be ",
+                          "node ids of this level, in [0, ", num_nodes, "), got ", node);
         const int64_t first = row_ptr[node], last = row_ptr[node + 1];
         TORCH_CHECK(0 <= first && first <= last && last <= num_edges,
                     "constrained_beam_step: row_ptr is not a valid CSR row pointer");
@@ -249,8 +250,8 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
 #endif
         for (; e < last; ++e) {
           const int64_t token = child_token[e];
-          TORCH_CHECK(token >= 0 && token < V, "constrained_beam_step: child token ", token,
-                      " outside the logits width ", V);
+          TORCH_CHECK_VALUE(token >= 0 && token < V, "constrained_beam_step: child token ", token,
+                            " outside the logits width ", V);
           const scalar_t score = base + row[token];
           if (!(score > neg_inf) || top.rejects(score)) continue;  // also drops NaN
           top.push({score, k, token, e});
