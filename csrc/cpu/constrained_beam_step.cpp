@@ -147,14 +147,14 @@ __attribute__((target("avx2,fma"))) int64_t scan_children_avx2(const float* row,
   const __m256i steps_low = _mm256_setr_epi64x(0, 1, 2, 3), steps_high = _mm256_setr_epi64x(4, 5, 6, 7);
   const __m256 vbase = _mm256_set1_ps(base);
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  scores.resize(last - first + 8);
+  scores.resize(last - first);
   // g accumulators of 8 lanes: 8g >= k group maxima (NaN scores are skipped: max_ps returns its
   // second operand when either is NaN).
   constexpr int64_t kMaxGroups = 16;
   const int64_t groups = (k + 7) / 8;
   __m256 group_max[kMaxGroups];
   const bool bound_wanted = groups <= kMaxGroups && !(top.threshold() > neg_inf);
-  for (int64_t g = 0; g < std::min(groups, kMaxGroups); ++g) group_max[g] = _mm256_set1_ps(neg_inf);
+  for (int64_t g = 0; bound_wanted && g < groups; ++g) group_max[g] = _mm256_set1_ps(neg_inf);
   int64_t e = first;
   for (int64_t chunk = 0; e + 8 <= last; e += 8, ++chunk) {
     const __m256i t0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(child_token + e));
@@ -207,7 +207,7 @@ template <typename scalar_t>
 LogSumExpFn<scalar_t> pick_log_sum_exp() {
   if constexpr (std::is_same_v<scalar_t, float>) {
 #ifdef LETTER_HAVE_AVX2_MATH
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return log_sum_exp_avx2;
+    if (cpu_has_avx2_fma()) return log_sum_exp_avx2;
 #endif
   }
   return log_sum_exp_generic<scalar_t>;
@@ -221,7 +221,7 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
                       int64_t* out_parent, int64_t* out_token, int64_t* out_node) {
   const LogSumExpFn<scalar_t> log_sum_exp = pick_log_sum_exp<scalar_t>();
 #ifdef LETTER_HAVE_AVX2_MATH
-  const bool vector_scan = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool vector_scan = cpu_has_avx2_fma();
 #endif
   constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {

@@ -249,7 +249,7 @@ template <typename T>
 Kernels<T> pick_kernels() {
   if constexpr (std::is_same_v<T, float>) {
 #ifdef LETTER_HAVE_AVX2_KERNEL
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (cpu_has_avx2_fma())
       return {scores_avx2, row_max_avx2, exp_sum_avx2, exp_scale_avx2, accumulate_avx2};
 #endif
   }

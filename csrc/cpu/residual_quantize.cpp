@@ -13,9 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "avx2_math.h"
 
 namespace letter {
 namespace {
@@ -151,7 +149,7 @@ template <typename scalar_t>
 NearestCodesFn<scalar_t> pick_nearest_codes() {
   if constexpr (std::is_same_v<scalar_t, float>) {
 #ifdef LETTER_HAVE_AVX2_KERNEL
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return nearest_codes_avx2;
+    if (cpu_has_avx2_fma()) return nearest_codes_avx2;
 #endif
   }
   return nearest_codes_generic<scalar_t>;
