@@ -23,7 +23,8 @@ def pipeline(data_path, synthetic, config_file, out, from_stage, device):
     and writes OUT/report.md, OUT/report.json and PNG plots.
     """
     from letter.config import effective_config
-    from letter.pipeline import Pipeline, format_table
+    from letter.pipeline import Pipeline
+    from letter.pipeline_report import format_table
 
     if bool(data_path) == bool(synthetic):
         raise click.UsageError("give exactly one of --data DIR or --synthetic")

@@ -1,30 +1,10 @@
 """`letter train-rec`, `letter evaluate`, `letter recommend`: the TIGER generative recommender."""
-import dataclasses
 import json
 
 import click
 
+from letter.cli.options import config_file_option, settings_from_options, settings_options
 from letter.rec.config import RecConfig
-
-_CONFIG_HELP = {
-    "temperature": "Ranking-guided loss temperature tau (the paper's best on Instruments: 0.7).",
-    "batch_size": "Global batch size (split across torchrun processes).",
-    "epochs": "Epochs of the cosine schedule (training may stop earlier).",
-    "eval_every": "Validate (beam search, NDCG@10) every N epochs.",
-    "patience": "Stop after this many validations without a better NDCG@10.",
-    "valid_users": "Validation users sampled for early stopping (0 = all).",
-    "device": "cpu, cuda, cuda:N or auto.",
-}
-
-
-def _config_options(command):
-    """One --option per RecConfig field (default: the dataclass default)."""
-    for f in reversed(dataclasses.fields(RecConfig)):
-        command = click.option(
-            "--" + f.name.replace("_", "-"), f.name, type=type(f.default), default=f.default, show_default=True,
-            help=_CONFIG_HELP.get(f.name),
-        )(command)
-    return command
 
 
 @click.command("train-rec")
@@ -33,13 +13,15 @@ def _config_options(command):
               help="Item codes: an authors'-format <Name>.index.json, a codes .npy, or a tokenizer run folder.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option("--stop-after", type=int, default=None, help="Return after N epochs of this call (resume later).")
-@_config_options
-def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, **settings):
+@click.option("--stop-after", type=click.IntRange(min=1), default=None, help="Return after N epochs of this call (resume later).")
+@settings_options(RecConfig)
+@config_file_option
+def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, **options):
     """Train TIGER on item identifiers (works under torchrun: DDP, gloo on CPU, nccl on GPU)."""
     from letter.rec import train_rec
 
-    summary = train_rec(RecConfig(**settings), data_path, codes, out_dir, resume=resume, stop_after=stop_after)
+    config = settings_from_options(RecConfig, options, config_file)
+    summary = train_rec(config, data_path, codes, out_dir, resume=resume, stop_after=stop_after)
     click.echo(json.dumps(summary, indent=2))
 
 

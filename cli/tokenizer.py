@@ -5,7 +5,9 @@ import os
 import click
 import numpy as np
 
+from letter.cli.options import config_file_option, settings_from_options, settings_options
 from letter.errors import LetterError
+from letter.tokenizer.config import TokenizerConfig
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:
@@ -23,55 +25,36 @@ def _find_one(data_dir: str, pattern: str, what: str) -> str | None:
     return hits[0] if hits else None
 
 
-def _codebook_sizes(levels: int | None, sizes: str | None, default: list[int]) -> list[int]:
-    """--codebook-size N (every level) or N1,N2,...; --levels L repeats a single size L times."""
-    if sizes is None:
-        parsed = default if levels is None or len(set(default)) > 1 else [default[0]]
-    else:
-        try:
-            parsed = [int(s) for s in sizes.split(",")]
-        except ValueError:
-            raise LetterError(f"--codebook-size: expected N or N1,N2,..., got {sizes!r}") from None
-    if levels is None:
-        return parsed
-    if len(parsed) == 1:
-        return parsed * levels
-    if len(parsed) != levels:
-        raise LetterError(f"--levels {levels} but --codebook-size names {len(parsed)} sizes")
-    return parsed
+def _codebook_sizes(levels: int | None, size: int | None, current: list[int]) -> list[int]:
+    """--levels L and --codebook-size N: shorthands for --codebook-sizes N,N,... (L entries)."""
+    if levels is None and size is None:
+        return current
+    if levels is not None and levels < 1:
+        raise LetterError(f"--levels must be >= 1, got {levels}")
+    if size is None and len(set(current)) > 1:
+        raise LetterError("--levels with per-level --codebook-sizes: give --codebook-size N or --codebook-sizes N1,N2,...")
+    return [size if size is not None else current[0]] * (levels if levels is not None else len(current))
 
 
 @click.command("train-tokenizer")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset folder.")
 @click.option("--text-emb", type=click.Path(exists=True, dir_okay=False), help="[items, dim] .npy (default: the one <Name>.emb-*.npy in --data).")
 @click.option("--cf-emb", type=click.Path(exists=True, dir_okay=False), help="[items, d] .npy (default: the one <Name>.cf-*.npy in --data; none -> alpha 0).")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON of TokenizerConfig fields; flags override it.")
-@click.option("--alpha", type=float, help="Collaborative regularization weight (default 0.02).")
-@click.option("--beta", type=float, help="Diversity regularization weight (default 1e-4).")
-@click.option("--clusters", type=int, help="Codebook clusters for the diversity loss (default 10).")
-@click.option("--cluster-every", type=int, help="Epochs between cluster refreshes (default 1).")
-@click.option("--epochs", type=int, help="Training epochs (default 200; the authors use up to 20k).")
-@click.option("--batch-size", type=int, help="Default 1024.")
-@click.option("--lr", type=float, help="AdamW learning rate (default 1e-3).")
-@click.option("--levels", type=int, help="Number of codebooks (default 4).")
-@click.option("--codebook-size", help="Codes per level: N, or N1,N2,... per level (default 256).")
-@click.option("--e-dim", type=int, help="Latent/code dimension (default 32).")
-@click.option("--unique", is_flag=True, default=None, help="Guarantee unique identifiers (nearest unused code).")
-@click.option("--seed", type=int, help="Default 42.")
+@settings_options(TokenizerConfig)
+@click.option("--levels", type=int, help="Shorthand: this many levels of --codebook-size codes.")
+@click.option("--codebook-size", type=int, help="Shorthand: every level gets N codes.")
+@config_file_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder (default: runs/tokenizer-<Name>).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's checkpoint.pt.")
-def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codebook_size, out_dir, device, resume, **flags):
+def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codebook_size, out_dir, device, resume, **options):
     """Train the LETTER tokenizer (RQ-VAE + collaborative and diversity regularization) and write
     <Name>.index.json, codes.npy, model, report.json/.md and curves into the run folder."""
     from letter.data import load_dataset
-    from letter.tokenizer import TokenizerConfig, train_tokenizer
+    from letter.tokenizer import train_tokenizer
 
-    config = TokenizerConfig.from_file(config_file) if config_file else TokenizerConfig()
-    for key, value in flags.items():
-        if value is not None:
-            setattr(config, key, value)
-    config.codebook_sizes = _codebook_sizes(levels, codebook_size, config.codebook_sizes)
+    config = settings_from_options(TokenizerConfig, options, config_file)
+    config = config.replace(codebook_sizes=_codebook_sizes(levels, codebook_size, config.codebook_sizes))
     dataset = load_dataset(data_dir)
     text_emb = text_emb or _find_one(data_dir, f"{dataset.name}.emb-*.npy", "text embedding")
     if text_emb is None:
@@ -79,7 +62,7 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codeboo
     cf_emb = cf_emb or _find_one(data_dir, f"{dataset.name}.cf-*.npy", "CF embedding")
     if cf_emb is None and config.alpha > 0:
         click.echo(f"warning: no CF embeddings (--cf-emb, {dataset.name}.cf-*.npy): training with alpha 0", err=True)
-        config.alpha = 0.0
+        config = config.replace(alpha=0.0)
     categories = None
     if dataset.item_text and all(t and "category" in t for t in dataset.item_text):
         categories = np.array([t["category"] for t in dataset.item_text])

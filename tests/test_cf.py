@@ -66,7 +66,7 @@ def test_resume_continues_identically(tmp_path):
     a = np.load(output_paths(str(tmp_path / "a"), ds.name, 8)["embeddings"])
     b = np.load(output_paths(str(tmp_path / "b"), ds.name, 8)["embeddings"])
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    with pytest.raises(LetterError, match="settings differ: blocks 1 -> 2"):
+    with pytest.raises(LetterError, match="blocks was 1, now 2"):
         train_cf(ds, str(tmp_path / "b"), CFConfig(epochs=4, **{**cfg, "blocks": 2}), resume=True, log=_quiet)
 
 

@@ -84,7 +84,8 @@ def test_pipeline_end_to_end_then_resume(tmp_path, tiny_config, monkeypatch):
 
 def test_failing_stage_is_named_and_keeps_earlier_outputs(tmp_path, tiny_config):
     cfg = yaml.safe_load(open(tiny_config))
-    cfg["tokenizer"]["clusters"] = 50  # invalid for 16-code levels
+    # valid settings that fail only once the stage sees the data: 16 identifiers for 1000 items
+    cfg["tokenizer"].update(codebook_sizes=[4, 4], clusters=2, unique=True)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
     run = str(tmp_path / "run")
@@ -92,6 +93,23 @@ def test_failing_stage_is_named_and_keeps_earlier_outputs(tmp_path, tiny_config)
     assert result.exit_code == 1
     assert "stage 'tokenizer' failed" in result.output and "Traceback" not in result.output
     assert set(markers(run)) == {"prepare", "embed", "cf"}
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("tokenizer", "clusters", 50, "tokenizer: clusters must be in"),
+    ("rec", "lr", "fast", "rec: lr must be a number"),
+    ("cf", "dropout", float("nan"), "cf: dropout must be a finite number"),
+    ("rec", "max_grad_norm", -1, "rec: max_grad_norm must be > 0"),
+])
+def test_bad_config_values_fail_before_any_stage(tmp_path, tiny_config, section, key, value, message):
+    cfg = yaml.safe_load(open(tiny_config))
+    cfg[section][key] = value
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    for args in (["config", "show"], ["pipeline", "--synthetic", "--out", str(tmp_path / "run")]):
+        result = CliRunner().invoke(main, [*args, "--config", str(bad)])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_show_and_unknown_keys(tmp_path):

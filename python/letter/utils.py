@@ -1,9 +1,7 @@
-"""Small shared helpers: atomic file writes, seeding, device choice, progress bars."""
+"""Small shared helpers: atomic file writes, progress bars, config-file reading."""
 import contextlib
-import dataclasses
 import json
 import os
-import random
 import tempfile
 from typing import Any, Iterator
 
@@ -47,20 +45,6 @@ def torch_save(path: str, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """'auto' or None -> cuda if available, else cpu; anything else is passed to torch.device."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def progress(iterable=None, **kwargs):
     """A tqdm progress bar that stays quiet when output is not a terminal unless forced by LETTER_PROGRESS=1."""
     from tqdm.auto import tqdm
@@ -93,12 +77,3 @@ def read_mapping_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise LetterError(f"{path}: the top level must be a mapping of setting -> value")
     return data
-
-
-def dataclass_from_dict(cls, values: dict, what: str):
-    """cls(**values), with unknown keys reported as a LetterError that names them."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise LetterError(f"{what}: unknown field(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)

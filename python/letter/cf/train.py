@@ -10,58 +10,24 @@ Distributed: under torchrun each process takes an interleaved share of every glo
 loss is normalised by the global number of targets, so N processes take the same steps as one
 (up to float summation order and dropout randomness).
 """
-import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from letter.cf.config import CFConfig
 from letter.cf.model import SASRec
 from letter.data import Dataset, Split, leave_one_out, pad_left
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
-from letter.utils import pick_device, progress, save_npy, set_seed, torch_save, write_json
+from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume, content_hash,
+                             distributed, epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard)
+from letter.utils import progress, save_npy, write_json
 
 KS = (5, 10)
-# fields that must match when resuming (the rest, e.g. epochs or patience, may change)
-MODEL_FIELDS = ("dim", "blocks", "heads", "max_len", "loss", "seed", "batch_size", "lr", "weight_decay", "dropout")
-
-
-@dataclass
-class CFConfig:
-    dim: int = 32
-    blocks: int = 2
-    heads: int = 2
-    # lr 3e-3 / dropout 0.3 rather than RecBole's 1e-3 / 0.5: on Scientific those stalled for the
-    # first epochs, these reach a good valid NDCG@10 in ~10 epochs (docs/RESULTS.md)
-    dropout: float = 0.3
-    max_len: int = 50
-    loss: str = "ce"  # "ce": full softmax cross-entropy; "bce": one sampled negative per target
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    epochs: int = 200
-    patience: int = 10  # epochs without a better valid NDCG@10 before stopping
-    eval_batch_size: int = 1024
-    mask_history: bool = False
-    seed: int = 0
-
-    def validate(self) -> "CFConfig":
-        if self.loss not in ("ce", "bce"):
-            raise LetterError(f"loss must be 'ce' or 'bce', got {self.loss!r}")
-        for name in ("dim", "blocks", "heads", "max_len", "batch_size", "epochs", "patience", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise LetterError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dim % self.heads:
-            raise LetterError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        if not 0 <= self.dropout < 1:
-            raise LetterError(f"dropout must be in [0, 1), got {self.dropout}")
-        return self
 
 
 def output_paths(out_dir: str, name: str, dim: int) -> dict[str, str]:
@@ -91,20 +57,6 @@ def trim_padding(seq: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor
     return tuple(t[:, start:] for t in (seq, *others))
 
 
-def epoch_batches(lengths: torch.Tensor, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """Shuffled batches of window indices; windows of similar length are batched together (sorted
-    within pools of 50 batches), so trimming the padding saves most of the work."""
-    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(len(lengths), generator=gen)
-    pool = batch_size * 50
-    batches = []
-    for start in range(0, len(order), pool):
-        chunk = order[start : start + pool]
-        chunk = chunk[torch.sort(lengths[chunk], stable=True).indices]
-        batches.extend(chunk.split(batch_size))
-    return [batches[i] for i in torch.randperm(len(batches), generator=gen)]
-
-
 def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS) -> dict[str, float]:
     """Baseline: everyone gets the items most frequent in the training sequences."""
     counts = np.zeros(dataset.num_items, dtype=np.int64)
@@ -117,40 +69,8 @@ def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS
     return {k: v / len(samples) for k, v in metric_sums(hits, ks).items()}
 
 
-class _Dist:
-    """Process-group facts; a single process is world 1, rank 0."""
-
-    def __init__(self, device: str | None):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1:
-            use_cuda = torch.cuda.is_available() and device in (None, "auto", "cuda")
-            self.device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-            if use_cuda:
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if use_cuda else "gloo")
-        else:
-            self.device = pick_device(device)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
 @torch.no_grad()
-def evaluate(model: SASRec, samples, ctx: _Dist, cfg: CFConfig) -> dict[str, float]:
+def full_ranking_metrics(model: SASRec, samples, ctx: DistContext, cfg: CFConfig) -> dict[str, float]:
     """Full-ranking Recall/NDCG@5,10 over `samples`, sharded over processes and summed."""
     model.eval()
     mine = samples[ctx.rank :: ctx.world]
@@ -189,52 +109,64 @@ def _step_loss(model, inputs, targets, num_items: int, loss: str, global_targets
     return total * world / max(global_targets, 1)
 
 
+def _inputs(dataset: Dataset) -> dict:
+    """Fingerprints of what the run reads: resuming on other data is refused."""
+    return {"inputs.dataset": content_hash(np.array([len(s) for s in dataset.sequences]),
+                                           np.concatenate([np.asarray(s, dtype=np.int64) for s in dataset.sequences])),
+            "inputs.num_items": dataset.num_items}
+
+
 def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False, device: str | None = None,
              log=print) -> dict:
     """Train SASRec with early stopping on valid NDCG@10; write embeddings, metrics and a checkpoint.
 
     Returns the metrics dict (also written as <Name>.cf-sasrec<d>.json)."""
     cfg.validate()
-    ctx = _Dist(device)
+    with distributed(device) as ctx:
+        return _train(dataset, out_dir, cfg, resume, ctx, log)
+
+
+def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: DistContext, log) -> dict:
     paths = output_paths(out_dir, dataset.name, cfg.dim)
     split = leave_one_out(dataset, max_history=cfg.max_len)
     if not split.train:
         raise LetterError(f"{dataset.name}: no training samples (every user has fewer than 4 items)")
     inputs, targets = training_windows(split, dataset, cfg.max_len)
 
-    set_seed(cfg.seed)
+    seed_everything(cfg.seed)
+    rng = RandomStreams(ctx.device)
     model = SASRec(dataset.num_items, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "train_seconds": 0.0}
+    stopping = EarlyStopping(cfg.patience)
+    state = {"epoch": 0, "history": [], "train_seconds": 0.0}
     best_weights = None
+    identity = {**cfg.to_dict(), **_inputs(dataset)}
     if resume and os.path.exists(paths["checkpoint"]):
-        ckpt = torch.load(paths["checkpoint"], map_location=ctx.device, weights_only=False)
-        saved = ckpt["config"]
-        changed = [f for f in MODEL_FIELDS if saved.get(f) != getattr(cfg, f)]
-        if changed:
-            raise LetterError(f"{paths['checkpoint']}: cannot resume, settings differ: "
-                              + ", ".join(f"{f} {saved.get(f)} -> {getattr(cfg, f)}" for f in changed))
+        ckpt = load_checkpoint(paths["checkpoint"], map_location=ctx.device)
+        check_resume(paths["checkpoint"], ckpt.get("identity", {}), identity, cfg.fixed_on_resume() + list(_inputs(dataset)))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state, best_weights = ckpt["state"], ckpt["best_model"]
-        torch.set_rng_state(ckpt["rng"])
+        stopping.load_state_dict(ckpt["stopping"])
+        stopping.patience = cfg.patience
+        rng.restore(ckpt["rng"])
         log(f"resumed from {paths['checkpoint']} after epoch {state['epoch']}")
     elif resume:
         log(f"no checkpoint at {paths['checkpoint']}; starting fresh")
 
     train_model = model
     if ctx.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     lengths = (inputs > 0).sum(1)
-    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+    while state["epoch"] < cfg.epochs and not stopping.should_stop:
         epoch = state["epoch"] + 1
         started = time.time()
         total_loss = 0.0
-        steps = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+        steps = batch_order(len(lengths), cfg.batch_size, epoch_generator(cfg.seed, epoch), lengths)
         for batch in progress(steps, desc=f"epoch {epoch}", leave=False, disable=None if ctx.main else True):
             global_targets = int((targets[batch] > 0).sum())
-            mine = batch[ctx.rank :: ctx.world]
-            seq, tgt = trim_padding(inputs[mine], targets[mine])
+            seq, tgt = trim_padding(inputs[shard(batch, ctx)], targets[shard(batch, ctx)])
             loss = _step_loss(train_model, seq.to(ctx.device), tgt.to(ctx.device), dataset.num_items, cfg.loss,
                               global_targets, ctx.world)
             optimizer.zero_grad(set_to_none=True)
@@ -242,34 +174,31 @@ def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False
             optimizer.step()
             total_loss += loss.item() / ctx.world
         total_loss = ctx.sum([total_loss])[0]  # each process added its share of every step's loss
-        valid = evaluate(model, split.valid, ctx, cfg)
+        valid = full_ranking_metrics(model, split.valid, ctx, cfg)
         state["epoch"] = epoch
         state["train_seconds"] += time.time() - started
         state["history"].append({"epoch": epoch, "loss": total_loss / len(steps), **{f"valid_{k}": v for k, v in valid.items()}})
-        if valid["ndcg@10"] > state["best_ndcg"]:
-            state.update(best_ndcg=valid["ndcg@10"], best_epoch=epoch, bad_epochs=0)
+        if stopping.update(valid["ndcg@10"], epoch):
             best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
         if ctx.main:
             log(f"epoch {epoch}: loss {total_loss / len(steps):.4f} valid ndcg@10 {valid['ndcg@10']:.4f} "
-                f"recall@10 {valid['recall@10']:.4f} (best epoch {state['best_epoch']}) {time.time() - started:.1f}s")
-            torch_save(paths["checkpoint"], {
-                "config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "state": state, "best_model": best_weights, "rng": torch.get_rng_state(),
+                f"recall@10 {valid['recall@10']:.4f} (best epoch {stopping.best_epoch}) {time.time() - started:.1f}s")
+            save_checkpoint(paths["checkpoint"], {
+                "identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "state": state, "stopping": stopping.state_dict(), "best_model": best_weights, "rng": rng.state(),
             })
         ctx.barrier()
 
     model.load_state_dict(best_weights)
     result = {
         "dataset": dataset.name,
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.to_dict(),
         "world_size": ctx.world,
         "epochs_run": state["epoch"],
-        "best_epoch": state["best_epoch"],
+        "best_epoch": stopping.best_epoch,
         "train_seconds": state["train_seconds"],
-        "valid": evaluate(model, split.valid, ctx, cfg),
-        "test": evaluate(model, split.test, ctx, cfg),
+        "valid": full_ranking_metrics(model, split.valid, ctx, cfg),
+        "test": full_ranking_metrics(model, split.test, ctx, cfg),
         "popularity_test": popularity_metrics(split, dataset, "test"),
         "history": state["history"],
     }

@@ -11,7 +11,7 @@ array [num_items, L], an authors'-format index .json, a codes .npy or a tokenize
 """
 from .config import RecConfig
 from .data import RecData, load_rec_data, resolve_codes
-from .evaluate import evaluate, generate, load_run, recommend
+from .evaluation import evaluate, generate, load_run, recommend
 from .model import Tiger, TokenLayout
 from .train import train_rec
 

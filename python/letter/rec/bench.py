@@ -20,7 +20,7 @@ from letter.utils import set_seed, write_json
 
 from .config import RecConfig
 from .data import load_rec_data
-from .evaluate import evaluate_model, prefix_index
+from .evaluation import evaluate_model, prefix_index
 from .model import Tiger
 
 
@@ -32,7 +32,7 @@ def run(data: str, index: str, train_seconds: float, eval_users: int, batch_size
     model = Tiger(rec.layout.vocab_size, **config.model_kwargs())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     enc, labels = rec.train_tensors()
-    order = torch.randperm(enc.shape[0], generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(enc.shape[0], generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu")
     warmup, planned, steps, started = 20, None, 0, time.time()
     model.train()
     while time.time() - started < train_seconds and (steps + 1) * batch_size <= enc.shape[0]:

@@ -1,71 +1,48 @@
-"""Settings of the TIGER recommender; the defaults are the authors' LETTER-TIGER setup."""
+"""Settings of the generative recommender; the defaults are the authors' LETTER-TIGER setup."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from letter.errors import LetterError
-from letter.utils import dataclass_from_dict
+from letter.settings import Settings, setting
 
 
 @dataclass
-class RecConfig:
-    # Model: the authors' ckpt/TIGER/config.json (T5 with d_model 128, 4+4 layers, 6 heads x 64).
-    d_model: int = 128
-    num_layers: int = 4
-    num_decoder_layers: int = 4
-    num_heads: int = 6
-    d_kv: int = 64
-    d_ff: int = 1024
-    dropout: float = 0.1
-    relative_buckets: int = 32
-    relative_max_distance: int = 128
-    # Ranking-guided loss temperature (their code's default is 1.0; the paper's best on Instruments 0.7).
-    temperature: float = 1.0
-    max_history: int = 20
-    # Optimisation: AdamW, cosine schedule with linear warmup over warmup_ratio of all steps.
-    # batch_size is global (split across DDP processes); theirs is 256 per GPU x 2 GPUs x 2 accumulation.
-    epochs: int = 200
-    batch_size: int = 1024
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    # Early stopping on validation NDCG@10 from constrained beam search over a fixed user sample.
-    eval_every: int = 1
-    patience: int = 20  # evaluations without improvement before stopping (theirs: 20)
-    valid_users: int = 2000  # 0 = the whole validation split
-    eval_beams: int = 20
-    eval_batch_size: int = 256
-    device: str = "auto"
+class RecConfig(Settings):
+    section = "rec"
 
-    def validate(self) -> "RecConfig":
-        positive = ["d_model", "num_layers", "num_decoder_layers", "num_heads", "d_kv", "d_ff", "max_history",
-                    "epochs", "batch_size", "eval_every", "patience", "eval_beams", "eval_batch_size"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise LetterError(f"rec config: {name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise LetterError(f"rec config: temperature must be > 0, got {self.temperature}")
-        if self.lr <= 0:
-            raise LetterError(f"rec config: lr must be > 0, got {self.lr}")
-        if not 0 <= self.dropout < 1:
-            raise LetterError(f"rec config: dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise LetterError(f"rec config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.valid_users < 0:
-            raise LetterError(f"rec config: valid_users must be >= 0, got {self.valid_users}")
-        return self
+    # Model: the authors' ckpt/TIGER/config.json (T5 with d_model 128, 4+4 layers, 6 heads x 64).
+    d_model: int = setting(128, "Model width.", low=1)
+    num_layers: int = setting(4, "Encoder layers.", low=1)
+    num_decoder_layers: int = setting(4, "Decoder layers.", low=1)
+    num_heads: int = setting(6, "Attention heads.", low=1)
+    d_kv: int = setting(64, "Width of each attention head.", low=1)
+    d_ff: int = setting(1024, "Feed-forward width.", low=1)
+    dropout: float = setting(0.1, "Dropout rate.", low=0, high=1, high_open=True)
+    relative_buckets: int = setting(32, "T5 relative-position buckets.", low=1)
+    relative_max_distance: int = setting(128, "T5 relative-position max distance.", low=1)
+    # Their code's default is 1.0; the paper's best on Instruments 0.7.
+    temperature: float = setting(1.0, "Ranking-guided loss temperature tau (the paper's best on Instruments: 0.7).",
+                                 low=0, low_open=True)
+    max_history: int = setting(20, "History items the model reads.", low=1)
+    # Optimisation: AdamW, cosine schedule with linear warmup over warmup_ratio of all steps.
+    # Theirs is 256 per GPU x 2 GPUs x 2 accumulation.
+    epochs: int = setting(200, "Epochs of the cosine schedule (training may stop earlier).", low=1)
+    batch_size: int = setting(1024, "Global batch size (split across torchrun processes).", low=1)
+    lr: float = setting(5e-4, "AdamW learning rate.", low=0, low_open=True)
+    weight_decay: float = setting(0.01, "AdamW weight decay.", low=0)
+    warmup_ratio: float = setting(0.01, "Fraction of the steps of linear warmup.", low=0, high=1, high_open=True)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", low=0, low_open=True)
+    seed: int = setting(42, "Random seed.")
+    # Early stopping on validation NDCG@10 from constrained beam search over a fixed user sample.
+    eval_every: int = setting(1, "Validate (beam search, NDCG@10) every N epochs.", low=1)
+    patience: int = setting(20, "Stop after this many validations without a better NDCG@10 (theirs: 20).", low=1,
+                            may_change_on_resume=True)
+    valid_users: int = setting(2000, "Validation users sampled for early stopping (0 = all).", low=0)
+    eval_beams: int = setting(20, "Beams of the validation beam search.", low=10)
+    eval_batch_size: int = setting(256, "Users per validation batch.", low=1, may_change_on_resume=True)
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto.", may_change_on_resume=True)
 
     def model_kwargs(self) -> dict:
         names = ["d_model", "num_layers", "num_decoder_layers", "num_heads", "d_kv", "d_ff", "dropout",
                  "relative_buckets", "relative_max_distance", "temperature"]
         return {n: getattr(self, n) for n in names}
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "RecConfig":
-        return dataclass_from_dict(cls, values, "rec config")

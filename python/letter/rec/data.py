@@ -100,7 +100,7 @@ class RecData:
 
     def encode(self, histories: list[list[int]]) -> torch.Tensor:
         """Encoder token ids [N, max_history * L + 1]."""
-        L, width = self.num_levels, self.split.max_history * self.num_levels + 1
+        width = self.split.max_history * self.num_levels + 1
         out = torch.full((len(histories), width), PAD, dtype=torch.long)
         for row, history in enumerate(histories):
             tokens = self.item_tokens[history[-self.split.max_history:]].reshape(-1)

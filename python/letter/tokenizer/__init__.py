@@ -5,6 +5,7 @@
     codes = encode("runs/tok", new_item_text_emb)        # cold start, [n, L]
 """
 from .config import TokenizerConfig
-from .train import Tokenizer, encode, load_tokenizer, train_tokenizer
+from .inference import Tokenizer, encode, load_tokenizer
+from .train import train_tokenizer
 
 __all__ = ["TokenizerConfig", "Tokenizer", "encode", "load_tokenizer", "train_tokenizer"]

@@ -14,6 +14,8 @@ from torch.nn import functional as F
 
 import letter_ext
 
+from letter.training import BatchShare
+
 from .clustering import sinkhorn_assign
 from .config import TokenizerConfig
 
@@ -86,14 +88,18 @@ class RQVAE(nn.Module):
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.x_mean) / self.x_scale
 
-    def quantize(self, z: torch.Tensor, sinkhorn: bool = False):
+    def quantize(self, z: torch.Tensor, sinkhorn: bool = False, share: BatchShare | None = None):
         """-> codes [B, L], selected code vectors e [B, L, d] (grad to codebooks), residuals r [B, L, d]
-        (grad to z only), z_hat [B, d] (straight-through: value sum_l e_l, gradient to z)."""
+        (grad to z only), z_hat [B, d] (straight-through: value sum_l e_l, gradient to z).
+        `share`: z holds one rank's rows of a global batch; Sinkhorn balances the whole batch."""
         codes, assigned_residuals = assign_codes(z, list(self.codebooks))
         if sinkhorn and self.config.sinkhorn_epsilon > 0:
             # Balanced re-assignment of the last level within the batch (the authors' training rule).
             dist = torch.cdist(assigned_residuals[:, -1], self.codebooks[-1].detach()) ** 2
-            codes[:, -1] = sinkhorn_assign(dist, self.config.sinkhorn_epsilon, self.config.sinkhorn_iters)
+            if share is not None:
+                dist = share.gather(dist)
+            last = sinkhorn_assign(dist, self.config.sinkhorn_epsilon, self.config.sinkhorn_iters)
+            codes[:, -1] = last if share is None else last[share.positions]
         e = torch.stack([cb[codes[:, l]] for l, cb in enumerate(self.codebooks)], 1)
         before = torch.cumsum(e.detach(), 1) - e.detach()  # sum_{k<l} e_k
         residuals = z.unsqueeze(1) - before
@@ -101,11 +107,11 @@ class RQVAE(nn.Module):
         z_hat = z + (quantized - z).detach()
         return codes, e, residuals, z_hat
 
-    def forward(self, x: torch.Tensor, sinkhorn: bool = False) -> dict:
+    def forward(self, x: torch.Tensor, sinkhorn: bool = False, share: BatchShare | None = None) -> dict:
         """x: raw embeddings; "target" is the standardized input that "recon" reconstructs."""
         target = self.standardize(x)
         z = self.encoder(target)
-        codes, e, residuals, z_hat = self.quantize(z, sinkhorn=sinkhorn)
+        codes, e, residuals, z_hat = self.quantize(z, sinkhorn=sinkhorn, share=share)
         return {"target": target, "z": z, "codes": codes, "e": e, "residuals": residuals, "z_hat": z_hat,
                 "recon": self.decoder(z_hat)}
 
@@ -123,16 +129,21 @@ def quantization_loss(e: torch.Tensor, residuals: torch.Tensor, mu: float) -> to
     return codebook + mu * commitment
 
 
-def collaborative_loss(z_hat: torch.Tensor, cf: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE between quantized item vectors and their CF embeddings, in-batch negatives."""
-    return letter_ext.info_nce(z_hat, cf, temperature=temperature)
+def collaborative_loss(z_hat: torch.Tensor, cf: torch.Tensor, temperature: float,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE between quantized item vectors and their CF embeddings, in-batch negatives.
+    `positions`: z_hat holds these rows of the batch whose CF embeddings are `cf` (one rank's share)."""
+    if positions is None:
+        return letter_ext.info_nce(z_hat, cf, temperature=temperature)
+    return letter_ext.dot_product_cross_entropy(z_hat, cf, positions, temperature=temperature)
 
 
-def sample_positives(codes: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+def sample_positives(codes: torch.Tensor, labels: torch.Tensor, u: torch.Tensor):
     """For each selected code, a different code of the same codebook cluster, uniformly.
 
-    codes [B] (selected code ids), labels [N] (cluster of each code). Returns (positives [B],
-    valid [B] bool); rows whose code is alone in its cluster have no positive (valid False).
+    codes [B] (selected code ids), labels [N] (cluster of each code), u [B] uniform draws in [0, 1).
+    Returns (positives [B], valid [B] bool); rows whose code is alone in its cluster have no
+    positive (valid False).
     """
     n = labels.numel()
     order = torch.argsort(labels * n + torch.arange(n, device=labels.device))  # members grouped by cluster
@@ -144,7 +155,6 @@ def sample_positives(codes: torch.Tensor, labels: torch.Tensor, generator: torch
     size = sizes[cluster]
     valid = size > 1
     # Draw among the size-1 others: j uniform in [0, size-1), skipping the code's own rank.
-    u = torch.rand(codes.shape, generator=generator, device=codes.device)
     j = (u * (size - 1).clamp(min=1)).long()
     j = j + (j >= rank_of[codes]).long()
     j = torch.minimum(j, size - 1)
@@ -156,14 +166,18 @@ def diversity_loss(
     codes: torch.Tensor,
     codebook: torch.Tensor,
     labels: torch.Tensor,
-    generator: torch.Generator,
+    u: torch.Tensor,
     temperature: float,
+    share: BatchShare | None = None,
 ) -> torch.Tensor:
     """One level's code-assignment diversity loss: each selected code e_c against the level's whole
-    codebook (c itself excluded), target = a code sampled from c's cluster."""
-    positives, valid = sample_positives(codes, labels, generator)
+    codebook (c itself excluded), target = a code sampled from c's cluster with the uniform draws u.
+    The mean is over rows whose code has a positive; with `share` (one rank's rows) it is weighted
+    to be this rank's part of the mean over all ranks' such rows."""
+    positives, valid = sample_positives(codes, labels, u)
     if not bool(valid.all()):
         e, codes, positives = e[valid], codes[valid], positives[valid]
+    weight = 1.0 if share is None else share.weight(e.shape[0], share.total(e.shape[0]))
     if e.shape[0] == 0:
         return codebook.sum() * 0.0
-    return letter_ext.codebook_diversity_loss(e, codebook, positives, codes, temperature=temperature)
+    return letter_ext.codebook_diversity_loss(e, codebook, positives, codes, temperature=temperature) * weight

@@ -17,7 +17,8 @@ import torch
 from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_search
 from letter.errors import LetterError
 from letter.metrics import metrics_from_hits
-from letter.utils import pick_device, progress, write_json
+from letter.training import resolve_device
+from letter.utils import progress, write_json
 
 from .config import RecConfig
 from .data import RecData, load_rec_data
@@ -111,7 +112,7 @@ def evaluate(run_dir: str, split: str = "test", *, data=None, num_beams: int = 2
     Returns (and with `out`, writes as JSON) the metrics, users, beams, wall time and users/s."""
     if split not in ("valid", "test"):
         raise LetterError(f"--split must be valid or test, got {split!r}")
-    device = pick_device(device)
+    device = resolve_device(device)
     model, rec, config = load_run(run_dir, data, device)
     enc, targets = rec.eval_tensors(split, max_users, config.seed)
     result = {"model": os.path.abspath(run_dir), "split": split,
@@ -128,7 +129,7 @@ def recommend(run_dir: str, history: list[str], k: int = 10, *, data=None, devic
     Items sharing a generated identifier are listed together under that identifier's rank."""
     if k < 1:
         raise LetterError(f"-k must be >= 1, got {k}")
-    device = pick_device(device)
+    device = resolve_device(device)
     model, rec, _ = load_run(run_dir, data, device)
     position = {item: i for i, item in enumerate(rec.dataset.item_ids)}
     unknown = [h for h in history if h not in position]

@@ -1,0 +1,70 @@
+"""Command-line options generated from the library's Settings dataclasses (letter.settings), so a
+setting's default, help text and range are written once, in the dataclass."""
+import dataclasses
+
+import click
+
+from letter.settings import default_of, field_type
+from letter.utils import read_mapping_file
+
+
+class ListOf(click.ParamType):
+    """A comma-separated list: '2048,1024,512'."""
+
+    def __init__(self, element: type):
+        self.element = element
+        self.name = f"{element.__name__},..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [self.element(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"expected comma-separated {self.element.__name__} values, got {value!r}", param, ctx)
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def settings_options(cls, exclude: tuple[str, ...] = ()):
+    """Decorator: one --option per field of `cls` (a letter.settings.Settings dataclass). Options
+    default to None ("not given"), so values from --config FILE or the dataclass stay unless given."""
+
+    def decorate(command):
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in exclude or not f.metadata.get("cli", True):
+                continue
+            kind, element = field_type(cls, f)
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f"{cls.describe(f.name)}  [default: {_shown(default_of(cls, f))}]"
+            if kind is bool:
+                option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+            elif kind is list:
+                option = click.option(flag, f.name, type=ListOf(element), default=None, help=help_text)
+            elif f.metadata.get("choices"):
+                option = click.option(flag, f.name, type=click.Choice([str(c) for c in f.metadata["choices"]]),
+                                      default=None, help=help_text)
+            else:
+                option = click.option(flag, f.name, type=kind, default=None, help=help_text)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+config_file_option = click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False), default=None,
+    help="YAML/JSON file of these settings (the option names with _); options given here override it.")
+
+
+def settings_from_options(cls, options: dict, config_file: str | None = None):
+    """The settings: the dataclass defaults, then the --config file, then the options given.
+    Removes the fields' keys from `options`; validates (bad values are one-line LetterErrors)."""
+    values = cls.from_dict(read_mapping_file(config_file), validate=False).to_dict() if config_file else {}
+    for f in dataclasses.fields(cls):
+        given = options.pop(f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return cls.from_dict(values)

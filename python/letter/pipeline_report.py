@@ -1,0 +1,125 @@
+"""The pipeline's report: the metric table (Popularity, SASRec, LETTER-TIGER on the same test split),
+tokenizer statistics, time per stage and training curves, as report.json, report.md and PNGs."""
+import json
+import os
+
+from letter.utils import atomic_path, write_json
+
+METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+
+
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def metric_table(p) -> list[dict]:
+    """Popularity, SASRec and LETTER-TIGER on the same leave-one-out test split."""
+    cf_metrics = _load(p.outputs["cf"]["metrics"])
+    tiger = p.outputs["evaluate"]["result"]["metrics"]
+    return [
+        {"model": "Popularity", **{m: cf_metrics.get("popularity_test", {}).get(m) for m in METRICS}},
+        {"model": "SASRec", **{m: cf_metrics.get("test", {}).get(m) for m in METRICS}},
+        {"model": "LETTER-TIGER", **{m: tiger.get(m) for m in METRICS}},
+    ]
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for row in rows:
+        cells = [f"{row[m]:.4f}" if isinstance(row.get(m), (int, float)) else "n/a" for m in METRICS]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(p) -> dict:
+    """report.json + report.md (+ training-curve PNGs when matplotlib is installed) in RUN/."""
+    tok = _load(p.outputs["tokenizer"]["report"])
+    table = metric_table(p)
+    evaluation = p.outputs["evaluate"]["result"]
+    report = {
+        "dataset": p.outputs["prepare"]["stats"],
+        "tokenizer": tok,
+        "metrics": table,
+        "evaluation": {k: evaluation.get(k) for k in ("split", "users", "beams", "wall_s", "users_per_s",
+                                                       "targets_in_collision_groups")},
+        "stage_seconds": {s: p.stage_seconds(s) for s in p.outputs},
+    }
+    plots = _plot_curves(p)
+    report["plots"] = plots
+    write_json(os.path.join(p.out, "report.json"), report)
+    stats = report["dataset"]
+    lines = [
+        "# LETTER pipeline report",
+        "",
+        f"Dataset **{stats['name']}**: {stats['users']} users, {stats['items']} items, "
+        f"{stats['interactions']} interactions (sparsity {stats['sparsity']:.4f}).",
+        "",
+        f"## Test metrics (leave-one-out, full ranking; TIGER: constrained beam search, {evaluation.get('beams')} beams,"
+        f" {evaluation.get('users_per_s')} users/s)",
+        "",
+        format_table(table),
+        "",
+        "## Tokenizer",
+        "",
+        f"Collision rate {tok.get('collision_rate_before', float('nan')):.4f} before resolution, "
+        f"{tok.get('collision_rate_after', float('nan')):.4f} after; reconstruction MSE "
+        f"{tok.get('recon_mse', float('nan')):.4f}; CF alignment (mean cosine) "
+        f"{tok.get('cf_alignment_cosine', float('nan')):.4f}; best epoch {tok.get('best_epoch')}.",
+        "",
+        "| level | codes used | entropy (bits) | perplexity | Gini |",
+        "|---|---|---|---|---|",
+        *[f"| {st['level']} | {st['used']} / {st['codebook_size']} | {st['entropy_bits']:.2f} | "
+          f"{st['perplexity']:.1f} | {st['gini']:.3f} |" for st in tok.get("level_stats", [])],
+        "",
+        "## Time per stage (s)",
+        "",
+        "| " + " | ".join(report["stage_seconds"]) + " |",
+        "|" + "---|" * len(report["stage_seconds"]),
+        "| " + " | ".join(f"{report['stage_seconds'][s]:.1f}" if report["stage_seconds"][s] is not None else "-"
+                          for s in report["stage_seconds"]) + " |",
+    ]
+    if plots:
+        lines += ["", "## Training curves", ""] + [f"![{os.path.basename(x)}]({os.path.relpath(x, p.out)})" for x in plots]
+    with atomic_path(os.path.join(p.out, "report.md")) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return report
+
+
+def _plot_curves(p) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    tok_png = os.path.join(p.outputs["tokenizer"]["run"], "curves.png")
+    if os.path.isfile(tok_png):
+        paths.append(tok_png)
+    series = []
+    cf_hist = _load(p.outputs["cf"]["metrics"]).get("history", [])
+    if cf_hist:
+        series.append(("SASRec valid NDCG@10", [h.get("epoch") for h in cf_hist], [h.get("valid_ndcg@10") for h in cf_hist]))
+    rec_hist = _load(p.outputs["rec"]["history"])
+    if rec_hist:
+        series.append(("TIGER train loss", [h.get("epoch") for h in rec_hist], [h.get("train_loss") for h in rec_hist]))
+        evals = [h for h in rec_hist if h.get("valid_ndcg@10") is not None]
+        if evals:
+            series.append(("TIGER valid NDCG@10", [h["epoch"] for h in evals], [h["valid_ndcg@10"] for h in evals]))
+    series = [s for s in series if any(v is not None for v in s[2])]
+    if series:
+        fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.4), squeeze=False)
+        for ax, (title, xs, ys) in zip(axes[0], series):
+            ax.plot(xs, ys, marker="o", ms=3)
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(p.out, "training_curves.png")
+        fig.savefig(path + ".tmp.png", dpi=100)
+        plt.close(fig)
+        os.replace(path + ".tmp.png", path)
+        paths.append(path)
+    return paths

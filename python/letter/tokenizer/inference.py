@@ -1,0 +1,118 @@
+"""A trained tokenizer as an object: load a run folder, turn item embeddings into identifiers with
+the run's collision rules (cold start: the catalog's identifiers count as taken)."""
+import os
+
+import numpy as np
+import torch
+
+from letter.errors import LetterError
+from letter.training import load_checkpoint
+
+from .codes import collision_rate, make_unique, sinkhorn_resolve
+from .config import TokenizerConfig
+from .model import RQVAE
+
+MODEL = "model.pt"  # the best-collision weights + config, what load_tokenizer reads
+COMPLETE = "report.json"  # written last by train_tokenizer: its presence marks a finished run
+
+
+def check_embeddings(name: str, emb, num_items: int | None = None) -> np.ndarray:
+    """A float32 [I, dim] copy of `emb`, or LetterError naming the problem (shape, NaN rows)."""
+    arr = np.asarray(emb)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise LetterError(f"{name}: expected a [num_items, dim] matrix, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise LetterError(f"{name}: expected numbers, got dtype {arr.dtype}")
+    if num_items is not None and arr.shape[0] != num_items:
+        raise LetterError(f"{name}: has {arr.shape[0]} rows but the dataset has {num_items} items")
+    bad = np.flatnonzero(~np.isfinite(arr).all(1))
+    if len(bad):
+        raise LetterError(f"{name}: {len(bad)} row(s) contain NaN/inf, e.g. item(s) {bad[:5].tolist()}")
+    return arr.astype(np.float32, copy=True)
+
+
+def encode_all(model: RQVAE, x: torch.Tensor, batch: int = 8192) -> tuple[np.ndarray, torch.Tensor]:
+    model.eval()
+    codes, zs = [], []
+    for i in range(0, len(x), batch):
+        c, z = model.encode(x[i : i + batch])
+        codes.append(c.cpu())
+        zs.append(z.cpu())
+    return torch.cat(codes).numpy(), torch.cat(zs)
+
+
+class Tokenizer:
+    """A trained tokenizer: the RQ-VAE plus the rules that turn embeddings into identifiers."""
+
+    def __init__(self, model: RQVAE, config: TokenizerConfig, name: str, catalog_codes: np.ndarray | None = None):
+        self.model = model.eval()
+        self.config = config
+        self.name = name
+        self.catalog_codes = catalog_codes  # the run's codes.npy; cold-start items must avoid them
+
+    @property
+    def codebooks(self) -> list[torch.Tensor]:
+        return [cb.detach() for cb in self.model.codebooks]
+
+    def raw_codes(self, emb: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Plain argmin codes [I, L] and latents z [I, e_dim], no collision handling."""
+        return encode_all(self.model, torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)))
+
+    def resolve(self, codes: np.ndarray, z: torch.Tensor, movable: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """The authors' Sinkhorn re-assignment of colliding groups, then (config.unique) nearest-free-code moves."""
+        info = {"collision_before": collision_rate(codes)}
+        eps = self.config.sinkhorn_epsilon or 0.003  # the authors' re-assignment epsilon
+        codes, rounds = sinkhorn_resolve(codes, z, self.codebooks, eps, self.config.sinkhorn_iters,
+                                         self.config.collision_rounds, movable)
+        info["sinkhorn_rounds"] = rounds
+        info["collision_after_sinkhorn"] = collision_rate(codes)
+        if self.config.unique:
+            codes, moves = make_unique(codes, z, self.codebooks, movable)
+            info["unique_moves"] = moves
+            info["unique_method"] = ("colliding items moved to the nearest unused last-level code under their prefix "
+                                     "(backing off to earlier levels only when that prefix is full)")
+        info["collision_after"] = collision_rate(codes)
+        return codes, info
+
+    def encode(self, emb) -> np.ndarray:
+        """Codes [n, L] for new (cold-start) items with the training run's rules: argmin, then the
+        collision rules applied to the new items only, the catalog's identifiers counting as taken."""
+        new = check_embeddings("embeddings", emb)
+        if new.shape[1] != self.model.in_dim:
+            raise LetterError(f"embeddings have dim {new.shape[1]} but the tokenizer was trained on dim {self.model.in_dim}")
+        codes, z = self.raw_codes(new)
+        if self.catalog_codes is None:
+            return self.resolve(codes, z)[0]
+        all_codes = np.concatenate([self.catalog_codes, codes])
+        # Catalog latents are not needed: fixed items never move; give them zeros as placeholders.
+        all_z = torch.cat([torch.zeros(len(self.catalog_codes), z.shape[1]), z])
+        movable = np.r_[np.zeros(len(self.catalog_codes), bool), np.ones(len(codes), bool)]
+        resolved, _ = self.resolve(all_codes, all_z, movable)
+        return resolved[len(self.catalog_codes):]
+
+
+def load_tokenizer(run_dir: str) -> Tokenizer:
+    """Load a finished run folder written by train_tokenizer (model.pt + codes.npy)."""
+    path = os.path.join(run_dir, MODEL)
+    if not os.path.isfile(path):
+        hint = " (it looks like a train-rec run folder)" if os.path.isfile(os.path.join(run_dir, "run.json")) else ""
+        raise LetterError(f"{run_dir}: not a tokenizer run folder (no {MODEL}){hint}")
+    if not os.path.isfile(os.path.join(run_dir, COMPLETE)):
+        raise LetterError(f"{run_dir}: unfinished tokenizer run (no {COMPLETE}); finish it with --resume")
+    blob = load_checkpoint(path)
+    try:
+        config = TokenizerConfig.from_dict(blob["config"])
+        model = RQVAE(blob["in_dim"], config, cf_dim=blob["cf_dim"])
+        model.load_state_dict(blob["model"])
+        name = blob["name"]
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise LetterError(f"{path}: not a tokenizer model file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    codes_path = os.path.join(run_dir, "codes.npy")
+    catalog = np.load(codes_path) if os.path.isfile(codes_path) else None
+    return Tokenizer(model, config, name, catalog)
+
+
+def encode(run_dir: str, emb) -> np.ndarray:
+    """Cold start: codes [n, L] for unseen items' text embeddings with a trained run's rules."""
+    return load_tokenizer(run_dir).encode(emb)
+

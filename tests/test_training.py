@@ -1,0 +1,170 @@
+"""The shared training core (letter.training) and what every trainer must get from it: devices,
+generators on the run's device, resume checks, checkpoint loading, batch order, torchrun."""
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from letter.errors import LetterError
+from letter.training import (EarlyStopping, RandomStreams, batch_order, check_resume, epoch_generator,
+                             load_checkpoint, resolve_device, save_checkpoint, warmup_cosine)
+from letter.tokenizer import TokenizerConfig, train_tokenizer
+
+LIBRARY = pathlib.Path(__file__).resolve().parents[1] / "python" / "letter"
+DRAWS = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "normal"}
+
+
+def _calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            yield node, name, {k.arg for k in node.keywords}
+
+
+def test_every_generator_and_seeded_draw_names_its_device():
+    """The bug class that stopped GPU training: a CPU generator feeding draws on CUDA tensors. Every
+    torch.Generator the library makes, and every seeded draw that makes a new tensor, must say on
+    which device, so a trainer's generators follow the device it was asked to use."""
+    offenders = []
+    for path in LIBRARY.rglob("*.py"):
+        for node, name, keywords in _calls(ast.parse(path.read_text())):
+            if name == "Generator" and "device" not in keywords:
+                offenders.append(f"{path.name}:{node.lineno} torch.Generator() without device=")
+            if name in DRAWS and "generator" in keywords and "device" not in keywords and not name.endswith("_like"):
+                offenders.append(f"{path.name}:{node.lineno} {name}(generator=...) without device=")
+    assert not offenders, offenders
+
+
+def test_random_streams_live_on_the_run_device_and_restore_exactly():
+    rng = RandomStreams(torch.device("cpu"))
+    gen = rng.generator("codes", 3)
+    order = rng.generator("order", 4, device="cpu")
+    assert gen.device == torch.device("cpu") and order.device == torch.device("cpu")
+    state = rng.state()
+    first = (torch.rand(5, generator=gen), torch.randperm(9, generator=order), torch.rand(2), np.random.rand())
+    rng.restore(state)
+    again = (torch.rand(5, generator=gen), torch.randperm(9, generator=order), torch.rand(2), np.random.rand())
+    assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("bad", ["cuda:7", "tpu", "not a device"])
+def test_devices_this_torch_lacks_are_clear_errors(bad):
+    if bad.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(LetterError, match="--device"):
+        resolve_device(bad)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_batch_order_is_seeded_covers_every_row_and_buckets_by_length():
+    lengths = torch.randint(1, 50, (1003,), generator=torch.Generator(device="cpu").manual_seed(0), device="cpu")
+    plain = batch_order(1003, 64, epoch_generator(5, 2))
+    assert torch.equal(torch.cat(plain).sort().values, torch.arange(1003))
+    assert all(torch.equal(a, b) for a, b in zip(plain, batch_order(1003, 64, epoch_generator(5, 2))))
+    assert not torch.equal(plain[0], batch_order(1003, 64, epoch_generator(5, 3))[0])
+    bucketed = batch_order(1003, 64, epoch_generator(5, 2), lengths, pool_batches=8)
+    assert torch.equal(torch.cat(bucketed).sort().values, torch.arange(1003))
+    spread = lambda batches: np.mean([float(lengths[b].max() - lengths[b].min()) for b in batches])  # noqa: E731
+    assert spread(bucketed) < 0.5 * spread(plain)
+
+
+def test_schedule_and_early_stopping():
+    f = warmup_cosine(100, 10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.0)
+    stop = EarlyStopping(patience=2)
+    assert stop.update(0.1, 1) and not stop.update(0.1, 2) and not stop.should_stop
+    assert not stop.update(0.05, 3) and stop.should_stop and stop.best_epoch == 1
+
+
+def test_check_resume_names_the_field_that_differs():
+    saved = {"lr": 1e-3, "epochs": 10, "inputs.text_emb": "abc"}
+    check_resume("ckpt.pt", saved, {**saved, "epochs": 20}, fixed=["lr", "inputs.text_emb"])
+    with pytest.raises(LetterError, match=r"ckpt.pt: lr was 0.001, now 0.002"):
+        check_resume("ckpt.pt", saved, {**saved, "lr": 2e-3}, fixed=["lr", "inputs.text_emb"])
+    with pytest.raises(LetterError, match="inputs.text_emb was 'abc', now 'xyz'"):
+        check_resume("ckpt.pt", saved, {**saved, "inputs.text_emb": "xyz"}, fixed=["lr", "inputs.text_emb"])
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, "truncated"])
+def test_corrupt_checkpoints_are_one_line_errors(tmp_path, content):
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, {"w": torch.randn(100, 100)})
+    assert torch.equal(load_checkpoint(path)["w"], torch.load(path)["w"])
+    if content == "truncated":
+        data = open(path, "rb").read()
+        content = data[: len(data) // 2]
+    with open(path, "wb") as f:
+        f.write(content)
+    with pytest.raises(LetterError, match="checkpoint.pt: corrupt or truncated"):
+        load_checkpoint(path)
+
+
+# -- the tokenizer through the core: generators, resume refusal, torchrun --------------------------
+
+TOK = dict(layers=[32], e_dim=8, codebook_sizes=[8, 8], clusters=2, batch_size=64, epochs=4, kmeans_iters=5,
+           checkpoint_every=2, alpha=0.02, beta=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tok_inputs():
+    g = torch.Generator(device="cpu").manual_seed(0)
+    text = torch.randn(150, 24, generator=g, device="cpu").numpy()
+    cf = torch.randn(150, 8, generator=g, device="cpu").numpy()
+    return text, cf
+
+
+def test_tokenizer_generators_are_on_the_requested_device(tok_inputs, tmp_path, monkeypatch):
+    """Every generator the tokenizer trainer holds lives on the device it was asked to use."""
+    seen = []
+    real = RandomStreams.generator
+
+    def spy(self, name, seed, device=None):
+        gen = real(self, name, seed, device)
+        seen.append((name, gen.device, self.device))
+        return gen
+
+    monkeypatch.setattr(RandomStreams, "generator", spy)
+    train_tokenizer(TokenizerConfig(**{**TOK, "epochs": 1}), *tok_inputs, str(tmp_path / "run"), device="cpu")
+    assert {name for name, _, _ in seen} == {"codes", "order"}
+    assert all(dev == torch.device("cpu") for name, dev, run in seen if name == "codes")
+
+
+def test_tokenizer_resume_refuses_changed_inputs_and_settings(tok_inputs, tmp_path):
+    text, cf = tok_inputs
+    run = str(tmp_path / "run")
+    train_tokenizer(TokenizerConfig(**{**TOK, "epochs": 2}), text, cf, run)
+    with pytest.raises(LetterError, match="lr was 0.001, now 0.002"):
+        train_tokenizer(TokenizerConfig(**{**TOK, "lr": 2e-3}), text, cf, run, resume=True)
+    with pytest.raises(LetterError, match="inputs.text_emb was"):
+        train_tokenizer(TokenizerConfig(**TOK), text + 1, cf, run, resume=True)
+    train_tokenizer(TokenizerConfig(**TOK), text, cf, run, resume=True)  # epochs may grow
+
+
+@pytest.mark.slow
+def test_tokenizer_torchrun_two_processes_match_one(tok_inputs, tmp_path):
+    text, cf = tok_inputs
+    np.save(tmp_path / "T.emb-x.npy", text)
+    np.save(tmp_path / "T.cf-x.npy", cf)
+    data = tmp_path / "data"
+    from letter.data import make_synthetic, write_letter
+
+    write_letter(make_synthetic(num_users=60, num_items=150, num_categories=3, seed=1, name="T"), str(data))
+    common = ["--text-emb", str(tmp_path / "T.emb-x.npy"), "--cf-emb", str(tmp_path / "T.cf-x.npy"),
+              "--layers", "32", "--e-dim", "8", "--codebook-sizes", "8,8", "--clusters", "2", "--batch-size", "64",
+              "--epochs", "3", "--kmeans-iters", "5", "--beta", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LETTER_PROGRESS": "0"}
+    runs = {}
+    for procs in (1, 2):
+        out = str(tmp_path / f"p{procs}")
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+             "-m", "letter.cli.main", "train-tokenizer", "--data", str(data), *common, "--out", out],
+            env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[procs] = np.load(os.path.join(out, "codes.npy"))
+    assert np.array_equal(runs[1], runs[2])
