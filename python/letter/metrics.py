@@ -42,3 +42,28 @@ def metric_sums(hits: torch.Tensor, ks=(5, 10)) -> dict[str, float]:
     means = metrics_from_hits(hits, ks)
     return {key: value * hits.shape[0] for key, value in means.items()}
 
+
+
+def normalized_mutual_info(a, b) -> float:
+    """NMI of two labelings of the same items: 2 I(A; B) / (H(A) + H(B)) (arithmetic-mean
+    normalization), in [0, 1]; 1.0 when both labelings are constant."""
+    import numpy as np
+
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"labelings differ in length: {a.shape[0]} vs {b.shape[0]}")
+    if a.size == 0:
+        return float("nan")
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    joint = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(joint, (ia.reshape(-1), ib.reshape(-1)), 1)
+    p = joint / a.size
+    pa, pb = p.sum(1), p.sum(0)
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum())
+    ha = float(-(pa * np.log(pa)).sum())
+    hb = float(-(pb * np.log(pb)).sum())
+    if ha + hb == 0:
+        return 1.0
+    return max(0.0, min(1.0, 2 * mi / (ha + hb)))

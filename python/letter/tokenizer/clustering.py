@@ -26,7 +26,8 @@ def kmeans_pp_seed(x: torch.Tensor, k: int, generator: torch.Generator) -> torch
     With fewer distinct points than k, the remaining centers are drawn uniformly (duplicates).
     """
     n = x.shape[0]
-    first = int(torch.randint(n, (1,), generator=generator, device=x.device))
+    # Draws follow the generator's device (a CUDA generator cannot fill a CPU tensor).
+    first = int(torch.randint(n, (1,), generator=generator, device=generator.device))
     centers = [x[first]]
     d2 = ((x - x[first]) ** 2).sum(1)
     for _ in range(1, k):
@@ -34,7 +35,7 @@ def kmeans_pp_seed(x: torch.Tensor, k: int, generator: torch.Generator) -> torch
         if total > 0:
             idx = int(torch.multinomial(d2 / total, 1, generator=generator))
         else:
-            idx = int(torch.randint(n, (1,), generator=generator, device=x.device))
+            idx = int(torch.randint(n, (1,), generator=generator, device=generator.device))
         centers.append(x[idx])
         d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
     return torch.stack(centers)

@@ -1,0 +1,467 @@
+"""`letter compare`: identifier sets side by side under one recommender.
+
+One dataset, several identifier sets (tokenizer run folders, authors'-format index .json files or
+codes .npy files, each with a label). The same TIGER settings are trained on every set for each of
+`seeds` recommender seeds (config.seed, config.seed + 1, ...), and every run is evaluated on the
+same test users. Output folder:
+
+  compare.json / compare.md   per set: mean +- std over seeds of Recall/NDCG@5,10; the paired
+                              bootstrap 95% interval of its difference to the first set; identifier
+                              diagnostics (collision rate, codes used per level, agreement of
+                              level-1 codes with the items' categories when item.json has them)
+  compare.png                 the same as bar charts (when matplotlib is installed)
+  runs/<label>/seed-<s>/      rec/ (the train-rec run folder), test_ranks.npz (rank of the target's
+                              identifier per test user, -1 = not generated), result.json
+
+Resuming works like `letter pipeline`: result.json carries a fingerprint of everything the run
+depends on (rec settings, the codes, the dataset, the evaluation settings); a rerun skips a run
+whose fingerprint matches, resumes an interrupted one from its checkpoint (train_rec(resume=True))
+when the fingerprint is unchanged, and restarts it when the settings changed. Every set is
+validated (path, readable codes, item count) before any training starts.
+
+Paired bootstrap: for set A vs the first set F, d[s, u] = metric_A(seed s, user u) -
+metric_F(seed s, user u) pairs users and seeds; the per-user mean over seeds is resampled over
+users (percentile interval). It measures the uncertainty from the finite test set given these
+seeds; the spread across seeds is the reported std.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from letter.data import Dataset, load_dataset
+from letter.errors import LetterError
+from letter.metrics import metrics_from_hits, normalized_mutual_info
+from letter.rec import RecConfig, train_rec
+from letter.rec.data import resolve_codes
+from letter.rec.evaluate import generate, load_run, prefix_index
+from letter.tokenizer.codes import collision_rate
+from letter.tokenizer.report import category_agreement
+from letter.utils import atomic_path, pick_device, write_json
+
+METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+RESULT, STARTED, RANKS = "result.json", "started.json", "test_ranks.npz"
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+@dataclasses.dataclass
+class IdentifierSet:
+    label: str
+    path: str  # absolute path as given (run folder, index .json or codes .npy)
+    codes: np.ndarray  # [num_items, L] in the dataset's item order
+    sha: str
+    codebook_sizes: list[int] | None = None  # from a tokenizer run folder's config.json
+
+
+def parse_set(spec: str) -> tuple[str, str]:
+    """'LABEL=PATH' -> (label, path)."""
+    label, sep, path = spec.partition("=")
+    if not sep or not label.strip() or not path.strip():
+        raise LetterError(f"--set {spec!r}: expected LABEL=PATH")
+    return label.strip(), path.strip()
+
+
+def _codes_sha(codes: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _run_folder_sizes(path: str) -> list[int] | None:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isdir(path) or not os.path.isfile(cfg):
+        return None
+    try:
+        with open(cfg) as f:
+            sizes = json.load(f).get("codebook_sizes")
+        return [int(n) for n in sizes] if isinstance(sizes, list) else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def load_sets(dataset: Dataset, sets: Iterable) -> list[IdentifierSet]:
+    """Validate every set ('LABEL=PATH' strings, (label, path) pairs or a {label: path} dict)
+    against the dataset; all problems are reported together in one LetterError line."""
+    pairs = list(sets.items()) if isinstance(sets, dict) else [parse_set(s) if isinstance(s, str) else tuple(s)
+                                                                for s in sets]
+    if not pairs:
+        raise LetterError("no identifier sets: give at least one --set LABEL=PATH")
+    problems, out, seen = [], [], set()
+    for label, path in pairs:
+        path = os.fspath(path)
+        where = f"--set {label}={path}"
+        if not _LABEL.fullmatch(label):
+            problems.append(f"{where}: the label must be letters, digits, '.', '_', '+' or '-' (it names a folder)")
+            continue
+        if label in seen:
+            problems.append(f"{where}: label {label!r} used twice")
+            continue
+        seen.add(label)
+        if not os.path.exists(path):
+            problems.append(f"{where}: no such file or folder")
+            continue
+        try:
+            codes, _ = resolve_codes(path, dataset)
+        except (LetterError, OSError, ValueError) as e:
+            problems.append(f"{where}: {e}")
+            continue
+        out.append(IdentifierSet(label, os.path.abspath(path), codes, _codes_sha(codes), _run_folder_sizes(path)))
+    if problems:
+        raise LetterError("bad identifier set(s): " + "; ".join(" ".join(p.split()) for p in problems))
+    return out
+
+
+def item_categories(dataset: Dataset) -> tuple[str, np.ndarray] | None:
+    """(field, int labels [I]) from item text "category" (preferred) or "categories", when every
+    item has one; lists are joined with ','. None otherwise."""
+    text = dataset.item_text
+    if not text:
+        return None
+    for field in ("category", "categories"):
+        values = [t.get(field) for t in text]
+        if all(v is not None and v != "" and v != [] for v in values):
+            names = [",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for v in values]
+            _, labels = np.unique(names, return_inverse=True)
+            return field, labels.reshape(-1)
+    return None
+
+
+def identifier_diagnostics(codes: np.ndarray, categories: tuple[str, np.ndarray] | None = None,
+                           codebook_sizes: list[int] | None = None) -> dict:
+    """Collision rate, distinct codes per level and (with categories) level-1 purity / NMI."""
+    out = {
+        "items": int(len(codes)),
+        "levels": int(codes.shape[1]),
+        "collision_rate": collision_rate(codes),
+        "codes_used": [int(len(np.unique(codes[:, l]))) for l in range(codes.shape[1])],
+        "codebook_sizes": codebook_sizes,
+    }
+    if categories is not None:
+        field, labels = categories
+        agreement = category_agreement(codes[:, 0], labels)
+        out["category_field"] = field
+        out["categories"] = int(labels.max() + 1)
+        out["level1_purity"] = agreement["purity"]
+        out["level1_nmi"] = normalized_mutual_info(codes[:, 0], labels)
+        out["level1_same_code_same_category"] = agreement["same_code"]
+        out["same_category_chance"] = agreement["chance"]
+    return out
+
+
+@torch.no_grad()
+def user_ranks(run_dir: str, split: str = "test", *, data=None, max_users: int = 0, sample_seed: int = 0,
+               num_beams: int = 20, batch_size: int = 256, device: str = "cpu") -> dict:
+    """Per-user results of a train-rec run, with the hit rule of letter.rec.evaluate (a generated
+    identifier equal to the target's): {"ranks": int64 [U] (0-based position of the target's
+    identifier among the num_beams generated ones, -1 when absent), "targets": item ids [U],
+    "metrics": Recall/NDCG@5,10 (equal to evaluate()'s on the same users), "wall_s"}.
+    The users are `split`'s, or a sample of max_users of them drawn with sample_seed (not the
+    run's seed, so runs with different seeds are evaluated on the same users)."""
+    if num_beams < 10:
+        raise LetterError(f"beams must be >= 10 to compute the @10 metrics, got {num_beams}")
+    dev = pick_device(device)
+    model, rec, _ = load_run(run_dir, data, dev)
+    enc, targets = rec.eval_tensors(split, max_users, sample_seed)
+    index = prefix_index(rec, dev)
+    started = time.perf_counter()
+    leaves, _ = generate(model, index, enc, num_beams, batch_size, dev)
+    hits = leaves == index.leaf_of_item.cpu()[targets][:, None]
+    ranks = torch.where(hits.any(1), hits.float().argmax(1), torch.full((hits.shape[0],), -1))
+    return {"ranks": ranks.numpy().astype(np.int64), "targets": targets.numpy().astype(np.int64),
+            "metrics": metrics_from_hits(hits, ks=(5, 10)), "wall_s": time.perf_counter() - started}
+
+
+def per_user_metric(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Per-user value of 'recall@k' or 'ndcg@k' from 0-based target ranks (-1: not generated)."""
+    name, k = metric.split("@")
+    within = (ranks >= 0) & (ranks < int(k))
+    if name == "recall":
+        return within.astype(np.float64)
+    if name == "ndcg":
+        return np.where(within, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def paired_bootstrap(diff: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """diff [seeds, users] of paired per-user differences -> mean and percentile interval of the
+    mean, resampling users (each user's difference averaged over the seeds)."""
+    per_user = np.asarray(diff, dtype=np.float64).reshape(-1, diff.shape[-1]).mean(0)
+    n = per_user.size
+    out = {"mean": float(per_user.mean()) if n else float("nan"), "low": float("nan"), "high": float("nan"),
+           "resamples": int(resamples), "level": level}
+    if n == 0 or resamples < 1:
+        return out
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 4_000_000 // n)  # bound the index matrix to ~32 MB
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        means[start:stop] = per_user[rng.integers(0, n, size=(stop - start, n))].mean(1)
+    tail = (1.0 - level) / 2 * 100
+    out["low"], out["high"] = (float(v) for v in np.percentile(means, [tail, 100 - tail]))
+    return out
+
+
+def _dataset_sha(dataset: Dataset) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(dataset.item_ids).encode())
+    for seq in dataset.sequences:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _run_one(data, s: IdentifierSet, config: RecConfig, run_dir: str, depends: dict, eval_args: dict,
+             log: Callable[[str], None]) -> dict:
+    fingerprint = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()[:16]
+    tag = f"[{s.label} seed {config.seed}]"
+    done = _read_json(os.path.join(run_dir, RESULT))
+    if done and done.get("fingerprint") == fingerprint and os.path.isfile(os.path.join(run_dir, RANKS)):
+        log(f"{tag} up to date ({fingerprint}), skipped")
+        return done
+    started = _read_json(os.path.join(run_dir, STARTED))
+    if os.path.isdir(run_dir) and (not started or started.get("fingerprint") != fingerprint):
+        log(f"{tag} {run_dir} holds a run with other settings: starting afresh")
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(os.path.join(run_dir, STARTED), {"fingerprint": fingerprint, "depends": depends})
+    rec_dir = os.path.join(run_dir, "rec")
+    resume = os.path.isfile(os.path.join(rec_dir, "checkpoint.pt"))
+    log(f"{tag} {'resuming' if resume else 'training'} -> {rec_dir}")
+    t0 = time.time()
+    summary = train_rec(config, data, s.path, rec_dir, resume=resume)
+    train_s = time.time() - t0
+    ev = user_ranks(rec_dir, "test", data=data, device=config.device, batch_size=config.eval_batch_size, **eval_args)
+    with atomic_path(os.path.join(run_dir, RANKS), suffix=".npz") as tmp:
+        np.savez(tmp, ranks=ev["ranks"], targets=ev["targets"])
+    result = {"fingerprint": fingerprint, "label": s.label, "seed": config.seed, "metrics": ev["metrics"],
+              "users": int(len(ev["ranks"])), "best_epoch": summary.get("best_epoch"),
+              "epochs_trained": summary.get("epochs_trained"), "train_s_this_call": round(train_s, 3),
+              "rec_wall_s": summary.get("wall_s"), "eval_wall_s": round(ev["wall_s"], 3)}
+    write_json(os.path.join(run_dir, RESULT), result)
+    log(f"{tag} test " + "  ".join(f"{m}={ev['metrics'][m]:.4f}" for m in METRICS))
+    return result
+
+
+def compare(
+    data,
+    sets,
+    out_dir: str,
+    config: RecConfig,
+    *,
+    seeds: int = 3,
+    num_beams: int = 20,
+    test_users: int = 0,
+    sample_seed: int = 0,
+    bootstrap: int = 2000,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train `config` on every identifier set for `seeds` seeds (config.seed + i), evaluate all runs
+    on the same test users and write compare.json / compare.md / compare.png into out_dir.
+
+    Args:
+        data: dataset path (any letter.data format) or a letter.data.Dataset.
+        sets: 'LABEL=PATH' strings, (label, path) pairs or {label: path}; the first is the
+            reference of the differences.
+        config: the recommender settings shared by every run (its seed is the first seed).
+        num_beams: beam width of the test evaluation (>= 10).
+        test_users: evaluate a fixed sample of this many test users (0 = all), drawn with sample_seed.
+        bootstrap: resamples of the paired bootstrap.
+    Returns the compare.json dict. Bad sets raise LetterError before any training.
+    """
+    config.validate()
+    if seeds < 1:
+        raise LetterError(f"--seeds must be >= 1, got {seeds}")
+    if num_beams < 10:
+        raise LetterError(f"--beams must be >= 10 to compute the @10 metrics, got {num_beams}")
+    if test_users < 0 or bootstrap < 1:
+        raise LetterError(f"--test-users must be >= 0 and --bootstrap >= 1, got {test_users} and {bootstrap}")
+    dataset = data if isinstance(data, Dataset) else load_dataset(os.fspath(data))
+    data_arg = data if isinstance(data, Dataset) else os.path.abspath(os.fspath(data))
+    id_sets = load_sets(dataset, sets)  # every set checked before any training
+    categories = item_categories(dataset)
+    data_sha = _dataset_sha(dataset)
+    eval_args = {"max_users": test_users, "sample_seed": sample_seed, "num_beams": num_beams}
+    seed_list = [config.seed + i for i in range(seeds)]
+    os.makedirs(out_dir, exist_ok=True)
+
+    runs: dict[str, list[dict]] = {}
+    per_user: dict[str, dict[str, np.ndarray]] = {}
+    targets_ref = None
+    for s in id_sets:
+        runs[s.label] = []
+        ranks = []
+        for seed in seed_list:
+            cfg = dataclasses.replace(config, seed=seed)
+            depends = {"rec_config": {k: v for k, v in cfg.to_dict().items() if k != "device"},
+                       "codes_sha": s.sha, "data_sha": data_sha, "eval": eval_args}
+            run_dir = os.path.join(out_dir, "runs", s.label, f"seed-{seed}")
+            runs[s.label].append(_run_one(data_arg, s, cfg, run_dir, depends, eval_args, log))
+            with np.load(os.path.join(run_dir, RANKS)) as saved:
+                ranks.append(saved["ranks"])
+                if targets_ref is None:
+                    targets_ref = saved["targets"]
+                elif not np.array_equal(targets_ref, saved["targets"]):
+                    raise LetterError(f"{run_dir}: evaluated on other test users than the first run")
+        r = np.stack(ranks)  # [seeds, users]
+        per_user[s.label] = {m: per_user_metric(r, m) for m in METRICS}
+
+    first = id_sets[0].label
+    report = {
+        "dataset": {"name": dataset.name, "source": data_arg if isinstance(data_arg, str) else dataset.source,
+                    "items": dataset.num_items, "users": dataset.num_users, "sha256": data_sha},
+        "rec_config": config.to_dict(),
+        "seeds": seed_list,
+        "evaluation": {"split": "test", "users": int(len(targets_ref)), "beams": num_beams,
+                       "test_users": test_users, "sample_seed": sample_seed},
+        "bootstrap": {"resamples": bootstrap, "level": 0.95, "reference": first,
+                      "method": "paired over users and seeds; per-user difference averaged over seeds, "
+                                "users resampled (percentile interval)"},
+        "sets": [],
+    }
+    for i, s in enumerate(id_sets):
+        values = {m: [run["metrics"][m] for run in runs[s.label]] for m in METRICS}
+        entry = {
+            "label": s.label,
+            "path": s.path,
+            "diagnostics": identifier_diagnostics(s.codes, categories, s.codebook_sizes),
+            "metrics": {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                            "per_seed": v} for m, v in values.items()},
+            "runs": [os.path.relpath(os.path.join(out_dir, "runs", s.label, f"seed-{seed}"), out_dir)
+                     for seed in seed_list],
+        }
+        if i > 0:
+            entry["difference_to_first"] = {
+                m: paired_bootstrap(per_user[s.label][m] - per_user[first][m], bootstrap, seed=sample_seed)
+                for m in METRICS
+            }
+        report["sets"].append(entry)
+    with atomic_path(os.path.join(out_dir, "compare.png")) as tmp:
+        plotted = plot_compare(report, tmp)
+    if not plotted:
+        os.remove(os.path.join(out_dir, "compare.png"))
+    report["plot"] = "compare.png" if plotted else None
+    with atomic_path(os.path.join(out_dir, "compare.md")) as tmp, open(tmp, "w") as f:
+        f.write(compare_markdown(report))
+    write_json(os.path.join(out_dir, "compare.json"), report)
+    return report
+
+
+def _fmt_diff(d: dict) -> str:
+    mark = "*" if d["low"] > 0 or d["high"] < 0 else ""
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{mark}"
+
+
+def compare_markdown(report: dict) -> str:
+    ev, cfg = report["evaluation"], report["rec_config"]
+    seeds = report["seeds"]
+    has_cats = any("level1_purity" in s["diagnostics"] for s in report["sets"])
+    lines = [
+        f"# Identifier sets compared on {report['dataset']['name']}",
+        "",
+        f"TIGER (d_model {cfg['d_model']}, {cfg['num_layers']}+{cfg['num_decoder_layers']} layers, "
+        f"up to {cfg['epochs']} epoch(s), patience {cfg['patience']}) trained on each set with the same settings, "
+        f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); test split, {ev['users']} users"
+        f"{' (fixed sample)' if ev['test_users'] else ''}, constrained beam search with {ev['beams']} beams. "
+        "Metrics: mean ± std over seeds.",
+        "",
+    ]
+    head = ["set", "collision rate", "codes used per level"]
+    if has_cats:
+        head += ["L1 purity", "L1 NMI"]
+    head += list(METRICS)
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in report["sets"]:
+        d = s["diagnostics"]
+        sizes = d.get("codebook_sizes")
+        used = " / ".join(f"{u}" + (f" of {sizes[l]}" if sizes and l < len(sizes) else "")
+                          for l, u in enumerate(d["codes_used"]))
+        row = [s["label"], f"{d['collision_rate']:.4f}", used]
+        if has_cats:
+            row += [f"{d['level1_purity']:.3f}" if "level1_purity" in d else "n/a",
+                    f"{d['level1_nmi']:.3f}" if "level1_nmi" in d else "n/a"]
+        row += [f"{s['metrics'][m]['mean']:.4f} ± {s['metrics'][m]['std']:.4f}" for m in METRICS]
+        lines.append("| " + " | ".join(row) + " |")
+    if has_cats:
+        field = next(s["diagnostics"]["category_field"] for s in report["sets"] if "category_field" in s["diagnostics"])
+        cats = next(s["diagnostics"]["categories"] for s in report["sets"] if "categories" in s["diagnostics"])
+        lines += ["", f"L1 purity / NMI: level-1 codes vs the {cats} item categories of item.json's \"{field}\" "
+                      "(purity: share of items in their code's majority category)."]
+    others = [s for s in report["sets"] if "difference_to_first" in s]
+    if others:
+        b = report["bootstrap"]
+        lines += ["", f"## Difference to {b['reference']}", "",
+                  f"Mean per-user difference, paired by user and seed, with a {b['level']:.0%} bootstrap interval "
+                  f"({b['resamples']} resamples of the test users); * = the interval excludes 0.", "",
+                  "| set | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
+        for s in others:
+            cells = " | ".join(_fmt_diff(s["difference_to_first"][m]) for m in METRICS)
+            lines.append(f"| {s['label']} | {cells} |")
+    lines += ["", "## Runs", "", "| set | seed | " + " | ".join(METRICS) + " | run |",
+              "|" + "---|" * (len(METRICS) + 3)]
+    for s in report["sets"]:
+        for i, seed in enumerate(seeds):
+            vals = " | ".join(f"{s['metrics'][m]['per_seed'][i]:.4f}" for m in METRICS)
+            lines.append(f"| {s['label']} | {seed} | {vals} | {s['runs'][i]} |")
+    if report.get("plot"):
+        lines += ["", f"![metrics]({report['plot']})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(report: dict, path: str) -> bool:
+    """Bars of each metric per set (± std over seeds) and of the differences to the first set
+    (bootstrap interval); False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sets = report["sets"]
+    others = [s for s in sets if "difference_to_first" in s]
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(12 if others else 6.5, 4), squeeze=False)
+    width = 0.8 / len(sets)
+    x = np.arange(len(METRICS))
+    ax = axes[0][0]
+    for i, s in enumerate(sets):
+        ax.bar(x + i * width, [s["metrics"][m]["mean"] for m in METRICS], width,
+               yerr=[s["metrics"][m]["std"] for m in METRICS], capsize=3, label=s["label"])
+    ax.set_xticks(x + width * (len(sets) - 1) / 2)
+    ax.set_xticklabels(METRICS)
+    ax.set_title("test metrics (mean ± std over seeds)")
+    ax.legend()
+    if others:
+        ax = axes[0][1]
+        w = 0.8 / len(others)
+        for i, s in enumerate(others):
+            d = [s["difference_to_first"][m] for m in METRICS]
+            mean = np.array([v["mean"] for v in d])
+            err = np.array([[v["mean"] - v["low"] for v in d], [v["high"] - v["mean"] for v in d]])
+            ax.bar(x + i * w, mean, w, yerr=err, capsize=3, label=s["label"])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x + w * (len(others) - 1) / 2)
+        ax.set_xticklabels(METRICS)
+        ax.set_title(f"difference to {report['bootstrap']['reference']} (95% bootstrap interval)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,224 @@
+"""`letter compare`: two identifier sets x two seeds end to end on a tiny TIGER, resume/skip, the
+per-user ranks against evaluate(), the paired bootstrap, and bad sets failing before training."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import letter.compare as compare_mod
+from letter.cli.compare import compare_cmd
+from letter.cli.main import LetterGroup
+from letter.compare import compare, identifier_diagnostics, item_categories, paired_bootstrap, per_user_metric
+from letter.data import make_synthetic, write_index_json, write_letter
+from letter.embed import embed_items
+from letter.errors import LetterError
+from letter.metrics import metrics_from_hits
+from letter.rec import RecConfig, evaluate
+from letter.tokenizer.rqkmeans import fit_rqkmeans
+
+NUM_ITEMS, SIZES = 100, [10, 4, 4]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """Tiny models: run the whole module single-threaded (see conftest.one_thread)."""
+
+
+def tiny_config(**overrides) -> RecConfig:
+    base = dict(d_model=16, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8, d_ff=32, max_history=5,
+                epochs=1, batch_size=128, valid_users=20, eval_beams=10, seed=5, device="cpu")
+    return RecConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    data = str(root / "data")
+    ds = make_synthetic(num_users=200, num_items=NUM_ITEMS, num_categories=10, min_length=5, max_length=8, seed=0)
+    write_letter(ds, data)
+    text, _ = embed_items(ds, mode="hash", dim=64)
+    model = fit_rqkmeans(text, SIZES, iters=20, standardize=True, seed=0)
+    codes = model.encode(torch.from_numpy(text))[0].numpy()
+    rqk = str(root / "rqk.npy")
+    np.save(rqk, codes)
+    rng = np.random.default_rng(0)
+    rand = str(root / "random.index.json")  # an authors'-format index: the other accepted kind
+    write_index_json(rand, np.stack([rng.integers(0, n, NUM_ITEMS) for n in SIZES], 1))
+    return {"root": root, "data": data, "ds": ds, "rqk": rqk, "random": rand, "codes": codes}
+
+
+@pytest.fixture(scope="module")
+def compared(setup):
+    out = str(setup["root"] / "out")
+    logs = []
+    report = compare(setup["data"], [f"rqk={setup['rqk']}", f"random={setup['random']}"], out, tiny_config(),
+                     seeds=2, num_beams=10, bootstrap=500, log=logs.append)
+    return out, report, logs
+
+
+def test_end_to_end_writes_the_table_with_intervals(compared, setup):
+    out, report, logs = compared
+    for name in ("compare.md", "compare.json"):
+        assert os.path.isfile(os.path.join(out, name))
+    assert json.load(open(os.path.join(out, "compare.json"))) == json.loads(json.dumps(report))
+    assert report["seeds"] == [5, 6]
+    users = report["evaluation"]["users"]
+    assert users == 200  # every test user
+    rqk, rnd = report["sets"]
+    assert [rqk["label"], rnd["label"]] == ["rqk", "random"]
+    for s in (rqk, rnd):
+        for m in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"):
+            v = s["metrics"][m]
+            assert len(v["per_seed"]) == 2 and v["mean"] == pytest.approx(np.mean(v["per_seed"]))
+            assert v["std"] == pytest.approx(np.std(v["per_seed"], ddof=1))
+        for seed in (5, 6):
+            run = os.path.join(out, "runs", s["label"], f"seed-{seed}")
+            assert os.path.isfile(os.path.join(run, "rec", "model.pt"))
+            assert os.path.isfile(os.path.join(run, "result.json"))
+    assert "difference_to_first" not in rqk
+    for m, d in rnd["difference_to_first"].items():
+        assert d["low"] <= d["mean"] <= d["high"], m
+        expected = np.mean(rnd["metrics"][m]["per_seed"]) - np.mean(rqk["metrics"][m]["per_seed"])
+        assert d["mean"] == pytest.approx(expected)
+    # Diagnostics: RQ-KMeans level 1 follows the synthetic categories, random codes do not.
+    dq, dr = rqk["diagnostics"], rnd["diagnostics"]
+    assert dq["category_field"] == "category" and dq["categories"] == 10
+    assert dq["level1_nmi"] > dr["level1_nmi"] + 0.2 and dq["level1_purity"] > dr["level1_purity"]
+    assert dq["codes_used"] == [len(np.unique(setup["codes"][:, l])) for l in range(3)]
+    assert 0 <= dq["collision_rate"] < 1
+    md = open(os.path.join(out, "compare.md")).read()
+    assert "| rqk |" in md and "| random |" in md and "±" in md and "## Difference to rqk" in md
+    assert md.count("[") >= 4  # one interval per metric
+    assert sum("training" in line for line in logs) == 4
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    assert os.path.isfile(os.path.join(out, "compare.png")) == has_mpl and (report["plot"] is not None) == has_mpl
+
+
+def test_per_user_ranks_match_evaluate(compared):
+    out, report, _ = compared
+    run = os.path.join(out, "runs", "random", "seed-6")
+    ranks = np.load(os.path.join(run, "test_ranks.npz"))["ranks"]
+    ours = report["sets"][1]["metrics"]
+    theirs = evaluate(os.path.join(run, "rec"), "test", num_beams=10)["metrics"]
+    for m in theirs:
+        assert per_user_metric(ranks, m).mean() == pytest.approx(theirs[m])
+        assert ours[m]["per_seed"][1] == pytest.approx(theirs[m])
+
+
+def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(compared, setup, monkeypatch):
+    out, report, _ = compared
+    calls = []
+    real = compare_mod.train_rec
+
+    def spy(config, data, codes, out_dir, *, resume=False, stop_after=None):
+        calls.append((out_dir, resume))
+        return real(config, data, codes, out_dir, resume=resume, stop_after=stop_after)
+
+    monkeypatch.setattr(compare_mod, "train_rec", spy)
+    logs = []
+    again = compare(setup["data"], [f"rqk={setup['rqk']}", f"random={setup['random']}"], out, tiny_config(),
+                    seeds=2, num_beams=10, bootstrap=500, log=logs.append)
+    assert calls == [] and sum("skipped" in line for line in logs) == 4
+    assert again["sets"] == report["sets"]
+    # An interrupted run (trained, not yet evaluated) resumes from its checkpoint; a run whose
+    # settings changed (here: the evaluation sample) starts afresh.
+    os.remove(os.path.join(out, "runs", "rqk", "seed-5", "result.json"))
+    compare(setup["data"], [f"rqk={setup['rqk']}"], out, tiny_config(), seeds=1, num_beams=10, bootstrap=10,
+            log=logs.append)
+    assert calls == [(os.path.join(out, "runs", "rqk", "seed-5", "rec"), True)]
+    calls.clear()
+    compare(setup["data"], [f"rqk={setup['rqk']}"], out, tiny_config(), seeds=1, num_beams=10, bootstrap=10,
+            test_users=50, log=logs.append)
+    assert calls == [(os.path.join(out, "runs", "rqk", "seed-5", "rec"), False)]
+    assert json.load(open(os.path.join(out, "compare.json")))["evaluation"]["users"] == 50
+
+
+def test_bad_sets_fail_before_any_training(setup, tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(compare_mod, "train_rec", no_training)
+    short = tmp_path / "short.npy"
+    np.save(short, np.zeros((NUM_ITEMS - 1, 3), np.int64))
+    broken = tmp_path / "broken.index.json"
+    broken.write_text("{not json")
+    cases = {
+        "missing": [f"a={setup['rqk']}", f"b={tmp_path / 'nope.npy'}"],
+        "item": [f"a={setup['rqk']}", f"b={short}"],
+        "cannot read": [f"a={setup['rqk']}", f"b={broken}"],
+        "used twice": [f"a={setup['rqk']}", f"a={setup['random']}"],
+        "LABEL=PATH": [setup["rqk"]],
+    }
+    messages = {"missing": "no such file", "item": "cover 99 items", "cannot read": "cannot read",
+                "used twice": "used twice", "LABEL=PATH": "LABEL=PATH"}
+    for key, sets in cases.items():
+        out = tmp_path / key.replace(" ", "_")
+        with pytest.raises(LetterError, match=messages[key]) as err:
+            compare(setup["data"], sets, str(out), tiny_config(), seeds=1)
+        assert "\n" not in str(err.value)
+        assert not (out / "runs").exists()
+    # All problems in one line, through the CLI (as `letter compare` once registered).
+    cli = LetterGroup(commands={"compare": compare_cmd})
+    result = CliRunner().invoke(cli, ["compare", "--data", setup["data"], "--set", f"a={tmp_path / 'x.npy'}",
+                                      "--set", f"b={short}", "--out", str(tmp_path / "cli"), "--epochs", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--set a=" in lines[0] and "--set b=" in lines[0], result.output
+
+
+def test_cli_runs_resumes_and_reads_a_config_file(setup, tmp_path):
+    """The CLI: options override the config file; a second call skips every finished run."""
+    cfg = tmp_path / "rec.yaml"
+    cfg.write_text("d_model: 16\nnum_layers: 1\nnum_decoder_layers: 1\nnum_heads: 2\nd_kv: 8\nd_ff: 32\n"
+                   "max_history: 5\nepochs: 3\nbatch_size: 128\nvalid_users: 20\neval_beams: 10\n")
+    out = str(tmp_path / "cli")
+    args = ["compare", "--data", setup["data"], "--set", f"rqk={setup['rqk']}", "--set", f"random={setup['random']}",
+            "--out", out, "--config", str(cfg), "--epochs", "1", "--seed", "9", "--device", "cpu", "--seeds", "1",
+            "--beams", "10", "--bootstrap", "100", "--test-users", "60"]
+    cli = LetterGroup(commands={"compare": compare_cmd})
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert first.output.count("training") == 2 and "| random |" in first.output
+    report = json.load(open(os.path.join(out, "compare.json")))
+    assert report["rec_config"]["epochs"] == 1 and report["rec_config"]["d_model"] == 16
+    assert report["seeds"] == [9] and report["evaluation"]["users"] == 60
+    second = CliRunner().invoke(cli, args)
+    assert second.exit_code == 0, second.output
+    assert second.output.count("skipped") == 2 and "training" not in second.output
+
+
+def test_paired_bootstrap_and_helpers():
+    rng = np.random.default_rng(0)
+    diff = rng.normal(0.1, 1.0, (3, 2000))
+    d = paired_bootstrap(diff, 1000, seed=0)
+    se = diff.mean(0).std() / np.sqrt(2000)
+    assert d["mean"] == pytest.approx(diff.mean())
+    assert d["high"] - d["low"] == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert paired_bootstrap(np.zeros((2, 50)), 100)["low"] == 0.0
+    ranks = np.array([0, 3, 7, -1])
+    assert per_user_metric(ranks, "recall@5").tolist() == [1, 1, 0, 0]
+    assert per_user_metric(ranks, "ndcg@10") == pytest.approx([1, 1 / np.log2(5), 1 / np.log2(9), 0])
+    hits = np.zeros((4, 10), bool)
+    hits[[0, 1, 2], [0, 3, 7]] = True
+    for m, v in metrics_from_hits(torch.from_numpy(hits)).items():
+        assert per_user_metric(ranks, m).mean() == pytest.approx(v)
+    codes = np.array([[0, 0], [0, 0], [1, 1], [1, 0]])
+    diag = identifier_diagnostics(codes, ("category", np.array([0, 0, 1, 1])))
+    assert diag["collision_rate"] == 0.25 and diag["codes_used"] == [2, 2]
+    assert diag["level1_purity"] == 1.0 and diag["level1_nmi"] == pytest.approx(1.0)
+
+
+def test_item_categories_fall_back_to_categories_strings(setup):
+    ds = setup["ds"]
+    field, labels = item_categories(ds)
+    assert field == "category" and labels.max() == 9
+    stripped = type(ds)(ds.name, ds.user_ids, ds.sequences, ds.item_ids,
+                        [{k: v for k, v in t.items() if k != "category"} for t in ds.item_text])
+    field, labels2 = item_categories(stripped)
+    assert field == "categories"
+    assert len(np.unique(labels2)) == 10
+    assert item_categories(type(ds)(ds.name, ds.user_ids, ds.sequences, ds.item_ids, None)) is None
