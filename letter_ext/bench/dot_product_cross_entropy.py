@@ -1,10 +1,10 @@
 """Benchmark of dot_product_cross_entropy, forward + backward: torch-eager vs the fused backends.
 
 Baseline: `F.cross_entropy(F.linear(q, keys).float() / tau, targets)` in eager PyTorch (what an HF
-causal LM's loss does), which materializes the B x M logits (and their gradient). Peak extra memory of one forward+backward beyond the inputs:
-on CUDA torch.cuda.max_memory_allocated; on CPU the peak resident set (VmHWM, reset through
-/proc/self/clear_refs) of a fresh subprocess, since tracemalloc does not see torch's or the C++
-kernel's allocations. Calls too slow to repeat on a small CPU are timed once, in that subprocess.
+causal LM's loss does), which materializes the B x M logits (and their gradient). Peak extra
+memory of one forward+backward beyond the inputs: on CUDA torch.cuda.max_memory_allocated; on
+CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) of a fresh subprocess,
+since tracemalloc does not see torch's or the C++ kernel's allocations. Calls too slow to repeat on a small CPU are timed once, in that subprocess.
 """
 import json
 import re

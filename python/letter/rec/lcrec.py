@@ -119,6 +119,7 @@ class LCRecDecodeState:
     positions: torch.Tensor  # [rows] position id of the next token
     first_logits: torch.Tensor | None  # [B, V] logits after the prompt (returned by step 0)
     beams: int
+    output_weight: torch.Tensor  # [V, d] float32 output layer, converted once per search
 
 
 class LCRec(nn.Module):
@@ -154,7 +155,8 @@ class LCRec(nn.Module):
 
     @classmethod
     def from_base(cls, base_model: str, level_sizes: tuple[int, ...], *, lora_r: int = 8, lora_alpha: int = 32,
-                  lora_dropout: float = 0.05, temperature: float = 1.0, dtype=None, gradient_checkpointing: bool = False,
+                  lora_dropout: float = 0.05, temperature: float = 1.0, dtype=None,
+                  gradient_checkpointing: bool = False,
                   max_history: int = 20, device=None) -> "LCRec":
         """Load the causal LM + tokenizer of the local folder `base_model` (nothing is fetched from a
         hub), add one token per (level, code), resize the embeddings and wrap the model with LoRA.
@@ -199,7 +201,8 @@ class LCRec(nn.Module):
         linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         targets = [t for t in LORA_TARGETS if t in linear_names]
         if not targets:
-            raise LetterError(f"base model {base_model}: none of the LoRA target layers {', '.join(LORA_TARGETS)} exist")
+            raise LetterError(f"base model {base_model}: none of the LoRA target layers "
+                              f"{', '.join(LORA_TARGETS)} exist")
         embed_name = _module_name(model, model.get_input_embeddings())
         token_ids = list(range(offsets[0], start))
         trainable = {embed_name: token_ids}
@@ -238,7 +241,8 @@ class LCRec(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return int(self.output_weight().shape[0])
+        head = self.causal_lm.get_output_embeddings()
+        return int((head.token_adapter.base_layer if _is_wrapper(head) else head).weight.shape[0])
 
     @property
     def num_levels(self) -> int:
@@ -295,9 +299,10 @@ class LCRec(nn.Module):
             raise LetterError(f"got {len(targets)} targets for {n} histories")
         item_tokens = torch.as_tensor(item_tokens, dtype=torch.long).cpu()
         if template is not None or generator is None:
-            which = torch.full((n,), int(template or 0), dtype=torch.long)
-            if not 0 <= int(template or 0) < self.num_templates:
+            template = 0 if template is None else int(template)
+            if not 0 <= template < self.num_templates:
                 raise LetterError(f"template must be in [0, {self.num_templates}), got {template}")
+            which = torch.full((n,), template, dtype=torch.long)
         else:
             which = torch.randint(0, self.num_templates, (n,), generator=generator)
         rows, prompt_lens = [], []
@@ -342,7 +347,8 @@ class LCRec(nn.Module):
         """Ranking-guided generation loss: cross-entropy of softmax(h W^T / tau) on the response
         tokens (label at position t is predicted from the state at t - 1), through
         letter_ext.dot_product_cross_entropy so the [tokens x vocab] logits are never built.
-        reduction: 'sum' (default, divide by the number of response tokens yourself), 'mean', 'none'."""
+        reduction: 'sum' (default, divide by the number of response tokens yourself), 'mean', 'none'.
+        With bf16/fp16 hidden states the per-token losses are summed in float32 (a float32 result)."""
         from letter_ext import dot_product_cross_entropy
 
         hidden = self.hidden_states(input_ids, attention_mask)
@@ -350,16 +356,26 @@ class LCRec(nn.Module):
         keep = labels != IGNORE_INDEX
         h, y = hidden[:, :-1][keep], labels[keep]
         weight = self.output_weight().to(h.dtype)
-        return dot_product_cross_entropy(h, weight, y, temperature=self.temperature, ignore_index=IGNORE_INDEX,
-                                         reduction=reduction)
+        if h.dtype == torch.float32 or h.dtype == torch.float64 or reduction == "none":
+            return dot_product_cross_entropy(h, weight, y, temperature=self.temperature, ignore_index=IGNORE_INDEX,
+                                             reduction=reduction)
+        rows = dot_product_cross_entropy(h, weight, y, temperature=self.temperature, ignore_index=IGNORE_INDEX,
+                                         reduction="none").float()
+        if reduction == "sum":
+            return rows.sum()
+        if reduction == "mean":
+            return rows.sum() / y.numel()
+        raise LetterError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
 
     def forward(self, input_ids, attention_mask, labels, reduction: str = "sum"):
         """= loss(): what DDP wraps, so gradient hooks fire on backward."""
         return self.loss(input_ids, attention_mask, labels, reduction)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits / tau of hidden states [..., d] over the whole vocabulary."""
-        return (hidden.float() @ self.output_weight().float().T) / self.temperature
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits / tau of hidden states [..., d] over the whole vocabulary (weight: the
+        output layer in float32, when the caller keeps one)."""
+        weight = self.output_weight().float() if weight is None else weight
+        return (hidden.float() @ weight.T) / self.temperature
 
     # -- decoding ----------------------------------------------------------------------------------
 
@@ -377,8 +393,9 @@ class LCRec(nn.Module):
         out = self.decoder(input_ids=prompt_ids, attention_mask=attention_mask,
                            position_ids=self.position_ids(attention_mask), use_cache=True,
                            **{self._cache_kwarg: cache})
-        logits = self.logits(out.last_hidden_state[:, -1])
-        return LCRecDecodeState(cache, attention_mask, attention_mask.sum(1), logits, beams)
+        weight = self.output_weight().float()
+        logits = self.logits(out.last_hidden_state[:, -1], weight)
+        return LCRecDecodeState(cache, attention_mask, attention_mask.sum(1), logits, beams, weight)
 
     @torch.no_grad()
     def decode_step(self, last_tokens: torch.Tensor | None, state: LCRecDecodeState):
@@ -391,13 +408,13 @@ class LCRec(nn.Module):
             return logits, state
         tokens = last_tokens.to(self.device).view(-1, 1)
         if tokens.shape[0] != state.attention_mask.shape[0]:
-            raise LetterError(f"decode_step got {tokens.shape[0]} tokens for {state.attention_mask.shape[0]} cached rows "
-                              "(call reorder_state between steps)")
+            raise LetterError(f"decode_step got {tokens.shape[0]} tokens for {state.attention_mask.shape[0]} cached "
+                              "rows (call reorder_state between steps)")
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(tokens.shape[0], 1)], 1)
         out = self.decoder(input_ids=tokens, attention_mask=mask, position_ids=state.positions[:, None],
                            use_cache=True, **{self._cache_kwarg: state.cache})
         state.attention_mask, state.positions = mask, state.positions + 1
-        return self.logits(out.last_hidden_state[:, -1]), state
+        return self.logits(out.last_hidden_state[:, -1], state.output_weight), state
 
     @staticmethod
     def reorder_state(state: LCRecDecodeState, flat_parent: torch.Tensor) -> LCRecDecodeState:
@@ -445,7 +462,8 @@ class LCRec(nn.Module):
         trained = {n for n, p in self.model.named_parameters() if p.requires_grad}  # tied copies counted once
         missing = [k for k in (getattr(result, "missing_keys", []) or []) if k in trained]
         if unexpected or missing:
-            raise LetterError(f"adapter weights do not fit this model (unexpected {unexpected[:3]}, missing {missing[:3]})")
+            raise LetterError(f"adapter weights do not fit this model (unexpected {unexpected[:3]}, "
+                              f"missing {missing[:3]})")
 
     def metadata(self) -> dict:
         return {"format": _FORMAT, "version": _VERSION, "base_model": self.base_model,
@@ -490,7 +508,8 @@ class LCRec(nn.Module):
                               temperature=meta["temperature"], dtype=dtype, device=device,
                               gradient_checkpointing=gradient_checkpointing, max_history=meta["max_history"])
         if list(model.vocab_offsets) != meta["vocab_offsets"] or model.vocab_size != meta["vocab_size"]:
-            raise LetterError(f"{directory}: the base model's vocabulary differs from the one this model was trained on")
+            raise LetterError(f"{directory}: the base model's vocabulary differs from the one this model was "
+                              "trained on")
         model.load_adapter_state_dict(load_file(os.path.join(directory, ADAPTER_FILE), device=str(model.device)))
         return model
 
