@@ -241,11 +241,12 @@ def test_ddp_two_processes_match_one(synth, tmp_path):
     folder, codes_path, _, _ = synth
     config = small_config(dropout=0.0, epochs=1, valid_users=100, eval_every=1)
     single = train_rec(config, folder, codes_path, str(tmp_path / "one"))
-    settings = [arg for name, value in config.to_dict().items() for arg in ("--" + name.replace("_", "-"), str(value))]
+    settings_file = tmp_path / "rec.json"
+    settings_file.write_text(json.dumps(config.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LETTER_PROGRESS": "0"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "letter.cli.main", "train-rec", "--data", folder, "--index", codes_path,
-           "--out", str(tmp_path / "two"), *settings]
+           "--out", str(tmp_path / "two"), "--config", str(settings_file)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "two" / "summary.json") as f:

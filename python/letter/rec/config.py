@@ -28,6 +28,8 @@ class RecConfig(Settings):
     # Theirs is 256 per GPU x 2 GPUs x 2 accumulation.
     epochs: int = setting(200, "Epochs of the cosine schedule (training may stop earlier).", low=1)
     batch_size: int = setting(1024, "Global batch size (split across torchrun processes).", low=1)
+    bucket_by_length: bool = setting(False, "Batch training samples of similar history length together (seeded; "
+                                            "less padding, faster epochs, a different batch order).")
     lr: float = setting(5e-4, "AdamW learning rate.", low=0, low_open=True)
     weight_decay: float = setting(0.01, "AdamW weight decay.", low=0)
     warmup_ratio: float = setting(0.01, "Fraction of the steps of linear warmup.", low=0, high=1, high_open=True)

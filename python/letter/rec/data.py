@@ -134,6 +134,18 @@ class RecData:
         return torch.cat([bos, labels[:, :-1]], dim=1)
 
 
+def trim_padding(enc: torch.Tensor) -> torch.Tensor:
+    """Drop the trailing columns that are PAD in every row (inputs are right-padded): the model's
+    outputs for the real tokens do not change (pads are masked keys), only the work shrinks."""
+    lengths = (enc != PAD).sum(1)
+    return enc[:, : max(1, int(lengths.max())) if lengths.numel() else 1]
+
+
+def input_lengths(enc: torch.Tensor) -> torch.Tensor:
+    """Real (non-PAD) tokens per row of encoder inputs [N, S]."""
+    return (enc != PAD).sum(1)
+
+
 def load_rec_data(data, codes, max_history: int) -> RecData:
     """`data`: a dataset path (any format `letter.data.load_dataset` reads) or a Dataset."""
     if isinstance(data, Dataset):

@@ -21,7 +21,7 @@ from letter.training import resolve_device
 from letter.utils import progress, write_json
 
 from .config import RecConfig
-from .data import RecData, load_rec_data
+from .data import RecData, input_lengths, load_rec_data, trim_padding
 from .model import Tiger
 
 DECODERS = ("fused", "hf")
@@ -45,19 +45,23 @@ def generate(model: Tiger, index: PrefixIndex, enc: torch.Tensor, num_beams: int
         raise LetterError(f"--beams must be >= 1, got {num_beams}")
     search = hf_style_beam_search if decoder == "hf" else constrained_beam_search
     model.eval()
-    leaves, scores = [], []
+    # users of similar history length share a batch, trimmed to its longest history
+    order = torch.sort(input_lengths(enc), stable=True).indices
+    leaves = torch.full((enc.shape[0], num_beams), -1, dtype=torch.long)
+    scores = torch.full((enc.shape[0], num_beams), float("-inf"))
     bar = progress(total=enc.shape[0], unit="user", unit_scale=True, desc="beam search",
                    disable=None if show_progress else True)
     for start in range(0, enc.shape[0], batch_size):
-        chunk = enc[start:start + batch_size].to(device)
+        rows = order[start:start + batch_size]
+        chunk = trim_padding(enc[rows]).to(device)
         state = model.start_decoding(chunk, num_beams)
         result = search(lambda step, last, st: model.decode_step(last, st), chunk.shape[0], index, num_beams,
                         reorder_state=model.reorder_state, state=state)
-        leaves.append(result.leaves.cpu())
-        scores.append(result.scores.cpu())
+        leaves[rows] = result.leaves.cpu()
+        scores[rows] = result.scores.cpu().float()
         bar.update(chunk.shape[0])
     bar.close()
-    return torch.cat(leaves), torch.cat(scores)
+    return leaves, scores
 
 
 def evaluate_model(model: Tiger, rec: RecData, enc: torch.Tensor, targets: torch.Tensor, num_beams: int,

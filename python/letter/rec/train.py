@@ -25,7 +25,7 @@ from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_or
 from letter.utils import progress, save_npy, write_json
 
 from .config import RecConfig
-from .data import RecData, load_rec_data
+from .data import RecData, input_lengths, load_rec_data, trim_padding
 from .evaluation import evaluate_model, prefix_index
 from .model import Tiger
 
@@ -98,6 +98,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     train_enc, train_labels = rec.train_tensors()
     n_train = train_enc.shape[0]
+    train_lengths = input_lengths(train_enc)
     if n_train == 0:
         raise LetterError(f"{rec.source}: no training samples (every user needs at least 3 interactions)")
     batches_per_epoch = math.ceil(n_train / config.batch_size)
@@ -135,14 +136,16 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
         loss_sum = torch.zeros((), dtype=torch.float64)
         bar = progress(total=n_train, unit="sample", unit_scale=True,
                        desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if ctx.main else True)
-        for batch in batch_order(n_train, config.batch_size, epoch_generator(config.seed, epoch)):
+        order = batch_order(n_train, config.batch_size, epoch_generator(config.seed, epoch),
+                            train_lengths if config.bucket_by_length else None)
+        for batch in order:
             mine = shard(batch, ctx)
             # DDP averages gradients over processes; scaling by world/|global batch tokens| makes that
             # the mean over the whole global batch, so any world size follows the same trajectory.
             weight = ctx.world / (batch.numel() * rec.num_levels)
             if mine.numel() == 0:  # a last batch smaller than the world: join the gradient sync with weight 0
                 mine, weight = batch[:1], 0.0
-            enc, labels = train_enc[mine].to(device), train_labels[mine].to(device)
+            enc, labels = trim_padding(train_enc[mine]).to(device), train_labels[mine].to(device)
             dec = rec.decoder_inputs(labels)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 summed = step_module(enc, dec, labels)
@@ -200,7 +203,7 @@ def _mean_loss(model: Tiger, rec: RecData, enc: torch.Tensor, targets: torch.Ten
     total = 0.0
     for start in range(0, enc.shape[0], batch_size):
         labels = rec.item_tokens[targets[start:start + batch_size]].to(device)
-        total += model.loss(enc[start:start + batch_size].to(device), rec.decoder_inputs(labels), labels,
+        total += model.loss(trim_padding(enc[start:start + batch_size]).to(device), rec.decoder_inputs(labels), labels,
                             reduction="sum").item()
     return total / max(1, targets.numel() * rec.num_levels)
 
