@@ -60,7 +60,7 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codeboo
     if text_emb is None:
         raise LetterError(f"no --text-emb given and no {dataset.name}.emb-*.npy in {data_dir} (run `letter embed`)")
     cf_emb = cf_emb or _find_one(data_dir, f"{dataset.name}.cf-*.npy", "CF embedding")
-    if cf_emb is None and config.alpha > 0:
+    if cf_emb is None and config.for_method().alpha > 0:
         click.echo(f"warning: no CF embeddings (--cf-emb, {dataset.name}.cf-*.npy): training with alpha 0", err=True)
         config = config.replace(alpha=0.0)
     categories = None

@@ -46,7 +46,8 @@ from letter.rec.data import resolve_codes
 from letter.rec.evaluate import generate, load_run, prefix_index
 from letter.tokenizer.codes import collision_rate
 from letter.tokenizer.report import category_agreement
-from letter.utils import atomic_path, pick_device, write_json
+from letter.training import resolve_device
+from letter.utils import atomic_path, write_json
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 RESULT, STARTED, RANKS = "result.json", "started.json", "test_ranks.npz"
@@ -166,7 +167,7 @@ def user_ranks(run_dir: str, split: str = "test", *, data=None, max_users: int =
     run's seed, so runs with different seeds are evaluated on the same users)."""
     if num_beams < 10:
         raise LetterError(f"beams must be >= 10 to compute the @10 metrics, got {num_beams}")
-    dev = pick_device(device)
+    dev = resolve_device(device)
     model, rec, _ = load_run(run_dir, data, dev)
     enc, targets = rec.eval_tensors(split, max_users, sample_seed)
     index = prefix_index(rec, dev)

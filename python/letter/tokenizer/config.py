@@ -20,6 +20,11 @@ class TokenizerConfig(Settings):
 
     section = "tokenizer"
 
+    method: str = setting("letter", "letter: RQ-VAE with the collaborative and diversity terms; rqvae: the plain RQ-VAE "
+                          "(alpha and beta set to 0); rqkmeans: residual k-means on the text embeddings (no training).",
+                          choices=("letter", "rqvae", "rqkmeans"))
+    pca_dim: int = setting(0, "rqkmeans: PCA-reduce the standardized embeddings to this many dims first (0: no PCA).",
+                           low=0)
     # Model
     layers: list[int] = setting([2048, 1024, 512, 256, 128, 64], "MLP encoder widths (the decoder mirrors them).", low=1)
     e_dim: int = setting(32, "Latent/code dimension.", low=1)
@@ -62,6 +67,11 @@ class TokenizerConfig(Settings):
     @property
     def levels(self) -> int:
         return len(self.codebook_sizes)
+
+    def for_method(self) -> "TokenizerConfig":
+        """The settings the method actually uses: rqvae and rqkmeans have no collaborative or
+        diversity term (alpha = beta = 0)."""
+        return self if self.method == "letter" else self.replace(alpha=0.0, beta=0.0)
 
     def check(self) -> None:
         if len(self.codebook_sizes) > 26:

@@ -11,6 +11,7 @@ from letter.training import load_checkpoint
 from .codes import collision_rate, make_unique, sinkhorn_resolve
 from .config import TokenizerConfig
 from .model import RQVAE
+from .rqkmeans import RQKMeans
 
 MODEL = "model.pt"  # the best-collision weights + config, what load_tokenizer reads
 COMPLETE = "report.json"  # written last by train_tokenizer: its presence marks a finished run
@@ -102,8 +103,11 @@ def load_tokenizer(run_dir: str) -> Tokenizer:
     blob = load_checkpoint(path)
     try:
         config = TokenizerConfig.from_dict(blob["config"])
-        model = RQVAE(blob["in_dim"], config, cf_dim=blob["cf_dim"])
-        model.load_state_dict(blob["model"])
+        if config.method == "rqkmeans":
+            model = RQKMeans.from_state(blob["rqkmeans"], blob["model"])
+        else:
+            model = RQVAE(blob["in_dim"], config, cf_dim=blob["cf_dim"])
+            model.load_state_dict(blob["model"])
         name = blob["name"]
     except (KeyError, RuntimeError, TypeError) as e:
         raise LetterError(f"{path}: not a tokenizer model file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from letter.errors import LetterError
-from letter.utils import pick_device
+from letter.training import resolve_device
 
 from .clustering import inertia, kmeans, nearest
 from .model import assign_codes
@@ -141,7 +141,7 @@ def fit_rqkmeans(
         raise LetterError("rqkmeans: the embeddings contain NaN/inf")
     if iters < 0:
         raise LetterError(f"rqkmeans: iters must be >= 0, got {iters}")
-    dev = pick_device(device)
+    dev = resolve_device(device)
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(dev)
     model = RQKMeans(x.shape[1], list(codebook_sizes), standardize=standardize, pca_dim=pca_dim).to(dev)
     started = time.perf_counter()

@@ -20,6 +20,7 @@ from .config import TokenizerConfig
 from .inference import COMPLETE, MODEL, Tokenizer, check_embeddings, encode_all
 from .model import RQVAE, collaborative_loss, diversity_loss, quantization_loss
 from .report import build_report, plot_curves, report_markdown
+from .rqkmeans import fit_rqkmeans
 
 CHECKPOINT = "checkpoint.pt"  # resumable training state (latest)
 # Everything a run writes; a fresh run removes them first so no file of an earlier run survives it.
@@ -102,11 +103,33 @@ def train_tokenizer(
     Bad input raises LetterError before any training. Under torchrun the batches are split over
     the processes (gradients averaged); rank 0 writes the outputs.
     """
+    config = config.validate().for_method()
     text = check_embeddings("text embeddings", text_emb, num_items)
-    cf = None if cf_emb is None else check_embeddings("CF embeddings", cf_emb, num_items)
+    use_cf = cf_emb is not None and config.method != "rqkmeans"  # rqvae keeps it for the report's CF alignment
+    cf = check_embeddings("CF embeddings", cf_emb, num_items) if use_cf else None
     _check_inputs(config, text, cf)
     with distributed(device) as ctx:
+        if config.method == "rqkmeans":
+            return _fit_rqkmeans(config, text, out_dir, name, item_labels, ctx) if ctx.main else {}
         return _train(config, text, cf, out_dir, name, resume, item_labels, ctx)
+
+
+def _fit_rqkmeans(config: TokenizerConfig, text: np.ndarray, out_dir: str, name: str, item_labels,
+                  ctx: DistContext) -> dict:
+    """Residual k-means codebooks (no training, so nothing to resume: a rerun refits identically)."""
+    os.makedirs(out_dir, exist_ok=True)
+    _start_fresh(out_dir, name)
+    model = fit_rqkmeans(text, config.codebook_sizes, iters=config.kmeans_iters, standardize=config.standardize,
+                         pca_dim=config.pca_dim or None, seed=config.seed, device=ctx.device)
+    tok = Tokenizer(model.cpu(), config, name)
+    codes_raw, z = tok.raw_codes(text)
+    codes, resolution = tok.resolve(codes_raw, z)
+    timings = {"kmeans_init_s": model.fit_stats["seconds"], "cluster_refresh_s": [], "epoch_s": []}
+    report = build_report(tok, text, None, codes_raw, codes, z, resolution, [],
+                          {"epoch": 0, "collision": resolution["collision_before"]}, model.fit_stats["init_stats"],
+                          timings, item_labels)
+    _write_outputs(out_dir, tok, codes, report, [], cf_dim=None)
+    return report
 
 
 def _start_fresh(out_dir: str, name: str) -> None:
@@ -230,9 +253,10 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
 
 def _write_outputs(out_dir: str, tok: "Tokenizer", codes: np.ndarray, report: dict, history: list, cf_dim) -> None:
     """Every file is written atomically; report.json goes last, so its presence means a complete run."""
+    extra = {"rqkmeans": tok.model.hparams} if tok.config.method == "rqkmeans" else {}
     torch_save(os.path.join(out_dir, MODEL), {
         "config": tok.config.to_dict(), "name": tok.name, "in_dim": tok.model.in_dim, "cf_dim": cf_dim,
-        "model": tok.model.state_dict(),
+        "model": tok.model.state_dict(), **extra,
     })
     save_npy(os.path.join(out_dir, "codes.npy"), codes.astype(np.int64))
     write_index_json(os.path.join(out_dir, f"{tok.name}.index.json"), codes)
