@@ -6,7 +6,8 @@ plain autograd. Pass float64 tensors to get a float64 reference.
 import torch
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the ops compute in for inputs of t's dtype: fp64 for fp64, else fp32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -17,7 +18,7 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor, return_residuals
     Returns (codes [B, L] int64, quantized = sum_l C_l[c_l] [B, d] in x's dtype,
     residuals [B, L, d] (r_0..r_{L-1}) or an empty tensor).
     """
-    dt = _acc_dtype(x)
+    dt = accumulation_dtype(x)
     cb = codebooks.to(dt)
     r = x.to(dt)
     codes, residuals = [], []
@@ -51,7 +52,7 @@ def dot_product_cross_entropy_rows(
     Returns (loss_rows [B], lse [B]) in the accumulation dtype (fp64 for fp64 q, else fp32),
     differentiable through plain autograd.
     """
-    dt = _acc_dtype(q)
+    dt = accumulation_dtype(q)
     logits = q.to(dt) @ keys.to(dt).T
     if bias is not None:
         logits = logits + bias.to(dt)[None, :]
@@ -79,7 +80,7 @@ def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_
     """
     batch, k_in = beam_scores.shape
     vocab = logits.shape[1]
-    dt = _acc_dtype(logits)
+    dt = accumulation_dtype(logits)
     logp = torch.log_softmax(logits.to(dt), dim=1).view(batch, k_in, vocab)
     out_scores = torch.full((batch, num_beams), float("-inf"), dtype=dt, device=logits.device)
     out_parent = torch.zeros((batch, num_beams), dtype=torch.long, device=logits.device)
