@@ -1,4 +1,6 @@
 """Argument checks shared by the public ops: each raises TypeError/ValueError naming the argument."""
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -13,9 +15,17 @@ def check_float_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
         raise ValueError(f"{name} must be {shape_doc}, got shape {tuple(t.shape)}")
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+def check_finite(name: str, t: torch.Tensor) -> float:
+    """Raise ValueError naming t if it holds NaN or inf; else return its largest |value| (0.0 if empty).
+
+    One reduction (the inf-norm propagates NaN and inf), no temporary copy of t.
+    """
+    if t.numel() == 0:
+        return 0.0
+    largest = float(torch.linalg.vector_norm(t.detach(), float("inf")))
+    if not math.isfinite(largest):
         raise ValueError(f"{name} contains NaN or inf")
+    return largest
 
 
 def check_index_tensor(name: str, t, length: int, device: torch.device) -> None:

@@ -11,6 +11,11 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def residual_quantize_dtype(x: torch.Tensor, codebooks: torch.Tensor) -> torch.dtype:
+    """residual_quantize computes in fp64 if x or codebooks is fp64 (as the CPU kernel), else fp32."""
+    return torch.promote_types(accumulation_dtype(x), accumulation_dtype(codebooks))
+
+
 def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor, return_residuals: bool = False):
     """Residual nearest-code search.
 
@@ -18,7 +23,7 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor, return_residuals
     Returns (codes [B, L] int64, quantized = sum_l C_l[c_l] [B, d] in x's dtype,
     residuals [B, L, d] (r_0..r_{L-1}) or an empty tensor).
     """
-    dt = accumulation_dtype(x)
+    dt = residual_quantize_dtype(x, codebooks)
     cb = codebooks.to(dt)
     r = x.to(dt)
     codes, residuals = [], []

@@ -5,6 +5,8 @@ registration of letter::residual_quantize and letter::residual_quantize_triton. 
 csrc/cpu/residual_quantize.cpp, csrc/cuda/residual_quantize.cu, letter_ext/triton/residual_quantize.py;
 spec: letter_ext.reference.residual_quantize.
 """
+import math
+
 import torch
 
 from . import reference
@@ -27,6 +29,12 @@ def residual_quantize(x, codebooks, *, return_residuals: bool = False, backend: 
         lowest j) and r_{l+1} = r_l - C_l[c_l]; quantized = sum_l C_l[c_l]. `quantized` is
         differentiable w.r.t. codebooks only (a scatter-add on the chosen rows; apply the
         straight-through estimator yourself); `residuals` w.r.t. x and codebooks.
+
+    Any finite magnitude works on every backend: when squared distances of the inputs could
+    overflow (or underflow) the compute dtype, x and codebooks are scaled by a power of two first
+    (argmin is scale invariant) and quantized/residuals scaled back, which is exact except for
+    components that become subnormal (below 2^-126 times the largest value in fp32) and for results
+    that themselves overflow x's dtype (inf).
     """
     check_float_tensor("x", x, 2, "[B, d]")
     check_float_tensor("codebooks", codebooks, 3, "[L, N, d]")
@@ -36,15 +44,49 @@ def residual_quantize(x, codebooks, *, return_residuals: bool = False, backend: 
         raise ValueError(f"codebooks dim d={codebooks.shape[2]} does not match x dim d={x.shape[1]}")
     if codebooks.device != x.device:
         raise ValueError(f"x is on {x.device} but codebooks is on {codebooks.device}")
-    check_finite("x", x)
-    check_finite("codebooks", codebooks)
+    largest = max(check_finite("x", x), check_finite("codebooks", codebooks))
     which = resolve("residual_quantize", x.device, backend)
+    compute_dtype = reference.residual_quantize_dtype(x, codebooks) if which in ("reference", "cpu") else torch.float32
+    scale = _safe_scale(largest, compute_dtype, x.shape[1], codebooks.shape[0])
+    if scale != 1.0:
+        # Scale in a dtype at least as wide as the compute dtype, so nothing leaves its range.
+        x_in = x.to(torch.promote_types(x.dtype, compute_dtype)) * scale
+        codebooks_in = codebooks.to(torch.promote_types(codebooks.dtype, compute_dtype)) * scale
+    else:
+        x_in, codebooks_in = x, codebooks
     if which == "reference":
-        codes, quantized, residuals = reference.residual_quantize(x, codebooks, return_residuals)
+        codes, quantized, residuals = reference.residual_quantize(x_in, codebooks_in, return_residuals)
     else:
         op = torch.ops.letter.residual_quantize_triton if which == "triton" else torch.ops.letter.residual_quantize
-        quantized, codes, residuals = op(x, codebooks, return_residuals)
+        quantized, codes, residuals = op(x_in, codebooks_in, return_residuals)
+    if scale != 1.0:
+        quantized = (quantized / scale).to(x.dtype)
+        residuals = (residuals / scale).to(x.dtype)
     return (codes, quantized, residuals) if return_residuals else (codes, quantized)
+
+
+def _safe_scale(largest: float, dtype: torch.dtype, d: int, levels: int) -> float:
+    """1.0 if squared distances of values up to `largest` are safe in `dtype`, else the power of two
+    that makes them safe (scaling by it is exact, and argmin does not change).
+
+    Safe means: (1) no overflow: every score any backend forms (||r||^2, 2 r.c, ||c||^2 with
+    |r_l| <= |x| + l codes) is below d * ((levels + 2) * largest)^2, kept under max / 2; (2) no
+    underflow: largest^2 times eps (the resolution of a distance) stays a normal number, with 2^16 to
+    spare for terms smaller than the largest one. Outside that range the scale moves `largest` to
+    its nearest edge: the fewest components pushed into subnormals, and the scale and its inverse
+    are representable in `dtype` (a fp32 scale of 2^150 would be inf).
+    """
+    if largest == 0.0:
+        return 1.0
+    info = torch.finfo(dtype)
+    high = math.floor((math.log2(info.max) - 1 - math.log2(max(d, 1)) - 2 * math.log2(levels + 2)) / 2)
+    low = math.ceil((math.log2(info.tiny) - math.log2(info.eps)) / 2) + 16
+    exponent = math.frexp(largest)[1]  # largest is in [2^(exponent - 1), 2^exponent)
+    if exponent - 1 < low:
+        return math.ldexp(1.0, low + 1 - exponent)
+    if exponent > high:
+        return math.ldexp(1.0, high - exponent)
+    return 1.0
 
 
 def _residual_quantize_fake(x, codebooks, return_residuals=False):
