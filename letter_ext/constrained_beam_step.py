@@ -13,6 +13,9 @@ from ._checks import check_float_tensor
 from .reference import accumulation_dtype
 from .trie import TrieLevels
 
+if HAS_TRITON:
+    from .triton import constrained_beam_step as cbs_triton
+
 
 def _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_beams):
     check_float_tensor("logits", logits, 2, "[B*K, V]")
@@ -68,6 +71,11 @@ def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, num_beam
         log_softmax(logits[b*K_in + k])[t] for each child t of nodes[b, k]; the K best per row,
         best first, ties -> lowest (k, t). Slots beyond the valid candidates are
         (-inf, 0, -1, -1); candidates scoring -inf or NaN are never chosen.
+
+    Raises ValueError naming the first logits row of a live beam that holds NaN or +inf (its
+    log_softmax is undefined), on every backend; the fused ones find it in their log-sum-exp pass.
+    -inf logits are impossible tokens (an all -inf row has no candidates); dead beams' logits are
+    never read, so anything in them is ignored.
     """
     _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_beams)
     which = resolve("constrained_beam_step", logits.device, backend)
@@ -76,10 +84,13 @@ def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, num_beam
     row_ptr, child_token = trie.row_ptr[level], trie.child_token[level]
     if which == "reference":
         return reference.constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
-    op = (
-        torch.ops.letter.constrained_beam_step_triton if which == "triton" else torch.ops.letter.constrained_beam_step
-    )
-    return op(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
+    if which == "triton":
+        *out, bad_beam = torch.ops.letter.constrained_beam_step_triton(
+            logits, beam_scores, nodes, row_ptr, child_token, num_beams
+        )
+        cbs_triton.check_logits(bad_beam, beam_scores.shape[1])
+        return tuple(out)
+    return torch.ops.letter.constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
 
 
 def _constrained_beam_step_fake(logits, beam_scores, nodes, row_ptr, child_token, num_beams):
@@ -88,12 +99,17 @@ def _constrained_beam_step_fake(logits, beam_scores, nodes, row_ptr, child_token
     return logits.new_empty(shape, dtype=accumulation_dtype(logits)), index, torch.empty_like(index), torch.empty_like(index)
 
 
+def _constrained_beam_step_triton_fake(logits, beam_scores, nodes, row_ptr, child_token, num_beams):
+    bad_beam = logits.new_empty((beam_scores.shape[0],), dtype=torch.int32)
+    return *_constrained_beam_step_fake(logits, beam_scores, nodes, row_ptr, child_token, num_beams), bad_beam
+
+
 def _register_constrained_beam_step() -> None:
     if has_schema("constrained_beam_step"):
         torch.library.register_fake("letter::constrained_beam_step")(_constrained_beam_step_fake)
     if HAS_TRITON:
-        from .triton import constrained_beam_step as cbs_triton
-
+        # Its fifth output is the kernel's NaN/+inf flag (see cbs_triton.launch); callers check it
+        # after the op, so that the op itself stays traceable.
         @torch.library.triton_op("letter::constrained_beam_step_triton", mutates_args=())
         def _cbs_triton(
             logits: torch.Tensor,
@@ -102,10 +118,10 @@ def _register_constrained_beam_step() -> None:
             row_ptr: torch.Tensor,
             child_token: torch.Tensor,
             num_beams: int,
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-            return cbs_triton.constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            return cbs_triton.launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
 
-        _cbs_triton.register_fake(_constrained_beam_step_fake)
+        _cbs_triton.register_fake(_constrained_beam_step_triton_fake)
         route_cuda_to_triton({"constrained_beam_step": cbs_triton.constrained_beam_step})
 
 

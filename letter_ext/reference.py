@@ -72,20 +72,35 @@ def dot_product_cross_entropy_rows(
     return loss_rows, lse
 
 
+def nonfinite_logits_error(row: int, k_in: int) -> ValueError:
+    """The error of every constrained_beam_step backend for a live beam's logits row with NaN or +inf."""
+    return ValueError(
+        f"constrained_beam_step: logits row {row} (batch row {row // k_in}, beam {row % k_in}) of a live "
+        "beam contains NaN or +inf; its log-probabilities are undefined"
+    )
+
+
 def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
     """One step of trie-constrained beam search (the spec of letter::constrained_beam_step).
 
     logits [B*K_in, V] (row b*K_in + k belongs to beam k of batch row b), beam_scores [B, K_in],
     nodes [B, K_in] (trie node of each beam at this level), row_ptr/child_token: this level's CSR.
     Candidate (k, token) of row b scores beam_scores[b, k] + log_softmax(logits[b*K_in + k])[token]
-    for every child token of nodes[b, k]; beams scored -inf have no candidates, nor do candidates
-    scoring -inf or NaN. Keeps the num_beams best per row, best first, ties -> lowest (k, token).
-    Returns (scores [B, num_beams] (fp64 for fp64 logits, else fp32), parent [B, num_beams],
-    token, node (child node id = edge index)); empty slots: (-inf, 0, -1, -1).
+    for every child token of nodes[b, k]; beams scored -inf have no candidates (their logits are
+    never looked at), nor do candidates scoring -inf or NaN. A live beam whose logits hold NaN or
+    +inf (log_softmax undefined) raises nonfinite_logits_error for the first such row; -inf logits
+    are impossible tokens, and an all -inf row has no candidates. Keeps the num_beams best per row,
+    best first, ties -> lowest (k, token). Returns (scores [B, num_beams] (fp64 for fp64 logits,
+    else fp32), parent [B, num_beams], token, node (child node id = edge index)); empty slots:
+    (-inf, 0, -1, -1).
     """
     batch, k_in = beam_scores.shape
     vocab = logits.shape[1]
     dt = accumulation_dtype(logits)
+    lse = torch.logsumexp(logits.to(dt), dim=1)  # NaN or +inf exactly when the row holds NaN or +inf
+    bad = (beam_scores.reshape(-1) > float("-inf")) & ~(lse < float("inf"))
+    if bool(bad.any()):
+        raise nonfinite_logits_error(int(bad.nonzero()[0, 0]), k_in)
     logp = torch.log_softmax(logits.to(dt), dim=1).view(batch, k_in, vocab)
     out_scores = torch.full((batch, num_beams), float("-inf"), dtype=dt, device=logits.device)
     out_parent = torch.zeros((batch, num_beams), dtype=torch.long, device=logits.device)
