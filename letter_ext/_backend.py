@@ -50,6 +50,23 @@ def has_compiled_op(name: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"letter::{name}", key)
 
 
+def has_schema(name: str) -> bool:
+    """Whether the compiled library is loaded and defines letter::<name> (kernels or not)."""
+    return _C is not None and hasattr(torch.ops.letter, name)
+
+
+def route_cuda_to_triton(launchers: dict) -> None:
+    """Register Triton launchers ({op name: function}) as the CUDA kernels of compiled ops that
+    have no CUDA C++ kernel in this build, so CUDA tensors reach torch.ops.letter.<op> too.
+
+    Called while letter_ext is imported, before has_compiled_op caches an answer.
+    """
+    for name, launch in launchers.items():
+        qualname = f"letter::{name}"
+        if has_schema(name) and not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA"):
+            torch.library.register_kernel(qualname, "cuda", launch)
+
+
 def triton_usable(device: torch.device) -> bool:
     """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
     if not HAS_TRITON:

@@ -6,8 +6,14 @@ plain autograd. Pass float64 tensors to get a float64 reference.
 import torch
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the ops compute in for inputs of t's dtype: fp64 for fp64, else fp32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def residual_quantize_dtype(x: torch.Tensor, codebooks: torch.Tensor) -> torch.dtype:
+    """residual_quantize computes in fp64 if x or codebooks is fp64 (as the CPU kernel), else fp32."""
+    return torch.promote_types(accumulation_dtype(x), accumulation_dtype(codebooks))
 
 
 def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor, return_residuals: bool = False):
@@ -17,7 +23,7 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor, return_residuals
     Returns (codes [B, L] int64, quantized = sum_l C_l[c_l] [B, d] in x's dtype,
     residuals [B, L, d] (r_0..r_{L-1}) or an empty tensor).
     """
-    dt = _acc_dtype(x)
+    dt = residual_quantize_dtype(x, codebooks)
     cb = codebooks.to(dt)
     r = x.to(dt)
     codes, residuals = [], []
@@ -51,7 +57,7 @@ def dot_product_cross_entropy_rows(
     Returns (loss_rows [B], lse [B]) in the accumulation dtype (fp64 for fp64 q, else fp32),
     differentiable through plain autograd.
     """
-    dt = _acc_dtype(q)
+    dt = accumulation_dtype(q)
     logits = q.to(dt) @ keys.to(dt).T
     if bias is not None:
         logits = logits + bias.to(dt)[None, :]
@@ -66,20 +72,35 @@ def dot_product_cross_entropy_rows(
     return loss_rows, lse
 
 
+def nonfinite_logits_error(row: int, k_in: int) -> ValueError:
+    """The error of every constrained_beam_step backend for a live beam's logits row with NaN or +inf."""
+    return ValueError(
+        f"constrained_beam_step: logits row {row} (batch row {row // k_in}, beam {row % k_in}) of a live "
+        "beam contains NaN or +inf; its log-probabilities are undefined"
+    )
+
+
 def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
     """One step of trie-constrained beam search (the spec of letter::constrained_beam_step).
 
     logits [B*K_in, V] (row b*K_in + k belongs to beam k of batch row b), beam_scores [B, K_in],
     nodes [B, K_in] (trie node of each beam at this level), row_ptr/child_token: this level's CSR.
     Candidate (k, token) of row b scores beam_scores[b, k] + log_softmax(logits[b*K_in + k])[token]
-    for every child token of nodes[b, k]; beams scored -inf have no candidates, nor do candidates
-    scoring -inf or NaN. Keeps the num_beams best per row, best first, ties -> lowest (k, token).
-    Returns (scores [B, num_beams] (fp64 for fp64 logits, else fp32), parent [B, num_beams],
-    token, node (child node id = edge index)); empty slots: (-inf, 0, -1, -1).
+    for every child token of nodes[b, k]; beams scored -inf have no candidates (their logits are
+    never looked at), nor do candidates scoring -inf or NaN. A live beam whose logits hold NaN or
+    +inf (log_softmax undefined) raises nonfinite_logits_error for the first such row; -inf logits
+    are impossible tokens, and an all -inf row has no candidates. Keeps the num_beams best per row,
+    best first, ties -> lowest (k, token). Returns (scores [B, num_beams] (fp64 for fp64 logits,
+    else fp32), parent [B, num_beams], token, node (child node id = edge index)); empty slots:
+    (-inf, 0, -1, -1).
     """
     batch, k_in = beam_scores.shape
     vocab = logits.shape[1]
-    dt = _acc_dtype(logits)
+    dt = accumulation_dtype(logits)
+    lse = torch.logsumexp(logits.to(dt), dim=1)  # NaN or +inf exactly when the row holds NaN or +inf
+    bad = (beam_scores.reshape(-1) > float("-inf")) & ~(lse < float("inf"))
+    if bool(bad.any()):
+        raise nonfinite_logits_error(int(bad.nonzero()[0, 0]), k_in)
     logp = torch.log_softmax(logits.to(dt), dim=1).view(batch, k_in, vocab)
     out_scores = torch.full((batch, num_beams), float("-inf"), dtype=dt, device=logits.device)
     out_parent = torch.zeros((batch, num_beams), dtype=torch.long, device=logits.device)

@@ -258,3 +258,87 @@ def test_empty_batch(backend):
         logits, torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long), trie, 1, 4, backend=backend
     )
     assert scores.shape == parent.shape == token.shape == node.shape == (0, 4)
+
+
+def _nonfinite_inputs(vocab_extra=0):
+    """3 batch rows x 4 live beams at level 1; V = 8m + 5, so the last 5 columns are the scalar tail
+    of the CPU kernel's 8-wide passes."""
+    gen = torch.Generator().manual_seed(15)
+    trie = random_trie(60, 2, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 3, 4, gen)
+    vocab = (trie.vocab_size + 7) // 8 * 8 + 5 + vocab_extra
+    logits = torch.cat([logits, torch.randn(logits.shape[0], vocab - logits.shape[1], generator=gen)], 1)
+    beam_scores = -torch.rand(3, 4, generator=gen)  # all live
+    return logits, beam_scores, nodes, trie
+
+
+def _column(where, logits, nodes, trie, row):
+    vocab = logits.shape[1]
+    if where == "child":  # a continuation of the row's beam: not merely a dropped candidate
+        node = int(nodes.view(-1)[row])
+        return int(trie.child_token[1][trie.row_ptr[1][node]])
+    return {"first": 0, "middle": vocab // 2, "tail": vocab - 3, "last": vocab - 1}[where]
+
+
+BAD_ROW_MESSAGE = r"logits row 6 \(batch row 1, beam 2\) of a live beam contains NaN or \+inf"
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["first", "middle", "child", "tail", "last"])
+def test_nan_or_inf_logit_of_live_beam_is_a_value_error(backend, dtype, value, where):
+    logits, beam_scores, nodes, trie = _nonfinite_inputs()
+    logits[6, _column(where, logits, nodes, trie, 6)] = value
+    with pytest.raises(ValueError, match=BAD_ROW_MESSAGE):
+        letter_ext.constrained_beam_step(logits.to(dtype), beam_scores, nodes, trie, 1, 5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))
+def test_nan_in_wide_row_and_first_bad_row_is_named(backend):
+    """V > 1024 (several Triton tiles, many 32-wide CPU blocks); rows 6 and 9 bad: row 6 is named."""
+    logits, beam_scores, nodes, trie = _nonfinite_inputs(vocab_extra=1100)
+    logits[9, 3] = float("inf")
+    logits[6, 1100] = float("nan")  # in the second 1024-wide Triton tile
+    with pytest.raises(ValueError, match=BAD_ROW_MESSAGE):
+        letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))
+@pytest.mark.parametrize("fill", ["nan_among_neg_inf", "all_nan", "inf"])
+def test_nan_row_whose_other_logits_are_neg_inf(backend, fill):
+    """The kernels' maximum skips NaN: a row that is otherwise all -inf must still be an error."""
+    logits, beam_scores, nodes, trie = _nonfinite_inputs()
+    logits[6] = float("-inf") if fill != "all_nan" else float("nan")
+    logits[6, logits.shape[1] // 2] = float("nan") if fill != "inf" else float("inf")
+    with pytest.raises(ValueError, match=BAD_ROW_MESSAGE):
+        letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))
+def test_dead_beams_nonfinite_logits_are_ignored(backend):
+    logits, beam_scores, nodes, trie = _nonfinite_inputs()
+    beam_scores[1, 2] = beam_scores[2, 0] = NEG_INF
+    want = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 5, backend="reference")
+    logits[6] = float("nan")
+    logits[8, ::2] = float("inf")
+    nodes[1, 2] = 10**6  # also ignored
+    got = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 5, backend=backend)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b) if not a.is_floating_point() else torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))
+def test_neg_inf_logits_are_impossible_tokens(backend):
+    """-inf logits are legitimate (masked tokens): never chosen, no error, the rest unchanged."""
+    logits, beam_scores, nodes, trie = _nonfinite_inputs()
+    for row in range(logits.shape[0]):  # mask a child of every beam, and the first and last columns
+        logits[row, _column("child", logits, nodes, trie, row)] = NEG_INF
+    logits[:, 0] = logits[:, -1] = NEG_INF
+    ref = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 5, backend="reference")
+    out = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 5, backend=backend)
+    assert_step_valid(out, ref, logits, beam_scores, nodes, trie, 1)
+    for b in range(3):
+        masked = {(k, _column("child", logits, nodes, trie, b * 4 + k)) for k in range(4)}
+        chosen = {(int(k), int(t)) for k, t in zip(out[1][b], out[2][b]) if t >= 0}
+        assert len(chosen) == 5 and not chosen & masked

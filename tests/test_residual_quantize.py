@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -163,6 +164,70 @@ def test_opcheck_triton(device):
         utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     kwargs = {} if utils is None else {"test_utils": utils}
     torch.library.opcheck(torch.ops.letter.residual_quantize_triton.default, (x, cb, True), **kwargs)
+
+
+# (dtype, largest |value|): squared distances overflow or underflow the compute dtype unless the
+# wrapper rescales. Codebook sums stay below the dtype's max, so quantized and residuals are finite.
+EXTREME_MAGNITUDES = [
+    (torch.float32, 1e19),
+    (torch.float32, 1e30),
+    (torch.float32, torch.finfo(torch.float32).max / 8),
+    (torch.float32, 1e-30),
+    (torch.float32, 1e-42),  # subnormal inputs
+    (torch.bfloat16, 1e30),
+    (torch.float16, 65504.0 / 4),
+    (torch.float16, 1e-5),
+    (torch.float64, 1e200),
+    (torch.float64, 1e-300),
+]
+
+
+def sequential_in(dtype, x, codebooks, codes):
+    """quantized and residuals from the chosen codes, adding level by level in `dtype` like the kernels."""
+    r, q, residuals = x.to(dtype), torch.zeros_like(x, dtype=dtype), []
+    for level in range(codebooks.shape[0]):
+        chosen = codebooks[level].to(dtype)[codes[:, level]]
+        residuals.append(r)
+        r, q = r - chosen, q + chosen
+    return q, torch.stack(residuals, 1)
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype,magnitude", EXTREME_MAGNITUDES)
+def test_extreme_magnitudes_match_float64(backend, device, dtype, magnitude):
+    gen = torch.Generator().manual_seed(14)
+    x = ((2 * torch.rand(33, 16, generator=gen, dtype=torch.float64) - 1) * magnitude).to(dtype)
+    cb = ((2 * torch.rand(3, 40, 16, generator=gen, dtype=torch.float64) - 1) * magnitude).to(dtype)
+    x[0, 0] = magnitude  # the largest value itself
+    codes, quantized, residuals = letter_ext.residual_quantize(
+        x.to(device), cb.to(device), return_residuals=True, backend=backend
+    )
+    codes, quantized, residuals = codes.cpu(), quantized.cpu(), residuals.cpu()
+    assert quantized.dtype == residuals.dtype == dtype
+    # float64 reference on a power-of-two rescaled copy (exact), so its own squares stay in range
+    unit = 2.0 ** -math.frexp(magnitude)[1]
+    x64, cb64 = x.double() * unit, cb.double() * unit
+    assert_near_optimal(x64, cb64, codes, quantized.double() * unit, rel=1e-2 if dtype.itemsize == 2 else 1e-5)
+    compute = torch.float64 if dtype == torch.float64 and backend != "triton" else torch.float32
+    if dtype == torch.float64 and compute == torch.float32:
+        return  # fp64 inputs rounded to fp32 by the Triton kernel: no exact sum to compare with
+    # The rescaling is exact: the same sums, level by level in the compute dtype, as unscaled.
+    want_q, want_r = sequential_in(compute, x, cb, codes)
+    assert torch.equal(quantized, want_q.to(dtype))
+    assert torch.equal(residuals, want_r.to(dtype))
+
+
+def test_safe_scale_leaves_ordinary_inputs_alone():
+    from letter_ext.residual_quantize import _safe_scale
+
+    for largest in (1e-10, 1e-3, 1.0, 3e4, 1e12):
+        assert _safe_scale(largest, torch.float32, 256, 8) == 1.0
+    assert _safe_scale(0.0, torch.float32, 16, 3) == 1.0
+    for dtype, largest in ((torch.float32, 1e19), (torch.float32, 1e-40), (torch.float64, 1e160), (torch.float64, 1e-300)):
+        scale = _safe_scale(largest, dtype, 16, 3)
+        mantissa, _ = math.frexp(scale)
+        assert mantissa == 0.5 and scale != 1.0  # a power of two
+        assert math.isfinite(float(torch.tensor(scale, dtype=dtype))) and float(torch.tensor(1 / scale, dtype=dtype)) > 0
 
 
 def test_empty_batch():

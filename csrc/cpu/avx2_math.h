@@ -37,10 +37,11 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
 // exp(x) for x <= 0 (inputs already shifted by their maximum, as in a log-sum-exp), with fewer
 // operations than exp_avx2: the exponent comes from the rounding constant's low mantissa bits,
 // r uses one FMA with float ln2 (error n * 2e-9), and x is clamped at -87.33 so that -inf gives
-// 2^-126 * p(r) ~ 1e-38 instead of 0 (negligible next to the maximum's 1 in a sum).
+// 2^-126 * p(r) ~ 1e-38 instead of 0 (negligible next to the maximum's 1 in a sum). NaN gives NaN,
+// so a NaN in a log-sum-exp makes the sum NaN.
 __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
   const __m256 round = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: float add rounds to an integer
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.33654f), x);  // max_ps returns its second operand for NaN
   const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), round);
   const __m256 n = _mm256_sub_ps(t, round);
   const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147181f), x);

@@ -4,7 +4,8 @@
 // (two passes over V, the row stays in L1), then one gather per child of the
 // beam's trie node into a thresholded top-K buffer ordered by (score desc,
 // beam asc, token asc). V is never sorted and no V-sized mask exists; dead beams skip
-// their row entirely (at step 0 that is all beams but one).
+// their row entirely (at step 0 that is all beams but one). A live row holding NaN or +inf
+// (its log-sum-exp is NaN or +inf) is a ValueError naming the first such row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -80,11 +81,24 @@ class TopKBuffer {
   std::vector<Candidate<scalar_t>> items_;
 };
 
+// The log-sum-exp functions below return NaN for a row holding a NaN, +inf for a row holding +inf
+// (and no NaN), -inf for an all -inf row, else the finite log-sum-exp. Their max pass skips NaN
+// (max_ps and std::max return the running maximum when the new value is NaN) and their exp pass
+// turns a NaN into a NaN sum; only a row whose maximum is not finite gets this extra look.
+template <typename scalar_t>
+scalar_t log_sum_exp_of_infinite_max(const scalar_t* x, int64_t n, scalar_t mx) {
+  if (mx > 0) return mx;  // +inf
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return x[i];
+  }
+  return mx;  // all -inf
+}
+
 template <typename scalar_t>
 scalar_t log_sum_exp_generic(const scalar_t* x, int64_t n, const scalar_t* /*next*/) {
   scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
   for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i]);
-  if (!std::isfinite(mx)) return mx;  // all -inf (or +inf): every candidate becomes invalid
+  if (!std::isfinite(mx)) return log_sum_exp_of_infinite_max(x, n, mx);
   scalar_t sum = 0;
   for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i] - mx);
   return mx + std::log(sum);
@@ -97,13 +111,13 @@ __attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 vmax = neg_inf;
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
+  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(_mm256_loadu_ps(x + i), vmax);
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
   float mx = lanes[0];
   for (int t = 1; t < 8; ++t) mx = std::max(mx, lanes[t]);
   for (; i < n; ++i) mx = std::max(mx, x[i]);
-  if (!std::isfinite(mx)) return mx;
+  if (!std::isfinite(mx)) return log_sum_exp_of_infinite_max(x, n, mx);
   const __m256 shift = _mm256_set1_ps(mx);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
@@ -224,6 +238,10 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
   const bool vector_scan = cpu_has_avx2_fma();
 #endif
   constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+  constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  // Per batch row, its first live beam whose logits hold NaN or +inf (k_in: none); the error is
+  // raised after the parallel loop, for the first such row whatever the thread count.
+  std::vector<int64_t> first_bad_beam(B, k_in);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     TopKBuffer<scalar_t> top(k_out);
     std::vector<float> scratch;  // the vectorized scan's child scores of one beam
@@ -241,7 +259,13 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
                     "constrained_beam_step: row_ptr is not a valid CSR row pointer");
         const int64_t r = b * k_in + k;
         const scalar_t* row = logits + r * V;
-        const scalar_t base = beam - log_sum_exp(row, V, r + 1 < B * k_in ? row + V : nullptr);
+        const scalar_t lse = log_sum_exp(row, V, r + 1 < B * k_in ? row + V : nullptr);
+        if (!(lse < inf)) {  // NaN or +inf
+          first_bad_beam[b] = k;
+          break;
+        }
+        // lse = -inf (every logit -inf): base = +inf and every score NaN, so no candidates.
+        const scalar_t base = beam - lse;
         int64_t e = first;
 #ifdef LETTER_HAVE_AVX2_MATH
         if constexpr (std::is_same_v<scalar_t, float>) {
@@ -268,6 +292,11 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
       }
     }
   });
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t k = first_bad_beam[b];
+    TORCH_CHECK_VALUE(k == k_in, "constrained_beam_step: logits row ", b * k_in + k, " (batch row ", b,
+                      ", beam ", k, ") of a live beam contains NaN or +inf; its log-probabilities are undefined");
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> constrained_beam_step_cpu(

@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from .. import ops
 from .._backend import has_compiled_op, triton_usable
 from ..baselines import dict_trie, hf_style_step, prefix_allowed_tokens_fn, torch_gather_step
+from ..constrained_beam_step import constrained_beam_step
 from ..trie import build_trie_levels
 from .common import median_time, sync
 
@@ -32,7 +32,7 @@ def _fused_search(logits, trie, backend, states=None):
         k_in = beam_scores.shape[1]
         if states is not None:
             states.append((beam_scores, nodes, history))
-        beam_scores, parent, token, nodes = ops.constrained_beam_step(
+        beam_scores, parent, token, nodes = constrained_beam_step(
             logits[level], beam_scores, nodes, trie, level, K, backend=backend
         )
         if states is not None:
@@ -110,7 +110,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
             row.update(hf_ms=t_hf * 1e3, torch_ms=t_torch * 1e3)
             for be in backends:
                 t = median_time(
-                    lambda: ops.constrained_beam_step(logits[level], beam_scores, nodes, trie, level, K, backend=be),
+                    lambda: constrained_beam_step(logits[level], beam_scores, nodes, trie, level, K, backend=be),
                     device, repeat=FAST_REPEAT,
                 )
                 row.update({f"{be}_ms": t * 1e3, f"{be}_vs_hf": t_hf / t, f"{be}_vs_torch": t_torch / t})

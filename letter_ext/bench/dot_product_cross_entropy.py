@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import ops
 from .._backend import has_compiled_op, triton_usable
+from ..dot_product_cross_entropy import dot_product_cross_entropy
 from .common import median_time, sync
 
 TEMPERATURE = 0.07
@@ -91,7 +91,7 @@ def step(backend: str, q, keys, targets, temperature: float = TEMPERATURE) -> to
     if backend == "eager":
         loss = eager_loss(q, keys, targets, temperature)
     else:
-        loss = ops.dot_product_cross_entropy(q, keys, targets, temperature=temperature, backend=backend)
+        loss = dot_product_cross_entropy(q, keys, targets, temperature=temperature, backend=backend)
     loss.backward()
     return loss.detach()
 

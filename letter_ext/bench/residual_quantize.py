@@ -1,8 +1,8 @@
 """Benchmark of residual_quantize: torch-eager (cdist + argmin per level) vs every backend."""
 import torch
 
-from .. import ops
 from .._backend import has_compiled_op, triton_usable
+from ..residual_quantize import residual_quantize
 from .common import median_time
 
 L, N, D = 4, 256, 32
@@ -36,8 +36,8 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         flops = 2.0 * B * L * N * D
         row = {"B": B, "d": D, "L": L, "N": N, "eager_ms": t_eager * 1e3}
         for be in backends:
-            t = median_time(lambda: ops.residual_quantize(x, cb, backend=be), device)
-            codes, _ = ops.residual_quantize(x, cb, backend=be)
+            t = median_time(lambda: residual_quantize(x, cb, backend=be), device)
+            codes, _ = residual_quantize(x, cb, backend=be)
             row[f"{be}_ms"] = t * 1e3
             row[f"{be}_speedup"] = t_eager / t
             row[f"{be}_codes_equal_eager"] = float((codes == ref_codes).float().mean())

@@ -6,10 +6,16 @@ top-BLOCK_C (tl.topk over the running best joined with the chunk). Candidates ar
 int64 sort key: the order-preserving bits of the fp32 score on top, (2^31 - 1 - (beam * V +
 child rank)) below, so "largest key" is exactly "best score, then lowest (beam, token)" (children
 are stored in increasing token order). No V-sized mask and no candidate list is written.
+
+A live beam whose logits hold NaN or +inf is found in the max pass (a NaN-propagating maximum,
+NaN lanes read as +inf) and reported through a [B] flag, its first such beam (K_in: none);
+constrained_beam_step raises the spec's ValueError from it after the kernel.
 """
 import torch
 import triton
 import triton.language as tl
+
+from ..reference import nonfinite_logits_error
 
 _LOW_BITS = 2**31 - 1  # beam * V + child rank must stay below this
 
@@ -24,7 +30,7 @@ def _order_bits(x):
 @triton.jit
 def _constrained_beam_step_kernel(
     logits_ptr, beam_ptr, nodes_ptr, row_ptr_ptr, child_ptr,
-    out_score_ptr, out_parent_ptr, out_token_ptr, out_node_ptr,
+    out_score_ptr, out_parent_ptr, out_token_ptr, out_node_ptr, bad_beam_ptr,
     K_IN, V, K_OUT,
     BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -33,6 +39,9 @@ def _constrained_beam_step_kernel(
     top = empty
     offs_v = tl.arange(0, BLOCK_V)
     offs_c = tl.arange(0, BLOCK_C)
+    # The first live beam whose logits hold NaN or +inf (K_IN: none); a tensor, not K_IN itself,
+    # which Triton may specialize to a constant (K_IN = 1) that a loop cannot reassign.
+    bad_beam = tl.full((), K_IN, dtype=tl.int32)
     for k in range(K_IN):
         beam = tl.load(beam_ptr + b * K_IN + k)
         if beam > float("-inf"):
@@ -40,9 +49,12 @@ def _constrained_beam_step_kernel(
             run_max = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
             for v0 in range(0, V, BLOCK_V):
                 x = tl.load(row + v0 + offs_v, mask=v0 + offs_v < V, other=float("-inf"))
-                run_max = tl.maximum(run_max, x)
-            row_max = tl.max(run_max, axis=0)
-            if row_max > float("-inf"):  # an all -inf row has no probabilities, hence no candidates
+                run_max = tl.maximum(run_max, x, propagate_nan=tl.PropagateNan.ALL)
+            # +inf exactly when the row holds NaN or +inf (a NaN lane stays NaN)
+            row_max = tl.max(tl.where(run_max == run_max, run_max, float("inf")), axis=0)
+            if row_max == float("inf"):
+                bad_beam = tl.minimum(bad_beam, k)
+            elif row_max > float("-inf"):  # an all -inf row has no probabilities, hence no candidates
                 run_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
                 for v0 in range(0, V, BLOCK_V):
                     x = tl.load(row + v0 + offs_v, mask=v0 + offs_v < V, other=float("-inf"))
@@ -75,10 +87,13 @@ def _constrained_beam_step_kernel(
     tl.store(out_parent_ptr + out, tl.where(filled, parent, 0), mask=keep)
     tl.store(out_token_ptr + out, tl.where(filled, token, -1), mask=keep)
     tl.store(out_node_ptr + out, tl.where(filled, edge, -1), mask=keep)
+    tl.store(bad_beam_ptr + b, bad_beam)
 
 
-def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
-    """Launch the kernel; returns (scores, parent, token, node) like letter::constrained_beam_step.
+def launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
+    """Launch the kernel; returns (scores, parent, token, node) like letter::constrained_beam_step,
+    and bad_beam [B] int32: per batch row its first live beam whose logits hold NaN or +inf, K_in
+    if none (check_logits turns it into the error).
 
     Computes in fp32 (scores are cast back to fp64 for fp64 logits).
     """
@@ -92,14 +107,30 @@ def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_
     parent = torch.empty((batch, num_beams), dtype=torch.long, device=device)
     token = torch.empty((batch, num_beams), dtype=torch.long, device=device)
     node = torch.empty((batch, num_beams), dtype=torch.long, device=device)
+    bad_beam = torch.empty((batch,), dtype=torch.int32, device=device)
     if batch > 0:
         # wrap_triton makes the launch traceable (torch.compile / opcheck); eager it just launches.
         torch.library.wrap_triton(_constrained_beam_step_kernel)[(batch,)](
             logits.float().contiguous(), beam_scores.float().contiguous(), nodes.long().contiguous(),
             row_ptr.long().contiguous(), child_token.long().contiguous(),
-            scores, parent, token, node,
+            scores, parent, token, node, bad_beam,
             k_in, vocab, num_beams,
             BLOCK_V=min(1024, triton.next_power_of_2(vocab)),
             BLOCK_C=max(16, triton.next_power_of_2(num_beams)),
         )
-    return scores.to(out_dtype), parent, token, node
+    return scores.to(out_dtype), parent, token, node, bad_beam
+
+
+def check_logits(bad_beam: torch.Tensor, k_in: int) -> None:
+    """Raise the spec's ValueError for the first flagged row of launch's bad_beam (one device sync)."""
+    flagged = torch.nonzero(bad_beam < k_in)
+    if flagged.numel():
+        b = int(flagged[0, 0])
+        raise nonfinite_logits_error(b * k_in + int(bad_beam[b]), k_in)
+
+
+def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
+    """launch, then check_logits: the CUDA kernel of letter::constrained_beam_step in builds without one."""
+    *out, bad_beam = launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
+    check_logits(bad_beam, beam_scores.shape[1])
+    return tuple(out)

@@ -1,0 +1,40 @@
+"""Argument checks shared by the public ops: each raises TypeError/ValueError naming the argument."""
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {shape_doc}, got shape {tuple(t.shape)}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> float:
+    """Raise ValueError naming t if it holds NaN or inf; else return its largest |value| (0.0 if empty).
+
+    One reduction (the inf-norm propagates NaN and inf), no temporary copy of t.
+    """
+    if t.numel() == 0:
+        return 0.0
+    largest = float(torch.linalg.vector_norm(t.detach(), float("inf")))
+    if not math.isfinite(largest):
+        raise ValueError(f"{name} contains NaN or inf")
+    return largest
+
+
+def check_index_tensor(name: str, t, length: int, device: torch.device) -> None:
+    """An int64 [B] tensor on `device`, B = `length` (the rows of q)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.long:
+        raise TypeError(f"{name} must be an int64 tensor, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must be [B] with B={length} (the rows of q), got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"q is on {device} but {name} is on {t.device}")
