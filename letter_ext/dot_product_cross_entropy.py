@@ -146,10 +146,6 @@ def codebook_diversity_loss(
     )
 
 
-def accumulation_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _dpce_fwd_fake(q, keys, targets, exclude, bias, temperature, ignore_index):
     rows = q.new_empty((q.shape[0],), dtype=accumulation_dtype(q))
     return rows, torch.empty_like(rows)
