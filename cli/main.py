@@ -65,5 +65,9 @@ main.add_command(train_rec_cmd)
 main.add_command(evaluate_cmd)
 main.add_command(recommend_cmd)
 
+from letter.cli.compare import compare_cmd  # noqa: E402
+
+main.add_command(compare_cmd)
+
 if __name__ == "__main__":
     main()

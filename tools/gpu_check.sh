@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for a lent GPU machine (no internet; torch+CUDA, triton, nvcc installed there).
 # Builds with CUDA, runs the kernel tests on the GPU (CUDA and compiled Triton vs the reference),
-# compute-sanitizer on one small case, and the kernel benchmarks. Results go to ${OUT:-gpu_results}/.
-# Usage (device tool): bash tools/gpu_check.sh      Budget: under 8 minutes.
+# every trainer and the pipeline on CUDA (tests/test_gpu_training.py), compute-sanitizer on one small
+# case per op, and the kernel benchmarks. Results go to ${OUT:-gpu_results}/.
+# Usage (device tool): bash tools/gpu_check.sh      Budget: under 8 minutes (each step has a timeout).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
@@ -10,7 +11,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 arch="$(python3 -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")')"
 echo "== build (TORCH_CUDA_ARCH_LIST=$arch)"
-FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 timeout 300 \
+FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 timeout 120 \
   python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20
 python3 - <<'PY' | tee "$OUT/env.txt"
 import torch, letter_ext
@@ -19,11 +20,15 @@ print("torch", torch.__version__, "gpu", torch.cuda.get_device_name(0))
 for op in ("residual_quantize", "dot_product_cross_entropy_fwd", "constrained_beam_step"):
     print(op, "cuda kernel:", has_compiled_op(op, "cuda"))
 PY
-echo "== tests on the GPU"
-timeout 240 python3 -m pytest -q -x tests -k "not wheel" -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -25
+echo "== op tests on the GPU"
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_residual_quantize.py \
+  tests/test_dot_product_cross_entropy.py tests/test_constrained_beam_step.py tests/test_decoding.py 2>&1 \
+  | tee "$OUT/op_tests.txt" | tail -15
+echo "== every trainer and the pipeline with --device cuda"
+timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_training.txt" | tail -15
 echo "== compute-sanitizer (one small case per op)"
 if command -v compute-sanitizer >/dev/null; then
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -c "
+  timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -c "
 import torch, letter_ext
 x = torch.randn(257, 33, device='cuda'); cb = torch.randn(3, 255, 33, device='cuda')
 for be in ('cuda', 'triton'):
@@ -41,4 +46,4 @@ torch.cuda.synchronize(); print('sanitizer run ok')
 " 2>&1 | tail -5 | tee "$OUT/sanitizer.txt"
 fi
 echo "== benchmarks"
-timeout 240 python3 -m letter_ext.bench --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.txt"
+timeout 75 python3 -m letter_ext.bench --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.txt"

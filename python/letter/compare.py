@@ -43,7 +43,7 @@ from letter.errors import LetterError
 from letter.metrics import metrics_from_hits, normalized_mutual_info
 from letter.rec import RecConfig, train_rec
 from letter.rec.data import resolve_codes
-from letter.rec.evaluate import generate, load_run, prefix_index
+from letter.rec.evaluation import generate, load_run, prefix_index
 from letter.tokenizer.codes import collision_rate
 from letter.tokenizer.report import category_agreement
 from letter.training import resolve_device
@@ -159,7 +159,7 @@ def identifier_diagnostics(codes: np.ndarray, categories: tuple[str, np.ndarray]
 @torch.no_grad()
 def user_ranks(run_dir: str, split: str = "test", *, data=None, max_users: int = 0, sample_seed: int = 0,
                num_beams: int = 20, batch_size: int = 256, device: str = "cpu") -> dict:
-    """Per-user results of a train-rec run, with the hit rule of letter.rec.evaluate (a generated
+    """Per-user results of a train-rec run, with the hit rule of letter.rec.evaluation (a generated
     identifier equal to the target's): {"ranks": int64 [U] (0-based position of the target's
     identifier among the num_beams generated ones, -1 when absent), "targets": item ids [U],
     "metrics": Recall/NDCG@5,10 (equal to evaluate()'s on the same users), "wall_s"}.

@@ -304,7 +304,7 @@ class LCRec(nn.Module):
                 raise LetterError(f"template must be in [0, {self.num_templates}), got {template}")
             which = torch.full((n,), template, dtype=torch.long)
         else:
-            which = torch.randint(0, self.num_templates, (n,), generator=generator)
+            which = torch.randint(0, self.num_templates, (n,), generator=generator, device=generator.device)
         rows, prompt_lens = [], []
         for i, history in enumerate(histories):
             before, after = self._templates[int(which[i])]

@@ -4,6 +4,8 @@ import math
 import numpy as np
 import torch
 
+from letter.errors import LetterError
+
 from .clustering import sinkhorn_assign
 
 
@@ -115,7 +117,8 @@ def _nearest_free(z: torch.Tensor, code: np.ndarray, cbs: list[torch.Tensor], us
         found = _search(r, list(code[:depth].tolist()), depth, cbs, used)
         if found is not None:
             return np.asarray(found, dtype=np.int64)
-    raise RuntimeError("no free identifier left (the code space is smaller than the catalog)")
+    raise LetterError(f"unique identifiers impossible: all {math.prod(cb.shape[0] for cb in cbs)} identifiers of the "
+                      "code space are taken (the catalog plus the new items outnumber it)")
 
 
 def _search(r: torch.Tensor, prefix: list[int], level: int, cbs: list[torch.Tensor], used: set):
