@@ -37,7 +37,8 @@ class RecConfig(Settings):
     lora_dropout: float = setting(0.05, "LoRA dropout (lcrec).", low=0, high=1, high_open=True)
     bf16: bool = setting(True, "Load the base model in bfloat16 (lcrec, on GPU only; float32 on CPU).")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory (lcrec, on "
-                                                  "GPU only).")
+                                                  "GPU only; same results, so a resumed run may change it).",
+                                           may_change_on_resume=True)
     # Optimisation: AdamW, cosine schedule with linear warmup over warmup_ratio of all steps.
     # Theirs is 256 per GPU x 2 GPUs x 2 accumulation.
     epochs: int = setting(200, "Epochs of the cosine schedule (training may stop earlier).", low=1)

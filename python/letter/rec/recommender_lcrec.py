@@ -34,7 +34,8 @@ def _require_llm_packages() -> None:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
-        raise LetterError(f"model lcrec needs transformers and peft ({e}); install them with pip install -e .[llm]") from None
+        raise LetterError(f"model lcrec needs transformers and peft ({e}); "
+                          "install them with pip install -e .[llm]") from None
 
 
 def _histories(rows: torch.Tensor) -> list[list[int]]:
