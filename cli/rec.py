@@ -1,4 +1,5 @@
-"""`letter train-rec`, `letter evaluate`, `letter recommend`: the TIGER generative recommender."""
+"""`letter train-rec`, `letter evaluate`, `letter recommend`: the generative recommender (TIGER, or
+LC-Rec with --model lcrec --base-model PATH)."""
 import json
 
 import click
@@ -17,7 +18,8 @@ from letter.rec.config import RecConfig
 @settings_options(RecConfig)
 @config_file_option
 def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, **options):
-    """Train TIGER on item identifiers (works under torchrun: DDP, gloo on CPU, nccl on GPU)."""
+    """Train TIGER (default) or LC-Rec (--model lcrec --base-model LOCAL_LLM_FOLDER: LoRA on a causal LM,
+    needs pip install -e .[llm]) on item identifiers. Works under torchrun (gloo on CPU, nccl on GPU)."""
     from letter.rec import train_rec
 
     config = settings_from_options(RecConfig, options, config_file)
@@ -26,7 +28,7 @@ def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, **
 
 
 @click.command("evaluate")
-@click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False), help="A train-rec run folder.")
+@click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False), help="A train-rec run folder (TIGER or LC-Rec).")
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
 @click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
 @click.option("--beams", default=20, show_default=True, help="Beam width K (top-K list per user).")
@@ -46,7 +48,7 @@ def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decode
 
 
 @click.command("recommend")
-@click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False), help="A train-rec run folder.")
+@click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False), help="A train-rec run folder (TIGER or LC-Rec).")
 @click.option("--history", required=True, help="Comma-separated item ids (as in the dataset files), oldest first.")
 @click.option("-k", "k", default=10, show_default=True, help="Number of identifiers to generate.")
 @click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")

@@ -44,3 +44,44 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- a tiny local causal LM for LC-Rec (tests/test_lcrec.py, tests/test_lcrec_train.py) ---------
+
+TINY_LLAMA_WORDS = (
+    "below is an instruction that describes a task . write response appropriately completes the request "
+    "### instruction: response: here are user's historical interactions: , try to predict next item").split()
+
+
+def make_tiny_llama(path, *, tie: bool = False, extra_rows: int = 3) -> str:
+    """A random 2-layer Llama (d 32) with a word-level tokenizer, saved to the folder `path`
+    (nothing downloaded). extra_rows: embedding rows beyond the tokenizer's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + sorted(set(TINY_LLAMA_WORDS))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+    config = LlamaConfig(vocab_size=len(words) + extra_rows, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_factory():
+    """make_tiny_llama as a fixture (skips when transformers/peft are not installed)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    return make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_factory, tmp_path_factory) -> str:
+    """Folder of a tiny untied random Llama + tokenizer."""
+    return tiny_llama_factory(tmp_path_factory.mktemp("llama"), tie=False)

@@ -15,31 +15,11 @@ from letter.rec.lcrec import IGNORE_INDEX, LCRec, token_name  # noqa: E402
 from letter_ext import dot_product_cross_entropy  # noqa: E402
 
 LEVELS = (4, 3, 5)
-WORDS = ("below is an instruction that describes a task . write response appropriately completes the request "
-         "### instruction: response: here are user's historical interactions: , try to predict next item").split()
-
-
-def _make_base(path, *, tie: bool, extra_rows: int = 3):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "<pad>"] + sorted(set(WORDS))
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>")
-    config = LlamaConfig(vocab_size=len(words) + extra_rows, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return _make_base(tmp_path_factory.mktemp("llama"), tie=False)
+def base(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -312,9 +292,9 @@ def test_save_load_roundtrip(trained, base, codes, tmp_path):
         LCRec.load(str(tmp_path))
 
 
-def test_tied_embeddings(tmp_path, codes):
+def test_tied_embeddings(tmp_path, codes, tiny_llama_factory):
     """A base model with tied input/output embeddings: one set of trained rows serves both."""
-    base = _make_base(tmp_path / "tied", tie=True, extra_rows=0)
+    base = tiny_llama_factory(tmp_path / "tied", tie=True, extra_rows=0)
     model = _model(base)
     names = [n for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens_delta" in n]
     assert len(names) == 1

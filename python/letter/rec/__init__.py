@@ -1,11 +1,12 @@
-"""TIGER generative recommender on learnable item identifiers.
+"""Generative recommenders on learnable item identifiers: TIGER (default) and LC-Rec
+(RecConfig(model="lcrec", base_model=LOCAL_LLM_FOLDER)), behind one trainer, evaluation and CLI.
 
 Python API (the CLI commands train-rec / evaluate / recommend call exactly these):
   RecConfig                          settings; defaults = the authors' LETTER-TIGER setup
   train_rec(config, data, codes, out_dir, *, resume=False, stop_after=None) -> summary dict
   evaluate(run_dir, split="test", *, num_beams=20, max_users=0, decoder="fused", out=None, ...) -> dict
   recommend(run_dir, history [original item ids], k=10) -> [{item_id, title, score, code}]
-  load_run(run_dir) -> (Tiger model, RecData, RecConfig)
+  load_run(run_dir) -> (Tiger or LCRec model, RecData, RecConfig)
 `data` is a dataset path (any format letter.data reads) or a letter.data.Dataset; `codes` an
 array [num_items, L], an authors'-format index .json, a codes .npy or a tokenizer run folder.
 """

@@ -1,4 +1,7 @@
-"""Settings of the generative recommender; the defaults are the authors' LETTER-TIGER setup."""
+"""Settings of the generative recommender: TIGER (the default; the authors' LETTER-TIGER setup) or
+LC-Rec (a local causal LM + LoRA, `model="lcrec"`). The model-size fields d_model ... d_ff, dropout
+and the relative-position ones are TIGER's; base_model, lora_*, bf16 and gradient_checkpointing are
+LC-Rec's; everything else (optimisation, early stopping, temperature, max_history) drives both."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +13,9 @@ from letter.settings import Settings, setting
 class RecConfig(Settings):
     section = "rec"
 
+    model: str = setting("tiger", "Recommender: tiger (T5-style, trained from scratch) or lcrec (a local causal LM "
+                                  "fine-tuned with LoRA; needs --base-model and pip install -e .[llm]).",
+                         choices=("tiger", "lcrec"))
     # Model: the authors' ckpt/TIGER/config.json (T5 with d_model 128, 4+4 layers, 6 heads x 64).
     d_model: int = setting(128, "Model width.", low=1)
     num_layers: int = setting(4, "Encoder layers.", low=1)
@@ -24,6 +30,15 @@ class RecConfig(Settings):
     temperature: float = setting(1.0, "Ranking-guided loss temperature tau (the paper's best on Instruments: 0.7).",
                                  low=0, low_open=True)
     max_history: int = setting(20, "History items the model reads.", low=1)
+    # LC-Rec (model lcrec): LoRA on the attention and MLP projections + the new identifier-token rows.
+    base_model: str = setting("", "Local Hugging Face causal LM folder (lcrec; nothing is downloaded).")
+    lora_r: int = setting(8, "LoRA rank (lcrec).", low=1)
+    lora_alpha: int = setting(32, "LoRA alpha (lcrec).", low=1)
+    lora_dropout: float = setting(0.05, "LoRA dropout (lcrec).", low=0, high=1, high_open=True)
+    bf16: bool = setting(True, "Load the base model in bfloat16 (lcrec, on GPU only; float32 on CPU).")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory (lcrec, on "
+                                                  "GPU only; same results, so a resumed run may change it).",
+                                           may_change_on_resume=True)
     # Optimisation: AdamW, cosine schedule with linear warmup over warmup_ratio of all steps.
     # Theirs is 256 per GPU x 2 GPUs x 2 accumulation.
     epochs: int = setting(200, "Epochs of the cosine schedule (training may stop earlier).", low=1)
@@ -43,6 +58,10 @@ class RecConfig(Settings):
     eval_beams: int = setting(20, "Beams of the validation beam search.", low=10)
     eval_batch_size: int = setting(256, "Users per validation batch.", low=1, may_change_on_resume=True)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto.", may_change_on_resume=True)
+
+    def check(self) -> None:
+        if self.model == "lcrec" and not self.base_model:
+            self.fail("base_model", "is required with model lcrec (a local Hugging Face causal LM folder)")
 
     def model_kwargs(self) -> dict:
         names = ["d_model", "num_layers", "num_decoder_layers", "num_heads", "d_kv", "d_ff", "dropout",

@@ -127,6 +127,25 @@ class RecData:
         samples = self._sample(part, max_users, seed)
         return self.encode([h for h, _ in samples]), torch.tensor([t for _, t in samples], dtype=torch.long)
 
+    def history_tensor(self, histories: list[list[int]]) -> torch.Tensor:
+        """Item ids of the last <= max_history items of each history [N, max_history], oldest first,
+        right-padded with -1 (the input form of models that build their own prompts, LC-Rec)."""
+        out = torch.full((len(histories), self.split.max_history), -1, dtype=torch.long)
+        for row, history in enumerate(histories):
+            kept = list(history)[-self.split.max_history:]
+            out[row, : len(kept)] = torch.tensor(kept, dtype=torch.long)
+        return out
+
+    def train_histories(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item-id histories [N, max_history] (-1 padded), target item ids [N]) of every training sample."""
+        return (self.history_tensor([h for h, _ in self.split.train]),
+                torch.tensor([t for _, t in self.split.train], dtype=torch.long))
+
+    def eval_histories(self, part: str, max_users: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """As eval_tensors, with item-id histories [U, max_history] (-1 padded) in place of tokens."""
+        samples = self._sample(part, max_users, seed)
+        return self.history_tensor([h for h, _ in samples]), torch.tensor([t for _, t in samples], dtype=torch.long)
+
     @staticmethod
     def decoder_inputs(labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: BOS followed by all but the last target token."""

@@ -1,5 +1,6 @@
-"""Generation and evaluation of a TIGER run: trie-constrained beam search over real identifiers,
-Recall/NDCG@5,10 over the full catalog, and top-k recommendations with titles.
+"""Generation and evaluation of a train-rec run (TIGER or LC-Rec, through their Recommender
+adapters): trie-constrained beam search over real identifiers, Recall/NDCG@5,10 over the full
+catalog, and top-k recommendations with titles.
 
 Hit rule (the authors'): a generated identifier is a hit when it equals the target item's
 identifier, so items sharing an identifier (a collision group) are indistinguishable; the report
@@ -21,20 +22,25 @@ from letter.training import resolve_device
 from letter.utils import progress, write_json
 
 from .config import RecConfig
-from .data import RecData, input_lengths, load_rec_data, trim_padding
-from .model import Tiger
+from .data import RecData, load_rec_data
+from .recommender import Recommender, as_recommender, recommender_class
 
 DECODERS = ("fused", "hf")
 
 
-def prefix_index(rec: RecData, device) -> PrefixIndex:
-    return PrefixIndex.from_codes(rec.codes, rec.layout.level_sizes, rec.layout.offsets, device=device)
+def prefix_index(rec: RecData, device, model=None) -> PrefixIndex:
+    """The identifier trie of `rec`'s items over the vocabulary of `model` (default: TIGER's layout)."""
+    if model is None:
+        return PrefixIndex.from_codes(rec.codes, rec.layout.level_sizes, rec.layout.offsets, device=device)
+    return as_recommender(model, rec=rec).prefix_index(rec, device)
 
 
 @torch.no_grad()
-def generate(model: Tiger, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch_size: int, device,
+def generate(model, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch_size: int, device,
              decoder: str = "fused", show_progress: bool = False):
-    """Top-`num_beams` identifiers per row of encoder tokens enc [U, S].
+    """Top-`num_beams` identifiers per user. `model`: a Tiger, an LCRec or their Recommender
+    adapter; `enc`: the users' model inputs (TIGER: encoder tokens [U, S] as RecData.eval_tensors
+    gives; LC-Rec: item-id histories [U, H] as RecData.eval_histories gives).
 
     Returns (leaves [U, K] identifier ids of `index` (-1: empty slot), scores [U, K] summed
     log-probabilities), best first. decoder='hf' runs the same model through the
@@ -44,35 +50,37 @@ def generate(model: Tiger, index: PrefixIndex, enc: torch.Tensor, num_beams: int
     if num_beams < 1:
         raise LetterError(f"--beams must be >= 1, got {num_beams}")
     search = hf_style_beam_search if decoder == "hf" else constrained_beam_search
-    model.eval()
-    # users of similar history length share a batch, trimmed to its longest history
-    order = torch.sort(input_lengths(enc), stable=True).indices
+    rm = as_recommender(model, index=index)
+    rm.model.eval()
+    # users of similar history length share a batch (TIGER trims it to its longest history)
+    order = torch.sort(rm.input_lengths(enc), stable=True).indices
     leaves = torch.full((enc.shape[0], num_beams), -1, dtype=torch.long)
     scores = torch.full((enc.shape[0], num_beams), float("-inf"))
     bar = progress(total=enc.shape[0], unit="user", unit_scale=True, desc="beam search",
                    disable=None if show_progress else True)
     for start in range(0, enc.shape[0], batch_size):
         rows = order[start:start + batch_size]
-        chunk = trim_padding(enc[rows]).to(device)
-        state = model.start_decoding(chunk, num_beams)
-        result = search(lambda step, last, st: model.decode_step(last, st), chunk.shape[0], index, num_beams,
-                        reorder_state=model.reorder_state, state=state)
+        state = rm.start_decoding(enc[rows], num_beams, device)
+        result = search(lambda step, last, st: rm.decode_step(last, st), rows.numel(), index, num_beams,
+                        reorder_state=rm.reorder_state, state=state)
         leaves[rows] = result.leaves.cpu()
         scores[rows] = result.scores.cpu().float()
-        bar.update(chunk.shape[0])
+        bar.update(rows.numel())
     bar.close()
     return leaves, scores
 
 
-def evaluate_model(model: Tiger, rec: RecData, enc: torch.Tensor, targets: torch.Tensor, num_beams: int,
+def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor, num_beams: int,
                    batch_size: int, device, decoder: str = "fused", index: PrefixIndex | None = None,
                    show_progress: bool = False) -> dict:
-    """Recall/NDCG@5,10 of constrained beam search on encoder tokens enc [U, S] vs targets [U]."""
+    """Recall/NDCG@5,10 of constrained beam search on the users' model inputs `enc` (see
+    generate) vs target items [U]."""
     if num_beams < 10:
         raise LetterError(f"--beams must be >= 10 to compute the @10 metrics, got {num_beams}")
-    index = index if index is not None else prefix_index(rec, device)
+    rm = as_recommender(model, rec=rec)
+    index = index if index is not None else rm.prefix_index(rec, device)
     started = time.perf_counter()
-    leaves, _ = generate(model, index, enc, num_beams, batch_size, device, decoder, show_progress)
+    leaves, _ = generate(rm, index, enc, num_beams, batch_size, device, decoder, show_progress)
     wall = time.perf_counter() - started
     target_leaves = index.leaf_of_item.cpu()[targets]
     hits = leaves == target_leaves[:, None]  # [U, K]: generated identifier == the target's
@@ -91,22 +99,30 @@ def evaluate_model(model: Tiger, rec: RecData, enc: torch.Tensor, targets: torch
     }
 
 
-def load_run(run_dir: str, data=None, device="cpu") -> tuple[Tiger, RecData, RecConfig]:
-    """(model with the best validation weights, its data, its settings) of a train-rec run folder.
-    `data` overrides the dataset path recorded in run.json (e.g. when the run was moved)."""
-    info_path, model_path = os.path.join(run_dir, "run.json"), os.path.join(run_dir, "model.pt")
-    for path in (info_path, model_path):
-        if not os.path.exists(path):
-            raise LetterError(f"--model {run_dir}: not a train-rec run folder (missing {os.path.basename(path)})")
+def _load(run_dir: str, data=None, device="cpu") -> tuple[Recommender, RecData, RecConfig]:
+    device = torch.device(device)
+    info_path = os.path.join(run_dir, "run.json")
+    if not os.path.exists(info_path):
+        raise LetterError(f"--model {run_dir}: not a train-rec run folder (missing run.json)")
     with open(info_path) as f:
         info = json.load(f)
     config = RecConfig.from_dict(info["config"])
+    cls = recommender_class(config.model)
+    model_path = cls.best_model_path(run_dir)
+    if not os.path.exists(model_path):
+        raise LetterError(f"--model {run_dir}: not a train-rec run folder (missing {os.path.basename(model_path)})")
     data = data if data is not None else info["data"]
     rec = load_rec_data(data, np.load(os.path.join(run_dir, "codes.npy")), config.max_history)
-    saved = torch.load(model_path, map_location="cpu", weights_only=False)
-    model = Tiger(**saved["hparams"])
-    model.load_state_dict(saved["state_dict"])
-    return model.to(device).eval(), rec, config
+    model = cls.load_best(run_dir, config, device).eval()
+    return cls.for_decoding(model, rec=rec), rec, config
+
+
+def load_run(run_dir: str, data=None, device="cpu") -> tuple:
+    """(model with the best validation weights -- a Tiger or an LCRec, its data, its settings) of a
+    train-rec run folder. `data` overrides the dataset path recorded in run.json (e.g. when the run
+    was moved)."""
+    rm, rec, config = _load(run_dir, data, device)
+    return rm.model, rec, config
 
 
 def evaluate(run_dir: str, split: str = "test", *, data=None, num_beams: int = 20, batch_size: int = 256,
@@ -117,10 +133,10 @@ def evaluate(run_dir: str, split: str = "test", *, data=None, num_beams: int = 2
     if split not in ("valid", "test"):
         raise LetterError(f"--split must be valid or test, got {split!r}")
     device = resolve_device(device)
-    model, rec, config = load_run(run_dir, data, device)
-    enc, targets = rec.eval_tensors(split, max_users, config.seed)
+    rm, rec, config = _load(run_dir, data, device)
+    enc, targets = rm.eval_inputs(rec, split, max_users, config.seed)
     result = {"model": os.path.abspath(run_dir), "split": split,
-              **evaluate_model(model, rec, enc, targets, num_beams, batch_size, device, decoder,
+              **evaluate_model(rm, rec, enc, targets, num_beams, batch_size, device, decoder,
                                show_progress=show_progress),
               "device": str(device), "threads": torch.get_num_threads()}
     if out:
@@ -134,14 +150,14 @@ def recommend(run_dir: str, history: list[str], k: int = 10, *, data=None, devic
     if k < 1:
         raise LetterError(f"-k must be >= 1, got {k}")
     device = resolve_device(device)
-    model, rec, _ = load_run(run_dir, data, device)
+    rm, rec, _ = _load(run_dir, data, device)
     position = {item: i for i, item in enumerate(rec.dataset.item_ids)}
     unknown = [h for h in history if h not in position]
     if unknown or not history:
         raise LetterError(f"--history: unknown item id(s) {', '.join(unknown[:5])}" if unknown else "--history is empty")
-    index = prefix_index(rec, device)
-    enc = rec.encode([[position[h] for h in history]])
-    leaves, scores = generate(model, index, enc, k, 1, device)
+    index = rm.prefix_index(rec, device)
+    enc = rm.encode(rec, [[position[h] for h in history]])
+    leaves, scores = generate(rm, index, enc, k, 1, device)
     text = rec.dataset.item_text
     out = []
     for leaf, score in zip(leaves[0].tolist(), scores[0].tolist()):

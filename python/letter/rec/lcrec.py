@@ -284,21 +284,30 @@ class LCRec(nn.Module):
         return len(self._templates)
 
     def encode_examples(self, histories: list[list[int]], item_tokens: torch.Tensor, targets: list[int] | None = None,
-                        generator: torch.Generator | None = None, *, template: int | None = None) -> dict:
+                        generator: torch.Generator | None = None, *,
+                        template: int | Sequence[int] | torch.Tensor | None = None) -> dict:
         """Token ids of prompts (+ responses), left-padded.
 
         histories: item ids of each user, oldest first (the last max_history are used);
         item_tokens: [num_items, L] LLM token ids of every item (`item_tokens(codes)`);
         targets: next item of each user (training / loss), or None (prompts for decoding).
         The instruction is sampled per example with `generator` (CPU torch.Generator); without a
-        generator, or with `template` given, every example uses instruction `template` (default 0).
+        generator, or with `template` given, every example uses instruction `template` (default 0),
+        or, when `template` is a sequence of N ints, example i uses instruction template[i] (the
+        trainer draws them for a whole epoch at once, so every process sees the same choice).
         Returns dict of CPU int64 tensors input_ids, attention_mask [N, T] and, with targets,
         labels [N, T] (IGNORE_INDEX except the L response tokens)."""
         n = len(histories)
         if targets is not None and len(targets) != n:
             raise LetterError(f"got {len(targets)} targets for {n} histories")
         item_tokens = torch.as_tensor(item_tokens, dtype=torch.long).cpu()
-        if template is not None or generator is None:
+        if template is not None and not isinstance(template, int):
+            which = torch.as_tensor(template, dtype=torch.long).reshape(-1).cpu()
+            if which.numel() != n:
+                raise LetterError(f"got {which.numel()} templates for {n} histories")
+            if n and (which.min() < 0 or which.max() >= self.num_templates):
+                raise LetterError(f"templates must be in [0, {self.num_templates})")
+        elif template is not None or generator is None:
             template = 0 if template is None else int(template)
             if not 0 <= template < self.num_templates:
                 raise LetterError(f"template must be in [0, {self.num_templates}), got {template}")

@@ -1,11 +1,17 @@
-"""Training loop of the TIGER recommender: AdamW + warmup/cosine, early stopping on validation
-NDCG@10 (constrained beam search), checkpoint + resume, DDP under torchrun (gloo on CPU, nccl on GPU).
+"""Training loop of the generative recommender (TIGER, or LC-Rec with `model="lcrec"`): AdamW +
+warmup/cosine, early stopping on validation NDCG@10 (constrained beam search), checkpoint + resume,
+data parallel under torchrun (gloo on CPU, nccl on GPU). What differs between the models (building
+them, a batch's loss, what a checkpoint holds, the best model's format, decoding) sits in their
+Recommender adapters (recommender.py, recommender_tiger.py, recommender_lcrec.py).
 
 Run folder (`out_dir`):
   run.json        settings, data path, code source, token layout (written once)
   codes.npy       item codes [num_items, L] used by this run
-  checkpoint.pt   everything needed to resume (model, optimizer, schedule, RNG of every process)
-  model.pt        weights of the best validation epoch
+  checkpoint.pt   everything needed to resume (trained weights -- TIGER: the model, LC-Rec: the
+                  adapter --, optimizer, schedule, RNG of every process)
+  model.pt        TIGER: weights of the best validation epoch
+  model/          LC-Rec: the adapter of the best validation epoch (LCRec.save; the base model is
+                  read from the folder recorded in model/lcrec.json)
   history.json    per-epoch losses and validation metrics
   summary.json    best epoch, metrics, wall time (rewritten after every epoch)
 """
@@ -25,27 +31,18 @@ from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_or
 from letter.utils import progress, save_npy, write_json
 
 from .config import RecConfig
-from .data import RecData, input_lengths, load_rec_data, trim_padding
-from .evaluation import evaluate_model, prefix_index
-from .model import Tiger
+from .data import load_rec_data
+from .evaluation import evaluate_model
+from .recommender import recommender_class
 
-CHECKPOINT, BEST_MODEL, RUN_INFO, HISTORY, SUMMARY = "checkpoint.pt", "model.pt", "run.json", "history.json", "summary.json"
-
-
-class _LossStep(nn.Module):
-    """What DDP wraps: its forward returns the loss, so gradient sync hooks fire on backward."""
-
-    def __init__(self, model: Tiger):
-        super().__init__()
-        self.model = model
-
-    def forward(self, enc, dec, labels):
-        return self.model.loss(enc, dec, labels, reduction="sum")
+CHECKPOINT, RUN_INFO, HISTORY, SUMMARY = "checkpoint.pt", "run.json", "history.json", "summary.json"
 
 
 def _identity(info: dict) -> dict:
-    """run.json flattened for check_resume: settings plus the inputs (codes, data, item count)."""
-    return {**info["config"], **{f"inputs.{k}": info.get(k) for k in ("codes_sha", "num_items", "data")}}
+    """run.json flattened for check_resume: settings (absent ones at their defaults, for runs
+    written before a setting existed) plus the inputs (codes, data, item count)."""
+    config = RecConfig.from_dict(info["config"], validate=False).to_dict()
+    return {**config, **{f"inputs.{k}": info.get(k) for k in ("codes_sha", "num_items", "data")}}
 
 
 def train_rec(
@@ -57,7 +54,8 @@ def train_rec(
     resume: bool = False,
     stop_after: int | None = None,
 ) -> dict:
-    """Train TIGER on `data` (dataset folder/path or `letter.data.Dataset`) with item `codes`
+    """Train the recommender `config.model` (TIGER, or LC-Rec on the local causal LM
+    `config.base_model`) on `data` (dataset folder/path or `letter.data.Dataset`) with item `codes`
     ([num_items, L] array, an index .json, codes .npy or a tokenizer run folder); write the run to
     `out_dir`. resume=True continues from out_dir/checkpoint.pt (exactly: same results as an
     uninterrupted run with the same seed on CPU). stop_after=N returns after N epochs of this call,
@@ -81,24 +79,26 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
             saved_info = json.load(f)
         check_resume(os.path.join(out_dir, RUN_INFO), _identity(saved_info), _identity(info),
                      config.fixed_on_resume() + ["inputs.codes_sha", "inputs.num_items", "inputs.data"])
-    elif ctx.main:
+
+    seed_everything(config.seed)  # same initial weights on every process
+    rm = recommender_class(config.model).build(config, rec, device)  # a bad base model fails before the run folder
+    model = rm.model
+    if not resume and ctx.main:
+        if config.model != "tiger":
+            info["vocab_offsets"] = list(model.vocab_offsets)
         os.makedirs(out_dir, exist_ok=True)
         save_npy(os.path.join(out_dir, "codes.npy"), rec.codes)
         write_json(os.path.join(out_dir, RUN_INFO), info)
-
-    seed_everything(config.seed)  # same initial weights on every process
-    model = Tiger(rec.layout.vocab_size, **config.model_kwargs()).to(device)
     seed_everything(config.seed + 7919 * ctx.rank)  # distinct dropout streams per process
     rng = RandomStreams(device)
-    step_module = _LossStep(model)
-    if ctx.world > 1:
+    step_module = rm.step_module
+    if ctx.world > 1 and rm.ddp:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    train_enc, train_labels = rec.train_tensors()
-    n_train = train_enc.shape[0]
-    train_lengths = input_lengths(train_enc)
+    parameters = rm.trainable_parameters()
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    n_train, train_lengths = rm.prepare_training(rng)
     if n_train == 0:
         raise LetterError(f"{rec.source}: no training samples (every user needs at least 3 interactions)")
     batches_per_epoch = math.ceil(n_train / config.batch_size)
@@ -106,15 +106,15 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, round(config.warmup_ratio * total_steps))
     )
-    valid_enc, valid_targets = rec.eval_tensors("valid", config.valid_users, config.seed)
-    index = prefix_index(rec, device) if ctx.main else None
+    valid_inputs, valid_targets = rm.eval_inputs(rec, "valid", config.valid_users, config.seed)
+    index = rm.prefix_index(rec, device) if ctx.main else None
 
     start_epoch, history = 0, []
     stopping = EarlyStopping(config.patience)
     best_metrics: dict = {}
     if resume:
         ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
+        rm.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, history, best_metrics = ckpt["epoch"], ckpt["history"], ckpt["best_metrics"]
@@ -127,12 +127,13 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
         if ckpt.get("finished"):
             start_epoch = config.epochs  # nothing left to train
 
-    use_amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_amp = rm.autocast(device)
     started = time.time()
     wall_before = history[-1]["wall_s"] if history else 0.0
     epochs_this_call = 0
     for epoch in range(start_epoch, config.epochs):
         model.train()
+        rm.start_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64)
         bar = progress(total=n_train, unit="sample", unit_scale=True,
                        desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if ctx.main else True)
@@ -140,40 +141,39 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
                             train_lengths if config.bucket_by_length else None)
         for batch in order:
             mine = shard(batch, ctx)
-            # DDP averages gradients over processes; scaling by world/|global batch tokens| makes that
+            # Gradients are averaged over processes; scaling by world/|global batch tokens| makes that
             # the mean over the whole global batch, so any world size follows the same trajectory.
             weight = ctx.world / (batch.numel() * rec.num_levels)
             if mine.numel() == 0:  # a last batch smaller than the world: join the gradient sync with weight 0
                 mine, weight = batch[:1], 0.0
-            enc, labels = trim_padding(train_enc[mine]).to(device), train_labels[mine].to(device)
-            dec = rec.decoder_inputs(labels)
+            inputs = rm.batch(mine)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                summed = step_module(enc, dec, labels)
+                summed = step_module(*inputs)
             (summed * weight).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if not rm.ddp:
+                ctx.average_gradients(parameters)
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if weight:
                 loss_sum += summed.detach().double().cpu()
             bar.update(batch.numel())
-            bar.set_postfix(loss=f"{summed.item() / labels.numel():.4f}")
+            bar.set_postfix(loss=f"{summed.item() / (mine.numel() * rec.num_levels):.4f}")
         bar.close()
         loss_total = ctx.sum([loss_sum.item()])[0]
         record = {"epoch": epoch + 1, "train_loss": loss_total / (n_train * rec.num_levels),
                   "lr": scheduler.get_last_lr()[0]}
         stop = False
         if ctx.main:
-            record["valid_loss"] = _mean_loss(model, rec, valid_enc, valid_targets, config.eval_batch_size, device)
+            record["valid_loss"] = rm.mean_loss(valid_inputs, valid_targets, config.eval_batch_size)
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-                metrics = evaluate_model(model, rec, valid_enc, valid_targets, config.eval_beams,
+                metrics = evaluate_model(rm, rec, valid_inputs, valid_targets, config.eval_beams,
                                          config.eval_batch_size, device, index=index)
                 record.update({f"valid_{k}": v for k, v in metrics["metrics"].items()})
                 if stopping.update(metrics["metrics"]["ndcg@10"], epoch + 1):
                     best_metrics = metrics["metrics"]
-                    save_checkpoint(os.path.join(out_dir, BEST_MODEL), {
-                        "hparams": model.hparams, "state_dict": model.state_dict(), "epoch": epoch + 1,
-                        "valid": metrics["metrics"]})
+                    rm.save_best(out_dir, epoch + 1, metrics["metrics"])
                 stop = stopping.should_stop
             record["wall_s"] = round(wall_before + time.time() - started, 3)
             history.append(record)
@@ -182,7 +182,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
         finished = stop or epoch + 1 == config.epochs
         rng_states = ctx.gather(rng.state())
         if ctx.main:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_checkpoint(ckpt_path, {"model": rm.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                                         "best_metrics": best_metrics, "stopping": stopping.state_dict(),
                                         "rng": rng_states, "finished": finished})
@@ -194,18 +194,6 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
     ctx.barrier()
     with open(os.path.join(out_dir, SUMMARY)) as f:
         return json.load(f)
-
-
-@torch.no_grad()
-def _mean_loss(model: Tiger, rec: RecData, enc: torch.Tensor, targets: torch.Tensor, batch_size: int, device) -> float:
-    """Mean per-token generation loss (eval mode) of the given samples."""
-    model.eval()
-    total = 0.0
-    for start in range(0, enc.shape[0], batch_size):
-        labels = rec.item_tokens[targets[start:start + batch_size]].to(device)
-        total += model.loss(trim_padding(enc[start:start + batch_size]).to(device), rec.decoder_inputs(labels), labels,
-                            reduction="sum").item()
-    return total / max(1, targets.numel() * rec.num_levels)
 
 
 def _format_record(record: dict) -> str:
