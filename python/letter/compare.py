@@ -44,6 +44,7 @@ from letter.metrics import metrics_from_hits, normalized_mutual_info
 from letter.rec import RecConfig, train_rec
 from letter.rec.data import resolve_codes
 from letter.rec.evaluation import generate, load_run, prefix_index
+from letter.rec.recommender import as_recommender
 from letter.tokenizer.codes import collision_rate
 from letter.tokenizer.report import category_agreement
 from letter.training import resolve_device
@@ -169,8 +170,9 @@ def user_ranks(run_dir: str, split: str = "test", *, data=None, max_users: int =
         raise LetterError(f"beams must be >= 10 to compute the @10 metrics, got {num_beams}")
     dev = resolve_device(device)
     model, rec, _ = load_run(run_dir, data, dev)
-    enc, targets = rec.eval_tensors(split, max_users, sample_seed)
-    index = prefix_index(rec, dev)
+    adapter = as_recommender(model, rec=rec)
+    enc, targets = adapter.eval_inputs(rec, split, max_users, sample_seed)
+    index = prefix_index(rec, dev, model)
     started = time.perf_counter()
     leaves, _ = generate(model, index, enc, num_beams, batch_size, dev)
     hits = leaves == index.leaf_of_item.cpu()[targets][:, None]

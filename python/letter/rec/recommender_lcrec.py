@@ -104,7 +104,7 @@ class LCRecRecommender(Recommender):
         epoch) only, drawn for all samples so each process takes its rows from the same draw."""
         self._templates_gen.manual_seed(self.seed * 100003 + epoch + 1)
         self._templates = torch.randint(0, self.model.num_templates, (self.train_hist.shape[0],),
-                                        generator=self._templates_gen)
+                                        generator=self._templates_gen, device="cpu")
 
     def batch(self, rows: torch.Tensor):
         if self._templates is None:
