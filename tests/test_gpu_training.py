@@ -89,3 +89,15 @@ def test_tiger_torchrun_nccl(synth, tmp_path):
            "--d-model", "32", "--num-layers", "1", "--num-decoder-layers", "1", "--epochs", "1", "--device", "cuda"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "LETTER_PROGRESS": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lcrec_on_cuda(synth, tmp_path, tiny_llama, bf16):
+    data = str(tmp_path / "data")
+    write_letter(synth, data)
+    codes = np.stack([np.arange(synth.num_items) % 10, np.arange(synth.num_items) // 10], 1)
+    cfg = RecConfig(model="lcrec", base_model=tiny_llama, epochs=1, batch_size=32, valid_users=20, eval_batch_size=8,
+                    bf16=bf16, gradient_checkpointing=True, device="cuda")
+    assert train_rec(cfg, data, codes, str(tmp_path / "rec"))["finished"]
+    result = evaluate(str(tmp_path / "rec"), "test", max_users=30, device="cuda")
+    assert 0 <= result["metrics"]["ndcg@10"] <= 1
