@@ -11,7 +11,8 @@ from letter.rec.config import RecConfig
               help="Dataset folder or file (any letter.data format).")
 @click.option("--set", "sets", multiple=True, required=True, metavar="LABEL=PATH",
               help="An identifier set: a tokenizer run folder, <Name>.index.json or codes .npy (repeat; the first "
-                   "is the reference of the differences).")
+                   "is the reference of the differences). A PATH with {seed} names one set per seed (e.g. "
+                   "runs/tok-s{seed}: one tokenizer run per recommender seed).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder (compare.md/.json/.png, runs/<label>/seed-<s>/); rerun to resume.")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),

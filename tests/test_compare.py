@@ -222,3 +222,19 @@ def test_item_categories_fall_back_to_categories_strings(setup):
     assert field == "categories"
     assert len(np.unique(labels2)) == 10
     assert item_categories(type(ds)(ds.name, ds.user_ids, ds.sequences, ds.item_ids, None)) is None
+
+
+def test_a_set_per_seed_repeats_the_tokenizer_chain(tmp_path):
+    """A path with {seed} names one identifier set per seed (one tokenizer run per seed); each seed
+    gets its own codes, and a missing seed is reported before any training."""
+    from letter.compare import load_sets
+
+    ds = make_synthetic(num_users=60, num_items=40, num_categories=4, seed=2)
+    rng = np.random.default_rng(0)
+    for seed in (5, 6):
+        np.save(tmp_path / f"codes-{seed}.npy", rng.integers(0, 8, size=(40, 2)))
+    sets = load_sets(ds, ["tok=" + str(tmp_path / "codes-{seed}.npy")], [5, 6])
+    assert set(sets[0].members) == {5, 6}
+    assert not np.array_equal(sets[0].for_seed(5).codes, sets[0].for_seed(6).codes)
+    with pytest.raises(LetterError, match="codes-7.npy"):
+        load_sets(ds, ["tok=" + str(tmp_path / "codes-{seed}.npy")], [5, 6, 7])

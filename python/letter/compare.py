@@ -1,7 +1,8 @@
 """`letter compare`: identifier sets side by side under one recommender.
 
 One dataset, several identifier sets (tokenizer run folders, authors'-format index .json files or
-codes .npy files, each with a label). The same TIGER settings are trained on every set for each of
+codes .npy files, each with a label; a path holding `{seed}` names one set per seed, e.g. one
+tokenizer run per seed, so the seeds repeat the whole tokenizer + recommender chain). The same TIGER settings are trained on every set for each of
 `seeds` recommender seeds (config.seed, config.seed + 1, ...), and every run is evaluated on the
 same test users. Output folder:
 
@@ -56,12 +57,24 @@ _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 @dataclasses.dataclass
-class IdentifierSet:
-    label: str
-    path: str  # absolute path as given (run folder, index .json or codes .npy)
+class Identifiers:
+    path: str  # absolute path (run folder, index .json or codes .npy)
     codes: np.ndarray  # [num_items, L] in the dataset's item order
     sha: str
     codebook_sizes: list[int] | None = None  # from a tokenizer run folder's config.json
+
+
+@dataclasses.dataclass
+class IdentifierSet:
+    """A labelled identifier set: one path for every seed, or (a path with `{seed}`) one tokenizer
+    run per seed, so each seed repeats the whole tokenizer + recommender chain."""
+
+    label: str
+    path: str  # as given (may hold {seed})
+    members: dict  # seed -> Identifiers ({None: ...} for a path without {seed})
+
+    def for_seed(self, seed: int) -> Identifiers:
+        return self.members.get(seed, self.members.get(None))
 
 
 def parse_set(spec: str) -> tuple[str, str]:
@@ -88,9 +101,10 @@ def _run_folder_sizes(path: str) -> list[int] | None:
         return None
 
 
-def load_sets(dataset: Dataset, sets: Iterable) -> list[IdentifierSet]:
+def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) -> list[IdentifierSet]:
     """Validate every set ('LABEL=PATH' strings, (label, path) pairs or a {label: path} dict)
-    against the dataset; all problems are reported together in one LetterError line."""
+    against the dataset; a PATH holding `{seed}` names one identifier set per seed in `seeds`. All
+    problems are reported together in one LetterError line."""
     pairs = list(sets.items()) if isinstance(sets, dict) else [parse_set(s) if isinstance(s, str) else tuple(s)
                                                                 for s in sets]
     if not pairs:
@@ -106,17 +120,36 @@ def load_sets(dataset: Dataset, sets: Iterable) -> list[IdentifierSet]:
             problems.append(f"{where}: label {label!r} used twice")
             continue
         seen.add(label)
-        if not os.path.exists(path):
-            problems.append(f"{where}: no such file or folder")
-            continue
-        try:
-            codes, _ = resolve_codes(path, dataset)
-        except (LetterError, OSError, ValueError) as e:
-            problems.append(f"{where}: {e}")
-            continue
-        out.append(IdentifierSet(label, os.path.abspath(path), codes, _codes_sha(codes), _run_folder_sizes(path)))
+        members = {}
+        for seed in (seeds or [0]) if "{seed}" in path else [None]:
+            concrete = path.replace("{seed}", str(seed)) if seed is not None else path
+            if not os.path.exists(concrete):
+                problems.append(f"{where}: no such file or folder {concrete}")
+                continue
+            try:
+                codes, _ = resolve_codes(concrete, dataset)
+            except (LetterError, OSError, ValueError) as e:
+                problems.append(f"{where}: {e}")
+                continue
+            members[seed] = Identifiers(os.path.abspath(concrete), codes, _codes_sha(codes), _run_folder_sizes(concrete))
+        out.append(IdentifierSet(label, path, members))
     if problems:
         raise LetterError("bad identifier set(s): " + "; ".join(" ".join(p.split()) for p in problems))
+    return out
+
+
+def set_diagnostics(s: IdentifierSet, categories) -> dict:
+    """identifier_diagnostics of the set; for one set per seed, each number averaged over seeds."""
+    each = [identifier_diagnostics(m.codes, categories, m.codebook_sizes) for m in s.members.values()]
+    if len(each) == 1:
+        return each[0]
+    out = dict(each[0])
+    for key, value in each[0].items():
+        if isinstance(value, float):
+            out[key] = float(np.mean([d[key] for d in each]))
+        elif key == "codes_used":
+            out[key] = [float(np.mean(v)) for v in zip(*(d[key] for d in each))]
+    out["averaged_over_seeds"] = len(each)
     return out
 
 
@@ -249,7 +282,7 @@ def _run_one(data, s: IdentifierSet, config: RecConfig, run_dir: str, depends: d
     resume = os.path.isfile(os.path.join(rec_dir, "checkpoint.pt"))
     log(f"{tag} {'resuming' if resume else 'training'} -> {rec_dir}")
     t0 = time.time()
-    summary = train_rec(config, data, s.path, rec_dir, resume=resume)
+    summary = train_rec(config, data, s.for_seed(config.seed).path, rec_dir, resume=resume)
     train_s = time.time() - t0
     ev = user_ranks(rec_dir, "test", data=data, device=config.device, batch_size=config.eval_batch_size, **eval_args)
     with atomic_path(os.path.join(run_dir, RANKS), suffix=".npz") as tmp:
@@ -298,11 +331,11 @@ def compare(
         raise LetterError(f"--test-users must be >= 0 and --bootstrap >= 1, got {test_users} and {bootstrap}")
     dataset = data if isinstance(data, Dataset) else load_dataset(os.fspath(data))
     data_arg = data if isinstance(data, Dataset) else os.path.abspath(os.fspath(data))
-    id_sets = load_sets(dataset, sets)  # every set checked before any training
+    seed_list = [config.seed + i for i in range(seeds)]
+    id_sets = load_sets(dataset, sets, seed_list)  # every set checked before any training
     categories = item_categories(dataset)
     data_sha = _dataset_sha(dataset)
     eval_args = {"max_users": test_users, "sample_seed": sample_seed, "num_beams": num_beams}
-    seed_list = [config.seed + i for i in range(seeds)]
     os.makedirs(out_dir, exist_ok=True)
 
     runs: dict[str, list[dict]] = {}
@@ -314,7 +347,7 @@ def compare(
         for seed in seed_list:
             cfg = dataclasses.replace(config, seed=seed)
             depends = {"rec_config": {k: v for k, v in cfg.to_dict().items() if k != "device"},
-                       "codes_sha": s.sha, "data_sha": data_sha, "eval": eval_args}
+                       "codes_sha": s.for_seed(seed).sha, "data_sha": data_sha, "eval": eval_args}
             run_dir = os.path.join(out_dir, "runs", s.label, f"seed-{seed}")
             runs[s.label].append(_run_one(data_arg, s, cfg, run_dir, depends, eval_args, log))
             with np.load(os.path.join(run_dir, RANKS)) as saved:
@@ -344,7 +377,7 @@ def compare(
         entry = {
             "label": s.label,
             "path": s.path,
-            "diagnostics": identifier_diagnostics(s.codes, categories, s.codebook_sizes),
+            "diagnostics": set_diagnostics(s, categories),
             "metrics": {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
                             "per_seed": v} for m, v in values.items()},
             "runs": [os.path.relpath(os.path.join(out_dir, "runs", s.label, f"seed-{seed}"), out_dir)
@@ -394,7 +427,7 @@ def compare_markdown(report: dict) -> str:
     for s in report["sets"]:
         d = s["diagnostics"]
         sizes = d.get("codebook_sizes")
-        used = " / ".join(f"{u}" + (f" of {sizes[l]}" if sizes and l < len(sizes) else "")
+        used = " / ".join(f"{u:g}" + (f" of {sizes[l]}" if sizes and l < len(sizes) else "")
                           for l, u in enumerate(d["codes_used"]))
         row = [s["label"], f"{d['collision_rate']:.4f}", used]
         if has_cats:
