@@ -1,8 +1,10 @@
 """Small shared helpers: atomic file writes, progress bars, config-file reading."""
 import contextlib
+import glob
 import json
 import os
 import tempfile
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -11,18 +13,62 @@ import torch
 from letter.errors import LetterError
 
 
+STALE_TEMP_SECONDS = 600  # a temporary file this old was left by a killed write
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(directory: str, prefix: str = ".tmp-", max_age: float = STALE_TEMP_SECONDS) -> list[str]:
+    """Delete `prefix`* files in `directory` (recursively) not modified for `max_age` seconds: the
+    leftovers of writes killed before their rename. Returns the removed paths."""
+    removed = []
+    now = time.time()
+    for root, _, files in os.walk(directory):
+        for name in files:
+            if not name.startswith(prefix):
+                continue
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if now - os.stat(path).st_mtime > max_age:
+                    os.remove(path)
+                    removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path next to `path`; on success it replaces `path` atomically.
 
-    On error the temporary file is removed, so a reader never sees a half-written output.
+    On error the temporary file is removed, so a reader never sees a half-written output. The
+    result gets the permissions of a plain open() under the umask (mkstemp makes 0600 files), and
+    temporary files of the same target left by a killed write (older than STALE_TEMP_SECONDS) go.
     """
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix or os.path.splitext(path)[1])
+    prefix = f".tmp-{os.path.basename(path)}-"
+    now = time.time()
+    for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*")):
+        with contextlib.suppress(OSError):
+            if now - os.stat(stale).st_mtime > STALE_TEMP_SECONDS:
+                os.remove(stale)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix or os.path.splitext(path)[1])
     os.close(fd)
     try:
         yield tmp
+        if os.path.exists(tmp):
+            os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
