@@ -13,6 +13,8 @@ class LetterGroup(click.Group):
             return super().invoke(ctx)
         except LetterError as e:
             raise click.ClickException(str(e)) from e
+        except EOFError as e:  # click would print a bare "Aborted!" for it
+            raise click.ClickException(f"unexpected end of a file or of the input ({e or 'EOFError'})") from e
 
 
 @click.group(cls=LetterGroup, context_settings={"help_option_names": ["-h", "--help"]})

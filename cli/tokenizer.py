@@ -51,6 +51,7 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codeboo
     """Train the LETTER tokenizer (RQ-VAE + collaborative and diversity regularization) and write
     <Name>.index.json, codes.npy, model, report.json/.md and curves into the run folder."""
     from letter.data import load_dataset
+    from letter.runs import check_sidecar
     from letter.tokenizer import train_tokenizer
 
     config = settings_from_options(TokenizerConfig, options, config_file)
@@ -63,6 +64,9 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codeboo
     if cf_emb is None and config.for_method().alpha > 0:
         click.echo(f"warning: no CF embeddings (--cf-emb, {dataset.name}.cf-*.npy): training with alpha 0", err=True)
         config = config.replace(alpha=0.0)
+    check_sidecar(text_emb, "text embedding")
+    if cf_emb:
+        check_sidecar(cf_emb, "CF embedding")
     categories = None
     if dataset.item_text and all(t and "category" in t for t in dataset.item_text):
         categories = np.array([t["category"] for t in dataset.item_text])

@@ -25,6 +25,7 @@ from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
 from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume, content_hash,
                              distributed, epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard)
+from letter.runs import sidecar_record
 from letter.utils import progress, save_npy, write_json
 
 KS = (5, 10)
@@ -204,7 +205,7 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
     }
     if ctx.main:
         save_npy(paths["embeddings"], model.item_embeddings().detach().float().cpu().numpy())
-        write_json(paths["metrics"], result)
+        write_json(paths["metrics"], {**result, **sidecar_record(paths["embeddings"])})  # last: the marker
         log(f"test {json.dumps(result['test'])}\nwrote {paths['embeddings']}")
     ctx.barrier()
     return result

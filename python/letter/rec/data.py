@@ -42,6 +42,10 @@ def resolve_codes(codes, dataset: Dataset) -> tuple[np.ndarray, str]:
         path = os.fspath(codes)
         source = os.path.abspath(path)
         if os.path.isdir(path):
+            if any(os.path.exists(os.path.join(path, n)) for n in ("model.pt", "checkpoint.pt", "run.json")):
+                from letter.tokenizer.inference import check_tokenizer_run
+
+                check_tokenizer_run(path)  # a run folder: finished, and not mixed
             if os.path.exists(os.path.join(path, "codes.npy")):
                 path = os.path.join(path, "codes.npy")
             else:
@@ -53,8 +57,8 @@ def resolve_codes(codes, dataset: Dataset) -> tuple[np.ndarray, str]:
             codes = _index_json_codes(path, dataset)
         elif path.endswith(".npy"):
             try:
-                codes = np.load(path)
-            except (OSError, ValueError) as e:
+                codes = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
                 raise DataError(f"{path}: cannot read codes: {e}") from e
         elif not os.path.exists(path):
             raise LetterError(f"{path}: no such codes file or tokenizer run folder")
@@ -87,10 +91,16 @@ class RecData:
     def num_levels(self) -> int:
         return self.codes.shape[1]
 
-    def run_info(self, config) -> dict:
+    def run_info(self, config, out_dir: str | None = None) -> dict:
+        """run.json: settings and inputs; with `out_dir`, also the dataset's path relative to the run
+        folder ("data_relative", preferred when the folder is moved or copied along with its data)."""
+        extra = {}
+        if out_dir is not None and os.path.exists(self.source):
+            extra["data_relative"] = os.path.relpath(self.source, os.path.abspath(out_dir))
         return {
             "config": config.to_dict(),
             "data": self.source,
+            **extra,
             "codes_source": self.codes_source,
             "codes_sha": hashlib.sha256(np.ascontiguousarray(self.codes).tobytes()).hexdigest(),
             "num_items": int(self.codes.shape[0]),

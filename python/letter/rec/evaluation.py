@@ -8,16 +8,15 @@ also counts how many evaluated targets sit in such groups.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
-import numpy as np
 import torch
 
 from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_search
 from letter.errors import LetterError
 from letter.metrics import metrics_from_hits
+from letter.runs import check_rec_run, load_npy, read_rec_run_info
 from letter.training import resolve_device
 from letter.utils import progress, write_json
 
@@ -101,19 +100,16 @@ def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor
 
 def _load(run_dir: str, data=None, device="cpu") -> tuple[Recommender, RecData, RecConfig]:
     device = torch.device(device)
-    info_path = os.path.join(run_dir, "run.json")
-    if not os.path.exists(info_path):
-        raise LetterError(f"--model {run_dir}: not a train-rec run folder (missing run.json)")
-    with open(info_path) as f:
-        info = json.load(f)
+    info = read_rec_run_info(run_dir)
     config = RecConfig.from_dict(info["config"])
     cls = recommender_class(config.model)
     model_path = cls.best_model_path(run_dir)
     if not os.path.exists(model_path):
         raise LetterError(f"--model {run_dir}: not a train-rec run folder (missing {os.path.basename(model_path)})")
-    data = data if data is not None else info["data"]
-    rec = load_rec_data(data, np.load(os.path.join(run_dir, "codes.npy")), config.max_history)
-    model = cls.load_best(run_dir, config, device).eval()
+    codes = load_npy(os.path.join(run_dir, "codes.npy"))
+    model = cls.load_best(run_dir, config, device).eval()  # a corrupt file is named before the checks below
+    data = check_rec_run(run_dir, info, data)  # unfinished or mixed folder; the dataset (relative path first)
+    rec = load_rec_data(data, codes, config.max_history)
     return cls.for_decoding(model, rec=rec), rec, config
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from letter.decoding import PrefixIndex
 from letter.errors import LetterError
-from letter.training import save_checkpoint
+from letter.training import load_checkpoint, save_checkpoint
 
 from .data import input_lengths, trim_padding
 from .model import Tiger
@@ -59,9 +59,13 @@ class TigerRecommender(Recommender):
 
     @classmethod
     def load_best(cls, run_dir: str, config, device) -> Tiger:
-        saved = torch.load(cls.best_model_path(run_dir), map_location="cpu", weights_only=False)
-        model = Tiger(**saved["hparams"])
-        model.load_state_dict(saved["state_dict"])
+        path = cls.best_model_path(run_dir)
+        saved = load_checkpoint(path)  # corrupt, truncated, empty or foreign: one line naming the file
+        try:
+            model = Tiger(**saved["hparams"])
+            model.load_state_dict(saved["state_dict"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise LetterError(f"{path}: not a TIGER model file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         return model.to(device)
 
     # -- training --------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch import nn
 from letter.errors import LetterError
 from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume, distributed,
                              epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard, warmup_cosine)
+from letter.runs import mark_complete
 from letter.utils import progress, save_npy, write_json
 
 from .config import RecConfig
@@ -69,7 +70,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
     device = ctx.device
     rec = load_rec_data(data, codes, config.max_history)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    info = rec.run_info(config)
+    info = rec.run_info(config, out_dir)
     if os.path.exists(ckpt_path) and not resume:
         raise LetterError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
     if resume and not os.path.exists(ckpt_path):
@@ -193,7 +194,10 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
             break
     ctx.barrier()
     with open(os.path.join(out_dir, SUMMARY)) as f:
-        return json.load(f)
+        summary = json.load(f)
+    if ctx.main and summary.get("finished"):  # complete.json last: what evaluate/recommend check
+        mark_complete(out_dir, [RUN_INFO, "codes.npy", os.path.basename(rm.best_model_path(out_dir)), HISTORY, SUMMARY])
+    return summary
 
 
 def _format_record(record: dict) -> str:

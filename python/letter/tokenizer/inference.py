@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from letter.errors import LetterError
+from letter.runs import check_complete
 from letter.training import load_checkpoint
 
 from .codes import collision_rate, make_unique, sinkhorn_resolve
@@ -92,15 +93,24 @@ class Tokenizer:
         return resolved[len(self.catalog_codes):]
 
 
+def check_tokenizer_run(run_dir: str) -> None:
+    """LetterError unless `run_dir` is a finished tokenizer run whose files are the ones it wrote
+    (report.json, written last; complete.json's file hashes when the run has one)."""
+    if os.path.isfile(os.path.join(run_dir, "run.json")) and not os.path.isfile(os.path.join(run_dir, COMPLETE)):
+        raise LetterError(f"{run_dir}: a train-rec run folder, not a tokenizer run folder")
+    if not os.path.isfile(os.path.join(run_dir, COMPLETE)):
+        raise LetterError(f"{run_dir}: unfinished tokenizer run (no {COMPLETE}); finish it with --resume")
+    check_complete(run_dir, "tokenizer", finished_without_marker=True)
+
+
 def load_tokenizer(run_dir: str) -> Tokenizer:
     """Load a finished run folder written by train_tokenizer (model.pt + codes.npy)."""
     path = os.path.join(run_dir, MODEL)
     if not os.path.isfile(path):
         hint = " (it looks like a train-rec run folder)" if os.path.isfile(os.path.join(run_dir, "run.json")) else ""
         raise LetterError(f"{run_dir}: not a tokenizer run folder (no {MODEL}){hint}")
-    if not os.path.isfile(os.path.join(run_dir, COMPLETE)):
-        raise LetterError(f"{run_dir}: unfinished tokenizer run (no {COMPLETE}); finish it with --resume")
-    blob = load_checkpoint(path)
+    blob = load_checkpoint(path)  # a corrupt file is named as such, before the completeness checks
+    check_tokenizer_run(run_dir)
     try:
         config = TokenizerConfig.from_dict(blob["config"])
         if config.method == "rqkmeans":
@@ -112,7 +122,10 @@ def load_tokenizer(run_dir: str) -> Tokenizer:
     except (KeyError, RuntimeError, TypeError) as e:
         raise LetterError(f"{path}: not a tokenizer model file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     codes_path = os.path.join(run_dir, "codes.npy")
-    catalog = np.load(codes_path) if os.path.isfile(codes_path) else None
+    try:
+        catalog = np.load(codes_path, allow_pickle=False) if os.path.isfile(codes_path) else None
+    except (OSError, ValueError, EOFError) as e:
+        raise LetterError(f"{codes_path}: corrupt or truncated ({type(e).__name__}: {str(e)[:160]})") from None
     return Tokenizer(model, config, name, catalog)
 
 
