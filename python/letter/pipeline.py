@@ -1,9 +1,13 @@
 """`letter pipeline`: prepare -> embed -> cf -> tokenizer -> rec -> evaluate, then a report.
 
-Each stage writes into RUN/<stage>/ and, when it finishes, RUN/<stage>/stage.json with the
-fingerprint of everything it depends on (its config section, its upstream stages, the data
-source). A rerun skips a stage whose stage.json matches; a stage interrupted midway resumes from
-its own checkpoint when its fingerprint is unchanged and starts afresh otherwise. A failing stage
+Each stage writes into RUN/<stage>/ and, when it finishes, RUN/<stage>/stage.json (written last)
+with the fingerprint of everything it read (its config sections, its upstream stages' fingerprints
+and output contents, the content of the data source's files), its outputs as paths relative to RUN
+(so a copied or moved run folder uses its own files) and the size/mtime/sha256 of each file it
+wrote. A rerun skips a stage whose fingerprint matches and whose files are all still there and
+unchanged; otherwise it logs why and reruns it (and, through the fingerprints, what follows). A
+stage interrupted midway resumes from its own checkpoint when its fingerprint is unchanged and
+starts afresh otherwise. A failing stage
 stops the pipeline with a LetterError naming the stage; earlier stages' outputs stay intact.
 """
 import dataclasses
@@ -18,7 +22,8 @@ import numpy as np
 
 from letter.errors import LetterError
 from letter.pipeline_report import write_report
-from letter.utils import write_json
+from letter.runs import file_change, file_state, folder_files, relative_to, resolve
+from letter.utils import remove_stale_temps, write_json
 
 STAGES = ("prepare", "embed", "cf", "tokenizer", "rec", "evaluate")
 # Upstream stages and the config sections each stage reads.
@@ -34,6 +39,18 @@ MARKER = "stage.json"
 STARTED = "stage.started.json"
 
 
+# Keys of a stage's outputs that are paths: stage.json stores them relative to the run folder.
+PATH_KEYS = ("dataset", "text_embeddings", "cf_embeddings", "metrics", "run", "report", "history")
+
+
+def _is_recorded(rel: str) -> bool:
+    """Files of a finished stage whose content later stages rely on (not its markers, checkpoints
+    or temporary files)."""
+    name = os.path.basename(rel)
+    return not (name in (MARKER, STARTED) or name.startswith(".tmp-") or name == "checkpoint.pt"
+                or name.endswith(".ckpt.pt"))
+
+
 @dataclasses.dataclass
 class Pipeline:
     out: str
@@ -43,31 +60,69 @@ class Pipeline:
     log: Callable[[str], None] = print
     fingerprints: dict = dataclasses.field(default_factory=dict)
     outputs: dict = dataclasses.field(default_factory=dict)
+    digests: dict = dataclasses.field(default_factory=dict)  # stage -> hash of its recorded files
+    source_files: dict = dataclasses.field(default_factory=dict)  # data file -> state (prepare's input)
 
     def stage_dir(self, stage: str) -> str:
         return os.path.join(self.out, stage)
 
     def fingerprint(self, stage: str) -> str:
+        """Hash of what the stage reads: its config sections, each upstream stage's fingerprint and
+        the content of its outputs, and (prepare) the content of the data source's files."""
         ups, sections = DEPENDS[stage]
         payload = {
             "stage": stage,
-            "upstream": [self.fingerprints[u] for u in ups],
+            "upstream": [[self.fingerprints[u], self.digests[u]] for u in ups],
             "config": {s: self.config[s] for s in sections},
-            "source": self.source if stage == "prepare" else None,
+            "source": self._source_identity() if stage == "prepare" else None,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _source_identity(self) -> dict:
+        if self.source.get("synthetic"):
+            return {"synthetic": True}
+        from letter.data.readers import source_files
+
+        previous = (self._read("prepare", MARKER) or {}).get("inputs", {})
+        self.source_files = {}
+        for path in source_files(self.source["data"]):
+            self.source_files[path] = file_state(path, previous.get(path))
+        # content, not names: the same files elsewhere are the same data, an edited file is not
+        return {"files": sorted((os.path.basename(p), st["sha256"]) for p, st in self.source_files.items())}
 
     def _read(self, stage: str, name: str) -> dict | None:
         path = os.path.join(self.stage_dir(stage), name)
         if not os.path.isfile(path):
             return None
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            self.log(f"[{stage}] {path}: corrupt or truncated, ignored")
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _stale(self, stage: str, done: dict | None, fp: str) -> str | None:
+        """Why the finished stage `done` (its stage.json) cannot be reused, None when it can."""
+        if done is None:
+            return "not run yet"
+        if done.get("fingerprint") != fp:
+            return f"its settings or inputs changed (fingerprint {done.get('fingerprint')} -> {fp})"
+        files = done.get("files")
+        if not isinstance(files, dict) or not isinstance(done.get("outputs"), dict):
+            return "its stage.json predates output checks"
+        for rel, state in sorted(files.items()):
+            change = file_change(os.path.join(self.out, rel), state)
+            if change is not None:
+                return f"output {rel} {change}"
+        return None
 
     def run(self, from_stage: str | None = None) -> dict:
         if from_stage is not None and from_stage not in STAGES:
             raise LetterError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
         os.makedirs(self.out, exist_ok=True)
+        for path in remove_stale_temps(self.out):
+            self.log(f"removed {path} (left by an interrupted write)")
         write_json(os.path.join(self.out, "config.json"), {"source": self.source, "config": self.config})
         forced = False
         for stage in STAGES:
@@ -75,12 +130,24 @@ class Pipeline:
             fp = self.fingerprint(stage)
             self.fingerprints[stage] = fp
             done = self._read(stage, MARKER)
-            if done and done.get("fingerprint") == fp and not forced:
+            reason = "rerun from here (--from)" if forced else self._stale(stage, done, fp)
+            if reason is None:
                 self.log(f"[{stage}] up to date ({fp}), skipped")
-                self.outputs[stage] = done["outputs"]
+                self.outputs[stage] = self._resolve(done["outputs"])
+                self.digests[stage] = _digest(done["files"])
                 continue
-            self._run_stage(stage, fp, fresh=forced)
+            if done is not None or forced:
+                self.log(f"[{stage}] rerunning: {reason}")
+            # changed or missing outputs: nothing in the folder can be trusted, start afresh
+            self._run_stage(stage, fp, fresh=forced or (done is not None and done.get("fingerprint") == fp))
         return write_report(self)
+
+    def _relative(self, outputs: dict) -> dict:
+        return {k: relative_to(v, self.out) if k in PATH_KEYS and isinstance(v, str) else v
+                for k, v in outputs.items()}
+
+    def _resolve(self, outputs: dict) -> dict:
+        return {k: resolve(v, self.out) if k in PATH_KEYS and isinstance(v, str) else v for k, v in outputs.items()}
 
     def _run_stage(self, stage: str, fp: str, fresh: bool) -> None:
         directory = self.stage_dir(stage)
@@ -103,7 +170,13 @@ class Pipeline:
             raise LetterError(f"stage '{stage}' failed: {type(e).__name__}: {e}") from e
         seconds = time.time() - t0
         self.outputs[stage] = outputs
-        write_json(os.path.join(directory, MARKER), {"fingerprint": fp, "outputs": outputs, "seconds": seconds})
+        files = {relative_to(os.path.join(directory, rel), self.out): file_state(os.path.join(directory, rel))
+                 for rel in folder_files(directory, skip=lambda rel: not _is_recorded(rel))}
+        self.digests[stage] = _digest(files)
+        marker = {"fingerprint": fp, "outputs": self._relative(outputs), "files": files, "seconds": seconds}
+        if stage == "prepare" and self.source_files:
+            marker["inputs"] = self.source_files
+        write_json(os.path.join(directory, MARKER), marker)  # written last: the stage's completion marker
         self.log(f"[{stage}] done in {seconds:.1f}s")
 
     def stage_seconds(self, stage: str) -> float | None:
@@ -115,6 +188,19 @@ class Pipeline:
         from letter.data import load_dataset
 
         return load_dataset(self.outputs["prepare"]["dataset"])
+
+
+def _digest(files: dict) -> str:
+    """One hash of a stage's recorded files (names relative to the run folder, and contents)."""
+    text = json.dumps(sorted((rel, st.get("sha256")) for rel, st in files.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load_npy(path: str):
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise LetterError(f"{path}: corrupt or truncated ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def _prepare(p: Pipeline, directory: str) -> dict:
@@ -156,8 +242,8 @@ def _tokenizer(p: Pipeline, directory: str) -> dict:
 
     ds = p.dataset()
     cfg = TokenizerConfig.from_dict(p.config["tokenizer"])
-    text = np.load(p.outputs["embed"]["text_embeddings"])
-    cf = np.load(p.outputs["cf"]["cf_embeddings"]) if cfg.alpha > 0 else None
+    text = _load_npy(p.outputs["embed"]["text_embeddings"])
+    cf = _load_npy(p.outputs["cf"]["cf_embeddings"]) if cfg.alpha > 0 else None
     labels = None
     if ds.item_text is not None and all("category" in t for t in ds.item_text):
         names = sorted({t["category"] for t in ds.item_text})
@@ -186,7 +272,9 @@ def _evaluate(p: Pipeline, directory: str) -> dict:
 
     cfg = p.config["evaluate"]
     out = os.path.join(directory, "metrics.json")
-    result = evaluate(p.outputs["rec"]["run"], cfg["split"], num_beams=cfg["num_beams"],
+    # the dataset of this run folder (not the path the rec run recorded, which a copy shares)
+    result = evaluate(p.outputs["rec"]["run"], cfg["split"], data=p.outputs["prepare"]["dataset"],
+                      num_beams=cfg["num_beams"],
                       batch_size=cfg["batch_size"], device=p.device, out=out, show_progress=True)
     return {"metrics": out, "result": result}
 

@@ -299,6 +299,21 @@ def detect_format(path: str) -> str:
     )
 
 
+def source_files(path: str, format: str = "auto") -> list[str]:
+    """Absolute paths of the files `load_dataset(path, format)` reads (to fingerprint a dataset)."""
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "letter":
+        _, inter, item = _letter_files(path)
+        files = [inter, item]
+    elif fmt == "p5":
+        files = [os.path.join(path, P5_FILE) if os.path.isdir(path) else path]
+    elif fmt == "amazon":
+        files = list(_amazon_files(path))
+    else:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    return [os.path.abspath(f) for f in files if f is not None]
+
+
 def load_dataset(path: str, format: str = "auto", k: int = 5, name: str | None = None) -> Dataset:
     """Read any supported format (auto-detected by default). `k` (k-core) applies to raw Amazon dumps."""
     fmt = detect_format(path) if format == "auto" else format
