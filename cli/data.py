@@ -13,11 +13,13 @@ def data():
 
 @data.command("synth")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--users", default=3000, show_default=True, help="Number of users.")
-@click.option("--items", default=1000, show_default=True, help="Number of items.")
-@click.option("--categories", default=20, show_default=True, help="Latent item categories (<= items/4).")
-@click.option("--min-length", default=5, show_default=True, help="Shortest history.")
-@click.option("--max-length", default=20, show_default=True, help="Longest history.")
+@click.option("--users", type=click.IntRange(min=1), default=3000, show_default=True, help="Number of users.")
+@click.option("--items", type=click.IntRange(min=4), default=1000, show_default=True, help="Number of items.")
+@click.option("--categories", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Latent item categories (<= items/4).")
+@click.option("--min-length", type=click.IntRange(min=3), default=5, show_default=True, help="Shortest history.")
+@click.option("--max-length", type=click.IntRange(min=3), default=20, show_default=True,
+              help="Longest history (>= --min-length).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--name", default="Synth", show_default=True, help="File prefix <Name>.inter.json.")
 def synth(out_dir, users, items, categories, min_length, max_length, seed, name):
@@ -40,7 +42,7 @@ def synth(out_dir, users, items, categories, min_length, max_length, seed, name)
 @click.argument("src", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
-@click.option("--kcore", default=5, show_default=True, help="k-core filter for raw Amazon dumps.")
+@click.option("--kcore", type=click.IntRange(min=1), default=5, show_default=True, help="k-core filter for raw Amazon dumps.")
 @click.option("--name", default=None, help="Dataset name (default: from the file/folder name).")
 def convert(src, out_dir, fmt, kcore, name):
     """Read SRC (LETTER folder, P5 sequential_data.txt, raw Amazon dump) and write a LETTER folder.

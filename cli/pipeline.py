@@ -25,10 +25,12 @@ def pipeline(data_path, synthetic, config_file, out, from_stage, device):
     from letter.config import effective_config
     from letter.pipeline import Pipeline
     from letter.pipeline_report import format_table
+    from letter.training import resolve_device
 
     if bool(data_path) == bool(synthetic):
         raise click.UsageError("give exactly one of --data DIR or --synthetic")
     cfg = effective_config(config_file, synthetic=synthetic)
+    resolve_device(device)  # a device this torch lacks fails here, before any stage writes
     source = {"synthetic": True} if synthetic else {"data": os.path.abspath(data_path)}
     report = Pipeline(out=out, config=cfg, source=source, device=device, log=click.echo).run(from_stage)
     click.echo("\n" + format_table(report["metrics"]))

@@ -31,12 +31,15 @@ def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, **
 @click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False), help="A train-rec run folder (TIGER or LC-Rec).")
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
 @click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
-@click.option("--beams", default=20, show_default=True, help="Beam width K (top-K list per user).")
-@click.option("--batch-size", default=256, show_default=True, help="Users per beam search batch.")
-@click.option("--max-users", default=0, show_default=True, help="Evaluate a fixed random sample of users (0 = all).")
+@click.option("--beams", type=click.IntRange(min=10), default=20, show_default=True,
+              help="Beam width K (top-K list per user; >= 10 for the @10 metrics).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Users per beam search batch.")
+@click.option("--max-users", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate a fixed random sample of users (0 = all).")
 @click.option("--decoder", type=click.Choice(["fused", "hf"]), default="fused", show_default=True,
               help="fused: the beam step op; hf: the HF-style prefix_allowed_tokens_fn baseline.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the results JSON here.")
 def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decoder, device, out):
     """Recall/NDCG@5,10 with trie-constrained beam search over all items; prints JSON."""
@@ -50,7 +53,8 @@ def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decode
 @click.command("recommend")
 @click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False), help="A train-rec run folder (TIGER or LC-Rec).")
 @click.option("--history", required=True, help="Comma-separated item ids (as in the dataset files), oldest first.")
-@click.option("-k", "k", default=10, show_default=True, help="Number of identifiers to generate.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Number of identifiers to generate.")
 @click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
 @click.option("--device", default="cpu", show_default=True)
 def recommend_cmd(run_dir, history, k, data_path, device):

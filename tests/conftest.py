@@ -85,3 +85,26 @@ def tiny_llama_factory():
 def tiny_llama(tiny_llama_factory, tmp_path_factory) -> str:
     """Folder of a tiny untied random Llama + tokenizer."""
     return tiny_llama_factory(tmp_path_factory.mktemp("llama"), tie=False)
+
+
+# A pipeline config small enough for tests (seconds on one CPU thread); used by test_pipeline*.py.
+TINY_PIPELINE = {
+    "data": {"synthetic": {"num_users": 300, "num_items": 120, "num_categories": 6, "seed": 0}},
+    "embed": {"model": "hash"},
+    "cf": {"epochs": 3, "patience": 2},
+    "tokenizer": {"layers": [64, 32], "codebook_sizes": [16, 16, 16], "epochs": 10, "batch_size": 128,
+                  "kmeans_iters": 10, "clusters": 4},
+    "rec": {"d_model": 32, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "d_kv": 16, "d_ff": 64,
+            "epochs": 2, "batch_size": 128, "eval_every": 1, "valid_users": 50},
+    "evaluate": {"num_beams": 10},
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """TINY_PIPELINE as a YAML file."""
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_PIPELINE))
+    return str(path)

@@ -11,24 +11,7 @@ from letter.cli.main import main
 from letter.config import effective_config
 from letter.errors import LetterError
 
-TINY = {
-    "data": {"synthetic": {"num_users": 300, "num_items": 120, "num_categories": 6, "seed": 0}},
-    "embed": {"model": "hash"},
-    "cf": {"epochs": 3, "patience": 2},
-    "tokenizer": {"layers": [64, 32], "codebook_sizes": [16, 16, 16], "epochs": 10, "batch_size": 128,
-                  "kmeans_iters": 10, "clusters": 4},
-    "rec": {"d_model": 32, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "d_kv": 16, "d_ff": 64,
-            "epochs": 2, "batch_size": 128, "eval_every": 1, "valid_users": 50},
-    "evaluate": {"num_beams": 10},
-}
 STAGES = pipeline_module.STAGES
-
-
-@pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return str(path)
 
 
 def markers(run):

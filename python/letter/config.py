@@ -62,6 +62,8 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
         path = f"{where}.{key}" if where else key
         if key not in out:
             raise LetterError(f"config: unknown setting {path!r} (see `letter config show`)")
+        if isinstance(out[key], dict) and not isinstance(value, dict):
+            raise LetterError(f"config: {path} must be a mapping of settings, got {type(value).__name__} {value!r}")
         if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
             out[key] = merge(out[key], value, path)
         else:
@@ -87,6 +89,32 @@ def validate_config(cfg: dict) -> dict:
 
     for cls in (CFConfig, TokenizerConfig, RecConfig):
         cls.from_dict(cfg[cls.section])
+    from letter.embed import MODES
+
+    synthetic = cfg["data"]["synthetic"]
+    checks = [
+        ("data.max_history", cfg["data"]["max_history"], int, 1, None),
+        ("data.synthetic.num_users", synthetic["num_users"], int, 1, None),
+        ("data.synthetic.num_items", synthetic["num_items"], int, 4, None),
+        ("data.synthetic.num_categories", synthetic["num_categories"], int, 1, None),
+        ("data.synthetic.seed", synthetic["seed"], int, None, None),
+        ("embed.model", cfg["embed"]["model"], str, None, None),
+        ("embed.mode", cfg["embed"]["mode"], str, None, MODES),
+        ("embed.batch_size", cfg["embed"]["batch_size"], int, 1, None),
+        ("evaluate.split", cfg["evaluate"]["split"], str, None, ("valid", "test")),
+        ("evaluate.num_beams", cfg["evaluate"]["num_beams"], int, 10, None),
+        ("evaluate.batch_size", cfg["evaluate"]["batch_size"], int, 1, None),
+    ]
+    for key, value, kind, low, choices in checks:
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise LetterError(f"config: {key} must be {'an integer' if kind is int else 'a string'}, got {value!r}")
+        if low is not None and value < low:
+            raise LetterError(f"config: {key} must be >= {low}, got {value!r}")
+        if choices is not None and value not in choices:
+            raise LetterError(f"config: {key} must be one of {', '.join(choices)}, got {value!r}")
+    fields = cfg["embed"]["fields"]
+    if not isinstance(fields, list) or not fields or not all(isinstance(f, str) and f for f in fields):
+        raise LetterError(f"config: embed.fields must be a non-empty list of field names, got {fields!r}")
     return cfg
 
 

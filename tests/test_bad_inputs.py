@@ -1,0 +1,318 @@
+"""Bad input to every command: one clear line (exit 1 for LetterError, 2 for click usage errors),
+naming the argument or file, no traceback, and no output file created or changed.
+
+Each case is (command, id, setup, args, exit code, message). `setup(world, case)` prepares broken
+copies in the case's own folder before the snapshot; args may use {data}, {tok}, {rec}, {case}.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from letter.cli.main import main
+
+# -- a tiny world of finished runs, built once -------------------------------------------------
+
+TOK_ARGS = ["--layers", "32", "--e-dim", "16", "--codebook-sizes", "8,8,8", "--epochs", "2", "--clusters", "2",
+            "--kmeans-iters", "3", "--batch-size", "64"]
+REC_ARGS = ["--d-model", "16", "--num-layers", "1", "--num-decoder-layers", "1", "--num-heads", "2", "--d-kv", "8",
+            "--d-ff", "32", "--epochs", "1", "--batch-size", "64", "--valid-users", "20", "--eval-beams", "10"]
+
+
+def _ok(args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("world")
+    data = root / "data"
+    _ok(["data", "synth", data, "--users", 80, "--items", 40, "--categories", 4, "--min-length", 3,
+         "--max-length", 8])
+    _ok(["embed", data, "--model", "hash", "--mode", "hash", "--dim", 16])
+    _ok(["train-cf", data, "--dim", 16, "--epochs", 1, "--blocks", 1, "--heads", 1])
+    _ok(["train-tokenizer", "--data", data, "--out", root / "tok", *TOK_ARGS])
+    _ok(["train-rec", "--data", data, "--index", root / "tok", "--out", root / "rec", *REC_ARGS])
+    (root / "cases").mkdir()
+    return root
+
+
+def snapshot(root) -> dict:
+    """Every file under root with its size and mtime."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            st = os.stat(os.path.join(folder, name))
+            out[os.path.relpath(os.path.join(folder, name), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+# -- setups: broken copies ---------------------------------------------------------------------
+
+def copy(what):
+    def setup(world, case):
+        shutil.copytree(world / what, case / what)
+    return setup
+
+
+def corrupt(what, name, kind):
+    """A copy of run folder `what` whose `name` is 0-byte, truncated, garbage or a foreign pickle."""
+    def setup(world, case):
+        shutil.copytree(world / what, case / what)
+        path = case / what / name
+        good = (world / what / name).read_bytes() if (world / what / name).exists() else b"x" * 4000
+        if kind == "empty":
+            path.write_bytes(b"")
+        elif kind == "truncated":
+            path.write_bytes(good[: len(good) // 2])
+        elif kind == "garbage":
+            path.write_bytes(b"this is not a checkpoint\n" * 50)
+        elif kind == "foreign":
+            torch.save([1, 2, 3], path)
+    return setup
+
+
+def unfinished(what, remove):
+    def setup(world, case):
+        shutil.copytree(world / what, case / what)
+        for name in remove:
+            (case / what / name).unlink()
+        summary = case / what / "summary.json"
+        if summary.exists():
+            summary.write_text(json.dumps({**json.loads(summary.read_text()), "finished": False}))
+    return setup
+
+
+def mixed(what, name):
+    """A copy whose `name` holds other (valid) content than the run wrote."""
+    def setup(world, case):
+        shutil.copytree(world / what, case / what)
+        path = case / what / name
+        if name.endswith(".npy"):
+            np.save(path, np.load(path)[::-1].copy())
+        else:
+            path.write_text(path.read_text().replace("}", " }", 1))
+    return setup
+
+
+def write(name, text):
+    def setup(world, case):
+        (case / name).parent.mkdir(parents=True, exist_ok=True)
+        (case / name).write_text(text)
+    return setup
+
+
+def config_file(section, key, value):
+    """A pipeline config file setting `section.key` (or the whole section when key is None)."""
+    def setup(world, case):
+        cfg = {section: value} if key is None else {section: {key: value}}
+        (case / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    return setup
+
+
+def none(world, case):
+    pass
+
+
+E, T, G, F = "empty", "truncated", "garbage", "foreign"
+CORRUPT = "corrupt or truncated"
+
+CASES = [
+    # data synth
+    ("data synth", "users 0", none, ["data", "synth", "{case}/out", "--users", "0"], 2, "--users"),
+    ("data synth", "items 0", none, ["data", "synth", "{case}/out", "--items", "0"], 2, "--items"),
+    ("data synth", "categories 0", none, ["data", "synth", "{case}/out", "--categories", "0"], 2, "--categories"),
+    ("data synth", "categories > items/4", none, ["data", "synth", "{case}/out", "--items", "8", "--categories", "3"],
+     1, "num_categories"),
+    ("data synth", "min-length 1", none, ["data", "synth", "{case}/out", "--min-length", "1"], 2, "--min-length"),
+    ("data synth", "max-length -5", none, ["data", "synth", "{case}/out", "--max-length", "-5"], 2, "--max-length"),
+    ("data synth", "min > max", none, ["data", "synth", "{case}/out", "--min-length", "9", "--max-length", "4"],
+     1, "min_length"),
+    ("data synth", "users not a number", none, ["data", "synth", "{case}/out", "--users", "many"], 2, "--users"),
+    # data convert
+    ("data convert", "missing source", none, ["data", "convert", "{case}/nothing", "{case}/out"], 1, "nothing"),
+    ("data convert", "malformed json", write("src/X.inter.json", "{not json"),
+     ["data", "convert", "{case}/src", "{case}/out"], 1, "X.inter.json: malformed json"),
+    ("data convert", "kcore 0", none, ["data", "convert", "{data}", "{case}/out", "--kcore", "0"], 2, "--kcore"),
+    ("data convert", "bad format", none, ["data", "convert", "{data}", "{case}/out", "--format", "csv"], 2,
+     "--format"),
+    # data stats
+    ("data stats", "missing", none, ["data", "stats", "{case}/nothing"], 1, "nothing: no such file"),
+    ("data stats", "empty object", write("src/X.inter.json", "{}"), ["data", "stats", "{case}/src"], 1,
+     "X.inter.json"),
+    # embed
+    ("embed", "unknown field", none, ["embed", "{data}", "--model", "hash", "--fields", "title,nosuchfield"], 1,
+     "nosuchfield"),
+    ("embed", "dim 0", none, ["embed", "{data}", "--model", "hash", "--dim", "0"], 2, "--dim"),
+    ("embed", "dim negative", none, ["embed", "{data}", "--model", "hash", "--dim", "-4"], 2, "--dim"),
+    ("embed", "batch-size 0", none, ["embed", "{data}", "--batch-size", "0"], 2, "--batch-size"),
+    ("embed", "max-length 0", none, ["embed", "{data}", "--max-length", "0"], 2, "--max-length"),
+    ("embed", "device unknown", none, ["embed", "{data}", "--model", "hash", "--device", "tpu"], 1, "--device"),
+    ("embed", "device not here", none, ["embed", "{data}", "--model", "hash", "--device", "cuda:99"], 1, "--device"),
+    ("embed", "model not local", none, ["embed", "{data}", "--model", "nosuch-org/nosuch-model-xyz"], 1,
+     "not in the local Hugging Face cache"),
+    ("embed", "model folder missing", none, ["embed", "{data}", "--model", "{case}/model", "--mode", "mean-pool"], 1,
+     "not a local folder"),
+    ("embed", "bad mode", none, ["embed", "{data}", "--mode", "fast"], 2, "--mode"),
+    # train-cf
+    ("train-cf", "negative lr", none, ["train-cf", "{data}", "--out", "{case}/o", "--lr", "-1"], 1, "lr"),
+    ("train-cf", "nan dropout", none, ["train-cf", "{data}", "--out", "{case}/o", "--dropout", "nan"], 1, "dropout"),
+    ("train-cf", "device", none, ["train-cf", "{data}", "--out", "{case}/o", "--device", "tpu"], 1, "--device"),
+    ("train-cf", "missing data", none, ["train-cf", "{case}/nothing"], 1, "nothing"),
+    ("train-cf", "config wrong type", write("c.yaml", "epochs: many\n"),
+     ["train-cf", "{data}", "--out", "{case}/o", "--config", "{case}/c.yaml"], 1, "epochs"),
+    *[("train-cf", f"resume {k} checkpoint", corrupt("data", "Synth.cf-sasrec16.ckpt.pt", k),
+       ["train-cf", "{case}/data", "--dim", "16", "--epochs", "1", "--blocks", "1", "--heads", "1", "--resume"], 1,
+       "Synth.cf-sasrec16.ckpt.pt: " + (CORRUPT if k != F else "not a LETTER checkpoint")) for k in (E, T, G, F)],
+    # train-tokenizer
+    ("train-tokenizer", "epochs 0", none, ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", "--epochs", "0"],
+     1, "epochs"),
+    ("train-tokenizer", "nan alpha", none, ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", "--alpha", "nan"],
+     1, "alpha"),
+    ("train-tokenizer", "levels 0", none, ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", "--levels", "0"],
+     1, "--levels"),
+    ("train-tokenizer", "garbage text-emb", write("e.npy", "garbage"),
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", "--text-emb", "{case}/e.npy"], 1, "--text-emb"),
+    ("train-tokenizer", "mixed cf embeddings", mixed("data", "Synth.cf-sasrec16.npy"),
+     ["train-tokenizer", "--data", "{case}/data", "--out", "{case}/t", *TOK_ARGS], 1,
+     "Synth.cf-sasrec16.npy: changed"),
+    ("train-tokenizer", "device", none,
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", *TOK_ARGS, "--device", "tpu"], 1, "--device"),
+    *[("train-tokenizer", f"resume {k} checkpoint", corrupt("tok", "checkpoint.pt", k),
+       ["train-tokenizer", "--data", "{data}", "--out", "{case}/tok", *TOK_ARGS, "--resume"], 1,
+       "checkpoint.pt: " + (CORRUPT if k != F else "not a LETTER checkpoint")) for k in (E, T, G, F)],
+    # tokenize
+    ("tokenize", "recommender run folder", none,
+     ["tokenize", "--tokenizer", "{rec}", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
+     1, "train-rec run folder"),
+    ("tokenize", "unfinished run", unfinished("tok", ["report.json", "complete.json"]),
+     ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
+     1, "unfinished tokenizer run"),
+    ("tokenize", "mixed run", mixed("tok", "codes.npy"),
+     ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
+     1, "mixed tokenizer run folder: codes.npy changed"),
+    *[("tokenize", f"{k} model.pt", corrupt("tok", "model.pt", k),
+       ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out",
+        "{case}/x.npy"], 1, "model.pt: " + (CORRUPT if k != F else "not a LETTER checkpoint")) for k in (E, T, G, F)],
+    ("tokenize", "wrong dim", none,
+     ["tokenize", "--tokenizer", "{tok}", "--embeddings", "{data}/Synth.cf-sasrec16.npy", "--out", "{case}/x.npy"],
+     0, None),  # same dim (16): accepted; see the next case for a real mismatch
+    ("tokenize", "garbage embeddings", write("e.npy", "garbage"),
+     ["tokenize", "--tokenizer", "{tok}", "--embeddings", "{case}/e.npy"], 1, "--embeddings"),
+    # train-rec
+    ("train-rec", "index: unfinished tokenizer run", unfinished("tok", ["report.json", "complete.json"]),
+     ["train-rec", "--data", "{data}", "--index", "{case}/tok", "--out", "{case}/r", *REC_ARGS], 1,
+     "unfinished tokenizer run"),
+    ("train-rec", "index: mixed tokenizer run", mixed("tok", "codes.npy"),
+     ["train-rec", "--data", "{data}", "--index", "{case}/tok", "--out", "{case}/r", *REC_ARGS], 1, "mixed"),
+    ("train-rec", "index: recommender run", none,
+     ["train-rec", "--data", "{data}", "--index", "{rec}", "--out", "{case}/r", *REC_ARGS], 1, "train-rec run folder"),
+    ("train-rec", "negative lr", none,
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", "--lr", "-1"], 1, "lr"),
+    ("train-rec", "max-grad-norm 0", none,
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", "--max-grad-norm", "0"], 1,
+     "max_grad_norm"),
+    ("train-rec", "inf warmup", none,
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", "--warmup-ratio", "inf"], 1,
+     "warmup_ratio"),
+    ("train-rec", "device", none,
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", "--device", "tpu"], 1, "--device"),
+    ("train-rec", "missing index", none,
+     ["train-rec", "--data", "{data}", "--index", "{case}/none.npy", "--out", "{case}/r"], 1, "none.npy"),
+    # evaluate
+    ("evaluate", "beams 0", none, ["evaluate", "--model", "{rec}", "--beams", "0"], 2, "--beams"),
+    ("evaluate", "beams 5", none, ["evaluate", "--model", "{rec}", "--beams", "5"], 2, "--beams"),
+    ("evaluate", "batch-size 0", none, ["evaluate", "--model", "{rec}", "--batch-size", "0"], 2, "--batch-size"),
+    ("evaluate", "max-users -1", none, ["evaluate", "--model", "{rec}", "--max-users", "-1"], 2, "--max-users"),
+    ("evaluate", "device unknown", none, ["evaluate", "--model", "{rec}", "--device", "tpu"], 1, "--device"),
+    ("evaluate", "device not here", none, ["evaluate", "--model", "{rec}", "--device", "cuda:99"], 1, "--device"),
+    ("evaluate", "no such run", none, ["evaluate", "--model", "{case}/none"], 1, "no such run folder"),
+    ("evaluate", "tokenizer folder", none, ["evaluate", "--model", "{tok}"], 1, "tokenizer run folder"),
+    ("evaluate", "unfinished", unfinished("rec", ["complete.json"]), ["evaluate", "--model", "{case}/rec"], 1,
+     "unfinished train-rec run"),
+    ("evaluate", "mixed", mixed("rec", "history.json"), ["evaluate", "--model", "{case}/rec"], 1,
+     "mixed train-rec run folder: history.json changed"),
+    *[("evaluate", f"{k} run.json", corrupt("rec", "run.json", k), ["evaluate", "--model", "{case}/rec"], 1,
+       "run.json: " + CORRUPT) for k in (E, T, G)],
+    *[("evaluate", f"{k} model.pt", corrupt("rec", "model.pt", k), ["evaluate", "--model", "{case}/rec",
+       "--out", "{case}/m.json"], 1, "model.pt: " + (CORRUPT if k != F else "not a LETTER checkpoint"))
+      for k in (E, T, G, F)],
+    *[("evaluate", f"{k} codes.npy", corrupt("rec", "codes.npy", k), ["evaluate", "--model", "{case}/rec"], 1,
+       "codes.npy: " + CORRUPT) for k in (E, T, G)],
+    # recommend
+    ("recommend", "k 0", none, ["recommend", "--model", "{rec}", "--history", "1,2", "-k", "0"], 2, "-k"),
+    ("recommend", "device", none, ["recommend", "--model", "{rec}", "--history", "1,2", "--device", "tpu"], 1,
+     "--device"),
+    ("recommend", "unknown item", none, ["recommend", "--model", "{rec}", "--history", "1,nosuchitem"], 1,
+     "nosuchitem"),
+    *[("recommend", f"{k} model.pt", corrupt("rec", "model.pt", k),
+       ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1,
+       "model.pt: " + (CORRUPT if k != F else "not a LETTER checkpoint")) for k in (E, T, G, F)],
+    ("recommend", "unfinished", unfinished("rec", ["complete.json"]),
+     ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1, "unfinished train-rec run"),
+    # pipeline and config show: wrong types name the key
+    *[(cmd, f"config {name}", config_file(section, key, value), [*args, "--config", "{case}/bad.yaml"], 1, message)
+      for cmd, args in (("pipeline", ["pipeline", "--synthetic", "--out", "{case}/run"]),
+                        ("config show", ["config", "show"]))
+      for name, section, key, value, message in (
+          ("num_beams text", "evaluate", "num_beams", "ten", "evaluate.num_beams must be an integer"),
+          ("num_beams 0", "evaluate", "num_beams", 0, "evaluate.num_beams must be >= 10"),
+          ("split", "evaluate", "split", "train", "evaluate.split must be one of"),
+          ("max_history text", "data", "max_history", "x", "data.max_history must be an integer"),
+          ("fields string", "embed", "fields", "title", "embed.fields must be a non-empty list"),
+          ("embed batch 0", "embed", "batch_size", 0, "embed.batch_size must be >= 1"),
+          ("section scalar", "tokenizer", None, 5, "tokenizer must be a mapping"),
+          ("lr text", "rec", "lr", "fast", "rec: lr must be a number"),
+          ("unknown key", "cf", "nosuchkey", 1, "cf.nosuchkey"),
+      )],
+    ("pipeline", "missing data", none, ["pipeline", "--data", "{case}/none", "--out", "{case}/run"], 2, "--data"),
+    ("pipeline", "device", none, ["pipeline", "--synthetic", "--out", "{case}/run", "--device", "tpu"], 1, "--device"),
+    ("pipeline", "bad from", none, ["pipeline", "--synthetic", "--out", "{case}/run", "--from", "nope"], 2, "--from"),
+    ("config show", "missing file", none, ["config", "show", "--config", "{case}/none.yaml"], 1, "none.yaml"),
+    ("config show", "not yaml", write("bad.yaml", "a: [1,\n"), ["config", "show", "--config", "{case}/bad.yaml"], 1,
+     "bad.yaml: not valid YAML"),
+]
+CASES = [c for c in CASES if c[4] != 0]
+
+
+@pytest.mark.parametrize("command,name,setup,args,code,message", CASES,
+                         ids=[f"{c[0]}: {c[1]}" for c in CASES])
+def test_bad_input(world, command, name, setup, args, code, message):
+    case = world / "cases" / f"{command}-{name}".replace(" ", "_").replace(":", "").replace("/", "_")
+    case.mkdir()
+    setup(world, case)
+    argv = [a.format(data=world / "data", tok=world / "tok", rec=world / "rec", case=case) for a in args]
+    before = snapshot(world)
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == code, (argv, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output and "Aborted" not in result.output
+    assert message in result.output, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    assert snapshot(world) == before, "an output file was created or changed"
+
+
+def test_files_respect_umask_and_stale_temps_go(tmp_path):
+    from letter.utils import STALE_TEMP_SECONDS, write_json
+
+    old = os.umask(0o027)
+    try:
+        write_json(str(tmp_path / "a.json"), {"x": 1})
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o640
+    stale, fresh = tmp_path / ".tmp-a.json-dead.json", tmp_path / ".tmp-a.json-live.json"
+    stale.write_text("half")
+    fresh.write_text("in progress")
+    past = os.stat(stale).st_mtime - STALE_TEMP_SECONDS - 5
+    os.utime(stale, (past, past))
+    write_json(str(tmp_path / "a.json"), {"x": 2})
+    assert not stale.exists() and fresh.exists()
