@@ -100,11 +100,21 @@ TINY_PIPELINE = {
 }
 
 
+def _write_tiny_config(folder) -> str:
+    import yaml
+
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_PIPELINE))
+    return str(path)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """TINY_PIPELINE as a YAML file."""
-    import yaml
+    return _write_tiny_config(tmp_path)
 
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY_PIPELINE))
-    return str(path)
+
+@pytest.fixture(scope="module")
+def tiny_config_module(tmp_path_factory):
+    """TINY_PIPELINE as a YAML file shared by a module's tests."""
+    return _write_tiny_config(tmp_path_factory.mktemp("tiny-config"))

@@ -1,0 +1,138 @@
+"""Pipeline state follows contents, not names: edited data, copied, moved and damaged run folders."""
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from letter import pipeline as pipeline_module
+from letter.cli.main import main
+
+
+def invoke(args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, (result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result.output
+
+
+def markers(run) -> dict:
+    out = {}
+    for stage in pipeline_module.STAGES:
+        path = os.path.join(run, stage, pipeline_module.MARKER)
+        if os.path.exists(path):
+            out[stage] = open(path).read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_config_module, one_thread):
+    """(data folder, finished pipeline run folder, config) on LETTER-format synthetic data."""
+    root = tmp_path_factory.mktemp("state")
+    data = root / "data"
+    invoke(["data", "synth", data, "--users", 300, "--items", 120, "--categories", 6])
+    run = root / "run"
+    invoke(["pipeline", "--data", data, "--config", tiny_config_module, "--out", run])
+    return data, run, tiny_config_module
+
+
+def pipeline(data, run, config):
+    return invoke(["pipeline", "--data", data, "--config", config, "--out", run])
+
+
+def test_outputs_are_recorded_relative_to_the_run_folder(finished):
+    _, run, _ = finished
+    for stage in pipeline_module.STAGES:
+        marker = json.load(open(os.path.join(run, stage, pipeline_module.MARKER)))
+        for key, value in marker["outputs"].items():
+            if key in pipeline_module.PATH_KEYS:
+                assert not os.path.isabs(value), (stage, key, value)
+        assert marker["files"] and all(not os.path.isabs(f) for f in marker["files"])
+
+
+def test_data_edited_in_place_reruns_everything_from_prepare(finished, tmp_path):
+    data, run, config = finished
+    data2, run2 = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data, data2)
+    shutil.copytree(run, run2)
+    # the same data in another place: nothing to redo
+    out = pipeline(data2, run2, config)
+    assert all(f"[{s}] up to date" in out for s in pipeline_module.STAGES), out
+    before = markers(run2)
+    inter = data2 / "Synth.inter.json"
+    seqs = json.loads(inter.read_text())
+    user = next(u for u, items in seqs.items() if len(items) > 5)
+    seqs[user] = seqs[user][:-1]
+    inter.write_text(json.dumps(seqs))  # edited in place, same name
+    out = pipeline(data2, run2, config)
+    assert "[prepare] rerunning: its settings or inputs changed" in out, out
+    after = markers(run2)
+    assert all(after[s] != before[s] for s in pipeline_module.STAGES)
+    prepared = json.loads((run2 / "prepare" / "Synth.inter.json").read_text())
+    assert prepared[user] == seqs[user]
+
+    # run2's rec stage now records run2/prepare; move run2 away: the absolute path is gone, the
+    # relative one brings the moved folder's own data
+    moved = tmp_path / "elsewhere" / "moved"
+    os.makedirs(moved.parent)
+    os.rename(run2, moved)
+    expected = json.load(open(moved / "evaluate" / "metrics.json"))["metrics"]
+    assert json.loads(invoke(["evaluate", "--model", moved / "rec", "--beams", 10]))["metrics"] == expected
+    assert all(f"[{s}] up to date" in pipeline(data2, moved, config) for s in pipeline_module.STAGES)
+    # a moved rec run without its dataset: one line saying so, and --data fixes it
+    shutil.rmtree(moved / "prepare")
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(moved / "rec"), "--beams", "10"])
+    assert result.exit_code == 1 and "is gone (was the run moved?); pass --data" in result.output, result.output
+    assert "Traceback" not in result.output
+    fixed = json.loads(invoke(["evaluate", "--model", moved / "rec", "--beams", 10, "--data", data2]))
+    assert fixed["metrics"] == expected
+
+
+def test_copied_run_folder_uses_its_own_files(finished, tmp_path):
+    data, run, config = finished
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    shutil.copytree(run, original)
+    shutil.copytree(original, copy)
+    expected = json.load(open(run / "evaluate" / "metrics.json"))["metrics"]
+    # damage the original's model and prepared data: the copy must not be reading them
+    (original / "rec" / "model.pt").write_bytes(b"")
+    (original / "prepare" / "Synth.inter.json").write_text("{}")
+    result = json.loads(invoke(["evaluate", "--model", copy / "rec", "--beams", 10]))
+    assert result["metrics"] == expected
+    out = pipeline(data, copy, config)
+    assert all(f"[{s}] up to date" in out for s in pipeline_module.STAGES), out
+    bad = CliRunner().invoke(main, ["evaluate", "--model", str(original / "rec")])
+    assert bad.exit_code == 1 and "model.pt: corrupt or truncated (empty file)" in bad.output
+
+
+def test_moved_run_folder_still_works(finished, tmp_path):
+    data, run, config = finished
+    staged, moved = tmp_path / "staged", tmp_path / "elsewhere" / "moved"
+    shutil.copytree(run, staged)
+    os.makedirs(moved.parent)
+    os.rename(staged, moved)
+    expected = json.load(open(run / "evaluate" / "metrics.json"))["metrics"]
+    assert json.loads(invoke(["evaluate", "--model", moved / "rec", "--beams", 10]))["metrics"] == expected
+    out = pipeline(data, moved, config)
+    assert all(f"[{s}] up to date" in out for s in pipeline_module.STAGES), out
+
+
+def test_deleted_or_changed_output_reruns_that_stage(finished, tmp_path):
+    data, run, config = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = markers(copy)
+    os.remove(copy / "rec" / "model.pt")
+    out = pipeline(data, copy, config)
+    assert "[rec] rerunning: output rec/model.pt missing" in out, out
+    assert all(f"[{s}] up to date" in out for s in ("prepare", "embed", "cf", "tokenizer")), out
+    after = markers(copy)
+    assert all(after[s] == before[s] for s in ("prepare", "embed", "cf", "tokenizer"))
+    assert after["rec"] != before["rec"] and os.path.isfile(copy / "rec" / "model.pt")
+    # an output changed in place: same rule
+    metrics = copy / "evaluate" / "metrics.json"
+    metrics.write_text(metrics.read_text().replace("{", "{ ", 1))
+    out = pipeline(data, copy, config)
+    assert "[evaluate] rerunning: output evaluate/metrics.json changed" in out, out
+    assert "[rec] up to date" in out
