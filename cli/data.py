@@ -30,8 +30,12 @@ def synth(out_dir, users, items, categories, min_length, max_length, seed, name)
 
     try:
         ds = make_synthetic(users, items, categories, min_length, max_length, seed=seed, name=name)
-    except ValueError as e:
-        raise LetterError(str(e)) from e
+    except ValueError as e:  # name the options, not the function's arguments
+        message = str(e)
+        for arg, flag in (("num_categories", "--categories"), ("num_items", "--items"),
+                          ("min_length", "--min-length"), ("max_length", "--max-length")):
+            message = message.replace(arg, flag)
+        raise LetterError(message) from e
     write_letter(ds, out_dir)
     s = dataset_stats(ds)
     click.echo(f"wrote {out_dir}/{name}.inter.json, {name}.item.json: {s['users']} users, {s['items']} items, "

@@ -130,11 +130,11 @@ CASES = [
     ("data synth", "items 0", none, ["data", "synth", "{case}/out", "--items", "0"], 2, "--items"),
     ("data synth", "categories 0", none, ["data", "synth", "{case}/out", "--categories", "0"], 2, "--categories"),
     ("data synth", "categories > items/4", none, ["data", "synth", "{case}/out", "--items", "8", "--categories", "3"],
-     1, "num_categories"),
+     1, "--categories <= --items / 4"),
     ("data synth", "min-length 1", none, ["data", "synth", "{case}/out", "--min-length", "1"], 2, "--min-length"),
     ("data synth", "max-length -5", none, ["data", "synth", "{case}/out", "--max-length", "-5"], 2, "--max-length"),
     ("data synth", "min > max", none, ["data", "synth", "{case}/out", "--min-length", "9", "--max-length", "4"],
-     1, "min_length"),
+     1, "--min-length <= --max-length"),
     ("data synth", "users not a number", none, ["data", "synth", "{case}/out", "--users", "many"], 2, "--users"),
     # data convert
     ("data convert", "missing source", none, ["data", "convert", "{case}/nothing", "{case}/out"], 1, "nothing"),
