@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from letter.errors import LetterError
+from letter.runs import mark_complete
 from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume, distributed,
                              epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard, warmup_cosine)
-from letter.runs import mark_complete
 from letter.utils import progress, save_npy, write_json
 
 from .config import RecConfig
