@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 import letter_ext
 from conftest import available_backends, devices
-from letter_ext import reference
 
 BACKENDS = available_backends("dot_product_cross_entropy_fwd")
 BACKEND_DEVICE = [(b, dev) for dev in devices() for b in available_backends("dot_product_cross_entropy_fwd", dev)]

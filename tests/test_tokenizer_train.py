@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from letter.cli.main import main

@@ -245,15 +245,6 @@ def paired_bootstrap(diff: np.ndarray, resamples: int = 2000, seed: int = 0, lev
     return out
 
 
-def _dataset_sha(dataset: Dataset) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(dataset.item_ids).encode())
-    for seq in dataset.sequences:
-        h.update(np.asarray(seq, dtype=np.int64).tobytes())
-        h.update(b"|")
-    return h.hexdigest()
-
-
 def _read_json(path: str) -> dict | None:
     if not os.path.isfile(path):
         return None
@@ -334,7 +325,7 @@ def compare(
     seed_list = [config.seed + i for i in range(seeds)]
     id_sets = load_sets(dataset, sets, seed_list)  # every set checked before any training
     categories = item_categories(dataset)
-    data_sha = _dataset_sha(dataset)
+    data_sha = dataset.fingerprint()
     eval_args = {"max_users": test_users, "sample_seed": sample_seed, "num_beams": num_beams}
     os.makedirs(out_dir, exist_ok=True)
 

@@ -23,7 +23,7 @@ from letter.cf.model import SASRec
 from letter.data import Dataset, Split, leave_one_out, pad_left
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
-from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume, content_hash,
+from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume,
                              distributed, epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard)
 from letter.runs import sidecar_record
 from letter.utils import progress, save_npy, write_json
@@ -112,9 +112,7 @@ def _step_loss(model, inputs, targets, num_items: int, loss: str, global_targets
 
 def _inputs(dataset: Dataset) -> dict:
     """Fingerprints of what the run reads: resuming on other data is refused."""
-    return {"inputs.dataset": content_hash(np.array([len(s) for s in dataset.sequences]),
-                                           np.concatenate([np.asarray(s, dtype=np.int64) for s in dataset.sequences])),
-            "inputs.num_items": dataset.num_items}
+    return {"inputs.dataset": dataset.fingerprint(), "inputs.num_items": dataset.num_items}
 
 
 def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False, device: str | None = None,

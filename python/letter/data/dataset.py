@@ -1,5 +1,9 @@
 """The in-memory dataset every stage consumes: users' time-ordered item sequences with 0-based ids."""
+import hashlib
+import json
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from letter.errors import DataError
 
@@ -29,6 +33,15 @@ class Dataset:
     @property
     def num_users(self) -> int:
         return len(self.user_ids)
+
+    def fingerprint(self) -> str:
+        """sha256 of the item ids and every user's sequence: equal for equal contents, wherever the
+        files are (what resume checks and comparisons key on)."""
+        h = hashlib.sha256(json.dumps(self.item_ids).encode())
+        for seq in self.sequences:
+            h.update(np.asarray(seq, dtype=np.int64).tobytes())
+            h.update(b"|")
+        return h.hexdigest()
 
     @property
     def num_interactions(self) -> int:

@@ -103,6 +103,7 @@ class RecData:
             **extra,
             "codes_source": self.codes_source,
             "codes_sha": hashlib.sha256(np.ascontiguousarray(self.codes).tobytes()).hexdigest(),
+            "data_sha": self.dataset.fingerprint(),
             "num_items": int(self.codes.shape[0]),
             "level_sizes": list(self.layout.level_sizes),
             "vocab_offsets": list(self.layout.offsets),

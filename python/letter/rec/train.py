@@ -79,7 +79,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
         with open(os.path.join(out_dir, RUN_INFO)) as f:
             saved_info = json.load(f)
         check_resume(os.path.join(out_dir, RUN_INFO), _identity(saved_info), _identity(info),
-                     config.fixed_on_resume() + ["inputs.codes_sha", "inputs.num_items", "inputs.data"])
+                     config.fixed_on_resume() + ["inputs.codes_sha", "inputs.num_items", "inputs.data_sha"])
 
     seed_everything(config.seed)  # same initial weights on every process
     rm = recommender_class(config.model).build(config, rec, device)  # a bad base model fails before the run folder
