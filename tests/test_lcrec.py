@@ -350,3 +350,17 @@ def test_load_rejects_other_adapter(trained, base, tmp_path):
     (tmp_path / "a" / "lcrec.json").write_text(json.dumps(meta))
     with pytest.raises(LetterError):
         LCRec.load(str(tmp_path / "a"))
+
+
+def test_damaged_saves_are_one_line_errors_and_stale_temps_go(tiny_llama, tmp_path):
+    model = LCRec.from_base(tiny_llama, (4, 4))
+    out = tmp_path / "saved"
+    model.save(str(out))
+    stale = tmp_path / ".saved.tmp-killed"
+    stale.mkdir()
+    model.save(str(out))
+    assert not stale.exists()
+    adapter = next(p for p in out.iterdir() if p.suffix == ".safetensors")
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    with pytest.raises(LetterError, match="corrupt or truncated"):
+        LCRec.load(str(out))

@@ -28,6 +28,7 @@ Typical use (see tests/test_lcrec.py):
 from __future__ import annotations
 
 import inspect
+import glob
 import json
 import os
 import shutil
@@ -95,6 +96,8 @@ def _atomic_dir(path: str):
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(parent, f".{glob.escape(os.path.basename(path))}.[to][ml][pd]-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
 
     def commit():
@@ -507,9 +510,12 @@ class LCRec(nn.Module):
         meta_path = os.path.join(directory, META_FILE)
         if not os.path.exists(meta_path) or not os.path.exists(os.path.join(directory, ADAPTER_FILE)):
             raise LetterError(f"{directory}: not a saved LC-Rec model (missing {META_FILE} or {ADAPTER_FILE})")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise LetterError(f"{meta_path}: corrupt or truncated ({type(e).__name__}: {e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
             raise LetterError(f"{meta_path}: not an LC-Rec model file of version {_VERSION}")
         lora = meta["lora"]
         model = cls.from_base(base_model or meta["base_model"], tuple(meta["level_sizes"]), lora_r=lora["r"],
@@ -519,7 +525,15 @@ class LCRec(nn.Module):
         if list(model.vocab_offsets) != meta["vocab_offsets"] or model.vocab_size != meta["vocab_size"]:
             raise LetterError(f"{directory}: the base model's vocabulary differs from the one this model was "
                               "trained on")
-        model.load_adapter_state_dict(load_file(os.path.join(directory, ADAPTER_FILE), device=str(model.device)))
+        adapter = os.path.join(directory, ADAPTER_FILE)
+        try:
+            state = load_file(adapter, device=str(model.device))
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise LetterError(f"{adapter}: corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        try:
+            model.load_adapter_state_dict(state)
+        except (KeyError, RuntimeError) as e:
+            raise LetterError(f"{adapter}: does not match the base model ({str(e).splitlines()[0][:160]})") from None
         return model
 
 
