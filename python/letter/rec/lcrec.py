@@ -27,8 +27,8 @@ Typical use (see tests/test_lcrec.py):
 """
 from __future__ import annotations
 
-import inspect
 import glob
+import inspect
 import json
 import os
 import shutil
