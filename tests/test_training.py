@@ -168,3 +168,25 @@ def test_tokenizer_torchrun_two_processes_match_one(tok_inputs, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[procs] = np.load(os.path.join(out, "codes.npy"))
     assert np.array_equal(runs[1], runs[2])
+
+
+def test_interrupted_fresh_tokenizer_run_leaves_no_earlier_outputs(tok_inputs, tmp_path, monkeypatch):
+    """A new run (no --resume) into a finished run's folder that dies midway must not leave the old
+    model and codes for `letter tokenize` to pick up."""
+    from letter.tokenizer import load_tokenizer
+    from letter.tokenizer import train as tokenizer_train
+
+    text, cf = tok_inputs
+    run = tmp_path / "run"
+    train_tokenizer(TokenizerConfig(**{**TOK, "epochs": 1}), text, cf, str(run))
+    assert load_tokenizer(str(run)).encode(text[:3]).shape == (3, 2)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer_train, "_batch_losses", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(TokenizerConfig(**{**TOK, "epochs": 1, "seed": 5}), text, cf, str(run))
+    assert not any((run / f).exists() for f in ("model.pt", "codes.npy", "complete.json", "report.json"))
+    with pytest.raises(LetterError, match="not a tokenizer run folder|unfinished"):
+        load_tokenizer(str(run))

@@ -10,7 +10,7 @@ import torch
 
 from letter.data import write_index_json
 from letter.errors import LetterError
-from letter.runs import mark_complete
+from letter import runs
 from letter.training import (BatchShare, DistContext, RandomStreams, batch_order, check_resume, content_hash, distributed,
                              load_checkpoint, save_checkpoint, seed_everything, shard)
 from letter.utils import atomic_path, progress, save_npy, torch_save, write_json
@@ -25,7 +25,7 @@ from .rqkmeans import fit_rqkmeans
 
 CHECKPOINT = "checkpoint.pt"  # resumable training state (latest)
 # Everything a run writes; a fresh run removes them first so no file of an earlier run survives it.
-OUTPUTS = (COMPLETE, MODEL, "codes.npy", "config.json", "prefix_index.pt", "curves.png", "report.md")
+OUTPUTS = (runs.COMPLETE, COMPLETE, MODEL, "codes.npy", "config.json", "prefix_index.pt", "curves.png", "report.md")
 
 
 def _check_inputs(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None) -> None:
@@ -270,7 +270,7 @@ def _write_outputs(out_dir: str, tok: "Tokenizer", codes: np.ndarray, report: di
     with atomic_path(os.path.join(out_dir, "report.md")) as tmp, open(tmp, "w") as f:
         f.write(report_markdown(report))
     write_json(os.path.join(out_dir, "report.json"), report)
-    mark_complete(out_dir, [MODEL, "codes.npy", f"{tok.name}.index.json", "config.json", "report.json"])
+    runs.mark_complete(out_dir, [MODEL, "codes.npy", f"{tok.name}.index.json", "config.json", "report.json"])
 
 
 def _save_prefix_index(out_dir: str, codes: np.ndarray, sizes: list[int]) -> str:
