@@ -9,9 +9,31 @@ The kernel benchmarks of letter_ext are `python -m letter_ext.bench`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import time
+import types
 
 BENCHMARKS = ("tokenizer_epoch", "rec_throughput")
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def clock(name: str):
+    """The timer of --clock: 'cpu' (this process's CPU time: with one thread it is the work done,
+    little disturbed by other processes on a shared machine) or 'wall'."""
+    return CLOCKS[name]
+
+
+@contextlib.contextmanager
+def module_clock(mod, name: str):
+    """Make `mod`'s own timings (time.perf_counter calls) use the --clock timer while inside."""
+    saved = mod.time
+    mod.time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    mod.time.perf_counter = clock(name)
+    try:
+        yield
+    finally:
+        mod.time = saved
 
 
 def module(name: str):
