@@ -3,8 +3,9 @@ arms it names in the same process (alternating, medians and ratios), results as 
 
     python -m letter.bench [NAME ...] [--out results.json] [--device cpu] [--threads 1]
 
-NAME: tokenizer_epoch (train_tokenizer epoch vs the bare MLP autoencoder epoch) and
-rec_throughput (TIGER training samples/s: padded vs trimmed vs trimmed+bucketed batches).
+NAME: tokenizer_epoch (train_tokenizer epoch vs the bare MLP autoencoder epoch),
+rec_throughput (TIGER training samples/s: padded vs trimmed vs trimmed+bucketed batches) and
+rec_components (dropout and ranking-loss alternatives, Bernoulli share of a step).
 The kernel benchmarks of letter_ext are `python -m letter_ext.bench`.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib
 import time
 import types
 
-BENCHMARKS = ("tokenizer_epoch", "rec_throughput")
+BENCHMARKS = ("tokenizer_epoch", "rec_throughput", "rec_components")
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 

@@ -6,7 +6,9 @@ backward, gradient clipping, AdamW), on the same training samples:
   trimmed   the same batches, each trimmed to its longest row (`letter.rec.data.trim_padding`)
   bucketed  batches of similar history length (`letter.training.batch_order(..., lengths)`), trimmed
 The arms run step by step in turn (rotating which goes first) from identical initial weights;
-samples/s = samples / summed step time after warm-up steps. Sizes: the authors' TIGER (RecConfig
+samples/s = samples / summed step time after warm-up steps. The timed batches of each arm sit at
+evenly spaced quantiles of its epoch's batch widths (see `_schedule`), so that bucketed steps, whose
+cost follows their width, represent a whole epoch. Sizes: the authors' TIGER (RecConfig
 defaults: d_model 128, 4+4 layers, 6 heads x 64, d_ff 1024, max_history 20) and the CPU preset
 (letter.config.SYNTHETIC_PRESET rec sizes, max_history 10). Data: Instruments histories with the
 authors' index (/work/shared/data/instruments or --rec-data/--rec-index) when present, else
@@ -97,6 +99,16 @@ def _widths(batches, lengths: torch.Tensor, full: int, trimmed: bool) -> list[in
     return [int(lengths[b].max()) if trimmed else full for b in batches]
 
 
+def _schedule(batches: list[torch.Tensor], widths: list[int], warmup: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """The batches an arm runs: `warmup` from the start of the epoch order, then `steps` batches at
+    evenly spaced quantiles of the epoch's batch widths (in a seeded shuffled order), so that a few
+    dozen steps represent the whole epoch's mix of short and long batches."""
+    by_width = sorted(range(len(batches)), key=lambda i: (widths[i], i))
+    picks = [by_width[min(len(batches) - 1, int((k + 0.5) * len(batches) / steps))] for k in range(steps)]
+    shuffled = torch.randperm(steps, generator=torch.Generator().manual_seed(seed)).tolist()
+    return batches[:warmup] + [batches[picks[k]] for k in shuffled]
+
+
 def measure(size: str, args, device: torch.device) -> dict:
     from letter.rec.data import RecData, input_lengths, trim_padding
     from letter.rec.model import Tiger
@@ -115,14 +127,18 @@ def measure(size: str, args, device: torch.device) -> dict:
     from . import clock
 
     timer = clock("wall" if device.type == "cuda" else args.clock)  # CPU time says nothing about a GPU's work
+    epoch_widths = {arm: _widths(orders[arm], lengths, enc.shape[1], arm != "padded") for arm in ARMS}
+    schedules = {arm: _schedule(orders[arm], epoch_widths[arm], args.rec_warmup, args.rec_steps, config.seed)
+                 for arm in ARMS}
     torch.manual_seed(config.seed)
     times = {arm: [] for arm in ARMS}
     widths = {arm: [] for arm in ARMS}
+    samples = dict.fromkeys(ARMS, 0)
     total = args.rec_warmup + args.rec_steps
     for step in range(total):
         rotation = ARMS[step % 3:] + ARMS[:step % 3]
         for arm in rotation:
-            batch = orders[arm][step % len(orders[arm])]
+            batch = schedules[arm][step]
             e, y = enc[batch], labels[batch]
             if arm != "padded":
                 e = trim_padding(e)
@@ -141,19 +157,18 @@ def measure(size: str, args, device: torch.device) -> dict:
             if step >= args.rec_warmup:
                 times[arm].append(timer() - t0)
                 widths[arm].append(e.shape[1])
+                samples[arm] += len(batch)
     out = {"size": size, "model": config.model_kwargs(), "max_history": config.max_history, "data": source,
            "train_samples": n, "levels": levels, "batch_size": args.rec_batch_size, "steps": args.rec_steps,
            "warmup_steps": args.rec_warmup, "full_width": int(enc.shape[1]),
            "mean_history_items": round(float(((lengths - 1) / levels).float().mean()), 3), "arms": {}}
     for arm in ARMS:
-        samples = sum(len(orders[arm][s % len(orders[arm])]) for s in range(args.rec_warmup, total))
-        epoch_widths = _widths(orders[arm], lengths, enc.shape[1], arm != "padded")
         out["arms"][arm] = {
-            "samples_per_s": round(samples / sum(times[arm]), 2),
+            "samples_per_s": round(samples[arm] / sum(times[arm]), 2),
             "median_step_s": round(statistics.median(times[arm]), 4),
             "step_s": [round(t, 4) for t in times[arm]],
             "mean_width_timed": round(statistics.mean(widths[arm]), 2),
-            "mean_width_epoch": round(statistics.mean(epoch_widths), 2),
+            "mean_width_epoch": round(statistics.mean(epoch_widths[arm]), 2),
         }
     base_rate = out["arms"]["padded"]["samples_per_s"]
     out["speedup_vs_padded"] = {arm: round(out["arms"][arm]["samples_per_s"] / base_rate, 3) for arm in ARMS}
