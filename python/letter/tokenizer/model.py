@@ -107,18 +107,20 @@ class RQVAE(nn.Module):
         z_hat = z + (quantized - z).detach()
         return codes, e, residuals, z_hat
 
-    def forward(self, x: torch.Tensor, sinkhorn: bool = False, share: BatchShare | None = None) -> dict:
-        """x: raw embeddings; "target" is the standardized input that "recon" reconstructs."""
-        target = self.standardize(x)
+    def forward(self, x: torch.Tensor, sinkhorn: bool = False, share: BatchShare | None = None,
+                standardized: bool = False) -> dict:
+        """x: raw embeddings (already standardized when `standardized`); "target" is the standardized
+        input that "recon" reconstructs."""
+        target = x if standardized else self.standardize(x)
         z = self.encoder(target)
         codes, e, residuals, z_hat = self.quantize(z, sinkhorn=sinkhorn, share=share)
         return {"target": target, "z": z, "codes": codes, "e": e, "residuals": residuals, "z_hat": z_hat,
                 "recon": self.decoder(z_hat)}
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, standardized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode codes by plain argmin (no Sinkhorn) -> (codes [B, L], latent z [B, d])."""
-        z = self.encoder(self.standardize(x))
+        z = self.encoder(x if standardized else self.standardize(x))
         return assign_codes(z, list(self.codebooks))[0], z
 
 

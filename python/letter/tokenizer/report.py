@@ -69,6 +69,9 @@ def build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, 
         "train_total_s": round(float(np.sum(epoch_s)), 2),
         "cluster_refresh_mean_s": round(float(np.mean(refresh)), 5) if refresh else None,
         "cluster_refreshes": len(refresh),
+        "epoch_s": [round(t, 4) for t in epoch_s],
+        "eval_s": [round(t, 4) for t in timings.get("eval_s", [])],  # collision evaluations (in epoch_s)
+        "checkpoint_s": [round(t, 4) for t in timings.get("checkpoint_s", [])],  # not in epoch_s
     }
     report["codebook_init_inertia"] = [round(s["inertia"], 4) for s in init_stats]
     report["final_losses"] = {k: v for k, v in history[-1].items() if k not in ("epoch", "used")} if history else {}

@@ -180,7 +180,7 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
         init_stats = _init_codebooks(model, x, config, gen)
         timings["kmeans_init_s"] = time.perf_counter() - t0
         history, start_epoch, labels = [], 0, None
-        best = {"collision": math.inf, "epoch": -1, "state": copy.deepcopy(model.state_dict())}
+        best = {"collision": math.inf, "epoch": -1, "state": _state_copy(model)}
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -191,9 +191,14 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
         if best["epoch"] < config.best_from * config.epochs and "collision" in history[-1]:
             # More epochs moved the selection window past the stored best: the checkpoint's own
             # state is the first candidate inside it.
-            best = {"collision": history[-1]["collision"], "epoch": start_epoch, "state": copy.deepcopy(model.state_dict())}
+            best = {"collision": history[-1]["collision"], "epoch": start_epoch, "state": _state_copy(model)}
 
     n = len(x)
+    # Standardized once: the same elementwise values the model would compute per batch.
+    xs = model.standardize(x) if config.standardize else x
+    del x
+    timings.setdefault("eval_s", [])
+    timings.setdefault("checkpoint_s", [])
     bar = progress(range(start_epoch, config.epochs), desc="train-tokenizer", initial=start_epoch, total=config.epochs,
                    disable=None if ctx.main else True)
     for epoch in bar:
@@ -203,43 +208,46 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
             labels = _refresh_clusters(model, config, gen)
             timings["cluster_refresh_s"].append(time.perf_counter() - t0)
         model.train()
-        sums = dict.fromkeys(("loss", "recon", "quant", "cf", "div"), 0.0)
+        names = ("loss", "recon", "quant", "cf", "div")
+        sums = torch.zeros(len(names), dtype=torch.float64, device=dev)  # on the device: no sync per step
         steps = 0
         for batch in batch_order(n, config.batch_size, order_gen):
             if len(batch) < ctx.world:  # a tail too short to give every process a row (same on all ranks)
                 continue
             idx = shard(batch, ctx).to(dev)
-            terms = _batch_losses(model, config, x[idx], None if h is None else h[idx], labels, gen,
-                                  BatchShare(len(batch), ctx))
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise LetterError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; lower --lr")
+            terms = _batch_losses(model, config, xs[idx], None if h is None else h[idx], labels, gen,
+                                  BatchShare(len(batch), ctx), standardized=config.standardize)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            terms["loss"].backward()
             ctx.average_gradients(model.parameters())
             opt.step()
-            for k, v in terms.items():
-                sums[k] += v.item()
+            sums += torch.stack([terms[k].detach() for k in names]).double()
             steps += 1
-        totals = ctx.sum(list(sums.values()))  # each rank holds its weighted share of every term
-        record = {"epoch": epoch + 1, **{k: v / ctx.world / max(steps, 1) for k, v in zip(sums, totals)}}
+        totals = ctx.sum(sums.tolist())  # each rank holds its weighted share of every term
+        if not math.isfinite(totals[0]):  # checked once per epoch, on every rank alike
+            raise LetterError(f"training diverged: the loss is {totals[0]} in epoch {epoch + 1}; lower --lr")
+        record = {"epoch": epoch + 1, **{k: v / ctx.world / max(steps, 1) for k, v in zip(names, totals)}}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:  # the last epoch is always eligible
-            codes, _ = encode_all(model, x)
+            t0 = time.perf_counter()
+            codes = _eval_codes(model, xs, config.standardize)
             record["collision"] = collision_rate(codes)
             record["used"] = [int(len(np.unique(codes[:, l]))) for l in range(config.levels)]
             eligible = epoch + 1 >= config.best_from * config.epochs
             if eligible and record["collision"] < best["collision"]:
-                best = {"collision": record["collision"], "epoch": epoch + 1, "state": copy.deepcopy(model.state_dict())}
+                best = {"collision": record["collision"], "epoch": epoch + 1, "state": _state_copy(model)}
+            timings["eval_s"].append(time.perf_counter() - t0)
         timings["epoch_s"].append(time.perf_counter() - t_epoch)
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", collision=f"{history_last(history, 'collision'):.4f}",
                         used1=history_last(history, "used", [0])[0])
         if ctx.main and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
+            t0 = time.perf_counter()
             save_checkpoint(ckpt_path, {
                 "identity": identity, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "rng": rng.state(), "labels": labels, "history": history, "best": best, "init_stats": init_stats,
                 "timings": timings,
             })
+            timings["checkpoint_s"].append(time.perf_counter() - t0)
     bar.close()
     if not ctx.main:
         return {}
@@ -284,13 +292,28 @@ def _save_prefix_index(out_dir: str, codes: np.ndarray, sizes: list[int]) -> str
     return os.path.basename(path)
 
 
+def _state_copy(model: RQVAE) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's state dict (what copy.deepcopy gave, without its overhead)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def _eval_codes(model: RQVAE, xs: torch.Tensor, standardized: bool, batch: int = 8192) -> np.ndarray:
+    """encode_all's codes from inputs already standardized (same chunks, same values)."""
+    model.eval()
+    return torch.cat([model.encode(xs[i:i + batch], standardized=standardized)[0].cpu()
+                      for i in range(0, len(xs), batch)]).numpy()
+
+
 def _batch_losses(model: RQVAE, config: TokenizerConfig, x: torch.Tensor, h: torch.Tensor | None,
-                  labels: list[torch.Tensor] | None, gen: torch.Generator, share: BatchShare) -> dict[str, torch.Tensor]:
+                  labels: list[torch.Tensor] | None, gen: torch.Generator, share: BatchShare,
+                  standardized: bool = False) -> dict[str, torch.Tensor]:
     """One training batch's loss and its terms (the terms with weight 0 are not computed: 0).
 
-    x and h hold this rank's rows of the global batch; terms are weighted so that averaging the
-    gradients over ranks gives the one-process loss of the whole batch."""
-    out = model(x, sinkhorn=True, share=share if share.ctx.world > 1 else None)
+    x and h hold this rank's rows of the global batch (x already standardized when `standardized`);
+    terms are weighted so that averaging the gradients over ranks gives the one-process loss of the
+    whole batch."""
+    out = model(x, sinkhorn=True, share=share if share.ctx.world > 1 else None, standardized=standardized)
     zero = torch.zeros((), device=x.device)
     weight = share.weight()
     terms = {

@@ -1,0 +1,43 @@
+"""Library benchmarks: training-speed measurements of the LETTER components, each comparing the
+arms it names in the same process (alternating, medians and ratios), results as JSON.
+
+    python -m letter.bench [NAME ...] [--out results.json] [--device cpu] [--threads 1]
+
+NAME: tokenizer_epoch (train_tokenizer epoch vs the bare MLP autoencoder epoch),
+rec_throughput (TIGER training samples/s: padded vs trimmed vs trimmed+bucketed batches) and
+rec_components (dropout and ranking-loss alternatives, Bernoulli share of a step).
+The kernel benchmarks of letter_ext are `python -m letter_ext.bench`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import time
+import types
+
+BENCHMARKS = ("tokenizer_epoch", "rec_throughput", "rec_components")
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def clock(name: str):
+    """The timer of --clock: 'cpu' (this process's CPU time: with one thread it is the work done,
+    little disturbed by other processes on a shared machine) or 'wall'."""
+    return CLOCKS[name]
+
+
+@contextlib.contextmanager
+def module_clock(mod, name: str):
+    """Make `mod`'s own timings (time.perf_counter calls) use the --clock timer while inside."""
+    saved = mod.time
+    mod.time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    mod.time.perf_counter = clock(name)
+    try:
+        yield
+    finally:
+        mod.time = saved
+
+
+def module(name: str):
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"letter.bench.{name}")
