@@ -105,7 +105,7 @@ def _schedule(batches: list[torch.Tensor], widths: list[int], warmup: int, steps
     dozen steps represent the whole epoch's mix of short and long batches."""
     by_width = sorted(range(len(batches)), key=lambda i: (widths[i], i))
     picks = [by_width[min(len(batches) - 1, int((k + 0.5) * len(batches) / steps))] for k in range(steps)]
-    shuffled = torch.randperm(steps, generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = torch.randperm(steps, generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu").tolist()
     return batches[:warmup] + [batches[picks[k]] for k in shuffled]
 
 

@@ -1,6 +1,5 @@
 """Training the LETTER tokenizer and writing its run folder (letter.tokenizer.inference loads it)."""
 import contextlib
-import copy
 import math
 import os
 import time
@@ -18,7 +17,7 @@ from letter.utils import atomic_path, progress, save_npy, torch_save, write_json
 from .clustering import diversity_capacity, inertia, kmeans
 from .codes import collision_rate
 from .config import TokenizerConfig
-from .inference import COMPLETE, MODEL, Tokenizer, check_embeddings, encode_all
+from .inference import COMPLETE, MODEL, Tokenizer, check_embeddings
 from .model import RQVAE, collaborative_loss, diversity_loss, quantization_loss
 from .report import build_report, plot_curves, report_markdown
 from .rqkmeans import fit_rqkmeans
