@@ -118,3 +118,20 @@ def tiny_config(tmp_path):
 def tiny_config_module(tmp_path_factory):
     """TINY_PIPELINE as a YAML file shared by a module's tests."""
     return _write_tiny_config(tmp_path_factory.mktemp("tiny-config"))
+
+
+def torchrun_train_rec(config, data: str, codes: str, out, timeout: int) -> dict:
+    """`letter train-rec` with `config` under 2-process torchrun (gloo on CPU); its summary.json."""
+    import json
+    import subprocess
+    import sys
+
+    settings = out.parent / f"{out.name}.rec.json"
+    settings.write_text(json.dumps(config.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LETTER_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "letter.cli.main", "train-rec", "--data", data, "--index", codes, "--out", str(out),
+           "--config", str(settings)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from letter.cf import CFConfig, train_cf
@@ -19,17 +18,6 @@ from letter.rec import RecConfig, evaluate, train_rec
 from letter.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-TINY_PIPELINE = {
-    "data": {"synthetic": {"num_users": 300, "num_items": 120, "num_categories": 6, "seed": 0}},
-    "embed": {"model": "hash"},
-    "cf": {"epochs": 2, "patience": 2},
-    "tokenizer": {"layers": [64, 32], "codebook_sizes": [16, 16, 16], "epochs": 4, "batch_size": 128,
-                  "kmeans_iters": 5, "clusters": 4},
-    "rec": {"d_model": 32, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "d_kv": 16, "d_ff": 64,
-            "epochs": 2, "batch_size": 128, "eval_every": 1, "valid_users": 50},
-    "evaluate": {"num_beams": 10},
-}
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +55,9 @@ def test_tiger_on_cuda(synth, tmp_path):
     assert result["device"].startswith("cuda") and 0 <= result["metrics"]["ndcg@10"] <= 1
 
 
-def test_pipeline_on_cuda(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY_PIPELINE))
+def test_pipeline_on_cuda(tmp_path, tiny_config):
     run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["pipeline", "--synthetic", "--config", str(config), "--out", str(run),
+    result = CliRunner().invoke(main, ["pipeline", "--synthetic", "--config", tiny_config, "--out", str(run),
                                        "--device", "cuda"])
     assert result.exit_code == 0, result.output
     report = json.loads((run / "report.json").read_text())

@@ -2,8 +2,6 @@
 on a tiny random Llama (tests/conftest.py) and a small synthetic dataset."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from click.testing import CliRunner
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from conftest import torchrun_train_rec  # noqa: E402
 from letter.cli.main import main as cli  # noqa: E402
 from letter.config import default_config, effective_config, merge, validate_config  # noqa: E402
 from letter.data import make_synthetic, write_letter  # noqa: E402
@@ -175,15 +174,7 @@ def test_torchrun_two_processes_match_one(tiny_llama, synth, tmp_path):
     folder, codes_path, _, _ = synth
     config = lcrec_config(tiny_llama, epochs=1, lora_dropout=0.0)
     single = train_rec(config, folder, codes_path, str(tmp_path / "one"))
-    settings_file = tmp_path / "rec.json"
-    settings_file.write_text(json.dumps(config.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LETTER_PROGRESS": "0"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "letter.cli.main", "train-rec", "--data", folder, "--index", codes_path,
-           "--out", str(tmp_path / "two"), "--config", str(settings_file)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    double = json.loads((tmp_path / "two" / "summary.json").read_text())
+    double = torchrun_train_rec(config, folder, codes_path, tmp_path / "two", timeout=300)
     assert double["world_size"] == 2
     for key in ("train_loss", "valid_loss"):
         assert double["last"][key] == pytest.approx(single["last"][key], rel=1e-4), key

@@ -1,8 +1,6 @@
 """TIGER recommender: model pieces, learning on synthetic data, constrained generation, resume, DDP, CLI."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from conftest import torchrun_train_rec
 from letter.cli.main import main as cli
 from letter.data import leave_one_out, make_synthetic, write_letter
 from letter.errors import LetterError
@@ -241,16 +240,7 @@ def test_ddp_two_processes_match_one(synth, tmp_path):
     folder, codes_path, _, _ = synth
     config = small_config(dropout=0.0, epochs=1, valid_users=100, eval_every=1)
     single = train_rec(config, folder, codes_path, str(tmp_path / "one"))
-    settings_file = tmp_path / "rec.json"
-    settings_file.write_text(json.dumps(config.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LETTER_PROGRESS": "0"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "letter.cli.main", "train-rec", "--data", folder, "--index", codes_path,
-           "--out", str(tmp_path / "two"), "--config", str(settings_file)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(tmp_path / "two" / "summary.json") as f:
-        double = json.load(f)
+    double = torchrun_train_rec(config, folder, codes_path, tmp_path / "two", timeout=240)
     assert double["world_size"] == 2
     for key in ("train_loss", "valid_loss", "valid_ndcg@10"):
         assert double["last"][key] == pytest.approx(single["last"][key], rel=1e-3, abs=1e-4), key
