@@ -43,9 +43,10 @@ from letter.data import Dataset, load_dataset
 from letter.errors import LetterError
 from letter.metrics import metrics_from_hits, normalized_mutual_info
 from letter.rec import RecConfig, train_rec
-from letter.rec.data import resolve_codes
+from letter.rec.data import codes_sha, resolve_codes
 from letter.rec.evaluation import generate, load_run, prefix_index
 from letter.rec.recommender import as_recommender
+from letter.runs import read_json_if_valid
 from letter.tokenizer.codes import collision_rate
 from letter.tokenizer.report import category_agreement
 from letter.training import resolve_device
@@ -83,10 +84,6 @@ def parse_set(spec: str) -> tuple[str, str]:
     if not sep or not label.strip() or not path.strip():
         raise LetterError(f"--set {spec!r}: expected LABEL=PATH")
     return label.strip(), path.strip()
-
-
-def _codes_sha(codes: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()
 
 
 def _run_folder_sizes(path: str) -> list[int] | None:
@@ -131,7 +128,7 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
             except (LetterError, OSError, ValueError) as e:
                 problems.append(f"{where}: {e}")
                 continue
-            members[seed] = Identifiers(os.path.abspath(concrete), codes, _codes_sha(codes), _run_folder_sizes(concrete))
+            members[seed] = Identifiers(os.path.abspath(concrete), codes, codes_sha(codes), _run_folder_sizes(concrete))
         out.append(IdentifierSet(label, path, members))
     if problems:
         raise LetterError("bad identifier set(s): " + "; ".join(" ".join(p.split()) for p in problems))
@@ -245,25 +242,15 @@ def paired_bootstrap(diff: np.ndarray, resamples: int = 2000, seed: int = 0, lev
     return out
 
 
-def _read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _run_one(data, s: IdentifierSet, config: RecConfig, run_dir: str, depends: dict, eval_args: dict,
              log: Callable[[str], None]) -> dict:
     fingerprint = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()[:16]
     tag = f"[{s.label} seed {config.seed}]"
-    done = _read_json(os.path.join(run_dir, RESULT))
+    done = read_json_if_valid(os.path.join(run_dir, RESULT))
     if done and done.get("fingerprint") == fingerprint and os.path.isfile(os.path.join(run_dir, RANKS)):
         log(f"{tag} up to date ({fingerprint}), skipped")
         return done
-    started = _read_json(os.path.join(run_dir, STARTED))
+    started = read_json_if_valid(os.path.join(run_dir, STARTED))
     if os.path.isdir(run_dir) and (not started or started.get("fingerprint") != fingerprint):
         log(f"{tag} {run_dir} holds a run with other settings: starting afresh")
         shutil.rmtree(run_dir)

@@ -22,7 +22,7 @@ import numpy as np
 
 from letter.errors import LetterError
 from letter.pipeline_report import write_report
-from letter.runs import file_change, file_state, folder_files, relative_to, resolve
+from letter.runs import file_change, file_state, folder_files, read_json_if_valid, relative_to, resolve
 from letter.utils import remove_stale_temps, write_json
 
 STAGES = ("prepare", "embed", "cf", "tokenizer", "rec", "evaluate")
@@ -92,15 +92,10 @@ class Pipeline:
 
     def _read(self, stage: str, name: str) -> dict | None:
         path = os.path.join(self.stage_dir(stage), name)
-        if not os.path.isfile(path):
-            return None
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
+        data = read_json_if_valid(path)
+        if data is None and os.path.isfile(path):
             self.log(f"[{stage}] {path}: corrupt or truncated, ignored")
-            return None
-        return data if isinstance(data, dict) else None
+        return data
 
     def _stale(self, stage: str, done: dict | None, fp: str) -> str | None:
         """Why the finished stage `done` (its stage.json) cannot be reused, None when it can."""

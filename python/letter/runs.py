@@ -113,6 +113,17 @@ def resolve(path: str, base: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
 
 
+def read_json_if_valid(path: str) -> dict | None:
+    """A JSON object, or None when the file is missing, unreadable or not an object (for records
+    whose absence just means "not done yet")."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_json(path: str, what: str) -> dict:
     """A JSON object, or one LetterError naming the file."""
     if not os.path.isfile(path):

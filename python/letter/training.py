@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -90,8 +91,10 @@ class DistContext:
         return out
 
     def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+        if self.world > 1 and self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        elif self.world > 1:
+            dist.barrier()
 
     def average_gradients(self, parameters) -> None:
         """Mean of every gradient over processes (for trainers that do not wrap the model in DDP)."""
@@ -208,7 +211,7 @@ class BatchShare:
     size: int
     ctx: DistContext
 
-    @property
+    @functools.cached_property
     def positions(self) -> torch.Tensor:
         return torch.arange(self.ctx.rank, self.size, self.ctx.world, device=self.ctx.device)
 

@@ -34,6 +34,11 @@ def _index_json_codes(path: str, dataset: Dataset) -> np.ndarray:
     return raw[rows]
 
 
+def codes_sha(codes: np.ndarray) -> str:
+    """sha256 of item codes as int64 (what run.json and comparisons key a code set on)."""
+    return hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()
+
+
 def resolve_codes(codes, dataset: Dataset) -> tuple[np.ndarray, str]:
     """Item codes [num_items, L] from an array, an index .json, a codes .npy, or a tokenizer run
     folder (its codes.npy, else its single <Name>.index.json). Returns (codes, description)."""
@@ -102,7 +107,7 @@ class RecData:
             "data": self.source,
             **extra,
             "codes_source": self.codes_source,
-            "codes_sha": hashlib.sha256(np.ascontiguousarray(self.codes).tobytes()).hexdigest(),
+            "codes_sha": codes_sha(self.codes),
             "data_sha": self.dataset.fingerprint(),
             "num_items": int(self.codes.shape[0]),
             "level_sizes": list(self.layout.level_sizes),

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from letter.errors import LetterError
+from letter.runs import read_json
 
 IGNORE_INDEX = -100
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -510,12 +511,8 @@ class LCRec(nn.Module):
         meta_path = os.path.join(directory, META_FILE)
         if not os.path.exists(meta_path) or not os.path.exists(os.path.join(directory, ADAPTER_FILE)):
             raise LetterError(f"{directory}: not a saved LC-Rec model (missing {META_FILE} or {ADAPTER_FILE})")
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise LetterError(f"{meta_path}: corrupt or truncated ({type(e).__name__}: {e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        meta = read_json(meta_path, "LC-Rec model metadata")
+        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
             raise LetterError(f"{meta_path}: not an LC-Rec model file of version {_VERSION}")
         lora = meta["lora"]
         model = cls.from_base(base_model or meta["base_model"], tuple(meta["level_sizes"]), lora_r=lora["r"],

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from letter.errors import LetterError
-from letter.runs import mark_complete
+from letter.runs import mark_complete, read_json
 from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume, distributed,
                              epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard, warmup_cosine)
 from letter.utils import progress, save_npy, write_json
@@ -76,8 +76,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
     if resume and not os.path.exists(ckpt_path):
         raise LetterError(f"--resume: no checkpoint at {ckpt_path}")
     if resume:
-        with open(os.path.join(out_dir, RUN_INFO)) as f:
-            saved_info = json.load(f)
+        saved_info = read_json(os.path.join(out_dir, RUN_INFO), "train-rec settings")
         check_resume(os.path.join(out_dir, RUN_INFO), _identity(saved_info), _identity(info),
                      config.fixed_on_resume() + ["inputs.codes_sha", "inputs.num_items", "inputs.data_sha"])
 

@@ -28,7 +28,6 @@ OUTPUTS = (runs.COMPLETE, COMPLETE, MODEL, "codes.npy", "config.json", "prefix_i
 
 
 def _check_inputs(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None) -> None:
-    config.validate()
     num_items = text.shape[0]
     if cf is not None:
         if cf.shape[0] != num_items:
