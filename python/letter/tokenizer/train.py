@@ -186,10 +186,13 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
         history, start_epoch = state["history"], state["epoch"]
         labels = None if state["labels"] is None else [lab.to(dev) for lab in state["labels"]]
         best, init_stats, timings = state["best"], state["init_stats"], state["timings"]
-        if best["epoch"] < config.best_from * config.epochs and "collision" in history[-1]:
-            # More epochs moved the selection window past the stored best: the checkpoint's own
-            # state is the first candidate inside it.
-            best = {"collision": history[-1]["collision"], "epoch": start_epoch, "state": _state_copy(model)}
+        if best["epoch"] < config.best_from * config.epochs:
+            # More epochs moved the selection window past the stored best: start the selection
+            # again, with the checkpoint's own state as first candidate if it is evaluated and
+            # inside the window (the last epoch always is).
+            own = "collision" in history[-1] and start_epoch >= config.best_from * config.epochs
+            best = {"collision": history[-1]["collision"] if own else math.inf, "epoch": start_epoch if own else -1,
+                    "state": _state_copy(model)}
 
     n = len(x)
     # Standardized once: the same elementwise values the model would compute per batch.
@@ -225,7 +228,7 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
         if not math.isfinite(totals[0]):  # checked once per epoch, on every rank alike
             raise LetterError(f"training diverged: the loss is {totals[0]} in epoch {epoch + 1}; lower --lr")
         record = {"epoch": epoch + 1, **{k: v / ctx.world / max(steps, 1) for k, v in zip(names, totals)}}
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:  # the last epoch is always eligible
+        if (epoch + 1) % config.eval_interval == 0 or epoch + 1 == config.epochs:  # the last epoch is always eligible
             t0 = time.perf_counter()
             codes = _eval_codes(model, xs, config.standardize)
             record["collision"] = collision_rate(codes)
@@ -336,7 +339,7 @@ def _batch_losses(model: RQVAE, config: TokenizerConfig, x: torch.Tensor, h: tor
 
 
 def history_last(history: list[dict], key: str, default=math.nan):
-    """The latest value of `key` among the epoch records (evaluation runs every eval_every epochs)."""
+    """The latest value of `key` among the epoch records (evaluation runs every eval_interval epochs)."""
     for rec in reversed(history):
         if key in rec:
             return rec[key]
