@@ -12,6 +12,7 @@ from letter.decoding import PrefixIndex
 from letter.data import make_synthetic, read_index_json, write_letter
 from letter.embed import embed_items
 from letter.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+from letter.training import load_checkpoint
 
 TEXT_DIM = 128
 SMALL = dict(layers=[64], e_dim=8, codebook_sizes=[16, 16, 16], clusters=4, batch_size=256)
@@ -124,6 +125,30 @@ def test_seeded_runs_are_identical_and_resume_continues_exactly(synth, tmp_path)
     assert rep_c["final_losses"] == rep_a["final_losses"]
     other, _ = _train(synth, tmp_path / "d", seed=7)
     assert not np.array_equal(other, a)
+
+
+def test_resume_with_more_epochs_picks_the_best_of_the_new_window(synth, tmp_path, monkeypatch):
+    """Evaluated every 3 epochs; 4 epochs, then resumed to 10: the best checkpoint is chosen among
+    epochs 6, 9 and 10 (the second half of 10), as in an uninterrupted 10-epoch run, never the
+    first run's epoch 4 even where its collision rate is the lowest."""
+    import letter.tokenizer.train as trainer
+
+    def collision_rates(*rates):  # the evaluations' collision rates, in order
+        it = iter(rates)
+        monkeypatch.setattr(trainer, "collision_rate", lambda codes: next(it))
+
+    collision_rates(0.5, 0.4, 0.3, 0.2)  # epochs 3, 6, 9, 10
+    full, rep_full = _train(synth, tmp_path / "full", epochs=10, eval_every=3, checkpoint_every=4)
+    collision_rates(0.5, 0.1)  # epochs 3, 4
+    _train(synth, tmp_path / "r", epochs=4, eval_every=3, checkpoint_every=4)
+    collision_rates(0.4, 0.3, 0.2)  # epochs 6, 9, 10
+    cfg = TokenizerConfig(**{**SMALL, "epochs": 10, "eval_every": 3, "checkpoint_every": 4})
+    cf = np.load(os.path.join(synth["dir"], "Synth.cf-sasrec8.npy"))[:300]
+    rep = train_tokenizer(cfg, synth["text"][:300], cf, str(tmp_path / "r"), name="Synth", resume=True)
+    history = load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["history"]
+    assert [r["epoch"] for r in history if "collision" in r] == [3, 4, 6, 9, 10]
+    assert rep["best_epoch"] == rep_full["best_epoch"] == 10
+    assert np.array_equal(np.load(tmp_path / "r" / "codes.npy"), full)
 
 
 def test_unique_on_a_tight_code_space(synth, tmp_path):
