@@ -43,6 +43,19 @@ def test_tokenizer_on_cuda(synth, tmp_path, method):
     assert load_tokenizer(str(tmp_path / "tok")).encode(text[:5]).shape == (5, 3)
 
 
+def test_sinkhorn_on_cuda():
+    """The scaling Sinkhorn (two mat-vecs a step, absorption on the device) vs the CPU log domain."""
+    from letter.tokenizer.clustering import _sinkhorn, sinkhorn_assign
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for rows, cols, eps in [(1024, 256, 0.003), (257, 7, 1e-4)]:
+        d = torch.cdist(torch.randn(rows, 8, generator=g), torch.randn(cols, 8, generator=g)) ** 2
+        spec = _sinkhorn(d.double(), eps, 50, torch.zeros(rows, dtype=torch.long), return_log=True)
+        picked = sinkhorn_assign(d.cuda(), eps, 50).cpu()
+        chosen = spec.gather(1, picked.unsqueeze(1)).squeeze(1)
+        assert (chosen >= spec.amax(1) - 1e-12 * 2 / eps).all()
+
+
 def test_tiger_on_cuda(synth, tmp_path):
     codes = np.stack([np.arange(synth.num_items) % 10, np.arange(synth.num_items) // 10], 1)
     data = str(tmp_path / "data")
