@@ -16,9 +16,11 @@ def _spec_log_q(d, epsilon, iters):
     return _sinkhorn(d, epsilon, iters, torch.zeros(d.shape[0], dtype=torch.long), return_log=True)
 
 
-@pytest.mark.parametrize("limit", [1e100, 10.0])  # 10: scaling vectors absorbed almost every step
-def test_scaling_sinkhorn_matches_the_log_domain(monkeypatch, limit):
+# limit 10: the scaling vectors are absorbed at (almost) every check
+@pytest.mark.parametrize("limit, check", [(1e100, 8), (10.0, 1), (10.0, 8)])
+def test_scaling_sinkhorn_matches_the_log_domain(monkeypatch, limit, check):
     monkeypatch.setattr(clustering, "_SCALING_LIMIT", limit)
+    monkeypatch.setattr(clustering, "_SCALING_CHECK", check)
     gen = torch.Generator().manual_seed(0)
     cases = [(1024, 256, 8, 0.003, 50), (37, 5, 8, 0.003, 50), (300, 64, 8, 0.1, 50), (1, 3, 8, 0.003, 50),
              (255, 16, 3, 1.0, 50), (257, 255, 8, 1e-4, 50), (300, 64, 2, 1e-5, 80), (7, 7, 4, 0.003, 1),
