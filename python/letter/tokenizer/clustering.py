@@ -112,7 +112,8 @@ def sinkhorn_assign(dist: torch.Tensor, epsilon: float, iters: int, groups: torc
     dist [R, N]; `groups` [R] (ids 0..G-1) splits the rows into independent problems (solved
     together, without padding). As the authors do, each problem's distances are first rescaled to
     [-1, 1] (so epsilon is scale-free), then rows and columns are normalized alternately; each row
-    takes its argmax column. Computed in float64 in the log domain (no overflow at small epsilon).
+    takes its argmax column. Computed in float64: grouped problems in the log domain, a single one
+    as stabilized matrix scaling (the same iteration; no overflow at small epsilon either way).
     """
     with single_thread():
         return _sinkhorn(dist.double(), epsilon, iters, groups)
