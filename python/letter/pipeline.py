@@ -22,7 +22,7 @@ import numpy as np
 
 from letter.errors import LetterError
 from letter.pipeline_report import write_report
-from letter.runs import file_change, file_state, folder_files, read_json_if_valid, relative_to, resolve
+from letter.runs import file_change, file_state, folder_files, load_npy, read_json_if_valid, relative_to, resolve
 from letter.utils import remove_stale_temps, write_json
 
 STAGES = ("prepare", "embed", "cf", "tokenizer", "rec", "evaluate")
@@ -191,13 +191,6 @@ def _digest(files: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _load_npy(path: str):
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise LetterError(f"{path}: corrupt or truncated ({type(e).__name__}: {str(e)[:160]})") from None
-
-
 def _prepare(p: Pipeline, directory: str) -> dict:
     from letter.data import load_dataset, make_synthetic, write_letter
     from letter.data.stats import dataset_stats
@@ -237,8 +230,8 @@ def _tokenizer(p: Pipeline, directory: str) -> dict:
 
     ds = p.dataset()
     cfg = TokenizerConfig.from_dict(p.config["tokenizer"])
-    text = _load_npy(p.outputs["embed"]["text_embeddings"])
-    cf = _load_npy(p.outputs["cf"]["cf_embeddings"]) if cfg.alpha > 0 else None
+    text = load_npy(p.outputs["embed"]["text_embeddings"])
+    cf = load_npy(p.outputs["cf"]["cf_embeddings"]) if cfg.alpha > 0 else None
     labels = None
     if ds.item_text is not None and all("category" in t for t in ds.item_text):
         names = sorted({t["category"] for t in ds.item_text})

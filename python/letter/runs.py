@@ -88,12 +88,10 @@ def check_complete(folder: str, what: str, finished_without_marker: bool = False
         if finished_without_marker:
             return None
         raise LetterError(f"{folder}: unfinished {what} run (no {COMPLETE}); finish it (--resume) or retrain")
-    try:
-        with open(path) as f:
-            marker = json.load(f)
-        files = marker["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LetterError(f"{path}: corrupt or truncated ({type(e).__name__})") from None
+    marker = read_json(path, f"{what} completion marker")
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        raise LetterError(f"{path}: corrupt or truncated (no 'files' mapping)")
     for name, state in sorted(files.items()):
         change = file_change(os.path.join(folder, name), state)
         if change is not None:

@@ -30,21 +30,23 @@ def current_umask() -> int:
     return mask
 
 
+def _remove_if_stale(paths, max_age: float) -> list[str]:
+    """Delete those of `paths` not modified for `max_age` seconds; returns the removed ones."""
+    removed = []
+    now = time.time()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if now - os.stat(path).st_mtime > max_age:
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
 def remove_stale_temps(directory: str, prefix: str = ".tmp-", max_age: float = STALE_TEMP_SECONDS) -> list[str]:
     """Delete `prefix`* files in `directory` (recursively) not modified for `max_age` seconds: the
     leftovers of writes killed before their rename. Returns the removed paths."""
-    removed = []
-    now = time.time()
-    for root, _, files in os.walk(directory):
-        for name in files:
-            if not name.startswith(prefix):
-                continue
-            path = os.path.join(root, name)
-            with contextlib.suppress(OSError):
-                if now - os.stat(path).st_mtime > max_age:
-                    os.remove(path)
-                    removed.append(path)
-    return removed
+    return _remove_if_stale((os.path.join(root, name) for root, _, files in os.walk(directory)
+                             for name in files if name.startswith(prefix)), max_age)
 
 
 @contextlib.contextmanager
@@ -58,11 +60,7 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     prefix = f".tmp-{os.path.basename(path)}-"
-    now = time.time()
-    for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*")):
-        with contextlib.suppress(OSError):
-            if now - os.stat(stale).st_mtime > STALE_TEMP_SECONDS:
-                os.remove(stale)
+    _remove_if_stale(glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*")), STALE_TEMP_SECONDS)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix or os.path.splitext(path)[1])
     os.close(fd)
     try:

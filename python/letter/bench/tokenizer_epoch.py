@@ -118,9 +118,10 @@ def run(args) -> dict:
     # every epoch evaluated, so that each epoch's time splits into steps + evaluation
     config = default.replace(epochs=args.tok_epochs, kmeans_iters=args.tok_kmeans_iters, eval_every=1)
     bare = BareAutoencoder(text.shape[1], config, device, config.seed)
-    x = torch.from_numpy(text).to(device)
-    xs = (x - x.mean(0)) / ((x - x.mean(0)) ** 2).mean().sqrt()  # standardized once, as the trainer does
-    del x
+    x = torch.from_numpy(text).to(device)  # shares memory with `text` on the CPU: not modified
+    centered = x - x.mean(0)
+    xs = centered / (centered**2).mean().sqrt()  # standardized once, as the trainer does
+    del x, centered
     bare_s, steps_s, eval_s, refresh_s, checkpoint_s, train_wall = [], [], [], [], [], []
     for r in range(args.tok_rounds):
         for arm in (("bare", "ours") if r % 2 == 0 else ("ours", "bare")):

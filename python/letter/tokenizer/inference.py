@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from letter.errors import LetterError
-from letter.runs import check_complete
+from letter.runs import check_complete, load_npy
 from letter.training import load_checkpoint
 
 from .codes import collision_rate, make_unique, sinkhorn_resolve
@@ -33,11 +33,14 @@ def check_embeddings(name: str, emb, num_items: int | None = None) -> np.ndarray
     return arr.astype(np.float32, copy=True)
 
 
-def encode_all(model: RQVAE, x: torch.Tensor, batch: int = 8192) -> tuple[np.ndarray, torch.Tensor]:
+def encode_all(model: RQVAE, x: torch.Tensor, batch: int = 8192,
+               standardized: bool = False) -> tuple[np.ndarray, torch.Tensor]:
+    """Eval-mode codes [I, L] (numpy) and latents [I, d] (CPU) of all rows of x, in chunks
+    (x already standardized when `standardized`)."""
     model.eval()
     codes, zs = [], []
     for i in range(0, len(x), batch):
-        c, z = model.encode(x[i : i + batch])
+        c, z = model.encode(x[i : i + batch], standardized=standardized)
         codes.append(c.cpu())
         zs.append(z.cpu())
     return torch.cat(codes).numpy(), torch.cat(zs)
@@ -122,10 +125,7 @@ def load_tokenizer(run_dir: str) -> Tokenizer:
     except (KeyError, RuntimeError, TypeError) as e:
         raise LetterError(f"{path}: not a tokenizer model file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     codes_path = os.path.join(run_dir, "codes.npy")
-    try:
-        catalog = np.load(codes_path, allow_pickle=False) if os.path.isfile(codes_path) else None
-    except (OSError, ValueError, EOFError) as e:
-        raise LetterError(f"{codes_path}: corrupt or truncated ({type(e).__name__}: {str(e)[:160]})") from None
+    catalog = load_npy(codes_path) if os.path.isfile(codes_path) else None
     return Tokenizer(model, config, name, catalog)
 
 

@@ -85,9 +85,10 @@ class RQKMeans(nn.Module):
         return z @ self.components.T if self.components is not None else z
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, standardized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes by residual nearest-code search -> (codes [B, L], latent z [B, d]); as RQVAE.encode."""
-        z = self.encoder(self.standardize(x.to(self.x_mean.dtype)))
+        x = x.to(self.x_mean.dtype)
+        z = self.encoder(x if standardized else self.standardize(x))
         return assign_codes(z, list(self.codebooks))[0], z
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from letter.utils import atomic_path, progress, save_npy, torch_save, write_json
 from .clustering import diversity_capacity, inertia, kmeans
 from .codes import collision_rate
 from .config import TokenizerConfig
-from .inference import COMPLETE, MODEL, Tokenizer, check_embeddings
+from .inference import COMPLETE, MODEL, Tokenizer, check_embeddings, encode_all
 from .model import RQVAE, collaborative_loss, diversity_loss, quantization_loss
 from .report import build_report, plot_curves, report_markdown
 from .rqkmeans import fit_rqkmeans
@@ -230,7 +230,7 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
         record = {"epoch": epoch + 1, **{k: v / ctx.world / max(steps, 1) for k, v in zip(names, totals)}}
         if (epoch + 1) % config.eval_interval == 0 or epoch + 1 == config.epochs:  # the last epoch is always eligible
             t0 = time.perf_counter()
-            codes = _eval_codes(model, xs, config.standardize)
+            codes, _ = encode_all(model, xs, standardized=config.standardize)
             record["collision"] = collision_rate(codes)
             record["used"] = [int(len(np.unique(codes[:, l]))) for l in range(config.levels)]
             eligible = epoch + 1 >= config.best_from * config.epochs
@@ -296,14 +296,6 @@ def _save_prefix_index(out_dir: str, codes: np.ndarray, sizes: list[int]) -> str
 def _state_copy(model: RQVAE) -> dict[str, torch.Tensor]:
     """A detached copy of the model's state dict (what copy.deepcopy gave, without its overhead)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-@torch.no_grad()
-def _eval_codes(model: RQVAE, xs: torch.Tensor, standardized: bool, batch: int = 8192) -> np.ndarray:
-    """encode_all's codes from inputs already standardized (same chunks, same values)."""
-    model.eval()
-    return torch.cat([model.encode(xs[i:i + batch], standardized=standardized)[0].cpu()
-                      for i in range(0, len(xs), batch)]).numpy()
 
 
 def _batch_losses(model: RQVAE, config: TokenizerConfig, x: torch.Tensor, h: torch.Tensor | None,
