@@ -7,14 +7,8 @@ import numpy as np
 
 from letter.cli.options import config_file_option, settings_from_options, settings_options
 from letter.errors import LetterError
+from letter.runs import load_npy
 from letter.tokenizer.config import TokenizerConfig
-
-
-def _load_npy(path: str, what: str) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise LetterError(f"{what} {path}: cannot read as .npy ({e})") from e
 
 
 def _find_one(data_dir: str, pattern: str, what: str) -> str | None:
@@ -73,8 +67,8 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codeboo
     out_dir = out_dir or os.path.join("runs", f"tokenizer-{dataset.name}")
     report = train_tokenizer(
         config,
-        _load_npy(text_emb, "--text-emb"),
-        _load_npy(cf_emb, "--cf-emb") if cf_emb else None,
+        load_npy(text_emb, "--text-emb"),
+        load_npy(cf_emb, "--cf-emb") if cf_emb else None,
         out_dir,
         name=dataset.name,
         num_items=dataset.num_items,
@@ -102,7 +96,7 @@ def tokenize_cmd(run_dir, embeddings, out):
     from letter.utils import save_npy
 
     tok = load_tokenizer(run_dir)
-    codes = tok.encode(_load_npy(embeddings, "--embeddings"))
+    codes = tok.encode(load_npy(embeddings, "--embeddings"))
     out = out or os.path.splitext(embeddings)[0] + ".index.json"
     if out.endswith(".npy"):
         save_npy(out, codes)

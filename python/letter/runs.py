@@ -157,16 +157,18 @@ def read_rec_run_info(run_dir: str) -> dict:
     return info
 
 
-def load_npy(path: str):
-    """np.load without pickles; an unreadable file is 'PATH: corrupt or truncated (...)'."""
+def load_npy(path: str, what: str = ""):
+    """np.load without pickles; an unreadable file is '[WHAT ]PATH: corrupt or truncated (...)'
+    (`what`: the option or input it came from, e.g. "--text-emb")."""
     import numpy as np
 
+    where = f"{what} {path}" if what else path
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise LetterError(f"{path}: no such file") from None
+        raise LetterError(f"{where}: no such file") from None
     except (OSError, ValueError, EOFError) as e:
-        raise LetterError(f"{path}: corrupt or truncated ({type(e).__name__}: {str(e)[:160]})") from None
+        raise LetterError(f"{where}: corrupt or truncated ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def check_rec_run(run_dir: str, info: dict, data=None):
