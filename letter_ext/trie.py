@@ -122,10 +122,13 @@ def check_csr(ptr_name: str, ids_name: str, ptr, ids, num_ids: int, device: torc
     if ptr.numel() == 0:
         raise ValueError(f"{ptr_name} must be [B + 1], got an empty tensor")
     nnz = ids.numel()
-    bad_ptr, bad_id = torch.stack([
-        (ptr[0] != 0) | (ptr[-1] != nnz) | (torch.diff(ptr) < 0).any(),
-        ((ids < 0) | (ids >= num_ids)).any(),
-    ]).tolist()
+    if nnz == 0:  # one reduction: an empty CSR's pointer is all zeros
+        bad_ptr, bad_id = bool(ptr.any()), False
+    else:  # both checks in one device -> host copy
+        bad_ptr, bad_id = torch.stack([
+            (ptr[0] != 0) | (ptr[-1] != nnz) | (torch.diff(ptr) < 0).any(),
+            ((ids < 0) | (ids >= num_ids)).any(),
+        ]).tolist()
     if bad_ptr:
         raise ValueError(f"{ptr_name} must be a CSR row pointer: starts at 0, never decreases, ends at nnz = {nnz}")
     if bad_id:

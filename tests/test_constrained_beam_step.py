@@ -572,6 +572,7 @@ def _ban_args(**change):
         ({"banned_ptr": torch.tensor([0, 2, 1])}, ValueError, "banned_ptr must be a CSR row pointer"),
         ({"banned_ptr": torch.tensor([1, 1, 2])}, ValueError, "banned_ptr must be a CSR row pointer"),
         ({"banned_ptr": torch.tensor([0, 1, 3])}, ValueError, "banned_ptr must be a CSR row pointer"),
+        ({"banned_node": torch.zeros(0, dtype=torch.long)}, ValueError, "banned_ptr must be a CSR row pointer"),
         ({"banned_node": torch.tensor([0, -1])}, ValueError, r"banned_node must hold ids in \[0, "),
         ({"banned_node": torch.tensor([0, 10**6])}, ValueError, r"banned_node must hold ids in \[0, "),
         ({"banned_node": torch.tensor([0, 1], device="meta")}, ValueError, "banned_node is on meta"),
