@@ -62,7 +62,9 @@ class TrieLevels(NamedTuple):
             node = torch.searchsorted(self.row_ptr[level], node, right=True) - 1
         return torch.stack(columns[::-1], 1)
 
-    def banned_nodes(self, banned_ptr: torch.Tensor, banned_leaf: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    def banned_nodes(
+        self, banned_ptr: torch.Tensor, banned_leaf: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """Per-row banned leaves -> per level, the banned nodes to pass to constrained_beam_step.
 
         Args: banned_ptr int64 [B + 1], banned_leaf int64 [nnz] (a CSR: row b bans the leaves
