@@ -61,9 +61,10 @@ from letter.cli.pipeline import config, pipeline  # noqa: E402
 main.add_command(pipeline)
 main.add_command(config)
 
-from letter.cli.rec import evaluate_cmd, recommend_cmd, train_rec_cmd  # noqa: E402
+from letter.cli.rec import add_items_cmd, evaluate_cmd, recommend_cmd, train_rec_cmd  # noqa: E402
 
 main.add_command(train_rec_cmd)
+main.add_command(add_items_cmd)
 main.add_command(evaluate_cmd)
 main.add_command(recommend_cmd)
 

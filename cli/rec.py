@@ -8,6 +8,15 @@ from letter.cli.options import config_file_option, settings_from_options, settin
 from letter.rec.config import RecConfig
 
 
+index_version_option = click.option(
+    "--index-version", type=click.IntRange(min=0), default=None,
+    help="Index version of the run to use (default: the newest; 0: the training index).")
+max_new_share_option = click.option(
+    "--max-new-share", type=click.FloatRange(0, 1), default=None,
+    help="At most this share of each list from items added after training (floor(share*K)), enforced inside "
+         "the constrained search (default: no limit).")
+
+
 @click.command("train-rec")
 @click.option("--data", "data_path", required=True, type=click.Path(), help="Dataset folder or file (any letter.data format).")
 @click.option("--index", "codes", required=True, type=click.Path(),
@@ -41,12 +50,38 @@ def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, **
               help="fused: the beam step op; hf: the HF-style prefix_allowed_tokens_fn baseline.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the results JSON here.")
-def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decoder, device, out):
-    """Recall/NDCG@5,10 with trie-constrained beam search over all items; prints JSON."""
+@index_version_option
+@max_new_share_option
+@click.option("--cold", is_flag=True,
+              help="Cold-split report: cold-target and warm-target test users, before and after the added items, "
+                   "with popularity (+ content KNN with --text-emb, SASRec with --cf).")
+@click.option("--text-emb", type=click.Path(dir_okay=False), default=None,
+              help="--cold: [items, d] text embeddings of the split's items for the content-KNN baseline.")
+@click.option("--cf", "cf_dir", type=click.Path(file_okay=False), default=None,
+              help="--cold: a train-cf run folder on the split for the SASRec baseline.")
+def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decoder, device, out, index_version,
+                 max_new_share, cold, text_emb, cf_dir):
+    """Recall/NDCG@5,10 with trie-constrained beam search over all items; prints JSON.
+
+    Uses the newest index version of the run (items added with `letter add-items`) unless
+    --index-version N (0: the index it was trained with)."""
+    if cold:
+        from letter.rec.cold import cold_table, evaluate_cold
+
+        if split != "test" or max_users or decoder != "fused" or index_version is not None:
+            raise click.UsageError("--cold evaluates the test users of both index versions with the fused decoder; "
+                                   "drop --split/--max-users/--decoder/--index-version")
+        result = evaluate_cold(run_dir, data=data_path, text_emb=text_emb, cf_dir=cf_dir, max_new_share=max_new_share,
+                               num_beams=beams, batch_size=batch_size, device=device, out=out, show_progress=True)
+        click.echo(cold_table(result))
+        return
+    if text_emb or cf_dir:
+        raise click.UsageError("--text-emb and --cf are baselines of --cold")
     from letter.rec import evaluate
 
     result = evaluate(run_dir, split, data=data_path, num_beams=beams, batch_size=batch_size, max_users=max_users,
-                      decoder=decoder, device=device, out=out, show_progress=True)
+                      decoder=decoder, device=device, out=out, show_progress=True, index_version=index_version,
+                      max_new_share=max_new_share)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -57,10 +92,37 @@ def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decode
               help="Number of identifiers to generate.")
 @click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
 @click.option("--device", default="cpu", show_default=True)
-def recommend_cmd(run_dir, history, k, data_path, device):
-    """Print the top-k recommended items (id, score, title) for a history."""
+@index_version_option
+@max_new_share_option
+def recommend_cmd(run_dir, history, k, data_path, device, index_version, max_new_share):
+    """Print the top-k recommended items (id, score, title) for a history (newest index version
+    unless --index-version)."""
     from letter.rec import recommend
 
-    items = recommend(run_dir, [h.strip() for h in history.split(",") if h.strip()], k, data=data_path, device=device)
+    items = recommend(run_dir, [h.strip() for h in history.split(",") if h.strip()], k, data=data_path, device=device,
+                      index_version=index_version, max_new_share=max_new_share)
     for rank, rec in enumerate(items, 1):
         click.echo(f"{rank:3d}  {rec['item_id']:>10}  {rec['score']:9.4f}  {rec['title']}")
+
+
+@click.command("add-items")
+@click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False), help="A train-rec run folder.")
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(file_okay=False),
+              help="The train-tokenizer run that made the run's identifiers.")
+@click.option("--embeddings", required=True, type=click.Path(dir_okay=False),
+              help="Text embeddings .npy: [items, d] rows of the whole catalog, or rows of the next items to add.")
+@click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
+def add_items_cmd(run_dir, tokenizer_dir, embeddings, data_path):
+    """Make new items recommendable without retraining: the dataset's items that the run's newest
+    index lacks (catalog order) get identifiers from the tokenizer (the catalog's identifiers stay
+    taken, the run's collision rules and --unique apply) and are written as a new index version,
+    atomically. Adding when nothing is missing is a no-op."""
+    from letter.rec.index_versions import add_items
+
+    record = add_items(run_dir, tokenizer_dir, embeddings, data=data_path)
+    if not record["added"]:
+        click.echo(record["message"])
+        return
+    click.echo(f"{run_dir}: index version {record['version']}: {record['added']} items added "
+               f"({record['indexed_items']} indexed, {record['identifiers_shared_with_catalog']} identifiers shared "
+               "with earlier items)")

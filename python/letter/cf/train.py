@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from letter.cf.config import CFConfig
 from letter.cf.model import SASRec
 from letter.data import Dataset, Split, leave_one_out, pad_left
+from letter.data.cold import check_no_cold_training, read_cold_split
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
 from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume,
@@ -119,8 +120,10 @@ def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False
              log=print) -> dict:
     """Train SASRec with early stopping on valid NDCG@10; write embeddings, metrics and a checkpoint.
 
+    A cold split (letter.data.cold) holding a cold item outside the test targets is refused.
     Returns the metrics dict (also written as <Name>.cf-sasrec<d>.json)."""
     cfg.validate()
+    check_no_cold_training(dataset, read_cold_split(dataset))
     with distributed(device) as ctx:
         return _train(dataset, out_dir, cfg, resume, ctx, log)
 
