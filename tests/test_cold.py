@@ -151,6 +151,9 @@ def test_stages_refuse_cold_items_in_training_data(chain, tmp_path):
     np.save(full, np.zeros((NUM_ITEMS, 2), dtype=np.int64) + np.arange(NUM_ITEMS)[:, None] % 16)
     result = run_cli("train-rec", "--data", split, "--index", full, "--out", tmp_path / "r2", ok=False)
     assert result.exit_code != 0 and "warm items" in result.output
+    # the pipeline would copy the data without its record: it refuses a split
+    result = run_cli("pipeline", "--data", split, "--out", tmp_path / "pipe", ok=False)
+    assert result.exit_code != 0 and "is a cold split" in result.output
 
 
 # ------------------------------------------------------------------------------------ add-items

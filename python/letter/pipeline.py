@@ -198,6 +198,10 @@ def _prepare(p: Pipeline, directory: str) -> dict:
     if p.source.get("synthetic"):
         ds = make_synthetic(**p.config["data"]["synthetic"], name="Synth")
     else:
+        from letter.data.cold import read_cold_split
+
+        if read_cold_split(p.source["data"]) is not None:  # its copy would lose the record, and cold items train
+            raise LetterError(f"{p.source['data']} is a cold split: run its stages one by one (README, cold start)")
         ds = load_dataset(p.source["data"])
     write_letter(ds, directory)
     stats = dataset_stats(ds)
