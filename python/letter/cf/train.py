@@ -59,11 +59,17 @@ def trim_padding(seq: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor
     return tuple(t[:, start:] for t in (seq, *others))
 
 
-def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS) -> dict[str, float]:
-    """Baseline: everyone gets the items most frequent in the training sequences."""
+def popularity_counts(split: Split, dataset: Dataset) -> np.ndarray:
+    """How often each item occurs in the training sequences (every evaluated user's items[:-2])."""
     counts = np.zeros(dataset.num_items, dtype=np.int64)
     for user in split.eval_users:
         np.add.at(counts, dataset.sequences[user][:-2], 1)
+    return counts
+
+
+def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS) -> dict[str, float]:
+    """Baseline: everyone gets the items most frequent in the training sequences."""
+    counts = popularity_counts(split, dataset)
     top = torch.from_numpy(np.argsort(-counts, kind="stable")[: max(ks)])
     samples = split.part(part)
     targets = torch.tensor([t for _, t in samples])

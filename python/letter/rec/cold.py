@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from letter.cf.train import popularity_counts, trim_padding
 from letter.data import pad_left
 from letter.data.cold import read_cold_split, test_groups
 from letter.errors import LetterError
@@ -70,7 +71,6 @@ def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch:
     which must have been trained on `dataset`."""
     from letter.cf.config import CFConfig
     from letter.cf.model import SASRec
-    from letter.cf.train import trim_padding
     from letter.runs import read_json
     from letter.training import load_checkpoint
 
@@ -94,14 +94,6 @@ def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch:
             (hist,) = trim_padding(pad_left(histories[start:start + batch], cfg.max_len, -1) + 1)
             out.append(model.scores(model(hist)[:, -1]).topk(k, dim=1).indices)
     return torch.cat(out)
-
-
-def training_counts(rec) -> np.ndarray:
-    """How often each item occurs in the training sequences (each evaluated user's items[:-2])."""
-    counts = np.zeros(rec.dataset.num_items, dtype=np.int64)
-    for user in rec.split.eval_users:
-        np.add.at(counts, rec.dataset.sequences[user][:-2], 1)
-    return counts
 
 
 def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None = None,
@@ -148,7 +140,7 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
                               f"got shape {emb.shape}")
         topk = content_knn_topk(emb, histories, k)
         rows.append({"method": "content KNN", **_group_metrics(hits_from_topk(topk, targets), groups)})
-    topk = popularity_topk(training_counts(rec), len(histories), k)
+    topk = popularity_topk(popularity_counts(rec.split, rec.dataset), len(histories), k)
     rows.append({"method": "popularity", **_group_metrics(hits_from_topk(topk, targets), groups)})
     if cf_dir is not None:
         topk = sasrec_topk(cf_dir, rec.dataset, histories, k)
