@@ -1,6 +1,6 @@
 """Generation and evaluation of a train-rec run (TIGER or LC-Rec, through their Recommender
-adapters): trie-constrained beam search over real identifiers, Recall/NDCG@5,10 over the full
-catalog, and top-k recommendations with titles.
+adapters): trie-constrained beam search over real identifiers and Recall/NDCG@5,10 over the full
+catalog (top-k recommendations: recommend.py).
 
 Hit rule (the authors'): a generated identifier is a hit when it equals the target item's
 identifier, so items sharing an identifier (a collision group) are indistinguishable; the report
@@ -36,10 +36,13 @@ def prefix_index(rec: RecData, device, model=None) -> PrefixIndex:
 
 @torch.no_grad()
 def generate(model, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch_size: int, device,
-             decoder: str = "fused", show_progress: bool = False):
+             decoder: str = "fused", show_progress: bool = False, banned_items: list[list[int]] | None = None):
     """Top-`num_beams` identifiers per user. `model`: a Tiger, an LCRec or their Recommender
     adapter; `enc`: the users' model inputs (TIGER: encoder tokens [U, S] as RecData.eval_tensors
-    gives; LC-Rec: item-id histories [U, H] as RecData.eval_histories gives).
+    gives; LC-Rec: item-id histories [U, H] as RecData.eval_histories gives). `banned_items`: per
+    user, item ids never to return; the search prunes their identifiers (one shared by several
+    items only when all of them are banned, see PrefixIndex.banned_leaves), so every user still
+    gets up to `num_beams` allowed identifiers.
 
     Returns (leaves [U, K] identifier ids of `index` (-1: empty slot), scores [U, K] summed
     log-probabilities), best first. decoder='hf' runs the same model through the
@@ -48,6 +51,8 @@ def generate(model, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch
         raise LetterError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if num_beams < 1:
         raise LetterError(f"--beams must be >= 1, got {num_beams}")
+    if banned_items is not None and decoder != "fused":
+        raise LetterError("excluding items needs the fused decoder (--decoder fused)")
     search = hf_style_beam_search if decoder == "hf" else constrained_beam_search
     rm = as_recommender(model, index=index)
     rm.model.eval()
@@ -60,8 +65,11 @@ def generate(model, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch
     for start in range(0, enc.shape[0], batch_size):
         rows = order[start:start + batch_size]
         state = rm.start_decoding(enc[rows], num_beams, device)
+        extra = {}
+        if banned_items is not None:
+            extra["banned_leaves"] = index.banned_leaves([banned_items[r] for r in rows.tolist()])
         result = search(lambda step, last, st: rm.decode_step(last, st), rows.numel(), index, num_beams,
-                        reorder_state=rm.reorder_state, state=state)
+                        reorder_state=rm.reorder_state, state=state, **extra)
         leaves[rows] = result.leaves.cpu()
         scores[rows] = result.scores.cpu().float()
         bar.update(rows.numel())
@@ -71,15 +79,15 @@ def generate(model, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch
 
 def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor, num_beams: int,
                    batch_size: int, device, decoder: str = "fused", index: PrefixIndex | None = None,
-                   show_progress: bool = False) -> dict:
+                   show_progress: bool = False, banned_items: list[list[int]] | None = None) -> dict:
     """Recall/NDCG@5,10 of constrained beam search on the users' model inputs `enc` (see
-    generate) vs target items [U]."""
+    generate) vs target items [U]; `banned_items` (per user) are never generated."""
     if num_beams < 10:
         raise LetterError(f"--beams must be >= 10 to compute the @10 metrics, got {num_beams}")
     rm = as_recommender(model, rec=rec)
     index = index if index is not None else rm.prefix_index(rec, device)
     started = time.perf_counter()
-    leaves, _ = generate(rm, index, enc, num_beams, batch_size, device, decoder, show_progress)
+    leaves, _ = generate(rm, index, enc, num_beams, batch_size, device, decoder, show_progress, banned_items)
     wall = time.perf_counter() - started
     target_leaves = index.leaf_of_item.cpu()[targets]
     hits = leaves == target_leaves[:, None]  # [U, K]: generated identifier == the target's
@@ -123,43 +131,34 @@ def load_run(run_dir: str, data=None, device="cpu") -> tuple:
 
 def evaluate(run_dir: str, split: str = "test", *, data=None, num_beams: int = 20, batch_size: int = 256,
              max_users: int = 0, decoder: str = "fused", device: str = "cpu", out: str | None = None,
-             show_progress: bool = False) -> dict:
+             show_progress: bool = False, exclude_history: bool = False) -> dict:
     """Evaluate a run on `split` ('valid' or 'test'; max_users > 0: a fixed random sample).
-    Returns (and with `out`, writes as JSON) the metrics, users, beams, wall time and users/s."""
+    Returns (and with `out`, writes as JSON) the metrics, users, beams, wall time and users/s.
+
+    exclude_history: also measure the second protocol, on the same users: every item the user had
+    before the target is excluded from the search (as SASRec's --mask-history), reported as
+    `metrics_exclude_history` next to `metrics` (history kept, the authors' protocol), with its own
+    wall time and `targets_in_history` (targets that protocol can never hit)."""
     if split not in ("valid", "test"):
         raise LetterError(f"--split must be valid or test, got {split!r}")
     device = resolve_device(device)
     rm, rec, config = _load(run_dir, data, device)
     enc, targets = rm.eval_inputs(rec, split, max_users, config.seed)
+    index = rm.prefix_index(rec, device)
     result = {"model": os.path.abspath(run_dir), "split": split,
-              **evaluate_model(rm, rec, enc, targets, num_beams, batch_size, device, decoder,
-                               show_progress=show_progress),
-              "device": str(device), "threads": torch.get_num_threads()}
+              **evaluate_model(rm, rec, enc, targets, num_beams, batch_size, device, decoder, index,
+                               show_progress=show_progress)}
+    if exclude_history:
+        seen = rec.eval_seen_items(split, max_users, config.seed)
+        excluded = evaluate_model(rm, rec, enc, targets, num_beams, batch_size, device, decoder, index,
+                                  show_progress=show_progress, banned_items=seen)
+        result.update({
+            "metrics_exclude_history": excluded["metrics"],
+            "wall_s_exclude_history": excluded["wall_s"],
+            "users_per_s_exclude_history": excluded["users_per_s"],
+            "targets_in_history": sum(int(t) in set(h) for t, h in zip(targets.tolist(), seen)),
+        })
+    result.update({"device": str(device), "threads": torch.get_num_threads()})
     if out:
         write_json(out, result)
     return result
-
-
-def recommend(run_dir: str, history: list[str], k: int = 10, *, data=None, device: str = "cpu") -> list[dict]:
-    """Top-k items for a history of original item ids (oldest first): [{item_id, title, score, code}].
-    Items sharing a generated identifier are listed together under that identifier's rank."""
-    if k < 1:
-        raise LetterError(f"-k must be >= 1, got {k}")
-    device = resolve_device(device)
-    rm, rec, _ = _load(run_dir, data, device)
-    position = {item: i for i, item in enumerate(rec.dataset.item_ids)}
-    unknown = [h for h in history if h not in position]
-    if unknown or not history:
-        raise LetterError(f"--history: unknown item id(s) {', '.join(unknown[:5])}" if unknown else "--history is empty")
-    index = rm.prefix_index(rec, device)
-    enc = rm.encode(rec, [[position[h] for h in history]])
-    leaves, scores = generate(rm, index, enc, k, 1, device)
-    text = rec.dataset.item_text
-    out = []
-    for leaf, score in zip(leaves[0].tolist(), scores[0].tolist()):
-        if leaf < 0:
-            continue  # fewer than k identifiers exist
-        for item in index.items_of_leaf(leaf):
-            out.append({"item_id": rec.dataset.item_ids[item], "title": text[item].get("title", "") if text else "",
-                        "score": score, "code": rec.codes[item].tolist()})
-    return out
