@@ -75,12 +75,18 @@ class RunRecommender:
             "index": {"version": self._index_sha[:16], "codes_sha256": self._index_sha, **self.index.summary()},
         }
 
+    def unknown_ids(self, item_ids) -> str | None:
+        """None when every id is in the catalog, else what to say about the unknown ones."""
+        unknown = [str(i) for i in item_ids if i not in self._position]
+        if not unknown:
+            return None
+        return f"unknown item id(s) {', '.join(unknown[:5])}" + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+
     def positions(self, item_ids, name: str = "--history") -> list[int]:
         """Internal positions of original item ids; unknown ids raise LetterError naming `name`."""
-        unknown = [str(i) for i in item_ids if i not in self._position]
-        if unknown:
-            raise LetterError(f"{name}: unknown item id(s) {', '.join(unknown[:5])}"
-                              + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+        problem = self.unknown_ids(item_ids)
+        if problem:
+            raise LetterError(f"{name}: {problem}")
         return [self._position[i] for i in item_ids]
 
     def check_k(self, k: int, name: str = "-k") -> None:

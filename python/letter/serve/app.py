@@ -8,8 +8,8 @@
 
 Errors are JSON {"error": "<field>: <what is wrong>", "field": "<field>"} with status 400 (malformed
 JSON), 415 (a body not sent as application/json), 422 (a field's value: unknown item id, empty
-history, k out of range, wrong type) or 503
-(the request queue is full; retry later), never a stack trace.
+history, k out of range, wrong type, unknown field) or 503 (the request queue is full; retry
+later), never a stack trace.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from letter.errors import LetterError
 from letter.rec.recommend import Query, RunRecommender
 
 from .batching import DynamicBatcher, QueueFullError
@@ -133,13 +132,11 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
     def to_query(req: RecommendRequest, prefix: str = "") -> Query:
         if not 1 <= req.k <= run.beams:
             raise FieldError(f"{prefix}k", f"must be in [1, {run.beams}] (the server's --beams), got {req.k}")
-        try:
-            history = run.positions(req.history, f"{prefix}history")
-            exclude = run.positions(req.exclude, f"{prefix}exclude")
-        except LetterError as e:
-            field, _, message = str(e).partition(": ")
-            raise FieldError(field, message) from None
-        return Query(tuple(history), req.k, req.exclude_history, tuple(exclude))
+        for name, ids in (("history", req.history), ("exclude", req.exclude)):
+            problem = run.unknown_ids(ids)
+            if problem:
+                raise FieldError(prefix + name, problem)
+        return Query(tuple(run.positions(req.history)), req.k, req.exclude_history, tuple(run.positions(req.exclude)))
 
     def response(query: Query, items: list[dict]) -> RecommendResponse:
         return RecommendResponse(items=items, k=query.k, excluded=len(query.banned()))
