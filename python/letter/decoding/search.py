@@ -17,6 +17,7 @@ import torch
 
 import letter_ext
 from letter_ext.baselines import hf_style_step, prefix_allowed_tokens_fn
+from letter_ext.trie import csr_from_rows
 
 from .prefix_index import PrefixIndex
 
@@ -88,6 +89,19 @@ def _beam_loop(step_fn: StepFn, batch_size: int, index: PrefixIndex, num_beams: 
     return beam_scores, history
 
 
+def _level_bans(banned_leaves, batch_size: int, index: PrefixIndex):
+    """constrained_beam_search's banned_leaves -> per level (banned_ptr, banned_node), or None."""
+    if banned_leaves is None:
+        return None
+    if isinstance(banned_leaves, tuple) and len(banned_leaves) == 2 and all(isinstance(t, torch.Tensor) for t in banned_leaves):
+        ptr, leaf = banned_leaves
+    else:
+        ptr, leaf = csr_from_rows(banned_leaves, index.device)
+    if ptr.numel() != batch_size + 1:
+        raise ValueError(f"banned_leaves must have one row per batch row ({batch_size}), got {ptr.numel() - 1}")
+    return index.trie.banned_nodes(ptr, leaf)
+
+
 def _result(index: PrefixIndex, scores, history, leaves) -> BeamSearchResult:
     batch, num_beams = scores.shape
     alive = scores > float("-inf")
@@ -109,6 +123,7 @@ def constrained_beam_search(
     reorder_state: Callable[[Any, torch.Tensor], Any] | None = None,
     state: Any = None,
     backend: str | None = None,
+    banned_leaves=None,
 ) -> BeamSearchResult:
     """Beam search that only emits identifiers of real items: one fused
     letter_ext.constrained_beam_step per level (log_softmax over the full vocabulary row, as HF
@@ -116,17 +131,25 @@ def constrained_beam_search(
 
     step_fn, reorder_state, state: see the module docstring. index: on the logits' device.
     backend: the op's backend ('reference' | 'cpu' | 'cuda' | 'triton', default the fastest).
+    banned_leaves: identifiers (leaf ids) never to return, per batch row: a list of B sequences
+    of leaf ids, or a CSR (ptr int64 [B + 1], leaf int64 [nnz]) on the index's device such as
+    PrefixIndex.banned_leaves(items_per_row) returns (items -> leaves, collision rule there).
+    Prefixes all of whose leaves are banned are pruned at every level (TrieLevels.banned_nodes),
+    so each row still gets min(K, allowed identifiers) results; scores are unchanged.
     Returns a BeamSearchResult; never a duplicate identifier within a row.
     """
     _check_search_args(step_fn, batch_size, index, num_beams)
+    bans = _level_bans(banned_leaves, batch_size, index)
     nodes = None
 
     def choose(level, logits, beam_scores, history):
         nonlocal nodes
         if level == 0:
             nodes = torch.zeros(beam_scores.shape, dtype=torch.long, device=beam_scores.device)
+        banned_ptr, banned_node = bans[level] if bans is not None else (None, None)
         scores, parent, token, nodes = letter_ext.constrained_beam_step(
-            logits, beam_scores, nodes, index.trie, level, num_beams, backend=backend
+            logits, beam_scores, nodes, index.trie, level, num_beams,
+            banned_ptr=banned_ptr, banned_node=banned_node, backend=backend,
         )
         return scores, parent, token
 
