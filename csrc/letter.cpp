@@ -23,9 +23,11 @@ TORCH_LIBRARY(letter, m) {
   // One step of trie-constrained beam search: logits [B*K_in, V], beam_scores [B, K_in],
   // nodes [B, K_in], this level's CSR (row_ptr [n+1], child_token [E]). Returns the num_beams
   // best (beam, child) pairs per row: scores, parent beam, token, child node (edge index);
-  // empty slots are (-inf, 0, -1, -1). Spec: letter_ext.reference.constrained_beam_step.
+  // empty slots are (-inf, 0, -1, -1). Optional bans: banned_ptr [B+1], banned_node [nnz], a CSR
+  // of child node ids per batch row, each row sorted ascending (duplicates allowed); banned
+  // children are never chosen. Spec: letter_ext.reference.constrained_beam_step.
   m.def(
       "constrained_beam_step(Tensor logits, Tensor beam_scores, Tensor nodes, Tensor row_ptr,"
-      " Tensor child_token, int num_beams)"
+      " Tensor child_token, int num_beams, Tensor? banned_ptr=None, Tensor? banned_node=None)"
       " -> (Tensor scores, Tensor parent, Tensor token, Tensor node)");
 }

@@ -11,7 +11,7 @@ from . import reference
 from ._backend import HAS_TRITON, has_schema, resolve, route_cuda_to_triton
 from ._checks import check_float_tensor
 from .reference import accumulation_dtype
-from .trie import TrieLevels
+from .trie import TrieLevels, check_csr
 
 if HAS_TRITON:
     from .triton import constrained_beam_step as cbs_triton
@@ -49,7 +49,42 @@ def _check_live_nodes(beam_scores, nodes, trie, level):
         raise ValueError(f"nodes of live beams must be node ids at depth {level}, in [0, {num_nodes})")
 
 
-def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, num_beams: int, *, backend: str | None = None):
+def _check_bans(banned_ptr, banned_node, batch: int, num_children: int, device: torch.device):
+    """Validate a per-row CSR of banned child nodes; returns it with each row's ids sorted
+    ascending (the order the kernels binary-search in), or (None, None) when nothing is banned."""
+    if (banned_ptr is None) != (banned_node is None):
+        raise ValueError("banned_ptr and banned_node go together: pass both or neither")
+    if banned_ptr is None:
+        return None, None
+    check_csr("banned_ptr", "banned_node", banned_ptr, banned_node, num_children, device)
+    if banned_ptr.numel() != batch + 1:
+        raise ValueError(f"banned_ptr must be [B + 1] = [{batch + 1}], got shape {tuple(banned_ptr.shape)}")
+    nnz = banned_node.numel()
+    if nnz == 0:
+        return None, None  # the kernels' no-ban path, at exactly its cost
+    row_starts = banned_ptr[:-1]
+    starts = torch.zeros(nnz, dtype=torch.bool, device=device)  # where a row's ids begin
+    starts[row_starts[row_starts < nnz]] = True
+    if bool(((banned_node[1:] < banned_node[:-1]) & ~starts[1:]).any()):  # sort by id, then stably by row
+        row = torch.repeat_interleave(torch.arange(batch, device=device), torch.diff(banned_ptr), output_size=nnz)
+        order = torch.sort(banned_node, stable=True).indices
+        order = order[torch.sort(row[order], stable=True).indices]
+        banned_node = banned_node[order]
+    return banned_ptr, banned_node
+
+
+def constrained_beam_step(
+    logits,
+    beam_scores,
+    nodes,
+    trie,
+    level: int,
+    num_beams: int,
+    *,
+    banned_ptr: torch.Tensor | None = None,
+    banned_node: torch.Tensor | None = None,
+    backend: str | None = None,
+):
     """One fused step of trie-constrained beam search.
 
     Args:
@@ -62,6 +97,12 @@ def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, num_beam
         trie: letter_ext.TrieLevels (see letter_ext.trie), on logits' device.
         level: the level being decoded, 0 <= level < trie.num_levels.
         num_beams: K, beams kept per batch row.
+        banned_ptr, banned_node: optional per-row CSR (both or neither) of banned children:
+            int64 banned_ptr [B + 1] and banned_node [nnz], node ids at depth level + 1 as
+            returned in `node` (leaf ids at the last level), any order, duplicates allowed. A
+            candidate whose child is banned for its row is never returned; the next best allowed
+            ones fill the K slots. Scores are unchanged (log_softmax over the full row). To ban
+            items, see TrieLevels.banned_nodes (leaves -> whole banned subtrees per level).
         backend: 'reference' | 'cpu' | 'cuda' | 'triton' (default: $LETTER_BACKEND or the fastest).
 
     Returns:
@@ -78,28 +119,31 @@ def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, num_beam
     never read, so anything in them is ignored.
     """
     _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_beams)
+    banned_ptr, banned_node = _check_bans(
+        banned_ptr, banned_node, beam_scores.shape[0], trie.child_token[level].numel(), logits.device
+    )
     which = resolve("constrained_beam_step", logits.device, backend)
     if which != "cpu":  # the C++ kernel raises the same ValueError without extra passes over the beams
         _check_live_nodes(beam_scores, nodes, trie, level)
-    row_ptr, child_token = trie.row_ptr[level], trie.child_token[level]
+    args = (logits, beam_scores, nodes, trie.row_ptr[level], trie.child_token[level], num_beams, banned_ptr, banned_node)
     if which == "reference":
-        return reference.constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
+        return reference.constrained_beam_step(*args)
     if which == "triton":
-        *out, bad_beam = torch.ops.letter.constrained_beam_step_triton(
-            logits, beam_scores, nodes, row_ptr, child_token, num_beams
-        )
+        *out, bad_beam = torch.ops.letter.constrained_beam_step_triton(*args)
         cbs_triton.check_logits(bad_beam, beam_scores.shape[1])
         return tuple(out)
-    return torch.ops.letter.constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
+    return torch.ops.letter.constrained_beam_step(*args)
 
 
-def _constrained_beam_step_fake(logits, beam_scores, nodes, row_ptr, child_token, num_beams):
+def _constrained_beam_step_fake(logits, beam_scores, nodes, row_ptr, child_token, num_beams, banned_ptr=None, banned_node=None):
     shape = (beam_scores.shape[0], num_beams)
     index = logits.new_empty(shape, dtype=torch.long)
     return logits.new_empty(shape, dtype=accumulation_dtype(logits)), index, torch.empty_like(index), torch.empty_like(index)
 
 
-def _constrained_beam_step_triton_fake(logits, beam_scores, nodes, row_ptr, child_token, num_beams):
+def _constrained_beam_step_triton_fake(
+    logits, beam_scores, nodes, row_ptr, child_token, num_beams, banned_ptr=None, banned_node=None
+):
     bad_beam = logits.new_empty((beam_scores.shape[0],), dtype=torch.int32)
     return *_constrained_beam_step_fake(logits, beam_scores, nodes, row_ptr, child_token, num_beams), bad_beam
 
@@ -118,8 +162,12 @@ def _register_constrained_beam_step() -> None:
             row_ptr: torch.Tensor,
             child_token: torch.Tensor,
             num_beams: int,
+            banned_ptr: torch.Tensor | None = None,
+            banned_node: torch.Tensor | None = None,
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-            return cbs_triton.launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
+            return cbs_triton.launch(
+                logits, beam_scores, nodes, row_ptr, child_token, num_beams, banned_ptr, banned_node
+            )
 
         _cbs_triton.register_fake(_constrained_beam_step_triton_fake)
         route_cuda_to_triton({"constrained_beam_step": cbs_triton.constrained_beam_step})

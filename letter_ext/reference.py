@@ -80,7 +80,9 @@ def nonfinite_logits_error(row: int, k_in: int) -> ValueError:
     )
 
 
-def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
+def constrained_beam_step(
+    logits, beam_scores, nodes, row_ptr, child_token, num_beams: int, banned_ptr=None, banned_node=None
+):
     """One step of trie-constrained beam search (the spec of letter::constrained_beam_step).
 
     logits [B*K_in, V] (row b*K_in + k belongs to beam k of batch row b), beam_scores [B, K_in],
@@ -93,6 +95,11 @@ def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_
     best first, ties -> lowest (k, token). Returns (scores [B, num_beams] (fp64 for fp64 logits,
     else fp32), parent [B, num_beams], token, node (child node id = edge index)); empty slots:
     (-inf, 0, -1, -1).
+
+    Bans: banned_ptr [B + 1] / banned_node [nnz] (both or neither), a CSR of child node ids per
+    batch row, in any order, duplicates allowed: a candidate whose child node is among
+    banned_node[banned_ptr[b]:banned_ptr[b + 1]] is no candidate of row b. Scores are unchanged
+    (log_softmax still runs over the full row); the next best allowed candidates fill the slots.
     """
     batch, k_in = beam_scores.shape
     vocab = logits.shape[1]
@@ -123,6 +130,8 @@ def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_
             continue
         score, parent, token, edge = (torch.cat(t) for t in (scores, parents, tokens, edges))
         keep = score > float("-inf")  # also drops NaN
+        if banned_ptr is not None:
+            keep &= ~torch.isin(edge, banned_node[int(banned_ptr[b]) : int(banned_ptr[b + 1])])
         score, parent, token, edge = score[keep], parent[keep], token[keep], edge[keep]
         # Order by (k, token), then a stable sort by score: equal scores keep (k, token) order.
         by_key = torch.argsort(parent * vocab + token)

@@ -9,6 +9,10 @@ lexicographic order. Level l holds the edges from depth l to depth l + 1 in CSR 
 in strictly increasing token order, and the child reached through edge e has node id e at depth
 l + 1. So level 0 is a single dense row (every valid first token), and the node ids of the last
 level are the leaves: the distinct full code sequences.
+
+Bans: per batch row a CSR (ptr [B + 1], ids [nnz]) of node ids. TrieLevels.banned_nodes turns
+banned leaves into what constrained_beam_step takes at each level: the nodes whose whole subtree
+is banned, so that a prefix with no allowed leaf left never takes a beam.
 """
 from typing import NamedTuple, Sequence
 
@@ -58,6 +62,42 @@ class TrieLevels(NamedTuple):
             node = torch.searchsorted(self.row_ptr[level], node, right=True) - 1
         return torch.stack(columns[::-1], 1)
 
+    def banned_nodes(self, banned_ptr: torch.Tensor, banned_leaf: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Per-row banned leaves -> per level, the banned nodes to pass to constrained_beam_step.
+
+        Args: banned_ptr int64 [B + 1], banned_leaf int64 [nnz] (a CSR: row b bans the leaves
+        banned_leaf[banned_ptr[b]:banned_ptr[b + 1]], any order, duplicates allowed), on the
+        trie's device.
+        Returns one (ptr [B + 1], node [nnz_l]) per level l: for each row, the nodes at depth
+        l + 1 all of whose leaves it bans, sorted and distinct (at the last level: its banned
+        leaves). With these at every level a search never spends a beam on a prefix without an
+        allowed leaf, so it returns min(K, allowed leaves) identifiers, none banned.
+        """
+        check_csr("banned_ptr", "banned_leaf", banned_ptr, banned_leaf, self.num_leaves, self.device)
+        batch = banned_ptr.numel() - 1
+        row = torch.repeat_interleave(
+            torch.arange(batch, device=self.device), torch.diff(banned_ptr), output_size=banned_leaf.numel()
+        )
+        # (row, node) pairs as one int64 key, row-major: B * nodes is far below 2^63 for any trie
+        # that fits in memory.
+        key = torch.unique(row * self.num_leaves + banned_leaf)
+        num_nodes = self.num_leaves
+        out = []
+        for level in reversed(range(self.num_levels)):
+            row, node = key // num_nodes, key % num_nodes
+            ptr = torch.zeros(batch + 1, dtype=torch.long, device=self.device)
+            ptr[1:] = torch.cumsum(torch.bincount(row, minlength=batch), 0)
+            out.append((ptr, node))
+            # A parent (depth `level`) is wholly banned when all of its children are; children of
+            # one parent are consecutive, so sorted keys give sorted (row, parent) runs.
+            level_ptr = self.row_ptr[level]
+            parent = torch.searchsorted(level_ptr, node, right=True) - 1
+            num_nodes = level_ptr.numel() - 1
+            key, banned_children = torch.unique_consecutive(row * num_nodes + parent, return_counts=True)
+            degree = torch.diff(level_ptr)[key % num_nodes]
+            key = key[banned_children == degree]
+        return tuple(out[::-1])
+
     def to(self, device) -> "TrieLevels":
         return TrieLevels(
             tuple(t.to(device) for t in self.row_ptr),
@@ -65,6 +105,43 @@ class TrieLevels(NamedTuple):
             self.level_sizes,
             self.vocab_offsets,
         )
+
+
+def check_csr(ptr_name: str, ids_name: str, ptr, ids, num_ids: int, device: torch.device) -> None:
+    """Raise TypeError/ValueError naming the argument unless (ptr, ids) is an int64 CSR on `device`
+    with every id in [0, num_ids)."""
+    for name, t in ((ptr_name, ptr), (ids_name, ids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.long:
+            raise TypeError(f"{name} must be an int64 tensor, got dtype {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if ptr.numel() == 0:
+        raise ValueError(f"{ptr_name} must be [B + 1], got an empty tensor")
+    nnz = ids.numel()
+    bad_ptr, bad_id = torch.stack([
+        (ptr[0] != 0) | (ptr[-1] != nnz) | (torch.diff(ptr) < 0).any(),
+        ((ids < 0) | (ids >= num_ids)).any(),
+    ]).tolist()
+    if bad_ptr:
+        raise ValueError(f"{ptr_name} must be a CSR row pointer: starts at 0, never decreases, ends at nnz = {nnz}")
+    if bad_id:
+        raise ValueError(f"{ids_name} must hold ids in [0, {num_ids})")
+
+
+def csr_from_rows(rows, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of B sequences of ints -> (ptr int64 [B + 1], ids int64 [nnz]) on `device`."""
+    try:
+        rows = [[int(v) for v in row] for row in rows]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"expected a list of sequences of integer ids: {e}") from e
+    ptr = torch.zeros(len(rows) + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(torch.tensor([len(row) for row in rows], dtype=torch.long), 0)
+    ids = torch.tensor([v for row in rows for v in row], dtype=torch.long)
+    return ptr.to(device), ids.to(device)
 
 
 def _as_int_list(name: str, values, length: int) -> list[int]:

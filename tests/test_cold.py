@@ -268,8 +268,9 @@ iv.add_items({run!r}, {tok!r}, {emb!r})
 
 # -------------------------------------------------------------------------------- share control
 
-def brute_force_quota(logits, beam_scores, nodes, trie, num_beams, new_leaves, max_new):
-    """Every expansion enumerated in Python, ranked by (-score, k, t), taken greedily under the quota."""
+def brute_force_quota(logits, beam_scores, nodes, trie, num_beams, new_leaves, max_new, banned=None):
+    """Every expansion enumerated in Python, ranked by (-score, k, t), taken greedily under the quota
+    (max_new: an int or one per row; banned: per row, leaves that may not be taken)."""
     level = trie.num_levels - 1
     logp = torch.log_softmax(logits.double(), -1)
     batch, k_in = beam_scores.shape
@@ -285,11 +286,14 @@ def brute_force_quota(logits, beam_scores, nodes, trie, num_beams, new_leaves, m
                 cands.append((-(float(beam_scores[b, k]) + float(logp[b * k_in + k, t])), k, t, e))
         cands.sort()
         chosen, used = [], 0
+        quota = int(max_new[b]) if isinstance(max_new, torch.Tensor) else max_new
         for c in cands:
             if len(chosen) == num_beams:
                 break
+            if banned is not None and c[3] in banned[b]:
+                continue
             if new_leaves[c[3]]:
-                if used == max_new:
+                if used == quota:
                     continue
                 used += 1
             chosen.append(c)
@@ -316,16 +320,23 @@ def test_quota_last_step_equals_the_brute_force_quota_top_k(seed):
     if seed % 2:
         logits = logits.round()  # many ties: the lowest (k, t) must win, as in the fused op
     new_leaves = torch.rand(index.num_leaves, generator=gen) < 0.4
-    for max_new in (0, 1, 2, num_beams):
-        scores, parent, token, leaf = quota_last_step(logits, beam_scores, nodes, trie, num_beams, new_leaves, max_new)
-        expected = brute_force_quota(logits, beam_scores, nodes, trie, num_beams, new_leaves, max_new)
+    banned = [set(torch.randint(0, index.num_leaves, (8,), generator=gen).tolist()) for _ in range(batch)]
+    ptr = torch.tensor([0] + np.cumsum([len(r) for r in banned]).tolist())
+    node = torch.tensor([leaf for r in banned for leaf in sorted(r)], dtype=torch.long)
+    cases = [(m, None) for m in (0, 1, 2, num_beams)] + [(torch.tensor([0, 2, 1]), None), (1, banned)]
+    for max_new, bans in cases:
+        extra = {"banned_ptr": ptr, "banned_node": node} if bans is not None else {}
+        scores, parent, token, leaf = quota_last_step(logits, beam_scores, nodes, trie, num_beams, new_leaves,
+                                                      max_new, **extra)
+        expected = brute_force_quota(logits, beam_scores, nodes, trie, num_beams, new_leaves, max_new, bans)
         for b in range(batch):
+            quota = int(max_new[b]) if isinstance(max_new, torch.Tensor) else max_new
             got = [(float(s), int(p), int(t), int(f)) for s, p, t, f in zip(scores[b], parent[b], token[b], leaf[b])
                    if s > float("-inf")]
             assert [g[1:] for g in got] == [e[1:] for e in expected[b]]
             assert np.allclose([g[0] for g in got], [e[0] for e in expected[b]])
-            assert int(new_leaves[leaf[b][leaf[b] >= 0]].sum()) <= max_new
-        if max_new == num_beams:  # no quota left to bind: exactly the fused op's step
+            assert int(new_leaves[leaf[b][leaf[b] >= 0]].sum()) <= quota
+        if isinstance(max_new, int) and max_new == num_beams:  # no quota left to bind: exactly the fused op's step
             ref = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, level, num_beams,
                                                    backend="reference")
             assert torch.equal(leaf, ref[3]) and torch.equal(parent[scores > float("-inf")],
@@ -382,3 +393,55 @@ def test_evaluate_cold_report(chain, added, tmp_path):
     assert mixed == pytest.approx(plain["metrics"]["recall@10"])
     result = run_cli("evaluate", "--model", run, "--cold", "--split", "valid", ok=False)
     assert result.exit_code != 0 and "--cold" in result.output
+
+
+# ---------------------------------------------------------------------------------- serve
+
+def _post(url: str, path: str, payload: dict) -> tuple[int, dict]:
+    import http.client
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+    try:
+        conn.request("POST", path, json.dumps(payload), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_serve_adds_items_without_retraining(chain, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from letter.serve.process import get_json, running_server
+
+    split, tok, rec, emb = chain
+    run = str(tmp_path / "rec")
+    shutil.copytree(rec, run)
+    warm = read_cold_split(split)["warm_items"]
+    rows = np.load(emb)[warm:].tolist()
+    history = {"history": ["1", "2", "3"], "k": 20, "exclude_history": False}
+    with running_server(run, threads=1) as url:  # without --tokenizer: no adding
+        status, body = _post(url, "/items", {"embeddings": rows})
+        assert status == 422 and "--tokenizer" in body["error"]
+    with running_server(run, "--tokenizer", tok, "--max-new-share", "0.1", threads=1) as url:
+        status, body = _post(url, "/recommend", history)
+        assert status == 200 and all(int(i["item_id"]) < warm for i in body["items"])
+        status, body = _post(url, "/items", {"embeddings": [r[:-1] for r in rows]})
+        assert status == 422 and body["field"] == "embeddings"  # wrong dimension: one line, nothing written
+        assert index_versions(run) == [0]
+        status, body = _post(url, "/items", {"embeddings": rows})
+        assert status == 200 and body["version"] == 1 and body["added"] == len(rows)
+        assert get_json(url + "/metadata")[1]["index"]["index_version"] == 1
+        status, body = _post(url, "/recommend", history)
+        added = [int(i["item_id"]) >= warm for i in body["items"]]
+        assert status == 200 and sum(added) <= 2  # floor(0.1 * 20) under the share control
+        status, again = _post(url, "/items", {"embeddings": rows})
+        assert status == 200 and again["added"] == 0 and again["version"] == 1
+        cold_history = {"history": [str(warm)], "k": 5}
+        assert _post(url, "/recommend", cold_history)[0] == 200  # an added item may now be a history item
+    assert index_versions(run) == [0, 1]
+    with running_server(run, "--index-version", "0", threads=1) as url:
+        status, body = _post(url, "/recommend", {"history": [str(warm)], "k": 5})
+        assert status == 422 and body["field"] == "history" and "no identifier" in body["error"]

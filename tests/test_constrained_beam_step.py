@@ -342,3 +342,343 @@ def test_neg_inf_logits_are_impossible_tokens(backend):
         masked = {(k, _column("child", logits, nodes, trie, b * 4 + k)) for k in range(4)}
         chosen = {(int(k), int(t)) for k, t in zip(out[1][b], out[2][b]) if t >= 0}
         assert len(chosen) == 5 and not chosen & masked
+
+
+# -- bans: per-row CSR of child nodes that are never chosen ------------------------------------
+
+
+def random_bans(trie, level, nodes, beam_scores, gen, fraction=0.5):
+    """Bans (ptr, node) for every batch row: about `fraction` of the children of its beams'
+    nodes (so that bans hit real candidates) plus a few random nodes of the level, unsorted and
+    with duplicates; rows 0 and 2 (when present) ban nothing."""
+    row_ptr = trie.row_ptr[level]
+    num_children = trie.child_token[level].numel()
+    rows = []
+    for b in range(beam_scores.shape[0]):
+        if b in (0, 2):
+            rows.append(torch.zeros(0, dtype=torch.long))
+            continue
+        edges = torch.cat([torch.arange(int(row_ptr[n]), int(row_ptr[n + 1])) for n in nodes[b].tolist()])
+        chosen = edges[torch.rand(edges.numel(), generator=gen) < fraction]
+        extra = torch.randint(0, num_children, (3,), generator=gen)
+        row = torch.cat([chosen, extra, chosen[:2]])  # duplicates
+        rows.append(row[torch.randperm(row.numel(), generator=gen)])
+    ptr = torch.zeros(len(rows) + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(torch.tensor([r.numel() for r in rows]), 0)
+    return ptr, torch.cat(rows)
+
+
+def assert_nothing_banned(node, banned_ptr, banned_node):
+    for b, row in enumerate(node.cpu().tolist()):
+        banned = set(banned_node[int(banned_ptr[b]) : int(banned_ptr[b + 1])].tolist())
+        assert not banned & set(row), f"row {b} returned a banned child"
+
+
+def test_reference_bans_are_the_next_best_allowed():
+    """The spec against its definition: with bans, the K best of the unbanned candidate list
+    once the banned ones are struck out (scores untouched)."""
+    gen = torch.Generator().manual_seed(30)
+    trie = random_trie(400, 3, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 5, 4, gen)
+    ptr, banned = random_bans(trie, 1, nodes, beam_scores, gen)
+    got = letter_ext.constrained_beam_step(
+        logits, beam_scores, nodes, trie, 1, 6, banned_ptr=ptr, banned_node=banned, backend="reference"
+    )
+    every = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 4 * 12, backend="reference")
+    for b in range(5):
+        row_bans = set(banned[int(ptr[b]) : int(ptr[b + 1])].tolist())
+        keep = [j for j in range(every[0].shape[1]) if every[3][b, j] >= 0 and int(every[3][b, j]) not in row_bans][:6]
+        n = len(keep)
+        for out, full in zip(got, every):
+            assert torch.equal(out[b, :n], full[b, keep])
+        assert (got[0][b, n:] == NEG_INF).all() and (got[3][b, n:] == -1).all()
+    assert int((got[3] >= 0).sum()) > 0
+
+
+BAN_SHAPES = [(37, 2, 5), (300, 2, 20), (5000, 3, 5), (5000, 4, 20), (37, 3, 1), (1, 1, 5)]
+BAN_CASES = [
+    (backend, device, *shape)
+    for backend, device in BACKEND_DEVICE
+    for shape in BAN_SHAPES
+    if not (backend == "triton" and device == "cpu" and shape in {(5000, 4, 20), (5000, 3, 5)})
+]
+
+
+@pytest.mark.parametrize("backend,device,items,levels,k", BAN_CASES)
+def test_bans_match_reference(backend, device, items, levels, k):
+    gen = torch.Generator().manual_seed(items * 100 + levels * 10 + k + 1)
+    trie = random_trie(items, levels, gen)
+    batch = 3 if backend == "triton" and device == "cpu" else 5
+    for level in range(levels):
+        k_in = 1 if level == 0 else k
+        logits, beam_scores, nodes = random_step_inputs(trie, level, batch, k_in, gen)
+        ptr, banned = random_bans(trie, level, nodes, beam_scores, gen)
+        ref = letter_ext.constrained_beam_step(
+            logits, beam_scores, nodes, trie, level, k, banned_ptr=ptr, banned_node=banned, backend="reference"
+        )
+        out = letter_ext.constrained_beam_step(
+            logits.to(device), beam_scores.to(device), nodes.to(device), trie.to(device), level, k,
+            banned_ptr=ptr.to(device), banned_node=banned.to(device), backend=backend,
+        )
+        assert_step_valid(out, ref, logits, beam_scores, nodes, trie, level)
+        assert_nothing_banned(out[3], ptr, banned)
+
+
+@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICE if bd != ("triton", "cpu")])
+def test_bans_in_wide_nodes_match_reference(backend, device):
+    """256 children per node: bans inside the vectorized chunks of 8, in the scalar tail, and
+    while the buffer has no threshold yet (the group-maxima bound must not count banned scores)."""
+    gen = torch.Generator().manual_seed(31)
+    sizes = [256, 64, 7]
+    codes = torch.stack([torch.randint(0, s, (3000,), generator=gen) for s in sizes], 1)
+    trie, _, _ = build_trie_levels(codes, sizes, [SPECIALS + sum(sizes[:l]) for l in range(3)])
+    for level, k_in, k in [(0, 1, 20), (0, 1, 3), (1, 20, 20), (2, 20, 20)]:
+        logits, beam_scores, nodes = random_step_inputs(trie, level, 7, k_in, gen)
+        for fraction in (0.1, 0.9):
+            ptr, banned = random_bans(trie, level, nodes, beam_scores, gen, fraction)
+            ref = letter_ext.constrained_beam_step(
+                logits, beam_scores, nodes, trie, level, k, banned_ptr=ptr, banned_node=banned, backend="reference"
+            )
+            out = letter_ext.constrained_beam_step(
+                logits.to(device), beam_scores.to(device), nodes.to(device), trie.to(device), level, k,
+                banned_ptr=ptr.to(device), banned_node=banned.to(device), backend=backend,
+            )
+            assert_step_valid(out, ref, logits, beam_scores, nodes, trie, level)
+            assert_nothing_banned(out[3], ptr, banned)
+
+
+def test_bans_hit_the_best_candidates_on_wide_nodes():
+    """Ban exactly the K best children of the first beam (the ones the group-maxima bound would
+    pick): every backend must fall back to the next K."""
+    gen = torch.Generator().manual_seed(32)
+    sizes = [256, 5]
+    codes = torch.stack([torch.randint(0, s, (2000,), generator=gen) for s in sizes], 1)
+    trie, _, _ = build_trie_levels(codes, sizes, [SPECIALS, SPECIALS + 256])
+    logits, beam_scores, nodes = random_step_inputs(trie, 0, 4, 1, gen)
+    beam_scores[:] = 0.0
+    free = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 0, 16, backend="reference")
+    ptr = torch.arange(0, 4 * 8 + 1, 8)
+    banned = free[3][:, :8].reshape(-1)
+    ref = letter_ext.constrained_beam_step(
+        logits, beam_scores, nodes, trie, 0, 8, banned_ptr=ptr, banned_node=banned, backend="reference"
+    )
+    for out_part, free_part in zip(ref, free):
+        assert torch.equal(out_part, free_part[:, 8:])
+    for backend in available_backends("constrained_beam_step"):
+        out = letter_ext.constrained_beam_step(
+            logits, beam_scores, nodes, trie, 0, 8, banned_ptr=ptr, banned_node=banned, backend=backend
+        )
+        assert_step_valid(out, ref, logits, beam_scores, nodes, trie, 0)
+
+
+ALL_BACKENDS = ["reference"] + available_backends("constrained_beam_step")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_empty_bans_equal_no_bans(backend):
+    gen = torch.Generator().manual_seed(33)
+    trie = random_trie(300, 2, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 4, 5, gen)
+    want = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 7, backend=backend)
+    got = letter_ext.constrained_beam_step(
+        logits, beam_scores, nodes, trie, 1, 7,
+        banned_ptr=torch.zeros(5, dtype=torch.long), banned_node=torch.zeros(0, dtype=torch.long), backend=backend,
+    )
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_unsorted_duplicate_bans_equal_sorted_distinct(backend):
+    gen = torch.Generator().manual_seed(34)
+    trie = random_trie(300, 2, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 4, 5, gen)
+    ptr, banned = random_bans(trie, 1, nodes, beam_scores, gen)
+    rows = [sorted(set(banned[int(ptr[b]) : int(ptr[b + 1])].tolist())) for b in range(4)]
+    clean_ptr = torch.tensor([0] + list(itertools.accumulate(len(r) for r in rows)))
+    clean = torch.tensor([v for r in rows for v in r])
+    want = letter_ext.constrained_beam_step(
+        logits, beam_scores, nodes, trie, 1, 7, banned_ptr=clean_ptr, banned_node=clean, backend=backend
+    )
+    got = letter_ext.constrained_beam_step(
+        logits, beam_scores, nodes, trie, 1, 7, banned_ptr=ptr, banned_node=banned, backend=backend
+    )
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_every_row_banned_and_all_children_of_a_node(backend):
+    """Every row bans something; in row 1 every child of beam 0's node is banned, so beam 0
+    contributes nothing while the other beams fill the slots."""
+    gen = torch.Generator().manual_seed(35)
+    trie = random_trie(300, 2, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 3, 4, gen)
+    beam_scores[:] = -torch.rand(3, 4, generator=gen)
+    logits[4, trie.child_token[1]] += 20  # beam 0 of row 1 would win every slot
+    row_ptr = trie.row_ptr[1]
+    node = int(nodes[1, 0])
+    rows = [
+        [int(row_ptr[int(nodes[0, 1])])],
+        list(range(int(row_ptr[node]), int(row_ptr[node + 1]))),
+        [int(row_ptr[int(nodes[2, 3])]), 0],
+    ]
+    ptr = torch.tensor([0] + list(itertools.accumulate(len(r) for r in rows)))
+    banned = torch.tensor([v for r in rows for v in r])
+    ref = letter_ext.constrained_beam_step(
+        logits, beam_scores, nodes, trie, 1, 5, banned_ptr=ptr, banned_node=banned, backend="reference"
+    )
+    out = letter_ext.constrained_beam_step(
+        logits, beam_scores, nodes, trie, 1, 5, banned_ptr=ptr, banned_node=banned, backend=backend
+    )
+    assert_step_valid(out, ref, logits, beam_scores, nodes, trie, 1)
+    assert_nothing_banned(out[3], ptr, banned)
+    same_node = nodes[1] == node  # other beams at the same node lose the same children
+    filled = out[0][1] > NEG_INF
+    assert filled.any() and not same_node[out[1][1][filled]].any()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_every_leaf_banned_leaves_only_empty_slots(backend):
+    gen = torch.Generator().manual_seed(36)
+    trie = random_trie(200, 3, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 2, 2, 4, gen)
+    leaves = torch.arange(trie.num_leaves)
+    ptr = torch.tensor([0, trie.num_leaves, 2 * trie.num_leaves])
+    scores, parent, token, node = letter_ext.constrained_beam_step(
+        logits, beam_scores, nodes, trie, 2, 5, banned_ptr=ptr, banned_node=torch.cat([leaves.flip(0), leaves]),
+        backend=backend,
+    )
+    assert (scores == NEG_INF).all() and (parent == 0).all() and (token == -1).all() and (node == -1).all()
+
+
+def _ban_args(**change):
+    logits, beam_scores, nodes, trie = _good_inputs()  # B = 2, level 1
+    args = {"logits": logits, "beam_scores": beam_scores, "nodes": nodes, "trie": trie, "level": 1, "num_beams": 4,
+            "banned_ptr": torch.tensor([0, 1, 2]), "banned_node": torch.tensor([0, 1])}
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change,exc,words",
+    [
+        ({"banned_ptr": None}, ValueError, "banned_ptr and banned_node go together"),
+        ({"banned_node": None}, ValueError, "banned_ptr and banned_node go together"),
+        ({"banned_ptr": [0, 1, 2]}, TypeError, "banned_ptr must be a torch.Tensor"),
+        ({"banned_node": torch.tensor([0, 1], dtype=torch.int32)}, TypeError, "banned_node must be an int64"),
+        ({"banned_ptr": torch.tensor([0, 2])}, ValueError, r"banned_ptr must be \[B \+ 1\] = \[3\]"),
+        ({"banned_node": torch.tensor([[0, 1]])}, ValueError, "banned_node must be 1-D"),
+        ({"banned_ptr": torch.tensor([0, 2, 1])}, ValueError, "banned_ptr must be a CSR row pointer"),
+        ({"banned_ptr": torch.tensor([1, 1, 2])}, ValueError, "banned_ptr must be a CSR row pointer"),
+        ({"banned_ptr": torch.tensor([0, 1, 3])}, ValueError, "banned_ptr must be a CSR row pointer"),
+        ({"banned_node": torch.tensor([0, -1])}, ValueError, r"banned_node must hold ids in \[0, "),
+        ({"banned_node": torch.tensor([0, 10**6])}, ValueError, r"banned_node must hold ids in \[0, "),
+        ({"banned_node": torch.tensor([0, 1], device="meta")}, ValueError, "banned_node is on meta"),
+    ],
+)
+def test_bad_bans(change, exc, words):
+    for backend in ALL_BACKENDS:
+        with pytest.raises(exc, match=words):
+            letter_ext.constrained_beam_step(**_ban_args(**change), backend=backend)
+
+
+def test_compiled_op_checks_its_bans():
+    """Called directly (no wrapper to sort), the C++ kernel refuses what its binary search
+    cannot use, with a ValueError."""
+    if not letter_ext._backend.has_compiled_op("constrained_beam_step", "cpu"):
+        pytest.skip("compiled extension not built")
+    a = _ban_args()
+    trie = a["trie"]
+    base = (a["logits"], a["beam_scores"], a["nodes"], trie.row_ptr[1], trie.child_token[1], 4)
+    with pytest.raises(ValueError, match="banned_node of batch row 1 is not sorted"):
+        torch.ops.letter.constrained_beam_step(*base, torch.tensor([0, 0, 2]), torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match="banned_ptr decreases at row 1"):
+        torch.ops.letter.constrained_beam_step(*base, torch.tensor([0, 5, 2]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="pass both or neither"):
+        torch.ops.letter.constrained_beam_step(*base, torch.tensor([0, 1, 2]), None)
+
+
+@pytest.mark.skipif("cpu" not in available_backends("constrained_beam_step"), reason="no compiled kernel")
+def test_opcheck_with_bans():
+    gen = torch.Generator().manual_seed(37)
+    trie = random_trie(100, 2, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 3, 4, gen)
+    ptr, banned = random_bans(trie, 1, nodes, beam_scores, gen)
+    banned = torch.cat([banned[int(ptr[b]) : int(ptr[b + 1])].sort().values for b in range(3)])
+    args = (logits, beam_scores, nodes, trie.row_ptr[1], trie.child_token[1], 6, ptr, banned)
+    torch.library.opcheck(torch.ops.letter.constrained_beam_step.default, args)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_triton_with_bans(device):
+    if "triton" not in available_backends("constrained_beam_step", device):
+        pytest.skip("triton not usable here")
+    gen = torch.Generator().manual_seed(38)
+    trie = random_trie(30, 2, gen)
+    logits, beam_scores, nodes = random_step_inputs(trie, 1, 3, 3, gen)
+    ptr, banned = random_bans(trie, 1, nodes, beam_scores, gen)
+    banned = torch.cat([banned[int(ptr[b]) : int(ptr[b + 1])].sort().values for b in range(3)])
+    args = (logits, beam_scores, nodes, trie.row_ptr[1], trie.child_token[1], 4, ptr, banned)
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    kwargs = {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")} if device == "cpu" else {}
+    torch.library.opcheck(torch.ops.letter.constrained_beam_step_triton.default, args, **kwargs)
+
+
+# -- TrieLevels.banned_nodes: banned leaves -> wholly banned subtrees per level ----------------
+
+
+def ancestors(trie):
+    """[num_leaves, L + 1]: the node at every depth above each leaf (depth L = the leaf)."""
+    node = torch.arange(trie.num_leaves)
+    columns = [node]
+    for level in reversed(range(trie.num_levels)):
+        node = torch.searchsorted(trie.row_ptr[level], node, right=True) - 1
+        columns.append(node)
+    return torch.stack(columns[::-1], 1)
+
+
+@pytest.mark.parametrize("items,levels", [(1, 1), (40, 2), (500, 3), (3000, 4)])
+def test_banned_nodes_are_exactly_the_wholly_banned_subtrees(items, levels):
+    gen = torch.Generator().manual_seed(items + levels)
+    trie = random_trie(items, levels, gen)
+    up = ancestors(trie)
+    rows = []
+    for b in range(5):
+        if b == 0:
+            rows.append([])
+            continue
+        if b == 1:
+            rows.append(list(range(trie.num_leaves)) * 2)  # everything, twice
+            continue
+        # whole subtrees of a few random depth-1/depth-2 nodes, plus random single leaves
+        depth = 1 + b % min(2, levels)
+        roots = torch.randint(0, int(up[:, depth].max()) + 1, (2,), generator=gen)
+        leaves = torch.isin(up[:, depth], roots).nonzero().squeeze(1)
+        single = torch.randint(0, trie.num_leaves, (4,), generator=gen)
+        row = torch.cat([leaves, single])
+        rows.append(row[torch.randperm(row.numel(), generator=gen)].tolist())
+    ptr = torch.tensor([0] + list(itertools.accumulate(len(r) for r in rows)))
+    banned = torch.tensor([v for r in rows for v in r], dtype=torch.long)
+    per_level = trie.banned_nodes(ptr, banned)
+    assert len(per_level) == levels
+    for level, (level_ptr, nodes) in enumerate(per_level):
+        depth = level + 1
+        for b, row in enumerate(rows):
+            got = nodes[int(level_ptr[b]) : int(level_ptr[b + 1])].tolist()
+            want = sorted(
+                n for n in set(up[:, depth].tolist()) if set((up[:, depth] == n).nonzero().squeeze(1).tolist()) <= set(row)
+            )
+            assert got == want, (level, b)
+    assert per_level[0][1].numel() >= 1  # row 1 bans the whole first level
+
+
+def test_banned_nodes_bad_input():
+    gen = torch.Generator().manual_seed(40)
+    trie = random_trie(50, 2, gen)
+    with pytest.raises(ValueError, match=r"banned_leaf must hold ids in \[0, "):
+        trie.banned_nodes(torch.tensor([0, 1]), torch.tensor([trie.num_leaves]))
+    with pytest.raises(ValueError, match="banned_ptr must be a CSR row pointer"):
+        trie.banned_nodes(torch.tensor([0, 2]), torch.tensor([0]))
+    with pytest.raises(TypeError, match="banned_leaf must be an int64"):
+        trie.banned_nodes(torch.tensor([0, 1]), torch.tensor([0.0]))

@@ -6,6 +6,7 @@ import torch
 from conftest import available_backends
 from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_search
 from letter.errors import DataError
+from letter_ext.trie import csr_from_rows
 
 NEG_INF = float("-inf")
 # The Triton interpreter is slow on CPU: whole searches run it on the small catalogs only.
@@ -271,3 +272,123 @@ def test_bad_search_arguments():
         constrained_beam_search(step_fn, 2, index, 4)
     with pytest.raises(ValueError, match="logits has V="):
         constrained_beam_search(lambda s, t, st: (torch.zeros(6, 3), st), 2, index, 3)
+
+
+# -- exclusion: banned leaves ------------------------------------------------------------------
+
+
+def random_banned_rows(index, batch, gen, num_beams):
+    """Per row: nothing / every leaf / all but num_beams - 1 leaves / the whole subtree of the
+    first code of level 0 plus random leaves / random leaves, each row as a shuffled list with
+    duplicates."""
+    leaves = index.num_leaves
+    first_code = index.leaf_codes()[:, 0]
+    rows = []
+    for b in range(batch):
+        kind = b % 5
+        if kind == 0:
+            row = torch.zeros(0, dtype=torch.long)
+        elif kind == 1:
+            row = torch.arange(leaves)
+        elif kind == 2:
+            row = torch.randperm(leaves, generator=gen)[: max(leaves - (num_beams - 1), 0)]
+        elif kind == 3:
+            row = torch.cat([(first_code == first_code[0]).nonzero().squeeze(1), torch.randint(0, leaves, (3,), generator=gen)])
+        else:
+            row = torch.randint(0, leaves, (max(leaves // 3, 1),), generator=gen)
+        row = torch.cat([row, row[:2]])
+        rows.append(row[torch.randperm(row.numel(), generator=gen)].tolist())
+    return rows
+
+
+@pytest.mark.parametrize("backend,num_items,sizes", EXHAUSTIVE_CASES)
+def test_banned_leaves_exhaustive(backend, num_items, sizes):
+    """K covers the catalog: the result is every allowed identifier in exact score order."""
+    gen = torch.Generator().manual_seed(num_items * 10 + len(sizes) + 1)
+    index = build_index(num_items, sizes, gen)
+    batch, num_beams = 5, index.num_leaves + 2
+    rows = random_banned_rows(index, batch, gen, num_beams)
+    model = PrefixModel(batch, vocab_of(index), len(sizes), gen)
+    result = constrained_beam_search(
+        model.step(num_beams, 1), batch, index, num_beams, reorder_state=model.reorder, backend=backend,
+        banned_leaves=rows,
+    )
+    expected = model.exhaustive(index)
+    for b, row in enumerate(rows):
+        order = torch.sort(expected[b], descending=True, stable=True).indices.tolist()
+        allowed = [f for f in order if f not in set(row)]
+        n = len(allowed)
+        assert result.leaves[b, :n].tolist() == allowed
+        torch.testing.assert_close(result.scores[b, :n].double(), expected[b, allowed], atol=1e-5, rtol=1e-5)
+        assert (result.leaves[b, n:] == -1).all() and (result.items[b, n:] == -1).all()
+
+
+BAN_SEARCH_CASES = [
+    (backend, *case)
+    for backend in BACKENDS
+    for case in [(500, [8, 8, 8, 8], 10), (300, [16, 4, 4], 7), (40, [5, 5], 1), (2000, [12, 12, 12], 20)]
+    if not (INTERPRETED and backend == "triton" and case[0] > 300)
+]
+
+
+@pytest.mark.parametrize("backend,num_items,sizes,num_beams", BAN_SEARCH_CASES)
+def test_banned_leaves_never_returned_and_slots_filled(backend, num_items, sizes, num_beams):
+    """Beam search is approximate, but with bans pruned at every level it never wastes a beam on
+    a prefix without an allowed leaf: each row gets min(K, allowed leaves) distinct allowed ones."""
+    gen = torch.Generator().manual_seed(num_items + num_beams + 1)
+    index = build_index(num_items, sizes, gen)
+    batch = 10
+    rows = random_banned_rows(index, batch, gen, num_beams)
+    model = PrefixModel(batch, vocab_of(index), len(sizes), gen)
+    ptr, leaf = csr_from_rows(rows)
+    result = constrained_beam_search(
+        model.step(num_beams, 1), batch, index, num_beams, reorder_state=model.reorder, backend=backend,
+        banned_leaves=(ptr, leaf),
+    )
+    for b, row in enumerate(rows):
+        got = [f for f in result.leaves[b].tolist() if f >= 0]
+        allowed = index.num_leaves - len(set(row))
+        assert len(got) == min(num_beams, allowed) and len(set(got)) == len(got)
+        assert not set(got) & set(row)
+        assert (result.leaves[b, len(got):] == -1).all()
+    unbanned = constrained_beam_search(model.step(num_beams, 1), batch, index, num_beams, reorder_state=model.reorder,
+                                       backend=backend)
+    assert torch.equal(result.leaves[0], unbanned.leaves[0]), "a row without bans changed"
+
+
+def test_banned_leaves_collision_rule():
+    """A shared identifier is banned only when every item it names is excluded."""
+    codes = torch.tensor([[1, 2], [0, 1], [1, 2], [1, 0], [0, 1], [1, 2]])
+    with pytest.warns(UserWarning):
+        index = PrefixIndex.from_codes(codes, [2, 3])
+    # leaves: 0 = (0, 1) items 1, 4; 1 = (1, 0) item 3; 2 = (1, 2) items 0, 2, 5
+    ptr, leaf = index.banned_leaves([[1], [1, 4], [0, 2], [0, 2, 5, 5, 3], [], [4, 1, 4, 3, 1]])
+    assert ptr.tolist() == [0, 0, 1, 1, 3, 3, 5]
+    assert leaf.tolist() == [0, 1, 2, 0, 1]
+    logits = torch.zeros(1, index.trie.vocab_size)
+
+    def step_fn(step, last_tokens, state):
+        return logits.expand(3 * (4 if step else 1), -1), state
+
+    result = constrained_beam_search(step_fn, 3, index, 4, banned_leaves=index.banned_leaves([[0, 2], [0, 2, 5], [1, 4, 3]]))
+    assert sorted(f for f in result.leaves[0].tolist() if f >= 0) == [0, 1, 2]
+    assert sorted(f for f in result.leaves[1].tolist() if f >= 0) == [0, 1]
+    assert result.leaves[2].tolist() == [2, -1, -1, -1]
+
+
+def test_banned_leaves_bad_input():
+    index = PrefixIndex.from_codes([[0, 1], [1, 0]], [2, 2])
+    with pytest.raises(ValueError, match=r"items_per_row\[1\] holds item id 7, outside \[0, 2\)"):
+        index.banned_leaves([[0], [1, 7]])
+    with pytest.raises(ValueError, match=r"items_per_row\[0\] holds item id -1"):
+        index.banned_leaves([[-1]])
+    with pytest.raises(TypeError, match="integer ids"):
+        index.banned_leaves([["a"]])
+
+    def step_fn(step, last_tokens, state):
+        return torch.zeros(2 * 3, index.trie.vocab_size), state
+
+    with pytest.raises(ValueError, match=r"banned_leaves must have one row per batch row \(2\), got 1"):
+        constrained_beam_search(step_fn, 2, index, 3, banned_leaves=[[0]])
+    with pytest.raises(ValueError, match=r"banned_leaf must hold ids in \[0, 2\)"):
+        constrained_beam_search(step_fn, 2, index, 3, banned_leaves=[[0], [5]])

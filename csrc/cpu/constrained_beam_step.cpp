@@ -6,6 +6,10 @@
 // beam asc, token asc). V is never sorted and no V-sized mask exists; dead beams skip
 // their row entirely (at step 0 that is all beams but one). A live row holding NaN or +inf
 // (its log-sum-exp is NaN or +inf) is a ValueError naming the first such row.
+//
+// Bans: each batch row's banned child nodes are sorted, and a beam's children are the contiguous
+// edge range [first, last), so two binary searches give the bans of one beam; the children scan
+// then walks them alongside (one comparison per chunk of 8 when the beam has none).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -152,10 +157,13 @@ __attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64
 // every g-th chunk of 8): k of those maxima are candidates, so the k-th best overall is at least
 // that, and only a few children reach the buffer. Stops before the first chunk holding a token
 // outside [0, V) and returns the first edge it did not handle; the scalar loop goes on from there
-// (and reports the bad token).
+// (and reports the bad token). [bans, bans_end): the beam's banned edges, sorted, inside
+// [first, last); their scores become -inf before anything reads them, and `bans` is left at the
+// first ban at or after the returned edge.
 __attribute__((target("avx2,fma"))) int64_t scan_children_avx2(const float* row, float base,
                                                                 const int64_t* child_token, int64_t first,
                                                                 int64_t last, int64_t V, int64_t beam, int64_t k,
+                                                                const int64_t*& bans, const int64_t* bans_end,
                                                                 std::vector<float>& scores, TopKBuffer<float>& top) {
   const __m256i below = _mm256_set1_epi64x(-1), width = _mm256_set1_epi64x(V);
   const __m256i steps_low = _mm256_setr_epi64x(0, 1, 2, 3), steps_high = _mm256_setr_epi64x(4, 5, 6, 7);
@@ -184,7 +192,13 @@ __attribute__((target("avx2,fma"))) int64_t scan_children_avx2(const float* row,
     const __m256 x = _mm256_movemask_epi8(consecutive) == -1
                          ? _mm256_loadu_ps(row + child_token[e])
                          : _mm256_set_m128(_mm256_i64gather_ps(row, t1, 4), _mm256_i64gather_ps(row, t0, 4));
-    const __m256 score = _mm256_add_ps(vbase, x);
+    __m256 score = _mm256_add_ps(vbase, x);
+    if (bans != bans_end && *bans < e + 8) {  // banned children in this chunk: no candidates
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, score);
+      for (; bans != bans_end && *bans < e + 8; ++bans) lanes[*bans - e] = neg_inf;
+      score = _mm256_load_ps(lanes);
+    }
     _mm256_storeu_ps(scores.data() + (e - first), score);
     if (bound_wanted) {
       __m256& m = group_max[chunk % groups];
@@ -230,7 +244,7 @@ LogSumExpFn<scalar_t> pick_log_sum_exp() {
 template <typename scalar_t>
 void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const int64_t* nodes,
                       const int64_t* row_ptr, int64_t num_nodes, const int64_t* child_token,
-                      int64_t num_edges,
+                      int64_t num_edges, const int64_t* banned_ptr, const int64_t* banned_node,
                       int64_t B, int64_t k_in, int64_t V, int64_t k_out, scalar_t* out_scores,
                       int64_t* out_parent, int64_t* out_token, int64_t* out_node) {
   const LogSumExpFn<scalar_t> log_sum_exp = pick_log_sum_exp<scalar_t>();
@@ -247,6 +261,9 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
     std::vector<float> scratch;  // the vectorized scan's child scores of one beam
     for (int64_t b = begin; b < end; ++b) {
       top.clear();
+      // This row's banned edges, sorted (empty without bans).
+      const int64_t* row_bans = banned_node == nullptr ? nullptr : banned_node + banned_ptr[b];
+      const int64_t* row_bans_end = banned_node == nullptr ? nullptr : banned_node + banned_ptr[b + 1];
       for (int64_t k = 0; k < k_in; ++k) {
         const scalar_t beam = beam_scores[b * k_in + k];
         if (!(beam > neg_inf)) continue;
@@ -266,16 +283,28 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
         }
         // lse = -inf (every logit -inf): base = +inf and every score NaN, so no candidates.
         const scalar_t base = beam - lse;
+        const int64_t* bans = row_bans;
+        const int64_t* bans_end = row_bans_end;
+        if (bans != bans_end) {
+          bans = std::lower_bound(bans, bans_end, first);
+          bans_end = std::lower_bound(bans, bans_end, last);
+        }
         int64_t e = first;
 #ifdef LETTER_HAVE_AVX2_MATH
         if constexpr (std::is_same_v<scalar_t, float>) {
-          if (vector_scan) e = scan_children_avx2(row, base, child_token, first, last, V, k, k_out, scratch, top);
+          if (vector_scan) {
+            e = scan_children_avx2(row, base, child_token, first, last, V, k, k_out, bans, bans_end, scratch, top);
+          }
         }
 #endif
         for (; e < last; ++e) {
           const int64_t token = child_token[e];
           TORCH_CHECK_VALUE(token >= 0 && token < V, "constrained_beam_step: child token ", token,
                             " outside the logits width ", V);
+          if (bans != bans_end && *bans == e) {  // every ban left is >= e: skip e and its duplicates
+            while (bans != bans_end && *bans == e) ++bans;
+            continue;
+          }
           const scalar_t score = base + row[token];
           if (!(score > neg_inf) || top.rejects(score)) continue;  // also drops NaN
           top.push({score, k, token, e});
@@ -299,9 +328,37 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
   }
 }
 
+// The bans as contiguous int64 tensors, after checking what the kernel relies on: a row pointer
+// over banned_node with each row sorted (ids outside the level only never match).
+std::optional<std::pair<at::Tensor, at::Tensor>> checked_bans(const std::optional<at::Tensor>& banned_ptr,
+                                                              const std::optional<at::Tensor>& banned_node,
+                                                              int64_t B) {
+  TORCH_CHECK_VALUE(banned_ptr.has_value() == banned_node.has_value(),
+                    "constrained_beam_step: banned_ptr and banned_node go together: pass both or neither");
+  if (!banned_ptr.has_value()) return std::nullopt;
+  TORCH_CHECK_VALUE(banned_ptr->dim() == 1 && banned_ptr->size(0) == B + 1 && banned_node->dim() == 1,
+                    "constrained_beam_step: banned_ptr must be [B + 1] and banned_node [nnz]");
+  TORCH_CHECK_VALUE(banned_ptr->scalar_type() == at::kLong && banned_node->scalar_type() == at::kLong,
+                    "constrained_beam_step: banned_ptr and banned_node must be int64");
+  at::Tensor ptr = banned_ptr->contiguous(), ids = banned_node->contiguous();
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int64_t* v = ids.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(p[0] == 0 && p[B] == ids.size(0),
+                    "constrained_beam_step: banned_ptr must start at 0 and end at nnz = ", ids.size(0));
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(p[b] <= p[b + 1], "constrained_beam_step: banned_ptr decreases at row ", b);
+  }
+  for (int64_t b = 0; b < B; ++b) {  // in bounds now that the pointer is monotone
+    TORCH_CHECK_VALUE(std::is_sorted(v + p[b], v + p[b + 1]),
+                      "constrained_beam_step: banned_node of batch row ", b, " is not sorted ascending");
+  }
+  return std::make_pair(ptr, ids);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> constrained_beam_step_cpu(
     const at::Tensor& logits, const at::Tensor& beam_scores, const at::Tensor& nodes,
-    const at::Tensor& row_ptr, const at::Tensor& child_token, int64_t num_beams) {
+    const at::Tensor& row_ptr, const at::Tensor& child_token, int64_t num_beams,
+    const std::optional<at::Tensor>& banned_ptr, const std::optional<at::Tensor>& banned_node) {
   TORCH_CHECK(logits.dim() == 2 && beam_scores.dim() == 2 && nodes.sizes() == beam_scores.sizes(),
               "constrained_beam_step: expected logits [B*K, V], beam_scores and nodes [B, K]");
   TORCH_CHECK(logits.size(0) == beam_scores.size(0) * beam_scores.size(1),
@@ -318,6 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> constrained_beam_step
   const at::Tensor nd = nodes.to(at::kLong).contiguous();
   const at::Tensor rp = row_ptr.to(at::kLong).contiguous();
   const at::Tensor ct = child_token.to(at::kLong).contiguous();
+  const auto bans = checked_bans(banned_ptr, banned_node, B);
   const auto long_opts = logits.options().dtype(at::kLong);
   at::Tensor scores = at::empty({B, num_beams}, logits.options().dtype(acc));
   at::Tensor parent = at::empty({B, num_beams}, long_opts);
@@ -326,7 +384,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> constrained_beam_step
   AT_DISPATCH_FLOATING_TYPES(acc, "constrained_beam_step_cpu", [&] {
     beam_step_kernel<scalar_t>(lg.data_ptr<scalar_t>(), bs.data_ptr<scalar_t>(),
                                nd.data_ptr<int64_t>(), rp.data_ptr<int64_t>(), rp.size(0) - 1,
-                               ct.data_ptr<int64_t>(), ct.size(0), B, k_in, V, num_beams,
+                               ct.data_ptr<int64_t>(), ct.size(0),
+                               bans ? bans->first.data_ptr<int64_t>() : nullptr,
+                               bans ? bans->second.data_ptr<int64_t>() : nullptr, B, k_in, V, num_beams,
                                scores.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(),
                                token.data_ptr<int64_t>(), node.data_ptr<int64_t>());
   });

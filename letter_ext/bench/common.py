@@ -32,12 +32,25 @@ def median_time(fn, device: torch.device, *, warmup: int = 1, repeat: int = 5, m
     return statistics.median(times)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (lscpu's), or the architecture where /proc/cpuinfo is missing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "device": str(device),
     }

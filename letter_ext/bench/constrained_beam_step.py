@@ -5,7 +5,13 @@ L-level search, in the same run. Also times the trie build.
 Shapes: B=256 users, K=20 beams, L=4 levels of 256 codes (V = 1024 code tokens + 3 specials),
 random uniform codes, catalogs of 10k, 100k and 1M items. Logits are random (model time excluded);
 every method gets the same logits and the same beam states (those of the fused search).
+
+Exclusion rows: the fused whole search without bans (None), with an empty ban CSR, and with
+HISTORY banned leaves per user, taken from that user's top results of the unbanned search (so
+every ban removes a result the search has to replace), timed interleaved in the same run; plus
+the cost of TrieLevels.banned_nodes, which turns the banned leaves into per-level bans once.
 """
+import statistics
 import time
 
 import torch
@@ -17,14 +23,16 @@ from ..trie import build_trie_levels
 from .common import median_time, sync
 
 B, K, L, CODES, SPECIALS = 256, 20, 4, 256, 3
+HISTORY = 20  # banned leaves per user in the exclusion rows
 # Millisecond methods get many repeats: their medians are what the ratios divide by, and a shared
 # machine's noise is larger than the per-call time.
 FAST_REPEAT = 31
 
 
-def _fused_search(logits, trie, backend, states=None):
+def _fused_search(logits, trie, backend, states=None, bans=None):
     """Chained fused steps (no token history: the trie node is the whole decoding state); appends
-    each level's input (beam_scores, nodes, history) to `states` when given."""
+    each level's input (beam_scores, nodes, history) to `states` when given; bans: per level
+    (banned_ptr, banned_node). Returns the final (beam_scores, leaves)."""
     beam_scores = torch.zeros(B, 1, device=logits[0].device)
     nodes = torch.zeros(B, 1, dtype=torch.long, device=beam_scores.device)
     history = torch.empty(B, 0, dtype=torch.long, device=beam_scores.device)
@@ -32,13 +40,15 @@ def _fused_search(logits, trie, backend, states=None):
         k_in = beam_scores.shape[1]
         if states is not None:
             states.append((beam_scores, nodes, history))
+        banned_ptr, banned_node = bans[level] if bans is not None else (None, None)
         beam_scores, parent, token, nodes = constrained_beam_step(
-            logits[level], beam_scores, nodes, trie, level, K, backend=backend
+            logits[level], beam_scores, nodes, trie, level, K,
+            banned_ptr=banned_ptr, banned_node=banned_node, backend=backend,
         )
         if states is not None:
             flat_parent = (parent + k_in * torch.arange(B, device=parent.device)[:, None]).reshape(-1)
             history = torch.cat([history[flat_parent], token.reshape(-1, 1)], 1)
-    return beam_scores
+    return beam_scores, nodes
 
 
 def _torch_search(logits, trie, max_children):
@@ -68,6 +78,48 @@ def _timed(fn, device):
     return out, time.perf_counter() - t0
 
 
+def _interleaved_medians(fns: dict, device, repeat: int) -> dict:
+    """Median seconds of each function, calling them in turn on every repeat, so that a shared
+    machine's slow phases hit all of them alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            _, seconds = _timed(fn, device)
+            times[name].append(seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _exclusion_rows(num_items, logits, trie, backends, leaves, device) -> list[dict]:
+    """Whole search with no bans, an empty ban CSR, and HISTORY banned leaves per user (their
+    top HISTORY unbanned results)."""
+    ptr = torch.arange(0, B * HISTORY + 1, HISTORY, device=device)
+    banned_leaf = leaves[:, :HISTORY].reshape(-1)
+    bans = trie.banned_nodes(ptr, banned_leaf)
+    t_helper = median_time(lambda: trie.banned_nodes(ptr, banned_leaf), device, repeat=FAST_REPEAT)
+    no_bans = torch.zeros(B + 1, dtype=torch.long, device=device)
+    empty = [(no_bans, torch.zeros(0, dtype=torch.long, device=device))] * L
+    settings = {"none": None, "empty CSR": empty, f"{HISTORY} leaves per user": bans}
+    rows = [{"items": num_items, "level": "all", "bans": name} for name in settings]
+    for be in backends:
+        times = _interleaved_medians(
+            {name: (lambda b=b: _fused_search(logits, trie, be, bans=b)) for name, b in settings.items()},
+            device, FAST_REPEAT,
+        )
+        for row in rows:
+            row.update({f"{be}_ms": times[row["bans"]] * 1e3, f"{be}_vs_no_bans": times[row["bans"]] / times["none"]})
+    scores, got = _fused_search(logits, trie, backends[0], bans=bans)
+    user = trie.num_leaves * torch.arange(B, device=device)[:, None]  # (user, leaf) as one key
+    returned = torch.isin(got + user, (leaves[:, :HISTORY] + user).reshape(-1))
+    rows[-1].update(
+        banned_nodes_ms=t_helper * 1e3,
+        banned_returned=int(returned.sum()),
+        empty_slots=int((scores == float("-inf")).sum()),
+    )
+    return rows
+
+
 def run(device: torch.device, quick: bool = False) -> list[dict]:
     catalogs = [10_000] if quick else [10_000, 100_000, 1_000_000]
     backends = []
@@ -89,7 +141,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         allowed = prefix_allowed_tokens_fn(root)
         logits = [torch.randn((B if level == 0 else B * K), vocab, generator=gen).to(device) for level in range(L)]
         states = []
-        final = _fused_search(logits, trie, backends[0], states)
+        final, leaves = _fused_search(logits, trie, backends[0], states)
         # Whole search: every method chains its own L steps on the same logits.
         row = {"items": num_items, "level": "all", "build_trie_s": build_s, "build_dict_trie_s": dict_s}
         t_hf = median_time(lambda: _hf_search(logits, allowed), device, repeat=5)
@@ -100,6 +152,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
             row.update({f"{be}_ms": t * 1e3, f"{be}_vs_hf": t_hf / t, f"{be}_vs_torch": t_torch / t})
         row["scores_equal_torch"] = bool(torch.allclose(final, _torch_search(logits, trie, max_children), atol=1e-4))
         rows.append(row)
+        rows.extend(_exclusion_rows(num_items, logits, trie, backends, leaves, device))
         for level, (beam_scores, nodes, history) in enumerate(states):
             row = {"items": num_items, "level": level, "children_max": max_children[level]}
             t_hf = median_time(lambda: hf_style_step(logits[level], beam_scores, history, allowed, K), device, repeat=5)

@@ -10,6 +10,10 @@ are stored in increasing token order). No V-sized mask and no candidate list is 
 A live beam whose logits hold NaN or +inf is found in the max pass (a NaN-propagating maximum,
 NaN lanes read as +inf) and reported through a [B] flag, its first such beam (K_in: none);
 constrained_beam_step raises the spec's ValueError from it after the kernel.
+
+Bans (HAS_BANS, a compile-time switch: without bans the kernel is the one above): each batch
+row's banned child nodes, sorted, are looked up by a per-lane binary search, only for the chunks
+that would enter the running top-K.
 """
 import torch
 import triton
@@ -28,13 +32,33 @@ def _order_bits(x):
 
 
 @triton.jit
+def _is_banned(banned_node_ptr, first, last, edge):
+    """Per lane: whether `edge` is in the sorted banned_node[first:last] (lower-bound search)."""
+    lo = tl.zeros_like(edge) + first
+    hi = tl.zeros_like(edge) + last
+    remaining = last - first
+    while remaining > 0:  # floor(log2(n)) + 1 halvings empty every lane's range
+        active = lo < hi
+        mid = (lo + hi) // 2
+        below = active & (tl.load(banned_node_ptr + mid, mask=active, other=0) < edge)
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(active & ~below, mid, hi)
+        remaining = remaining // 2
+    found = lo < last
+    return found & (tl.load(banned_node_ptr + lo, mask=found, other=-1) == edge)
+
+
+@triton.jit
 def _constrained_beam_step_kernel(
-    logits_ptr, beam_ptr, nodes_ptr, row_ptr_ptr, child_ptr,
+    logits_ptr, beam_ptr, nodes_ptr, row_ptr_ptr, child_ptr, banned_ptr_ptr, banned_node_ptr,
     out_score_ptr, out_parent_ptr, out_token_ptr, out_node_ptr, bad_beam_ptr,
     K_IN, V, K_OUT,
-    BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BANS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    if HAS_BANS:
+        ban_first = tl.load(banned_ptr_ptr + b)
+        ban_last = tl.load(banned_ptr_ptr + b + 1)
     empty = tl.full((BLOCK_C,), -(2**63), dtype=tl.int64)  # ranks below every real candidate
     top = empty
     offs_v = tl.arange(0, BLOCK_V)
@@ -73,6 +97,8 @@ def _constrained_beam_step_kernel(
                     key = (_order_bits(score).to(tl.int64) << 32) + (_LOW_BITS - rank)
                     key = tl.where(ok & (score > float("-inf")), key, empty)  # drops -inf and NaN
                     if tl.max(key, axis=0) > tl.min(top, axis=0):  # merge only chunks that improve
+                        if HAS_BANS:
+                            key = tl.where(_is_banned(banned_node_ptr, ban_first, ban_last, edge), empty, key)
                         top = tl.topk(tl.reshape(tl.join(top, key), (2 * BLOCK_C,)), BLOCK_C)
     filled = top > -(2**63)
     score = _order_bits((top >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
@@ -90,10 +116,10 @@ def _constrained_beam_step_kernel(
     tl.store(bad_beam_ptr + b, bad_beam)
 
 
-def launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
+def launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int, banned_ptr=None, banned_node=None):
     """Launch the kernel; returns (scores, parent, token, node) like letter::constrained_beam_step,
     and bad_beam [B] int32: per batch row its first live beam whose logits hold NaN or +inf, K_in
-    if none (check_logits turns it into the error).
+    if none (check_logits turns it into the error). Bans as in the op's schema (rows sorted).
 
     Computes in fp32 (scores are cast back to fp64 for fp64 logits).
     """
@@ -108,15 +134,20 @@ def launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
     token = torch.empty((batch, num_beams), dtype=torch.long, device=device)
     node = torch.empty((batch, num_beams), dtype=torch.long, device=device)
     bad_beam = torch.empty((batch,), dtype=torch.int32, device=device)
+    has_bans = banned_ptr is not None
+    if not has_bans:  # unused pointers of the ban-free kernel
+        banned_ptr = banned_node = row_ptr
     if batch > 0:
         # wrap_triton makes the launch traceable (torch.compile / opcheck); eager it just launches.
         torch.library.wrap_triton(_constrained_beam_step_kernel)[(batch,)](
             logits.float().contiguous(), beam_scores.float().contiguous(), nodes.long().contiguous(),
             row_ptr.long().contiguous(), child_token.long().contiguous(),
+            banned_ptr.long().contiguous(), banned_node.long().contiguous(),
             scores, parent, token, node, bad_beam,
             k_in, vocab, num_beams,
             BLOCK_V=min(1024, triton.next_power_of_2(vocab)),
             BLOCK_C=max(16, triton.next_power_of_2(num_beams)),
+            HAS_BANS=has_bans,
         )
     return scores.to(out_dtype), parent, token, node, bad_beam
 
@@ -129,8 +160,8 @@ def check_logits(bad_beam: torch.Tensor, k_in: int) -> None:
         raise nonfinite_logits_error(b * k_in + int(bad_beam[b]), k_in)
 
 
-def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int):
+def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int, banned_ptr=None, banned_node=None):
     """launch, then check_logits: the CUDA kernel of letter::constrained_beam_step in builds without one."""
-    *out, bad_beam = launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams)
+    *out, bad_beam = launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams, banned_ptr, banned_node)
     check_logits(bad_beam, beam_scores.shape[1])
     return tuple(out)

@@ -266,8 +266,8 @@ def _evaluate(p: Pipeline, directory: str) -> dict:
     out = os.path.join(directory, "metrics.json")
     # the dataset of this run folder (not the path the rec run recorded, which a copy shares)
     result = evaluate(p.outputs["rec"]["run"], cfg["split"], data=p.outputs["prepare"]["dataset"],
-                      num_beams=cfg["num_beams"],
-                      batch_size=cfg["batch_size"], device=p.device, out=out, show_progress=True)
+                      num_beams=cfg["num_beams"], batch_size=cfg["batch_size"], device=p.device, out=out,
+                      show_progress=True, exclude_history=cfg["exclude_history"])
     return {"metrics": out, "result": result}
 
 

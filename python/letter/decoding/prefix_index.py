@@ -7,7 +7,7 @@ import torch
 from letter.errors import DataError
 from letter.utils import torch_save
 from letter_ext.baselines import dict_trie
-from letter_ext.trie import TrieLevels, build_trie_levels
+from letter_ext.trie import TrieLevels, build_trie_levels, csr_from_rows
 
 _FORMAT = "letter.prefix_index"
 _VERSION = 1
@@ -104,6 +104,38 @@ class PrefixIndex:
         if not 0 <= leaf < self.num_leaves:
             raise ValueError(f"leaf must be in [0, {self.num_leaves}), got {leaf}")
         return self.leaf_items[int(self.leaf_ptr[leaf]) : int(self.leaf_ptr[leaf + 1])].tolist()
+
+    def banned_leaves(self, items_per_row) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items to exclude per batch row -> the leaves to ban, as constrained_beam_search's
+        `banned_leaves` takes them.
+
+        items_per_row: a list of B sequences of item ids (duplicates allowed). Collision rule: a
+        leaf named by several items (a shared identifier) is banned only when ALL its items are
+        excluded for that row; while one of them is still allowed the identifier can be
+        recommended (it stands for that item too). Returns (ptr int64 [B + 1], leaf int64 [nnz])
+        on the index's device, each row's leaves sorted and distinct. Item ids outside
+        [0, num_items) raise ValueError naming the row.
+        """
+        ptr, items = csr_from_rows(items_per_row, self.device)
+        bad = ((items < 0) | (items >= self.num_items)).nonzero()
+        if bad.numel():
+            position = int(bad[0, 0])
+            row = int(torch.searchsorted(ptr, position, right=True)) - 1
+            raise ValueError(
+                f"items_per_row[{row}] holds item id {int(items[position])}, outside [0, {self.num_items})"
+            )
+        batch = ptr.numel() - 1
+        row = torch.repeat_interleave(torch.arange(batch, device=self.device), torch.diff(ptr), output_size=items.numel())
+        # Distinct (row, item) pairs, then per (row, leaf) how many of the leaf's items are excluded.
+        pairs = torch.unique(row * self.num_items + items)
+        row, items = pairs // self.num_items, pairs % self.num_items
+        keys, excluded = torch.unique(row * self.num_leaves + self.leaf_of_item[items], return_counts=True)
+        leaf = keys % self.num_leaves
+        keep = excluded == self.leaf_ptr[leaf + 1] - self.leaf_ptr[leaf]
+        keys, leaf = keys[keep], leaf[keep]
+        out_ptr = torch.zeros(batch + 1, dtype=torch.long, device=self.device)
+        out_ptr[1:] = torch.cumsum(torch.bincount(keys // self.num_leaves, minlength=batch), 0)
+        return out_ptr, leaf
 
     def leaf_codes(self) -> torch.Tensor:
         """Per-level codes of every leaf, [num_leaves, L] int64."""

@@ -17,6 +17,7 @@ import torch
 
 import letter_ext
 from letter_ext.baselines import hf_style_step, prefix_allowed_tokens_fn
+from letter_ext.trie import csr_from_rows
 
 from .prefix_index import PrefixIndex
 
@@ -88,6 +89,19 @@ def _beam_loop(step_fn: StepFn, batch_size: int, index: PrefixIndex, num_beams: 
     return beam_scores, history
 
 
+def _level_bans(banned_leaves, batch_size: int, index: PrefixIndex):
+    """constrained_beam_search's banned_leaves -> per level (banned_ptr, banned_node), or None."""
+    if banned_leaves is None:
+        return None
+    if isinstance(banned_leaves, tuple) and len(banned_leaves) == 2 and all(isinstance(t, torch.Tensor) for t in banned_leaves):
+        ptr, leaf = banned_leaves
+    else:
+        ptr, leaf = csr_from_rows(banned_leaves, index.device)
+    if ptr.numel() != batch_size + 1:
+        raise ValueError(f"banned_leaves must have one row per batch row ({batch_size}), got {ptr.numel() - 1}")
+    return index.trie.banned_nodes(ptr, leaf)
+
+
 def _result(index: PrefixIndex, scores, history, leaves) -> BeamSearchResult:
     batch, num_beams = scores.shape
     alive = scores > float("-inf")
@@ -110,7 +124,8 @@ def constrained_beam_search(
     state: Any = None,
     backend: str | None = None,
     new_leaves: torch.Tensor | None = None,
-    max_new: int | None = None,
+    max_new: int | torch.Tensor | None = None,
+    banned_leaves=None,
 ) -> BeamSearchResult:
     """Beam search that only emits identifiers of real items: one fused
     letter_ext.constrained_beam_step per level (log_softmax over the full vocabulary row, as HF
@@ -118,31 +133,44 @@ def constrained_beam_search(
 
     step_fn, reorder_state, state: see the module docstring. index: on the logits' device.
     backend: the op's backend ('reference' | 'cpu' | 'cuda' | 'triton', default the fastest).
-    new_leaves (bool [num_leaves]) with max_new: the share control (TIGER's epsilon) -- at most
-    `max_new` of each row's K identifiers may be flagged leaves; the last level then takes the best
-    K expansions of the beams under that quota (`quota_last_step`), inside the search.
+    new_leaves (bool [num_leaves]) with max_new (an int, or int64 [B] per row): the share control
+    (TIGER's epsilon) -- at most `max_new` of each row's K identifiers may be flagged leaves; the
+    last level then takes the best K expansions of the beams under that quota (`quota_last_step`),
+    inside the search.
+    banned_leaves: identifiers (leaf ids) never to return, per batch row: a list of B sequences
+    of leaf ids, or a CSR (ptr int64 [B + 1], leaf int64 [nnz]) on the index's device such as
+    PrefixIndex.banned_leaves(items_per_row) returns (items -> leaves, collision rule there).
+    Prefixes all of whose leaves are banned are pruned at every level (TrieLevels.banned_nodes),
+    so each row still gets min(K, allowed identifiers) results; scores are unchanged.
     Returns a BeamSearchResult; never a duplicate identifier within a row.
     """
     _check_search_args(step_fn, batch_size, index, num_beams)
     if (new_leaves is None) != (max_new is None):
         raise ValueError("new_leaves and max_new go together (the share control needs both)")
     if new_leaves is not None:
-        if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 0:
+        if isinstance(max_new, torch.Tensor):
+            if max_new.shape != (batch_size,) or max_new.dtype != torch.long or bool((max_new < 0).any()):
+                raise ValueError(f"max_new must be an int >= 0 or an int64 tensor [{batch_size}] of them")
+        elif not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 0:
             raise ValueError(f"max_new must be an int >= 0, got {max_new!r}")
         if new_leaves.dtype != torch.bool or new_leaves.shape != (index.num_leaves,):
             raise ValueError(f"new_leaves must be a bool tensor [{index.num_leaves}] (one flag per identifier)")
+    bans = _level_bans(banned_leaves, batch_size, index)
     nodes = None
 
     def choose(level, logits, beam_scores, history):
         nonlocal nodes
         if level == 0:
             nodes = torch.zeros(beam_scores.shape, dtype=torch.long, device=beam_scores.device)
-        if new_leaves is not None and level == index.num_levels - 1 and max_new < num_beams:
+        banned_ptr, banned_node = bans[level] if bans is not None else (None, None)
+        if new_leaves is not None and level == index.num_levels - 1 and bool((torch.as_tensor(max_new) < num_beams).any()):
             scores, parent, token, nodes = quota_last_step(
-                logits, beam_scores, nodes, index.trie, num_beams, new_leaves.to(logits.device), max_new)
+                logits, beam_scores, nodes, index.trie, num_beams, new_leaves.to(logits.device), max_new,
+                banned_ptr=banned_ptr, banned_node=banned_node)
         else:
             scores, parent, token, nodes = letter_ext.constrained_beam_step(
-                logits, beam_scores, nodes, index.trie, level, num_beams, backend=backend
+                logits, beam_scores, nodes, index.trie, level, num_beams,
+                banned_ptr=banned_ptr, banned_node=banned_node, backend=backend,
             )
         return scores, parent, token
 
@@ -150,10 +178,13 @@ def constrained_beam_search(
     return _result(index, scores, history, nodes)
 
 
-def quota_last_step(logits, beam_scores, nodes, trie, num_beams: int, new_leaves: torch.Tensor, max_new: int):
+def quota_last_step(logits, beam_scores, nodes, trie, num_beams: int, new_leaves: torch.Tensor,
+                    max_new: int | torch.Tensor, *, banned_ptr=None, banned_node=None):
     """The last level's beam step with a quota: among all expansions (k, t) of the live beams
     (score = beam_scores[b, k] + log_softmax(logits[b*K_in + k])[t], t a child of nodes[b, k]),
-    the best `num_beams` per row with at most `max_new` of them on leaves flagged in `new_leaves`.
+    the best `num_beams` per row with at most `max_new` (int, or int64 [B] per row) of them on
+    leaves flagged in `new_leaves`
+    (and none on row b's banned leaves banned_node[banned_ptr[b]:banned_ptr[b + 1]], if given).
     Exact: the best K of the unflagged expansions merged with the best `max_new` flagged ones is
     the quota-constrained top K. Ties go to the lowest (k, t), as in letter_ext.constrained_beam_step,
     whose (scores, parent, token, leaf) result layout this returns (empty slots: -inf, 0, -1, -1)."""
@@ -171,14 +202,22 @@ def quota_last_step(logits, beam_scores, nodes, trie, num_beams: int, new_leaves
     edge = torch.where(valid, start[:, None] + slot[None], 0)
     token = child[edge]
     score = beam_scores.reshape(-1, 1).to(dtype) + logp.gather(1, token)
+    if banned_ptr is not None:  # per-row bans: (row, leaf) keys of the expansions against the banned ones
+        rows = torch.arange(batch, device=logits.device)
+        ban_rows = torch.repeat_interleave(rows, torch.diff(banned_ptr))
+        row_of = rows.repeat_interleave(k_in)[:, None]
+        valid = valid & ~torch.isin(row_of * trie.num_leaves + edge, ban_rows * trie.num_leaves + banned_node)
     score = torch.where(valid, score, float("-inf")).reshape(batch, k_in * width)
     flagged = (new_leaves[edge] & valid).reshape(batch, k_in * width)
     # expansions in (k, t) order per row; a stable sort keeps the lowest (k, t) first among ties
     old_scores, new_scores = score.masked_fill(flagged, float("-inf")), score.masked_fill(~flagged, float("-inf"))
     best_old = torch.sort(old_scores, dim=1, descending=True, stable=True).indices[:, :num_beams]
-    best_new = torch.sort(new_scores, dim=1, descending=True, stable=True).indices[:, :max_new]
+    quota = torch.as_tensor(max_new, device=logits.device).expand(batch)
+    best_new = torch.sort(new_scores, dim=1, descending=True, stable=True).indices[:, :int(quota.max())]
+    best_new_scores = new_scores.gather(1, best_new)
+    best_new_scores[torch.arange(best_new.shape[1], device=logits.device)[None] >= quota[:, None]] = float("-inf")
     pool = torch.cat([best_old, best_new], 1)
-    pool_scores = torch.cat([old_scores.gather(1, best_old), new_scores.gather(1, best_new)], 1)
+    pool_scores = torch.cat([old_scores.gather(1, best_old), best_new_scores], 1)
     by_index = torch.sort(pool, dim=1).indices  # (k, t) order, then best first: ties to the lowest (k, t)
     pool, pool_scores = pool.gather(1, by_index), pool_scores.gather(1, by_index)
     pick = torch.sort(pool_scores, dim=1, descending=True, stable=True).indices[:, :num_beams]

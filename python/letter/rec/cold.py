@@ -98,12 +98,15 @@ def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch:
 
 def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None = None,
                   max_new_share: float | None = None, num_beams: int = 20, batch_size: int = 256,
-                  device: str = "cpu", out: str | None = None, show_progress: bool = False) -> dict:
+                  warm_users: int = 0, device: str = "cpu", out: str | None = None,
+                  show_progress: bool = False) -> dict:
     """The cold-start report of a train-rec run on a cold split (module docstring): the recommender
     with its training index (version 0) and with the newest version (the added items), optionally
     with the share control, plus content KNN (`text_emb`: [N, d] array or .npy of the split's
     items), popularity and SASRec (`cf_dir`: a train-cf run on the split). Returns (and with
-    `out`, writes) {"users": {...}, "rows": [{"method", "cold", "warm", "all"}, ...]}."""
+    `out`, writes) {"users": {...}, "rows": [{"method", "cold", "warm", "all"}, ...]}.
+    warm_users > 0: every cold-target user but only a fixed sample (seeded by the split's seed,
+    the same for every run on the split) of that many warm-target users, to bound the work."""
     device = resolve_device(device)
     rm, rec, config = _load(run_dir, data, device, index_version=0)
     cold = read_cold_split(rec.dataset)
@@ -113,6 +116,12 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
     enc, targets = rm.eval_inputs(rec, "test", 0, config.seed)
     histories = [h for h, _ in rec.split.test]
     groups = test_groups(targets.numpy(), cold)
+    warm = np.flatnonzero(groups["warm"])
+    if 0 < warm_users < len(warm):
+        keep = np.sort(np.r_[np.flatnonzero(groups["cold"]),
+                             np.random.default_rng(cold["seed"]).choice(warm, size=warm_users, replace=False)])
+        enc, targets, histories = enc[torch.from_numpy(keep)], targets[torch.from_numpy(keep)], [histories[i] for i in keep]
+        groups = test_groups(targets.numpy(), cold)
     training_items = len(rec.codes)
     rows = []
 
@@ -150,6 +159,7 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
         "data": rec.source,
         "split": {key: cold[key] for key in ("fraction", "seed", "num_items", "warm_items")},
         "users": {name: int(mask.sum()) for name, mask in groups.items()} | {"all": len(histories)},
+        "warm_users_sampled": bool(0 < warm_users < len(warm)),
         "index_versions": index_versions(run_dir),
         "beams": num_beams,
         "rows": rows,

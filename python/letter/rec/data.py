@@ -142,12 +142,23 @@ class RecData:
         targets = torch.tensor([t for _, t in self.split.train], dtype=torch.long)
         return enc, self.item_tokens[targets]
 
+    def _sample_rows(self, part: str, max_users: int, seed: int) -> list[int]:
+        """Positions in split.part(part) of the evaluated samples: all, or a fixed random sample."""
+        count = len(self.split.part(part))
+        if 0 < max_users < count:
+            return np.sort(np.random.default_rng(seed).choice(count, size=max_users, replace=False)).tolist()
+        return list(range(count))
+
     def _sample(self, part: str, max_users: int, seed: int) -> list:
         samples = self.split.part(part)
-        if 0 < max_users < len(samples):
-            keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_users, replace=False))
-            samples = [samples[i] for i in keep]
-        return samples
+        return [samples[i] for i in self._sample_rows(part, max_users, seed)]
+
+    def eval_seen_items(self, part: str, max_users: int = 0, seed: int = 0) -> list[list[int]]:
+        """Every item each evaluated user interacted with before the target (the whole history,
+        not only the last max_history items the model reads), in the order of eval_tensors."""
+        drop = 1 if part == "test" else 2  # valid / test targets are the second-last / last items
+        sequences, users = self.dataset.sequences, self.split.eval_users
+        return [list(sequences[users[i]][:-drop]) for i in self._sample_rows(part, max_users, seed)]
 
     def eval_tensors(self, part: str, max_users: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoder tokens [U, S], target item ids [U]) of `part`, or of a fixed random sample of
