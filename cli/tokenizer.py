@@ -43,7 +43,11 @@ def _codebook_sizes(levels: int | None, size: int | None, current: list[int]) ->
 @click.option("--resume", is_flag=True, help="Continue from the run folder's checkpoint.pt.")
 def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codebook_size, out_dir, device, resume, **options):
     """Train the LETTER tokenizer (RQ-VAE + collaborative and diversity regularization) and write
-    <Name>.index.json, codes.npy, model, report.json/.md and curves into the run folder."""
+    <Name>.index.json, codes.npy, model, report.json/.md and curves into the run folder.
+
+    On a cold split (--data holds cold_split.json, `letter data cold-split`) only the warm items'
+    rows of the embeddings are used: codes cover items 0..W-1, cold items come later with
+    `letter add-items`."""
     from letter.data import load_dataset
     from letter.data.cold import read_cold_split, warm_rows
     from letter.runs import check_sidecar
