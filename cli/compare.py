@@ -22,9 +22,13 @@ from letter.rec.config import RecConfig
               help="Evaluate a fixed random sample of test users, the same for every run (0 = all).")
 @click.option("--sample-seed", default=0, show_default=True, help="Seed of that sample and of the bootstrap.")
 @click.option("--bootstrap", default=2000, show_default=True, help="Paired bootstrap resamples.")
+@click.option("--exclude-history", is_flag=True,
+              help="Also evaluate every run with each user's history items excluded from the search (as SASRec's "
+                   "--mask-history); both protocols side by side.")
 @settings_options(RecConfig)
 @config_file_option
-def compare_cmd(data_path, sets, out_dir, seeds, config_file, beams, test_users, sample_seed, bootstrap, **options):
+def compare_cmd(data_path, sets, out_dir, seeds, config_file, beams, test_users, sample_seed, bootstrap, exclude_history,
+                **options):
     """Train the same TIGER on each identifier set for several seeds and compare them on the same
     test users: mean ± std per metric, paired bootstrap intervals of the difference to the first
     set, identifier diagnostics; writes compare.md / compare.json / compare.png."""
@@ -33,7 +37,8 @@ def compare_cmd(data_path, sets, out_dir, seeds, config_file, beams, test_users,
     try:
         config = settings_from_options(RecConfig, options, config_file)  # --seed: the first seed; run i uses seed + i
         compare(data_path, list(sets), out_dir, config, seeds=seeds, num_beams=beams, test_users=test_users,
-                sample_seed=sample_seed, bootstrap=bootstrap, log=click.echo)
+                sample_seed=sample_seed, bootstrap=bootstrap, exclude_history=exclude_history,
+                log=click.echo)
     except LetterError as e:  # also clean when run outside the `letter` group
         raise click.ClickException(str(e)) from e
     with open(f"{out_dir}/compare.md") as f:

@@ -29,7 +29,7 @@ def main():
 
 @main.group(cls=LetterGroup)
 def bench():
-    """Kernel benchmarks (print a table, write JSON)."""
+    """Benchmarks: kernels, and the HTTP server under load (print a table, write JSON)."""
 
 
 @bench.command("kernels")
@@ -61,15 +61,21 @@ from letter.cli.pipeline import config, pipeline  # noqa: E402
 main.add_command(pipeline)
 main.add_command(config)
 
-from letter.cli.rec import evaluate_cmd, recommend_cmd, train_rec_cmd  # noqa: E402
+from letter.cli.rec import add_items_cmd, evaluate_cmd, recommend_cmd, train_rec_cmd  # noqa: E402
 
 main.add_command(train_rec_cmd)
+main.add_command(add_items_cmd)
 main.add_command(evaluate_cmd)
 main.add_command(recommend_cmd)
 
 from letter.cli.compare import compare_cmd  # noqa: E402
 
 main.add_command(compare_cmd)
+
+from letter.cli.serve import bench_serve_cmd, serve_cmd  # noqa: E402
+
+main.add_command(serve_cmd)
+bench.add_command(bench_serve_cmd)
 
 if __name__ == "__main__":
     main()

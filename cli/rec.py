@@ -8,6 +8,15 @@ from letter.cli.options import config_file_option, settings_from_options, settin
 from letter.rec.config import RecConfig
 
 
+index_version_option = click.option(
+    "--index-version", type=click.IntRange(min=0), default=None,
+    help="Index version of the run to use (default: the newest; 0: the training index).")
+max_new_share_option = click.option(
+    "--max-new-share", type=click.FloatRange(0, 1), default=None,
+    help="At most this share of each list from items added after training (floor(share*K)), enforced inside "
+         "the constrained search (default: no limit).")
+
+
 @click.command("train-rec")
 @click.option("--data", "data_path", required=True, type=click.Path(), help="Dataset folder or file (any letter.data format).")
 @click.option("--index", "codes", required=True, type=click.Path(),
@@ -39,28 +48,129 @@ def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, **
               help="Evaluate a fixed random sample of users (0 = all).")
 @click.option("--decoder", type=click.Choice(["fused", "hf"]), default="fused", show_default=True,
               help="fused: the beam step op; hf: the HF-style prefix_allowed_tokens_fn baseline.")
+@click.option("--exclude-history", is_flag=True,
+              help="Also measure with every item the user had before the target excluded from the search (as "
+                   "SASRec's --mask-history): metrics_exclude_history next to metrics (history kept).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the results JSON here.")
-def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decoder, device, out):
-    """Recall/NDCG@5,10 with trie-constrained beam search over all items; prints JSON."""
+@index_version_option
+@max_new_share_option
+@click.option("--cold", is_flag=True,
+              help="Cold-split report: cold-target and warm-target test users, before and after the added items, "
+                   "with popularity (+ content KNN with --text-emb, SASRec with --cf).")
+@click.option("--text-emb", type=click.Path(dir_okay=False), default=None,
+              help="--cold: [items, d] text embeddings of the split's items for the content-KNN baseline.")
+@click.option("--cf", "cf_dir", type=click.Path(file_okay=False), default=None,
+              help="--cold: a train-cf run folder on the split for the SASRec baseline.")
+@click.option("--warm-users", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--cold: evaluate a fixed sample of this many warm-target users (0 = all; cold-target: all).")
+def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decoder, exclude_history, device, out,
+                 index_version, max_new_share, cold, text_emb, cf_dir, warm_users):
+    """Recall/NDCG@5,10 with trie-constrained beam search over all items; prints JSON.
+
+    Uses the newest index version of the run (items added with `letter add-items`) unless
+    --index-version N (0: the index it was trained with)."""
+    if cold:
+        from letter.rec.cold import cold_table, evaluate_cold
+
+        if split != "test" or max_users or decoder != "fused" or index_version is not None or exclude_history:
+            raise click.UsageError("--cold evaluates the test users of both index versions with the fused decoder; "
+                                   "drop --split/--max-users/--decoder/--index-version/--exclude-history")
+        result = evaluate_cold(run_dir, data=data_path, text_emb=text_emb, cf_dir=cf_dir, max_new_share=max_new_share,
+                               num_beams=beams, batch_size=batch_size, warm_users=warm_users, device=device, out=out,
+                               show_progress=True)
+        click.echo(cold_table(result))
+        return
+    if text_emb or cf_dir or warm_users:
+        raise click.UsageError("--text-emb, --cf and --warm-users belong to --cold")
     from letter.rec import evaluate
 
     result = evaluate(run_dir, split, data=data_path, num_beams=beams, batch_size=batch_size, max_users=max_users,
-                      decoder=decoder, device=device, out=out, show_progress=True)
+                      decoder=decoder, device=device, out=out, show_progress=True, exclude_history=exclude_history,
+                      index_version=index_version, max_new_share=max_new_share)
     click.echo(json.dumps(result, indent=2))
 
 
 @click.command("recommend")
 @click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False), help="A train-rec run folder (TIGER or LC-Rec).")
-@click.option("--history", required=True, help="Comma-separated item ids (as in the dataset files), oldest first.")
+@click.option("--history", default=None, help="Comma-separated item ids (as in the dataset files), oldest first.")
+@click.option("--histories", "histories_file", default=None, type=click.Path(dir_okay=False),
+              help="A file of histories, one per line (comma-separated item ids): writes JSONL to --out.")
+@click.option("--users", default=None,
+              help="'all' (every user of the dataset) or comma-separated user ids; each user's whole sequence is "
+                   "the history: writes JSONL to --out.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="JSONL output of --histories / --users: one line per history with its items.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Number of identifiers to generate.")
+@click.option("--beams", type=click.IntRange(min=1), default=None,
+              help="Beam width of the search, >= k (default: max(k, 20)); the k identifiers are its first k.")
+@click.option("--exclude-history", is_flag=True, help="Never recommend an item of the history.")
+@click.option("--exclude", default="", help="Comma-separated item ids never to recommend (with --history).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Histories per batched beam search (--histories / --users).")
 @click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
 @click.option("--device", default="cpu", show_default=True)
-def recommend_cmd(run_dir, history, k, data_path, device):
-    """Print the top-k recommended items (id, score, title) for a history."""
-    from letter.rec import recommend
+@index_version_option
+@max_new_share_option
+def recommend_cmd(run_dir, history, histories_file, users, out, k, beams, exclude_history, exclude, batch_size,
+                  data_path, device, index_version, max_new_share):
+    """Print the top-k recommended items (id, score, title) for a history, or write them as JSONL for
+    a file of histories or the dataset's users (batched, with a progress bar)."""
+    from letter.rec.recommend import DEFAULT_BEAMS, RunRecommender, read_histories_file, recommend, recommend_jsonl
 
-    items = recommend(run_dir, [h.strip() for h in history.split(",") if h.strip()], k, data=data_path, device=device)
-    for rank, rec in enumerate(items, 1):
-        click.echo(f"{rank:3d}  {rec['item_id']:>10}  {rec['score']:9.4f}  {rec['title']}")
+    if sum(x is not None for x in (history, histories_file, users)) != 1:
+        raise click.UsageError("give exactly one of --history, --histories FILE, --users")
+    if history is None and not out:
+        raise click.UsageError("--histories / --users write JSONL: give --out FILE")
+    if history is None and exclude:
+        raise click.UsageError("--exclude applies to --history only")
+    if beams is not None and beams < k:
+        raise click.UsageError(f"--beams must be >= -k ({k}), got {beams}")
+    if history is not None:
+        ids = [h.strip() for h in history.split(",") if h.strip()]
+        items = recommend(run_dir, ids, k, data=data_path, device=device, beams=beams, exclude_history=exclude_history,
+                          exclude=[e.strip() for e in exclude.split(",") if e.strip()], index_version=index_version,
+                          max_new_share=max_new_share)
+        for rank, rec in enumerate(items, 1):
+            click.echo(f"{rank:3d}  {rec['item_id']:>10}  {rec['score']:9.4f}  {rec['title'] or ''}")
+        return
+    rows = None
+    if histories_file is not None:
+        rows = [({"line": n}, h) for n, h in enumerate(read_histories_file(histories_file), 1)]
+    run = RunRecommender(run_dir, data=data_path, device=device, beams=beams or max(k, DEFAULT_BEAMS),
+                         index_version=index_version, max_new_share=max_new_share)
+    if rows is None:
+        dataset = run.rec.dataset
+        wanted = dataset.user_ids if users.strip() == "all" else [u.strip() for u in users.split(",") if u.strip()]
+        where = {u: i for i, u in enumerate(dataset.user_ids)}
+        unknown = [u for u in wanted if u not in where]
+        if unknown or not wanted:
+            raise click.UsageError(f"--users: unknown user id(s) {', '.join(unknown[:5])}" if unknown
+                                   else "--users: give 'all' or user ids")
+        rows = [({"user": u}, [dataset.item_ids[i] for i in dataset.sequences[where[u]]]) for u in wanted]
+    count = recommend_jsonl(run, rows, out, k, exclude_history=exclude_history, batch_size=batch_size)
+    click.echo(f"wrote {count} recommendation lists to {out}")
+
+
+@click.command("add-items")
+@click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False), help="A train-rec run folder.")
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(file_okay=False),
+              help="The train-tokenizer run that made the run's identifiers.")
+@click.option("--embeddings", required=True, type=click.Path(dir_okay=False),
+              help="Text embeddings .npy: [items, d] rows of the whole catalog, or rows of the next items to add.")
+@click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
+def add_items_cmd(run_dir, tokenizer_dir, embeddings, data_path):
+    """Make new items recommendable without retraining: the dataset's items that the run's newest
+    index lacks (catalog order) get identifiers from the tokenizer (the catalog's identifiers stay
+    taken, the run's collision rules and --unique apply) and are written as a new index version,
+    atomically. Adding when nothing is missing is a no-op."""
+    from letter.rec.index_versions import add_items
+
+    record = add_items(run_dir, tokenizer_dir, embeddings, data=data_path)
+    if not record["added"]:
+        click.echo(record["message"])
+        return
+    click.echo(f"{run_dir}: index version {record['version']}: {record['added']} items added "
+               f"({record['indexed_items']} indexed, {record['identifiers_shared_with_catalog']} identifiers shared "
+               "with earlier items)")

@@ -43,8 +43,13 @@ def _codebook_sizes(levels: int | None, size: int | None, current: list[int]) ->
 @click.option("--resume", is_flag=True, help="Continue from the run folder's checkpoint.pt.")
 def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codebook_size, out_dir, device, resume, **options):
     """Train the LETTER tokenizer (RQ-VAE + collaborative and diversity regularization) and write
-    <Name>.index.json, codes.npy, model, report.json/.md and curves into the run folder."""
+    <Name>.index.json, codes.npy, model, report.json/.md and curves into the run folder.
+
+    On a cold split (--data holds cold_split.json, `letter data cold-split`) only the warm items'
+    rows of the embeddings are used: codes cover items 0..W-1, cold items come later with
+    `letter add-items`."""
     from letter.data import load_dataset
+    from letter.data.cold import read_cold_split, warm_rows
     from letter.runs import check_sidecar
     from letter.tokenizer import train_tokenizer
 
@@ -65,13 +70,19 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codeboo
     if dataset.item_text and all(t and "category" in t for t in dataset.item_text):
         categories = np.array([t["category"] for t in dataset.item_text])
     out_dir = out_dir or os.path.join("runs", f"tokenizer-{dataset.name}")
+    cold = read_cold_split(data_dir)  # a cold split: train on the warm items only
+    if cold is not None:
+        click.echo(f"cold split: training on the {cold['warm_items']} warm items, {len(cold['cold_items'])} cold "
+                   "items left for `letter add-items`")
+        if categories is not None:
+            categories = categories[: cold["warm_items"]]
     report = train_tokenizer(
         config,
-        load_npy(text_emb, "--text-emb"),
-        load_npy(cf_emb, "--cf-emb") if cf_emb else None,
+        warm_rows(load_npy(text_emb, "--text-emb"), cold, text_emb),
+        warm_rows(load_npy(cf_emb, "--cf-emb"), cold, cf_emb) if cf_emb else None,
         out_dir,
         name=dataset.name,
-        num_items=dataset.num_items,
+        num_items=cold["warm_items"] if cold is not None else dataset.num_items,
         device=device,
         resume=resume,
         item_labels=categories,

@@ -135,3 +135,53 @@ def torchrun_train_rec(config, data: str, codes: str, out, timeout: int) -> dict
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
+
+
+# -- a tiny synthetic dataset and a TIGER trained on it (tests/test_rec.py, tests/test_serve.py) ---
+
+NUM_ITEMS, NUM_CATEGORIES = 80, 8
+
+
+def small_config(**overrides):
+    """RecConfig of a TIGER small enough to train in seconds on one CPU thread."""
+    from letter.rec import RecConfig
+
+    base = dict(d_model=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16, d_ff=64, max_history=5,
+                epochs=6, batch_size=64, lr=3e-3, warmup_ratio=0.05, eval_every=2, valid_users=0, seed=3)
+    return RecConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """A small synthetic dataset on disk, and codes = (latent category, rank within category)."""
+    import numpy as np
+
+    from letter.data import make_synthetic, write_letter
+
+    ds = make_synthetic(300, NUM_ITEMS, NUM_CATEGORIES, min_length=5, max_length=10, seed=0)
+    folder = str(tmp_path_factory.mktemp("synth"))
+    write_letter(ds, folder)
+    category = np.array([t["category"] for t in ds.item_text])
+    within = np.zeros(NUM_ITEMS, dtype=np.int64)
+    for c in range(NUM_CATEGORIES):
+        within[category == c] = np.arange((category == c).sum())
+    codes = np.stack([category, within], 1)
+    codes_path = os.path.join(folder, "codes.npy")
+    np.save(codes_path, codes)
+    return folder, codes_path, codes, ds
+
+
+@pytest.fixture(scope="session")
+def trained(synth, tmp_path_factory):
+    """(run folder, summary) of small_config() trained on `synth` (single-threaded)."""
+    from letter.rec import train_rec
+
+    folder, codes_path, _, _ = synth
+    out = str(tmp_path_factory.mktemp("rec") / "run")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train_rec(small_config(), folder, codes_path, out)
+    finally:
+        torch.set_num_threads(before)
+    return out, summary

@@ -53,6 +53,10 @@ def test_sasrec_learns_on_synthetic_and_exports(tmp_path):
     # well above the popularity baseline (the synthetic histories follow item successors)
     assert result["test"]["ndcg@10"] > 2 * result["popularity_test"]["ndcg@10"]
     assert result["test"]["ndcg@10"] > 0.1
+    # both protocols side by side: the config's (history kept) is "test", the masked one differs
+    assert result["test_history_kept"] == pytest.approx(result["test"])
+    assert result["test_history_masked"] != pytest.approx(result["test_history_kept"])
+    assert result["popularity_test_history_masked"] != pytest.approx(result["popularity_test"])
 
 
 def test_resume_continues_identically(tmp_path):
@@ -92,3 +96,16 @@ def test_ddp_two_processes_match_one(tmp_path):
     m2 = json.load(open(output_paths(str(tmp_path / "two"), ds.name, 8)["metrics"]))
     assert m2["world_size"] == 2 and m1["test"] == pytest.approx(m2["test"], abs=1e-6)
     assert [h["loss"] for h in m1["history"]] == pytest.approx([h["loss"] for h in m2["history"]], rel=1e-4)
+
+
+def test_popularity_with_history_masked_skips_the_users_items():
+    from letter.cf.train import popularity_metrics
+
+    # one user: training head [0, 1] makes 0 and 1 the most popular; test history [0, 1, 2] -> 3
+    ds = Dataset("Tiny", ["u"], [[0, 1, 2, 3]], [str(i) for i in range(12)])
+    split = leave_one_out(ds)
+    kept = popularity_metrics(split, ds, "test")
+    masked = popularity_metrics(split, ds, "test", mask_history=True)
+    assert kept["ndcg@5"] == pytest.approx(1 / np.log2(5))  # ranked 0, 1, 2, 3: the target 4th
+    assert masked["ndcg@5"] == pytest.approx(1.0)  # 0, 1, 2 ruled out: the target first
+    assert kept["recall@5"] == masked["recall@5"] == 1.0

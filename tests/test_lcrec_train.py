@@ -106,6 +106,14 @@ def test_evaluate_and_recommend_an_lcrec_run(run, synth):
     items = recommend(out, [ds.item_ids[i] for i in ds.sequences[0][:3]], k=5)
     assert len(items) == 5 and all(r["item_id"] in ds.item_ids for r in items)
     assert all(list(codes[ds.item_ids.index(r["item_id"])]) == r["code"] for r in items)
+    # exclusion works through the LC-Rec decoder too: the history's items are never returned
+    history = [ds.item_ids[i] for i in ds.sequences[0][:3]]
+    plain = recommend(out, history, k=10)
+    excluded = recommend(out, history, k=10, exclude_history=True)
+    assert len(excluded) == 10 and not {r["item_id"] for r in excluded} & set(history)
+    plain_scores = {r["item_id"]: r["score"] for r in plain}
+    assert all(r["score"] == pytest.approx(plain_scores[r["item_id"]], abs=1e-5)
+               for r in excluded if r["item_id"] in plain_scores)
 
 
 def test_resume_equals_uninterrupted_run(run, tiny_llama, synth, tmp_path):

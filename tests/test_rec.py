@@ -8,51 +8,20 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from conftest import torchrun_train_rec
+from conftest import NUM_CATEGORIES, NUM_ITEMS, small_config, torchrun_train_rec
 from letter.cli.main import main as cli
-from letter.data import leave_one_out, make_synthetic, write_letter
+from letter.data import leave_one_out
 from letter.errors import LetterError
-from letter.rec import RecConfig, evaluate, generate, load_run, recommend, train_rec
+from letter.rec import evaluate, generate, load_run, recommend, train_rec
 from letter.rec.data import load_rec_data
 from letter.rec.evaluation import evaluate_model, prefix_index
 from letter.rec.model import BOS, EOS, PAD, Tiger, relative_position_bucket
 
-NUM_ITEMS, NUM_CATEGORIES = 80, 8
-
-
-def small_config(**overrides) -> RecConfig:
-    base = dict(d_model=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16, d_ff=64, max_history=5,
-                epochs=6, batch_size=64, lr=3e-3, warmup_ratio=0.05, eval_every=2, valid_users=0, seed=3)
-    return RecConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread):
     """Tiny models: run the whole module single-threaded (see conftest.one_thread)."""
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    """A small synthetic dataset on disk, and codes = (latent category, rank within category)."""
-    ds = make_synthetic(300, NUM_ITEMS, NUM_CATEGORIES, min_length=5, max_length=10, seed=0)
-    folder = str(tmp_path_factory.mktemp("synth"))
-    write_letter(ds, folder)
-    category = np.array([t["category"] for t in ds.item_text])
-    within = np.zeros(NUM_ITEMS, dtype=np.int64)
-    for c in range(NUM_CATEGORIES):
-        within[category == c] = np.arange((category == c).sum())
-    codes = np.stack([category, within], 1)
-    codes_path = os.path.join(folder, "codes.npy")
-    np.save(codes_path, codes)
-    return folder, codes_path, codes, ds
-
-
-@pytest.fixture(scope="module")
-def trained(synth, tmp_path_factory):
-    folder, codes_path, _, _ = synth
-    out = str(tmp_path_factory.mktemp("rec") / "run")
-    summary = train_rec(small_config(), folder, codes_path, out)
-    return out, summary
 
 
 # ---------------------------------------------------------------------------------------- model

@@ -189,11 +189,13 @@ def identifier_diagnostics(codes: np.ndarray, categories: tuple[str, np.ndarray]
 
 @torch.no_grad()
 def user_ranks(run_dir: str, split: str = "test", *, data=None, max_users: int = 0, sample_seed: int = 0,
-               num_beams: int = 20, batch_size: int = 256, device: str = "cpu") -> dict:
+               num_beams: int = 20, batch_size: int = 256, device: str = "cpu", exclude_history: bool = False) -> dict:
     """Per-user results of a train-rec run, with the hit rule of letter.rec.evaluation (a generated
     identifier equal to the target's): {"ranks": int64 [U] (0-based position of the target's
     identifier among the num_beams generated ones, -1 when absent), "targets": item ids [U],
-    "metrics": Recall/NDCG@5,10 (equal to evaluate()'s on the same users), "wall_s"}.
+    "metrics": Recall/NDCG@5,10 (equal to evaluate()'s on the same users), "wall_s"}; with
+    exclude_history also "ranks_exclude_history" and "metrics_exclude_history" of the search that
+    excludes each user's history items (evaluate(exclude_history=True)'s second protocol).
     The users are `split`'s, or a sample of max_users of them drawn with sample_seed (not the
     run's seed, so runs with different seeds are evaluated on the same users)."""
     if num_beams < 10:
@@ -203,12 +205,21 @@ def user_ranks(run_dir: str, split: str = "test", *, data=None, max_users: int =
     adapter = as_recommender(model, rec=rec)
     enc, targets = adapter.eval_inputs(rec, split, max_users, sample_seed)
     index = prefix_index(rec, dev, model)
+    target_leaves = index.leaf_of_item.cpu()[targets][:, None]
+
+    def ranks_and_metrics(banned_items=None):
+        leaves, _ = generate(model, index, enc, num_beams, batch_size, dev, banned_items=banned_items)
+        hits = leaves == target_leaves
+        ranks = torch.where(hits.any(1), hits.float().argmax(1), torch.full((hits.shape[0],), -1))
+        return ranks.numpy().astype(np.int64), metrics_from_hits(hits, ks=(5, 10))
+
     started = time.perf_counter()
-    leaves, _ = generate(model, index, enc, num_beams, batch_size, dev)
-    hits = leaves == index.leaf_of_item.cpu()[targets][:, None]
-    ranks = torch.where(hits.any(1), hits.float().argmax(1), torch.full((hits.shape[0],), -1))
-    return {"ranks": ranks.numpy().astype(np.int64), "targets": targets.numpy().astype(np.int64),
-            "metrics": metrics_from_hits(hits, ks=(5, 10)), "wall_s": time.perf_counter() - started}
+    ranks, metrics = ranks_and_metrics()
+    out = {"ranks": ranks, "targets": targets.numpy().astype(np.int64), "metrics": metrics}
+    if exclude_history:
+        out["ranks_exclude_history"], out["metrics_exclude_history"] = ranks_and_metrics(
+            rec.eval_seen_items(split, max_users, sample_seed))
+    return {**out, "wall_s": time.perf_counter() - started}
 
 
 def per_user_metric(ranks: np.ndarray, metric: str) -> np.ndarray:
@@ -264,13 +275,16 @@ def _run_one(data, s: IdentifierSet, config: RecConfig, run_dir: str, depends: d
     train_s = time.time() - t0
     ev = user_ranks(rec_dir, "test", data=data, device=config.device, batch_size=config.eval_batch_size, **eval_args)
     with atomic_path(os.path.join(run_dir, RANKS), suffix=".npz") as tmp:
-        np.savez(tmp, ranks=ev["ranks"], targets=ev["targets"])
-    result = {"fingerprint": fingerprint, "label": s.label, "seed": config.seed, "metrics": ev["metrics"],
+        np.savez(tmp, **{k: v for k, v in ev.items() if k.startswith("ranks") or k == "targets"})
+    excluded = {"metrics_exclude_history": ev["metrics_exclude_history"]} if "metrics_exclude_history" in ev else {}
+    result = {"fingerprint": fingerprint, "label": s.label, "seed": config.seed, "metrics": ev["metrics"], **excluded,
               "users": int(len(ev["ranks"])), "best_epoch": summary.get("best_epoch"),
               "epochs_trained": summary.get("epochs_trained"), "train_s_this_call": round(train_s, 3),
               "rec_wall_s": summary.get("wall_s"), "eval_wall_s": round(ev["wall_s"], 3)}
     write_json(os.path.join(run_dir, RESULT), result)
-    log(f"{tag} test " + "  ".join(f"{m}={ev['metrics'][m]:.4f}" for m in METRICS))
+    log(f"{tag} test " + "  ".join(f"{m}={ev['metrics'][m]:.4f}" for m in METRICS)
+        + ("  | history excluded " + "  ".join(f"{m}={excluded['metrics_exclude_history'][m]:.4f}" for m in METRICS)
+           if excluded else ""))
     return result
 
 
@@ -285,6 +299,7 @@ def compare(
     test_users: int = 0,
     sample_seed: int = 0,
     bootstrap: int = 2000,
+    exclude_history: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train `config` on every identifier set for `seeds` seeds (config.seed + i), evaluate all runs
@@ -298,6 +313,8 @@ def compare(
         num_beams: beam width of the test evaluation (>= 10).
         test_users: evaluate a fixed sample of this many test users (0 = all), drawn with sample_seed.
         bootstrap: resamples of the paired bootstrap.
+        exclude_history: also evaluate every run with each user's history items excluded from the
+            search, reported as "metrics_exclude_history" next to "metrics" (history kept).
     Returns the compare.json dict. Bad sets raise LetterError before any training.
     """
     config.validate()
@@ -313,7 +330,8 @@ def compare(
     id_sets = load_sets(dataset, sets, seed_list)  # every set checked before any training
     categories = item_categories(dataset)
     data_sha = dataset.fingerprint()
-    eval_args = {"max_users": test_users, "sample_seed": sample_seed, "num_beams": num_beams}
+    eval_args = {"max_users": test_users, "sample_seed": sample_seed, "num_beams": num_beams,
+                 **({"exclude_history": True} if exclude_history else {})}  # old runs' fingerprints unchanged
     os.makedirs(out_dir, exist_ok=True)
 
     runs: dict[str, list[dict]] = {}
@@ -344,20 +362,19 @@ def compare(
         "rec_config": config.to_dict(),
         "seeds": seed_list,
         "evaluation": {"split": "test", "users": int(len(targets_ref)), "beams": num_beams,
-                       "test_users": test_users, "sample_seed": sample_seed},
+                       "test_users": test_users, "sample_seed": sample_seed, "exclude_history": exclude_history},
         "bootstrap": {"resamples": bootstrap, "level": 0.95, "reference": first,
                       "method": "paired over users and seeds; per-user difference averaged over seeds, "
                                 "users resampled (percentile interval)"},
         "sets": [],
     }
     for i, s in enumerate(id_sets):
-        values = {m: [run["metrics"][m] for run in runs[s.label]] for m in METRICS}
         entry = {
             "label": s.label,
             "path": s.path,
             "diagnostics": set_diagnostics(s, categories),
-            "metrics": {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                            "per_seed": v} for m, v in values.items()},
+            **{key: _seed_summary([run[key] for run in runs[s.label]])
+               for key in ("metrics", "metrics_exclude_history") if key in runs[s.label][0]},
             "runs": [os.path.relpath(os.path.join(out_dir, "runs", s.label, f"seed-{seed}"), out_dir)
                      for seed in seed_list],
         }
@@ -376,6 +393,13 @@ def compare(
         f.write(compare_markdown(report))
     write_json(os.path.join(out_dir, "compare.json"), report)
     return report
+
+
+def _seed_summary(per_run: list[dict]) -> dict:
+    """Mean, std and per-seed values of each metric over a set's runs."""
+    values = {m: [metrics[m] for metrics in per_run] for m in METRICS}
+    return {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "per_seed": v}
+            for m, v in values.items()}
 
 
 def _fmt_diff(d: dict) -> str:
@@ -418,6 +442,15 @@ def compare_markdown(report: dict) -> str:
         cats = next(s["diagnostics"]["categories"] for s in report["sets"] if "categories" in s["diagnostics"])
         lines += ["", f"L1 purity / NMI: level-1 codes vs the {cats} item categories of item.json's \"{field}\" "
                       "(purity: share of items in their code's majority category)."]
+    if any("metrics_exclude_history" in s for s in report["sets"]):
+        lines += ["", "## Both protocols", "",
+                  "history kept (above, the authors' protocol) and history excluded (each user's earlier items "
+                  "pruned from the search, as SASRec's --mask-history); mean ± std over seeds.", "",
+                  "| set | protocol | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
+        for s in report["sets"]:
+            for key, name in (("metrics", "history kept"), ("metrics_exclude_history", "history excluded")):
+                cells = " | ".join(f"{s[key][m]['mean']:.4f} ± {s[key][m]['std']:.4f}" for m in METRICS)
+                lines.append(f"| {s['label']} | {name} | {cells} |")
     others = [s for s in report["sets"] if "difference_to_first" in s]
     if others:
         b = report["bootstrap"]

@@ -9,7 +9,7 @@ before the file is applied.
     cf:         SASRec (letter.cf.CFConfig)
     tokenizer:  LETTER RQ-VAE (letter.tokenizer.TokenizerConfig)
     rec:        TIGER (letter.rec.RecConfig)
-    evaluate:   beams, split, decoder
+    evaluate:   beams, split, batch size, exclude_history (also the protocol with history items excluded)
 """
 import copy
 
@@ -38,7 +38,7 @@ def default_config() -> dict:
         "cf": CFConfig().to_dict(),
         "tokenizer": TokenizerConfig().to_dict(),
         "rec": RecConfig().to_dict(),
-        "evaluate": {"split": "test", "num_beams": 20, "batch_size": 256},
+        "evaluate": {"split": "test", "num_beams": 20, "batch_size": 256, "exclude_history": True},
     }
 
 
@@ -104,9 +104,12 @@ def validate_config(cfg: dict) -> dict:
         ("evaluate.split", cfg["evaluate"]["split"], str, None, ("valid", "test")),
         ("evaluate.num_beams", cfg["evaluate"]["num_beams"], int, 10, None),
         ("evaluate.batch_size", cfg["evaluate"]["batch_size"], int, 1, None),
+        ("evaluate.exclude_history", cfg["evaluate"]["exclude_history"], bool, None, None),
     ]
     for key, value, kind, low, choices in checks:
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if kind is bool and not isinstance(value, bool):
+            raise LetterError(f"config: {key} must be true or false, got {value!r}")
+        if kind is not bool and (isinstance(value, bool) or not isinstance(value, kind)):
             raise LetterError(f"config: {key} must be {'an integer' if kind is int else 'a string'}, got {value!r}")
         if low is not None and value < low:
             raise LetterError(f"config: {key} must be >= {low}, got {value!r}")

@@ -198,6 +198,10 @@ def _prepare(p: Pipeline, directory: str) -> dict:
     if p.source.get("synthetic"):
         ds = make_synthetic(**p.config["data"]["synthetic"], name="Synth")
     else:
+        from letter.data.cold import read_cold_split
+
+        if read_cold_split(p.source["data"]) is not None:  # its copy would lose the record, and cold items train
+            raise LetterError(f"{p.source['data']} is a cold split: run its stages one by one (README, cold start)")
         ds = load_dataset(p.source["data"])
     write_letter(ds, directory)
     stats = dataset_stats(ds)
@@ -262,8 +266,8 @@ def _evaluate(p: Pipeline, directory: str) -> dict:
     out = os.path.join(directory, "metrics.json")
     # the dataset of this run folder (not the path the rec run recorded, which a copy shares)
     result = evaluate(p.outputs["rec"]["run"], cfg["split"], data=p.outputs["prepare"]["dataset"],
-                      num_beams=cfg["num_beams"],
-                      batch_size=cfg["batch_size"], device=p.device, out=out, show_progress=True)
+                      num_beams=cfg["num_beams"], batch_size=cfg["batch_size"], device=p.device, out=out,
+                      show_progress=True, exclude_history=cfg["exclude_history"])
     return {"metrics": out, "result": result}
 
 

@@ -13,21 +13,43 @@ def _load(path: str) -> dict:
         return json.load(f)
 
 
+def _sasrec_protocols(cf_metrics: dict) -> tuple[dict, dict | None]:
+    """SASRec's test metrics with history kept and masked (runs older than the two recorded
+    protocols have one "test" entry, under the protocol their config named)."""
+    if "test_history_kept" in cf_metrics:
+        return cf_metrics["test_history_kept"], cf_metrics.get("test_history_masked")
+    if cf_metrics.get("config", {}).get("mask_history"):
+        return {}, cf_metrics.get("test", {})
+    return cf_metrics.get("test", {}), None
+
+
 def metric_table(p) -> list[dict]:
-    """Popularity, SASRec and LETTER-TIGER on the same leave-one-out test split."""
+    """Popularity, SASRec and LETTER-TIGER on the same leave-one-out test split: per row the metrics
+    with history kept, and under "history_excluded" those with every history item ruled out (SASRec
+    and Popularity: masked from the ranking; TIGER: pruned from the search), or None if not measured."""
     cf_metrics = _load(p.outputs["cf"]["metrics"])
-    tiger = p.outputs["evaluate"]["result"]["metrics"]
-    return [
-        {"model": "Popularity", **{m: cf_metrics.get("popularity_test", {}).get(m) for m in METRICS}},
-        {"model": "SASRec", **{m: cf_metrics.get("test", {}).get(m) for m in METRICS}},
-        {"model": "LETTER-TIGER", **{m: tiger.get(m) for m in METRICS}},
+    tiger = p.outputs["evaluate"]["result"]
+    sasrec_kept, sasrec_excluded = _sasrec_protocols(cf_metrics)
+    rows = [
+        ("Popularity", cf_metrics.get("popularity_test", {}), cf_metrics.get("popularity_test_history_masked")),
+        ("SASRec", sasrec_kept, sasrec_excluded),
+        ("LETTER-TIGER", tiger["metrics"], tiger.get("metrics_exclude_history")),
     ]
+    return [{"model": model, **{m: kept.get(m) for m in METRICS},
+             "history_excluded": {m: excluded.get(m) for m in METRICS} if excluded else None}
+            for model, kept, excluded in rows]
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    """Markdown table: the history-kept metrics, then (when any row has them) the history-excluded ones."""
+    both = any(row.get("history_excluded") for row in rows)
+    head = list(METRICS) + ([f"{m} (history excluded)" for m in METRICS] if both else [])
+    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for row in rows:
-        cells = [f"{row[m]:.4f}" if isinstance(row.get(m), (int, float)) else "n/a" for m in METRICS]
+        values = [row.get(m) for m in METRICS]
+        if both:
+            values += [(row.get("history_excluded") or {}).get(m) for m in METRICS]
+        cells = [f"{v:.4f}" if isinstance(v, (int, float)) else "n/a" for v in values]
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -42,7 +64,8 @@ def write_report(p) -> dict:
         "tokenizer": tok,
         "metrics": table,
         "evaluation": {k: evaluation.get(k) for k in ("split", "users", "beams", "wall_s", "users_per_s",
-                                                       "targets_in_collision_groups")},
+                                                       "targets_in_collision_groups", "wall_s_exclude_history",
+                                                       "targets_in_history")},
         "stage_seconds": {s: p.stage_seconds(s) for s in p.outputs},
     }
     plots = _plot_curves(p)
@@ -59,6 +82,10 @@ def write_report(p) -> dict:
         f" {evaluation.get('users_per_s')} users/s)",
         "",
         format_table(table),
+        "",
+        "History kept: the authors' protocol (an item the user already has may be recommended and counts if "
+        "it is the target). History excluded: every earlier item of the user is ruled out (SASRec "
+        "`--mask-history`; TIGER `letter evaluate --exclude-history`, pruned inside the constrained search).",
         "",
         "## Tokenizer",
         "",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from letter.cf.config import CFConfig
 from letter.cf.model import SASRec
 from letter.data import Dataset, Split, leave_one_out, pad_left
+from letter.data.cold import check_no_cold_training, read_cold_split
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
 from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume,
@@ -58,21 +59,45 @@ def trim_padding(seq: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor
     return tuple(t[:, start:] for t in (seq, *others))
 
 
-def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS) -> dict[str, float]:
-    """Baseline: everyone gets the items most frequent in the training sequences."""
+def popularity_counts(split: Split, dataset: Dataset) -> np.ndarray:
+    """How often each item occurs in the training sequences (every evaluated user's items[:-2])."""
     counts = np.zeros(dataset.num_items, dtype=np.int64)
     for user in split.eval_users:
         np.add.at(counts, dataset.sequences[user][:-2], 1)
-    top = torch.from_numpy(np.argsort(-counts, kind="stable")[: max(ks)])
+    return counts
+
+
+def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS,
+                       mask_history: bool = False) -> dict[str, float]:
+    """Baseline: everyone gets the items most frequent in the training sequences (with
+    mask_history: the most frequent ones not in the user's history sample)."""
+    counts = popularity_counts(split, dataset)
     samples = split.part(part)
     targets = torch.tensor([t for _, t in samples])
-    hits = hits_from_topk(top.expand(len(samples), -1), targets)
-    return {k: v / len(samples) for k, v in metric_sums(hits, ks).items()}
+    if not mask_history:
+        top = torch.from_numpy(np.argsort(-counts, kind="stable")[: max(ks)])
+        hits = hits_from_topk(top.expand(len(samples), -1), targets)
+        return {k: v / len(samples) for k, v in metric_sums(hits, ks).items()}
+    # rank by count, ties to the lower id (as the stable argsort), history items ruled out
+    order = torch.from_numpy(np.argsort(np.argsort(-counts, kind="stable"), kind="stable")).double()
+    sums: dict[str, float] = {}
+    for start in range(0, len(samples), 1024):
+        batch = samples[start:start + 1024]
+        scores = (-order).expand(len(batch), -1).clone()
+        for row, (history, _) in enumerate(batch):
+            scores[row, history] = float("-inf")
+        hits = hits_from_topk(scores.topk(max(ks), dim=1).indices, targets[start:start + 1024])
+        for key, value in metric_sums(hits, ks).items():
+            sums[key] = sums.get(key, 0.0) + value
+    return {k: v / len(samples) for k, v in sums.items()}
 
 
 @torch.no_grad()
-def full_ranking_metrics(model: SASRec, samples, ctx: DistContext, cfg: CFConfig) -> dict[str, float]:
-    """Full-ranking Recall/NDCG@5,10 over `samples`, sharded over processes and summed."""
+def full_ranking_metrics(model: SASRec, samples, ctx: DistContext, cfg: CFConfig,
+                         mask_history: bool | None = None) -> dict[str, float]:
+    """Full-ranking Recall/NDCG@5,10 over `samples`, sharded over processes and summed; history items
+    ruled out when `mask_history` (default: the config's)."""
+    mask_history = cfg.mask_history if mask_history is None else mask_history
     model.eval()
     mine = samples[ctx.rank :: ctx.world]
     sums = dict.fromkeys([f"{m}@{k}" for k in KS for m in ("recall", "ndcg")], 0.0)
@@ -81,7 +106,7 @@ def full_ranking_metrics(model: SASRec, samples, ctx: DistContext, cfg: CFConfig
         (hist,) = trim_padding(pad_left([h for h, _ in batch], cfg.max_len, -1).to(ctx.device) + 1)
         targets = torch.tensor([t for _, t in batch], device=ctx.device)
         scores = model.scores(model(hist)[:, -1])
-        if cfg.mask_history:
+        if mask_history:
             # count history occurrences per item (pads add 0 at item 0) and rule those items out
             seen = torch.zeros_like(scores, dtype=torch.int32)
             seen.scatter_add_(1, (hist - 1).clamp(min=0), (hist > 0).int())
@@ -119,8 +144,10 @@ def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False
              log=print) -> dict:
     """Train SASRec with early stopping on valid NDCG@10; write embeddings, metrics and a checkpoint.
 
+    A cold split (letter.data.cold) holding a cold item outside the test targets is refused.
     Returns the metrics dict (also written as <Name>.cf-sasrec<d>.json)."""
     cfg.validate()
+    check_no_cold_training(dataset, read_cold_split(dataset))
     with distributed(device) as ctx:
         return _train(dataset, out_dir, cfg, resume, ctx, log)
 
@@ -198,7 +225,11 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
         "train_seconds": state["train_seconds"],
         "valid": full_ranking_metrics(model, split.valid, ctx, cfg),
         "test": full_ranking_metrics(model, split.test, ctx, cfg),
+        # both protocols side by side, whichever one early stopping used
+        "test_history_kept": full_ranking_metrics(model, split.test, ctx, cfg, mask_history=False),
+        "test_history_masked": full_ranking_metrics(model, split.test, ctx, cfg, mask_history=True),
         "popularity_test": popularity_metrics(split, dataset, "test"),
+        "popularity_test_history_masked": popularity_metrics(split, dataset, "test", mask_history=True),
         "history": state["history"],
     }
     if ctx.main:

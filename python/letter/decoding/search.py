@@ -124,6 +124,8 @@ def constrained_beam_search(
     reorder_state: Callable[[Any, torch.Tensor], Any] | None = None,
     state: Any = None,
     backend: str | None = None,
+    new_leaves: torch.Tensor | None = None,
+    max_new: int | torch.Tensor | None = None,
     banned_leaves=None,
 ) -> BeamSearchResult:
     """Beam search that only emits identifiers of real items: one fused
@@ -132,6 +134,10 @@ def constrained_beam_search(
 
     step_fn, reorder_state, state: see the module docstring. index: on the logits' device.
     backend: the op's backend ('reference' | 'cpu' | 'cuda' | 'triton', default the fastest).
+    new_leaves (bool [num_leaves]) with max_new (an int, or int64 [B] per row): the share control
+    (TIGER's epsilon) -- at most `max_new` of each row's K identifiers may be flagged leaves; the
+    last level then takes the best K expansions of the beams under that quota (`quota_last_step`),
+    inside the search.
     banned_leaves: identifiers (leaf ids) never to return, per batch row: a list of B sequences
     of leaf ids, or a CSR (ptr int64 [B + 1], leaf int64 [nnz]) on the index's device such as
     PrefixIndex.banned_leaves(items_per_row) returns (items -> leaves, collision rule there).
@@ -140,6 +146,16 @@ def constrained_beam_search(
     Returns a BeamSearchResult; never a duplicate identifier within a row.
     """
     _check_search_args(step_fn, batch_size, index, num_beams)
+    if (new_leaves is None) != (max_new is None):
+        raise ValueError("new_leaves and max_new go together (the share control needs both)")
+    if new_leaves is not None:
+        if isinstance(max_new, torch.Tensor):
+            if max_new.shape != (batch_size,) or max_new.dtype != torch.long or bool((max_new < 0).any()):
+                raise ValueError(f"max_new must be an int >= 0 or an int64 tensor [{batch_size}] of them")
+        elif not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 0:
+            raise ValueError(f"max_new must be an int >= 0, got {max_new!r}")
+        if new_leaves.dtype != torch.bool or new_leaves.shape != (index.num_leaves,):
+            raise ValueError(f"new_leaves must be a bool tensor [{index.num_leaves}] (one flag per identifier)")
     bans = _level_bans(banned_leaves, batch_size, index)
     nodes = None
 
@@ -148,14 +164,71 @@ def constrained_beam_search(
         if level == 0:
             nodes = torch.zeros(beam_scores.shape, dtype=torch.long, device=beam_scores.device)
         banned_ptr, banned_node = bans[level] if bans is not None else (None, None)
-        scores, parent, token, nodes = letter_ext.constrained_beam_step(
-            logits, beam_scores, nodes, index.trie, level, num_beams,
-            banned_ptr=banned_ptr, banned_node=banned_node, backend=backend,
-        )
+        if new_leaves is not None and level == index.num_levels - 1 and bool((torch.as_tensor(max_new) < num_beams).any()):
+            scores, parent, token, nodes = quota_last_step(
+                logits, beam_scores, nodes, index.trie, num_beams, new_leaves.to(logits.device), max_new,
+                banned_ptr=banned_ptr, banned_node=banned_node)
+        else:
+            scores, parent, token, nodes = letter_ext.constrained_beam_step(
+                logits, beam_scores, nodes, index.trie, level, num_beams,
+                banned_ptr=banned_ptr, banned_node=banned_node, backend=backend,
+            )
         return scores, parent, token
 
     scores, history = _beam_loop(step_fn, batch_size, index, num_beams, choose, reorder_state, state)
     return _result(index, scores, history, nodes)
+
+
+def quota_last_step(logits, beam_scores, nodes, trie, num_beams: int, new_leaves: torch.Tensor,
+                    max_new: int | torch.Tensor, *, banned_ptr=None, banned_node=None):
+    """The last level's beam step with a quota: among all expansions (k, t) of the live beams
+    (score = beam_scores[b, k] + log_softmax(logits[b*K_in + k])[t], t a child of nodes[b, k]),
+    the best `num_beams` per row with at most `max_new` (int, or int64 [B] per row) of them on
+    leaves flagged in `new_leaves`
+    (and none on row b's banned leaves banned_node[banned_ptr[b]:banned_ptr[b + 1]], if given).
+    Exact: the best K of the unflagged expansions merged with the best `max_new` flagged ones is
+    the quota-constrained top K. Ties go to the lowest (k, t), as in letter_ext.constrained_beam_step,
+    whose (scores, parent, token, leaf) result layout this returns (empty slots: -inf, 0, -1, -1)."""
+    level = trie.num_levels - 1
+    batch, k_in = beam_scores.shape
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax(logits.to(dtype), -1)
+    ptr, child = trie.row_ptr[level], trie.child_token[level]
+    alive = (beam_scores > float("-inf")).reshape(-1)
+    node = torch.where(alive, nodes.reshape(-1), 0)
+    start, count = ptr[node], torch.where(alive, ptr[node + 1] - ptr[node], 0)
+    width = max(int(count.max()) if count.numel() else 0, 1)
+    slot = torch.arange(width, device=logits.device)
+    valid = slot[None] < count[:, None]  # [B*K_in, width]: expansion (k, slot) exists
+    edge = torch.where(valid, start[:, None] + slot[None], 0)
+    token = child[edge]
+    score = beam_scores.reshape(-1, 1).to(dtype) + logp.gather(1, token)
+    if banned_ptr is not None:  # per-row bans: (row, leaf) keys of the expansions against the banned ones
+        rows = torch.arange(batch, device=logits.device)
+        ban_rows = torch.repeat_interleave(rows, torch.diff(banned_ptr))
+        row_of = rows.repeat_interleave(k_in)[:, None]
+        valid = valid & ~torch.isin(row_of * trie.num_leaves + edge, ban_rows * trie.num_leaves + banned_node)
+    score = torch.where(valid, score, float("-inf")).reshape(batch, k_in * width)
+    flagged = (new_leaves[edge] & valid).reshape(batch, k_in * width)
+    # expansions in (k, t) order per row; a stable sort keeps the lowest (k, t) first among ties
+    old_scores, new_scores = score.masked_fill(flagged, float("-inf")), score.masked_fill(~flagged, float("-inf"))
+    best_old = torch.sort(old_scores, dim=1, descending=True, stable=True).indices[:, :num_beams]
+    quota = torch.as_tensor(max_new, device=logits.device).expand(batch)
+    best_new = torch.sort(new_scores, dim=1, descending=True, stable=True).indices[:, :int(quota.max())]
+    best_new_scores = new_scores.gather(1, best_new)
+    best_new_scores[torch.arange(best_new.shape[1], device=logits.device)[None] >= quota[:, None]] = float("-inf")
+    pool = torch.cat([best_old, best_new], 1)
+    pool_scores = torch.cat([old_scores.gather(1, best_old), best_new_scores], 1)
+    by_index = torch.sort(pool, dim=1).indices  # (k, t) order, then best first: ties to the lowest (k, t)
+    pool, pool_scores = pool.gather(1, by_index), pool_scores.gather(1, by_index)
+    pick = torch.sort(pool_scores, dim=1, descending=True, stable=True).indices[:, :num_beams]
+    chosen, out_scores = pool.gather(1, pick), pool_scores.gather(1, pick)
+    live = out_scores > float("-inf")
+    parent = torch.where(live, chosen // width, 0)
+    flat_edge = edge.reshape(batch, k_in * width).gather(1, chosen)
+    out_token = torch.where(live, token.reshape(batch, k_in * width).gather(1, chosen), -1)
+    leaf = torch.where(live, flat_edge, -1)
+    return out_scores.masked_fill(~live, float("-inf")), parent, out_token, leaf
 
 
 def hf_style_beam_search(

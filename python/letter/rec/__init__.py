@@ -4,17 +4,23 @@
 Python API (the CLI commands train-rec / evaluate / recommend call exactly these):
   RecConfig                          settings; defaults = the authors' LETTER-TIGER setup
   train_rec(config, data, codes, out_dir, *, resume=False, stop_after=None) -> summary dict
-  evaluate(run_dir, split="test", *, num_beams=20, max_users=0, decoder="fused", out=None, ...) -> dict
-  recommend(run_dir, history [original item ids], k=10) -> [{item_id, title, score, code}]
-  load_run(run_dir) -> (Tiger or LCRec model, RecData, RecConfig)
+  evaluate(run_dir, split="test", *, num_beams=20, max_users=0, exclude_history=False, out=None,
+           index_version=None, max_new_share=None, ...) -> dict
+  recommend(run_dir, history [original item ids], k=10, *, exclude_history=False, index_version=None,
+            max_new_share=None) -> [{item_id, title, score, code}]
+  RunRecommender(run_dir, beams=20).recommend([Query(...), ...])   a run loaded once, batched queries
+  load_run(run_dir, index_version=None) -> (Tiger or LCRec model, RecData, RecConfig)
+  add_items(run_dir, tokenizer_dir, embeddings)   new items -> a new index version (index_versions.py)
+  evaluate_cold(run_dir, text_emb=..., cf_dir=...)  the cold-split report (cold.py)
 `data` is a dataset path (any format letter.data reads) or a letter.data.Dataset; `codes` an
 array [num_items, L], an authors'-format index .json, a codes .npy or a tokenizer run folder.
 """
 from .config import RecConfig
 from .data import RecData, load_rec_data, resolve_codes
-from .evaluation import evaluate, generate, load_run, recommend
+from .evaluation import evaluate, generate, load_run
 from .model import Tiger, TokenLayout
+from .recommend import Query, RunRecommender, recommend
 from .train import train_rec
 
-__all__ = ["RecConfig", "RecData", "Tiger", "TokenLayout", "evaluate", "generate", "load_rec_data", "load_run",
+__all__ = ["Query", "RecConfig", "RecData", "RunRecommender", "Tiger", "TokenLayout", "evaluate", "generate", "load_rec_data", "load_run",
            "recommend", "resolve_codes", "train_rec"]

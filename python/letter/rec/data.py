@@ -6,6 +6,7 @@ EOS, right-padded with PAD. Decoder: BOS + the target's first L-1 tokens, predic
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from letter.data import Dataset, Split, leave_one_out, load_dataset, read_index_json
+from letter.data.cold import check_no_cold_training, read_cold_split
 from letter.errors import DataError, LetterError
 
 from .model import BOS, EOS, PAD, TokenLayout
@@ -39,9 +41,10 @@ def codes_sha(codes: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()
 
 
-def resolve_codes(codes, dataset: Dataset) -> tuple[np.ndarray, str]:
+def resolve_codes(codes, dataset: Dataset, cold: dict | None = None) -> tuple[np.ndarray, str]:
     """Item codes [num_items, L] from an array, an index .json, a codes .npy, or a tokenizer run
-    folder (its codes.npy, else its single <Name>.index.json). Returns (codes, description)."""
+    folder (its codes.npy, else its single <Name>.index.json). Returns (codes, description).
+    On a cold split (`cold`, its cold_split.json record) the codes cover the warm items 0..W-1 only."""
     source = "array"
     if isinstance(codes, (str, os.PathLike)):
         path = os.fspath(codes)
@@ -72,7 +75,11 @@ def resolve_codes(codes, dataset: Dataset) -> tuple[np.ndarray, str]:
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] < 1 or not np.issubdtype(codes.dtype, np.integer):
         raise DataError(f"{source}: codes must be an integer array [num_items, levels], got {codes.dtype} {codes.shape}")
-    if codes.shape[0] != dataset.num_items:
+    if cold is not None and codes.shape[0] != cold["warm_items"]:
+        raise DataError(f"{source}: codes cover {codes.shape[0]} items but the cold split {dataset.source} has "
+                        f"{cold['warm_items']} warm items; a recommender on a cold split trains on the warm items' "
+                        "codes only (a tokenizer trained on the split folder), cold items come in with `letter add-items`")
+    if cold is None and codes.shape[0] != dataset.num_items:
         raise DataError(f"{source}: codes cover {codes.shape[0]} items but {dataset.source} has {dataset.num_items}")
     if codes.min() < 0:
         raise DataError(f"{source}: codes must be non-negative")
@@ -83,14 +90,19 @@ def resolve_codes(codes, dataset: Dataset) -> tuple[np.ndarray, str]:
 class RecData:
     dataset: Dataset
     split: Split
-    codes: np.ndarray  # [num_items, L]
+    codes: np.ndarray  # [num_items, L]; a cold split's or an index version's: [M <= num_items, L]
     layout: TokenLayout
     source: str
     codes_source: str
     item_tokens: torch.Tensor = field(init=False)  # [num_items, L] token ids
+    index_version: int = 0  # which version of the run's index `codes` is (letter.rec.index_versions)
 
     def __post_init__(self):
         self.item_tokens = torch.from_numpy(self.layout.item_tokens(self.codes))
+
+    def with_index(self, codes: np.ndarray, version: int) -> "RecData":
+        """This data with the codes of another index version (same token layout): items 0..M-1."""
+        return dataclasses.replace(self, codes=np.asarray(codes, dtype=np.int64), index_version=version)
 
     @property
     def num_levels(self) -> int:
@@ -130,12 +142,23 @@ class RecData:
         targets = torch.tensor([t for _, t in self.split.train], dtype=torch.long)
         return enc, self.item_tokens[targets]
 
+    def _sample_rows(self, part: str, max_users: int, seed: int) -> list[int]:
+        """Positions in split.part(part) of the evaluated samples: all, or a fixed random sample."""
+        count = len(self.split.part(part))
+        if 0 < max_users < count:
+            return np.sort(np.random.default_rng(seed).choice(count, size=max_users, replace=False)).tolist()
+        return list(range(count))
+
     def _sample(self, part: str, max_users: int, seed: int) -> list:
         samples = self.split.part(part)
-        if 0 < max_users < len(samples):
-            keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_users, replace=False))
-            samples = [samples[i] for i in keep]
-        return samples
+        return [samples[i] for i in self._sample_rows(part, max_users, seed)]
+
+    def eval_seen_items(self, part: str, max_users: int = 0, seed: int = 0) -> list[list[int]]:
+        """Every item each evaluated user interacted with before the target (the whole history,
+        not only the last max_history items the model reads), in the order of eval_tensors."""
+        drop = 1 if part == "test" else 2  # valid / test targets are the second-last / last items
+        sequences, users = self.dataset.sequences, self.split.eval_users
+        return [list(sequences[users[i]][:-drop]) for i in self._sample_rows(part, max_users, seed)]
 
     def eval_tensors(self, part: str, max_users: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoder tokens [U, S], target item ids [U]) of `part`, or of a fixed random sample of
@@ -182,11 +205,14 @@ def input_lengths(enc: torch.Tensor) -> torch.Tensor:
 
 
 def load_rec_data(data, codes, max_history: int) -> RecData:
-    """`data`: a dataset path (any format `letter.data.load_dataset` reads) or a Dataset."""
+    """`data`: a dataset path (any format `letter.data.load_dataset` reads) or a Dataset. A cold
+    split (letter.data.cold) is refused when a cold item is in its training or validation data."""
     if isinstance(data, Dataset):
         dataset, source = data, data.source
     else:
         dataset, source = load_dataset(os.fspath(data)), os.path.abspath(os.fspath(data))
-    codes, codes_source = resolve_codes(codes, dataset)
+    cold = read_cold_split(dataset)
+    check_no_cold_training(dataset, cold)
+    codes, codes_source = resolve_codes(codes, dataset, cold)
     layout = TokenLayout(tuple(int(c) + 1 for c in codes.max(axis=0)))
     return RecData(dataset, leave_one_out(dataset, max_history), codes, layout, source, codes_source)

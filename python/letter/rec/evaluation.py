@@ -1,6 +1,6 @@
 """Generation and evaluation of a train-rec run (TIGER or LC-Rec, through their Recommender
-adapters): trie-constrained beam search over real identifiers, Recall/NDCG@5,10 over the full
-catalog, and top-k recommendations with titles.
+adapters): trie-constrained beam search over real identifiers and Recall/NDCG@5,10 over the full
+catalog (top-k recommendations: recommend.py).
 
 Hit rule (the authors'): a generated identifier is a hit when it equals the target item's
 identifier, so items sharing an identifier (a collision group) are indistinguishable; the report
@@ -22,6 +22,7 @@ from letter.utils import progress, write_json
 
 from .config import RecConfig
 from .data import RecData, load_rec_data
+from .index_versions import load_index_codes
 from .recommender import Recommender, as_recommender, recommender_class
 
 DECODERS = ("fused", "hf")
@@ -34,20 +35,47 @@ def prefix_index(rec: RecData, device, model=None) -> PrefixIndex:
     return as_recommender(model, rec=rec).prefix_index(rec, device)
 
 
+def added_leaves(index: PrefixIndex, training_items: int) -> torch.Tensor:
+    """bool [num_leaves]: identifiers all of whose items were added after training (item id >=
+    `training_items`); an identifier shared with a training item counts as a training one."""
+    old = torch.bincount(index.leaf_of_item[:training_items].cpu(), minlength=index.num_leaves)
+    return old == 0
+
+
+def max_new_items(share: float | None, k: int) -> int | None:
+    """The share control's quota: at most floor(share * k) added items in a list of k (None: no control)."""
+    if share is None:
+        return None
+    if not 0 <= share <= 1:
+        raise LetterError(f"--max-new-share must be in [0, 1], got {share}")
+    return int(share * k + 1e-9)
+
+
 @torch.no_grad()
 def generate(model, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch_size: int, device,
-             decoder: str = "fused", show_progress: bool = False):
+             decoder: str = "fused", show_progress: bool = False, banned_items: list[list[int]] | None = None,
+             new_leaves: torch.Tensor | None = None, max_new: int | None = None):
     """Top-`num_beams` identifiers per user. `model`: a Tiger, an LCRec or their Recommender
     adapter; `enc`: the users' model inputs (TIGER: encoder tokens [U, S] as RecData.eval_tensors
-    gives; LC-Rec: item-id histories [U, H] as RecData.eval_histories gives).
+    gives; LC-Rec: item-id histories [U, H] as RecData.eval_histories gives). `banned_items`: per
+    user, item ids never to return; the search prunes their identifiers (one shared by several
+    items only when all of them are banned, see PrefixIndex.banned_leaves), so every user still
+    gets up to `num_beams` allowed identifiers.
 
     Returns (leaves [U, K] identifier ids of `index` (-1: empty slot), scores [U, K] summed
     log-probabilities), best first. decoder='hf' runs the same model through the
-    HF-style Python prefix_allowed_tokens_fn baseline (for speed comparisons only)."""
+    HF-style Python prefix_allowed_tokens_fn baseline (for speed comparisons only). new_leaves and
+    max_new (an int, or int64 [U] per user): at most max_new identifiers per list from the flagged
+    leaves (the share control, applied inside the fused search; see
+    letter.decoding.constrained_beam_search)."""
     if decoder not in DECODERS:
         raise LetterError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if max_new is not None and decoder != "fused":
+        raise LetterError("--max-new-share needs the fused decoder")
     if num_beams < 1:
         raise LetterError(f"--beams must be >= 1, got {num_beams}")
+    if banned_items is not None and decoder != "fused":
+        raise LetterError("excluding items needs the fused decoder (--decoder fused)")
     search = hf_style_beam_search if decoder == "hf" else constrained_beam_search
     rm = as_recommender(model, index=index)
     rm.model.eval()
@@ -60,8 +88,14 @@ def generate(model, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch
     for start in range(0, enc.shape[0], batch_size):
         rows = order[start:start + batch_size]
         state = rm.start_decoding(enc[rows], num_beams, device)
+        extra = {}
+        if max_new is not None:  # one quota for all, or one per user
+            extra = {"new_leaves": new_leaves,
+                     "max_new": max_new[rows] if isinstance(max_new, torch.Tensor) else max_new}
+        if banned_items is not None:
+            extra["banned_leaves"] = index.banned_leaves([banned_items[r] for r in rows.tolist()])
         result = search(lambda step, last, st: rm.decode_step(last, st), rows.numel(), index, num_beams,
-                        reorder_state=rm.reorder_state, state=state)
+                        reorder_state=rm.reorder_state, state=state, **extra)
         leaves[rows] = result.leaves.cpu()
         scores[rows] = result.scores.cpu().float()
         bar.update(rows.numel())
@@ -69,22 +103,41 @@ def generate(model, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch
     return leaves, scores
 
 
+def target_hits(index: PrefixIndex, leaves: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[U, K] bool: generated identifier == the target's (authors' rule); a target without an
+    identifier in `index` (a cold item not added yet) is never hit."""
+    known = targets < index.num_items
+    target_leaves = torch.where(known, index.leaf_of_item.cpu()[targets.clamp(max=index.num_items - 1)], -2)
+    return leaves == target_leaves[:, None]
+
+
 def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor, num_beams: int,
                    batch_size: int, device, decoder: str = "fused", index: PrefixIndex | None = None,
-                   show_progress: bool = False) -> dict:
+                   show_progress: bool = False, banned_items: list[list[int]] | None = None,
+                   max_new_share: float | None = None, training_items: int | None = None,
+                   hits_out: list | None = None) -> dict:
     """Recall/NDCG@5,10 of constrained beam search on the users' model inputs `enc` (see
-    generate) vs target items [U]."""
+    generate) vs target items [U]; `banned_items` (per user) are never generated. max_new_share:
+    at most that share of each user's `num_beams` identifiers from items added after training (ids
+    >= `training_items`). hits_out: a list that gets the [U, K] hit matrix appended (for per-group
+    metrics)."""
     if num_beams < 10:
         raise LetterError(f"--beams must be >= 10 to compute the @10 metrics, got {num_beams}")
     rm = as_recommender(model, rec=rec)
     index = index if index is not None else rm.prefix_index(rec, device)
+    max_new = max_new_items(max_new_share, num_beams)
+    new_leaves = added_leaves(index, training_items if training_items is not None else index.num_items) \
+        if max_new is not None else None
     started = time.perf_counter()
-    leaves, _ = generate(rm, index, enc, num_beams, batch_size, device, decoder, show_progress)
+    leaves, _ = generate(rm, index, enc, num_beams, batch_size, device, decoder, show_progress, banned_items,
+                         new_leaves, max_new)
     wall = time.perf_counter() - started
-    target_leaves = index.leaf_of_item.cpu()[targets]
-    hits = leaves == target_leaves[:, None]  # [U, K]: generated identifier == the target's
+    hits = target_hits(index, leaves, targets)
+    if hits_out is not None:
+        hits_out.append(hits)
+    known = targets[targets < index.num_items]
     leaf_sizes = (index.leaf_ptr[1:] - index.leaf_ptr[:-1]).cpu()
-    in_collision = leaf_sizes[target_leaves] > 1
+    in_collision = leaf_sizes[index.leaf_of_item.cpu()[known]] > 1
     users = int(targets.numel())
     return {
         "metrics": metrics_from_hits(hits, ks=(5, 10)),
@@ -94,11 +147,20 @@ def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor
         "wall_s": round(wall, 3),
         "users_per_s": round(users / wall, 2) if wall > 0 else None,
         "targets_in_collision_groups": int(in_collision.sum()),
+        "targets_without_identifier": users - int(known.numel()),
         "index": index.summary(),
+        "index_version": rec.index_version,
+        **({"max_new_share": max_new_share, "max_new_per_list": max_new} if max_new is not None else {}),
     }
 
 
-def _load(run_dir: str, data=None, device="cpu") -> tuple[Recommender, RecData, RecConfig]:
+def training_items(run_dir: str) -> int:
+    """Items of a run's training index (version 0): ids at or above it were added later."""
+    return len(load_npy(os.path.join(run_dir, "codes.npy")))
+
+
+def _load(run_dir: str, data=None, device="cpu", index_version: int | None = None
+          ) -> tuple[Recommender, RecData, RecConfig]:
     device = torch.device(device)
     info = read_rec_run_info(run_dir)
     config = RecConfig.from_dict(info["config"])
@@ -110,56 +172,55 @@ def _load(run_dir: str, data=None, device="cpu") -> tuple[Recommender, RecData, 
     model = cls.load_best(run_dir, config, device).eval()  # a corrupt file is named before the checks below
     data = check_rec_run(run_dir, info, data)  # unfinished or mixed folder; the dataset (relative path first)
     rec = load_rec_data(data, codes, config.max_history)
+    version_codes, version, _ = load_index_codes(run_dir, index_version)
+    if version:
+        rec = rec.with_index(version_codes, version)
     return cls.for_decoding(model, rec=rec), rec, config
 
 
-def load_run(run_dir: str, data=None, device="cpu") -> tuple:
+def load_run(run_dir: str, data=None, device="cpu", index_version: int | None = None) -> tuple:
     """(model with the best validation weights -- a Tiger or an LCRec, its data, its settings) of a
     train-rec run folder. `data` overrides the dataset path recorded in run.json (e.g. when the run
-    was moved)."""
-    rm, rec, config = _load(run_dir, data, device)
+    was moved). The data's codes are those of index version `index_version` (default the newest;
+    0 = the training index, see letter.rec.index_versions)."""
+    rm, rec, config = _load(run_dir, data, device, index_version)
     return rm.model, rec, config
 
 
 def evaluate(run_dir: str, split: str = "test", *, data=None, num_beams: int = 20, batch_size: int = 256,
              max_users: int = 0, decoder: str = "fused", device: str = "cpu", out: str | None = None,
-             show_progress: bool = False) -> dict:
-    """Evaluate a run on `split` ('valid' or 'test'; max_users > 0: a fixed random sample).
-    Returns (and with `out`, writes as JSON) the metrics, users, beams, wall time and users/s."""
+             show_progress: bool = False, exclude_history: bool = False, index_version: int | None = None,
+             max_new_share: float | None = None) -> dict:
+    """Evaluate a run on `split` ('valid' or 'test'; max_users > 0: a fixed random sample) with
+    index version `index_version` (default the newest). max_new_share: at most that share of each
+    list from items added after training. Returns (and with `out`, writes as JSON) the metrics,
+    users, beams, wall time and users/s.
+
+    exclude_history: also measure the second protocol, on the same users: every item the user had
+    before the target is excluded from the search (as SASRec's --mask-history), reported as
+    `metrics_exclude_history` next to `metrics` (history kept, the authors' protocol), with its own
+    wall time and `targets_in_history` (targets that protocol can never hit)."""
     if split not in ("valid", "test"):
         raise LetterError(f"--split must be valid or test, got {split!r}")
     device = resolve_device(device)
-    rm, rec, config = _load(run_dir, data, device)
+    rm, rec, config = _load(run_dir, data, device, index_version)
     enc, targets = rm.eval_inputs(rec, split, max_users, config.seed)
+    index = rm.prefix_index(rec, device)
+    quota = {"max_new_share": max_new_share, "training_items": training_items(run_dir)}
     result = {"model": os.path.abspath(run_dir), "split": split,
-              **evaluate_model(rm, rec, enc, targets, num_beams, batch_size, device, decoder,
-                               show_progress=show_progress),
-              "device": str(device), "threads": torch.get_num_threads()}
+              **evaluate_model(rm, rec, enc, targets, num_beams, batch_size, device, decoder, index,
+                               show_progress=show_progress, **quota)}
+    if exclude_history:
+        seen = rec.eval_seen_items(split, max_users, config.seed)
+        excluded = evaluate_model(rm, rec, enc, targets, num_beams, batch_size, device, decoder, index,
+                                  show_progress=show_progress, banned_items=seen, **quota)
+        result.update({
+            "metrics_exclude_history": excluded["metrics"],
+            "wall_s_exclude_history": excluded["wall_s"],
+            "users_per_s_exclude_history": excluded["users_per_s"],
+            "targets_in_history": sum(int(t) in set(h) for t, h in zip(targets.tolist(), seen)),
+        })
+    result.update({"device": str(device), "threads": torch.get_num_threads()})
     if out:
         write_json(out, result)
     return result
-
-
-def recommend(run_dir: str, history: list[str], k: int = 10, *, data=None, device: str = "cpu") -> list[dict]:
-    """Top-k items for a history of original item ids (oldest first): [{item_id, title, score, code}].
-    Items sharing a generated identifier are listed together under that identifier's rank."""
-    if k < 1:
-        raise LetterError(f"-k must be >= 1, got {k}")
-    device = resolve_device(device)
-    rm, rec, _ = _load(run_dir, data, device)
-    position = {item: i for i, item in enumerate(rec.dataset.item_ids)}
-    unknown = [h for h in history if h not in position]
-    if unknown or not history:
-        raise LetterError(f"--history: unknown item id(s) {', '.join(unknown[:5])}" if unknown else "--history is empty")
-    index = rm.prefix_index(rec, device)
-    enc = rm.encode(rec, [[position[h] for h in history]])
-    leaves, scores = generate(rm, index, enc, k, 1, device)
-    text = rec.dataset.item_text
-    out = []
-    for leaf, score in zip(leaves[0].tolist(), scores[0].tolist()):
-        if leaf < 0:
-            continue  # fewer than k identifiers exist
-        for item in index.items_of_leaf(leaf):
-            out.append({"item_id": rec.dataset.item_ids[item], "title": text[item].get("title", "") if text else "",
-                        "score": score, "code": rec.codes[item].tolist()})
-    return out

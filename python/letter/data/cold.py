@@ -1,0 +1,177 @@
+"""The cold-start split: a seeded share of the catalog is withheld from every training stage and
+appears only as test targets, so a trained recommender can be measured on items it never saw.
+
+Protocol (`cold_split`, `letter data cold-split`):
+
+1. Cold items: `round(fraction * num_items)` items (at least 1) drawn uniformly without
+   replacement from the whole catalog by `numpy.random.default_rng(seed)`.
+2. Renumbering: warm items keep their relative order and become ids 0..W-1, cold items follow as
+   W..N-1 (in their original order). So every identifier set trained on the split covers the
+   catalog prefix 0..W-1, and items added later (`letter add-items`) extend it at the end. The
+   original id of each item is kept in cold_split.json ("original_ids", position = new id).
+3. Sequences: each user's last item stays the test target (warm or cold); every cold item is
+   removed from the rest of the sequence, so cold items are never in a training history, a
+   training target, a validation target or a test history. A user left with fewer than 3 items
+   (leave_one_out's minimum) is dropped.
+4. Two test sets: users whose test target is cold ("cold-target") and users whose test target is
+   warm ("warm-target"); both come from the split's leave-one-out test part (`test_groups`).
+
+The output folder is a LETTER dataset folder (`<Name>.inter.json`, `<Name>.item.json`) plus
+`cold_split.json` (written last: the protocol, its parameters, the warm count, the cold ids, the
+original ids and the counts). Every training stage reads it next to its data: train-cf and
+train-rec refuse a dataset where a cold item occurs anywhere but as a user's last item
+(`check_no_cold_training`), train-tokenizer trains on the warm rows only (`warm_rows`), and
+train-rec refuses codes that cover cold items.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from letter.data.dataset import Dataset
+from letter.data.readers import dataset_dir, write_letter
+from letter.errors import DataError, LetterError
+from letter.utils import save_npy, write_json
+
+SPLIT_FILE = "cold_split.json"
+PROTOCOL = ("cold items: round(fraction * items) drawn uniformly by numpy default_rng(seed); warm items renumbered "
+            "0..W-1, cold items W..N-1; cold items removed from every sequence except as the user's last (test) item; "
+            "users with < 3 items left dropped")
+
+
+def cold_split(dataset: Dataset, fraction: float = 0.05, seed: int = 0) -> tuple[Dataset, dict]:
+    """Split `dataset` by the protocol in the module docstring. Returns (the renumbered dataset,
+    the split record written as cold_split.json)."""
+    if not 0 < fraction < 1:
+        raise LetterError(f"--fraction must be in (0, 1), got {fraction}")
+    n = dataset.num_items
+    num_cold = max(1, int(round(fraction * n)))
+    if num_cold >= n:
+        raise LetterError(f"--fraction {fraction} leaves no warm item of {n}")
+    cold = np.zeros(n, dtype=bool)
+    cold[np.random.default_rng(seed).choice(n, size=num_cold, replace=False)] = True
+    order = np.r_[np.flatnonzero(~cold), np.flatnonzero(cold)]  # new id -> old id
+    new_id = np.empty(n, dtype=np.int64)
+    new_id[order] = np.arange(n)
+    users, sequences, dropped, removed = [], [], 0, 0
+    for user, seq in zip(dataset.user_ids, dataset.sequences):
+        head = [i for i in seq[:-1] if not cold[i]]
+        removed += len(seq) - 1 - len(head)
+        if len(head) + 1 < 3:
+            dropped += 1
+            continue
+        users.append(user)
+        sequences.append([int(new_id[i]) for i in head + [seq[-1]]])
+    warm = n - num_cold
+    cold_targets = sum(s[-1] >= warm for s in sequences)
+    text = [dataset.item_text[i] for i in order] if dataset.item_text is not None else None
+    split = Dataset(dataset.name, users, sequences, [str(i) for i in range(n)], text, dataset.source)
+    record = {
+        "protocol": PROTOCOL,
+        "source": dataset.source,
+        "source_fingerprint": dataset.fingerprint(),
+        "fraction": fraction,
+        "seed": seed,
+        "num_items": n,
+        "warm_items": warm,
+        "cold_items": list(range(warm, n)),
+        "original_ids": [dataset.item_ids[i] for i in order],
+        "users": {"cold_target": int(cold_targets), "warm_target": len(sequences) - int(cold_targets),
+                  "dropped": dropped},
+        "cold_interactions_removed": removed,
+    }
+    return split, record
+
+
+def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, seed: int = 0,
+                     embeddings: list[str] = ()) -> dict:
+    """Split `dataset` and write the split folder: the LETTER files, each of `embeddings` ([N, d]
+    .npy of the source catalog, row = item) with its rows in the split's item order under the same
+    file name, and cold_split.json last. Returns the record."""
+    split, record = cold_split(dataset, fraction, seed)
+    from letter.runs import load_npy, sidecar_record
+
+    arrays = []
+    for path in embeddings:
+        arr = load_npy(path, "--embeddings")
+        if arr.ndim != 2 or arr.shape[0] != dataset.num_items:
+            raise LetterError(f"--embeddings {path}: expected [{dataset.num_items}, dim] rows of {dataset.source}'s "
+                              f"items, got shape {arr.shape}")
+        arrays.append((path, arr))
+    os.makedirs(out_dir, exist_ok=True)
+    marker = os.path.join(out_dir, SPLIT_FILE)
+    if os.path.exists(marker):
+        os.remove(marker)  # the folder is being rewritten: no stale record beside new files
+    write_letter(split, out_dir)
+    order = _old_rows(dataset, record)
+    for path, arr in arrays:
+        target = os.path.join(out_dir, os.path.basename(path))
+        save_npy(target, np.ascontiguousarray(arr[order]))
+        write_json(os.path.splitext(target)[0] + ".json",
+                   {"source": os.path.abspath(path), "rows": "reordered by the cold split (cold_split.json)",
+                    **sidecar_record(target)})
+    record["embeddings"] = [os.path.basename(p) for p, _ in arrays]
+    write_json(marker, record)
+    return record
+
+
+def _old_rows(dataset: Dataset, record: dict) -> np.ndarray:
+    """Row of the source catalog of each split item (new id order)."""
+    position = {item: i for i, item in enumerate(dataset.item_ids)}
+    return np.array([position[i] for i in record["original_ids"]], dtype=np.int64)
+
+
+def read_cold_split(path) -> dict | None:
+    """The cold_split.json record next to a dataset path (folder or file; a Dataset: where it was
+    read from), None for an ordinary dataset."""
+    if isinstance(path, Dataset):
+        path = path.source
+    if not path or not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
+        return None
+    folder = dataset_dir(os.fspath(path))
+    if not os.path.isfile(os.path.join(folder, SPLIT_FILE)):
+        return None
+    from letter.runs import read_json
+
+    record = read_json(os.path.join(folder, SPLIT_FILE), "cold split record")
+    if not isinstance(record.get("warm_items"), int) or not isinstance(record.get("cold_items"), list):
+        raise DataError(f"{os.path.join(folder, SPLIT_FILE)}: corrupt cold split record (no warm_items/cold_items)")
+    return record
+
+
+def check_no_cold_training(dataset: Dataset, record: dict | None) -> None:
+    """Refuse a cold-split dataset whose training or validation data hold a cold item: a cold item
+    may only be a user's last (test) item. Also checks the record matches the dataset."""
+    if record is None:
+        return
+    warm, cold = record["warm_items"], record["cold_items"]
+    if dataset.num_items != record["num_items"] or cold != list(range(warm, dataset.num_items)):
+        raise DataError(f"{dataset.source}: {SPLIT_FILE} describes {record['num_items']} items with cold ids "
+                        f"{warm}..{record['num_items'] - 1}, but the dataset has {dataset.num_items} items")
+    for user, seq in zip(dataset.user_ids, dataset.sequences):
+        leaked = [i for i in seq[:-1] if i >= warm]
+        if leaked:
+            raise DataError(f"{dataset.source}: cold item {dataset.item_ids[leaked[0]]} is in user {user}'s "
+                            "training/validation sequence; a cold split may hold cold items only as test targets")
+
+
+def warm_rows(array: np.ndarray, record: dict | None, what: str) -> np.ndarray:
+    """The rows of a catalog-aligned [N, d] array that a stage may train on: all of them for an
+    ordinary dataset, the warm items 0..W-1 for a cold split ([W, d] input is taken as is)."""
+    if record is None:
+        return array
+    warm = record["warm_items"]
+    if array.shape[0] == record["num_items"]:
+        return array[:warm]
+    if array.shape[0] == warm:
+        return array
+    raise LetterError(f"{what}: {array.shape[0]} rows, but the cold split has {record['num_items']} items "
+                      f"({warm} warm)")
+
+
+def test_groups(targets, record: dict) -> dict[str, np.ndarray]:
+    """Boolean masks over test targets (item ids): {"cold": target is cold, "warm": target is warm}."""
+    targets = np.asarray(targets)
+    is_cold = targets >= record["warm_items"]
+    return {"cold": is_cold, "warm": ~is_cold}

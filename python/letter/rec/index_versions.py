@@ -1,0 +1,153 @@
+"""Index versions of a train-rec run: new items join a trained recommender without retraining.
+
+Version 0 is the run's training index (its codes.npy, never rewritten). `add_items` turns new
+items' text embeddings into identifiers with the tokenizer that made the run's codes (the
+catalog's identifiers stay taken; the tokenizer's collision rules and `--unique` apply) and writes
+version k+1 = version k's codes plus the new rows:
+
+    RUN/index-versions/v<k>/codes.npy      codes [M_k, L] of items 0..M_k-1 of the run's dataset
+    RUN/index-versions/v<k>/version.json   base version, the added item ids, the tokenizer, hashes
+
+A version is built in a temporary folder and renamed into place in one step, so a reader sees a
+whole version or none, and a killed add leaves the previous versions as they were (its temporary
+folder is ignored and removed by a later add). Items are the dataset's items in catalog order:
+a version covers a prefix 0..M_k-1 of the catalog (the cold split puts its cold items last), and
+an add covers the next items, so an item can never be added twice; adding when every item of the
+dataset has an identifier is a no-op. `evaluate`, `recommend` and `serve` read the newest
+version unless given `index_version`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from letter.errors import LetterError
+from letter.runs import load_npy, read_json, sha256_file
+from letter.utils import STALE_TEMP_SECONDS
+
+VERSIONS_DIR = "index-versions"
+VERSION_FILE = "version.json"
+_NAME = re.compile(r"^v(\d+)$")
+
+
+def _version_dir(run_dir: str, version: int) -> str:
+    return os.path.join(run_dir, VERSIONS_DIR, f"v{version}")
+
+
+def index_versions(run_dir: str) -> list[int]:
+    """Versions of a run's index, oldest first: 0 (the training index) and every finished add."""
+    root = os.path.join(run_dir, VERSIONS_DIR)
+    found = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            match = _NAME.match(name)
+            if match and os.path.isfile(os.path.join(root, name, VERSION_FILE)):
+                found.append(int(match.group(1)))
+    return [0] + sorted(found)
+
+
+def load_index_codes(run_dir: str, version: int | None = None) -> tuple[np.ndarray, int, dict]:
+    """(codes [M, L] of items 0..M-1, the version read, its version.json (empty for 0)) of version
+    `version` (default: the newest) of a train-rec run's index."""
+    versions = index_versions(run_dir)
+    version = versions[-1] if version is None else version
+    if version not in versions:
+        raise LetterError(f"--index-version {version}: {run_dir} has index versions {', '.join(map(str, versions))}")
+    if version == 0:
+        return load_npy(os.path.join(run_dir, "codes.npy")), 0, {}
+    folder = _version_dir(run_dir, version)
+    record = read_json(os.path.join(folder, VERSION_FILE), "index version record")
+    path = os.path.join(folder, "codes.npy")
+    if sha256_file(path) != record.get("codes_sha256"):
+        raise LetterError(f"{path}: not the file index version {version} wrote (changed or corrupt)")
+    return load_npy(path), version, record
+
+
+def add_items(run_dir: str, tokenizer_dir: str, embeddings, *, data=None) -> dict:
+    """Give identifiers to the dataset items that the newest index version lacks and write them as
+    a new version (see the module docstring). `embeddings`: an array or .npy path, either [N, d]
+    rows of the whole catalog (rows of items already indexed are ignored) or [n, d] rows of the
+    next n items not yet indexed. `tokenizer_dir`: the tokenizer run that made the run's training
+    codes (checked). Returns {"version", "added", "items", "identifiers_shared_with_catalog", ...};
+    "added" is 0 (and no version is written) when every item already has an identifier."""
+    from letter.data import load_dataset
+    from letter.runs import check_rec_run, read_rec_run_info
+    from letter.tokenizer import load_tokenizer
+
+    info = read_rec_run_info(run_dir)
+    dataset = load_dataset(check_rec_run(run_dir, info, data))
+    codes, base, _ = load_index_codes(run_dir)
+    indexed, total = codes.shape[0], dataset.num_items
+    if indexed >= total:
+        return {"version": base, "added": 0, "items": [], "indexed_items": indexed,
+                "message": f"every one of the {total} items of {dataset.source} already has an identifier "
+                           f"(index version {base}); nothing added"}
+    where = embeddings if isinstance(embeddings, (str, os.PathLike)) else "embeddings"
+    emb = load_npy(os.fspath(embeddings), "--embeddings") if isinstance(embeddings, (str, os.PathLike)) else embeddings
+    emb = np.asarray(emb)
+    if emb.ndim != 2:
+        raise LetterError(f"{where}: expected an [items, dim] matrix, got shape {emb.shape}")
+    if emb.shape[0] == total:
+        emb = emb[indexed:]
+    elif emb.shape[0] > total - indexed:
+        raise LetterError(f"{where}: {emb.shape[0]} rows, but {dataset.source} has {total} items of which "
+                          f"{total - indexed} lack an identifier: give [{total}, d] catalog rows or at most "
+                          f"{total - indexed} rows of the next items")
+    tok = load_tokenizer(tokenizer_dir)
+    training_codes = load_npy(os.path.join(run_dir, "codes.npy"))
+    if tok.catalog_codes is None or not np.array_equal(tok.catalog_codes, training_codes):
+        raise LetterError(f"--tokenizer {tokenizer_dir}: its codes are not the identifiers {run_dir} was trained on")
+    tok.catalog_codes = codes  # every identifier of the newest version stays taken
+    new = tok.encode(emb)
+    sizes = info.get("level_sizes") or [int(c) + 1 for c in training_codes.max(0)]
+    outside = np.flatnonzero((new >= np.asarray(sizes)).any(1))
+    if len(outside):
+        raise LetterError(f"{len(outside)} new item(s) got codes outside the recommender's vocabulary (level sizes "
+                          f"{sizes}); their tokens were never trained")
+    items = list(range(indexed, indexed + len(new)))
+    taken = {tuple(c) for c in codes.tolist()}
+    record = {
+        "version": base + 1,
+        "base_version": base,
+        "added": len(items),
+        "items": [dataset.item_ids[i] for i in items],
+        "indexed_items": indexed + len(new),
+        "identifiers_shared_with_catalog": sum(tuple(c) in taken for c in new.tolist()),
+        "tokenizer": os.path.abspath(tokenizer_dir),
+        "embeddings": os.path.abspath(os.fspath(embeddings)) if isinstance(embeddings, (str, os.PathLike)) else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write_version(run_dir, np.concatenate([codes, new]).astype(np.int64), record)
+    return record
+
+
+def _write_version(run_dir: str, codes: np.ndarray, record: dict) -> None:
+    """Write version record["version"] in a temporary folder, then rename it into place."""
+    root = os.path.join(run_dir, VERSIONS_DIR)
+    os.makedirs(root, exist_ok=True)
+    now = time.time()
+    for name in os.listdir(root):  # folders of killed adds
+        path = os.path.join(root, name)
+        if name.startswith(".tmp-") and now - os.stat(path).st_mtime > STALE_TEMP_SECONDS:
+            shutil.rmtree(path, ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-v{record['version']}-")
+    try:
+        np.save(os.path.join(tmp, "codes.npy"), codes)
+        record = {**record, "codes_sha256": sha256_file(os.path.join(tmp, "codes.npy"))}
+        with open(os.path.join(tmp, VERSION_FILE), "w") as f:
+            json.dump(record, f, indent=2)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, _version_dir(run_dir, record["version"]))
+        except OSError:
+            raise LetterError(f"{run_dir}: index version {record['version']} appeared while this add ran "
+                              "(another add-items at the same time?); nothing written") from None
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)

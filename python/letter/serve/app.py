@@ -1,0 +1,203 @@
+"""The HTTP API of `letter serve` (FastAPI; OpenAPI docs at /docs and /openapi.json).
+
+  POST /recommend        {"history": [item ids], "k": 10, "exclude_history": true, "exclude": [item ids]}
+                         -> {"items": [{"item_id", "title" (when the data has titles), "score", "rank", "code"}], ...}
+  POST /recommend/batch  {"requests": [<as /recommend>, ...]} -> {"results": [<as /recommend>, ...]}
+  GET  /healthz          liveness and queue length
+  GET  /metadata         model, dataset, item count, identifier index version, server settings, counters
+  POST /items            {"embeddings": [[...], ...]} rows of the dataset's next items lacking an
+                         identifier (catalog order) -> a new index version, served from then on
+                         (needs --tokenizer; letter.rec.index_versions.add_items)
+
+Errors are JSON {"error": "<field>: <what is wrong>", "field": "<field>"} with status 400 (malformed
+JSON), 415 (a body not sent as application/json), 422 (a field's value: unknown item id, empty
+history, k out of range, wrong type, unknown field) or 503 (the request queue is full; retry
+later), never a stack trace.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Annotated
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from letter.errors import LetterError
+from letter.rec.recommend import Query, RunRecommender
+
+from .batching import DynamicBatcher, QueueFullError
+
+MAX_LIST = 10_000  # longest history / exclude list accepted (the model reads the last max_history items)
+MAX_BATCH_REQUESTS = 1024
+
+
+def _id_as_text(value):
+    """Item ids are strings as in the dataset files; JSON integers are accepted as their text."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+ItemId = Annotated[str, BeforeValidator(_id_as_text)]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    history: list[ItemId] = Field(min_length=1, max_length=MAX_LIST,
+                                  description="Item ids the user interacted with, oldest first.")
+    k: int = Field(10, description="Number of identifiers to return (1 .. the server's --beams).")
+    exclude_history: bool = Field(True, description="Never return an item of the history.")
+    exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_LIST,
+                                  description="Further item ids never to return.")
+
+
+class AddItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    embeddings: list[list[float]] = Field(min_length=1, max_length=MAX_LIST,
+                                          description="Text embeddings of the next items to add, one row per item.")
+
+
+class AddItemsResponse(BaseModel):
+    version: int = Field(description="The index version now served.")
+    added: int = Field(description="Items added (0: every item of the dataset already had an identifier).")
+    items: list[str]
+    indexed_items: int
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests: list[RecommendRequest] = Field(min_length=1, max_length=MAX_BATCH_REQUESTS)
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    title: str | None = None
+    score: float = Field(description="Sum of the identifier's token log-probabilities.")
+    rank: int = Field(description="Rank of the item's identifier (items sharing one share its rank).")
+    code: list[int]
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedItem]
+    k: int
+    excluded: int = Field(description="Distinct items excluded (history and exclude).")
+
+
+class BatchResponse(BaseModel):
+    results: list[RecommendResponse]
+
+
+class FieldError(Exception):
+    """A request field with a bad value (-> 422 naming the field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+def _field_name(loc) -> str:
+    """('body', 'requests', 2, 'history', 0) -> 'requests[2].history[0]'."""
+    name = ""
+    for part in loc:
+        if part == "body" and not name:
+            continue
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"
+
+
+def _error(status: int, field: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status, headers=headers)
+
+
+def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float = 2.0,
+               queue_size: int = 1024, tokenizer: str | None = None) -> FastAPI:
+    """The app serving `run` (already loaded); the batcher starts and stops with the app.
+    `tokenizer`: the run's tokenizer folder, which POST /items needs."""
+    batcher = DynamicBatcher(run.recommend, max_batch, max_delay_ms / 1000.0, queue_size)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="LETTER recommender", version="1", lifespan=lifespan,
+                  description=f"Serving {run.config.model} run {run.run_dir} on {run.rec.dataset.name}.")
+    app.state.run, app.state.batcher = run, batcher
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        field = _field_name(first.get("loc", ()))
+        if "json" not in request.headers.get("content-type", ""):
+            return _error(415, "body", "send the request as JSON with the header Content-Type: application/json")
+        if first.get("type") == "json_invalid":
+            return _error(400, "body", f"malformed JSON ({first.get('ctx', {}).get('error', first.get('msg'))})")
+        return _error(422, field, first.get("msg", "invalid value"))
+
+    @app.exception_handler(FieldError)
+    async def bad_field(request: Request, exc: FieldError):
+        return _error(422, exc.field, exc.message)
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(request: Request, exc: QueueFullError):
+        return _error(503, "queue", f"server busy: {exc}; retry later", headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):  # a bug, not the client's: one line, no trace
+        return _error(500, "server", f"internal error ({type(exc).__name__})")
+
+    def to_query(req: RecommendRequest, prefix: str = "") -> Query:
+        if not 1 <= req.k <= run.beams:
+            raise FieldError(f"{prefix}k", f"must be in [1, {run.beams}] (the server's --beams), got {req.k}")
+        for name, ids in (("history", req.history), ("exclude", req.exclude)):
+            problem = run.unknown_ids(ids)
+            if problem:
+                raise FieldError(prefix + name, problem)
+        problem = run.unindexed_ids(req.history)
+        if problem:
+            raise FieldError(prefix + "history", problem)
+        return Query(tuple(run.positions(req.history)), req.k, req.exclude_history, tuple(run.positions(req.exclude)))
+
+    def response(query: Query, items: list[dict]) -> RecommendResponse:
+        return RecommendResponse(items=items, k=query.k, excluded=len(query.banned()))
+
+    @app.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True)
+    async def recommend(req: RecommendRequest):
+        query = to_query(req)
+        (items,) = await batcher.submit([query])
+        return response(query, items)
+
+    @app.post("/recommend/batch", response_model=BatchResponse, response_model_exclude_none=True)
+    async def recommend_batch(req: BatchRequest):
+        queries = [to_query(r, f"requests[{i}].") for i, r in enumerate(req.requests)]
+        results = await batcher.submit(queries)
+        return BatchResponse(results=[response(q, items) for q, items in zip(queries, results)])
+
+    @app.post("/items", response_model=AddItemsResponse)
+    async def add_items(req: AddItemsRequest):
+        if tokenizer is None:
+            raise FieldError("body", "this server was started without --tokenizer, so it cannot add items")
+        if len({len(row) for row in req.embeddings}) != 1:
+            raise FieldError("embeddings", "rows must all have the same length")
+        try:  # the tokenizer and the index write run in a worker thread; searches go on meanwhile
+            record = await asyncio.to_thread(run.add_items, tokenizer, np.asarray(req.embeddings, dtype=np.float32))
+        except LetterError as e:
+            raise FieldError("embeddings", str(e)) from None
+        return AddItemsResponse(version=record["version"], added=record["added"], items=record["items"],
+                                indexed_items=record["indexed_items"])
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "waiting": batcher.waiting}
+
+    @app.get("/metadata")
+    async def metadata():
+        return {**run.metadata(),
+                "server": {"max_batch": batcher.max_batch, "max_delay_ms": batcher.max_delay_s * 1000.0,
+                           "queue_size": batcher.queue_size},
+                "stats": dict(batcher.stats)}
+
+    return app

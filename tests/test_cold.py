@@ -1,0 +1,447 @@
+"""Cold start: the cold split and its guards, add-items index versions, the share control inside the
+constrained search, and `letter evaluate --cold` (small synthetic data, CPU)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import letter_ext
+from letter.cli.main import main as cli
+from letter.data import leave_one_out, load_dataset, make_synthetic, write_letter
+from letter.data.cold import cold_split, read_cold_split
+from letter.decoding import PrefixIndex
+from letter.decoding.search import quota_last_step
+from letter.rec import evaluate, generate, load_run, recommend
+from letter.rec.evaluation import added_leaves
+from letter.rec.index_versions import add_items, index_versions, load_index_codes
+
+NUM_ITEMS, NUM_CATEGORIES, FRACTION = 120, 6, 0.1
+REC = {"d_model": 32, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "d_kv": 16, "d_ff": 64,
+       "max_history": 5, "epochs": 4, "batch_size": 64, "lr": 3e-3, "eval_every": 2, "valid_users": 100, "seed": 3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """Tiny models: single-threaded (see conftest.one_thread)."""
+
+
+def run_cli(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A synthetic dataset with category-shaped text embeddings (items of a category are close)."""
+    ds = make_synthetic(400, NUM_ITEMS, NUM_CATEGORIES, min_length=5, max_length=10, seed=0)
+    folder = str(tmp_path_factory.mktemp("source"))
+    write_letter(ds, folder)
+    category = np.array([t["category"] for t in ds.item_text])
+    rng = np.random.default_rng(0)
+    emb = (np.eye(NUM_CATEGORIES)[category] * 3 + rng.normal(size=(NUM_ITEMS, NUM_CATEGORIES))).astype(np.float32)
+    emb = np.concatenate([emb, rng.normal(size=(NUM_ITEMS, 10)).astype(np.float32)], 1)
+    emb_path = os.path.join(folder, "Synth.emb-test.npy")
+    np.save(emb_path, emb)
+    return folder, emb_path, ds, emb
+
+
+@pytest.fixture(scope="module")
+def chain(source, tmp_path_factory):
+    """cold-split -> rqkmeans tokenizer (--unique) -> tiny TIGER, through the CLI."""
+    folder, emb_path, _, _ = source
+    root = tmp_path_factory.mktemp("chain")
+    split, tok, rec = root / "split", root / "tok", root / "rec"
+    run_cli("data", "cold-split", folder, "--fraction", FRACTION, "--seed", 7, "--out", split, "--embeddings", emb_path)
+    run_cli("train-tokenizer", "--data", split, "--method", "rqkmeans", "--levels", 2, "--codebook-size", 16,
+            "--clusters", 4, "--unique", "--out", tok)
+    config = root / "rec.json"
+    config.write_text(json.dumps(REC))
+    run_cli("train-rec", "--data", split, "--index", tok, "--out", rec, "--config", config)
+    return str(split), str(tok), str(rec), str(split / "Synth.emb-test.npy")
+
+
+@pytest.fixture
+def added(chain, tmp_path):
+    """A copy of the trained run with the cold items added (version 1)."""
+    split, tok, rec, emb = chain
+    run = str(tmp_path / "rec")
+    shutil.copytree(rec, run)
+    record = add_items(run, tok, emb)
+    return run, record
+
+
+# ------------------------------------------------------------------------------------- the split
+
+def test_split_is_seeded_and_follows_the_protocol(source):
+    _, _, ds, _ = source
+    a, rec_a = cold_split(ds, FRACTION, seed=1)
+    b, rec_b = cold_split(ds, FRACTION, seed=1)
+    c, rec_c = cold_split(ds, FRACTION, seed=2)
+    assert a == b and rec_a == rec_b
+    assert rec_a["original_ids"] != rec_c["original_ids"]
+    warm = rec_a["warm_items"]
+    assert warm == NUM_ITEMS - round(FRACTION * NUM_ITEMS) and rec_a["cold_items"] == list(range(warm, NUM_ITEMS))
+    original = {u: s for u, s in zip(ds.user_ids, ds.sequences)}
+    position = {item: i for i, item in enumerate(ds.item_ids)}
+    old_of_new = [position[i] for i in rec_a["original_ids"]]
+    cold_old = set(old_of_new[warm:])
+    # item i of the split is item original_ids[i] of the source (same text)
+    assert all(a.item_text[i] == ds.item_text[old_of_new[i]] for i in range(NUM_ITEMS))
+    for user, seq in zip(a.user_ids, a.sequences):
+        assert all(i < warm for i in seq[:-1])  # cold items only as the last (test) item
+        assert old_of_new[seq[-1]] == original[user][-1]  # the test target is the user's own last item
+        assert [old_of_new[i] for i in seq[:-1]] == [i for i in original[user][:-1] if i not in cold_old]
+    users = rec_a["users"]
+    assert users["cold_target"] == sum(s[-1] >= warm for s in a.sequences) > 0
+    assert users["cold_target"] + users["warm_target"] + users["dropped"] == ds.num_users
+
+
+def test_no_cold_item_reaches_training_validation_cf_or_tokenizer(chain, source, tmp_path):
+    split, tok, rec, emb = chain
+    record = read_cold_split(split)
+    warm = record["warm_items"]
+    # what train-cf and train-rec read: the split's leave-one-out parts
+    parts = leave_one_out(load_dataset(split), max_history=50)
+    for samples in (parts.train, parts.valid):
+        assert all(t < warm and all(i < warm for i in h) for h, t in samples)
+    assert any(t >= warm for _, t in parts.test)
+    assert all(all(i < warm for i in h) for h, _ in parts.test)
+    # the tokenizer trained on the warm rows only: its codes cover them, and cold rows are never read
+    codes = np.load(os.path.join(tok, "codes.npy"))
+    assert codes.shape[0] == warm and np.load(os.path.join(rec, "codes.npy")).shape[0] == warm
+    changed = tmp_path / "split"
+    shutil.copytree(split, changed)
+    arr = np.load(emb)
+    arr[warm:] = 1e3
+    np.save(changed / "Synth.emb-test.npy", arr)
+    os.remove(changed / "Synth.emb-test.json")  # its sidecar would (rightly) flag the edit
+    run_cli("train-tokenizer", "--data", changed, "--method", "rqkmeans", "--levels", 2, "--codebook-size", 16,
+            "--clusters", 4, "--unique", "--out", tmp_path / "tok2")
+    assert np.array_equal(np.load(tmp_path / "tok2" / "codes.npy"), codes)
+
+
+def test_stages_refuse_cold_items_in_training_data(chain, tmp_path):
+    split, tok, rec, emb = chain
+    bad = tmp_path / "bad"
+    shutil.copytree(split, bad)
+    inter = bad / "Synth.inter.json"
+    data = json.loads(inter.read_text())
+    warm = read_cold_split(split)["warm_items"]
+    user = next(iter(data))
+    data[user].insert(0, warm)  # a cold item in a training history
+    inter.write_text(json.dumps(data))
+    for args in (["train-cf", bad, "--epochs", 1, "--out", tmp_path / "cf"],
+                 ["train-rec", "--data", bad, "--index", tok, "--out", tmp_path / "r", "--epochs", 1]):
+        result = run_cli(*args, ok=False)
+        assert result.exit_code != 0 and "cold item" in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "cf").exists() and not (tmp_path / "r").exists()
+    # codes that cover the cold items (a tokenizer trained on the whole catalog) are refused too
+    full = tmp_path / "full.npy"
+    np.save(full, np.zeros((NUM_ITEMS, 2), dtype=np.int64) + np.arange(NUM_ITEMS)[:, None] % 16)
+    result = run_cli("train-rec", "--data", split, "--index", full, "--out", tmp_path / "r2", ok=False)
+    assert result.exit_code != 0 and "warm items" in result.output
+    # the pipeline would copy the data without its record: it refuses a split
+    result = run_cli("pipeline", "--data", split, "--out", tmp_path / "pipe", ok=False)
+    assert result.exit_code != 0 and "is a cold split" in result.output
+
+
+# ------------------------------------------------------------------------------------ add-items
+
+def test_added_items_get_distinct_identifiers_and_can_be_recommended(chain, added):
+    split, _, rec, _ = chain
+    run, record = added
+    warm = read_cold_split(split)["warm_items"]
+    codes, version, _ = load_index_codes(run)
+    assert version == 1 and index_versions(run) == [0, 1] and record["added"] == NUM_ITEMS - warm
+    assert np.array_equal(codes[:warm], np.load(os.path.join(rec, "codes.npy")))
+    assert len({tuple(c) for c in codes.tolist()}) == NUM_ITEMS  # --unique: all distinct, none shared
+    assert record["identifiers_shared_with_catalog"] == 0
+    model, data, _ = load_run(run)
+    assert data.index_version == 1 and len(data.codes) == NUM_ITEMS
+    index = PrefixIndex.from_codes(data.codes, data.layout.level_sizes, data.layout.offsets)
+    enc, _ = data.eval_tensors("test")
+    leaves, _ = generate(model, index, enc, 20, 128, "cpu")
+    live = leaves >= 0
+    assert live.all()  # 20 of 120 identifiers always exist
+    items = index.first_item_of_leaf[leaves]
+    assert (items >= warm).any()  # an added item is returned
+    # never an identifier outside the index: each returned leaf's codes are an indexed item's codes
+    assert np.array_equal(index.leaf_codes()[leaves[live]].numpy(), codes[items[live].numpy()])
+    # before adding, no cold item can come out
+    model0, data0, _ = load_run(run, index_version=0)
+    index0 = PrefixIndex.from_codes(data0.codes, data0.layout.level_sizes, data0.layout.offsets)
+    leaves0, _ = generate(model0, index0, enc, 20, 128, "cpu")
+    assert (index0.first_item_of_leaf[leaves0] < warm).all()
+
+
+def test_training_version_still_evaluates_to_the_old_metrics(chain, added):
+    _, _, rec, _ = chain
+    run, _ = added
+    before = evaluate(rec)
+    assert before["index_version"] == 0
+    after_v0 = evaluate(run, index_version=0)
+    after = evaluate(run)
+    assert after_v0["metrics"] == before["metrics"] and after["index_version"] == 1
+    result = run_cli("evaluate", "--model", run, "--index-version", 0)
+    assert json.loads(result.output[result.output.index("{"):])["metrics"] == before["metrics"]
+    result = run_cli("evaluate", "--model", run, "--index-version", 5, ok=False)
+    assert result.exit_code != 0 and "index versions 0, 1" in result.output
+
+
+def test_adding_twice_is_a_no_op(chain, added):
+    _, tok, _, emb = chain
+    run, _ = added
+    codes_before = load_index_codes(run)[0]
+    second = add_items(run, tok, emb)
+    assert second["added"] == 0 and second["version"] == 1
+    result = run_cli("add-items", "--model", run, "--tokenizer", tok, "--embeddings", emb)
+    assert "nothing added" in result.output
+    assert index_versions(run) == [0, 1] and np.array_equal(load_index_codes(run)[0], codes_before)
+
+
+def test_add_items_refuses_a_foreign_tokenizer(chain, tmp_path, source):
+    split, _, rec, emb = chain
+    run = tmp_path / "rec"
+    shutil.copytree(rec, run)
+    run_cli("train-tokenizer", "--data", split, "--method", "rqkmeans", "--levels", 2, "--codebook-size", 16,
+            "--clusters", 4, "--unique", "--seed", 99, "--out", tmp_path / "other")
+    if np.array_equal(np.load(tmp_path / "other" / "codes.npy"), np.load(run / "codes.npy")):
+        pytest.skip("seed 99 gave the same codes")
+    result = run_cli("add-items", "--model", run, "--tokenizer", tmp_path / "other", "--embeddings", emb, ok=False)
+    assert result.exit_code != 0 and "not the identifiers" in result.output
+    assert index_versions(str(run)) == [0]
+
+
+def test_a_failed_add_leaves_the_previous_version(chain, tmp_path, monkeypatch):
+    _, tok, rec, emb = chain
+    run = str(tmp_path / "rec")
+    shutil.copytree(rec, run)
+    import letter.rec.index_versions as iv
+
+    def broken_save(path, array):
+        with open(path, "wb") as f:
+            f.write(b"\x93NUMPY half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(iv.np, "save", broken_save)
+    with pytest.raises(OSError):
+        add_items(run, tok, emb)
+    monkeypatch.undo()
+    assert index_versions(run) == [0] and load_index_codes(run)[1] == 0
+    assert os.listdir(os.path.join(run, "index-versions")) == []  # the temporary folder went too
+    assert add_items(run, tok, emb)["version"] == 1
+
+
+def test_a_killed_add_leaves_the_previous_version(chain, added):
+    """SIGKILL just before the version folder is renamed into place: nothing visible changes."""
+    _, tok, _, emb = chain
+    run, _ = added
+    script = f"""
+import os, signal
+import letter.rec.index_versions as iv
+def killing_rename(src, dst):
+    os.kill(os.getpid(), signal.SIGKILL)
+iv.os.rename = killing_rename
+iv.add_items({run!r}, {tok!r}, {emb!r})
+"""
+    # version 1 holds every item; remove it so that the add has work to do, then kill it mid-write
+    shutil.rmtree(os.path.join(run, "index-versions", "v1"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    leftovers = os.listdir(os.path.join(run, "index-versions"))
+    assert leftovers and all(name.startswith(".tmp-") for name in leftovers)  # the killed add's temp folder
+    assert index_versions(run) == [0]
+    assert evaluate(run)["index_version"] == 0
+    assert add_items(run, tok, emb)["version"] == 1 and index_versions(run) == [0, 1]
+
+
+# -------------------------------------------------------------------------------- share control
+
+def brute_force_quota(logits, beam_scores, nodes, trie, num_beams, new_leaves, max_new, banned=None):
+    """Every expansion enumerated in Python, ranked by (-score, k, t), taken greedily under the quota
+    (max_new: an int or one per row; banned: per row, leaves that may not be taken)."""
+    level = trie.num_levels - 1
+    logp = torch.log_softmax(logits.double(), -1)
+    batch, k_in = beam_scores.shape
+    out = []
+    for b in range(batch):
+        cands = []
+        for k in range(k_in):
+            if beam_scores[b, k] == float("-inf"):
+                continue
+            node = int(nodes[b, k])
+            for e in range(int(trie.row_ptr[level][node]), int(trie.row_ptr[level][node + 1])):
+                t = int(trie.child_token[level][e])
+                cands.append((-(float(beam_scores[b, k]) + float(logp[b * k_in + k, t])), k, t, e))
+        cands.sort()
+        chosen, used = [], 0
+        quota = int(max_new[b]) if isinstance(max_new, torch.Tensor) else max_new
+        for c in cands:
+            if len(chosen) == num_beams:
+                break
+            if banned is not None and c[3] in banned[b]:
+                continue
+            if new_leaves[c[3]]:
+                if used == quota:
+                    continue
+                used += 1
+            chosen.append(c)
+        out.append([(-c[0], c[1], c[2], c[3]) for c in chosen])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_quota_last_step_equals_the_brute_force_quota_top_k(seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [5, 7, 4]
+    codes = torch.stack([torch.randint(0, s, (90,), generator=gen) for s in sizes], 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = PrefixIndex.from_codes(codes, sizes)
+    trie = index.trie
+    level = trie.num_levels - 1
+    batch, k_in, num_beams = 3, 4, 6
+    depth_nodes = trie.row_ptr[level].numel() - 1
+    nodes = torch.randint(0, depth_nodes, (batch, k_in), generator=gen)
+    beam_scores = -torch.rand(batch, k_in, generator=gen).double() * 3
+    beam_scores[0, 3] = float("-inf")  # a dead beam
+    logits = torch.randn(batch * k_in, trie.vocab_size + 2, generator=gen).double()
+    if seed % 2:
+        logits = logits.round()  # many ties: the lowest (k, t) must win, as in the fused op
+    new_leaves = torch.rand(index.num_leaves, generator=gen) < 0.4
+    banned = [set(torch.randint(0, index.num_leaves, (8,), generator=gen).tolist()) for _ in range(batch)]
+    ptr = torch.tensor([0] + np.cumsum([len(r) for r in banned]).tolist())
+    node = torch.tensor([leaf for r in banned for leaf in sorted(r)], dtype=torch.long)
+    cases = [(m, None) for m in (0, 1, 2, num_beams)] + [(torch.tensor([0, 2, 1]), None), (1, banned)]
+    for max_new, bans in cases:
+        extra = {"banned_ptr": ptr, "banned_node": node} if bans is not None else {}
+        scores, parent, token, leaf = quota_last_step(logits, beam_scores, nodes, trie, num_beams, new_leaves,
+                                                      max_new, **extra)
+        expected = brute_force_quota(logits, beam_scores, nodes, trie, num_beams, new_leaves, max_new, bans)
+        for b in range(batch):
+            quota = int(max_new[b]) if isinstance(max_new, torch.Tensor) else max_new
+            got = [(float(s), int(p), int(t), int(f)) for s, p, t, f in zip(scores[b], parent[b], token[b], leaf[b])
+                   if s > float("-inf")]
+            assert [g[1:] for g in got] == [e[1:] for e in expected[b]]
+            assert np.allclose([g[0] for g in got], [e[0] for e in expected[b]])
+            assert int(new_leaves[leaf[b][leaf[b] >= 0]].sum()) <= quota
+        if isinstance(max_new, int) and max_new == num_beams:  # no quota left to bind: exactly the fused op's step
+            ref = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, level, num_beams,
+                                                   backend="reference")
+            assert torch.equal(leaf, ref[3]) and torch.equal(parent[scores > float("-inf")],
+                                                              ref[1][scores > float("-inf")])
+
+
+def test_share_holds_on_every_list(chain, added):
+    split, _, _, _ = chain
+    run, _ = added
+    warm = read_cold_split(split)["warm_items"]
+    model, data, _ = load_run(run)
+    index = PrefixIndex.from_codes(data.codes, data.layout.level_sizes, data.layout.offsets)
+    enc, _ = data.eval_tensors("test")
+    new = added_leaves(index, warm)
+    free, _ = generate(model, index, enc, 20, 64, "cpu")
+    most = int(new[free].sum(1).max())
+    assert most >= 1  # without the control, added items do come out
+    for max_new in sorted({0, most - 1}):
+        leaves, scores = generate(model, index, enc, 20, 64, "cpu", new_leaves=new, max_new=max_new)
+        assert (new[leaves].sum(1) <= max_new).all() and (leaves >= 0).all()
+        assert (scores[:, :-1] >= scores[:, 1:]).all()  # still best first
+        assert not torch.equal(leaves, free)  # the quota bound somewhere
+        # lists that were within the quota are unchanged: the control never reorders them
+        within = new[free].sum(1) <= max_new
+        assert torch.equal(leaves[within], free[within])
+    result = run_cli("recommend", "--model", run, "--history", "1,2,3", "-k", 10, "--max-new-share", 0.2)
+    ids = [int(line.split()[1]) for line in result.output.strip().splitlines()]
+    assert len(ids) == 10 and sum(i >= warm for i in ids) <= 2
+    top = recommend(run, ["1", "2", "3"], k=10, max_new_share=0.0)
+    assert all(int(r["item_id"]) < warm for r in top)
+
+
+def test_evaluate_cold_report(chain, added, tmp_path):
+    split, _, _, emb = chain
+    run, _ = added
+    record = read_cold_split(split)
+    out = tmp_path / "cold.json"
+    result = run_cli("evaluate", "--model", run, "--cold", "--text-emb", emb, "--max-new-share", 0.1, "--out", out)
+    assert "| content KNN | cold-target |" in result.output
+    report = json.loads(out.read_text())
+    assert report["users"]["cold"] == record["users"]["cold_target"]
+    assert report["users"]["warm"] == record["users"]["warm_target"]
+    rows = {row["method"]: row for row in report["rows"]}
+    before = rows["recommender, training index (before adding)"]
+    assert before["index_version"] == 0 and before["cold"]["recall@10"] == 0.0
+    assert rows["recommender + added items"]["index_version"] == 1
+    assert rows["popularity"]["cold"]["recall@10"] == 0.0  # cold items never occur in training
+    assert rows["content KNN"]["cold"]["recall@10"] > 0  # the embeddings group items by category
+    assert set(rows) >= {"recommender + added items, share <= 0.1", "content KNN", "popularity"}
+    # the before-adding warm metrics are those of an evaluation with the training index
+    plain = evaluate(run, index_version=0)
+    n = report["users"]
+    mixed = (before["warm"]["recall@10"] * n["warm"] + before["cold"]["recall@10"] * n["cold"]) / n["all"]
+    assert mixed == pytest.approx(plain["metrics"]["recall@10"])
+    result = run_cli("evaluate", "--model", run, "--cold", "--split", "valid", ok=False)
+    assert result.exit_code != 0 and "--cold" in result.output
+
+
+# ---------------------------------------------------------------------------------- serve
+
+def _post(url: str, path: str, payload: dict) -> tuple[int, dict]:
+    import http.client
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+    try:
+        conn.request("POST", path, json.dumps(payload), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_serve_adds_items_without_retraining(chain, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from letter.serve.process import get_json, running_server
+
+    split, tok, rec, emb = chain
+    run = str(tmp_path / "rec")
+    shutil.copytree(rec, run)
+    warm = read_cold_split(split)["warm_items"]
+    rows = np.load(emb)[warm:].tolist()
+    history = {"history": ["1", "2", "3"], "k": 20, "exclude_history": False}
+    with running_server(run, threads=1) as url:  # without --tokenizer: no adding
+        status, body = _post(url, "/items", {"embeddings": rows})
+        assert status == 422 and "--tokenizer" in body["error"]
+    with running_server(run, "--tokenizer", tok, "--max-new-share", "0.1", threads=1) as url:
+        status, body = _post(url, "/recommend", history)
+        assert status == 200 and all(int(i["item_id"]) < warm for i in body["items"])
+        status, body = _post(url, "/items", {"embeddings": [r[:-1] for r in rows]})
+        assert status == 422 and body["field"] == "embeddings"  # wrong dimension: one line, nothing written
+        assert index_versions(run) == [0]
+        status, body = _post(url, "/items", {"embeddings": rows})
+        assert status == 200 and body["version"] == 1 and body["added"] == len(rows)
+        assert get_json(url + "/metadata")[1]["index"]["index_version"] == 1
+        status, body = _post(url, "/recommend", history)
+        added = [int(i["item_id"]) >= warm for i in body["items"]]
+        assert status == 200 and sum(added) <= 2  # floor(0.1 * 20) under the share control
+        status, again = _post(url, "/items", {"embeddings": rows})
+        assert status == 200 and again["added"] == 0 and again["version"] == 1
+        cold_history = {"history": [str(warm)], "k": 5}
+        assert _post(url, "/recommend", cold_history)[0] == 200  # an added item may now be a history item
+    assert index_versions(run) == [0, 1]
+    with running_server(run, "--index-version", "0", threads=1) as url:
+        status, body = _post(url, "/recommend", {"history": [str(warm)], "k": 5})
+        assert status == 422 and body["field"] == "history" and "no identifier" in body["error"]

@@ -1,0 +1,319 @@
+"""Serving: excluding items inside the search (evaluation and recommend), batched offline scoring,
+the dynamic batcher, and a real `letter serve` process on a loopback port (same lists as `letter
+recommend`, every bad request a 4xx naming the field, the server still answering afterwards)."""
+import asyncio
+import http.client
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import NUM_ITEMS
+from letter.cli.main import main as cli
+from letter.rec import Query, RunRecommender, evaluate, generate, load_run
+from letter.rec.evaluation import evaluate_model, prefix_index
+from letter.serve.batching import DynamicBatcher, QueueFullError
+from letter.serve.process import Connection, get_json, running_server
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """Tiny models: single-threaded (see conftest.one_thread)."""
+
+
+def _test_users(synth, count):
+    """(user index, test history as original ids) of the first `count` users."""
+    _, _, _, ds = synth
+    return [(u, [ds.item_ids[i] for i in ds.sequences[u][:-1]]) for u in range(count)]
+
+
+# ------------------------------------------------------------------------- exclusion in the search
+
+
+def test_exclusion_never_returns_a_banned_item_and_changes_only_what_it_must(trained, synth):
+    out, _ = trained
+    model, rec, _ = load_run(out)
+    index = prefix_index(rec, "cpu", model)
+    enc, _ = rec.eval_tensors("test")
+    seen = rec.eval_seen_items("test")
+    seen[0] = []  # a user with nothing banned gets exactly the unbanned list
+    plain, plain_scores = generate(model, index, enc, 20, 64, "cpu")
+    leaves, scores = generate(model, index, enc, 20, 64, "cpu", banned_items=seen)
+    item_of_leaf = index.first_item_of_leaf  # codes are unique here: one item per identifier
+    for row, banned in enumerate(seen):
+        got = item_of_leaf[leaves[row][leaves[row] >= 0]].tolist()
+        assert not set(got) & set(banned), row
+        assert len(got) == min(20, NUM_ITEMS - len(set(banned)))  # still K allowed identifiers
+        assert torch.all(scores[row][:-1] >= scores[row][1:])
+        # an identifier found by both searches has the same score in both
+        common = {int(f): s for f, s in zip(plain[row], plain_scores[row]) if f >= 0}
+        for f, s in zip(leaves[row].tolist(), scores[row].tolist()):
+            if f in common:
+                assert s == pytest.approx(common[f], abs=1e-5)
+    assert torch.equal(leaves[0], plain[0]) and torch.allclose(scores[0], plain_scores[0])
+
+    # an exhaustive search (every identifier fits in the beam): exclusion = the plain list minus the banned items
+    full, full_scores = generate(model, index, enc[:40], NUM_ITEMS, 64, "cpu")
+    cut, cut_scores = generate(model, index, enc[:40], NUM_ITEMS, 64, "cpu", banned_items=seen[:40])
+    for row, banned in enumerate(seen[:40]):
+        keep = ~torch.isin(item_of_leaf[full[row]], torch.tensor(banned, dtype=torch.long))
+        n = int(keep.sum())
+        assert torch.equal(cut[row][:n], full[row][keep]) and bool((cut[row][n:] == -1).all())
+        assert torch.allclose(cut_scores[row][:n], full_scores[row][keep], atol=1e-5)
+
+
+def test_evaluate_with_exclusion_never_counts_a_history_item(trained):
+    out, _ = trained
+    model, rec, _ = load_run(out)
+    enc, _ = rec.eval_tensors("test")
+    seen = rec.eval_seen_items("test")
+    # every target made an item of its user's history: only a recommended history item can hit
+    targets = torch.tensor([h[-1] for h in seen])
+    kept = evaluate_model(model, rec, enc, targets, 20, 64, "cpu")["metrics"]
+    excluded = evaluate_model(model, rec, enc, targets, 20, 64, "cpu", banned_items=seen)["metrics"]
+    assert kept["recall@10"] > 0
+    assert all(v == 0.0 for v in excluded.values()), excluded
+
+    result = evaluate(out, "test", exclude_history=True)
+    assert result["metrics"] == evaluate(out, "test")["metrics"]  # the authors' protocol is unchanged
+    _, real_targets = rec.eval_tensors("test")
+    assert result["targets_in_history"] == sum(int(t) in set(h) for t, h in zip(real_targets.tolist(), seen))
+    assert set(result["metrics_exclude_history"]) == set(result["metrics"])
+    with pytest.raises(Exception, match="fused decoder"):
+        generate(model, prefix_index(rec, "cpu", model), enc[:2], 20, 2, "cpu", decoder="hf", banned_items=seen[:2])
+
+
+def test_recommend_users_all_writes_jsonl_like_single_queries(trained, synth, tmp_path):
+    out, _ = trained
+    _, _, _, ds = synth
+    path = tmp_path / "all.jsonl"
+    result = CliRunner().invoke(cli, ["recommend", "--model", out, "--users", "all", "--exclude-history", "-k", "5",
+                                      "--batch-size", "64", "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["user"] for line in lines] == ds.user_ids
+    run = RunRecommender(out)
+    for u in (0, 7, len(ds.user_ids) - 1):
+        sequence = ds.sequences[u]
+        assert not {item["item_id"] for item in lines[u]["items"]} & {ds.item_ids[i] for i in sequence}
+        single = run.recommend([Query(tuple(sequence), 5, exclude_history=True)])[0]
+        assert [i["item_id"] for i in lines[u]["items"]] == [i["item_id"] for i in single]
+        assert [i["score"] for i in lines[u]["items"]] == pytest.approx([i["score"] for i in single], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------ the batcher
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_batcher_gathers_up_to_max_batch_and_keeps_order():
+    sizes = []
+
+    def run_batch(queries):
+        sizes.append(len(queries))
+        return [q * 10 for q in queries]
+
+    async def main():
+        batcher = DynamicBatcher(run_batch, max_batch=4, max_delay_s=0.05, queue_size=16)
+        await batcher.start()
+        try:
+            results = await asyncio.gather(*(batcher.submit([i]) for i in range(10)))
+            many = await batcher.submit([20, 21, 22])
+        finally:
+            await batcher.stop()
+        return results, many, batcher.stats
+
+    results, many, stats = _run(main())
+    assert results == [[i * 10] for i in range(10)] and many == [200, 210, 220]
+    assert sizes[:3] == [4, 4, 2] and stats["requests"] == 13 and stats["largest_batch"] == 4
+
+
+def test_batcher_queue_full_cancelled_callers_and_failures():
+    release, seen = threading.Event(), []
+
+    def run_batch(queries):
+        seen.append(list(queries))
+        if "boom" in queries:
+            raise RuntimeError("boom")
+        release.wait(10)
+        return queries
+
+    async def main():
+        batcher = DynamicBatcher(run_batch, max_batch=1, max_delay_s=0.0, queue_size=2)
+        await batcher.start()
+        try:
+            first = asyncio.create_task(batcher.submit(["a"]))
+            while not seen:  # the worker holds "a" in its search
+                await asyncio.sleep(0.005)
+            gone = asyncio.create_task(batcher.submit(["b"]))
+            waiting = asyncio.create_task(batcher.submit(["c"]))
+            await asyncio.sleep(0.01)
+            with pytest.raises(QueueFullError, match="queue is full"):
+                await batcher.submit(["d"])
+            with pytest.raises(QueueFullError):
+                await batcher.submit(["x", "y", "z"])  # all or nothing
+            gone.cancel()  # its client went away: "b" is never searched
+            release.set()
+            assert await first == ["a"] and await waiting == ["c"]
+            with pytest.raises(RuntimeError, match="boom"):
+                await batcher.submit(["boom"])
+            assert await batcher.submit(["e"]) == ["e"]  # still serving
+        finally:
+            await batcher.stop()
+        return batcher.stats
+
+    stats = _run(main())
+    assert seen == [["a"], ["c"], ["boom"], ["e"]] and stats["dropped"] == 1
+
+
+# ------------------------------------------------------------------------------ a real server
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    out, _ = trained
+    with running_server(out, "--max-batch", "8", "--max-delay-ms", "5", "--queue-size", "64", threads=1,
+                        start_timeout=120) as url:
+        yield url
+
+
+def _post_concurrently(url: str, path: str, payloads: list, concurrency: int) -> list:
+    parsed = urlparse(url)
+    results = [None] * len(payloads)
+    todo = list(enumerate(payloads))
+
+    async def client():
+        conn = Connection(parsed.hostname, parsed.port)
+        try:
+            while todo:
+                i, payload = todo.pop(0)
+                results[i] = await conn.post(path, payload)
+        finally:
+            await conn.close()
+
+    async def main():
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(concurrency))), 60)
+
+    asyncio.run(main())
+    return results
+
+
+def _raw(url: str, method: str, path: str, body: bytes = b"", content_type: str = "application/json"):
+    parsed = urlparse(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": content_type} if body else {})
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def _ids(items):
+    return [i["item_id"] for i in items]
+
+
+def test_server_answers_concurrent_requests_like_letter_recommend(server, trained, synth, tmp_path):
+    out, _ = trained
+    users = _test_users(synth, 16)
+    histories = tmp_path / "histories.txt"
+    histories.write_text("\n".join(",".join(h) for _, h in users) + "\n")
+    expected = {}
+    for exclude in (False, True):
+        path = tmp_path / f"expected-{exclude}.jsonl"
+        args = ["recommend", "--model", out, "--histories", str(histories), "-k", "5", "--out", str(path)]
+        result = CliRunner().invoke(cli, args + (["--exclude-history"] if exclude else []))
+        assert result.exit_code == 0, result.output
+        expected[exclude] = [json.loads(line)["items"] for line in path.read_text().splitlines()]
+
+    payloads = [{"history": h, "k": 5, "exclude_history": exclude} for exclude in (False, True) for _, h in users]
+    answers = _post_concurrently(server, "/recommend", payloads, concurrency=16)
+    for payload, (status, body) in zip(payloads, answers):
+        assert status == 200, body
+        want = expected[payload["exclude_history"]][[h for _, h in users].index(payload["history"])]
+        assert _ids(body["items"]) == _ids(want)
+        assert [i["score"] for i in body["items"]] == pytest.approx([i["score"] for i in want], abs=1e-4)
+        assert all(i["title"] for i in body["items"])  # the synthetic data has titles
+        if payload["exclude_history"]:
+            assert not set(_ids(body["items"])) & set(payload["history"])
+            assert body["excluded"] == len(set(payload["history"]))
+
+    # one history through `letter recommend --history` (the CLI's printed list) and the batch endpoint
+    cli_out = CliRunner().invoke(cli, ["recommend", "--model", out, "--history", ",".join(users[3][1]), "-k", "5"])
+    assert [line.split()[1] for line in cli_out.output.strip().splitlines()] == _ids(expected[False][3])
+    status, body = _post_concurrently(server, "/recommend/batch", [{"requests": payloads}], 1)[0]
+    assert status == 200 and [_ids(r["items"]) for r in body["results"]] == [_ids(b["items"]) for _, b in answers]
+    status, meta = get_json(server + "/metadata")
+    assert status == 200 and meta["items"] == NUM_ITEMS and meta["model"] == "tiger"
+    assert meta["index"]["items"] == NUM_ITEMS and len(meta["index"]["version"]) == 16
+    # the batch endpoint queued 32 requests at once: the worker took them 8 (--max-batch) at a time
+    assert meta["stats"]["largest_batch"] == 8 and meta["stats"]["batches"] < meta["stats"]["requests"]
+
+
+BAD_REQUESTS = [
+    # (name, path, body (bytes: sent as is), content type, status, field)
+    ("malformed JSON", "/recommend", b'{"history": ["1",', "application/json", 400, "body"),
+    ("not JSON", "/recommend", b"history=1", "application/x-www-form-urlencoded", 415, "body"),
+    ("body a list", "/recommend", [1, 2], "application/json", 422, "body"),
+    ("missing history", "/recommend", {"k": 3}, "application/json", 422, "history"),
+    ("empty history", "/recommend", {"history": []}, "application/json", 422, "history"),
+    ("history a string", "/recommend", {"history": "1,2"}, "application/json", 422, "history"),
+    ("unknown item", "/recommend", {"history": ["{item}", "nosuchitem"]}, "application/json", 422, "history"),
+    ("unknown excluded item", "/recommend", {"history": ["{item}"], "exclude": ["zz"]}, "application/json", 422,
+     "exclude"),
+    ("k zero", "/recommend", {"history": ["{item}"], "k": 0}, "application/json", 422, "k"),
+    ("k above beams", "/recommend", {"history": ["{item}"], "k": 21}, "application/json", 422, "k"),
+    ("k text", "/recommend", {"history": ["{item}"], "k": "ten"}, "application/json", 422, "k"),
+    ("exclude_history text", "/recommend", {"history": ["{item}"], "exclude_history": "maybe"}, "application/json",
+     422, "exclude_history"),
+    ("unknown field", "/recommend", {"history": ["{item}"], "user": 3}, "application/json", 422, "user"),
+    ("batch empty", "/recommend/batch", {"requests": []}, "application/json", 422, "requests"),
+    ("batch unknown item", "/recommend/batch", {"requests": [{"history": ["{item}"]}, {"history": ["x"]}]},
+     "application/json", 422, "requests[1].history"),
+    ("batch k", "/recommend/batch", {"requests": [{"history": ["{item}"], "k": 99}]}, "application/json", 422,
+     "requests[0].k"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,content_type,status,field", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_gets_its_4xx_and_the_server_keeps_serving(server, synth, name, path, body, content_type,
+                                                               status, field):
+    _, _, _, ds = synth
+    item = ds.item_ids[1]
+    if not isinstance(body, bytes):
+        body = json.dumps(body).replace("{item}", item).encode()
+    got, text = _raw(server, "POST", path, body, content_type)
+    assert got == status, text
+    answer = json.loads(text)
+    assert answer["field"] == field and answer["error"].startswith(f"{field}: "), answer
+    assert "Traceback" not in text and "File \"" not in text
+    got, text = _raw(server, "POST", "/recommend", json.dumps({"history": [item], "k": 3}).encode())
+    assert got == 200 and len(json.loads(text)["items"]) == 3
+
+
+def test_clients_that_disconnect_cost_the_others_nothing(server, synth):
+    users = _test_users(synth, 4)
+    parsed = urlparse(server)
+    good = [{"history": h, "k": 5} for _, h in users]
+    before = _post_concurrently(server, "/recommend", good, 4)
+    for payload in good:  # a full request, then gone before the answer; a request cut off mid-body
+        body = json.dumps(payload).encode()
+        head = (f"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        for data in (head + body, head + body[: len(body) // 2]):
+            with socket.create_connection((parsed.hostname, parsed.port), timeout=5) as s:
+                s.sendall(data)
+    time.sleep(0.3)
+    after = _post_concurrently(server, "/recommend", good, 4)
+    assert [s for s, _ in after] == [200] * 4
+    assert [_ids(b["items"]) for _, b in after] == [_ids(b["items"]) for _, b in before]
+    assert _raw(server, "GET", "/healthz")[0] == 200
