@@ -135,7 +135,9 @@ def constrained_beam_step(
     return torch.ops.letter.constrained_beam_step(*args)
 
 
-def _constrained_beam_step_fake(logits, beam_scores, nodes, row_ptr, child_token, num_beams, banned_ptr=None, banned_node=None):
+def _constrained_beam_step_fake(
+    logits, beam_scores, nodes, row_ptr, child_token, num_beams, banned_ptr=None, banned_node=None
+):
     shape = (beam_scores.shape[0], num_beams)
     index = logits.new_empty(shape, dtype=torch.long)
     return logits.new_empty(shape, dtype=accumulation_dtype(logits)), index, torch.empty_like(index), torch.empty_like(index)

@@ -62,7 +62,9 @@ class TrieLevels(NamedTuple):
             node = torch.searchsorted(self.row_ptr[level], node, right=True) - 1
         return torch.stack(columns[::-1], 1)
 
-    def banned_nodes(self, banned_ptr: torch.Tensor, banned_leaf: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    def banned_nodes(
+        self, banned_ptr: torch.Tensor, banned_leaf: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """Per-row banned leaves -> per level, the banned nodes to pass to constrained_beam_step.
 
         Args: banned_ptr int64 [B + 1], banned_leaf int64 [nnz] (a CSR: row b bans the leaves
@@ -122,10 +124,13 @@ def check_csr(ptr_name: str, ids_name: str, ptr, ids, num_ids: int, device: torc
     if ptr.numel() == 0:
         raise ValueError(f"{ptr_name} must be [B + 1], got an empty tensor")
     nnz = ids.numel()
-    bad_ptr, bad_id = torch.stack([
-        (ptr[0] != 0) | (ptr[-1] != nnz) | (torch.diff(ptr) < 0).any(),
-        ((ids < 0) | (ids >= num_ids)).any(),
-    ]).tolist()
+    if nnz == 0:  # one reduction: an empty CSR's pointer is all zeros
+        bad_ptr, bad_id = bool(ptr.any()), False
+    else:  # both checks in one device -> host copy
+        bad_ptr, bad_id = torch.stack([
+            (ptr[0] != 0) | (ptr[-1] != nnz) | (torch.diff(ptr) < 0).any(),
+            ((ids < 0) | (ids >= num_ids)).any(),
+        ]).tolist()
     if bad_ptr:
         raise ValueError(f"{ptr_name} must be a CSR row pointer: starts at 0, never decreases, ends at nnz = {nnz}")
     if bad_id:

@@ -184,23 +184,37 @@ def test_input_dtypes(dtype):
         assert_step_valid(out, ref, logits, beam_scores, nodes, trie, 2)
 
 
+def op_bans(trie, nodes, beam_scores, gen, with_bans):
+    """The op's optional trailing arguments: random bans with each row sorted (the schema's
+    contract; the public wrapper sorts), or none."""
+    if not with_bans:
+        return ()
+    ptr, banned = random_bans(trie, 1, nodes.cpu(), beam_scores, gen)
+    banned = torch.cat([banned[int(ptr[b]) : int(ptr[b + 1])].sort().values for b in range(ptr.numel() - 1)])
+    return ptr.to(nodes.device), banned.to(nodes.device)
+
+
 @pytest.mark.skipif("cpu" not in available_backends("constrained_beam_step"), reason="no compiled kernel")
-def test_opcheck():
+@pytest.mark.parametrize("with_bans", [False, True])
+def test_opcheck(with_bans):
     gen = torch.Generator().manual_seed(10)
     trie = random_trie(100, 2, gen)
     logits, beam_scores, nodes = random_step_inputs(trie, 1, 3, 4, gen)
     args = (logits, beam_scores, nodes, trie.row_ptr[1], trie.child_token[1], 6)
+    args += op_bans(trie, nodes, beam_scores, gen, with_bans)
     torch.library.opcheck(torch.ops.letter.constrained_beam_step.default, args)
 
 
 @pytest.mark.parametrize("device", devices())
-def test_opcheck_triton(device):
+@pytest.mark.parametrize("with_bans", [False, True])
+def test_opcheck_triton(device, with_bans):
     if "triton" not in available_backends("constrained_beam_step", device):
         pytest.skip("triton not usable here")
     gen = torch.Generator().manual_seed(11)
     trie = random_trie(30, 2, gen, device)
     logits, beam_scores, nodes = random_step_inputs(trie, 1, 2, 3, gen, device)
     args = (logits, beam_scores, nodes, trie.row_ptr[1], trie.child_token[1], 4)
+    args += op_bans(trie.to("cpu"), nodes, beam_scores, gen, with_bans)
     # The interpreter cannot run a traced (fake-tensor) launch on CPU; on CUDA all checks run.
     kwargs = {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")} if device == "cpu" else {}
     torch.library.opcheck(torch.ops.letter.constrained_beam_step_triton.default, args, **kwargs)
@@ -374,6 +388,19 @@ def assert_nothing_banned(node, banned_ptr, banned_node):
         assert not banned & set(row), f"row {b} returned a banned child"
 
 
+def assert_bans_match_reference(backend, device, logits, beam_scores, nodes, trie, level, k, ptr, banned):
+    """The backend on `device` with bans vs the reference: a valid step, nothing banned returned."""
+    ref = letter_ext.constrained_beam_step(
+        logits, beam_scores, nodes, trie, level, k, banned_ptr=ptr, banned_node=banned, backend="reference"
+    )
+    out = letter_ext.constrained_beam_step(
+        logits.to(device), beam_scores.to(device), nodes.to(device), trie.to(device), level, k,
+        banned_ptr=ptr.to(device), banned_node=banned.to(device), backend=backend,
+    )
+    assert_step_valid(out, ref, logits, beam_scores, nodes, trie, level)
+    assert_nothing_banned(out[3], ptr, banned)
+
+
 def test_reference_bans_are_the_next_best_allowed():
     """The spec against its definition: with bans, the K best of the unbanned candidate list
     once the banned ones are struck out (scores untouched)."""
@@ -413,15 +440,7 @@ def test_bans_match_reference(backend, device, items, levels, k):
         k_in = 1 if level == 0 else k
         logits, beam_scores, nodes = random_step_inputs(trie, level, batch, k_in, gen)
         ptr, banned = random_bans(trie, level, nodes, beam_scores, gen)
-        ref = letter_ext.constrained_beam_step(
-            logits, beam_scores, nodes, trie, level, k, banned_ptr=ptr, banned_node=banned, backend="reference"
-        )
-        out = letter_ext.constrained_beam_step(
-            logits.to(device), beam_scores.to(device), nodes.to(device), trie.to(device), level, k,
-            banned_ptr=ptr.to(device), banned_node=banned.to(device), backend=backend,
-        )
-        assert_step_valid(out, ref, logits, beam_scores, nodes, trie, level)
-        assert_nothing_banned(out[3], ptr, banned)
+        assert_bans_match_reference(backend, device, logits, beam_scores, nodes, trie, level, k, ptr, banned)
 
 
 @pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICE if bd != ("triton", "cpu")])
@@ -436,15 +455,7 @@ def test_bans_in_wide_nodes_match_reference(backend, device):
         logits, beam_scores, nodes = random_step_inputs(trie, level, 7, k_in, gen)
         for fraction in (0.1, 0.9):
             ptr, banned = random_bans(trie, level, nodes, beam_scores, gen, fraction)
-            ref = letter_ext.constrained_beam_step(
-                logits, beam_scores, nodes, trie, level, k, banned_ptr=ptr, banned_node=banned, backend="reference"
-            )
-            out = letter_ext.constrained_beam_step(
-                logits.to(device), beam_scores.to(device), nodes.to(device), trie.to(device), level, k,
-                banned_ptr=ptr.to(device), banned_node=banned.to(device), backend=backend,
-            )
-            assert_step_valid(out, ref, logits, beam_scores, nodes, trie, level)
-            assert_nothing_banned(out[3], ptr, banned)
+            assert_bans_match_reference(backend, device, logits, beam_scores, nodes, trie, level, k, ptr, banned)
 
 
 def test_bans_hit_the_best_candidates_on_wide_nodes():
@@ -572,6 +583,7 @@ def _ban_args(**change):
         ({"banned_ptr": torch.tensor([0, 2, 1])}, ValueError, "banned_ptr must be a CSR row pointer"),
         ({"banned_ptr": torch.tensor([1, 1, 2])}, ValueError, "banned_ptr must be a CSR row pointer"),
         ({"banned_ptr": torch.tensor([0, 1, 3])}, ValueError, "banned_ptr must be a CSR row pointer"),
+        ({"banned_node": torch.zeros(0, dtype=torch.long)}, ValueError, "banned_ptr must be a CSR row pointer"),
         ({"banned_node": torch.tensor([0, -1])}, ValueError, r"banned_node must hold ids in \[0, "),
         ({"banned_node": torch.tensor([0, 10**6])}, ValueError, r"banned_node must hold ids in \[0, "),
         ({"banned_node": torch.tensor([0, 1], device="meta")}, ValueError, "banned_node is on meta"),
@@ -597,32 +609,6 @@ def test_compiled_op_checks_its_bans():
         torch.ops.letter.constrained_beam_step(*base, torch.tensor([0, 5, 2]), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="pass both or neither"):
         torch.ops.letter.constrained_beam_step(*base, torch.tensor([0, 1, 2]), None)
-
-
-@pytest.mark.skipif("cpu" not in available_backends("constrained_beam_step"), reason="no compiled kernel")
-def test_opcheck_with_bans():
-    gen = torch.Generator().manual_seed(37)
-    trie = random_trie(100, 2, gen)
-    logits, beam_scores, nodes = random_step_inputs(trie, 1, 3, 4, gen)
-    ptr, banned = random_bans(trie, 1, nodes, beam_scores, gen)
-    banned = torch.cat([banned[int(ptr[b]) : int(ptr[b + 1])].sort().values for b in range(3)])
-    args = (logits, beam_scores, nodes, trie.row_ptr[1], trie.child_token[1], 6, ptr, banned)
-    torch.library.opcheck(torch.ops.letter.constrained_beam_step.default, args)
-
-
-@pytest.mark.parametrize("device", devices())
-def test_opcheck_triton_with_bans(device):
-    if "triton" not in available_backends("constrained_beam_step", device):
-        pytest.skip("triton not usable here")
-    gen = torch.Generator().manual_seed(38)
-    trie = random_trie(30, 2, gen)
-    logits, beam_scores, nodes = random_step_inputs(trie, 1, 3, 3, gen)
-    ptr, banned = random_bans(trie, 1, nodes, beam_scores, gen)
-    banned = torch.cat([banned[int(ptr[b]) : int(ptr[b + 1])].sort().values for b in range(3)])
-    args = (logits, beam_scores, nodes, trie.row_ptr[1], trie.child_token[1], 4, ptr, banned)
-    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-    kwargs = {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")} if device == "cpu" else {}
-    torch.library.opcheck(torch.ops.letter.constrained_beam_step_triton.default, args, **kwargs)
 
 
 # -- TrieLevels.banned_nodes: banned leaves -> wholly banned subtrees per level ----------------

@@ -160,7 +160,9 @@ def check_logits(bad_beam: torch.Tensor, k_in: int) -> None:
         raise nonfinite_logits_error(b * k_in + int(bad_beam[b]), k_in)
 
 
-def constrained_beam_step(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int, banned_ptr=None, banned_node=None):
+def constrained_beam_step(
+    logits, beam_scores, nodes, row_ptr, child_token, num_beams: int, banned_ptr=None, banned_node=None
+):
     """launch, then check_logits: the CUDA kernel of letter::constrained_beam_step in builds without one."""
     *out, bad_beam = launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams, banned_ptr, banned_node)
     check_logits(bad_beam, beam_scores.shape[1])

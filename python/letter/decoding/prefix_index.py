@@ -125,7 +125,9 @@ class PrefixIndex:
                 f"items_per_row[{row}] holds item id {int(items[position])}, outside [0, {self.num_items})"
             )
         batch = ptr.numel() - 1
-        row = torch.repeat_interleave(torch.arange(batch, device=self.device), torch.diff(ptr), output_size=items.numel())
+        row = torch.repeat_interleave(
+            torch.arange(batch, device=self.device), torch.diff(ptr), output_size=items.numel()
+        )
         # Distinct (row, item) pairs, then per (row, leaf) how many of the leaf's items are excluded.
         pairs = torch.unique(row * self.num_items + items)
         row, items = pairs // self.num_items, pairs % self.num_items

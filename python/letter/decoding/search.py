@@ -93,7 +93,8 @@ def _level_bans(banned_leaves, batch_size: int, index: PrefixIndex):
     """constrained_beam_search's banned_leaves -> per level (banned_ptr, banned_node), or None."""
     if banned_leaves is None:
         return None
-    if isinstance(banned_leaves, tuple) and len(banned_leaves) == 2 and all(isinstance(t, torch.Tensor) for t in banned_leaves):
+    is_csr = isinstance(banned_leaves, tuple) and len(banned_leaves) == 2
+    if is_csr and all(isinstance(t, torch.Tensor) for t in banned_leaves):
         ptr, leaf = banned_leaves
     else:
         ptr, leaf = csr_from_rows(banned_leaves, index.device)
