@@ -238,3 +238,21 @@ def test_a_set_per_seed_repeats_the_tokenizer_chain(tmp_path):
     assert not np.array_equal(sets[0].for_seed(5).codes, sets[0].for_seed(6).codes)
     with pytest.raises(LetterError, match="codes-7.npy"):
         load_sets(ds, ["tok=" + str(tmp_path / "codes-{seed}.npy")], [5, 6, 7])
+
+
+def test_exclude_history_reports_both_protocols(setup):
+    out = str(setup["root"] / "out-excluded")
+    report = compare(setup["data"], [f"rqk={setup['rqk']}"], out, tiny_config(), seeds=1, num_beams=10,
+                     bootstrap=10, exclude_history=True, log=lambda line: None)
+    entry = report["sets"][0]
+    run = os.path.join(out, "runs", "rqk", "seed-5")
+    both = evaluate(os.path.join(run, "rec"), "test", num_beams=10, exclude_history=True)
+    for m in both["metrics"]:
+        assert entry["metrics"][m]["mean"] == pytest.approx(both["metrics"][m])
+        assert entry["metrics_exclude_history"][m]["mean"] == pytest.approx(both["metrics_exclude_history"][m])
+    saved = np.load(os.path.join(run, "test_ranks.npz"))
+    assert per_user_metric(saved["ranks_exclude_history"], "recall@10").mean() == \
+        pytest.approx(both["metrics_exclude_history"]["recall@10"])
+    md = open(os.path.join(out, "compare.md")).read()
+    assert "## Both protocols" in md and "| rqk | history excluded |" in md
+    assert report["evaluation"]["exclude_history"] is True

@@ -104,6 +104,7 @@ def run_serve_bench(run_dir: str, *, out: str | None = None, requests: int = 256
         "run": os.path.abspath(run_dir),
         "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "server_torch_threads": threads,
                     "torch": torch.__version__, "python": platform.python_version(),
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "settings": {"requests_per_level": requests, "k": k, "max_delay_ms": max_delay_ms,
                      "level_time_limit_s": level_time_limit_s, "warmup_requests": warmup,
@@ -130,6 +131,7 @@ def run_serve_bench(run_dir: str, *, out: str | None = None, requests: int = 256
                         f"errors {level['errors']}")
             entry["server_stats"] = get_json(url + "/metadata")[1]["stats"]
         result["servers"].append(entry)
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]  # shared machines: context
     result["summary"] = summarize(result)
     if out:
         write_json(out, result)
