@@ -35,17 +35,21 @@ DOUBLE_BACKWARD_ERROR = (
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 
 
-def chunked_path_wins(B: int, M: int, d: int) -> bool:
-    """Whether the chunked-GEMM path is the default for a [B, d] x [M, d] problem (CPU and CUDA).
+def chunked_path_wins(B: int, M: int, d: int, device_type: str = "cpu") -> bool:
+    """Whether the chunked-GEMM path is the default for a [B, d] x [M, d] problem.
 
-    Measured on CPU (docs/BENCHMARKS.md, "dot_product_cross_entropy: tile vs chunked"): the tile
-    kernel does ~5 d-long dot-product passes of its own per logit, the chunked path 3 BLAS GEMMs plus
-    a few memory passes over each logit, so the tile kernel wins only where d is small (the GEMMs
-    are then memory-bound and the chunk's memory passes dominate) and there are many keys; from
-    d = 128 on, and at any d with few keys, the BLAS wins. The rule uses only the shape (never
-    the CPU), so an AVX2-only machine chooses like an AVX-512 one.
+    CPU: always. Measured on a 2-core Xeon (AVX-512/AMX, 2 threads, busy; docs/BENCHMARKS.md,
+    "tile vs chunked"), forward + backward of the mean loss, chunked vs tile: d 4-16 with M 4,096-16,384
+    1.2-3.2x faster, d 32 with M 256-8,192 1.1-2x, d 64-128 1.7-2.6x, the LLaMA-7B head (d 4,096)
+    ~15x; in CPU time on one thread also the small problems (256x256x32: 1.8 vs 3.1 ms, 64x1030x128:
+    3.6 vs 8.0 ms). The tile kernel makes five d-long dot-product passes of its own per logit where
+    the BLAS makes three; the chunk's extra memory passes cost less than that even at d = 4. The
+    rule uses no CPU feature, so an AVX2-only machine chooses alike (its BLAS and our row pass
+    both drop to AVX2). The tile path stays available (path='tile') and is tested against it.
+    CUDA (not measured yet; tools/gpu_check.sh times both): the Triton tile kernel below d = 128,
+    where a GEMM is memory-bound, cuBLAS (tensor cores) from d = 128 on.
     """
-    return d >= 64 or M <= 1024
+    return device_type == "cpu" or d >= 128
 
 
 def _check_dot_product_cross_entropy(q, keys, targets, temperature, exclude, bias, ignore_index, reduction):
@@ -138,7 +142,7 @@ def dot_product_cross_entropy(
         raise ValueError(f"path='chunked' runs on the 'cpu' and 'cuda' backends, not {which!r}")
     if which in ("cpu", "cuda"):
         if path is None:
-            path = "chunked" if chunked_path_wins(q.shape[0], keys.shape[0], q.shape[1]) else "tile"
+            path = "chunked" if chunked_path_wins(q.shape[0], keys.shape[0], q.shape[1], q.device.type) else "tile"
         if path == "chunked":
             return _chunked(q, keys, targets, exclude, bias, temperature, ignore_index, reduction)
     if which == "reference":

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from .._backend import isa
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -32,12 +34,25 @@ def median_time(fn, device: torch.device, *, warmup: int = 1, repeat: int = 5, m
     return statistics.median(times)
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_isa": isa(),  # the C++ kernels' instruction set (letter_ext.isa())
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
