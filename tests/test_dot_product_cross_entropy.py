@@ -454,3 +454,14 @@ def test_path_argument_is_checked():
         letter_ext.dot_product_cross_entropy(q, keys, targets, path="blas")
     with pytest.raises(ValueError, match="path='chunked' runs on"):
         letter_ext.dot_product_cross_entropy(q, keys, targets, path="chunked", backend="reference")
+
+
+@pytest.mark.skipif("cuda" not in available_backends("dot_product_cross_entropy_fwd", "cuda") if torch.cuda.is_available()
+                    else True, reason="no CUDA backend here")
+@pytest.mark.parametrize("path", ["tile", "chunked"])
+@pytest.mark.parametrize("B,M,d", CPU_PATH_SHAPES)
+def test_cuda_paths_match_reference(path, B, M, d):
+    options = (True, True, True) if B > 1 and M > 1 else (False, True, False)
+    for reduction in ("none", "mean"):
+        assert_matches_float64_reference("cuda", "cuda", B, M, d, *options, 0.07, seed=B + M + d, path=path,
+                                         reduction=reduction)
