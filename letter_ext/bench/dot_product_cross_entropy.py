@@ -57,7 +57,10 @@ class Case:
 # on GPU as LC-Rec trains, tau = 1; keys scaled like a trained output layer (std d^-1/2).
 LLAMA7B_LM_HEAD = Case(8192, 33024, 4096, name="llama7b_lm_head", temperature=1.0, dtype="bfloat16",
                        key_std=4096**-0.5)
-LLM_CASES = [LLAMA7B_LM_HEAD]
+# The same head in float32 (CUDA only: on CPU every case runs in float32 and the first is that).
+LLAMA7B_LM_HEAD_FP32 = Case(8192, 33024, 4096, name="llama7b_lm_head_fp32", temperature=1.0, dtype="float32",
+                            key_std=4096**-0.5)
+LLM_CASES = [LLAMA7B_LM_HEAD, LLAMA7B_LM_HEAD_FP32]
 # On CPU the eager baseline is skipped above this many logits (B*M*4 bytes, several copies).
 CPU_EAGER_MAX_LOGITS = 16384 * 32128
 # On CPU the tile path is not timed above this d: it is an order of magnitude slower than the BLAS
@@ -165,7 +168,7 @@ def run(device: torch.device, quick: bool = False, cases=None) -> list[dict]:
     if device.type == "cuda" and triton_usable(device):
         backends += ["triton", "cuda_chunked"]  # the tile path is the Triton kernel
     if cases is None:
-        cases = QUICK_SHAPES if quick else SHAPES + LLM_CASES
+        cases = QUICK_SHAPES if quick else SHAPES + (LLM_CASES if device.type == "cuda" else LLM_CASES[:1])
     rows = []
     for case in map(_as_case, cases):
         B, M, d = case.B, case.M, case.d
