@@ -230,7 +230,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the kernels are not differentiable
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         if ctx.reduction != "none":
-            dq, dkeys, dbias = (g * grad.to(g.dtype) for g in ctx.saved_tensors)
+            dq, dkeys, dbias = ctx.saved_tensors
+            # An upstream 1 (loss.backward()) returns the saved gradients themselves: autograd frees
+            # its saved copy before storing them as .grad, so no second copy of dkeys is made.
+            if not bool(grad == 1):
+                dq, dkeys, dbias = (g * grad.to(g.dtype) for g in (dq, dkeys, dbias))
         else:
             q, keys, targets, exclude, bias = ctx.saved_tensors
             _, _, dq, dkeys, dbias = torch.ops.letter.dot_product_cross_entropy_chunked(

@@ -465,3 +465,16 @@ def test_cuda_paths_match_reference(path, B, M, d):
     for reduction in ("none", "mean"):
         assert_matches_float64_reference("cuda", "cuda", B, M, d, *options, 0.07, seed=B + M + d, path=path,
                                          reduction=reduction)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+def test_chunked_reduced_loss_backward_twice():
+    # The gradients computed in the forward pass serve any number of backward calls and scales.
+    q, keys, targets, *_ = _op_args()
+    want = run_backend("reference", q.double(), keys.double(), targets, None, None, 1.0, torch.ones(1), "mean")
+    loss = letter_ext.dot_product_cross_entropy(q, keys, targets, backend="cpu", path="chunked")
+    (2 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(q.grad.double(), 2 * want[1], atol=1e-5, rtol=1e-4)
+    q.grad = None
+    loss.backward()
+    torch.testing.assert_close(q.grad.double(), want[1], atol=1e-5, rtol=1e-4)
