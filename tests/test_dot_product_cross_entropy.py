@@ -456,8 +456,10 @@ def test_path_argument_is_checked():
         letter_ext.dot_product_cross_entropy(q, keys, targets, path="chunked", backend="reference")
 
 
-@pytest.mark.skipif("cuda" not in available_backends("dot_product_cross_entropy_fwd", "cuda") if torch.cuda.is_available()
-                    else True, reason="no CUDA backend here")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or "cuda" not in available_backends("dot_product_cross_entropy_fwd", "cuda"),
+    reason="no CUDA backend here",
+)
 @pytest.mark.parametrize("path", ["tile", "chunked"])
 @pytest.mark.parametrize("B,M,d", CPU_PATH_SHAPES)
 def test_cuda_paths_match_reference(path, B, M, d):

@@ -175,7 +175,8 @@ def measure(size: str, args, device: torch.device) -> dict:
         }
     base_rate = out["arms"]["padded"]["samples_per_s"]
     out["speedup_vs_padded"] = {arm: round(out["arms"][arm]["samples_per_s"] / base_rate, 3) for arm in ARMS}
-    out["bf16_vs_fp32"] = round(out["arms"]["bucketed_bf16"]["samples_per_s"] / out["arms"]["bucketed"]["samples_per_s"], 3)
+    rates = {arm: out["arms"][arm]["samples_per_s"] for arm in ("bucketed_bf16", "bucketed")}
+    out["bf16_vs_fp32"] = round(rates["bucketed_bf16"] / rates["bucketed"], 3)
     return out
 
 

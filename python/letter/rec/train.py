@@ -27,8 +27,9 @@ from torch import nn
 
 from letter.errors import LetterError
 from letter.runs import mark_complete, read_json
-from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, bf16_autocast, check_resume, distributed,
-                             epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard, warmup_cosine)
+from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, bf16_autocast, check_resume,
+                             distributed, epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard,
+                             warmup_cosine)
 from letter.utils import progress, save_npy, write_json
 
 from .config import RecConfig
