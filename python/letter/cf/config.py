@@ -28,7 +28,7 @@ class CFConfig(Settings):
                                  may_change_on_resume=True)
     seed: int = setting(0, "Random seed.")
     precision: str = setting("auto", "Training arithmetic: fp32, bf16 (autocast, fp32 master weights) or auto (bf16 on "
-                                     "a bf16-capable GPU or a CPU with AMX/AVX512-BF16).",
+                                     "a bf16-capable GPU, or on a CPU with AMX/AVX512-BF16 from dim 128).",
                              choices=("auto", "fp32", "bf16"), may_change_on_resume=True)
 
     def check(self) -> None:

@@ -158,7 +158,7 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     lengths = (inputs > 0).sum(1)
-    use_amp = bf16_autocast(cfg.precision, ctx.device)
+    use_amp = bf16_autocast(cfg.precision, ctx.device, cfg.dim)
     while state["epoch"] < cfg.epochs and not stopping.should_stop:
         epoch = state["epoch"] + 1
         started = time.time()

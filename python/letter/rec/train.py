@@ -128,7 +128,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
         if ckpt.get("finished"):
             start_epoch = config.epochs  # nothing left to train
 
-    use_amp = rm.autocast(device) and bf16_autocast(config.precision, device)
+    use_amp = rm.autocast(device) and bf16_autocast(config.precision, device, config.d_model)
     started = time.time()
     wall_before = history[-1]["wall_s"] if history else 0.0
     epochs_this_call = 0
