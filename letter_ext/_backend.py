@@ -39,6 +39,34 @@ else:
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
+ISAS = ("scalar", "avx2", "avx512")
+
+
+def isa() -> str | None:
+    """The instruction set the C++ CPU kernels use now ('scalar' | 'avx2' | 'avx512'; None without
+    the compiled library). Each kernel runs its widest path not above it (csrc/cpu/isa.h)."""
+    return torch.ops.letter.isa() if _C is not None else None
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets this CPU runs that the kernels have paths for, narrowest first."""
+    if _C is None:
+        return []
+    return list(ISAS[: ISAS.index(torch.ops.letter.best_isa()) + 1])
+
+
+def set_isa(name: str) -> None:
+    """Force the C++ CPU kernels onto the `name` path (one of supported_isas()), for the whole
+    process: to test every path on one machine, or to stand in for a CPU without AVX-512.
+    $LETTER_ISA does the same when letter_ext is imported."""
+    if _C is None:
+        raise RuntimeError("set_isa needs the compiled letter_ext._C library")
+    torch.ops.letter.set_isa(name)
+
+
+if _C is not None and os.environ.get("LETTER_ISA"):
+    set_isa(os.environ["LETTER_ISA"])
+
 
 @functools.lru_cache(maxsize=None)
 def has_compiled_op(name: str, device_type: str) -> bool:

@@ -59,6 +59,10 @@ def residual_quantize(x, codebooks, *, return_residuals: bool = False, backend: 
     else:
         op = torch.ops.letter.residual_quantize_triton if which == "triton" else torch.ops.letter.residual_quantize
         quantized, codes, residuals = op(x_in, codebooks_in, return_residuals)
+        if not codebooks.requires_grad:
+            # quantized is a function of the codebooks only (codes are not differentiable): with
+            # only x requiring grad it needs no graph, as on the reference backend.
+            quantized = quantized.detach()
     if scale != 1.0:
         quantized = (quantized / scale).to(x.dtype)
         residuals = (residuals / scale).to(x.dtype)

@@ -24,6 +24,24 @@ def available_backends(op: str, device: str = "cpu") -> list[str]:
     return out
 
 
+def forced_isas() -> list[str]:
+    """Every instruction set of the C++ CPU kernels that this machine runs (empty without them)."""
+    from letter_ext import supported_isas
+
+    return supported_isas()
+
+
+@pytest.fixture
+def force_isa(request):
+    """Run the test with the C++ CPU kernels forced onto request.param's ISA; restores the default."""
+    import letter_ext
+
+    before = letter_ext.isa()
+    letter_ext.set_isa(request.param)
+    yield request.param
+    letter_ext.set_isa(before)
+
+
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

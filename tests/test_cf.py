@@ -109,3 +109,31 @@ def test_popularity_with_history_masked_skips_the_users_items():
     assert kept["ndcg@5"] == pytest.approx(1 / np.log2(5))  # ranked 0, 1, 2, 3: the target 4th
     assert masked["ndcg@5"] == pytest.approx(1.0)  # 0, 1, 2 ruled out: the target first
     assert kept["recall@5"] == masked["recall@5"] == 1.0
+
+
+def test_sasrec_bf16_autocast_step_matches_fp32():
+    # One SASRec CE step on a fixed batch under CPU bf16 autocast against fp32; tolerance as TIGER's
+    # (tests/test_rec_speed.py): loss to 1%, all gradients to 3% of their norm, each tensor to 10%.
+    from letter.cf.train import _step_loss
+
+    torch.manual_seed(0)
+    model = SASRec(200, 32, 2, 2, 0.0, 20).train()
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randint(1, 201, (16, 20), generator=gen)
+    inputs[:4, :10] = 0  # left padding
+    targets = torch.randint(1, 201, (16, 20), generator=gen) * (inputs > 0)
+    results = {}
+    for amp in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = _step_loss(model, inputs, targets, 200, "ce", int((targets > 0).sum()), 1)
+        loss.backward()
+        results[amp] = (loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert abs(float(results[True][0] - results[False][0])) < 0.01 * float(results[False][0])
+    def relative_error(got, want):
+        return float((got - want).norm() / want.norm().clamp_min(1e-12))
+
+    flat = {amp: torch.cat([g.flatten() for g in grads.values()]) for amp, (_, grads) in results.items()}
+    assert relative_error(flat[True], flat[False]) < 0.03
+    for n, grad in results[False][1].items():
+        assert relative_error(results[True][1][n], grad) < 0.10, n

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import letter_ext
-from conftest import available_backends, devices
+from conftest import available_backends, devices, forced_isas
+from letter_ext.dot_product_cross_entropy import DOUBLE_BACKWARD_ERROR, chunked_torch
 
 BACKENDS = available_backends("dot_product_cross_entropy_fwd")
 BACKEND_DEVICE = [(b, dev) for dev in devices() for b in available_backends("dot_product_cross_entropy_fwd", dev)]
@@ -123,25 +124,30 @@ def test_bad_input(args, kwargs, exc, words):
         letter_ext.dot_product_cross_entropy(*args, **kwargs)
 
 
-def run_backend(backend, q, keys, targets, excl, b, temperature, w, reduction="none"):
-    """Loss and gradients (q, keys, bias) of sum(loss * w) on one backend."""
+def run_backend(backend, q, keys, targets, excl, b, temperature, w, reduction="none", path=None):
+    """Loss and gradients (q, keys, bias) of sum(loss * w) on one backend (and path)."""
     q = q.detach().clone().requires_grad_(True)
     keys = keys.detach().clone().requires_grad_(True)
     b = None if b is None else b.detach().clone().requires_grad_(True)
     loss = letter_ext.dot_product_cross_entropy(
-        q, keys, targets, temperature=temperature, exclude=excl, bias=b, reduction=reduction, backend=backend
+        q, keys, targets, temperature=temperature, exclude=excl, bias=b, reduction=reduction, backend=backend,
+        path=path,
     )
     (loss * w).sum().backward()
     return loss.detach(), q.grad, keys.grad, None if b is None else b.grad
 
 
-def assert_matches_float64_reference(backend, device, B, M, d, exclude, bias, ignore, tau, seed, scale=1.0, rel=1e-4):
+def assert_matches_float64_reference(backend, device, B, M, d, exclude, bias, ignore, tau, seed, scale=1.0, rel=1e-4,
+                                     path=None, reduction="none"):
     q, keys, targets, excl, b = make_inputs(B, M, d, seed=seed, exclude=exclude, bias=bias, ignore=ignore, scale=scale)
     w = torch.randn(B, generator=torch.Generator().manual_seed(seed + 1))
+    if reduction != "none":
+        w = w[:1]  # a reduced loss: one upstream weight
     want = run_backend("reference", q.double(), keys.double(), targets, excl, None if b is None else b.double(), tau,
-                       w.double())
+                       w.double(), reduction)
     move = (lambda t: None if t is None else t.to(device))
-    got = run_backend(backend, move(q), move(keys), move(targets), move(excl), move(b), tau, w.to(device))
+    got = run_backend(backend, move(q), move(keys), move(targets), move(excl), move(b), tau, w.to(device), reduction,
+                      path)
     for name, g, r in zip(("loss", "dq", "dkeys", "dbias"), got, want):
         if r is None:
             assert g is None, name
@@ -345,3 +351,132 @@ def test_auto_backend_is_the_compiled_kernel_when_built():
 
     expected = "cpu" if "cpu" in BACKENDS else "reference"
     assert resolve("dot_product_cross_entropy_fwd", torch.device("cpu"), None) == expected
+
+
+# -- the two CPU paths (tile, chunked) on every instruction set this machine runs ----------------
+
+CPU_PATH_SHAPES = [  # (B, M, d): odd sizes around the kernels' blocks, d up to 4096
+    (1, 1, 1), (7, 255, 33), (257, 7, 4096), (255, 257, 128), (64, 1031, 17),
+]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+@pytest.mark.parametrize("force_isa", forced_isas(), indirect=True)
+@pytest.mark.parametrize("path", ["tile", "chunked"])
+@pytest.mark.parametrize("B,M,d", CPU_PATH_SHAPES)
+def test_every_cpu_path_and_isa_matches_reference(force_isa, path, B, M, d):
+    for n, (reduction, tau) in enumerate([("none", 0.07), ("mean", 1.0), ("sum", 0.7)]):
+        options = OPTIONS[(n + B + d) % len(OPTIONS)] if B > 1 and M > 1 else (False, True, False)
+        assert_matches_float64_reference("cpu", "cpu", B, M, d, *options, tau, seed=B + M + d + n, path=path,
+                                         reduction=reduction)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+@pytest.mark.parametrize("force_isa", forced_isas(), indirect=True)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_path_across_chunk_boundaries(force_isa, reduction):
+    # 32 MiB chunks hold 254 rows of M = 33,000 fp32 logits: rows 0-253, 254-507, 508-519. The
+    # middle chunk has only ignored rows; its neighbours have ignored rows at their edges.
+    B, M, d = 520, 33000, 3
+    q, keys, targets, excl, b = make_inputs(B, M, d, seed=20, exclude=True, bias=True)
+    targets[254:508] = -100
+    targets[[0, 253, 508, 519]] = -100
+    w = torch.randn(B, generator=torch.Generator().manual_seed(21)) if reduction == "none" else torch.ones(1)
+    want = run_backend("reference", q.double(), keys.double(), targets, excl, b.double(), 0.5, w.double(), reduction)
+    for path in ("chunked", "tile"):
+        got = run_backend("cpu", q, keys, targets, excl, b, 0.5, w, reduction, path)
+        for name, g, r in zip(("loss", "dq", "dkeys", "dbias"), got, want):
+            torch.testing.assert_close(g.double(), r, atol=1e-4 * (r.abs().max().item() + 1), rtol=1e-4,
+                                       msg=lambda m: f"{path} {name}: {m}")
+        assert got[1][254:508].abs().max() == 0  # ignored rows get no gradient
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 64])
+def test_chunked_torch_kernel_matches_reference(chunk_rows):
+    # The CUDA kernel of the chunked path is plain torch: checked here on CPU, chunks of a few rows.
+    B, M, d = 67, 45, 9
+    q, keys, targets, excl, b = make_inputs(B, M, d, seed=22, exclude=True, bias=True, ignore=True)
+    targets[5:10] = -100  # a whole chunk of ignored rows at chunk_rows = 5
+    g = torch.randn(B, generator=torch.Generator().manual_seed(23))
+    loss, lse, dq, dk, db = chunked_torch(q, keys, targets, excl, b, 0.3, -100, g, chunk_bytes=chunk_rows * M * 4)
+    q64, k64, b64 = (t.double().requires_grad_(True) for t in (q, keys, b))
+    rows, rlse = letter_ext.reference.dot_product_cross_entropy_rows(q64, k64, targets, 0.3, excl, b64, -100)
+    (rows * g.double()).sum().backward()
+    for got, want in ((loss, rows), (lse, rlse), (dq, q64.grad), (dk, k64.grad), (db, b64.grad)):
+        torch.testing.assert_close(got.double(), want.detach(), atol=1e-4 * (want.abs().max().item() + 1), rtol=1e-4)
+    without = chunked_torch(q, keys, targets, excl, b, 0.3, -100, None, chunk_bytes=chunk_rows * M * 4)
+    assert torch.equal(without[0], loss) and without[2].numel() == 0
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("path", ["tile", "chunked"])
+def test_gradcheck_float64_each_path(path, reduction):
+    q, keys, targets, excl, b = make_inputs(6, 7, 3, seed=24, exclude=True, bias=True, ignore=True,
+                                            dtype=torch.float64)
+
+    def f(q, keys, b):
+        return letter_ext.dot_product_cross_entropy(q, keys, targets, temperature=0.7, exclude=excl, bias=b,
+                                                    reduction=reduction, backend="cpu", path=path)
+
+    assert torch.autograd.gradcheck(f, tuple(t.requires_grad_(True) for t in (q, keys, b)))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+@pytest.mark.parametrize("force_isa", forced_isas(), indirect=True)
+def test_opcheck_chunked(force_isa):
+    q, keys, targets, excl, b = (t.detach() if t.is_floating_point() else t for t in _op_args())
+    op = torch.ops.letter.dot_product_cross_entropy_chunked.default
+    for grad_rows in (None, torch.randn(9)):
+        torch.library.opcheck(op, (q, keys, targets, excl, b, 0.7, -100, grad_rows))
+        torch.library.opcheck(op, (q, keys, targets, None, None, 0.7, -100, grad_rows))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+@pytest.mark.parametrize("path", ["tile", "chunked"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_raises_on_fused_paths(path, reduction):
+    q, keys, targets, *_ = _op_args()
+    loss = letter_ext.dot_product_cross_entropy(q, keys, targets, reduction=reduction, backend="cpu", path=path)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss.sum(), q, create_graph=True)
+    # The reference materializes the logits and differentiates twice through plain autograd.
+    loss = letter_ext.dot_product_cross_entropy(q.double(), keys.double(), targets, reduction=reduction,
+                                                backend="reference")
+    (dq,) = torch.autograd.grad(loss.sum(), q, create_graph=True)
+    assert dq.requires_grad
+    assert DOUBLE_BACKWARD_ERROR.startswith("dot_product_cross_entropy")
+
+
+def test_path_argument_is_checked():
+    q, keys, targets, *_ = make_inputs(3, 4, 2, seed=25)
+    with pytest.raises(ValueError, match="path must be one of"):
+        letter_ext.dot_product_cross_entropy(q, keys, targets, path="blas")
+    with pytest.raises(ValueError, match="path='chunked' runs on"):
+        letter_ext.dot_product_cross_entropy(q, keys, targets, path="chunked", backend="reference")
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or "cuda" not in available_backends("dot_product_cross_entropy_fwd", "cuda"),
+    reason="no CUDA backend here",
+)
+@pytest.mark.parametrize("path", ["tile", "chunked"])
+@pytest.mark.parametrize("B,M,d", CPU_PATH_SHAPES)
+def test_cuda_paths_match_reference(path, B, M, d):
+    options = (True, True, True) if B > 1 and M > 1 else (False, True, False)
+    for reduction in ("none", "mean"):
+        assert_matches_float64_reference("cuda", "cuda", B, M, d, *options, 0.07, seed=B + M + d, path=path,
+                                         reduction=reduction)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+def test_chunked_reduced_loss_backward_twice():
+    # The gradients computed in the forward pass serve any number of backward calls and scales.
+    q, keys, targets, *_ = _op_args()
+    want = run_backend("reference", q.double(), keys.double(), targets, None, None, 1.0, torch.ones(1), "mean")
+    loss = letter_ext.dot_product_cross_entropy(q, keys, targets, backend="cpu", path="chunked")
+    (2 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(q.grad.double(), 2 * want[1], atol=1e-5, rtol=1e-4)
+    q.grad = None
+    loss.backward()
+    torch.testing.assert_close(q.grad.double(), want[1], atol=1e-5, rtol=1e-4)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import letter_ext
-from conftest import available_backends, devices
+from conftest import available_backends, devices, forced_isas
 
 BACKEND_DEVICE = [(b, dev) for dev in devices() for b in available_backends("residual_quantize", dev)]
 
@@ -259,3 +259,38 @@ def test_bad_input(x, cb, exc, words):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         letter_ext.residual_quantize(torch.zeros(1, 2), torch.zeros(1, 1, 2), backend="tpu")
+
+
+@pytest.mark.skipif(not available_backends("residual_quantize"), reason="no compiled kernel")
+@pytest.mark.parametrize("B,d,L,N", [(1, 1, 1, 1), (7, 33, 3, 255), (257, 64, 2, 257), (255, 4096, 2, 33)])
+def test_every_isa_picks_identical_codes(B, d, L, N):
+    # Each ISA's path forms the scores by the same fused multiply-adds: identical codes, identical
+    # outputs, and (checked by distance) the nearest codes.
+    gen = torch.Generator().manual_seed(B + d + N)
+    x = torch.randn(B, d, generator=gen)
+    cb = torch.randn(L, N, d, generator=gen)
+    before = letter_ext.isa()
+    results = {}
+    try:
+        for name in forced_isas():
+            letter_ext.set_isa(name)
+            results[name] = letter_ext.residual_quantize(x, cb, return_residuals=True, backend="cpu")
+    finally:
+        letter_ext.set_isa(before)
+    first = results[forced_isas()[0]]
+    assert_near_optimal(x, cb, first[0], first[1])
+    for name, out in results.items():
+        for got, want in zip(out, first):
+            assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("backend", available_backends("residual_quantize"))
+def test_autograd_with_only_x_requiring_grad_matches_reference(backend):
+    x = torch.randn(6, 4, requires_grad=True)
+    cb = torch.randn(2, 5, 4)
+    _, q_ref, r_ref = letter_ext.residual_quantize(x, cb, return_residuals=True, backend="reference")
+    _, q, r = letter_ext.residual_quantize(x, cb, return_residuals=True, backend=backend)
+    assert (q.requires_grad, r.requires_grad) == (q_ref.requires_grad, r_ref.requires_grad) == (False, True)
+    (grad_ref,) = torch.autograd.grad(r_ref.sum(), x)
+    (grad,) = torch.autograd.grad(r.sum(), x)
+    torch.testing.assert_close(grad, grad_ref)

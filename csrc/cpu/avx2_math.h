@@ -1,6 +1,7 @@
 // Vectorized math shared by the CPU kernels (AVX2 + FMA, fp32). Callers compile these only for
 // x86-64 GCC/Clang and pick them at run time with cpu_has_avx2_fma().
 #pragma once
+#include "isa.h"
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
@@ -8,8 +9,8 @@
 
 namespace letter {
 
-// Whether this CPU runs the functions below (and the callers' AVX2 + FMA kernels).
-inline bool cpu_has_avx2_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+// Whether the callers' AVX2 + FMA kernels may run: this CPU runs them and no lower ISA is forced.
+inline bool cpu_has_avx2_fma() { return active_isa() >= Isa::avx2; }
 
 // exp(r) for |r| <= ln2 / 2: the degree-6 Taylor polynomial (relative error ~1e-7).
 __attribute__((target("avx2,fma"))) inline __m256 exp_reduced_avx2(__m256 r) {

@@ -1,13 +1,22 @@
-// CPU kernels of letter::dot_product_cross_entropy_{fwd,bwd}.
+// CPU kernels of letter::dot_product_cross_entropy_{fwd,bwd} (the tile path) and
+// letter::dot_product_cross_entropy_chunked (the chunked-GEMM path).
 //
-// logits_ij = q'_i . k_j + b'_j with q' = q / tau and b' = bias / tau. Nothing of size B x M is
-// ever allocated: logits are computed in tiles of kRows x kTile into a small per-thread buffer.
+// Tile path. logits_ij = q'_i . k_j + b'_j with q' = q / tau and b' = bias / tau. Nothing of size
+// B x M is ever allocated: logits are computed in tiles of kRows x kTile into a small per-thread
+// buffer by an AVX2 micro-kernel.
 //  - forward (row-parallel): online logsumexp over key tiles; keeps lse [B] only.
 //  - backward pass 1 (row-parallel): recompute P = exp(logits - lse), dS = g (P - onehot),
 //    dq = dS K / tau.
 //  - backward pass 2 (key-parallel): the same tiles transposed, dkeys = dS^T q', dbias = colsum / tau.
 // Each output row is owned by one task, so results are deterministic (no atomics, no reductions
 // whose order depends on the thread count).
+//
+// Chunked-GEMM path. Rows in chunks of about kChunkBytes of logits: the BLAS (at::mm: MKL/oneDNN,
+// which pick AVX-512/AMX themselves) writes a chunk's logits into one preallocated buffer, a
+// row-parallel pass turns them into the loss and log-sum-exp and, when upstream row gradients g
+// are given, into dS = g (P - onehot) / tau in place, and two more GEMMs give the chunk's dq rows
+// and add its share of dkeys. With g known in the forward (a reduced loss), forward + backward is
+// the three GEMMs eager pays, without eager's B x M logits and their gradient in memory.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +29,7 @@
 #include <vector>
 
 #include "avx2_math.h"
+#include "avx512_math.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -413,6 +423,182 @@ void backward_keys_kernel(const Problem<T>& p, const std::vector<T>& g, const st
   });
 }
 
+// ---- chunked-GEMM path: the row pass over one chunk of logits ---------------------------------
+
+// Logits of the chunk buffer per row: about this many bytes per chunk (M = 33,024 keys: ~250 rows,
+// enough for the BLAS to run at full rate; the buffer stays far below eager's B x M logits).
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
+
+// s[j] = (s[j] + bias[j]) * inv_tau (bias may be null); returns max_j s[j].
+template <typename T>
+T affine_max_generic(T* s, int64_t n, const T* bias, T inv_tau) {
+  T m = kNegInf<T>;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = (s[j] + (bias ? bias[j] : T(0))) * inv_tau;
+    m = std::max(m, s[j]);
+  }
+  return m;
+}
+
+// Returns sum_j exp(s[j] - shift); with store, s[j] becomes exp(s[j] - shift).
+template <typename T>
+T exp_shift_sum_generic(T* s, int64_t n, T shift, bool store) {
+  T sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = std::exp(s[j] - shift);
+    if (store) s[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+#ifdef LETTER_HAVE_AVX2_KERNEL
+__attribute__((target("avx2,fma"))) float affine_max_avx2(float* s, int64_t n, const float* bias, float inv_tau) {
+  const __m256 scale = _mm256_set1_ps(inv_tau);
+  __m256 m = _mm256_set1_ps(kNegInf<float>);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_loadu_ps(s + j);
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+    v = _mm256_mul_ps(v, scale);
+    _mm256_storeu_ps(s + j, v);
+    m = _mm256_max_ps(m, v);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, m);
+  float r = t[0];
+  for (int i = 1; i < 8; ++i) r = std::max(r, t[i]);
+  return std::max(r, affine_max_generic(s + j, n - j, bias ? bias + j : nullptr, inv_tau));
+}
+
+__attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* s, int64_t n, float shift, bool store) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 e0 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), sh));
+    const __m256 e1 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), sh));
+    if (store) {
+      _mm256_storeu_ps(s + j, e0);
+      _mm256_storeu_ps(s + j + 8, e1);
+    }
+    sum0 = _mm256_add_ps(sum0, e0);
+    sum1 = _mm256_add_ps(sum1, e1);
+  }
+  return hsum_avx2(_mm256_add_ps(sum0, sum1)) + exp_shift_sum_generic(s + j, n - j, shift, store);
+}
+#endif
+
+#ifdef LETTER_HAVE_AVX512_MATH
+LETTER_TARGET_AVX512 float affine_max_avx512(float* s, int64_t n, const float* bias, float inv_tau) {
+  const __m512 scale = _mm512_set1_ps(inv_tau);
+  __m512 m = _mm512_set1_ps(kNegInf<float>);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(live, s + j);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, bias + j));
+    v = _mm512_mul_ps(v, scale);
+    _mm512_mask_storeu_ps(s + j, live, v);
+    m = _mm512_mask_max_ps(m, live, m, v);
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+LETTER_TARGET_AVX512 float exp_shift_sum_avx512(float* s, int64_t n, float shift, bool store) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512 e0 = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(s + j), sh));
+    const __m512 e1 = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(s + j + 16), sh));
+    if (store) {
+      _mm512_storeu_ps(s + j, e0);
+      _mm512_storeu_ps(s + j + 16, e1);
+    }
+    sum0 = _mm512_add_ps(sum0, e0);
+    sum1 = _mm512_add_ps(sum1, e1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), sh)));
+    if (store) _mm512_mask_storeu_ps(s + j, live, e);
+    sum0 = _mm512_add_ps(sum0, e);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+}
+#endif
+
+template <typename T>
+struct RowPass {
+  T (*affine_max)(T*, int64_t, const T*, T);
+  T (*exp_shift_sum)(T*, int64_t, T, bool);
+};
+
+template <typename T>
+RowPass<T> pick_row_pass() {
+  if constexpr (std::is_same_v<T, float>) {
+#ifdef LETTER_HAVE_AVX512_MATH
+    if (active_isa() >= Isa::avx512) return {affine_max_avx512, exp_shift_sum_avx512};
+#endif
+#ifdef LETTER_HAVE_AVX2_KERNEL
+    if (cpu_has_avx2_fma()) return {affine_max_avx2, exp_shift_sum_avx2};
+#endif
+  }
+  return {affine_max_generic<T>, exp_shift_sum_generic<T>};
+}
+
+// Losses and lse of every row; with g (upstream gradient per row, ignored rows skipped), also
+// dq [B, d] (written), dk [M, d] (accumulated, zero on entry) and dbias [M] (accumulated, when defined).
+template <typename T>
+void chunked_kernel(const at::Tensor& q, const at::Tensor& keys, const T* bias, const int64_t* targets,
+                    const int64_t* exclude, int64_t ignore_index, T inv_tau, const T* g, T* loss, T* lse,
+                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dbias) {
+  const int64_t B = q.size(0), M = keys.size(0);
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (M * int64_t(sizeof(T))), 1, std::max<int64_t>(B, 1));
+  const RowPass<T> rp = pick_row_pass<T>();
+  at::Tensor buffer = at::empty({chunk, M}, q.options());
+  const at::Tensor keys_t = keys.t();
+  for (int64_t r0 = 0; r0 < B; r0 += chunk) {
+    const int64_t rows = std::min(chunk, B - r0);
+    at::Tensor s = buffer.narrow(0, 0, rows);
+    const at::Tensor q_chunk = q.narrow(0, r0, rows);
+    at::mm_out(s, q_chunk, keys_t);
+    T* sp = s.data_ptr<T>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / M), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = r0 + i;
+        T* row = sp + i * M;
+        T m = rp.affine_max(row, M, bias, inv_tau);
+        const int64_t e = exclude ? exclude[r] : -1;
+        if (e >= 0) {
+          const bool was_max = row[e] == m;
+          row[e] = kNegInf<T>;
+          if (was_max) m = row_max_generic(row, M);
+        }
+        const bool valid = targets[r] != ignore_index;
+        const T target_logit = valid ? row[targets[r]] : T(0);
+        const T gi = g && valid ? g[r] : T(0);
+        const T sum = rp.exp_shift_sum(row, M, m, g != nullptr);
+        lse[r] = m + std::log(sum);
+        loss[r] = valid ? lse[r] - target_logit : T(0);
+        if (!g) continue;
+        if (gi == T(0)) {
+          std::fill(row, row + M, T(0));
+          continue;
+        }
+        const T coef = gi * inv_tau / sum;
+        for (int64_t j = 0; j < M; ++j) row[j] *= coef;
+        row[targets[r]] -= gi * inv_tau;
+      }
+    });
+    if (!g) continue;
+    at::Tensor dq_rows = dq.narrow(0, r0, rows);
+    at::mm_out(dq_rows, s, keys);
+    dk.addmm_(s.t(), q_chunk);
+    if (dbias.defined()) dbias.add_(s.sum(0));
+  }
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& targets,
                   const at::Tensor& exclude, const at::Tensor& bias, double temperature, int64_t ignore_index) {
   TORCH_CHECK_VALUE(q.dim() == 2 && keys.dim() == 2 && keys.size(1) == q.size(1) && keys.size(0) >= 1,
@@ -502,11 +688,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_product_cross_entropy_bwd_cpu
   return {dq, dk, dbias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dot_product_cross_entropy_chunked_cpu(
+    const at::Tensor& q, const at::Tensor& keys, const at::Tensor& targets, const std::optional<at::Tensor>& exclude,
+    const std::optional<at::Tensor>& bias, double temperature, int64_t ignore_index,
+    const std::optional<at::Tensor>& grad_rows) {
+  const auto acc = acc_type(q);
+  const at::Tensor qa = q.to(acc).contiguous(), ka = keys.to(acc).contiguous();
+  const at::Tensor ta = targets.contiguous(), ea = contiguous_as(exclude, at::kLong), ba = contiguous_as(bias, acc);
+  check_inputs(q, keys, ta, ea, bias.has_value() ? *bias : at::Tensor(), temperature, ignore_index);
+  const int64_t B = q.size(0), M = keys.size(0), d = q.size(1);
+  const at::Tensor ga = contiguous_as(grad_rows, acc);
+  TORCH_CHECK_VALUE(!ga.defined() || (ga.dim() == 1 && ga.size(0) == B),
+                    "dot_product_cross_entropy_chunked: grad_rows must be [B]");
+  at::Tensor loss = at::empty({B}, qa.options()), lse = at::empty({B}, qa.options());
+  at::Tensor dq = at::empty({ga.defined() ? B : 0, d}, qa.options());
+  at::Tensor dk = at::zeros({ga.defined() ? M : 0, d}, qa.options());
+  at::Tensor dbias = ga.defined() && ba.defined() ? at::zeros({M}, qa.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(acc, "dot_product_cross_entropy_chunked_cpu", [&] {
+    chunked_kernel<scalar_t>(qa, ka, ba.defined() ? ba.data_ptr<scalar_t>() : nullptr, ta.data_ptr<int64_t>(),
+                             ea.defined() ? ea.data_ptr<int64_t>() : nullptr, ignore_index,
+                             scalar_t(1) / static_cast<scalar_t>(temperature),
+                             ga.defined() ? ga.data_ptr<scalar_t>() : nullptr, loss.data_ptr<scalar_t>(),
+                             lse.data_ptr<scalar_t>(), dq, dk, dbias);
+  });
+  if (!dbias.defined()) dbias = at::empty({0}, q.options());
+  return {loss, lse, dq.to(q.scalar_type()), dk.to(keys.scalar_type()),
+          dbias.to(bias.has_value() && bias->defined() ? bias->scalar_type() : q.scalar_type())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(letter, CPU, m) {
   m.impl("dot_product_cross_entropy_fwd", &dot_product_cross_entropy_fwd_cpu);
   m.impl("dot_product_cross_entropy_bwd", &dot_product_cross_entropy_bwd_cpu);
+  m.impl("dot_product_cross_entropy_chunked", &dot_product_cross_entropy_chunked_cpu);
 }
 
 }  // namespace letter

@@ -5,21 +5,26 @@
 // codebook in tiles of kCodes codes, keeping a running (min, argmin) per row.
 // The B x N distance matrix never exists. The score of code j is
 // 0.5*||c_j||^2 - r.c_j, which orders codes exactly like ||r - c_j||^2.
+// Paths (csrc/cpu/isa.h): AVX-512, AVX2 + FMA and portable. Every path forms each score by the same
+// chain of fused multiply-adds in the same order, so all of them pick identical codes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "avx2_math.h"
+#include "avx512_math.h"
 
 namespace letter {
 namespace {
 
-constexpr int64_t kRows = 4;    // rows per micro-tile
-constexpr int64_t kCodes = 16;  // codes per micro-tile (two 8-wide vectors)
+constexpr int64_t kRows = 4;     // rows per micro-tile
+constexpr int64_t kCodes = 32;   // codes per padded block: the AVX-512 micro-tile (two 16-wide vectors)
+constexpr int64_t kCodes8 = 16;  // codes per AVX2 micro-tile (two 8-wide vectors)
 
 // One level's codebook, transposed to [d][n_pad] so that the inner loop runs
 // over contiguous codes, with padded codes scored +inf.
@@ -58,7 +63,14 @@ void nearest_codes_generic(const scalar_t* r, int64_t d, const PackedLevel<scala
     int32_t code = 0;
     for (int64_t j = 0; j < level.n_pad; ++j) {
       scalar_t s = level.half_norms[j];
-      for (int64_t k = 0; k < d; ++k) s -= r[i * d + k] * level.codes_t[k * level.n_pad + j];
+      for (int64_t k = 0; k < d; ++k) {
+        const scalar_t rk = r[i * d + k], c = level.codes_t[k * level.n_pad + j];
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          s = std::fma(-rk, c, s);  // rounds like the vector paths' fnmadd
+        } else {
+          s -= rk * c;
+        }
+      }
       if (s < best) {
         best = s;
         code = static_cast<int32_t>(j);
@@ -75,7 +87,7 @@ void nearest_codes_generic(const scalar_t* r, int64_t d, const PackedLevel<scala
 __attribute__((target("avx2,fma"))) void nearest_codes_avx2(const float* r, int64_t d,
                                                             const PackedLevel<float>& level,
                                                             int32_t* best_code) {
-  static_assert(kRows == 4 && kCodes == 16, "tile shape is hard-wired below");
+  static_assert(kRows == 4 && kCodes8 == 16 && kCodes % kCodes8 == 0, "tile shape is hard-wired below");
   __m256 best[kRows][2];
   __m256i best_idx[kRows][2];
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -88,7 +100,7 @@ __attribute__((target("avx2,fma"))) void nearest_codes_avx2(const float* r, int6
   const float* r1 = r + d;
   const float* r2 = r + 2 * d;
   const float* r3 = r + 3 * d;
-  for (int64_t j0 = 0; j0 < level.n_pad; j0 += kCodes) {
+  for (int64_t j0 = 0; j0 < level.n_pad; j0 += kCodes8) {
     __m256 a00 = _mm256_loadu_ps(&level.half_norms[j0]);
     __m256 a01 = _mm256_loadu_ps(&level.half_norms[j0 + 8]);
     __m256 a10 = a00, a11 = a01, a20 = a00, a21 = a01, a30 = a00, a31 = a01;
@@ -142,12 +154,85 @@ __attribute__((target("avx2,fma"))) void nearest_codes_avx2(const float* r, int6
 }
 #endif
 
+#ifdef LETTER_HAVE_AVX512_MATH
+// AVX-512 micro-kernel: a 4-row x 32-code tile of scores in 8 zmm registers, as the AVX2 one.
+LETTER_TARGET_AVX512 void nearest_codes_avx512(const float* r, int64_t d, const PackedLevel<float>& level,
+                                               int32_t* best_code) {
+  static_assert(kRows == 4 && kCodes == 32, "tile shape is hard-wired below");
+  __m512 best[kRows][2];
+  __m512i best_idx[kRows][2];
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int i = 0; i < kRows; ++i) {
+    best[i][0] = best[i][1] = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+    best_idx[i][0] = lane;
+    best_idx[i][1] = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
+  }
+  const float* r0 = r;
+  const float* r1 = r + d;
+  const float* r2 = r + 2 * d;
+  const float* r3 = r + 3 * d;
+  for (int64_t j0 = 0; j0 < level.n_pad; j0 += kCodes) {
+    __m512 a00 = _mm512_loadu_ps(&level.half_norms[j0]);
+    __m512 a01 = _mm512_loadu_ps(&level.half_norms[j0 + 16]);
+    __m512 a10 = a00, a11 = a01, a20 = a00, a21 = a01, a30 = a00, a31 = a01;
+    const float* ct = level.codes_t.data() + j0;
+    for (int64_t k = 0; k < d; ++k) {
+      const __m512 c0 = _mm512_loadu_ps(ct + k * level.n_pad);
+      const __m512 c1 = _mm512_loadu_ps(ct + k * level.n_pad + 16);
+      __m512 b = _mm512_set1_ps(r0[k]);
+      a00 = _mm512_fnmadd_ps(b, c0, a00);
+      a01 = _mm512_fnmadd_ps(b, c1, a01);
+      b = _mm512_set1_ps(r1[k]);
+      a10 = _mm512_fnmadd_ps(b, c0, a10);
+      a11 = _mm512_fnmadd_ps(b, c1, a11);
+      b = _mm512_set1_ps(r2[k]);
+      a20 = _mm512_fnmadd_ps(b, c0, a20);
+      a21 = _mm512_fnmadd_ps(b, c1, a21);
+      b = _mm512_set1_ps(r3[k]);
+      a30 = _mm512_fnmadd_ps(b, c0, a30);
+      a31 = _mm512_fnmadd_ps(b, c1, a31);
+    }
+    const __m512 acc[kRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    const __m512i idx0 = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(j0)));
+    const __m512i idx[2] = {idx0, _mm512_add_epi32(idx0, _mm512_set1_epi32(16))};
+    for (int i = 0; i < kRows; ++i) {
+      for (int h = 0; h < 2; ++h) {
+        // Strict '<': within a lane the earlier (lower) code wins ties.
+        const __mmask16 m = _mm512_cmp_ps_mask(acc[i][h], best[i][h], _CMP_LT_OQ);
+        best[i][h] = _mm512_mask_mov_ps(best[i][h], m, acc[i][h]);
+        best_idx[i][h] = _mm512_mask_mov_epi32(best_idx[i][h], m, idx[h]);
+      }
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    alignas(64) float v[32];
+    alignas(64) int32_t c[32];
+    _mm512_store_ps(v, best[i][0]);
+    _mm512_store_ps(v + 16, best[i][1]);
+    _mm512_store_si512(c, best_idx[i][0]);
+    _mm512_store_si512(c + 16, best_idx[i][1]);
+    float bv = v[0];
+    int32_t bc = c[0];
+    for (int t = 1; t < 32; ++t) {
+      if (v[t] < bv || (v[t] == bv && c[t] < bc)) {
+        bv = v[t];
+        bc = c[t];
+      }
+    }
+    best_code[i] = bc;
+  }
+}
+#endif
+
 template <typename scalar_t>
 using NearestCodesFn = void (*)(const scalar_t*, int64_t, const PackedLevel<scalar_t>&, int32_t*);
 
 template <typename scalar_t>
 NearestCodesFn<scalar_t> pick_nearest_codes() {
   if constexpr (std::is_same_v<scalar_t, float>) {
+#ifdef LETTER_HAVE_AVX512_MATH
+    if (active_isa() >= Isa::avx512) return nearest_codes_avx512;
+#endif
 #ifdef LETTER_HAVE_AVX2_KERNEL
     if (cpu_has_avx2_fma()) return nearest_codes_avx2;
 #endif

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from .._backend import isa
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -50,7 +52,8 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu_model(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # what eager's kernels use
+        "cpu_isa": isa(),  # the C++ kernels' instruction set (letter_ext.isa())
         "threads": torch.get_num_threads(),
         "device": str(device),
     }

@@ -1,4 +1,5 @@
-"""Benchmark of dot_product_cross_entropy, forward + backward: torch-eager vs the fused backends.
+"""Benchmark of dot_product_cross_entropy, forward + backward: torch-eager vs the fused backends,
+each path separately (CPU: cpu_tile and cpu_chunked; CUDA: triton (tile) and cuda_chunked).
 
 Baseline: `F.cross_entropy(F.linear(q, keys).float() / tau, targets)` in eager PyTorch (what an HF
 causal LM's loss does), which materializes the B x M logits (and their gradient). Peak extra
@@ -56,9 +57,15 @@ class Case:
 # on GPU as LC-Rec trains, tau = 1; keys scaled like a trained output layer (std d^-1/2).
 LLAMA7B_LM_HEAD = Case(8192, 33024, 4096, name="llama7b_lm_head", temperature=1.0, dtype="bfloat16",
                        key_std=4096**-0.5)
-LLM_CASES = [LLAMA7B_LM_HEAD]
+# The same head in float32 (CUDA only: on CPU every case runs in float32 and the first is that).
+LLAMA7B_LM_HEAD_FP32 = Case(8192, 33024, 4096, name="llama7b_lm_head_fp32", temperature=1.0, dtype="float32",
+                            key_std=4096**-0.5)
+LLM_CASES = [LLAMA7B_LM_HEAD, LLAMA7B_LM_HEAD_FP32]
 # On CPU the eager baseline is skipped above this many logits (B*M*4 bytes, several copies).
 CPU_EAGER_MAX_LOGITS = 16384 * 32128
+# On CPU the tile path is not timed above this d: it is an order of magnitude slower than the BLAS
+# there (docs/BENCHMARKS.md), and one LLaMA-7B-head call takes minutes.
+CPU_TILE_MAX_D = 1024
 # On CPU, calls above this many multiply-adds per pass are timed once instead of repeated.
 CPU_REPEAT_MAX_MACS = 8192 * 1030 * 128
 
@@ -85,13 +92,16 @@ def eager_loss(q, keys, targets, temperature: float = TEMPERATURE):
     return F.cross_entropy(F.linear(q, keys).float() / temperature, targets)
 
 
-def step(backend: str, q, keys, targets, temperature: float = TEMPERATURE) -> torch.Tensor:
-    """One forward + backward; returns the (detached) loss."""
+def step(arm: str, q, keys, targets, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """One forward + backward of an arm ('eager', or BACKEND[_PATH] as 'cpu_chunked'); returns the
+    (detached) loss."""
     q.grad = keys.grad = None
-    if backend == "eager":
+    if arm == "eager":
         loss = eager_loss(q, keys, targets, temperature)
     else:
-        loss = dot_product_cross_entropy(q, keys, targets, temperature=temperature, backend=backend)
+        backend, _, path = arm.partition("_")
+        loss = dot_product_cross_entropy(q, keys, targets, temperature=temperature, backend=backend,
+                                         path=path or None)
     loss.backward()
     return loss.detach()
 
@@ -154,11 +164,11 @@ def run(device: torch.device, quick: bool = False, cases=None) -> list[dict]:
     shapes (default: QUICK_SHAPES when quick, else SHAPES + LLM_CASES)."""
     backends = []
     if device.type == "cpu" and has_compiled_op("dot_product_cross_entropy_fwd", "cpu"):
-        backends.append("cpu")
+        backends += ["cpu_tile", "cpu_chunked"]
     if device.type == "cuda" and triton_usable(device):
-        backends.append("triton")  # there is no hand-written CUDA kernel for this op
+        backends += ["triton", "cuda_chunked"]  # the tile path is the Triton kernel
     if cases is None:
-        cases = QUICK_SHAPES if quick else SHAPES + LLM_CASES
+        cases = QUICK_SHAPES if quick else SHAPES + (LLM_CASES if device.type == "cuda" else LLM_CASES[:1])
     rows = []
     for case in map(_as_case, cases):
         B, M, d = case.B, case.M, case.d
@@ -177,6 +187,9 @@ def run(device: torch.device, quick: bool = False, cases=None) -> list[dict]:
         else:
             row.setdefault("eager_error", "skipped: logits too large for this CPU")
         for be in backends:
+            if be == "cpu_tile" and device.type == "cpu" and case.d > CPU_TILE_MAX_D:
+                row["cpu_tile_error"] = f"skipped: d > {CPU_TILE_MAX_D} (404 s at the LLaMA-7B head on the Xeon)"
+                continue
             res = measure(be, case, device)
             row[f"{be}_ms"] = res["ms"]
             row[f"{be}_extra_MiB"] = res["extra_MiB"]

@@ -1,11 +1,14 @@
-"""Benchmark of residual_quantize: torch-eager (cdist + argmin per level) vs every backend."""
+"""Benchmark of residual_quantize: torch-eager (cdist + argmin per level) vs every backend, on CPU
+once per instruction set the machine runs (cpu_avx2, cpu_avx512: letter_ext.set_isa), and the fp32
+GEMM rates (a square 1024^3 GEMM: the ceiling; and x @ C_l^T per level, the same multiply-adds)."""
 import torch
 
-from .._backend import has_compiled_op, triton_usable
+from .._backend import has_compiled_op, isa, set_isa, supported_isas, triton_usable
 from ..residual_quantize import residual_quantize
 from .common import median_time
 
 L, N, D = 4, 256, 32
+SQUARE = 1024  # side of the GEMM that measures the BLAS's fp32 rate
 
 
 def eager_baseline(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -21,13 +24,17 @@ def eager_baseline(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
 
 def run(device: torch.device, quick: bool = False) -> list[dict]:
     sizes = [4096] if quick else [4096, 65536, 262144]
-    backends = []
+    backends = []  # (label, backend, forced ISA or None)
     if has_compiled_op("residual_quantize", device.type):
-        backends.append(device.type)
+        if device.type == "cpu":
+            backends += [(f"cpu_{name}", "cpu", name) for name in supported_isas() if name != "scalar"]
+        else:
+            backends.append((device.type, device.type, None))
     if triton_usable(device) and device.type == "cuda":
-        backends.append("triton")
+        backends.append(("triton", "triton", None))
     rows = []
     gen = torch.Generator(device="cpu").manual_seed(0)
+    square = torch.randn(SQUARE, SQUARE, generator=gen).to(device)
     for B in sizes:
         x = torch.randn(B, D, generator=gen).to(device)
         cb = torch.randn(L, N, D, generator=gen).to(device)
@@ -35,12 +42,28 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         ref_codes = eager_baseline(x, cb)
         flops = 2.0 * B * L * N * D
         row = {"B": B, "d": D, "L": L, "N": N, "eager_ms": t_eager * 1e3}
-        for be in backends:
-            t = median_time(lambda: residual_quantize(x, cb, backend=be), device)
-            codes, _ = residual_quantize(x, cb, backend=be)
-            row[f"{be}_ms"] = t * 1e3
-            row[f"{be}_speedup"] = t_eager / t
-            row[f"{be}_codes_equal_eager"] = float((codes == ref_codes).float().mean())
-            row[f"{be}_gflops"] = flops / t / 1e9
+        if device.type == "cpu":
+            # The BLAS's fp32 rate: on a compute-bound square GEMM (the ceiling), and on the same
+            # multiply-adds as x @ C_l^T (memory-bound: it writes the B x N distances).
+            t_square = median_time(lambda: square @ square, device)
+            row["gemm_gflops"] = 2.0 * SQUARE**3 / t_square / 1e9
+            t_gemm = median_time(lambda: [x @ level.T for level in cb], device)
+            row["gemm_same_shape_gflops"] = flops / t_gemm / 1e9
+        default_isa = isa()
+        for label, be, forced in backends:
+            if forced:
+                set_isa(forced)
+            try:
+                t = median_time(lambda: residual_quantize(x, cb, backend=be), device)
+                codes, _ = residual_quantize(x, cb, backend=be)
+            finally:
+                if forced:
+                    set_isa(default_isa)
+            row[f"{label}_ms"] = t * 1e3
+            row[f"{label}_speedup"] = t_eager / t
+            row[f"{label}_codes_equal_eager"] = float((codes == ref_codes).float().mean())
+            row[f"{label}_gflops"] = flops / t / 1e9
+            if "gemm_gflops" in row:
+                row[f"{label}_vs_gemm"] = row[f"{label}_gflops"] / row["gemm_gflops"]
         rows.append(row)
     return rows

@@ -131,6 +131,40 @@ def distributed(device: str | torch.device | None = "auto") -> Iterator[DistCont
 
 # -- randomness ---------------------------------------------------------------------------------
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix hardware (AMX or AVX512-BF16, from /proc/cpuinfo), where
+    oneDNN's bf16 GEMMs outrun fp32 (a 2-core Xeon with AMX: 726 against 123 GFLOP/s)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+# On CPU, `auto` picks bf16 from this model width on: measured on a 2-core Xeon with AMX (one
+# thread, docs/BENCHMARKS.md), TIGER at d_model 128 / d_ff 1024 trained 1.43x faster in bf16, at
+# d_model 64 / d_ff 256 0.91x (its GEMMs are too small for AMX to pay for the casts).
+CPU_BF16_MIN_WIDTH = 128
+
+
+def bf16_autocast(precision: str, device: torch.device, width: int) -> bool:
+    """Whether training steps run under bf16 autocast (fp32 master weights and optimizer state;
+    the fused ops take the fp32 outputs of LayerNorm and accumulate in fp32). precision: 'fp32',
+    'bf16', or 'auto' = bf16 on a CUDA GPU that supports it, and on a CPU with bf16 hardware
+    (cpu_has_fast_bf16) for models of width (d_model) >= CPU_BF16_MIN_WIDTH; fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise LetterError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16() and width >= CPU_BF16_MIN_WIDTH
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device)."""
     random.seed(seed)

@@ -1,10 +1,12 @@
-"""TIGER training throughput (samples/s): padded vs trimmed vs trimmed+bucketed batches.
+"""TIGER training throughput (samples/s): padded vs trimmed vs trimmed+bucketed batches, and the
+bucketed batches in bf16 autocast (fp32 master weights) against fp32.
 
 Arms, all with the real training step (loss summed over tokens and scaled to the batch mean,
 backward, gradient clipping, AdamW), on the same training samples:
   padded    every batch padded to max_history * L + 1 tokens (the old path), shuffled order
   trimmed   the same batches, each trimmed to its longest row (`letter.rec.data.trim_padding`)
   bucketed  batches of similar history length (`letter.training.batch_order(..., lengths)`), trimmed
+  bucketed_bf16  the bucketed batches under torch.autocast(bfloat16) (`--precision bf16` of train-rec)
 The arms run step by step in turn (rotating which goes first) from identical initial weights;
 samples/s = samples / summed step time after warm-up steps. The timed batches of each arm sit at
 evenly spaced quantiles of its epoch's batch widths (see `_schedule`), so that bucketed steps, whose
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 NAME = "rec_throughput"
-ARMS = ("padded", "trimmed", "bucketed")
+ARMS = ("padded", "trimmed", "bucketed", "bucketed_bf16")
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "data", "instruments")
 # Training samples per history length 1..20 (items) of Instruments with max_history 20 (the last
 # bin holds every longer history): the synthetic fallback draws lengths from it.
@@ -91,8 +93,8 @@ def _orders(n: int, batch_size: int, lengths: torch.Tensor, seed: int) -> dict[s
     from letter.training import batch_order, epoch_generator
 
     plain = batch_order(n, batch_size, epoch_generator(seed, 0))
-    return {"padded": plain, "trimmed": plain,
-            "bucketed": batch_order(n, batch_size, epoch_generator(seed, 0), lengths)}
+    bucketed = batch_order(n, batch_size, epoch_generator(seed, 0), lengths)
+    return {"padded": plain, "trimmed": plain, "bucketed": bucketed, "bucketed_bf16": bucketed}
 
 
 def _widths(batches, lengths: torch.Tensor, full: int, trimmed: bool) -> list[int]:
@@ -136,7 +138,7 @@ def measure(size: str, args, device: torch.device) -> dict:
     samples = dict.fromkeys(ARMS, 0)
     total = args.rec_warmup + args.rec_steps
     for step in range(total):
-        rotation = ARMS[step % 3:] + ARMS[:step % 3]
+        rotation = ARMS[step % len(ARMS):] + ARMS[:step % len(ARMS)]
         for arm in rotation:
             batch = schedules[arm][step]
             e, y = enc[batch], labels[batch]
@@ -147,7 +149,8 @@ def measure(size: str, args, device: torch.device) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = timer()
-            loss = model.loss(e, RecData.decoder_inputs(y), y, reduction="sum") / y.numel()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=arm.endswith("_bf16")):
+                loss = model.loss(e, RecData.decoder_inputs(y), y, reduction="sum") / y.numel()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             opt.step()
@@ -172,6 +175,8 @@ def measure(size: str, args, device: torch.device) -> dict:
         }
     base_rate = out["arms"]["padded"]["samples_per_s"]
     out["speedup_vs_padded"] = {arm: round(out["arms"][arm]["samples_per_s"] / base_rate, 3) for arm in ARMS}
+    rates = {arm: out["arms"][arm]["samples_per_s"] for arm in ("bucketed_bf16", "bucketed")}
+    out["bf16_vs_fp32"] = round(rates["bucketed_bf16"] / rates["bucketed"], 3)
     return out
 
 
@@ -190,7 +195,8 @@ def run(args) -> dict:
 def _line(r: dict) -> str:
     arms = ", ".join(f"{arm} {r['arms'][arm]['samples_per_s']:.1f}/s (width {r['arms'][arm]['mean_width_timed']:.0f})"
                      for arm in ARMS)
-    return f"{r['size']}: {arms}; bucketed/padded {r['speedup_vs_padded']['bucketed']:.2f}x"
+    return (f"{r['size']}: {arms}; bucketed/padded {r['speedup_vs_padded']['bucketed']:.2f}x, "
+            f"bf16/fp32 {r['bf16_vs_fp32']:.2f}x")
 
 
 def summary(result: dict) -> str:

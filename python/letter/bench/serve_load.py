@@ -15,12 +15,13 @@ import datetime
 import os
 import platform
 import random
-import subprocess
 import time
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
+
+from letter_ext.bench.common import cpu_model
 
 from letter.data import load_dataset
 from letter.runs import check_rec_run, read_rec_run_info
@@ -29,16 +30,6 @@ from letter.utils import write_json
 
 CONCURRENCY = (1, 8, 32, 128)
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sample_histories(run_dir: str, count: int, seed: int = 0) -> list[list[str]]:

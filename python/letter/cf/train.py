@@ -24,7 +24,7 @@ from letter.data import Dataset, Split, leave_one_out, pad_left
 from letter.data.cold import check_no_cold_training, read_cold_split
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
-from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume,
+from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, bf16_autocast, check_resume,
                              distributed, epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard)
 from letter.runs import sidecar_record
 from letter.utils import progress, save_npy, write_json
@@ -185,6 +185,7 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     lengths = (inputs > 0).sum(1)
+    use_amp = bf16_autocast(cfg.precision, ctx.device, cfg.dim)
     while state["epoch"] < cfg.epochs and not stopping.should_stop:
         epoch = state["epoch"] + 1
         started = time.time()
@@ -193,8 +194,9 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
         for batch in progress(steps, desc=f"epoch {epoch}", leave=False, disable=None if ctx.main else True):
             global_targets = int((targets[batch] > 0).sum())
             seq, tgt = trim_padding(inputs[shard(batch, ctx)], targets[shard(batch, ctx)])
-            loss = _step_loss(train_model, seq.to(ctx.device), tgt.to(ctx.device), dataset.num_items, cfg.loss,
-                              global_targets, ctx.world)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = _step_loss(train_model, seq.to(ctx.device), tgt.to(ctx.device), dataset.num_items, cfg.loss,
+                                  global_targets, ctx.world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -58,6 +58,9 @@ class RecConfig(Settings):
     eval_beams: int = setting(20, "Beams of the validation beam search.", low=10)
     eval_batch_size: int = setting(256, "Users per validation batch.", low=1, may_change_on_resume=True)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto.", may_change_on_resume=True)
+    precision: str = setting("auto", "Training arithmetic (tiger): fp32, bf16 (autocast, fp32 master weights) or auto "
+                                     "(bf16 on a bf16-capable GPU, or on a CPU with AMX/AVX512-BF16 from d_model 128).",
+                             choices=("auto", "fp32", "bf16"), may_change_on_resume=True)
 
     def check(self) -> None:
         if self.model == "lcrec" and not self.base_model:

@@ -21,8 +21,6 @@ from torch import nn
 
 PAD, EOS, BOS = 0, 1, 2
 NUM_SPECIAL = 3
-# Tiger.loss materializes the [rows, V] logits on the CPU up to this many (64 MiB of float32).
-EAGER_LOSS_MAX_LOGITS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -269,15 +267,11 @@ class Tiger(nn.Module):
 
     def loss(self, enc_tokens, dec_tokens, targets, reduction: str = "mean"):
         """Ranking-guided generation loss: softmax CE over the vocabulary at temperature tau, computed
-        by the fused op so the [B*T, V] logit matrix is never built — except for small float32 CPU
-        problems (at most EAGER_LOSS_MAX_LOGITS logits, e.g. V ~ 1k), where the same formula with
-        materialized logits (F.linear + F.cross_entropy, MKL GEMMs) is faster (measured 1.6-1.7x
-        for the loss at V 1,027, d 128: `python -m letter.bench rec_components`)."""
+        by the fused op so the [B*T, V] logit matrix is never built. (On CPU its chunked-GEMM path is
+        also faster than materialized logits at TIGER's shapes: 1.4-2.1x for 256-1,024 rows at V 1,027,
+        d 128, one thread; docs/BENCHMARKS.md.)"""
         hidden = self(enc_tokens, dec_tokens)
         q, keys, flat = hidden.reshape(-1, hidden.shape[-1]), self.embed.weight, targets.reshape(-1)
-        if (q.device.type == "cpu" and q.dtype == keys.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and q.shape[0] * keys.shape[0] <= EAGER_LOSS_MAX_LOGITS):
-            return F.cross_entropy(F.linear(q, keys) / self.temperature, flat, ignore_index=PAD, reduction=reduction)
         from letter_ext import dot_product_cross_entropy
 
         return dot_product_cross_entropy(q, keys, flat, temperature=self.temperature, ignore_index=PAD,

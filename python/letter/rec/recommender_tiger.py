@@ -78,7 +78,7 @@ class TigerRecommender(Recommender):
         return list(self.model.parameters())
 
     def autocast(self, device) -> bool:
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return device.type == "cpu" or torch.cuda.is_bf16_supported()
 
     def prepare_training(self, rng):
         self.train_enc, self.train_labels = self.rec.train_tensors()

@@ -27,8 +27,9 @@ from torch import nn
 
 from letter.errors import LetterError
 from letter.runs import mark_complete, read_json
-from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, check_resume, distributed,
-                             epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard, warmup_cosine)
+from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, bf16_autocast, check_resume,
+                             distributed, epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard,
+                             warmup_cosine)
 from letter.utils import progress, save_npy, write_json
 
 from .config import RecConfig
@@ -127,7 +128,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
         if ckpt.get("finished"):
             start_epoch = config.epochs  # nothing left to train
 
-    use_amp = rm.autocast(device)
+    use_amp = rm.autocast(device) and bf16_autocast(config.precision, device, config.d_model)
     started = time.time()
     wall_before = history[-1]["wall_s"] if history else 0.0
     epochs_this_call = 0
