@@ -52,7 +52,7 @@ class RecConfig(Settings):
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.", low=0, low_open=True)
     seed: int = setting(42, "Random seed.")
     # Model selection and early stopping on validation NDCG@10 from constrained beam search, by the
-    # rule of letter.training.EarlyStopping (docs/STATUS.md "Model selection").
+    # rule of letter.training.EarlyStopping (README, "Model selection and early stopping").
     eval_every: int = setting(1, "Validate (beam search, NDCG@10) every N epochs.", low=1)
     patience: int = setting(20, "Stop after this many validations without a better NDCG@10 (theirs: 20).", low=1,
                             may_change_on_resume=True)
