@@ -59,8 +59,9 @@ SYNTHETIC_PRESET = {
 # One recipe for real datasets on a CPU (issue 26), chosen once and run unchanged on every dataset
 # (docs/RESULTS.md "One CPU preset"). TIGER: the 1.05 M-parameter model of the 2026-12-01 runs
 # (d_model 128, 2+2 layers, 4 heads x 32, d_ff 512), tau 0.7, lr 2e-3, a 6-epoch cosine so that an
-# Instruments run (131,837 samples) takes about 45 min on one thread, model selection on the whole
-# validation split every epoch. Tokenizer: the 80-epoch 512-256-128 MLP of the Scientific comparison.
+# Instruments run (131,837 samples) fits about 45 min of one thread (measured: ~53 min of CPU on a
+# busy machine, validation included), model selection on the whole validation split every epoch.
+# Tokenizer: the 80-epoch 512-256-128 MLP of the Scientific comparison.
 CPU_PRESET = {
     "tokenizer": {"layers": [512, 256, 128], "epochs": 80, "batch_size": 256, "kmeans_iters": 30},
     "rec": {"d_model": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "d_kv": 32, "d_ff": 512,
