@@ -63,7 +63,7 @@ class RecConfig(Settings):
                                     "errors of its NDCG@10. Within it, the lower validation loss wins.", low=0,
                                may_change_on_resume=True)
     min_delta_se: float = setting(1.0, "With min_delta 0: the improvement threshold in standard errors of the "
-                                       "validation NDCG@10 (0: any gain counts, the plain rule).", low=0,
+                                       "validation NDCG@10 (0: any gain counts).", low=0,
                                   may_change_on_resume=True)
     # With a fixed-horizon cosine schedule, stopping before it has decayed keeps weights trained at
     # a high learning rate (issue 26: a run stopped at epoch 6 of 12 kept its epoch-3 weights).
