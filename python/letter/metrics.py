@@ -25,7 +25,8 @@ def per_user_metrics(hits: torch.Tensor, ks=(5, 10)) -> dict[str, torch.Tensor]:
     for k in ks:
         within = first < k
         out[f"recall@{k}"] = within.double()
-        out[f"ndcg@{k}"] = torch.where(within, 1.0 / torch.log2(first.double() + 2.0), torch.zeros((), dtype=torch.double))
+        gain = 1.0 / torch.log2(first.double() + 2.0)
+        out[f"ndcg@{k}"] = torch.where(within, gain, torch.zeros((), dtype=torch.double))
     return out
 
 

@@ -7,8 +7,9 @@
   each generator) for bit-identical resume.
 - `check_resume`: which fields may change when resuming; one error naming the field that differs.
 - `save_checkpoint` / `load_checkpoint`: atomic save; a corrupt or truncated file is one line.
-- `EarlyStopping` (the noise-aware selection rule, see its doc), `warmup_cosine`, `batch_order` (seeded, identical on every rank, optionally
-  grouping rows of similar length) and `shard` (a rank's share of a global batch).
+- `EarlyStopping` (the noise-aware selection rule, see its doc), `warmup_cosine`, `batch_order`
+  (seeded, identical on every rank, optionally grouping rows of similar length) and `shard` (a
+  rank's share of a global batch).
 """
 from __future__ import annotations
 
