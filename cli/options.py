@@ -4,6 +4,7 @@ import dataclasses
 
 import click
 
+from letter.config import PRESETS, named_preset
 from letter.settings import default_of, field_type
 from letter.utils import read_mapping_file
 
@@ -54,15 +55,25 @@ def settings_options(cls, exclude: tuple[str, ...] = ()):
     return decorate
 
 
+def preset_option(command):
+    """--preset NAME: start from a named preset of letter.config.PRESETS (before --config and the options)."""
+    return click.option("--preset", "preset", type=click.Choice(sorted(PRESETS)), default=None,
+                        help="Start from a named preset (cpu: the recipe sized for a CPU, see `letter config show "
+                             "--preset cpu`); --config and the options given override it.")(command)
+
+
 config_file_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False), default=None,
     help="YAML/JSON file of these settings (the option names with _); options given here override it.")
 
 
-def settings_from_options(cls, options: dict, config_file: str | None = None):
-    """The settings: the dataclass defaults, then the --config file, then the options given.
-    Removes the fields' keys from `options`; validates (bad values are one-line LetterErrors)."""
-    values = cls.from_dict(read_mapping_file(config_file), validate=False).to_dict() if config_file else {}
+def settings_from_options(cls, options: dict, config_file: str | None = None, preset: str | None = None):
+    """The settings: the dataclass defaults, then the preset's section, then the --config file, then the
+    options given. Removes the fields' keys from `options`; validates (bad values are one-line LetterErrors)."""
+    values = cls.from_dict(named_preset(preset).get(cls.section, {}), validate=False).to_dict() if preset else {}
+    if config_file:
+        values.update(read_mapping_file(config_file))
+        values = cls.from_dict(values, validate=False).to_dict()
     for f in dataclasses.fields(cls):
         given = options.pop(f.name, None)
         if given is not None:

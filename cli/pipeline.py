@@ -3,6 +3,8 @@ import os
 
 import click
 
+from letter.cli.options import preset_option
+
 
 @click.command("pipeline")
 @click.option("--data", "data_path", type=click.Path(exists=True), default=None,
@@ -10,12 +12,13 @@ import click
 @click.option("--synthetic", is_flag=True, help="Use the built-in synthetic dataset (and its CPU-sized preset).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML or JSON file overriding any setting (see `letter config show`).")
+@preset_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (one subfolder per stage).")
 @click.option("--from", "from_stage", default=None,
               type=click.Choice(["prepare", "embed", "cf", "tokenizer", "rec", "evaluate"]),
               help="Rerun from this stage even if its outputs are up to date.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def pipeline(data_path, synthetic, config_file, out, from_stage, device):
+def pipeline(data_path, synthetic, config_file, preset, out, from_stage, device):
     """Run prepare -> embed -> train-cf -> train-tokenizer -> train-rec -> evaluate and write a report.
 
     Stages whose outputs exist and match the config are skipped, so rerunning the same command
@@ -29,7 +32,7 @@ def pipeline(data_path, synthetic, config_file, out, from_stage, device):
 
     if bool(data_path) == bool(synthetic):
         raise click.UsageError("give exactly one of --data DIR or --synthetic")
-    cfg = effective_config(config_file, synthetic=synthetic)
+    cfg = effective_config(config_file, synthetic=synthetic, preset=preset)
     resolve_device(device)  # a device this torch lacks fails here, before any stage writes
     source = {"synthetic": True} if synthetic else {"data": os.path.abspath(data_path)}
     report = Pipeline(out=out, config=cfg, source=source, device=device, log=click.echo).run(from_stage)
@@ -45,8 +48,9 @@ def config():
 @config.command("show")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML/JSON overrides.")
 @click.option("--synthetic", is_flag=True, help="Include the synthetic dataset's CPU preset.")
-def show(config_file, synthetic):
-    """Print the effective config (defaults + preset + file) as YAML."""
+@preset_option
+def show(config_file, synthetic, preset):
+    """Print the effective config (defaults + presets + file) as YAML."""
     from letter.config import dump_yaml, effective_config
 
-    click.echo(dump_yaml(effective_config(config_file, synthetic=synthetic)), nl=False)
+    click.echo(dump_yaml(effective_config(config_file, synthetic=synthetic, preset=preset)), nl=False)

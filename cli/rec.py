@@ -4,7 +4,7 @@ import json
 
 import click
 
-from letter.cli.options import config_file_option, settings_from_options, settings_options
+from letter.cli.options import config_file_option, preset_option, settings_from_options, settings_options
 from letter.rec.config import RecConfig
 
 
@@ -26,12 +26,18 @@ max_new_share_option = click.option(
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, help="Return after N epochs of this call (resume later).")
 @settings_options(RecConfig)
 @config_file_option
-def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, **options):
+@preset_option
+def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, preset, **options):
     """Train TIGER (default) or LC-Rec (--model lcrec --base-model LOCAL_LLM_FOLDER: LoRA on a causal LM,
-    needs pip install -e .[llm]) on item identifiers. Works under torchrun (gloo on CPU, nccl on GPU)."""
+    needs pip install -e .[llm]) on item identifiers. Works under torchrun (gloo on CPU, nccl on GPU).
+
+    Model selection: NDCG@10 on the whole validation split (--valid-users N: a sample, with its
+    standard error); a validation counts as better only by more than --min-delta (default: one
+    standard error), within it the lower validation loss wins; no stop before --stop-from of the
+    cosine schedule. Every epoch prints the validation's cost (valid_s)."""
     from letter.rec import train_rec
 
-    config = settings_from_options(RecConfig, options, config_file)
+    config = settings_from_options(RecConfig, options, config_file, preset)
     summary = train_rec(config, data_path, codes, out_dir, resume=resume, stop_after=stop_after)
     click.echo(json.dumps(summary, indent=2))
 

@@ -5,7 +5,7 @@ import os
 import click
 import numpy as np
 
-from letter.cli.options import config_file_option, settings_from_options, settings_options
+from letter.cli.options import config_file_option, preset_option, settings_from_options, settings_options
 from letter.errors import LetterError
 from letter.runs import load_npy
 from letter.tokenizer.config import TokenizerConfig
@@ -38,10 +38,12 @@ def _codebook_sizes(levels: int | None, size: int | None, current: list[int]) ->
 @click.option("--levels", type=int, help="Shorthand: this many levels of --codebook-size codes.")
 @click.option("--codebook-size", type=int, help="Shorthand: every level gets N codes.")
 @config_file_option
+@preset_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder (default: runs/tokenizer-<Name>).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's checkpoint.pt.")
-def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codebook_size, out_dir, device, resume, **options):
+def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels, codebook_size, out_dir, device, resume,
+                        **options):
     """Train the LETTER tokenizer (RQ-VAE + collaborative and diversity regularization) and write
     <Name>.index.json, codes.npy, model, report.json/.md and curves into the run folder.
 
@@ -53,7 +55,7 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, levels, codeboo
     from letter.runs import check_sidecar
     from letter.tokenizer import train_tokenizer
 
-    config = settings_from_options(TokenizerConfig, options, config_file)
+    config = settings_from_options(TokenizerConfig, options, config_file, preset)
     config = config.replace(codebook_sizes=_codebook_sizes(levels, codebook_size, config.codebook_sizes))
     dataset = load_dataset(data_dir)
     text_emb = text_emb or _find_one(data_dir, f"{dataset.name}.emb-*.npy", "text embedding")

@@ -17,7 +17,7 @@ from letter.data import (
     write_letter,
 )
 from letter.errors import DataError
-from letter.metrics import hits_from_topk, metrics_from_hits, ranking_metrics
+from letter.metrics import hits_from_topk, metrics_from_hits, ranking_metrics, standard_errors
 
 
 def _write(path, text):
@@ -231,6 +231,18 @@ def test_metrics_from_hits_counts_first_hit_only():
     assert m["recall@3"] == 0.5 and m["ndcg@3"] == pytest.approx(0.5 / np.log2(3))
     with pytest.raises(ValueError, match="at least 10"):
         metrics_from_hits(hits)
+
+
+
+def test_standard_errors_by_hand():
+    # ranks of the first hit: 0, 1, none, 3 -> per-user NDCG@5 1, 1/log2(3), 0, 1/log2(5)
+    hits = torch.zeros(4, 5, dtype=torch.bool)
+    hits[0, 0] = hits[1, 1] = hits[3, 3] = hits[3, 4] = True
+    gains = np.array([1.0, 1 / np.log2(3), 0.0, 1 / np.log2(5)])
+    se = standard_errors(hits, ks=(5,))
+    assert se["ndcg@5"] == pytest.approx(gains.std(ddof=1) / 2)
+    assert se["recall@5"] == pytest.approx(np.array([1.0, 1, 0, 1]).std(ddof=1) / 2)
+    assert np.isnan(standard_errors(hits[:1], ks=(5,))["ndcg@5"])  # one user: no spread to measure
 
 
 # ---------------------------------------------------------------- CLI

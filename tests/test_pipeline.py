@@ -106,3 +106,28 @@ def test_config_show_and_unknown_keys(tmp_path):
         effective_config(str(bad))
     result = CliRunner().invoke(main, ["pipeline", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "exactly one of" in result.output
+
+
+def test_cpu_preset_loads_validates_and_yields_to_files_and_options(tmp_path, monkeypatch):
+    from letter import config as config_module
+    from letter.cli.options import settings_from_options
+    from letter.rec import RecConfig
+    from letter.tokenizer import TokenizerConfig
+
+    cfg = effective_config(preset="cpu")
+    assert (cfg["rec"]["d_model"], cfg["rec"]["epochs"], cfg["rec"]["valid_users"]) == (128, 6, 0)
+    assert cfg["tokenizer"]["layers"] == [512, 256, 128] and cfg["tokenizer"]["alpha"] == 0.02
+    result = CliRunner().invoke(main, ["config", "show", "--preset", "cpu"])
+    assert result.exit_code == 0 and yaml.safe_load(result.output) == cfg
+    overrides = tmp_path / "rec.yaml"
+    overrides.write_text("epochs: 3\n")
+    rec = settings_from_options(RecConfig, {"lr": 1e-3}, str(overrides), "cpu")
+    assert (rec.d_model, rec.temperature, rec.epochs, rec.lr) == (128, 0.7, 3, 1e-3)
+    assert settings_from_options(TokenizerConfig, {}, None, "cpu").epochs == 80
+    result = CliRunner().invoke(main, ["train-rec", "--data", "x", "--index", "y", "--out", "z", "--preset", "gpu"])
+    assert result.exit_code == 2 and "Invalid value for '--preset'" in result.output
+    with pytest.raises(LetterError, match="unknown preset 'gpu'"):
+        effective_config(preset="gpu")
+    monkeypatch.setitem(config_module.PRESETS["cpu"]["rec"], "lr", -1.0)  # a preset is validated like a file
+    with pytest.raises(LetterError, match="rec: lr must be > 0"):
+        effective_config(preset="cpu")

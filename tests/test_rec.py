@@ -183,6 +183,41 @@ def test_evaluate_cli_writes_json(trained, tmp_path):
     assert set(saved["metrics"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
 
 
+def test_model_selection_uses_every_validation_user_by_default(trained):
+    out, summary = trained
+    assert RecConfig().valid_users == 0
+    everyone = evaluate(out, "valid", device="cpu")
+    with open(os.path.join(out, "history.json")) as f:
+        history = json.load(f)
+    validated = [r for r in history if "valid_ndcg@10" in r]
+    assert [r["epoch"] for r in validated] == [2, 4, 6]
+    assert all(r["valid_users"] == everyone["users"] and r["valid_s"] > 0 for r in history)
+    assert summary["selection"]["valid_users"] == everyone["users"] and summary["schedule_completed"]
+    best = next(r for r in validated if r["epoch"] == summary["best_epoch"])
+    assert best["selected"] and best["valid_ndcg@10"] == pytest.approx(everyone["metrics"]["ndcg@10"])
+    assert everyone["standard_errors"]["ndcg@10"] == pytest.approx(best["valid_ndcg@10_se"])
+
+
+def test_a_validation_sample_prints_and_stores_its_standard_error(synth, tmp_path, capsys):
+    folder, codes_path, _, _ = synth
+    out = str(tmp_path / "sample")
+    summary = train_rec(small_config(epochs=2, eval_every=1, valid_users=50), folder, codes_path, out)
+    sample = evaluate(out, "valid", max_users=50, device="cpu")  # the same fixed sample, the best weights
+    assert sample["users"] == 50 and summary["last"]["valid_users"] == 50
+    best = summary["best_epoch"]
+    ckpt = _weights(os.path.join(out, "checkpoint.pt"))
+    with open(os.path.join(out, "history.json")) as f:
+        for history in (json.load(f), ckpt["history"]):
+            record = history[best - 1]
+            for name, se in sample["standard_errors"].items():
+                assert record[f"valid_{name}_se"] == pytest.approx(se), name
+    assert sample["standard_errors"]["recall@10"] > 0
+    threshold = history[best - 1]["valid_threshold"]
+    assert threshold == pytest.approx(sample["standard_errors"]["ndcg@10"])  # min_delta_se 1 by default
+    printed = capsys.readouterr().out
+    assert printed.count("valid_ndcg@10_se=") == 2 and "valid_s=" in printed
+
+
 # ------------------------------------------------------------------------------ resume and DDP
 
 
@@ -200,7 +235,7 @@ def test_resume_equals_uninterrupted_run(trained, synth, tmp_path):
     a, b = _weights(os.path.join(out, "checkpoint.pt")), _weights(os.path.join(resumed, "checkpoint.pt"))
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    strip = lambda h: [{k: v for k, v in r.items() if k != "wall_s"} for r in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("wall_s", "valid_s")} for r in h]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
     assert _weights(os.path.join(out, "model.pt"))["epoch"] == _weights(os.path.join(resumed, "model.pt"))["epoch"]
 

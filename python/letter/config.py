@@ -1,7 +1,8 @@
 """The pipeline's one configuration: every setting of every stage, with the authors' defaults.
 
 A config file (YAML or JSON) holds any subset of the sections below; what it leaves out keeps its
-default. `--synthetic` runs start from the SYNTHETIC_PRESET overrides (sized for a 2-core CPU)
+default. `--synthetic` runs start from the SYNTHETIC_PRESET overrides (sized for a 2-core CPU),
+`--preset NAME` runs from a named preset of PRESETS (`cpu`: one recipe for real datasets on a CPU),
 before the file is applied.
 
     data:       dataset source options (synthetic generator settings, history length)
@@ -55,6 +56,28 @@ SYNTHETIC_PRESET = {
 }
 
 
+# One recipe for real datasets on a CPU (issue 26), chosen once and run unchanged on every dataset
+# (docs/RESULTS.md "One CPU preset"). TIGER: the 1.05 M-parameter model of the 2026-12-01 runs
+# (d_model 128, 2+2 layers, 4 heads x 32, d_ff 512), tau 0.7, lr 2e-3, a 6-epoch cosine so that an
+# Instruments run (131,837 samples) fits about 45 min of one thread (measured: ~53 min of CPU on a
+# busy machine, validation included), model selection on the whole validation split every epoch.
+# Tokenizer: the 80-epoch 512-256-128 MLP of the Scientific comparison.
+CPU_PRESET = {
+    "tokenizer": {"layers": [512, 256, 128], "epochs": 80, "batch_size": 256, "kmeans_iters": 30},
+    "rec": {"d_model": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "d_kv": 32, "d_ff": 512,
+            "dropout": 0.1, "temperature": 0.7, "epochs": 6, "batch_size": 256, "bucket_by_length": True,
+            "lr": 2e-3, "warmup_ratio": 0.02, "eval_every": 1, "patience": 3, "valid_users": 0},
+}
+PRESETS = {"cpu": CPU_PRESET}
+
+
+def named_preset(name: str) -> dict:
+    """A copy of the preset `name` ({section: settings}); an unknown name is a LetterError."""
+    if name not in PRESETS:
+        raise LetterError(f"--preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
+    return copy.deepcopy(PRESETS[name])
+
+
 def merge(base: dict, override: dict, where: str = "") -> dict:
     """Recursively apply `override` onto a copy of `base`; unknown keys are an error naming the key."""
     out = copy.deepcopy(base)
@@ -71,11 +94,13 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
     return out
 
 
-def effective_config(config_file: str | None = None, synthetic: bool = False) -> dict:
-    """Defaults, then the synthetic preset (if asked), then the file."""
+def effective_config(config_file: str | None = None, synthetic: bool = False, preset: str | None = None) -> dict:
+    """Defaults, then the synthetic preset (if asked), then the named preset (if given), then the file."""
     cfg = default_config()
     if synthetic:
         cfg = merge(cfg, SYNTHETIC_PRESET)
+    if preset:
+        cfg = merge(cfg, named_preset(preset))
     if config_file:
         cfg = merge(cfg, read_mapping_file(config_file))
     return validate_config(cfg)

@@ -9,14 +9,13 @@ def hits_from_topk(topk: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (topk == targets.unsqueeze(1)) & (topk >= 0)
 
 
-def metrics_from_hits(hits: torch.Tensor, ks=(5, 10)) -> dict[str, float]:
-    """Recall@k and NDCG@k (=1/log2(rank+2) at the first hit, rank 0-based) averaged over users.
-
-    Only the first hit of a row counts, so a caller may mark several slots (e.g. all items sharing
-    a generated code) without inflating the score."""
+def per_user_metrics(hits: torch.Tensor, ks=(5, 10)) -> dict[str, torch.Tensor]:
+    """Recall@k (0/1) and NDCG@k (1/log2(rank+2) at the first hit, rank 0-based) of every user:
+    float64 [U] per metric. Only the first hit of a row counts, so a caller may mark several slots
+    (e.g. all items sharing a generated code) without inflating the score."""
     if hits.dim() != 2:
         raise ValueError(f"hits must be [U, K], got {tuple(hits.shape)}")
-    num_users, width = hits.shape
+    width = hits.shape[1]
     if max(ks) > width:
         raise ValueError(f"need at least {max(ks)} ranked slots, got {width}")
     hits = hits.bool()
@@ -25,11 +24,28 @@ def metrics_from_hits(hits: torch.Tensor, ks=(5, 10)) -> dict[str, float]:
     out = {}
     for k in ks:
         within = first < k
-        gain = torch.where(within, 1.0 / torch.log2(first.double() + 2.0), torch.zeros((), dtype=torch.double))
-        denom = max(num_users, 1)
-        out[f"recall@{k}"] = within.sum().item() / denom
-        out[f"ndcg@{k}"] = gain.sum().item() / denom
+        out[f"recall@{k}"] = within.double()
+        gain = 1.0 / torch.log2(first.double() + 2.0)
+        out[f"ndcg@{k}"] = torch.where(within, gain, torch.zeros((), dtype=torch.double))
     return out
+
+
+def metrics_from_hits(hits: torch.Tensor, ks=(5, 10)) -> dict[str, float]:
+    """Recall@k and NDCG@k (see per_user_metrics) averaged over users."""
+    values = per_user_metrics(hits, ks)
+    denom = max(hits.shape[0], 1)
+    return {name: v.sum().item() / denom for name, v in values.items()}
+
+
+def standard_errors(hits: torch.Tensor, ks=(5, 10)) -> dict[str, float]:
+    """Standard error of each metric of metrics_from_hits as an estimate of its mean over the users'
+    population: sample standard deviation of the per-user values / sqrt(users) (nan below 2 users).
+    It says how far a metric measured on these users may be from the same model's metric on others,
+    i.e. which differences between two validations are noise."""
+    n = hits.shape[0]
+    if n < 2:
+        return {name: float("nan") for name in per_user_metrics(hits, ks)}
+    return {name: (v.std(unbiased=True) / n ** 0.5).item() for name, v in per_user_metrics(hits, ks).items()}
 
 
 def ranking_metrics(topk: torch.Tensor, targets: torch.Tensor, ks=(5, 10)) -> dict[str, float]:

@@ -7,8 +7,9 @@
   each generator) for bit-identical resume.
 - `check_resume`: which fields may change when resuming; one error naming the field that differs.
 - `save_checkpoint` / `load_checkpoint`: atomic save; a corrupt or truncated file is one line.
-- `EarlyStopping`, `warmup_cosine`, `batch_order` (seeded, identical on every rank, optionally
-  grouping rows of similar length) and `shard` (a rank's share of a global batch).
+- `EarlyStopping` (the noise-aware selection rule, see its doc), `warmup_cosine`, `batch_order`
+  (seeded, identical on every rank, optionally grouping rows of similar length) and `shard` (a
+  rank's share of a global batch).
 """
 from __future__ import annotations
 
@@ -292,30 +293,56 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 @dataclass
 class EarlyStopping:
-    """Stop after `patience` evaluations without a better (higher) metric."""
+    """Model selection and early stopping on a validation metric (higher is better) that does not
+    react to noise. `update(value, epoch, threshold, loss)` classifies one validation against the
+    reference level `best`:
+
+    - better: value > best + threshold. It becomes the selected checkpoint, patience restarts.
+    - tie: |value - best| <= threshold, i.e. indistinguishable from the best at this noise level.
+      The validation loss breaks it: with a lower loss than the selected checkpoint's it becomes the
+      selected checkpoint and patience restarts; otherwise it counts as a bad validation. The
+      reference level becomes max(best, value), so a chain of ties cannot walk it downwards.
+    - worse (value < best - threshold): a bad validation.
+
+    `should_stop`: `patience` bad validations in a row, and the last one at or after epoch
+    `stop_from_epoch` (so a decaying learning-rate schedule is not cut before it has annealed).
+    threshold 0 and no loss give the plain rule: stop after `patience` validations without a
+    strictly higher metric."""
 
     patience: int
+    stop_from_epoch: int = 0
     best: float = -math.inf
     best_epoch: int = 0
+    best_loss: float = math.inf
     bad: int = 0
+    last_epoch: int = 0
 
-    def update(self, value: float, epoch: int) -> bool:
-        """Record an evaluation; True when it is a new best."""
-        if value > self.best:
-            self.best, self.best_epoch, self.bad = value, epoch, 0
+    def update(self, value: float, epoch: int, threshold: float = 0.0, loss: float | None = None) -> bool:
+        """Record a validation; True when it becomes the selected checkpoint (see the class doc)."""
+        self.last_epoch = epoch
+        better = value > self.best + threshold
+        tie_won = (not better and value >= self.best - threshold and loss is not None and loss < self.best_loss)
+        if better or tie_won:
+            self.best = max(self.best, value)
+            self.best_epoch, self.bad = epoch, 0
+            self.best_loss = loss if loss is not None else math.inf
             return True
         self.bad += 1
         return False
 
     @property
     def should_stop(self) -> bool:
-        return self.bad >= self.patience
+        return self.bad >= self.patience and self.last_epoch >= self.stop_from_epoch
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad": self.bad}
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad": self.bad, "best_loss": self.best_loss,
+                "last_epoch": self.last_epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        """Also reads checkpoints written before the loss tie-break existed (no best_loss: no tie won yet)."""
         self.best, self.best_epoch, self.bad = state["best"], state["best_epoch"], state["bad"]
+        self.best_loss = state.get("best_loss", math.inf)
+        self.last_epoch = state.get("last_epoch", 0)
 
 
 # -- checkpoints --------------------------------------------------------------------------------

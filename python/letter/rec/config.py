@@ -4,6 +4,7 @@ and the relative-position ones are TIGER's; base_model, lora_*, bf16 and gradien
 LC-Rec's; everything else (optimisation, early stopping, temperature, max_history) drives both."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from letter.settings import Settings, setting
@@ -50,11 +51,25 @@ class RecConfig(Settings):
     warmup_ratio: float = setting(0.01, "Fraction of the steps of linear warmup.", low=0, high=1, high_open=True)
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.", low=0, low_open=True)
     seed: int = setting(42, "Random seed.")
-    # Early stopping on validation NDCG@10 from constrained beam search over a fixed user sample.
+    # Model selection and early stopping on validation NDCG@10 from constrained beam search, by the
+    # rule of letter.training.EarlyStopping (README, "Model selection and early stopping").
     eval_every: int = setting(1, "Validate (beam search, NDCG@10) every N epochs.", low=1)
     patience: int = setting(20, "Stop after this many validations without a better NDCG@10 (theirs: 20).", low=1,
                             may_change_on_resume=True)
-    valid_users: int = setting(2000, "Validation users sampled for early stopping (0 = all).", low=0)
+    valid_users: int = setting(0, "Validation users for model selection: 0 = the whole validation split; N: a fixed "
+                                  "random sample of N users (noisier; its standard error is printed and stored).",
+                               low=0)
+    min_delta: float = setting(0.0, "NDCG@10 gain a validation needs to count as better; 0: min_delta_se standard "
+                                    "errors of its NDCG@10. Within it, the lower validation loss wins.", low=0,
+                               may_change_on_resume=True)
+    min_delta_se: float = setting(1.0, "With min_delta 0: the improvement threshold in standard errors of the "
+                                       "validation NDCG@10 (0: any gain counts).", low=0,
+                                  may_change_on_resume=True)
+    # With a fixed-horizon cosine schedule, stopping before it has decayed keeps weights trained at
+    # a high learning rate (issue 26: a run stopped at epoch 6 of 12 kept its epoch-3 weights).
+    stop_from: float = setting(0.75, "Early stopping may end a run only from this fraction of the epochs on (the "
+                                     "cosine learning rate is then below 15 % of its peak); 0: at any validation.",
+                               low=0, high=1, may_change_on_resume=True)
     eval_beams: int = setting(20, "Beams of the validation beam search.", low=10)
     eval_batch_size: int = setting(256, "Users per validation batch.", low=1, may_change_on_resume=True)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto.", may_change_on_resume=True)
@@ -65,6 +80,17 @@ class RecConfig(Settings):
     def check(self) -> None:
         if self.model == "lcrec" and not self.base_model:
             self.fail("base_model", "is required with model lcrec (a local Hugging Face causal LM folder)")
+
+    @property
+    def stop_from_epoch(self) -> int:
+        """First epoch at which early stopping may end the run."""
+        return math.ceil(self.stop_from * self.epochs)
+
+    def improvement_threshold(self, ndcg_se: float) -> float:
+        """The NDCG@10 gain a validation with standard error `ndcg_se` needs to count as better."""
+        if self.min_delta > 0:
+            return self.min_delta
+        return self.min_delta_se * ndcg_se if math.isfinite(ndcg_se) else 0.0
 
     def model_kwargs(self) -> dict:
         names = ["d_model", "num_layers", "num_decoder_layers", "num_heads", "d_kv", "d_ff", "dropout",

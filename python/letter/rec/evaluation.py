@@ -15,7 +15,7 @@ import torch
 
 from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_search
 from letter.errors import LetterError
-from letter.metrics import metrics_from_hits
+from letter.metrics import metrics_from_hits, standard_errors
 from letter.runs import check_rec_run, load_npy, read_rec_run_info
 from letter.training import resolve_device
 from letter.utils import progress, write_json
@@ -117,10 +117,10 @@ def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor
                    max_new_share: float | None = None, training_items: int | None = None,
                    hits_out: list | None = None) -> dict:
     """Recall/NDCG@5,10 of constrained beam search on the users' model inputs `enc` (see
-    generate) vs target items [U]; `banned_items` (per user) are never generated. max_new_share:
-    at most that share of each user's `num_beams` identifiers from items added after training (ids
-    >= `training_items`). hits_out: a list that gets the [U, K] hit matrix appended (for per-group
-    metrics)."""
+    generate) vs target items [U], with each metric's standard error over these users;
+    `banned_items` (per user) are never generated. max_new_share: at most that share of each user's
+    `num_beams` identifiers from items added after training (ids >= `training_items`). hits_out: a
+    list that gets the [U, K] hit matrix appended (for per-group metrics)."""
     if num_beams < 10:
         raise LetterError(f"--beams must be >= 10 to compute the @10 metrics, got {num_beams}")
     rm = as_recommender(model, rec=rec)
@@ -141,6 +141,7 @@ def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor
     users = int(targets.numel())
     return {
         "metrics": metrics_from_hits(hits, ks=(5, 10)),
+        "standard_errors": standard_errors(hits, ks=(5, 10)),
         "users": users,
         "beams": num_beams,
         "decoder": decoder,

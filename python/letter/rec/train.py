@@ -1,5 +1,8 @@
 """Training loop of the generative recommender (TIGER, or LC-Rec with `model="lcrec"`): AdamW +
-warmup/cosine, early stopping on validation NDCG@10 (constrained beam search), checkpoint + resume,
+warmup/cosine, model selection and early stopping on validation NDCG@10 (constrained beam search
+over the whole validation split by default; the noise-aware rule of letter.training.EarlyStopping,
+with a threshold of `min_delta` or `min_delta_se` standard errors, ties broken by validation loss,
+no stop before `stop_from` of the schedule), checkpoint + resume,
 data parallel under torchrun (gloo on CPU, nccl on GPU). What differs between the models (building
 them, a batch's loss, what a checkpoint holds, the best model's format, decoding) sits in their
 Recommender adapters (recommender.py, recommender_tiger.py, recommender_lcrec.py).
@@ -12,8 +15,10 @@ Run folder (`out_dir`):
   model.pt        TIGER: weights of the best validation epoch
   model/          LC-Rec: the adapter of the best validation epoch (LCRec.save; the base model is
                   read from the folder recorded in model/lcrec.json)
-  history.json    per-epoch losses and validation metrics
-  summary.json    best epoch, metrics, wall time (rewritten after every epoch)
+  history.json    per-epoch losses and validation metrics: valid_<metric> and its standard error
+                  valid_<metric>_se, valid_users, valid_s (the validation's cost), valid_threshold,
+                  selected (this epoch became the kept weights)
+  summary.json    best epoch, metrics, how they were selected, wall time (rewritten after every epoch)
 """
 from __future__ import annotations
 
@@ -111,7 +116,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
     index = rm.prefix_index(rec, device) if ctx.main else None
 
     start_epoch, history = 0, []
-    stopping = EarlyStopping(config.patience)
+    stopping = EarlyStopping(config.patience, config.stop_from_epoch)
     best_metrics: dict = {}
     if resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -120,7 +125,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, history, best_metrics = ckpt["epoch"], ckpt["history"], ckpt["best_metrics"]
         stopping.load_state_dict(ckpt["stopping"])
-        stopping.patience = config.patience
+        stopping.patience, stopping.stop_from_epoch = config.patience, config.stop_from_epoch
         if len(ckpt["rng"]) == ctx.world:
             rng.restore(ckpt["rng"][ctx.rank])
         elif ctx.main:
@@ -167,15 +172,22 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
                   "lr": scheduler.get_last_lr()[0]}
         stop = False
         if ctx.main:
+            valid_started = time.time()
             record["valid_loss"] = rm.mean_loss(valid_inputs, valid_targets, config.eval_batch_size)
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 metrics = evaluate_model(rm, rec, valid_inputs, valid_targets, config.eval_beams,
                                          config.eval_batch_size, device, index=index)
                 record.update({f"valid_{k}": v for k, v in metrics["metrics"].items()})
-                if stopping.update(metrics["metrics"]["ndcg@10"], epoch + 1):
+                record.update({f"valid_{k}_se": v for k, v in metrics["standard_errors"].items()})
+                record["valid_threshold"] = config.improvement_threshold(metrics["standard_errors"]["ndcg@10"])
+                record["selected"] = stopping.update(metrics["metrics"]["ndcg@10"], epoch + 1,
+                                                     record["valid_threshold"], record["valid_loss"])
+                if record["selected"]:
                     best_metrics = metrics["metrics"]
                     rm.save_best(out_dir, epoch + 1, metrics["metrics"])
                 stop = stopping.should_stop
+            record["valid_users"] = int(valid_targets.numel())
+            record["valid_s"] = round(time.time() - valid_started, 3)
             record["wall_s"] = round(wall_before + time.time() - started, 3)
             history.append(record)
             print(_format_record(record), flush=True)
@@ -188,7 +200,7 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
                                         "best_metrics": best_metrics, "stopping": stopping.state_dict(),
                                         "rng": rng_states, "finished": finished})
             write_json(os.path.join(out_dir, HISTORY), history)
-            _write_summary(out_dir, history, stopping, best_metrics, finished, stop, ctx.world, n_train)
+            _write_summary(out_dir, config, history, stopping, best_metrics, finished, stop, ctx.world, n_train)
         epochs_this_call += 1
         if finished or (stop_after is not None and epochs_this_call >= stop_after):
             break
@@ -204,10 +216,15 @@ def _format_record(record: dict) -> str:
     return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
 
 
-def _write_summary(out_dir, history, stopping: EarlyStopping, best_metrics, finished, stopped_early, world, n_train) -> None:
+def _write_summary(out_dir, config: RecConfig, history, stopping: EarlyStopping, best_metrics, finished,
+                   stopped_early, world, n_train) -> None:
     write_json(os.path.join(out_dir, SUMMARY), {
         "epochs_trained": len(history), "finished": finished, "stopped_early": stopped_early,
+        "schedule_completed": bool(history) and history[-1]["epoch"] == config.epochs,
         "best_epoch": stopping.best_epoch if best_metrics else -1, "best_valid": best_metrics,
+        "selection": {"metric": "ndcg@10", "valid_users": history[-1].get("valid_users") if history else None,
+                      "min_delta": config.min_delta, "min_delta_se": config.min_delta_se,
+                      "patience": config.patience, "stop_from_epoch": config.stop_from_epoch},
         "train_samples": n_train, "world_size": world, "wall_s": history[-1]["wall_s"] if history else 0.0,
         "last": history[-1] if history else None,
     })
