@@ -214,8 +214,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         op = torch.ops.letter.dot_product_cross_entropy_chunked
         grad_rows = None
         if reduction != "none":
-            weight = 1.0 / (targets != ignore_index).sum() if reduction == "mean" else torch.tensor(1.0)
-            grad_rows = weight.to(q.device, accumulation_dtype(q)).expand(q.shape[0])
+            # In the accumulation dtype from the start: 1/n rounded to fp32 would cost fp64 inputs
+            # their precision.
+            weight = torch.ones((), dtype=accumulation_dtype(q), device=q.device)
+            if reduction == "mean":
+                weight = weight / (targets != ignore_index).sum()
+            grad_rows = weight.expand(q.shape[0])
         loss_rows, _, dq, dkeys, dbias = op(q, keys, targets, exclude, bias, temperature, ignore_index, grad_rows)
         if grad_rows is not None:
             ctx.save_for_backward(dq, dkeys, dbias)
