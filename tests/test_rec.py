@@ -12,7 +12,7 @@ from conftest import NUM_CATEGORIES, NUM_ITEMS, small_config, torchrun_train_rec
 from letter.cli.main import main as cli
 from letter.data import leave_one_out
 from letter.errors import LetterError
-from letter.rec import evaluate, generate, load_run, recommend, train_rec
+from letter.rec import RecConfig, evaluate, generate, load_run, recommend, train_rec
 from letter.rec.data import load_rec_data
 from letter.rec.evaluation import evaluate_model, prefix_index
 from letter.rec.model import BOS, EOS, PAD, Tiger, relative_position_bucket
