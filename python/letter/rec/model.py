@@ -124,8 +124,14 @@ class Attention(nn.Module):
             b = n // beams_per_memory
             q = q.view(b, beams_per_memory, self.num_heads, t, self.d_kv).transpose(1, 2)
             q = q.reshape(b, self.num_heads, beams_per_memory * t, self.d_kv)
-        dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout)  # bf16 autocast
+        if t == 1 and beams_per_memory == 1 and not self.training:
+            # one query per row (incremental decoding): elementwise products beat SDPA's per-row
+            # kernel launches at beam-search batch sizes (B*K rows, a few cached keys)
+            scores = (q * k).sum(-1, keepdim=True).transpose(-1, -2) * self.d_kv**-0.5 + mask.to(q.dtype)
+            out = (torch.softmax(scores, -1).transpose(-1, -2) * v).sum(-2, keepdim=True)
+        else:
+            dropout = self.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout)  # bf16 autocast
         if beams_per_memory > 1:
             out = out.view(n // beams_per_memory, self.num_heads, beams_per_memory, t, self.d_kv).transpose(1, 2)
             out = out.reshape(n, self.num_heads, t, self.d_kv)
@@ -297,7 +303,9 @@ class Tiger(nn.Module):
         hidden, self_kv = self._decode(
             tokens, state.memory_kv, state.memory_mask, state.self_kv, state.length, beams_per_memory
         )
-        logits = (hidden[:, 0].float() @ self.embed.weight.float().T) / self.temperature
+        # 1/tau scales the [rows, d] states, not the [rows, V] logits: one pass less over the
+        # largest tensor of the step (it leaves the cache at serving batch sizes)
+        logits = (hidden[:, 0].float() * (1.0 / self.temperature)) @ self.embed.weight.float().T
         state.self_kv, state.length = self_kv, state.length + 1
         return logits, state
 
