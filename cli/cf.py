@@ -1,4 +1,4 @@
-"""`letter train-cf`: SASRec collaborative item embeddings."""
+"""`letter train-cf`: collaborative item embeddings (SASRec or LightGCN)."""
 import click
 
 from letter.cf.config import CFConfig
@@ -11,12 +11,13 @@ from letter.cli.options import config_file_option, settings_from_options, settin
               help="Output folder (default: the dataset's folder).")
 @settings_options(CFConfig)
 @config_file_option
-@click.option("--resume", is_flag=True, help="Continue from <Name>.cf-sasrec<d>.ckpt.pt in the output folder.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-def train_cf_command(data_path, out_dir, config_file, resume, device, **options):
-    """Train SASRec on DATA_PATH's leave-one-out split; export <Name>.cf-sasrec<d>.npy.
+@click.option("--resume", is_flag=True, help="Continue from <Name>.cf-<model><d>.ckpt.pt in the output folder "
+                                            "(an error without one).")
+def train_cf_command(data_path, out_dir, config_file, resume, **options):
+    """Train a CF model (--model sasrec or lightgcn) on DATA_PATH's leave-one-out split; export its
+    item embeddings as <Name>.cf-<model><d>.npy (what train-tokenizer --cf-emb reads).
 
-    Also writes <Name>.cf-sasrec<d>.json (valid/test Recall/NDCG@5,10, popularity baseline,
+    Also writes <Name>.cf-<model><d>.json (valid/test Recall/NDCG@5,10, popularity baseline,
     per-epoch history) and a checkpoint for --resume. Multi-process: torchrun --nproc-per-node N
     $(which letter) train-cf ... (gloo on CPU, nccl on GPU)."""
     from letter.cf.train import train_cf
@@ -27,4 +28,4 @@ def train_cf_command(data_path, out_dir, config_file, resume, device, **options)
     dataset = load_dataset(data_path)
     if out_dir is None:
         out_dir = dataset_dir(data_path)
-    train_cf(dataset, out_dir, cfg, resume=resume, device=device, log=click.echo)
+    train_cf(dataset, out_dir, cfg, resume=resume, log=click.echo)

@@ -28,7 +28,7 @@ def pipeline(data_path, synthetic, config_file, preset, out, from_stage, device)
     from letter.config import effective_config
     from letter.pipeline import Pipeline
     from letter.pipeline_report import format_table
-    from letter.training import resolve_device
+    from letter.devices import resolve_device
 
     if bool(data_path) == bool(synthetic):
         raise click.UsageError("give exactly one of --data DIR or --synthetic")

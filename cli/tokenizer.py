@@ -40,9 +40,8 @@ def _codebook_sizes(levels: int | None, size: int | None, current: list[int]) ->
 @config_file_option
 @preset_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder (default: runs/tokenizer-<Name>).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--resume", is_flag=True, help="Continue from the run folder's checkpoint.pt.")
-def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels, codebook_size, out_dir, device, resume,
+@click.option("--resume", is_flag=True, help="Continue from the run folder's checkpoint.pt (an error without one).")
+def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels, codebook_size, out_dir, resume,
                         **options):
     """Train the LETTER tokenizer (RQ-VAE + collaborative and diversity regularization) and write
     <Name>.index.json, codes.npy, model, report.json/.md and curves into the run folder.
@@ -85,7 +84,6 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels,
         out_dir,
         name=dataset.name,
         num_items=cold["warm_items"] if cold is not None else dataset.num_items,
-        device=device,
         resume=resume,
         item_labels=categories,
     )

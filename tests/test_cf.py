@@ -1,4 +1,4 @@
-"""SASRec CF embeddings: learning on synthetic data, export, resume, DDP equivalence."""
+"""CF embeddings (SASRec, LightGCN): learning on synthetic data, export, resume, DDP equivalence."""
 import json
 import os
 import subprocess
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from letter.cf import CFConfig, SASRec, train_cf
-from letter.cf.train import output_paths, training_windows
+from letter.cf.sasrec import training_windows
+from letter.cf.train import output_paths
 from letter.data import Dataset, leave_one_out, make_synthetic, write_letter
 from letter.errors import LetterError
 
@@ -114,7 +115,7 @@ def test_popularity_with_history_masked_skips_the_users_items():
 def test_sasrec_bf16_autocast_step_matches_fp32():
     # One SASRec CE step on a fixed batch under CPU bf16 autocast against fp32; tolerance as TIGER's
     # (tests/test_rec_speed.py): loss to 1%, all gradients to 3% of their norm, each tensor to 10%.
-    from letter.cf.train import _step_loss
+    from letter.cf.sasrec import step_loss
 
     torch.manual_seed(0)
     model = SASRec(200, 32, 2, 2, 0.0, 20).train()
@@ -126,7 +127,7 @@ def test_sasrec_bf16_autocast_step_matches_fp32():
     for amp in (False, True):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = _step_loss(model, inputs, targets, 200, "ce", int((targets > 0).sum()), 1)
+            loss = step_loss(model, inputs, targets, 200, "ce", int((targets > 0).sum()), 1)
         loss.backward()
         results[amp] = (loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()})
     assert abs(float(results[True][0] - results[False][0])) < 0.01 * float(results[False][0])
@@ -137,3 +138,100 @@ def test_sasrec_bf16_autocast_step_matches_fp32():
     assert relative_error(flat[True], flat[False]) < 0.03
     for n, grad in results[False][1].items():
         assert relative_error(results[True][1][n], grad) < 0.10, n
+
+
+# -- LightGCN ----------------------------------------------------------------------------------------
+
+LIGHTGCN = dict(model="lightgcn", dim=16, graph_layers=2, batch_size=256, lr=1e-2, max_len=20, patience=5)
+
+
+def test_lightgcn_normalized_adjacency():
+    from letter.cf.lightgcn import normalized_adjacency
+
+    # users 0, 1; items 0, 1, 2: user 0 - items 0, 1; user 1 - item 1 (item 2 has no edge)
+    adj = normalized_adjacency(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]), 2, 3).to_dense()
+    assert torch.equal(adj, adj.T) and adj[:2, :2].abs().sum() == 0 and adj[2:, 2:].abs().sum() == 0
+    degree = {"u0": 2, "u1": 1, "i0": 1, "i1": 2}
+    assert adj[0, 2].item() == pytest.approx(1 / np.sqrt(degree["u0"] * degree["i0"]))
+    assert adj[0, 3].item() == pytest.approx(1 / np.sqrt(degree["u0"] * degree["i1"]))
+    assert adj[1, 3].item() == pytest.approx(1 / np.sqrt(degree["u1"] * degree["i1"]))
+    assert adj[4].abs().sum() == 0 and adj[1, 2] == 0
+
+
+@pytest.mark.parametrize("loss", ["ce", "bpr"])
+def test_lightgcn_learns_far_above_popularity_and_exports(tmp_path, loss):
+    ds = make_synthetic(num_users=400, num_items=160, num_categories=8, seed=1)
+    result = train_cf(ds, str(tmp_path), CFConfig(**LIGHTGCN, loss=loss, epochs=15), log=_quiet)
+    paths = output_paths(str(tmp_path), ds.name, 16, "lightgcn")
+    assert paths["embeddings"].endswith("Synth.cf-lightgcn16.npy")
+    emb = np.load(paths["embeddings"])
+    assert emb.shape == (160, 16) and emb.dtype == np.float32 and np.isfinite(emb).all()
+    written = json.load(open(paths["metrics"]))
+    assert written["test"] == pytest.approx(result["test"]) and written["config"]["model"] == "lightgcn"
+    assert result["test"]["ndcg@10"] > 2 * result["popularity_test"]["ndcg@10"]
+    assert result["test_history_masked"] != pytest.approx(result["test_history_kept"])
+
+
+def test_lightgcn_resume_continues_identically(tmp_path):
+    ds = make_synthetic(num_users=120, num_items=60, num_categories=3, seed=2)
+    cfg = dict(LIGHTGCN, loss="bpr", batch_size=64, patience=10)
+    straight = train_cf(ds, str(tmp_path / "a"), CFConfig(epochs=3, **cfg), log=_quiet)
+    train_cf(ds, str(tmp_path / "b"), CFConfig(epochs=2, **cfg), log=_quiet)
+    resumed = train_cf(ds, str(tmp_path / "b"), CFConfig(epochs=3, **cfg), resume=True, log=_quiet)
+    assert resumed["epochs_run"] == 3
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    assert resumed["test"] == straight["test"]
+    a = np.load(output_paths(str(tmp_path / "a"), ds.name, 16, "lightgcn")["embeddings"])
+    b = np.load(output_paths(str(tmp_path / "b"), ds.name, 16, "lightgcn")["embeddings"])
+    assert np.array_equal(a, b)
+    with pytest.raises(LetterError, match="graph_layers was 2, now 3"):
+        train_cf(ds, str(tmp_path / "b"), CFConfig(epochs=4, **{**cfg, "graph_layers": 3}), resume=True, log=_quiet)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    ds = make_synthetic(num_users=60, num_items=30, num_categories=3, seed=2)
+    with pytest.raises(LetterError, match="cannot resume: no checkpoint at .*Synth.cf-sasrec8.ckpt.pt"):
+        train_cf(ds, str(tmp_path), CFConfig(dim=8, blocks=1, epochs=1), resume=True, log=_quiet)
+    assert not os.path.exists(output_paths(str(tmp_path), ds.name, 8)["embeddings"])
+
+
+def test_lightgcn_export_feeds_train_tokenizer(tmp_path):
+    from click.testing import CliRunner
+
+    from letter.cli.main import main as cli
+
+    data = str(tmp_path / "data")
+    write_letter(make_synthetic(num_users=150, num_items=60, num_categories=3, seed=4), data)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train-cf", data, "--model", "lightgcn", "--dim", "8", "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert os.path.exists(os.path.join(data, "Synth.cf-lightgcn8.npy"))
+    result = runner.invoke(cli, ["embed", data, "--model", "hash", "--mode", "hash", "--dim", "16"])
+    assert result.exit_code == 0, result.output
+    out = str(tmp_path / "tok")
+    result = runner.invoke(cli, ["train-tokenizer", "--data", data, "--out", out, "--layers", "16", "--e-dim", "8",
+                                 "--codebook-sizes", "8,8", "--clusters", "2", "--epochs", "2", "--batch-size", "32",
+                                 "--kmeans-iters", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.load(open(os.path.join(out, "report.json")))
+    # the CF term was trained against the LightGCN embeddings (found as the one <Name>.cf-*.npy)
+    assert report["items"] == 60 and report["config"]["alpha"] > 0 and report["final_losses"]["cf"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "lightgcn", "--loss", "bce"], "cf: loss bce is not a lightgcn loss (one of ce, bpr)"),
+    (["--model", "sasrec", "--loss", "bpr"], "cf: loss bpr is not a sasrec loss (one of ce, bce)"),
+    (["--model", "lightgcn", "--graph-layers", "0"], "cf: graph_layers must be >= 1, got 0"),
+    (["--model", "gcn"], "'gcn' is not one of 'sasrec', 'lightgcn'"),
+])
+def test_bad_cf_options_are_one_line_errors(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from letter.cli.main import main as cli
+
+    data = str(tmp_path / "data")
+    write_letter(make_synthetic(num_users=60, num_items=30, num_categories=3, seed=4), data)
+    result = CliRunner().invoke(cli, ["train-cf", data, "--epochs", "1", *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not [f for f in os.listdir(data) if ".cf-" in f]

@@ -26,7 +26,7 @@ def synth():
 
 
 def test_sasrec_on_cuda(synth, tmp_path):
-    result = train_cf(synth, str(tmp_path), CFConfig(dim=16, blocks=1, epochs=2, loss="bce"), device="cuda",
+    result = train_cf(synth, str(tmp_path), CFConfig(dim=16, blocks=1, epochs=2, loss="bce", device="cuda"),
                       log=lambda *_: None)
     assert result["epochs_run"] == 2 and np.isfinite(result["test"]["ndcg@10"])
 
@@ -37,8 +37,8 @@ def test_tokenizer_on_cuda(synth, tmp_path, method):
     text = torch.randn(synth.num_items, 32, generator=g, device="cpu").numpy()
     cf = torch.randn(synth.num_items, 8, generator=g, device="cpu").numpy()
     cfg = TokenizerConfig(method=method, layers=[32], e_dim=8, codebook_sizes=[8, 8, 8], clusters=2, epochs=3,
-                          batch_size=64, kmeans_iters=5, beta=1e-3)
-    report = train_tokenizer(cfg, text, cf, str(tmp_path / "tok"), device="cuda")
+                          batch_size=64, kmeans_iters=5, beta=1e-3, device="cuda")
+    report = train_tokenizer(cfg, text, cf, str(tmp_path / "tok"))
     assert report["items"] == synth.num_items
     assert load_tokenizer(str(tmp_path / "tok")).encode(text[:5]).shape == (5, 3)
 

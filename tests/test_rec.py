@@ -273,3 +273,27 @@ def test_bad_inputs_give_clear_errors(trained, synth, tmp_path):
                                  "--out", str(tmp_path / "z")])
     assert result.exit_code == 1 and "none.json" in result.output
     assert not os.path.exists(tmp_path / "z")
+
+
+def test_resume_refuses_a_changed_dataset(synth, tmp_path):
+    """The dataset's content is part of the run's identity: resuming on edited data (same items,
+    other sequences) is refused naming it (main compared a key that was never written)."""
+    from letter.data import Dataset, write_letter
+
+    folder, codes_path, _, ds = synth
+    out = str(tmp_path / "run")
+    train_rec(small_config(epochs=2), folder, codes_path, out, stop_after=1)
+    sequences = [list(s) for s in ds.sequences]
+    sequences[0][0], sequences[0][1] = sequences[0][1], sequences[0][0]
+    edited = str(tmp_path / "edited")
+    write_letter(Dataset(ds.name, ds.user_ids, sequences, ds.item_ids, ds.item_text), edited)
+    with pytest.raises(LetterError, match="cannot resume .*: inputs.dataset was"):
+        train_rec(small_config(epochs=2), edited, codes_path, out, resume=True)
+    summary = train_rec(small_config(epochs=2), folder, codes_path, out, resume=True)  # the same data resumes
+    assert summary["finished"] and summary["epochs_trained"] == 2
+
+
+def test_resume_without_a_checkpoint_is_an_error(synth, tmp_path):
+    folder, codes_path, _, _ = synth
+    with pytest.raises(LetterError, match="cannot resume: no checkpoint at .*checkpoint.pt"):
+        train_rec(small_config(), folder, codes_path, str(tmp_path / "none"), resume=True)

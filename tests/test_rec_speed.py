@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from letter.rec.data import RecData, input_lengths, trim_padding
+from letter.rec.data import RecData, drop_trailing_padding, input_lengths
 from letter.rec.model import EOS, PAD, Tiger
 from letter.errors import LetterError
 from letter.training import batch_order, bf16_autocast, cpu_has_fast_bf16, epoch_generator
@@ -47,7 +47,7 @@ def test_trimming_keeps_per_sample_loss_and_gradients():
     model = Tiger(VOCAB, d_model=32, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16, d_ff=64, dropout=0.0,
                   temperature=0.7).train()
     enc, labels = _padded_batch(24, seed=1)
-    trimmed = trim_padding(enc)
+    trimmed = drop_trailing_padding(enc)
     assert trimmed.shape[1] < enc.shape[1]
     assert torch.equal(trimmed, enc[:, : int(input_lengths(enc).max())])
     loss_padded, grads_padded = _loss_and_grads(model, enc, labels)
@@ -109,7 +109,7 @@ def test_fused_ranking_loss_matches_materialized_logits(reduction):
                   temperature=0.7).train()
     enc, labels = _padded_batch(16, seed=2)
     labels[3] = PAD  # ignored rows: no loss, no gradient
-    enc, dec = trim_padding(enc), RecData.decoder_inputs(labels)
+    enc, dec = drop_trailing_padding(enc), RecData.decoder_inputs(labels)
 
     def materialized(enc, dec, labels, reduction):
         hidden = model(enc, dec)
@@ -142,7 +142,7 @@ def test_bf16_autocast_step_matches_fp32():
     model = Tiger(VOCAB, d_model=32, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16, d_ff=64, dropout=0.0,
                   temperature=0.7).train()
     enc, labels = _padded_batch(32, seed=3)
-    enc, dec = trim_padding(enc), RecData.decoder_inputs(labels)
+    enc, dec = drop_trailing_padding(enc), RecData.decoder_inputs(labels)
     results = {}
     for amp in (False, True):
         model.zero_grad(set_to_none=True)

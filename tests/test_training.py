@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from letter.devices import resolve_device
 from letter.errors import LetterError
-from letter.training import (EarlyStopping, RandomStreams, batch_order, check_resume, epoch_generator,
-                             load_checkpoint, resolve_device, save_checkpoint, warmup_cosine)
+from letter.training import (DistContext, EarlyStopping, FitPlan, RandomStreams, Trainable, Validation, batch_order,
+                             check_resume, epoch_generator, fit, load_checkpoint, save_checkpoint, seed_everything,
+                             warmup_cosine)
 from letter.tokenizer import TokenizerConfig, train_tokenizer
 
 LIBRARY = pathlib.Path(__file__).resolve().parents[1] / "python" / "letter"
@@ -191,7 +193,7 @@ def test_tokenizer_generators_are_on_the_requested_device(tok_inputs, tmp_path, 
         return gen
 
     monkeypatch.setattr(RandomStreams, "generator", spy)
-    train_tokenizer(TokenizerConfig(**{**TOK, "epochs": 1}), *tok_inputs, str(tmp_path / "run"), device="cpu")
+    train_tokenizer(TokenizerConfig(**{**TOK, "epochs": 1, "device": "cpu"}), *tok_inputs, str(tmp_path / "run"))
     assert {name for name, _, _ in seen} == {"codes", "order"}
     assert all(dev == torch.device("cpu") for name, dev, run in seen if name == "codes")
 
@@ -252,3 +254,89 @@ def test_interrupted_fresh_tokenizer_run_leaves_no_earlier_outputs(tok_inputs, t
     assert not any((run / f).exists() for f in ("model.pt", "codes.npy", "complete.json", "report.json"))
     with pytest.raises(LetterError, match="not a tokenizer run folder|unfinished"):
         load_tokenizer(str(run))
+
+
+# -- fit: the one training loop -------------------------------------------------------------------
+
+class _Line(Trainable):
+    """y = 2x by SGD, with dropout-like noise from the global stream and a registered generator, and
+    a scripted validation score per epoch (to drive selection and early stopping)."""
+
+    def __init__(self, rng, scores=None):
+        self.model = self.step_module = torch.nn.Linear(1, 1)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.noise = rng.generator("noise", 5, device="cpu")
+        self.x = torch.linspace(-1, 1, 32).unsqueeze(1)
+        self.scores = scores or {}
+        self.kept = []
+
+    def parameters(self):
+        return list(self.model.parameters())
+
+    def batches(self, epoch):
+        return batch_order(32, 8, epoch_generator(1, epoch))
+
+    def step(self, batch):
+        noise = torch.randn(len(batch), 1, generator=self.noise, device="cpu") + torch.randn(len(batch), 1)
+        x = self.x[batch] + 0.01 * noise
+        loss = ((self.model(x) - 2 * self.x[batch]) ** 2).mean()
+        return loss, {"loss": loss}
+
+    def epoch_record(self, epoch, sums, steps):
+        return {"loss": sums["loss"] / steps}
+
+    def validate(self, epoch, record, select):
+        return Validation({"score": self.scores.get(epoch, 0.0)}, self.scores.get(epoch, 0.0)) if select else None
+
+    def keep_best(self, epoch, validation):
+        self.kept.append(epoch)
+
+    def model_state(self):
+        return self.model.state_dict()
+
+    def load_model_state(self, state):
+        self.model.load_state_dict(state)
+
+
+def _fit(tmp_path, epochs, resume=False, stop_after=None, identity=None, scores=None, patience=None):
+    seed_everything(0)
+    rng = RandomStreams(torch.device("cpu"))
+    line = _Line(rng, scores)
+    plan = FitPlan(epochs=epochs, checkpoint=str(tmp_path / "ckpt.pt"), identity=identity or {"lr": 0.1, "epochs": epochs},
+                   may_change={"epochs"}, resume=resume, stop_after=stop_after, patience=patience, log=lambda _: None)
+    return fit(line, plan, DistContext(), rng), line
+
+
+def test_fit_resume_equals_the_uninterrupted_run(tmp_path):
+    straight, line = _fit(tmp_path / "a", 4)
+    (tmp_path / "b").mkdir()
+    first, _ = _fit(tmp_path / "b", 4, stop_after=2)
+    assert first.epoch == 2 and not first.finished
+    resumed, again = _fit(tmp_path / "b", 4, resume=True)
+    assert resumed.finished and resumed.resumed_from == 2
+    strip = lambda h: [{k: v for k, v in r.items() if k != "wall_s"} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(straight.history)
+    assert torch.equal(again.model.weight, line.model.weight)
+
+
+def test_fit_resume_rule(tmp_path):
+    with pytest.raises(LetterError, match="cannot resume: no checkpoint at .*ckpt.pt"):
+        _fit(tmp_path, 2, resume=True)
+    _fit(tmp_path, 2)
+    with pytest.raises(LetterError, match=r"ckpt.pt: lr was 0.1, now 0.2"):
+        _fit(tmp_path, 2, resume=True, identity={"lr": 0.2, "epochs": 2})
+    with pytest.raises(LetterError, match=r"ckpt.pt: inputs.data was '<absent>', now 'x'"):
+        _fit(tmp_path, 2, resume=True, identity={"lr": 0.1, "epochs": 2, "inputs.data": "x"})
+    with pytest.raises(LetterError, match="it is at epoch 2, past epochs 1"):
+        _fit(tmp_path, 1, resume=True, identity={"lr": 0.1, "epochs": 1})
+    grown, _ = _fit(tmp_path, 3, resume=True, identity={"lr": 0.1, "epochs": 3})  # epochs may change
+    assert grown.epoch == 3 and [r["epoch"] for r in grown.history] == [1, 2, 3]
+    torch.save({"model": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(LetterError, match="not a checkpoint of this LETTER version"):
+        _fit(tmp_path, 3, resume=True)
+
+
+def test_fit_selects_and_stops_early(tmp_path):
+    run, line = _fit(tmp_path, 10, scores={1: 0.1, 2: 0.3, 3: 0.2, 4: 0.25}, patience=2)
+    assert run.stopped_early and run.epoch == 4 and run.stopping.best_epoch == 2 and line.kept == [1, 2]
+    assert [r["selected"] for r in run.history] == [True, True, False, False]

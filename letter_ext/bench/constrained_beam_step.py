@@ -17,7 +17,8 @@ import time
 import torch
 
 from .._backend import has_compiled_op, triton_usable
-from ..baselines import dict_trie, hf_style_step, prefix_allowed_tokens_fn, torch_gather_step
+from ..baselines import torch_gather_step
+from ..hf_decoding import dict_trie, hf_style_step, prefix_allowed_tokens_fn
 from ..constrained_beam_step import constrained_beam_step
 from ..trie import build_trie_levels
 from .common import median_time, sync

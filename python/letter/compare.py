@@ -49,7 +49,7 @@ from letter.rec.recommender import as_recommender
 from letter.runs import read_json_if_valid
 from letter.tokenizer.codes import collision_rate
 from letter.tokenizer.report import category_agreement
-from letter.training import resolve_device
+from letter.devices import resolve_device
 from letter.utils import atomic_path, write_json
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")

@@ -7,7 +7,7 @@ before the file is applied.
 
     data:       dataset source options (synthetic generator settings, history length)
     embed:      text encoder for item embeddings
-    cf:         SASRec (letter.cf.CFConfig)
+    cf:         SASRec or LightGCN (letter.cf.CFConfig)
     tokenizer:  LETTER RQ-VAE (letter.tokenizer.TokenizerConfig)
     rec:        TIGER (letter.rec.RecConfig)
     evaluate:   beams, split, batch size, exclude_history (also the protocol with history items excluded)

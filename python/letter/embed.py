@@ -27,7 +27,7 @@ import numpy as np
 from letter.data import Dataset
 from letter.errors import LetterError
 from letter.runs import sidecar_record
-from letter.training import resolve_device
+from letter.devices import resolve_device
 from letter.utils import progress, save_npy, write_json
 
 DEFAULT_FIELDS = ("title", "description")

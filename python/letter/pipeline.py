@@ -66,6 +66,14 @@ class Pipeline:
     def stage_dir(self, stage: str) -> str:
         return os.path.join(self.out, stage)
 
+    def stage_settings(self, section: str) -> dict:
+        """A trainer's settings: its config section, with the pipeline's device (when not auto) in
+        place of the section's own."""
+        values = dict(self.config[section])
+        if self.device != "auto":
+            values["device"] = self.device
+        return values
+
     def fingerprint(self, stage: str) -> str:
         """Hash of what the stage reads: its config sections, each upstream stage's fingerprint and
         the content of its outputs, and (prepare) the content of the data source's files."""
@@ -223,9 +231,9 @@ def _cf(p: Pipeline, directory: str) -> dict:
     from letter.cf import CFConfig, output_paths, train_cf
 
     ds = p.dataset()
-    cfg = CFConfig.from_dict(p.config["cf"])
-    paths = output_paths(directory, ds.name, cfg.dim)
-    train_cf(ds, directory, cfg, resume=os.path.exists(paths["checkpoint"]), device=p.device, log=p.log)
+    cfg = CFConfig.from_dict(p.stage_settings("cf"))
+    paths = output_paths(directory, ds.name, cfg.dim, cfg.model)
+    train_cf(ds, directory, cfg, resume=os.path.exists(paths["checkpoint"]), log=p.log)
     return {"cf_embeddings": paths["embeddings"], "metrics": paths["metrics"]}
 
 
@@ -233,14 +241,14 @@ def _tokenizer(p: Pipeline, directory: str) -> dict:
     from letter.tokenizer import TokenizerConfig, train_tokenizer
 
     ds = p.dataset()
-    cfg = TokenizerConfig.from_dict(p.config["tokenizer"])
+    cfg = TokenizerConfig.from_dict(p.stage_settings("tokenizer"))
     text = load_npy(p.outputs["embed"]["text_embeddings"])
     cf = load_npy(p.outputs["cf"]["cf_embeddings"]) if cfg.alpha > 0 else None
     labels = None
     if ds.item_text is not None and all("category" in t for t in ds.item_text):
         names = sorted({t["category"] for t in ds.item_text})
         labels = np.array([names.index(t["category"]) for t in ds.item_text])
-    report = train_tokenizer(cfg, text, cf, directory, name=ds.name, num_items=ds.num_items, device=p.device,
+    report = train_tokenizer(cfg, text, cf, directory, name=ds.name, num_items=ds.num_items,
                              resume=os.path.exists(os.path.join(directory, "checkpoint.pt")), item_labels=labels)
     write_json(os.path.join(directory, "pipeline_report.json"), report)
     return {"run": directory, "report": os.path.join(directory, "report.json")}
@@ -249,10 +257,7 @@ def _tokenizer(p: Pipeline, directory: str) -> dict:
 def _rec(p: Pipeline, directory: str) -> dict:
     from letter.rec import RecConfig, train_rec
 
-    values = dict(p.config["rec"], max_history=p.config["data"]["max_history"])
-    if p.device != "auto":
-        values["device"] = p.device
-    cfg = RecConfig.from_dict(values)
+    cfg = RecConfig.from_dict(dict(p.stage_settings("rec"), max_history=p.config["data"]["max_history"]))
     summary = train_rec(cfg, p.outputs["prepare"]["dataset"], p.outputs["tokenizer"]["run"], directory,
                         resume=os.path.exists(os.path.join(directory, "checkpoint.pt")))
     return {"run": directory, "history": os.path.join(directory, "history.json"),

@@ -6,6 +6,11 @@ import os
 from letter.utils import atomic_path, write_json
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+CF_NAMES = {"sasrec": "SASRec", "lightgcn": "LightGCN"}  # the cf section's model -> its row in the table
+
+
+def _cf_name(cf_metrics: dict) -> str:
+    return CF_NAMES[cf_metrics.get("config", {}).get("model", "sasrec")]
 
 
 def _load(path: str) -> dict:
@@ -32,7 +37,7 @@ def metric_table(p) -> list[dict]:
     sasrec_kept, sasrec_excluded = _sasrec_protocols(cf_metrics)
     rows = [
         ("Popularity", cf_metrics.get("popularity_test", {}), cf_metrics.get("popularity_test_history_masked")),
-        ("SASRec", sasrec_kept, sasrec_excluded),
+        (_cf_name(cf_metrics), sasrec_kept, sasrec_excluded),
         ("LETTER-TIGER", tiger["metrics"], tiger.get("metrics_exclude_history")),
     ]
     return [{"model": model, **{m: kept.get(m) for m in METRICS},
@@ -126,9 +131,10 @@ def _plot_curves(p) -> list[str]:
     if os.path.isfile(tok_png):
         paths.append(tok_png)
     series = []
-    cf_hist = _load(p.outputs["cf"]["metrics"]).get("history", [])
+    cf_metrics = _load(p.outputs["cf"]["metrics"])
+    cf_hist = cf_metrics.get("history", [])
     if cf_hist:
-        series.append(("SASRec valid NDCG@10", [h.get("epoch") for h in cf_hist], [h.get("valid_ndcg@10") for h in cf_hist]))
+        series.append((f"{_cf_name(cf_metrics)} valid NDCG@10", [h.get("epoch") for h in cf_hist], [h.get("valid_ndcg@10") for h in cf_hist]))
     rec_hist = _load(p.outputs["rec"]["history"])
     if rec_hist:
         series.append(("TIGER train loss", [h.get("epoch") for h in rec_hist], [h.get("train_loss") for h in rec_hist]))

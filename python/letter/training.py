@@ -1,5 +1,9 @@
-"""The training machinery every trainer shares (SASRec, the tokenizer, TIGER, LC-Rec).
+"""The training machinery every trainer shares (SASRec, LightGCN, the tokenizer, TIGER, LC-Rec).
 
+- `fit(trainable, plan, ctx, rng)`: the one training loop. It owns the epochs, resume (identity
+  check, model/optimizer/scheduler/RNG/history restore), the checkpoint's contents, the validation
+  cadence, model selection and early stopping, and the log. A model plugs in as a `Trainable`
+  adapter of a few hooks (docs/TRAINERS.md).
 - `distributed(device)`: the process-group context from torchrun's environment (rank, world size,
   the device each rank uses, nccl for CUDA devices and gloo otherwise, teardown on exit and error).
 - `RandomStreams`: seeding, named generators created on the device whose ops consume them, and
@@ -20,41 +24,21 @@ import math
 import os
 import pickle
 import random
+import time
 import zipfile
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from letter.devices import resolve_device
 from letter.errors import LetterError
-from letter.utils import torch_save
+from letter.utils import progress, torch_save
 
 
-# -- devices and processes ---------------------------------------------------------------------
-
-def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """'auto'/None: this rank's GPU when CUDA is available, else the CPU; 'cuda' under torchrun:
-    the rank's own GPU. A device this torch cannot use is a LetterError."""
-    text = "auto" if device is None else str(device)
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(text)
-    except RuntimeError as e:
-        raise LetterError(f"--device {text!r}: not a device name ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LetterError(f"--device {text}: this torch has no usable CUDA device (torch {torch.__version__})")
-        index = local_rank if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise LetterError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return torch.device("cuda", index)
-    if dev.type != "cpu":
-        raise LetterError(f"--device {text}: only cpu and cuda devices are supported")
-    return dev
-
+# -- processes ----------------------------------------------------------------------------------
 
 @dataclass
 class DistContext:
@@ -396,3 +380,263 @@ def content_hash(*arrays) -> str:
         h.update(f"{arr.shape}{arr.dtype}".encode())
         h.update(arr.view(np.uint8).reshape(-1).data if arr.size else b"")
     return h.hexdigest()[:16]
+
+
+# -- the training loop --------------------------------------------------------------------------
+
+@dataclass
+class Validation:
+    """One validation of a model-selection epoch: `record` goes into the epoch's history record,
+    `score` (higher is better) into model selection, `loss` breaks ties within `threshold`."""
+
+    record: dict
+    score: float
+    loss: float | None = None
+    threshold: float = 0.0
+
+
+class Trainable:
+    """A model as `fit` trains it (see docs/TRAINERS.md). The caller seeds and builds it (model,
+    optimizer, optional per-step scheduler, generators registered in the run's RandomStreams);
+    `fit` then drives these hooks. Epochs are numbered from 1."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler = None  # stepped after every optimizer step
+    step_module: torch.nn.Module  # what `step` calls; fit wraps it in DistributedDataParallel when `ddp`
+    ddp = False  # False: gradients are averaged over processes by fit (ctx.average_gradients)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The trained parameters (gradient averaging and clipping)."""
+        raise NotImplementedError
+
+    def initialize(self) -> None:
+        """Set-up of a fresh run only (not on resume), e.g. data-dependent initialisation."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Per-epoch preparation before the batches are drawn."""
+
+    def batches(self, epoch: int) -> Iterable[torch.Tensor]:
+        """The epoch's global batches (row-index tensors, identical on every process)."""
+        raise NotImplementedError
+
+    def step(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss to back-propagate, detached terms fit sums over the epoch's steps) for one global
+        batch; the process's share of it is the adapter's business (letter.training.shard)."""
+        raise NotImplementedError
+
+    def epoch_record(self, epoch: int, sums: dict[str, float], steps: int) -> dict:
+        """The training part of the epoch's history record from the terms summed over steps and
+        processes (may raise LetterError, e.g. on a diverged loss)."""
+        raise NotImplementedError
+
+    def validate(self, epoch: int, record: dict, select: bool) -> Validation | None:
+        """Called every epoch on every process after training; may add per-epoch entries to
+        `record`. With `select` (the validation cadence) it returns the Validation model selection
+        sees (None on processes that do not validate)."""
+        return None
+
+    def keep_best(self, epoch: int, validation: Validation) -> None:
+        """This epoch's model became the selected one: keep it (in `extra_state` or on disk)."""
+
+    def model_state(self) -> dict:
+        raise NotImplementedError
+
+    def load_model_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """Anything else a resume needs (best weights, schedules of the adapter's own)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def checkpointed(self, run: "FitRun", seconds: float) -> None:
+        """After each checkpoint (written in `seconds`), on the main process: per-epoch reports."""
+
+
+@dataclass
+class FitPlan:
+    """How `fit` trains: the schedule and the run's identity.
+
+    identity: field -> value of everything a resumed run must share with the checkpoint (settings,
+    content hashes of the inputs); `may_change` names the fields that may differ on resume.
+    validate_every: epochs between model-selection validations (the last epoch always validates).
+    select_from: validations before this epoch do not take part in model selection; a resume whose
+    longer schedule moves this past the kept model starts the selection again.
+    patience: stop after this many validations without a better one (None: never stop early),
+    not before `stop_from` (an epoch). stop_after: leave after this many epochs of this call."""
+
+    epochs: int
+    checkpoint: str
+    identity: dict
+    may_change: Iterable[str] = ()
+    resume: bool = False
+    validate_every: int = 1
+    select_from: int = 0
+    patience: int | None = None
+    stop_from: int = 0
+    checkpoint_every: int = 1
+    max_grad_norm: float | None = None
+    stop_after: int | None = None
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class FitRun:
+    """The state of a run as fit leaves it (also what `Trainable.checkpointed` sees)."""
+
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    stopping: EarlyStopping | None = None
+    last_validation: dict | None = None  # {"epoch", "score", "loss", "threshold"} of the latest
+    resumed_from: int | None = None  # the checkpoint's epoch when resumed
+    stopped_early: bool = False
+    finished: bool = False  # the schedule ran out or early stopping ended it
+
+
+CHECKPOINT_KEYS = ("identity", "epoch", "finished", "model", "optimizer", "scheduler", "history", "stopping",
+                   "last_validation", "rng", "trainer")
+
+
+def validation_epochs(every: int, epochs: int) -> int:
+    """`every` as the validation interval; 0: a tenth of the epochs."""
+    return every or max(1, epochs // 10)
+
+
+def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStreams) -> FitRun:
+    """Train `trainable` by `plan`; returns the run's state (history, selection, whether finished).
+
+    Resume: `plan.resume` continues from `plan.checkpoint` and needs it (resuming without a
+    checkpoint is an error for every trainer: a silent fresh start would discard what the user
+    asked to keep). The checkpoint's identity must equal `plan.identity` field by field, except the
+    `may_change` fields; the first difference is one LetterError naming it. A checkpoint is written
+    every `checkpoint_every` epochs and at the end (main process, atomically); it holds the model,
+    optimizer, scheduler, history, selection state and every process's random state, so a resumed
+    run continues exactly as the uninterrupted one would."""
+    run = FitRun(stopping=EarlyStopping(plan.patience if plan.patience is not None else math.inf, plan.stop_from))
+    if plan.resume:
+        _restore(trainable, plan, ctx, rng, run)
+    else:
+        trainable.initialize()
+    step_module = trainable.step_module
+    if trainable.ddp and ctx.world > 1:
+        trainable.step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    parameters = trainable.parameters()
+    started = time.time()
+    wall_before = run.history[-1].get("wall_s", 0.0) if run.history else 0.0
+    epochs_this_call = 0
+    try:
+        while run.epoch < plan.epochs and not run.stopping.should_stop:
+            epoch = run.epoch + 1
+            trainable.start_epoch(epoch)
+            batches = list(trainable.batches(epoch))
+            sums: dict[str, torch.Tensor] = {}
+            bar = progress(total=len(batches), desc=f"epoch {epoch}/{plan.epochs}", unit="step", leave=False,
+                           disable=None if ctx.main else True)
+            for batch in batches:
+                loss, terms = trainable.step(batch)
+                trainable.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if not trainable.ddp:
+                    ctx.average_gradients(parameters)
+                if plan.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(parameters, plan.max_grad_norm)
+                trainable.optimizer.step()
+                if trainable.scheduler is not None:
+                    trainable.scheduler.step()
+                for name, value in terms.items():  # float64 sums on the device: no sync per step
+                    value = value.detach().double()
+                    sums[name] = sums[name] + value if name in sums else value
+                bar.update(1)
+            bar.close()
+            names = list(sums)
+            totals = ctx.sum([float(sums[n]) for n in names]) if names else []
+            record = {"epoch": epoch, **trainable.epoch_record(epoch, dict(zip(names, totals)), len(batches))}
+            select = epoch % plan.validate_every == 0 or epoch == plan.epochs
+            validation = trainable.validate(epoch, record, select)
+            if validation is not None:
+                record.update(validation.record)
+                run.last_validation = {"epoch": epoch, "score": validation.score, "loss": validation.loss,
+                                       "threshold": validation.threshold}
+                if epoch >= plan.select_from:
+                    record["selected"] = run.stopping.update(validation.score, epoch, validation.threshold,
+                                                             validation.loss)
+                    if record["selected"]:
+                        trainable.keep_best(epoch, validation)
+            record["wall_s"] = round(wall_before + time.time() - started, 3)
+            run.history.append(record)
+            run.epoch = epoch
+            run.stopped_early = ctx.any(run.stopping.should_stop)
+            run.finished = run.stopped_early or epoch >= plan.epochs
+            if ctx.main:
+                plan.log(format_record(record))
+            epochs_this_call += 1
+            leaving = plan.stop_after is not None and epochs_this_call >= plan.stop_after
+            if run.finished or leaving or epoch % plan.checkpoint_every == 0:
+                _save(trainable, plan, ctx, rng, run)
+            if run.finished or leaving:
+                break
+    finally:
+        trainable.step_module = step_module
+    return run
+
+
+def format_record(record: dict) -> str:
+    """One history record as the log line every trainer prints."""
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+
+
+def _save(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStreams, run: FitRun) -> None:
+    rng_states = ctx.gather(rng.state())
+    if ctx.main:
+        started = time.perf_counter()
+        save_checkpoint(plan.checkpoint, {
+            "identity": plan.identity, "epoch": run.epoch, "finished": run.finished,
+            "model": trainable.model_state(), "optimizer": trainable.optimizer.state_dict(),
+            "scheduler": None if trainable.scheduler is None else trainable.scheduler.state_dict(),
+            "history": run.history, "stopping": run.stopping.state_dict(), "last_validation": run.last_validation,
+            "rng": rng_states, "trainer": trainable.extra_state(),
+        })
+        trainable.checkpointed(run, time.perf_counter() - started)
+    ctx.barrier()
+
+
+def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStreams, run: FitRun) -> None:
+    if not os.path.isfile(plan.checkpoint):
+        raise LetterError(f"cannot resume: no checkpoint at {plan.checkpoint} (start the run without resuming)")
+    ckpt = load_checkpoint(plan.checkpoint)  # on the CPU: random states must stay CPU tensors
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise LetterError(f"cannot resume from {plan.checkpoint}: not a checkpoint of this LETTER version "
+                          f"(no {missing[0]}); start a new run")
+    if ckpt["epoch"] > plan.epochs:
+        raise LetterError(f"cannot resume from {plan.checkpoint}: it is at epoch {ckpt['epoch']}, past epochs "
+                          f"{plan.epochs}")
+    may_change = set(plan.may_change)
+    check_resume(plan.checkpoint, ckpt["identity"], plan.identity,
+                 [k for k in dict.fromkeys([*ckpt["identity"], *plan.identity]) if k not in may_change])
+    trainable.load_model_state(ckpt["model"])
+    trainable.optimizer.load_state_dict(ckpt["optimizer"])
+    if trainable.scheduler is not None:
+        trainable.scheduler.load_state_dict(ckpt["scheduler"])
+    trainable.load_extra_state(ckpt["trainer"])
+    run.epoch = run.resumed_from = ckpt["epoch"]
+    run.history, run.last_validation = ckpt["history"], ckpt["last_validation"]
+    run.stopping.load_state_dict(ckpt["stopping"])
+    if len(ckpt["rng"]) == ctx.world:
+        rng.restore(ckpt["rng"][ctx.rank])
+    elif ctx.main:
+        plan.log(f"note: checkpoint from {len(ckpt['rng'])} process(es), resuming with {ctx.world}: "
+                 "the per-process random streams are reseeded")
+    last = run.last_validation
+    if run.stopping.best_epoch < plan.select_from:
+        # A longer schedule moved the selection window past the kept model: select again, with the
+        # checkpoint's own model as first candidate when its validation lies inside the window.
+        run.stopping = EarlyStopping(run.stopping.patience, plan.stop_from)
+        if last is not None and last["epoch"] == run.epoch and run.epoch >= plan.select_from:
+            run.stopping.update(last["score"], last["epoch"], last["threshold"], last["loss"])
+            trainable.keep_best(last["epoch"], Validation({}, last["score"], last["loss"], last["threshold"]))
+    if ctx.main:
+        plan.log(f"resumed from {plan.checkpoint} after epoch {run.epoch}")

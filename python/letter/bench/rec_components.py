@@ -81,7 +81,7 @@ def _bernoulli_share(width: int, batch: int, timer) -> dict:
 
 
 def run(args) -> dict:
-    from letter.training import resolve_device
+    from letter.devices import resolve_device
     from letter_ext import dot_product_cross_entropy
 
     from . import clock

@@ -4,7 +4,7 @@ bucketed batches in bf16 autocast (fp32 master weights) against fp32.
 Arms, all with the real training step (loss summed over tokens and scaled to the batch mean,
 backward, gradient clipping, AdamW), on the same training samples:
   padded    every batch padded to max_history * L + 1 tokens (the old path), shuffled order
-  trimmed   the same batches, each trimmed to its longest row (`letter.rec.data.trim_padding`)
+  trimmed   the same batches, each trimmed to its longest row (`letter.rec.data.drop_trailing_padding`)
   bucketed  batches of similar history length (`letter.training.batch_order(..., lengths)`), trimmed
   bucketed_bf16  the bucketed batches under torch.autocast(bfloat16) (`--precision bf16` of train-rec)
 The arms run step by step in turn (rotating which goes first) from identical initial weights;
@@ -112,7 +112,7 @@ def _schedule(batches: list[torch.Tensor], widths: list[int], warmup: int, steps
 
 
 def measure(size: str, args, device: torch.device) -> dict:
-    from letter.rec.data import RecData, input_lengths, trim_padding
+    from letter.rec.data import RecData, drop_trailing_padding, input_lengths
     from letter.rec.model import Tiger
 
     config = size_config(size)
@@ -143,7 +143,7 @@ def measure(size: str, args, device: torch.device) -> dict:
             batch = schedules[arm][step]
             e, y = enc[batch], labels[batch]
             if arm != "padded":
-                e = trim_padding(e)
+                e = drop_trailing_padding(e)
             e, y = e.to(device), y.to(device)
             model, opt = models[arm], optims[arm]
             if device.type == "cuda":
@@ -181,7 +181,7 @@ def measure(size: str, args, device: torch.device) -> dict:
 
 
 def run(args) -> dict:
-    from letter.training import resolve_device
+    from letter.devices import resolve_device
 
     device = resolve_device(args.device)
     result = {"benchmark": NAME, "device": str(device), "threads": torch.get_num_threads(), "clock": "wall" if device.type == "cuda" else args.clock,

@@ -107,7 +107,8 @@ class BareAutoencoder:
 def run(args) -> dict:
     from letter.tokenizer import TokenizerConfig
     import letter.tokenizer.train as trainer
-    from letter.training import resolve_device
+    from letter.devices import resolve_device
+    from letter.training import validation_epochs
 
     from . import clock, module_clock
 
@@ -132,7 +133,7 @@ def run(args) -> dict:
             with tempfile.TemporaryDirectory() as out:
                 t0 = time.perf_counter()
                 with module_clock(trainer, clock_name):  # its epoch/eval/checkpoint timings on --clock
-                    timings = trainer.train_tokenizer(config, text, cf, out, device=str(device))["timing"]
+                    timings = trainer.train_tokenizer(config.replace(device=str(device)), text, cf, out)["timing"]
                 train_wall.append(time.perf_counter() - t0)
             steps_s += [e - v for e, v in zip(timings["epoch_s"], timings["eval_s"], strict=True)]
             eval_s += timings["eval_s"]
@@ -151,7 +152,7 @@ def run(args) -> dict:
         "device": str(device), "threads": torch.get_num_threads(), "clock": clock_name,
         "inputs": {"text": text_source, "cf": cf_source, "items": int(text.shape[0]), "text_dim": int(text.shape[1])},
         "config": config.to_dict(),
-        "default_eval_interval": default.eval_interval, "default_epochs": default.epochs,
+        "default_eval_interval": validation_epochs(default.eval_every, default.epochs), "default_epochs": default.epochs,
         "epochs_per_arm": len(steps_s), "rounds": args.tok_rounds,
         "bare_mlp_epoch_s": [round(t, 4) for t in bare_s],
         "tokenizer_steps_s": [round(t, 4) for t in steps_s],
@@ -163,7 +164,7 @@ def run(args) -> dict:
         "tokenizer_steps_median_s": round(steps_med, 4),
         "tokenizer_eval_median_s": round(eval_med, 4),
         "checkpoint_amortized_s": round(ckpt_amortized, 4),
-        "ratio": ratio(default.eval_interval),
+        "ratio": ratio(validation_epochs(default.eval_every, default.epochs)),
         "ratio_authors_cadence": ratio(2000),
         "ratio_eval_every_epoch": ratio(1),
         "ratio_steps_only": round(steps_med / bare_med, 4),

@@ -1,4 +1,4 @@
-"""CFConfig: the settings of the SASRec trainer (letter.cf.train)."""
+"""CFConfig: the settings of the collaborative-filtering trainer (letter.cf.train): SASRec or LightGCN."""
 from dataclasses import dataclass
 
 from letter.settings import Settings, setting
@@ -8,18 +8,24 @@ from letter.settings import Settings, setting
 class CFConfig(Settings):
     section = "cf"
 
+    model: str = setting("sasrec", "sasrec: causal self-attention over each user's sequence; lightgcn: graph "
+                                   "propagation over the user-item graph.", choices=("sasrec", "lightgcn"))
     dim: int = setting(32, "Hidden size = exported embedding size.", low=1)
-    blocks: int = setting(2, "Self-attention blocks.", low=1)
-    heads: int = setting(2, "Attention heads (must divide dim).", low=1)
+    blocks: int = setting(2, "Self-attention blocks (sasrec).", low=1)
+    heads: int = setting(2, "Attention heads (sasrec; must divide dim).", low=1)
+    graph_layers: int = setting(3, "Propagation layers K (lightgcn); the embedding is the mean of layers 0..K.",
+                                low=1)
     # lr 3e-3 / dropout 0.3 rather than RecBole's 1e-3 / 0.5: on Scientific those stalled for the
     # first epochs, these reach a good valid NDCG@10 in ~10 epochs (docs/RESULTS.md)
-    dropout: float = setting(0.3, "Dropout rate.", low=0, high=1, high_open=True)
+    dropout: float = setting(0.3, "Dropout rate (sasrec).", low=0, high=1, high_open=True)
     max_len: int = setting(50, "Longest history the model sees (also the split's history cut).", low=1)
-    loss: str = setting("ce", "ce: full-softmax cross-entropy; bce: one sampled negative per target.",
-                        choices=("ce", "bce"))
+    loss: str = setting("ce", "ce: full-softmax cross-entropy; bce (sasrec): one sampled negative per target, "
+                              "binary; bpr (lightgcn): one sampled negative per interaction, pairwise.",
+                        choices=("ce", "bce", "bpr"))
     lr: float = setting(3e-3, "Adam learning rate.", low=0, low_open=True)
     weight_decay: float = setting(0.0, "Adam weight decay.", low=0)
-    batch_size: int = setting(256, "Training windows per step (global, over all processes).", low=1)
+    batch_size: int = setting(256, "Training windows (sasrec) or interactions (lightgcn) per step (global, over "
+                                   "all processes).", low=1)
     epochs: int = setting(200, "Most epochs.", low=1, may_change_on_resume=True)
     patience: int = setting(10, "Stop after this many epochs without a better valid NDCG@10.", low=1,
                             may_change_on_resume=True)
@@ -30,7 +36,12 @@ class CFConfig(Settings):
     precision: str = setting("auto", "Training arithmetic: fp32, bf16 (autocast, fp32 master weights) or auto (bf16 on "
                                      "a bf16-capable GPU, or on a CPU with AMX/AVX512-BF16 from dim 128).",
                              choices=("auto", "fp32", "bf16"), may_change_on_resume=True)
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto.", may_change_on_resume=True)
+
+    LOSSES = {"sasrec": ("ce", "bce"), "lightgcn": ("ce", "bpr")}
 
     def check(self) -> None:
-        if self.dim % self.heads:
+        if self.loss not in self.LOSSES[self.model]:
+            self.fail("loss", f"{self.loss} is not a {self.model} loss (one of {', '.join(self.LOSSES[self.model])})")
+        if self.model == "sasrec" and self.dim % self.heads:
             self.fail("dim", f"({self.dim}) must be divisible by heads ({self.heads})")

@@ -1,62 +1,49 @@
-"""Training and full-ranking evaluation of SASRec; export of its item embeddings as the CF signal.
+"""The collaborative-filtering trainer: a CF model (SASRec or LightGCN) trained by letter.training.fit
+on the leave-one-out split, selected on full-ranking validation NDCG@10, its item embeddings exported
+as the tokenizer's CF signal.
 
-Training uses the leave-one-out split's training part (each user's items[:-2]) as sequence-to-
-sequence windows: every position predicts the next item, which covers the same (prefix -> next
-item) samples as the paper's split. Validation/test rank all items for items[:-2] -> items[-2] and
+Every CF model trains on the split's training part (each evaluated user's items[:-2]) and is
+evaluated the same way: validation/test rank all items for items[:-2] -> items[-2] and
 items[:-1] -> items[-1]. Items already in the history are not masked by default (the LETTER/TIGER
 evaluation does not mask them either); `mask_history=True` does.
 
+A model is a `CFTrainable` adapter in its own module, registered in MODELS (docs/TRAINERS.md).
+
 Distributed: under torchrun each process takes an interleaved share of every global batch and the
-loss is normalised by the global number of targets, so N processes take the same steps as one
-(up to float summation order and dropout randomness).
+loss is normalised by the global batch, so N processes take the same steps as one (up to float
+summation order and dropout randomness).
 """
+from __future__ import annotations
+
+import importlib
 import json
 import os
-import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from letter.cf.config import CFConfig
-from letter.cf.model import SASRec
-from letter.data import Dataset, Split, leave_one_out, pad_left
+from letter.data import Dataset, Split, drop_leading_padding, leave_one_out, pad_left
 from letter.data.cold import check_no_cold_training, read_cold_split
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
-from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, bf16_autocast, check_resume,
-                             distributed, epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard)
 from letter.runs import sidecar_record
-from letter.utils import progress, save_npy, write_json
+from letter.training import (DistContext, FitPlan, RandomStreams, Trainable, Validation, distributed, fit,
+                             seed_everything)
+from letter.utils import save_npy, write_json
 
 KS = (5, 10)
 
+# CFConfig.model -> (module, adapter class)
+MODELS = {
+    "sasrec": ("letter.cf.sasrec", "SASRecTrainable"),
+    "lightgcn": ("letter.cf.lightgcn", "LightGCNTrainable"),
+}
 
-def output_paths(out_dir: str, name: str, dim: int) -> dict[str, str]:
-    stem = os.path.join(out_dir, f"{name}.cf-sasrec{dim}")
+
+def output_paths(out_dir: str, name: str, dim: int, model: str = "sasrec") -> dict[str, str]:
+    stem = os.path.join(out_dir, f"{name}.cf-{model}{dim}")
     return {"embeddings": stem + ".npy", "metrics": stem + ".json", "checkpoint": stem + ".ckpt.pt"}
-
-
-def training_windows(split: Split, dataset: Dataset, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) [N, max_len] in model ids (item + 1; 0 = pad / no target) from every
-    evaluated user's items[:-2]; sequences longer than max_len + 1 are cut into windows from the end."""
-    inputs, targets = [], []
-    for user in split.eval_users:
-        head = dataset.sequences[user][:-2]
-        end = len(head) - 1  # last input position (exclusive end of inputs is end)
-        while end > 0:
-            start = max(0, end - max_len)
-            inputs.append([i + 1 for i in head[start:end]])
-            targets.append([i + 1 for i in head[start + 1 : end + 1]])
-            end = start
-    return pad_left(inputs, max_len, 0), pad_left(targets, max_len, 0)
-
-
-def trim_padding(seq: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Drop the leading columns that are padding (0) in every row of `seq`, in all tensors."""
-    nonempty = (seq != 0).any(0).nonzero()
-    start = int(nonempty[0]) if len(nonempty) else seq.shape[1] - 1
-    return tuple(t[:, start:] for t in (seq, *others))
 
 
 def popularity_counts(split: Split, dataset: Dataset) -> np.ndarray:
@@ -93,19 +80,20 @@ def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS
 
 
 @torch.no_grad()
-def full_ranking_metrics(model: SASRec, samples, ctx: DistContext, cfg: CFConfig,
-                         mask_history: bool | None = None) -> dict[str, float]:
-    """Full-ranking Recall/NDCG@5,10 over `samples`, sharded over processes and summed; history items
-    ruled out when `mask_history` (default: the config's)."""
+def ranking_metrics(scores_of, samples, users: list[int], ctx: DistContext, cfg: CFConfig,
+                    mask_history: bool | None = None) -> dict[str, float]:
+    """Full-ranking Recall/NDCG@5,10 over `samples` (users[i]: the user of samples[i]), sharded over
+    processes and summed. scores_of(histories, users) -> [B, num_items] scores, histories in model
+    ids (item + 1, left-padded with 0). History items are ruled out when `mask_history` (default:
+    the config's)."""
     mask_history = cfg.mask_history if mask_history is None else mask_history
-    model.eval()
-    mine = samples[ctx.rank :: ctx.world]
+    mine, my_users = samples[ctx.rank :: ctx.world], users[ctx.rank :: ctx.world]
     sums = dict.fromkeys([f"{m}@{k}" for k in KS for m in ("recall", "ndcg")], 0.0)
     for start in range(0, len(mine), cfg.eval_batch_size):
         batch = mine[start : start + cfg.eval_batch_size]
-        (hist,) = trim_padding(pad_left([h for h, _ in batch], cfg.max_len, -1).to(ctx.device) + 1)
+        (hist,) = drop_leading_padding(pad_left([h for h, _ in batch], cfg.max_len, -1).to(ctx.device) + 1)
         targets = torch.tensor([t for _, t in batch], device=ctx.device)
-        scores = model.scores(model(hist)[:, -1])
+        scores = scores_of(hist, torch.tensor(my_users[start : start + cfg.eval_batch_size], device=ctx.device))
         if mask_history:
             # count history occurrences per item (pads add 0 at item 0) and rule those items out
             seen = torch.zeros_like(scores, dtype=torch.int32)
@@ -115,127 +103,128 @@ def full_ranking_metrics(model: SASRec, samples, ctx: DistContext, cfg: CFConfig
         for key, value in metric_sums(hits_from_topk(topk, targets), KS).items():
             sums[key] += value
     totals = ctx.sum(list(sums.values()) + [len(mine)])
-    model.train()
     return {key: total / max(totals[-1], 1) for key, total in zip(sums, totals)}
 
 
-def _step_loss(model, inputs, targets, num_items: int, loss: str, global_targets: int, world: int):
-    hidden = model(inputs)  # through the DDP wrapper when distributed, so gradients get synced
-    model = getattr(model, "module", model)
-    valid = targets > 0
-    h, t = hidden[valid], targets[valid] - 1
-    if loss == "ce":
-        total = F.cross_entropy(model.scores(h), t, reduction="sum")
-    else:
-        emb = model.item_embeddings()
-        negatives = torch.randint(0, num_items, t.shape, device=t.device)
-        pos, neg = (h * emb[t]).sum(-1), (h * emb[negatives]).sum(-1)
-        total = F.softplus(-pos).sum() + F.softplus(neg).sum()
-    # DDP averages gradients over processes; scaling by world makes the result sum / global count
-    return total * world / max(global_targets, 1)
+class CFTrainable(Trainable):
+    """What every CF model shares on top of its own `batches`/`step`: validation by full-ranking
+    NDCG@10 on the split's validation part, the selected weights kept in the checkpoint, the mean
+    training loss per step. A model adds `build` (a classmethod, called with the RNG seeded),
+    `batches`, `step`, `scorer()` (-> scores_of for ranking_metrics) and `item_embeddings()`."""
+
+    def __init__(self, model: torch.nn.Module, dataset: Dataset, split: Split, cfg: CFConfig, ctx: DistContext):
+        self.model, self.dataset, self.split, self.cfg, self.ctx = model, dataset, split, cfg, ctx
+        self.step_module = model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.best_model: dict | None = None
+
+    @classmethod
+    def build(cls, dataset: Dataset, split: Split, cfg: CFConfig, ctx: DistContext, rng: RandomStreams) -> "CFTrainable":
+        raise NotImplementedError
+
+    def scorer(self):
+        raise NotImplementedError
+
+    def item_embeddings(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parameters(self) -> list:
+        return list(self.model.parameters())
+
+    def epoch_record(self, epoch: int, sums: dict[str, float], steps: int) -> dict:
+        # each process added its share of every step's loss
+        return {"loss": sums.get("loss", 0.0) / self.ctx.world / max(steps, 1)}
+
+    def ranking(self, part: str, mask_history: bool | None = None) -> dict[str, float]:
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return ranking_metrics(self.scorer(), self.split.part(part), self.split.eval_users, self.ctx, self.cfg,
+                                       mask_history)
+        finally:
+            self.model.train()
+
+    def validate(self, epoch: int, record: dict, select: bool) -> Validation | None:
+        if not select:
+            return None
+        valid = self.ranking("valid")
+        return Validation({f"valid_{k}": v for k, v in valid.items()}, valid["ndcg@10"])
+
+    def keep_best(self, epoch: int, validation: Validation) -> None:
+        self.best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def model_state(self) -> dict:
+        return self.model.state_dict()
+
+    def load_model_state(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+    def extra_state(self) -> dict:
+        return {"best_model": self.best_model}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.best_model = state["best_model"]
 
 
-def _inputs(dataset: Dataset) -> dict:
-    """Fingerprints of what the run reads: resuming on other data is refused."""
+def trainable_class(name: str) -> type[CFTrainable]:
+    module, cls = MODELS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def dataset_identity(dataset: Dataset) -> dict:
+    """Fingerprints of what a CF run reads: resuming on other data is refused."""
     return {"inputs.dataset": dataset.fingerprint(), "inputs.num_items": dataset.num_items}
 
 
-def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False, device: str | None = None,
-             log=print) -> dict:
-    """Train SASRec with early stopping on valid NDCG@10; write embeddings, metrics and a checkpoint.
+def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False, log=print) -> dict:
+    """Train the CF model `cfg.model` with early stopping on valid NDCG@10; write its item embeddings
+    (<Name>.cf-<model><dim>.npy, [num_items, dim] float32), metrics and a checkpoint.
 
-    A cold split (letter.data.cold) holding a cold item outside the test targets is refused.
-    Returns the metrics dict (also written as <Name>.cf-sasrec<d>.json)."""
+    resume: continue from the checkpoint (an error without one). A cold split (letter.data.cold)
+    holding a cold item outside the test targets is refused. Returns the metrics dict (also written
+    as <Name>.cf-<model><dim>.json, last: its presence marks a finished run)."""
     cfg.validate()
     check_no_cold_training(dataset, read_cold_split(dataset))
-    with distributed(device) as ctx:
+    with distributed(cfg.device) as ctx:
         return _train(dataset, out_dir, cfg, resume, ctx, log)
 
 
 def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: DistContext, log) -> dict:
-    paths = output_paths(out_dir, dataset.name, cfg.dim)
+    paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
     split = leave_one_out(dataset, max_history=cfg.max_len)
     if not split.train:
         raise LetterError(f"{dataset.name}: no training samples (every user has fewer than 4 items)")
-    inputs, targets = training_windows(split, dataset, cfg.max_len)
-
     seed_everything(cfg.seed)
     rng = RandomStreams(ctx.device)
-    model = SASRec(dataset.num_items, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len).to(ctx.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stopping = EarlyStopping(cfg.patience)
-    state = {"epoch": 0, "history": [], "train_seconds": 0.0}
-    best_weights = None
-    identity = {**cfg.to_dict(), **_inputs(dataset)}
-    if resume and os.path.exists(paths["checkpoint"]):
-        ckpt = load_checkpoint(paths["checkpoint"], map_location=ctx.device)
-        check_resume(paths["checkpoint"], ckpt.get("identity", {}), identity, cfg.fixed_on_resume() + list(_inputs(dataset)))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state, best_weights = ckpt["state"], ckpt["best_model"]
-        stopping.load_state_dict(ckpt["stopping"])
-        stopping.patience = cfg.patience
-        rng.restore(ckpt["rng"])
-        log(f"resumed from {paths['checkpoint']} after epoch {state['epoch']}")
-    elif resume:
-        log(f"no checkpoint at {paths['checkpoint']}; starting fresh")
+    trainable = trainable_class(cfg.model).build(dataset, split, cfg, ctx, rng)
+    if ctx.main:
+        os.makedirs(out_dir, exist_ok=True)
+    plan = FitPlan(epochs=cfg.epochs, checkpoint=paths["checkpoint"], resume=resume,
+                   identity={**cfg.to_dict(), **dataset_identity(dataset)},
+                   may_change=set(cfg.to_dict()) - set(cfg.fixed_on_resume()), patience=cfg.patience,
+                   log=log)
+    run = fit(trainable, plan, ctx, rng)
 
-    train_model = model
-    if ctx.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    lengths = (inputs > 0).sum(1)
-    use_amp = bf16_autocast(cfg.precision, ctx.device, cfg.dim)
-    while state["epoch"] < cfg.epochs and not stopping.should_stop:
-        epoch = state["epoch"] + 1
-        started = time.time()
-        total_loss = 0.0
-        steps = batch_order(len(lengths), cfg.batch_size, epoch_generator(cfg.seed, epoch), lengths)
-        for batch in progress(steps, desc=f"epoch {epoch}", leave=False, disable=None if ctx.main else True):
-            global_targets = int((targets[batch] > 0).sum())
-            seq, tgt = trim_padding(inputs[shard(batch, ctx)], targets[shard(batch, ctx)])
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = _step_loss(train_model, seq.to(ctx.device), tgt.to(ctx.device), dataset.num_items, cfg.loss,
-                                  global_targets, ctx.world)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() / ctx.world
-        total_loss = ctx.sum([total_loss])[0]  # each process added its share of every step's loss
-        valid = full_ranking_metrics(model, split.valid, ctx, cfg)
-        state["epoch"] = epoch
-        state["train_seconds"] += time.time() - started
-        state["history"].append({"epoch": epoch, "loss": total_loss / len(steps), **{f"valid_{k}": v for k, v in valid.items()}})
-        if stopping.update(valid["ndcg@10"], epoch):
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if ctx.main:
-            log(f"epoch {epoch}: loss {total_loss / len(steps):.4f} valid ndcg@10 {valid['ndcg@10']:.4f} "
-                f"recall@10 {valid['recall@10']:.4f} (best epoch {stopping.best_epoch}) {time.time() - started:.1f}s")
-            save_checkpoint(paths["checkpoint"], {
-                "identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "state": state, "stopping": stopping.state_dict(), "best_model": best_weights, "rng": rng.state(),
-            })
-        ctx.barrier()
-
-    model.load_state_dict(best_weights)
+    trainable.model.load_state_dict(trainable.best_model)
     result = {
         "dataset": dataset.name,
         "config": cfg.to_dict(),
         "world_size": ctx.world,
-        "epochs_run": state["epoch"],
-        "best_epoch": stopping.best_epoch,
-        "train_seconds": state["train_seconds"],
-        "valid": full_ranking_metrics(model, split.valid, ctx, cfg),
-        "test": full_ranking_metrics(model, split.test, ctx, cfg),
+        "epochs_run": run.epoch,
+        "best_epoch": run.stopping.best_epoch,
+        "train_seconds": run.history[-1]["wall_s"] if run.history else 0.0,
+        "valid": trainable.ranking("valid"),
+        "test": trainable.ranking("test"),
         # both protocols side by side, whichever one early stopping used
-        "test_history_kept": full_ranking_metrics(model, split.test, ctx, cfg, mask_history=False),
-        "test_history_masked": full_ranking_metrics(model, split.test, ctx, cfg, mask_history=True),
+        "test_history_kept": trainable.ranking("test", mask_history=False),
+        "test_history_masked": trainable.ranking("test", mask_history=True),
         "popularity_test": popularity_metrics(split, dataset, "test"),
         "popularity_test_history_masked": popularity_metrics(split, dataset, "test", mask_history=True),
-        "history": state["history"],
+        "history": run.history,
     }
     if ctx.main:
-        save_npy(paths["embeddings"], model.item_embeddings().detach().float().cpu().numpy())
+        with torch.no_grad():
+            save_npy(paths["embeddings"], trainable.item_embeddings().detach().float().cpu().numpy())
         write_json(paths["metrics"], {**result, **sidecar_record(paths["embeddings"])})  # last: the marker
         log(f"test {json.dumps(result['test'])}\nwrote {paths['embeddings']}")
     ctx.barrier()

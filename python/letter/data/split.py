@@ -44,6 +44,14 @@ def pad_left(histories: list[list[int]], length: int, pad: int = -1) -> torch.Te
     return out
 
 
+def drop_leading_padding(seq: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For left-padded rows (pad 0): drop the leading columns that are padding in every row of
+    `seq`, in `seq` and `others` alike (the last column is always kept)."""
+    nonempty = (seq != 0).any(0).nonzero()
+    start = int(nonempty[0]) if len(nonempty) else seq.shape[1] - 1
+    return tuple(t[:, start:] for t in (seq, *others))
+
+
 def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
     """Per user: test = items[:-1] -> items[-1], valid = items[:-2] -> items[-2], train = every
     prefix items[:i] -> items[i] for 1 <= i < len(items) - 2. Histories keep their last

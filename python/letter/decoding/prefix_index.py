@@ -6,7 +6,7 @@ import torch
 
 from letter.errors import DataError
 from letter.utils import torch_save
-from letter_ext.baselines import dict_trie
+from letter_ext.hf_decoding import dict_trie
 from letter_ext.trie import TrieLevels, build_trie_levels, csr_from_rows
 
 _FORMAT = "letter.prefix_index"

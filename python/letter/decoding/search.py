@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 import letter_ext
-from letter_ext.baselines import hf_style_step, prefix_allowed_tokens_fn
+from letter_ext.hf_decoding import hf_style_step, prefix_allowed_tokens_fn
 from letter_ext.trie import csr_from_rows
 
 from .prefix_index import PrefixIndex

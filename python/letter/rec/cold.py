@@ -20,13 +20,13 @@ import os
 import numpy as np
 import torch
 
-from letter.cf.train import popularity_counts, trim_padding
-from letter.data import pad_left
+from letter.cf.train import popularity_counts
+from letter.data import drop_leading_padding, pad_left
 from letter.data.cold import read_cold_split, test_groups
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metrics_from_hits
 from letter.runs import load_npy
-from letter.training import resolve_device
+from letter.devices import resolve_device
 from letter.utils import write_json
 
 from .evaluation import _load, evaluate_model
@@ -86,12 +86,12 @@ def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch:
     if ckpt["identity"].get("inputs.dataset") != dataset.fingerprint():
         raise LetterError(f"--cf {cf_dir}: trained on other data than {dataset.source}")
     model = SASRec(dataset.num_items, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len)
-    model.load_state_dict(ckpt["best_model"])
+    model.load_state_dict(ckpt["trainer"]["best_model"])
     model.eval()
     out = []
     with torch.no_grad():
         for start in range(0, len(histories), batch):
-            (hist,) = trim_padding(pad_left(histories[start:start + batch], cfg.max_len, -1) + 1)
+            (hist,) = drop_leading_padding(pad_left(histories[start:start + batch], cfg.max_len, -1) + 1)
             out.append(model.scores(model(hist)[:, -1]).topk(k, dim=1).indices)
     return torch.cat(out)
 

@@ -53,7 +53,8 @@ class RecConfig(Settings):
     seed: int = setting(42, "Random seed.")
     # Model selection and early stopping on validation NDCG@10 from constrained beam search, by the
     # rule of letter.training.EarlyStopping (README, "Model selection and early stopping").
-    eval_every: int = setting(1, "Validate (beam search, NDCG@10) every N epochs.", low=1)
+    eval_every: int = setting(1, "Epochs between validations (beam search, NDCG@10; model selection); 0: a tenth "
+                                 "of the epochs. The last epoch always validates.", low=0)
     patience: int = setting(20, "Stop after this many validations without a better NDCG@10 (theirs: 20).", low=1,
                             may_change_on_resume=True)
     valid_users: int = setting(0, "Validation users for model selection: 0 = the whole validation split; N: a fixed "

@@ -192,7 +192,7 @@ class RecData:
         return torch.cat([bos, labels[:, :-1]], dim=1)
 
 
-def trim_padding(enc: torch.Tensor) -> torch.Tensor:
+def drop_trailing_padding(enc: torch.Tensor) -> torch.Tensor:
     """Drop the trailing columns that are PAD in every row (inputs are right-padded): the model's
     outputs for the real tokens do not change (pads are masked keys), only the work shrinks."""
     lengths = (enc != PAD).sum(1)

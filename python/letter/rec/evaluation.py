@@ -17,7 +17,7 @@ from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_
 from letter.errors import LetterError
 from letter.metrics import metrics_from_hits, standard_errors
 from letter.runs import check_rec_run, load_npy, read_rec_run_info
-from letter.training import resolve_device
+from letter.devices import resolve_device
 from letter.utils import progress, write_json
 
 from .config import RecConfig

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from letter.errors import LetterError
-from letter.training import resolve_device
+from letter.devices import resolve_device
 from letter.utils import atomic_path
 
 from .data import codes_sha

@@ -10,7 +10,7 @@ from letter.decoding import PrefixIndex
 from letter.errors import LetterError
 from letter.training import load_checkpoint, save_checkpoint
 
-from .data import input_lengths, trim_padding
+from .data import drop_trailing_padding, input_lengths
 from .model import Tiger
 from .recommender import Recommender
 
@@ -86,7 +86,7 @@ class TigerRecommender(Recommender):
 
     def batch(self, rows: torch.Tensor):
         device = self.model.embed.weight.device
-        enc, labels = trim_padding(self.train_enc[rows]).to(device), self.train_labels[rows].to(device)
+        enc, labels = drop_trailing_padding(self.train_enc[rows]).to(device), self.train_labels[rows].to(device)
         return enc, self.rec.decoder_inputs(labels), labels
 
     @torch.no_grad()
@@ -98,7 +98,7 @@ class TigerRecommender(Recommender):
         total = 0.0
         for start in range(0, enc.shape[0], batch_size):
             labels = rec.item_tokens[targets[start:start + batch_size]].to(device)
-            total += model.loss(trim_padding(enc[start:start + batch_size]).to(device), rec.decoder_inputs(labels),
+            total += model.loss(drop_trailing_padding(enc[start:start + batch_size]).to(device), rec.decoder_inputs(labels),
                                 labels, reduction="sum").item()
         return total / max(1, targets.numel() * rec.num_levels)
 
@@ -126,4 +126,4 @@ class TigerRecommender(Recommender):
     def start_decoding(self, inputs: torch.Tensor, beams: int, device):
         if inputs.dim() != 2:
             raise LetterError(f"TIGER decodes encoder tokens [users, length], got shape {tuple(inputs.shape)}")
-        return self.model.start_decoding(trim_padding(inputs).to(device), beams)
+        return self.model.start_decoding(drop_trailing_padding(inputs).to(device), beams)

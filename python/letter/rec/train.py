@@ -1,11 +1,12 @@
-"""Training loop of the generative recommender (TIGER, or LC-Rec with `model="lcrec"`): AdamW +
-warmup/cosine, model selection and early stopping on validation NDCG@10 (constrained beam search
-over the whole validation split by default; the noise-aware rule of letter.training.EarlyStopping,
-with a threshold of `min_delta` or `min_delta_se` standard errors, ties broken by validation loss,
-no stop before `stop_from` of the schedule), checkpoint + resume,
+"""Training the generative recommender (TIGER, or LC-Rec with `model="lcrec"`) with
+letter.training.fit: AdamW + warmup/cosine, model selection and early stopping on validation
+NDCG@10 (constrained beam search over the whole validation split by default; the noise-aware rule
+of letter.training.EarlyStopping, with a threshold of `min_delta` or `min_delta_se` standard errors,
+ties broken by validation loss, no stop before `stop_from` of the schedule), checkpoint + resume,
 data parallel under torchrun (gloo on CPU, nccl on GPU). What differs between the models (building
 them, a batch's loss, what a checkpoint holds, the best model's format, decoding) sits in their
-Recommender adapters (recommender.py, recommender_tiger.py, recommender_lcrec.py).
+Recommender adapters (recommender.py, recommender_tiger.py, recommender_lcrec.py);
+`RecTrainable` turns any of them into fit's Trainable.
 
 Run folder (`out_dir`):
   run.json        settings, data path, code source, token layout (written once)
@@ -28,28 +29,20 @@ import os
 import time
 
 import torch
-from torch import nn
 
 from letter.errors import LetterError
-from letter.runs import mark_complete, read_json
-from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, bf16_autocast, check_resume,
-                             distributed, epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard,
-                             warmup_cosine)
-from letter.utils import progress, save_npy, write_json
+from letter.runs import mark_complete
+from letter.training import (DistContext, FitPlan, FitRun, RandomStreams, Trainable, Validation,
+                             batch_order, bf16_autocast, distributed, epoch_generator, fit, seed_everything, shard,
+                             validation_epochs, warmup_cosine)
+from letter.utils import save_npy, write_json
 
 from .config import RecConfig
-from .data import load_rec_data
+from .data import codes_sha, load_rec_data
 from .evaluation import evaluate_model
-from .recommender import recommender_class
+from .recommender import Recommender, recommender_class
 
 CHECKPOINT, RUN_INFO, HISTORY, SUMMARY = "checkpoint.pt", "run.json", "history.json", "summary.json"
-
-
-def _identity(info: dict) -> dict:
-    """run.json flattened for check_resume: settings (absent ones at their defaults, for runs
-    written before a setting existed) plus the inputs (codes, data, item count)."""
-    config = RecConfig.from_dict(info["config"], validate=False).to_dict()
-    return {**config, **{f"inputs.{k}": info.get(k) for k in ("codes_sha", "num_items", "data")}}
 
 
 def train_rec(
@@ -64,147 +57,125 @@ def train_rec(
     """Train the recommender `config.model` (TIGER, or LC-Rec on the local causal LM
     `config.base_model`) on `data` (dataset folder/path or `letter.data.Dataset`) with item `codes`
     ([num_items, L] array, an index .json, codes .npy or a tokenizer run folder); write the run to
-    `out_dir`. resume=True continues from out_dir/checkpoint.pt (exactly: same results as an
-    uninterrupted run with the same seed on CPU). stop_after=N returns after N epochs of this call,
-    leaving a checkpoint to resume. Returns the summary dict (also summary.json)."""
+    `out_dir`. resume=True continues from out_dir/checkpoint.pt (an error without one; the settings
+    that may not change, the dataset's content and the codes must equal the checkpoint's; exactly
+    the results of an uninterrupted run with the same seed on CPU). stop_after=N returns after N
+    epochs of this call, leaving a checkpoint to resume. Returns the summary dict (also summary.json)."""
     config.validate()
     with distributed(config.device) as ctx:
         return _train(config, data, codes, out_dir, resume, stop_after, ctx)
 
 
+class RecTrainable(Trainable):
+    """A Recommender adapter as fit trains it: token-weighted batches, valid loss every epoch,
+    beam-search validation on the cadence, the best model written into the run folder."""
+
+    def __init__(self, rm: Recommender, rec, config: RecConfig, out_dir: str, ctx: DistContext, rng: RandomStreams):
+        self.rm, self.rec, self.config, self.out_dir, self.ctx = rm, rec, config, out_dir, ctx
+        self.step_module, self.ddp = rm.step_module, rm.ddp
+        self.optimizer = torch.optim.AdamW(rm.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.n_train, self.train_lengths = rm.prepare_training(rng)
+        if self.n_train == 0:
+            raise LetterError(f"{rec.source}: no training samples (every user needs at least 3 interactions)")
+        total_steps = math.ceil(self.n_train / config.batch_size) * config.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(total_steps, round(config.warmup_ratio * total_steps)))
+        self.valid_inputs, self.valid_targets = rm.eval_inputs(rec, "valid", config.valid_users, config.seed)
+        self.index = rm.prefix_index(rec, ctx.device) if ctx.main else None
+        self.use_amp = rm.autocast(ctx.device) and bf16_autocast(config.precision, ctx.device, config.d_model)
+        self.best_metrics: dict = {}
+
+    def parameters(self) -> list:
+        return self.rm.trainable_parameters()
+
+    def start_epoch(self, epoch: int) -> None:
+        self.rm.model.train()
+        self.rm.start_epoch(epoch - 1)
+
+    def batches(self, epoch: int):
+        return batch_order(self.n_train, self.config.batch_size, epoch_generator(self.config.seed, epoch - 1),
+                           self.train_lengths if self.config.bucket_by_length else None)
+
+    def step(self, batch):
+        ctx = self.ctx
+        mine = shard(batch, ctx)
+        # Gradients are averaged over processes; scaling by world/|global batch tokens| makes that
+        # the mean over the whole global batch, so any world size follows the same trajectory.
+        weight = ctx.world / (batch.numel() * self.rec.num_levels)
+        if mine.numel() == 0:  # a last batch smaller than the world: join the gradient sync with weight 0
+            mine, weight = batch[:1], 0.0
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            summed = self.step_module(*self.rm.batch(mine))
+        return summed * weight, ({"loss": summed} if weight else {})
+
+    def epoch_record(self, epoch: int, sums: dict[str, float], steps: int) -> dict:
+        return {"train_loss": sums.get("loss", 0.0) / (self.n_train * self.rec.num_levels),
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    def validate(self, epoch: int, record: dict, select: bool) -> Validation | None:
+        if not self.ctx.main:
+            return None
+        config, started = self.config, time.time()
+        record["valid_loss"] = self.rm.mean_loss(self.valid_inputs, self.valid_targets, config.eval_batch_size)
+        validation = None
+        if select:
+            metrics = evaluate_model(self.rm, self.rec, self.valid_inputs, self.valid_targets, config.eval_beams,
+                                     config.eval_batch_size, self.ctx.device, index=self.index)
+            self.last_metrics = metrics["metrics"]
+            threshold = config.improvement_threshold(metrics["standard_errors"]["ndcg@10"])
+            validation = Validation({**{f"valid_{k}": v for k, v in metrics["metrics"].items()},
+                                     **{f"valid_{k}_se": v for k, v in metrics["standard_errors"].items()},
+                                     "valid_threshold": threshold},
+                                    metrics["metrics"]["ndcg@10"], record["valid_loss"], threshold)
+        record["valid_users"] = int(self.valid_targets.numel())
+        record["valid_s"] = round(time.time() - started, 3)
+        return validation
+
+    def keep_best(self, epoch: int, validation: Validation) -> None:
+        self.best_metrics = self.last_metrics
+        self.rm.save_best(self.out_dir, epoch, self.best_metrics)
+
+    def model_state(self) -> dict:
+        return self.rm.state_dict()
+
+    def load_model_state(self, state: dict) -> None:
+        self.rm.load_state_dict(state)
+
+    def extra_state(self) -> dict:
+        return {"best_metrics": self.best_metrics}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.best_metrics = state["best_metrics"]
+
+    def checkpointed(self, run: FitRun, seconds: float) -> None:
+        write_json(os.path.join(self.out_dir, HISTORY), run.history)
+        _write_summary(self.out_dir, self.config, run, self.best_metrics, self.ctx.world, self.n_train)
+
+
 def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
-    device = ctx.device
     rec = load_rec_data(data, codes, config.max_history)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    info = rec.run_info(config, out_dir)
     if os.path.exists(ckpt_path) and not resume:
         raise LetterError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
-    if resume and not os.path.exists(ckpt_path):
-        raise LetterError(f"--resume: no checkpoint at {ckpt_path}")
-    if resume:
-        saved_info = read_json(os.path.join(out_dir, RUN_INFO), "train-rec settings")
-        check_resume(os.path.join(out_dir, RUN_INFO), _identity(saved_info), _identity(info),
-                     config.fixed_on_resume() + ["inputs.codes_sha", "inputs.num_items", "inputs.data_sha"])
-
     seed_everything(config.seed)  # same initial weights on every process
-    rm = recommender_class(config.model).build(config, rec, device)  # a bad base model fails before the run folder
-    model = rm.model
+    rm = recommender_class(config.model).build(config, rec, ctx.device)  # a bad base model fails before the run folder
     if not resume and ctx.main:
+        info = rec.run_info(config, out_dir)
         if config.model != "tiger":
-            info["vocab_offsets"] = list(model.vocab_offsets)
+            info["vocab_offsets"] = list(rm.model.vocab_offsets)
         os.makedirs(out_dir, exist_ok=True)
         save_npy(os.path.join(out_dir, "codes.npy"), rec.codes)
         write_json(os.path.join(out_dir, RUN_INFO), info)
     seed_everything(config.seed + 7919 * ctx.rank)  # distinct dropout streams per process
-    rng = RandomStreams(device)
-    step_module = rm.step_module
-    if ctx.world > 1 and rm.ddp:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    parameters = rm.trainable_parameters()
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    n_train, train_lengths = rm.prepare_training(rng)
-    if n_train == 0:
-        raise LetterError(f"{rec.source}: no training samples (every user needs at least 3 interactions)")
-    batches_per_epoch = math.ceil(n_train / config.batch_size)
-    total_steps = batches_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, round(config.warmup_ratio * total_steps))
-    )
-    valid_inputs, valid_targets = rm.eval_inputs(rec, "valid", config.valid_users, config.seed)
-    index = rm.prefix_index(rec, device) if ctx.main else None
-
-    start_epoch, history = 0, []
-    stopping = EarlyStopping(config.patience, config.stop_from_epoch)
-    best_metrics: dict = {}
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        rm.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, history, best_metrics = ckpt["epoch"], ckpt["history"], ckpt["best_metrics"]
-        stopping.load_state_dict(ckpt["stopping"])
-        stopping.patience, stopping.stop_from_epoch = config.patience, config.stop_from_epoch
-        if len(ckpt["rng"]) == ctx.world:
-            rng.restore(ckpt["rng"][ctx.rank])
-        elif ctx.main:
-            print(f"note: checkpoint from {len(ckpt['rng'])} process(es), resuming with {ctx.world}: dropout RNG reseeded")
-        if ckpt.get("finished"):
-            start_epoch = config.epochs  # nothing left to train
-
-    use_amp = rm.autocast(device) and bf16_autocast(config.precision, device, config.d_model)
-    started = time.time()
-    wall_before = history[-1]["wall_s"] if history else 0.0
-    epochs_this_call = 0
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        rm.start_epoch(epoch)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        bar = progress(total=n_train, unit="sample", unit_scale=True,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if ctx.main else True)
-        order = batch_order(n_train, config.batch_size, epoch_generator(config.seed, epoch),
-                            train_lengths if config.bucket_by_length else None)
-        for batch in order:
-            mine = shard(batch, ctx)
-            # Gradients are averaged over processes; scaling by world/|global batch tokens| makes that
-            # the mean over the whole global batch, so any world size follows the same trajectory.
-            weight = ctx.world / (batch.numel() * rec.num_levels)
-            if mine.numel() == 0:  # a last batch smaller than the world: join the gradient sync with weight 0
-                mine, weight = batch[:1], 0.0
-            inputs = rm.batch(mine)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                summed = step_module(*inputs)
-            (summed * weight).backward()
-            if not rm.ddp:
-                ctx.average_gradients(parameters)
-            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if weight:
-                loss_sum += summed.detach().double().cpu()
-            bar.update(batch.numel())
-            bar.set_postfix(loss=f"{summed.item() / (mine.numel() * rec.num_levels):.4f}")
-        bar.close()
-        loss_total = ctx.sum([loss_sum.item()])[0]
-        record = {"epoch": epoch + 1, "train_loss": loss_total / (n_train * rec.num_levels),
-                  "lr": scheduler.get_last_lr()[0]}
-        stop = False
-        if ctx.main:
-            valid_started = time.time()
-            record["valid_loss"] = rm.mean_loss(valid_inputs, valid_targets, config.eval_batch_size)
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-                metrics = evaluate_model(rm, rec, valid_inputs, valid_targets, config.eval_beams,
-                                         config.eval_batch_size, device, index=index)
-                record.update({f"valid_{k}": v for k, v in metrics["metrics"].items()})
-                record.update({f"valid_{k}_se": v for k, v in metrics["standard_errors"].items()})
-                record["valid_threshold"] = config.improvement_threshold(metrics["standard_errors"]["ndcg@10"])
-                record["selected"] = stopping.update(metrics["metrics"]["ndcg@10"], epoch + 1,
-                                                     record["valid_threshold"], record["valid_loss"])
-                if record["selected"]:
-                    best_metrics = metrics["metrics"]
-                    rm.save_best(out_dir, epoch + 1, metrics["metrics"])
-                stop = stopping.should_stop
-            record["valid_users"] = int(valid_targets.numel())
-            record["valid_s"] = round(time.time() - valid_started, 3)
-            record["wall_s"] = round(wall_before + time.time() - started, 3)
-            history.append(record)
-            print(_format_record(record), flush=True)
-        stop = ctx.any(stop)
-        finished = stop or epoch + 1 == config.epochs
-        rng_states = ctx.gather(rng.state())
-        if ctx.main:
-            save_checkpoint(ckpt_path, {"model": rm.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                                        "best_metrics": best_metrics, "stopping": stopping.state_dict(),
-                                        "rng": rng_states, "finished": finished})
-            write_json(os.path.join(out_dir, HISTORY), history)
-            _write_summary(out_dir, config, history, stopping, best_metrics, finished, stop, ctx.world, n_train)
-        epochs_this_call += 1
-        if finished or (stop_after is not None and epochs_this_call >= stop_after):
-            break
-    ctx.barrier()
+    rng = RandomStreams(ctx.device)
+    trainable = RecTrainable(rm, rec, config, out_dir, ctx, rng)
+    plan = FitPlan(epochs=config.epochs, checkpoint=ckpt_path, resume=resume,
+                   identity={**config.to_dict(), "inputs.dataset": rec.dataset.fingerprint(),
+                             "inputs.codes": codes_sha(rec.codes), "inputs.num_items": int(rec.codes.shape[0])},
+                   may_change=set(config.to_dict()) - set(config.fixed_on_resume()),
+                   validate_every=validation_epochs(config.eval_every, config.epochs), patience=config.patience,
+                   stop_from=config.stop_from_epoch, max_grad_norm=config.max_grad_norm, stop_after=stop_after)
+    fit(trainable, plan, ctx, rng)
     with open(os.path.join(out_dir, SUMMARY)) as f:
         summary = json.load(f)
     if ctx.main and summary.get("finished"):  # complete.json last: what evaluate/recommend check
@@ -212,14 +183,10 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
     return summary
 
 
-def _format_record(record: dict) -> str:
-    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-
-
-def _write_summary(out_dir, config: RecConfig, history, stopping: EarlyStopping, best_metrics, finished,
-                   stopped_early, world, n_train) -> None:
+def _write_summary(out_dir, config: RecConfig, run: FitRun, best_metrics, world, n_train) -> None:
+    history, stopping = run.history, run.stopping
     write_json(os.path.join(out_dir, SUMMARY), {
-        "epochs_trained": len(history), "finished": finished, "stopped_early": stopped_early,
+        "epochs_trained": len(history), "finished": run.finished, "stopped_early": run.stopped_early,
         "schedule_completed": bool(history) and history[-1]["epoch"] == config.epochs,
         "best_epoch": stopping.best_epoch if best_metrics else -1, "best_valid": best_metrics,
         "selection": {"metric": "ndcg@10", "valid_users": history[-1].get("valid_users") if history else None,

@@ -57,21 +57,17 @@ class TokenizerConfig(Settings):
     seed: int = setting(42, "Random seed.")
     # The authors evaluate every 2,000 of 20,000 epochs. An evaluation is an encoder pass over all
     # items, a sixth of an epoch's work, so evaluating every epoch would cost ~17% of training.
-    eval_every: int = setting(0, "Epochs between collision evaluations (curve, best checkpoint); 0: a tenth of "
-                              "--epochs, the authors' cadence. The last epoch is always evaluated.", low=0)
+    eval_every: int = setting(0, "Epochs between validations (collision rate: curve, model selection); 0: a tenth "
+                              "of the epochs, the authors' cadence. The last epoch always validates.", low=0)
     # The authors first evaluate at 10% of training (epoch 2000 of 20000); in short CPU runs the
     # collision rate first rises while the encoder learns, so an early pick would be undertrained.
     best_from: float = setting(0.5, "Keep the lowest-collision checkpoint among evaluations from this fraction of the epochs on.",
                                low=0, high=1)
     checkpoint_every: int = setting(10, "Epochs between resumable checkpoints.", low=1, may_change_on_resume=True)
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto.", may_change_on_resume=True)
     # Codes
     collision_rounds: int = setting(20, "Sinkhorn re-assignment rounds for colliding groups (the authors').", low=0)
     unique: bool = setting(False, "Then move still-colliding items to the nearest unused code (unique identifiers).")
-
-    @property
-    def eval_interval(self) -> int:
-        """Epochs between collision evaluations (`eval_every`, or a tenth of the epochs for 0)."""
-        return self.eval_every or max(1, self.epochs // 10)
 
     @property
     def levels(self) -> int:

@@ -74,7 +74,9 @@ def build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, 
         "checkpoint_s": [round(t, 4) for t in timings.get("checkpoint_s", [])],  # not in epoch_s
     }
     report["codebook_init_inertia"] = [round(s["inertia"], 4) for s in init_stats]
-    report["final_losses"] = {k: v for k, v in history[-1].items() if k not in ("epoch", "used")} if history else {}
+    # the last epoch's losses and collision rate, without the bookkeeping (wall time, selection)
+    report["final_losses"] = ({k: v for k, v in history[-1].items() if k not in ("epoch", "used", "selected", "wall_s")}
+                              if history else {})
     report["config"] = config.to_dict()
     return report
 

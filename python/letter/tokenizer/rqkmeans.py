@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from letter.errors import LetterError
-from letter.training import resolve_device
+from letter.devices import resolve_device
 
 from .clustering import inertia, kmeans, nearest
 from .model import assign_codes

@@ -10,9 +10,9 @@ import torch
 from letter.data import write_index_json
 from letter.errors import LetterError
 from letter import runs
-from letter.training import (BatchShare, DistContext, RandomStreams, batch_order, check_resume, content_hash, distributed,
-                             load_checkpoint, save_checkpoint, seed_everything, shard)
-from letter.utils import atomic_path, progress, save_npy, torch_save, write_json
+from letter.training import (BatchShare, DistContext, FitPlan, FitRun, RandomStreams, Trainable, Validation, batch_order,
+                             content_hash, distributed, fit, seed_everything, shard, validation_epochs)
+from letter.utils import atomic_path, save_npy, torch_save, write_json
 
 from .clustering import diversity_capacity, inertia, kmeans
 from .codes import collision_rate
@@ -81,7 +81,6 @@ def train_tokenizer(
     *,
     name: str = "items",
     num_items: int | None = None,
-    device: str | None = None,
     resume: bool = False,
     item_labels: np.ndarray | None = None,
 ) -> dict:
@@ -95,8 +94,8 @@ def train_tokenizer(
             `prefix_index.*` (when letter.decoding is present), `model.pt`, `checkpoint.pt`,
             `config.json`, `report.json`, `report.md`, `curves.png` (when matplotlib is present).
         num_items: if given, the embeddings must have this many rows.
-        device: 'cpu', 'cuda', 'auto'/None.
-        resume: continue from `out_dir/checkpoint.pt` (same config; `epochs` may grow).
+        resume: continue from `out_dir/checkpoint.pt` (an error without one; same config and
+            inputs, `epochs` may grow).
         item_labels: optional [I] ints (e.g. latent categories); the report then gives the purity
             of level-1 codes w.r.t. them.
     Bad input raises LetterError before any training. Under torchrun the batches are split over
@@ -107,7 +106,7 @@ def train_tokenizer(
     use_cf = cf_emb is not None and config.method != "rqkmeans"  # rqvae keeps it for the report's CF alignment
     cf = check_embeddings("CF embeddings", cf_emb, num_items) if use_cf else None
     _check_inputs(config, text, cf)
-    with distributed(device) as ctx:
+    with distributed(config.device) as ctx:
         if config.method == "rqkmeans":
             return _fit_rqkmeans(config, text, out_dir, name, item_labels, ctx) if ctx.main else {}
         return _train(config, text, cf, out_dir, name, resume, item_labels, ctx)
@@ -139,125 +138,131 @@ def _start_fresh(out_dir: str, name: str) -> None:
             os.remove(os.path.join(out_dir, file))
 
 
+class TokenizerTrainable(Trainable):
+    """The RQ-VAE tokenizer as `fit` trains it: k-means codebook initialisation on a fresh run,
+    diversity clusters refreshed every `cluster_every` epochs, model selection on the lowest
+    collision rate of the evaluated epochs in the selection window."""
+
+    def __init__(self, config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, ctx: DistContext,
+                 rng: RandomStreams):
+        dev = ctx.device
+        self.config, self.ctx = config, ctx
+        # `codes` draws k-means seeds and diversity positives on the run's device; the batch order has
+        # its own CPU stream: under torchrun every process must draw the same permutation, while the
+        # positives depend on each process's share of the batch.
+        self.gen = rng.generator("codes", config.seed)
+        self.order_gen = rng.generator("order", config.seed + 1, device="cpu")
+        self.x = torch.from_numpy(text).to(dev)
+        self.h = torch.from_numpy(cf).to(dev) if cf is not None else None
+        self.needs_proj = cf is not None and cf.shape[1] != config.e_dim
+        self.model = self.step_module = RQVAE(text.shape[1], config, cf_dim=cf.shape[1] if self.needs_proj else None).to(dev)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.timings = {"kmeans_init_s": 0.0, "cluster_refresh_s": [], "epoch_s": [], "eval_s": [], "checkpoint_s": []}
+        self.labels: list[torch.Tensor] | None = None
+        self.init_stats: list[dict] = []
+        self.best_state: dict | None = None
+        self.xs: torch.Tensor | None = None
+
+    def parameters(self) -> list:
+        return list(self.model.parameters())
+
+    def initialize(self) -> None:
+        if self.config.standardize:
+            self.model.fit_input_scaling(self.x)
+        t0 = time.perf_counter()
+        self.init_stats = _init_codebooks(self.model, self.x, self.config, self.gen)
+        self.timings["kmeans_init_s"] = time.perf_counter() - t0
+
+    def start_epoch(self, epoch: int) -> None:
+        config = self.config
+        if self.xs is None:  # standardized once (after the scaling is fitted or restored): what the model computes per batch
+            self.xs = self.model.standardize(self.x) if config.standardize else self.x
+            self.x = None
+        self.epoch_started = time.perf_counter()
+        if config.beta > 0 and (self.labels is None or (epoch - 1) % config.cluster_every == 0):
+            t0 = time.perf_counter()
+            self.labels = _refresh_clusters(self.model, config, self.gen)
+            self.timings["cluster_refresh_s"].append(time.perf_counter() - t0)
+        self.model.train()
+
+    def batches(self, epoch: int):
+        # a tail too short to give every process a row is skipped (the same on every rank)
+        return [b for b in batch_order(len(self.xs), self.config.batch_size, self.order_gen) if len(b) >= self.ctx.world]
+
+    def step(self, batch):
+        idx = shard(batch, self.ctx).to(self.ctx.device)
+        terms = _batch_losses(self.model, self.config, self.xs[idx], None if self.h is None else self.h[idx], self.labels,
+                              self.gen, BatchShare(len(batch), self.ctx), standardized=self.config.standardize)
+        return terms["loss"], terms
+
+    def epoch_record(self, epoch: int, sums: dict[str, float], steps: int) -> dict:
+        totals = [sums.get(k, 0.0) for k in LOSS_TERMS]  # each rank holds its weighted share of every term
+        if not math.isfinite(totals[0]):  # checked once per epoch, on every rank alike
+            raise LetterError(f"training diverged: the loss is {totals[0]} in epoch {epoch}; lower lr")
+        return {k: v / self.ctx.world / max(steps, 1) for k, v in zip(LOSS_TERMS, totals)}
+
+    def validate(self, epoch: int, record: dict, select: bool) -> Validation | None:
+        validation = None
+        if select:
+            t0 = time.perf_counter()
+            codes, _ = encode_all(self.model, self.xs, standardized=self.config.standardize)
+            rate = collision_rate(codes)
+            used = [int(len(np.unique(codes[:, level]))) for level in range(self.config.levels)]
+            validation = Validation({"collision": rate, "used": used}, -rate)
+            self.timings["eval_s"].append(time.perf_counter() - t0)
+        self.timings["epoch_s"].append(time.perf_counter() - self.epoch_started)
+        return validation
+
+    def keep_best(self, epoch: int, validation: Validation) -> None:
+        self.best_state = _state_copy(self.model)
+
+    def model_state(self) -> dict:
+        return self.model.state_dict()
+
+    def load_model_state(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+    def extra_state(self) -> dict:
+        return {"labels": self.labels, "best_state": self.best_state, "init_stats": self.init_stats,
+                "timings": self.timings}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.labels = None if state["labels"] is None else [lab.to(self.ctx.device) for lab in state["labels"]]
+        self.best_state, self.init_stats, self.timings = state["best_state"], state["init_stats"], state["timings"]
+
+    def checkpointed(self, run: FitRun, seconds: float) -> None:
+        self.timings["checkpoint_s"].append(seconds)
+
+
+LOSS_TERMS = ("loss", "recon", "quant", "cf", "div")
+
+
 def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out_dir: str, name: str, resume: bool,
            item_labels, ctx: DistContext) -> dict:
-    dev = ctx.device
     os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    identity = {**config.to_dict(), "inputs.text_emb": content_hash(text), "inputs.cf_emb": None if cf is None else content_hash(cf)}
-    state = None
-    if resume:
-        if not os.path.isfile(ckpt_path):
-            raise LetterError(f"--resume: no checkpoint at {ckpt_path}")
-        state = load_checkpoint(ckpt_path)
-        check_resume(ckpt_path, state.get("identity", {}), identity,
-                     config.fixed_on_resume() + ["inputs.text_emb", "inputs.cf_emb"])
-        if state["epoch"] > config.epochs:
-            raise LetterError(f"--resume: the checkpoint is at epoch {state['epoch']}, past --epochs {config.epochs}")
-    elif ctx.main:
+    if not resume and ctx.main:
         _start_fresh(out_dir, name)
     ctx.barrier()
-
     seed_everything(config.seed)
-    rng = RandomStreams(dev)
-    # `codes` draws k-means seeds and diversity positives on the run's device; the batch order has
-    # its own CPU stream: under torchrun every process must draw the same permutation, while the
-    # positives depend on each process's share of the batch.
-    gen = rng.generator("codes", config.seed)
-    order_gen = rng.generator("order", config.seed + 1, device="cpu")
-    x = torch.from_numpy(text).to(dev)
-    h = torch.from_numpy(cf).to(dev) if cf is not None else None
-    needs_proj = cf is not None and cf.shape[1] != config.e_dim
-    model = RQVAE(text.shape[1], config, cf_dim=cf.shape[1] if needs_proj else None).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    timings = {"kmeans_init_s": 0.0, "cluster_refresh_s": [], "epoch_s": []}
-    if state is None:
-        if config.standardize:
-            model.fit_input_scaling(x)
-        t0 = time.perf_counter()
-        init_stats = _init_codebooks(model, x, config, gen)
-        timings["kmeans_init_s"] = time.perf_counter() - t0
-        history, start_epoch, labels = [], 0, None
-        best = {"collision": math.inf, "epoch": -1, "state": _state_copy(model)}
-    else:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        rng.restore(state["rng"])
-        history, start_epoch = state["history"], state["epoch"]
-        labels = None if state["labels"] is None else [lab.to(dev) for lab in state["labels"]]
-        best, init_stats, timings = state["best"], state["init_stats"], state["timings"]
-        if best["epoch"] < config.best_from * config.epochs:
-            # More epochs moved the selection window past the stored best: start the selection
-            # again, with the checkpoint's own state as first candidate if it is evaluated and
-            # inside the window (the last epoch always is).
-            own = "collision" in history[-1] and start_epoch >= config.best_from * config.epochs
-            best = {"collision": history[-1]["collision"] if own else math.inf, "epoch": start_epoch if own else -1,
-                    "state": _state_copy(model)}
-
-    n = len(x)
-    # Standardized once: the same elementwise values the model would compute per batch.
-    xs = model.standardize(x) if config.standardize else x
-    del x
-    timings.setdefault("eval_s", [])
-    timings.setdefault("checkpoint_s", [])
-    bar = progress(range(start_epoch, config.epochs), desc="train-tokenizer", initial=start_epoch, total=config.epochs,
-                   disable=None if ctx.main else True)
-    for epoch in bar:
-        t_epoch = time.perf_counter()
-        if config.beta > 0 and (labels is None or epoch % config.cluster_every == 0):
-            t0 = time.perf_counter()
-            labels = _refresh_clusters(model, config, gen)
-            timings["cluster_refresh_s"].append(time.perf_counter() - t0)
-        model.train()
-        names = ("loss", "recon", "quant", "cf", "div")
-        sums = torch.zeros(len(names), dtype=torch.float64, device=dev)  # on the device: no sync per step
-        steps = 0
-        for batch in batch_order(n, config.batch_size, order_gen):
-            if len(batch) < ctx.world:  # a tail too short to give every process a row (same on all ranks)
-                continue
-            idx = shard(batch, ctx).to(dev)
-            terms = _batch_losses(model, config, xs[idx], None if h is None else h[idx], labels, gen,
-                                  BatchShare(len(batch), ctx), standardized=config.standardize)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            ctx.average_gradients(model.parameters())
-            opt.step()
-            sums += torch.stack([terms[k].detach() for k in names]).double()
-            steps += 1
-        totals = ctx.sum(sums.tolist())  # each rank holds its weighted share of every term
-        if not math.isfinite(totals[0]):  # checked once per epoch, on every rank alike
-            raise LetterError(f"training diverged: the loss is {totals[0]} in epoch {epoch + 1}; lower --lr")
-        record = {"epoch": epoch + 1, **{k: v / ctx.world / max(steps, 1) for k, v in zip(names, totals)}}
-        if (epoch + 1) % config.eval_interval == 0 or epoch + 1 == config.epochs:  # the last epoch is always eligible
-            t0 = time.perf_counter()
-            codes, _ = encode_all(model, xs, standardized=config.standardize)
-            record["collision"] = collision_rate(codes)
-            record["used"] = [int(len(np.unique(codes[:, l]))) for l in range(config.levels)]
-            eligible = epoch + 1 >= config.best_from * config.epochs
-            if eligible and record["collision"] < best["collision"]:
-                best = {"collision": record["collision"], "epoch": epoch + 1, "state": _state_copy(model)}
-            timings["eval_s"].append(time.perf_counter() - t0)
-        timings["epoch_s"].append(time.perf_counter() - t_epoch)
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", collision=f"{history_last(history, 'collision'):.4f}",
-                        used1=history_last(history, "used", [0])[0])
-        if ctx.main and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
-            t0 = time.perf_counter()
-            save_checkpoint(ckpt_path, {
-                "identity": identity, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "rng": rng.state(), "labels": labels, "history": history, "best": best, "init_stats": init_stats,
-                "timings": timings,
-            })
-            timings["checkpoint_s"].append(time.perf_counter() - t0)
-    bar.close()
+    rng = RandomStreams(ctx.device)
+    trainable = TokenizerTrainable(config, text, cf, ctx, rng)
+    plan = FitPlan(epochs=config.epochs, checkpoint=os.path.join(out_dir, CHECKPOINT), resume=resume,
+                   identity={**config.to_dict(), "inputs.text_emb": content_hash(text),
+                             "inputs.cf_emb": None if cf is None else content_hash(cf)},
+                   may_change=set(config.to_dict()) - set(config.fixed_on_resume()),
+                   validate_every=validation_epochs(config.eval_every, config.epochs),
+                   select_from=math.ceil(config.best_from * config.epochs), checkpoint_every=config.checkpoint_every)
+    run = fit(trainable, plan, ctx, rng)
     if not ctx.main:
         return {}
-    model.load_state_dict(best["state"])
-    tok = Tokenizer(model.cpu(), config, name)
+    trainable.model.load_state_dict(trainable.best_state)
+    tok = Tokenizer(trainable.model.cpu(), config, name)
     codes_raw, z = tok.raw_codes(text)
     codes, resolution = tok.resolve(codes_raw, z)
-    report = build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, init_stats, timings, item_labels)
-    _write_outputs(out_dir, tok, codes, report, history, cf_dim=cf.shape[1] if needs_proj else None)
+    best = {"collision": -run.stopping.best, "epoch": run.stopping.best_epoch}
+    report = build_report(tok, text, cf, codes_raw, codes, z, resolution, run.history, best, trainable.init_stats,
+                          trainable.timings, item_labels)
+    _write_outputs(out_dir, tok, codes, report, run.history, cf_dim=cf.shape[1] if trainable.needs_proj else None)
     return report
 
 
@@ -328,11 +333,3 @@ def _batch_losses(model: RQVAE, config: TokenizerConfig, x: torch.Tensor, h: tor
         ]).mean()
     terms["loss"] = terms["recon"] + terms["quant"] + config.alpha * terms["cf"] + config.beta * terms["div"]
     return terms
-
-
-def history_last(history: list[dict], key: str, default=math.nan):
-    """The latest value of `key` among the epoch records (evaluation runs every eval_interval epochs)."""
-    for rec in reversed(history):
-        if key in rec:
-            return rec[key]
-    return default
