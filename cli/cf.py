@@ -12,8 +12,9 @@ from letter.cli.options import config_file_option, settings_from_options, settin
 @settings_options(CFConfig)
 @config_file_option
 @click.option("--resume", is_flag=True, help="Continue from <Name>.cf-sasrec<d>.ckpt.pt in the output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace finished outputs of the same name in the output folder.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-def train_cf_command(data_path, out_dir, config_file, resume, device, **options):
+def train_cf_command(data_path, out_dir, config_file, resume, overwrite, device, **options):
     """Train SASRec on DATA_PATH's leave-one-out split; export <Name>.cf-sasrec<d>.npy.
 
     Also writes <Name>.cf-sasrec<d>.json (valid/test Recall/NDCG@5,10, popularity baseline,
@@ -27,4 +28,4 @@ def train_cf_command(data_path, out_dir, config_file, resume, device, **options)
     dataset = load_dataset(data_path)
     if out_dir is None:
         out_dir = dataset_dir(data_path)
-    train_cf(dataset, out_dir, cfg, resume=resume, device=device, log=click.echo)
+    train_cf(dataset, out_dir, cfg, resume=resume, device=device, log=click.echo, overwrite=overwrite)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from letter.errors import LetterError
-from letter.utils import torch_save
+from letter.runs import torch_save
 
 
 # -- devices and processes ---------------------------------------------------------------------

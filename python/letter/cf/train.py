@@ -26,15 +26,13 @@ from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
 from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, bf16_autocast, check_resume,
                              distributed, epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard)
-from letter.runs import sidecar_record
-from letter.utils import progress, save_npy, write_json
+from letter.runs import cf_output_paths, save_npy, sidecar_record, write_json
+from letter.utils import progress
 
 KS = (5, 10)
 
 
-def output_paths(out_dir: str, name: str, dim: int) -> dict[str, str]:
-    stem = os.path.join(out_dir, f"{name}.cf-sasrec{dim}")
-    return {"embeddings": stem + ".npy", "metrics": stem + ".json", "checkpoint": stem + ".ckpt.pt"}
+output_paths = cf_output_paths
 
 
 def training_windows(split: Split, dataset: Dataset, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,15 +139,33 @@ def _inputs(dataset: Dataset) -> dict:
 
 
 def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False, device: str | None = None,
-             log=print) -> dict:
+             log=print, overwrite: bool = False) -> dict:
     """Train SASRec with early stopping on valid NDCG@10; write embeddings, metrics and a checkpoint.
 
-    A cold split (letter.data.cold) holding a cold item outside the test targets is refused.
-    Returns the metrics dict (also written as <Name>.cf-sasrec<d>.json)."""
+    A cold split (letter.data.cold) holding a cold item outside the test targets is refused; so are
+    finished outputs of the same name in `out_dir` without resume (continue: same results) or
+    overwrite (replace them). Returns the metrics dict (also written as <Name>.cf-sasrec<d>.json,
+    the embeddings' sidecar manifest: their state and the dataset's hash)."""
     cfg.validate()
     check_no_cold_training(dataset, read_cold_split(dataset))
+    _prepare_outputs(output_paths(out_dir, dataset.name, cfg.dim), resume, overwrite)
     with distributed(device) as ctx:
         return _train(dataset, out_dir, cfg, resume, ctx, log)
+
+
+def _prepare_outputs(paths: dict, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace finished outputs unless resume/overwrite; overwrite removes them (the
+    sidecar manifest first, so an interrupted removal leaves no finished-looking output)."""
+    if resume and overwrite:
+        raise LetterError("--resume and --overwrite exclude each other: continue the run or replace it")
+    finished = os.path.isfile(paths["metrics"]) and os.path.isfile(paths["embeddings"])
+    if finished and not (resume or overwrite):
+        raise LetterError(f"{paths['embeddings']}: a finished train-cf output; pass --resume to continue its run, "
+                          "--overwrite to replace it, or choose another --out")
+    if overwrite:
+        for key in ("metrics", "embeddings", "checkpoint"):
+            if os.path.exists(paths[key]):
+                os.remove(paths[key])
 
 
 def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: DistContext, log) -> dict:
@@ -236,7 +252,7 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
     }
     if ctx.main:
         save_npy(paths["embeddings"], model.item_embeddings().detach().float().cpu().numpy())
-        write_json(paths["metrics"], {**result, **sidecar_record(paths["embeddings"])})  # last: the marker
+        write_json(paths["metrics"], {**result, **sidecar_record(paths["embeddings"], {"dataset": dataset.fingerprint()})})
         log(f"test {json.dumps(result['test'])}\nwrote {paths['embeddings']}")
     ctx.barrier()
     return result

@@ -22,7 +22,6 @@ Run folder (`out_dir`):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -31,25 +30,25 @@ import torch
 from torch import nn
 
 from letter.errors import LetterError
-from letter.runs import mark_complete, read_json
+from letter.runs import RecRun, mark_started, prepare_run_folder, read_json, save_npy, write_json, write_manifest
 from letter.training import (DistContext, EarlyStopping, RandomStreams, batch_order, bf16_autocast, check_resume,
                              distributed, epoch_generator, load_checkpoint, save_checkpoint, seed_everything, shard,
                              warmup_cosine)
-from letter.utils import progress, save_npy, write_json
+from letter.utils import progress
 
 from .config import RecConfig
 from .data import load_rec_data
 from .evaluation import evaluate_model
 from .recommender import recommender_class
 
-CHECKPOINT, RUN_INFO, HISTORY, SUMMARY = "checkpoint.pt", "run.json", "history.json", "summary.json"
+CHECKPOINT, RUN_INFO, HISTORY, SUMMARY = RecRun.CHECKPOINT, RecRun.INFO, RecRun.HISTORY, RecRun.SUMMARY
 
 
 def _identity(info: dict) -> dict:
     """run.json flattened for check_resume: settings (absent ones at their defaults, for runs
     written before a setting existed) plus the inputs (codes, data, item count)."""
     config = RecConfig.from_dict(info["config"], validate=False).to_dict()
-    return {**config, **{f"inputs.{k}": info.get(k) for k in ("codes_sha", "num_items", "data")}}
+    return {**config, **{f"inputs.{k}": info.get(k) for k in ("codes_sha", "num_items", "data", "data_sha")}}
 
 
 def train_rec(
@@ -59,16 +58,21 @@ def train_rec(
     out_dir: str,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     stop_after: int | None = None,
 ) -> dict:
     """Train the recommender `config.model` (TIGER, or LC-Rec on the local causal LM
     `config.base_model`) on `data` (dataset folder/path or `letter.data.Dataset`) with item `codes`
     ([num_items, L] array, an index .json, codes .npy or a tokenizer run folder); write the run to
     `out_dir`. resume=True continues from out_dir/checkpoint.pt (exactly: same results as an
-    uninterrupted run with the same seed on CPU). stop_after=N returns after N epochs of this call,
-    leaving a checkpoint to resume. Returns the summary dict (also summary.json)."""
+    uninterrupted run with the same seed on CPU). overwrite=True replaces a train-rec run in out_dir
+    (without it, or resume, a folder holding one is refused; so is one holding another kind of
+    run). stop_after=N returns after N epochs of this call, leaving a checkpoint to resume. Returns
+    the summary dict (also summary.json)."""
     config.validate()
     with distributed(config.device) as ctx:
+        prepare_run_folder(out_dir, RecRun.kind, resume=resume, overwrite=overwrite, checkpoint=CHECKPOINT,
+                           main=ctx.main)
         return _train(config, data, codes, out_dir, resume, stop_after, ctx)
 
 
@@ -92,8 +96,8 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
     if not resume and ctx.main:
         if config.model != "tiger":
             info["vocab_offsets"] = list(model.vocab_offsets)
-        os.makedirs(out_dir, exist_ok=True)
-        save_npy(os.path.join(out_dir, "codes.npy"), rec.codes)
+        mark_started(out_dir, RecRun.kind)
+        save_npy(os.path.join(out_dir, RecRun.CODES), rec.codes)
         write_json(os.path.join(out_dir, RUN_INFO), info)
     seed_everything(config.seed + 7919 * ctx.rank)  # distinct dropout streams per process
     rng = RandomStreams(device)
@@ -205,10 +209,10 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
         if finished or (stop_after is not None and epochs_this_call >= stop_after):
             break
     ctx.barrier()
-    with open(os.path.join(out_dir, SUMMARY)) as f:
-        summary = json.load(f)
-    if ctx.main and summary.get("finished"):  # complete.json last: what evaluate/recommend check
-        mark_complete(out_dir, [RUN_INFO, "codes.npy", os.path.basename(rm.best_model_path(out_dir)), HISTORY, SUMMARY])
+    summary = read_json(os.path.join(out_dir, SUMMARY), "train-rec summary")
+    if ctx.main and summary.get("finished"):  # the manifest last: what evaluate/recommend check
+        write_manifest(out_dir, RecRun.kind, [RUN_INFO, RecRun.CODES, os.path.basename(rm.best_model_path(out_dir)),
+                                              HISTORY, SUMMARY], {"dataset": info["data_sha"], "codes": info["codes_sha"]})
     return summary
 
 
