@@ -13,7 +13,8 @@ from letter.cli.options import config_file_option, settings_from_options, settin
 @config_file_option
 @click.option("--resume", is_flag=True, help="Continue from <Name>.cf-<model><d>.ckpt.pt in the output folder "
                                             "(an error without one).")
-def train_cf_command(data_path, out_dir, config_file, resume, **options):
+@click.option("--overwrite", is_flag=True, help="Replace finished outputs of the same name in the output folder.")
+def train_cf_command(data_path, out_dir, config_file, resume, overwrite, **options):
     """Train a CF model (--model sasrec or lightgcn) on DATA_PATH's leave-one-out split; export its
     item embeddings as <Name>.cf-<model><d>.npy (what train-tokenizer --cf-emb reads).
 
@@ -28,4 +29,4 @@ def train_cf_command(data_path, out_dir, config_file, resume, **options):
     dataset = load_dataset(data_path)
     if out_dir is None:
         out_dir = dataset_dir(data_path)
-    train_cf(dataset, out_dir, cfg, resume=resume, log=click.echo)
+    train_cf(dataset, out_dir, cfg, resume=resume, log=click.echo, overwrite=overwrite)

@@ -20,7 +20,7 @@ def data():
 @click.option("--min-length", type=click.IntRange(min=3), default=5, show_default=True, help="Shortest history.")
 @click.option("--max-length", type=click.IntRange(min=3), default=20, show_default=True,
               help="Longest history (>= --min-length).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--name", default="Synth", show_default=True, help="File prefix <Name>.inter.json.")
 def synth(out_dir, users, items, categories, min_length, max_length, seed, name):
     """Write the seeded synthetic dataset (latent categories, sequential histories) to OUT_DIR."""
@@ -84,7 +84,7 @@ def stats(path, fmt, as_json):
 @click.argument("data_path", type=click.Path())
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
               help="Share of the catalog withheld as cold items.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cold-item draw.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the cold-item draw.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Split folder to write.")
 @click.option("--embeddings", multiple=True, type=click.Path(dir_okay=False),
               help="A catalog-aligned [items, d] .npy (e.g. text embeddings) to copy into the split in its item "

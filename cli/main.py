@@ -5,8 +5,17 @@ from letter import __version__
 from letter.errors import LetterError
 
 
+def file_system_message(e: OSError) -> str:
+    """One line for a file-system error (permission, name too long, disk full, read-only...) naming
+    the path: the writers' atomic temporary files are already gone when it arrives."""
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    reason = e.strerror or type(e).__name__
+    return f"{paths}: {reason}" if paths else f"file system error: {reason}"
+
+
 class LetterGroup(click.Group):
-    """Turns LetterError (bad input the user can fix) into a one-line click error, no traceback."""
+    """Turns LetterError (bad input the user can fix) and file-system errors into a one-line click
+    error, no traceback."""
 
     def invoke(self, ctx):
         try:
@@ -15,6 +24,8 @@ class LetterGroup(click.Group):
             raise click.ClickException(str(e)) from e
         except EOFError as e:  # click would print a bare "Aborted!" for it
             raise click.ClickException(f"unexpected end of a file or of the input ({e or 'EOFError'})") from e
+        except OSError as e:
+            raise click.ClickException(file_system_message(e)) from e
 
 
 @click.group(cls=LetterGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,8 +49,11 @@ def bench():
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON output file.")
 def bench_kernels(ops, quick, out):
     """Benchmark the letter_ext kernels against torch-eager baselines."""
-    from letter_ext.bench import run_benchmarks
+    from letter_ext.bench import OPS, run_benchmarks
 
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise click.BadParameter(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}", param_hint="--op")
     run_benchmarks(list(ops) or None, quick=quick, out=out)
 
 

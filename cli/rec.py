@@ -11,6 +11,11 @@ from letter.rec.config import RecConfig
 index_version_option = click.option(
     "--index-version", type=click.IntRange(min=0), default=None,
     help="Index version of the run to use (default: the newest; 0: the training index).")
+allow_other_data_option = click.option(
+    "--allow-other-data", is_flag=True,
+    help="Use a dataset whose content differs from the one the run was trained on (refused otherwise).")
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="Replace the run already in --out (refused otherwise; see --resume).")
 max_new_share_option = click.option(
     "--max-new-share", type=click.FloatRange(0, 1), default=None,
     help="At most this share of each list from items added after training (floor(share*K)), enforced inside "
@@ -23,11 +28,12 @@ max_new_share_option = click.option(
               help="Item codes: an authors'-format <Name>.index.json, a codes .npy, or a tokenizer run folder.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@overwrite_option
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, help="Return after N epochs of this call (resume later).")
 @settings_options(RecConfig)
 @config_file_option
 @preset_option
-def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, preset, **options):
+def train_rec_cmd(data_path, codes, out_dir, resume, overwrite, stop_after, config_file, preset, **options):
     """Train TIGER (default) or LC-Rec (--model lcrec --base-model LOCAL_LLM_FOLDER: LoRA on a causal LM,
     needs pip install -e .[llm]) on item identifiers. Works under torchrun (gloo on CPU, nccl on GPU).
 
@@ -38,7 +44,7 @@ def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, pr
     from letter.rec import train_rec
 
     config = settings_from_options(RecConfig, options, config_file, preset)
-    summary = train_rec(config, data_path, codes, out_dir, resume=resume, stop_after=stop_after)
+    summary = train_rec(config, data_path, codes, out_dir, resume=resume, overwrite=overwrite, stop_after=stop_after)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -70,8 +76,9 @@ def train_rec_cmd(data_path, codes, out_dir, resume, stop_after, config_file, pr
               help="--cold: a train-cf run folder on the split for the SASRec baseline.")
 @click.option("--warm-users", type=click.IntRange(min=0), default=0, show_default=True,
               help="--cold: evaluate a fixed sample of this many warm-target users (0 = all; cold-target: all).")
+@allow_other_data_option
 def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decoder, exclude_history, device, out,
-                 index_version, max_new_share, cold, text_emb, cf_dir, warm_users):
+                 index_version, max_new_share, cold, text_emb, cf_dir, warm_users, allow_other_data):
     """Recall/NDCG@5,10 with trie-constrained beam search over all items; prints JSON.
 
     Uses the newest index version of the run (items added with `letter add-items`) unless
@@ -84,7 +91,7 @@ def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decode
                                    "drop --split/--max-users/--decoder/--index-version/--exclude-history")
         result = evaluate_cold(run_dir, data=data_path, text_emb=text_emb, cf_dir=cf_dir, max_new_share=max_new_share,
                                num_beams=beams, batch_size=batch_size, warm_users=warm_users, device=device, out=out,
-                               show_progress=True)
+                               show_progress=True, allow_other_data=allow_other_data)
         click.echo(cold_table(result))
         return
     if text_emb or cf_dir or warm_users:
@@ -93,7 +100,7 @@ def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decode
 
     result = evaluate(run_dir, split, data=data_path, num_beams=beams, batch_size=batch_size, max_users=max_users,
                       decoder=decoder, device=device, out=out, show_progress=True, exclude_history=exclude_history,
-                      index_version=index_version, max_new_share=max_new_share)
+                      index_version=index_version, max_new_share=max_new_share, allow_other_data=allow_other_data)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -119,8 +126,9 @@ def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decode
 @click.option("--device", default="cpu", show_default=True)
 @index_version_option
 @max_new_share_option
+@allow_other_data_option
 def recommend_cmd(run_dir, history, histories_file, users, out, k, beams, exclude_history, exclude, batch_size,
-                  data_path, device, index_version, max_new_share):
+                  data_path, device, index_version, max_new_share, allow_other_data):
     """Print the top-k recommended items (id, score, title) for a history, or write them as JSONL for
     a file of histories or the dataset's users (batched, with a progress bar)."""
     from letter.rec.recommend import DEFAULT_BEAMS, RunRecommender, read_histories_file, recommend, recommend_jsonl
@@ -131,21 +139,27 @@ def recommend_cmd(run_dir, history, histories_file, users, out, k, beams, exclud
         raise click.UsageError("--histories / --users write JSONL: give --out FILE")
     if history is None and exclude:
         raise click.UsageError("--exclude applies to --history only")
+    explicit_batch = click.get_current_context().get_parameter_source("batch_size") != click.core.ParameterSource.DEFAULT
+    if history is not None and (out or explicit_batch):
+        raise click.UsageError("--out and --batch-size apply to --histories / --users only (--history prints its list)")
     if beams is not None and beams < k:
         raise click.UsageError(f"--beams must be >= -k ({k}), got {beams}")
     if history is not None:
         ids = [h.strip() for h in history.split(",") if h.strip()]
         items = recommend(run_dir, ids, k, data=data_path, device=device, beams=beams, exclude_history=exclude_history,
                           exclude=[e.strip() for e in exclude.split(",") if e.strip()], index_version=index_version,
-                          max_new_share=max_new_share)
+                          max_new_share=max_new_share, allow_other_data=allow_other_data)
         for rank, rec in enumerate(items, 1):
             click.echo(f"{rank:3d}  {rec['item_id']:>10}  {rec['score']:9.4f}  {rec['title'] or ''}")
         return
+    from letter.runs import check_output_path
+
+    check_output_path(out, {"--model": run_dir, "--data": data_path, "--histories": histories_file})
     rows = None
     if histories_file is not None:
         rows = [({"line": n}, h) for n, h in enumerate(read_histories_file(histories_file), 1)]
     run = RunRecommender(run_dir, data=data_path, device=device, beams=beams or max(k, DEFAULT_BEAMS),
-                         index_version=index_version, max_new_share=max_new_share)
+                         index_version=index_version, max_new_share=max_new_share, allow_other_data=allow_other_data)
     if rows is None:
         dataset = run.rec.dataset
         wanted = dataset.user_ids if users.strip() == "all" else [u.strip() for u in users.split(",") if u.strip()]

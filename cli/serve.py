@@ -28,8 +28,10 @@ import click
               help="At most floor(share * k) of a request's k identifiers from items added after training.")
 @click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(file_okay=False),
               help="The run's tokenizer folder: enables POST /items (new items join without retraining).")
+@click.option("--allow-other-data", is_flag=True,
+              help="Serve with a dataset whose content differs from the one the run was trained on (refused otherwise).")
 def serve_cmd(run_dir, data_path, host, port, beams, max_batch, max_delay_ms, queue_size, device, threads, log_level,
-              index_version, max_new_share, tokenizer_dir):
+              index_version, max_new_share, tokenizer_dir, allow_other_data):
     """Serve a trained recommender over HTTP (JSON): POST /recommend, POST /recommend/batch, GET /healthz,
     GET /metadata, POST /items (with --tokenizer); OpenAPI docs at /docs. Concurrent requests are batched into one constrained beam
     search (up to --max-batch, waiting at most --max-delay-ms). Needs pip install -e .[serve]."""
@@ -41,7 +43,8 @@ def serve_cmd(run_dir, data_path, host, port, beams, max_batch, max_delay_ms, qu
         torch.set_num_threads(threads)
     serve(run_dir, data=data_path, device=device, beams=beams, host=host, port=port, max_batch=max_batch,
           max_delay_ms=max_delay_ms, queue_size=queue_size, log_level=log_level, log=click.echo,
-          index_version=index_version, max_new_share=max_new_share, tokenizer=tokenizer_dir)
+          index_version=index_version, max_new_share=max_new_share, tokenizer=tokenizer_dir,
+          allow_other_data=allow_other_data)
 
 
 @click.command("serve")

@@ -41,8 +41,9 @@ def _codebook_sizes(levels: int | None, size: int | None, current: list[int]) ->
 @preset_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder (default: runs/tokenizer-<Name>).")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's checkpoint.pt (an error without one).")
+@click.option("--overwrite", is_flag=True, help="Replace the tokenizer run already in --out (refused otherwise).")
 def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels, codebook_size, out_dir, resume,
-                        **options):
+                        overwrite, **options):
     """Train the LETTER tokenizer (RQ-VAE + collaborative and diversity regularization) and write
     <Name>.index.json, codes.npy, model, report.json/.md and curves into the run folder.
 
@@ -64,12 +65,12 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels,
     if cf_emb is None and config.for_method().alpha > 0:
         click.echo(f"warning: no CF embeddings (--cf-emb, {dataset.name}.cf-*.npy): training with alpha 0", err=True)
         config = config.replace(alpha=0.0)
-    check_sidecar(text_emb, "text embedding")
+    made_from = {"items": (dataset.items_fingerprint(), f"--data {data_dir}"),  # text: rows = items
+                 "dataset": (dataset.fingerprint(), f"--data {data_dir}")}  # CF: also the interactions
+    check_sidecar(text_emb, "text embedding", made_from)
     if cf_emb:
-        check_sidecar(cf_emb, "CF embedding")
-    categories = None
-    if dataset.item_text and all(t and "category" in t for t in dataset.item_text):
-        categories = np.array([t["category"] for t in dataset.item_text])
+        check_sidecar(cf_emb, "CF embedding", made_from)
+    categories = dataset.category_labels()
     out_dir = out_dir or os.path.join("runs", f"tokenizer-{dataset.name}")
     cold = read_cold_split(data_dir)  # a cold split: train on the warm items only
     if cold is not None:
@@ -85,6 +86,7 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels,
         name=dataset.name,
         num_items=cold["warm_items"] if cold is not None else dataset.num_items,
         resume=resume,
+        overwrite=overwrite,
         item_labels=categories,
     )
     if report:  # empty on non-zero torchrun ranks
@@ -103,12 +105,13 @@ def tokenize_cmd(run_dir, embeddings, out):
     """Assign identifiers to unseen (cold-start) items with a trained tokenizer: the catalog's
     identifiers stay taken, collisions get the run's rules. Row i of --embeddings -> key "i"."""
     from letter.data import write_index_json
+    from letter.runs import check_output_path, save_npy
     from letter.tokenizer import load_tokenizer
-    from letter.utils import save_npy
 
+    out = out or os.path.splitext(embeddings)[0] + ".index.json"
+    check_output_path(out, {"--embeddings": embeddings, "--tokenizer": run_dir})
     tok = load_tokenizer(run_dir)
     codes = tok.encode(load_npy(embeddings, "--embeddings"))
-    out = out or os.path.splitext(embeddings)[0] + ".index.json"
     if out.endswith(".npy"):
         save_npy(out, codes)
     else:

@@ -3,6 +3,8 @@ naming the argument or file, no traceback, and no output file created or changed
 
 Each case is (command, id, setup, args, exit code, message). `setup(world, case)` prepares broken
 copies in the case's own folder before the snapshot; args may use {data}, {tok}, {rec}, {case}.
+Cases that must succeed (exit 0) give a check(world, case, output) in place of the message: it
+asserts the result (right data, right outputs); nothing outside the case folder may change.
 """
 import json
 import os
@@ -40,6 +42,7 @@ def world(tmp_path_factory, one_thread):
     _ok(["train-cf", data, "--dim", 16, "--epochs", 1, "--blocks", 1, "--heads", 1])
     _ok(["train-tokenizer", "--data", data, "--out", root / "tok", *TOK_ARGS])
     _ok(["train-rec", "--data", data, "--index", root / "tok", "--out", root / "rec", *REC_ARGS])
+    _ok(["evaluate", "--model", root / "rec", "--out", root / "reference-metrics.json"])
     (root / "cases").mkdir()
     return root
 
@@ -100,6 +103,101 @@ def mixed(what, name):
         else:
             path.write_text(path.read_text().replace("}", " }", 1))
     return setup
+
+
+def drop_marker(what):
+    """A copy of run folder `what` with only its completion marker deleted (the damage a reader must
+    see as an unfinished run; earlier versions called the marker complete.json)."""
+    def setup(world, case):
+        shutil.copytree(world / what, case / what)
+        for marker in ("manifest.json", "complete.json"):
+            if (case / what / marker).exists():
+                (case / what / marker).unlink()
+    return setup
+
+
+def _reorder_one_history(data_dir):
+    """Swap the last two items of one user (same users, items, sizes: only the content differs)."""
+    inter = data_dir / "Synth.inter.json"
+    raw = json.loads(inter.read_text())
+    user = next(u for u, items in raw.items() if items[-1] != items[-2])
+    raw[user] = raw[user][:-2] + raw[user][-2:][::-1]  # another test target for this user
+    inter.write_text(json.dumps(raw))
+
+
+def edited_data(*runs):
+    """A copy of the dataset with one history reordered, and copies of the run folders `runs` beside
+    it (their recorded relative dataset path finds this copy)."""
+    def setup(world, case):
+        shutil.copytree(world / "data", case / "data")
+        _reorder_one_history(case / "data")
+        for what in runs:
+            shutil.copytree(world / what, case / what)
+    return setup
+
+
+def paused_rec(world, case):
+    """A train-rec run on a copy of the dataset stopped after 1 of 2 epochs, then that dataset edited."""
+    shutil.copytree(world / "data", case / "data")
+    _ok(["train-rec", "--data", case / "data", "--index", world / "tok", "--out", case / "r", *REC_ARGS,
+         "--epochs", "2", "--stop-after", "1"])
+    _reorder_one_history(case / "data")
+
+
+def write_bytes(name, data: bytes):
+    def setup(world, case):
+        (case / name).parent.mkdir(parents=True, exist_ok=True)
+        (case / name).write_bytes(data)
+    return setup
+
+
+def both(*setups):
+    def setup(world, case):
+        for one in setups:
+            one(world, case)
+    return setup
+
+
+def odd_categories(world, case):
+    """A copy of the dataset whose item.json has a null and a list `category` (other items: strings)."""
+    shutil.copytree(world / "data", case / "data")
+    items = case / "data" / "Synth.item.json"
+    raw = json.loads(items.read_text())
+    first, second = list(raw)[:2]
+    raw[first]["category"] = None
+    raw[second]["category"] = ["a", "b"]
+    items.write_text(json.dumps(raw))
+
+
+# -- checks of cases that must succeed ---------------------------------------------------------
+
+def same_metrics_as_reference(world, case, output):
+    """The run evaluated on its own (moved) dataset gives the metrics of the original run."""
+    reference = json.loads((world / "reference-metrics.json").read_text())["metrics"]
+    assert json.loads(output[output.index("{"):])["metrics"] == reference
+
+
+def codes_of_a_tokenizer(world, case, output):
+    codes = np.load(case / "x.npy")
+    assert codes.shape == (40, 3) and codes.min() >= 0 and codes.max() < 8
+
+
+def same_codes_as_world(world, case, output):
+    """--overwrite replaced the run by a new finished one: seeded, so the world's codes."""
+    assert (case / "tok" / "manifest.json").exists()
+    assert np.array_equal(np.load(case / "tok" / "codes.npy"), np.load(world / "tok" / "codes.npy"))
+
+
+def report_without_categories(world, case, output):
+    """Null and list categories: no category report (not one with None or a list as a category)."""
+    report = json.loads((case / "t" / "report.json").read_text())
+    assert "level1_category_agreement" not in report and report["items"] == 40
+
+
+def ten_items_listed(world, case, output):
+    """Ranks 1..10 listed (items sharing an identifier share its rank)."""
+    ranks = {int(line.split()[0]) for line in output.splitlines() if line.strip()}
+    assert ranks == set(range(1, 11)), output
 
 
 def write(name, text):
@@ -192,7 +290,7 @@ CASES = [
     ("tokenize", "recommender run folder", none,
      ["tokenize", "--tokenizer", "{rec}", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
      1, "train-rec run folder"),
-    ("tokenize", "unfinished run", unfinished("tok", ["report.json", "complete.json"]),
+    ("tokenize", "unfinished run", unfinished("tok", ["report.json", "manifest.json"]),
      ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
      1, "unfinished tokenizer run"),
     ("tokenize", "mixed run", mixed("tok", "codes.npy"),
@@ -203,11 +301,11 @@ CASES = [
         "{case}/x.npy"], 1, "model.pt: " + (CORRUPT if k != F else "not a LETTER checkpoint")) for k in (E, T, G, F)],
     ("tokenize", "wrong dim", none,
      ["tokenize", "--tokenizer", "{tok}", "--embeddings", "{data}/Synth.cf-sasrec16.npy", "--out", "{case}/x.npy"],
-     0, None),  # same dim (16): accepted; see the next case for a real mismatch
+     0, codes_of_a_tokenizer),  # same dim (16): accepted; see the next case for a real mismatch
     ("tokenize", "garbage embeddings", write("e.npy", "garbage"),
      ["tokenize", "--tokenizer", "{tok}", "--embeddings", "{case}/e.npy"], 1, "--embeddings"),
     # train-rec
-    ("train-rec", "index: unfinished tokenizer run", unfinished("tok", ["report.json", "complete.json"]),
+    ("train-rec", "index: unfinished tokenizer run", unfinished("tok", ["report.json", "manifest.json"]),
      ["train-rec", "--data", "{data}", "--index", "{case}/tok", "--out", "{case}/r", *REC_ARGS], 1,
      "unfinished tokenizer run"),
     ("train-rec", "index: mixed tokenizer run", mixed("tok", "codes.npy"),
@@ -248,7 +346,7 @@ CASES = [
     ("evaluate", "no such run", none, ["evaluate", "--model", "{case}/none"], 1,
      "not a train-rec run folder (no such folder)"),
     ("evaluate", "tokenizer folder", none, ["evaluate", "--model", "{tok}"], 1, "tokenizer run folder"),
-    ("evaluate", "unfinished", unfinished("rec", ["complete.json"]), ["evaluate", "--model", "{case}/rec"], 1,
+    ("evaluate", "unfinished", unfinished("rec", ["manifest.json"]), ["evaluate", "--model", "{case}/rec"], 1,
      "unfinished train-rec run"),
     ("evaluate", "mixed", mixed("rec", "history.json"), ["evaluate", "--model", "{case}/rec"], 1,
      "mixed train-rec run folder: history.json changed"),
@@ -268,7 +366,7 @@ CASES = [
     *[("recommend", f"{k} model.pt", corrupt("rec", "model.pt", k),
        ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1,
        "model.pt: " + (CORRUPT if k != F else "not a LETTER checkpoint")) for k in (E, T, G, F)],
-    ("recommend", "unfinished", unfinished("rec", ["complete.json"]),
+    ("recommend", "unfinished", unfinished("rec", ["manifest.json"]),
      ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1, "unfinished train-rec run"),
     ("recommend", "two sources", none, ["recommend", "--model", "{rec}", "--history", "1,2", "--users", "all"], 2,
      "exactly one of --history, --histories FILE, --users"),
@@ -289,7 +387,7 @@ CASES = [
                                                   "--exclude", "zz"], 1, "--exclude: unknown item id(s) zz"),
     # serve: the run is loaded (and refused) before anything listens
     ("serve", "missing run", none, ["serve", "--model", "{case}/none"], 1, "not a train-rec run folder"),
-    ("serve", "unfinished", unfinished("rec", ["complete.json"]), ["serve", "--model", "{case}/rec"], 1,
+    ("serve", "unfinished", unfinished("rec", ["manifest.json"]), ["serve", "--model", "{case}/rec"], 1,
      "unfinished train-rec run"),
     ("serve", "port", none, ["serve", "--model", "{rec}", "--port", "70000"], 2, "--port"),
     # pipeline and config show: wrong types name the key
@@ -314,7 +412,125 @@ CASES = [
     ("config show", "not yaml", write("bad.yaml", "a: [1,\n"), ["config", "show", "--config", "{case}/bad.yaml"], 1,
      "bad.yaml: not valid YAML"),
 ]
-CASES = [c for c in CASES if c[4] != 0]
+
+# -- issue 25: stale or overwritten state, the file system, bad data, strict parsing ----------------
+LONG = "x" * 300
+CASES += [
+    # a missing completion marker: unfinished, for every reader
+    ("evaluate", "marker deleted", drop_marker("rec"), ["evaluate", "--model", "{case}/rec"], 1,
+     "unfinished train-rec run"),
+    ("recommend", "marker deleted", drop_marker("rec"), ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1,
+     "unfinished train-rec run"),
+    ("serve", "marker deleted", drop_marker("rec"), ["serve", "--model", "{case}/rec"], 1, "unfinished train-rec run"),
+    ("add-items", "marker deleted", drop_marker("rec"),
+     ["add-items", "--model", "{case}/rec", "--tokenizer", "{tok}", "--embeddings", "{data}/Synth.emb-hash16.npy"], 1,
+     "unfinished train-rec run"),
+    ("tokenize", "marker deleted", drop_marker("tok"),
+     ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
+     1, "--tokenizer {case}/tok: unfinished tokenizer run"),
+    ("train-rec", "index: marker deleted", drop_marker("tok"),
+     ["train-rec", "--data", "{data}", "--index", "{case}/tok", "--out", "{case}/r", *REC_ARGS], 1,
+     "--index {case}/tok: unfinished tokenizer run"),
+    ("compare", "set: marker deleted", drop_marker("tok"),
+     ["compare", "--data", "{data}", "--set", "A={case}/tok", "--out", "{case}/cmp", "--seeds", "1", *REC_ARGS], 1,
+     "unfinished tokenizer run"),
+    # one file swapped for a same-size valid one
+    ("evaluate", "codes swapped", mixed("rec", "codes.npy"), ["evaluate", "--model", "{case}/rec"], 1,
+     "mixed train-rec run folder: codes.npy changed"),
+    ("recommend", "codes swapped", mixed("rec", "codes.npy"),
+     ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1, "mixed train-rec run folder: codes.npy changed"),
+    ("add-items", "codes swapped", mixed("rec", "codes.npy"),
+     ["add-items", "--model", "{case}/rec", "--tokenizer", "{tok}", "--embeddings", "{data}/Synth.emb-hash16.npy"], 1,
+     "mixed train-rec run folder: codes.npy changed"),
+    # the data a run was trained on
+    ("train-rec", "resume on edited data", paused_rec,
+     ["train-rec", "--data", "{case}/data", "--index", "{tok}", "--out", "{case}/r", *REC_ARGS, "--epochs", "2",
+      "--resume"], 1, "inputs.data_sha was"),
+    ("evaluate", "recorded dataset edited", edited_data("rec"), ["evaluate", "--model", "{case}/rec"], 1,
+     "the dataset {case}/data: not the dataset --model {case}/rec was made from"),
+    ("evaluate", "--data another dataset", edited_data(), ["evaluate", "--model", "{rec}", "--data", "{case}/data"],
+     1, "--data {case}/data: not the dataset"),
+    ("recommend", "--data another dataset", edited_data(),
+     ["recommend", "--model", "{rec}", "--history", "1,2", "--data", "{case}/data"], 1, "--allow-other-data"),
+    ("recommend", "--data another dataset, allowed", edited_data(),
+     ["recommend", "--model", "{rec}", "--history", "1,2", "--data", "{case}/data", "--allow-other-data"], 0,
+     ten_items_listed),
+    ("evaluate", "moved run", both(copy("rec"), copy("data")), ["evaluate", "--model", "{case}/rec"], 0,
+     same_metrics_as_reference),
+    ("add-items", "recorded dataset edited", edited_data("rec"),
+     ["add-items", "--model", "{case}/rec", "--tokenizer", "{tok}", "--embeddings", "{data}/Synth.emb-hash16.npy"], 1,
+     "not the dataset"),
+    ("train-tokenizer", "embeddings of another dataset", edited_data(),
+     ["train-tokenizer", "--data", "{case}/data", "--out", "{case}/t", *TOK_ARGS], 1,
+     "--data {case}/data: not the dataset the CF embedding Synth.cf-sasrec16.npy was made from"),
+    # no command writes onto its inputs, into another kind of run, or over a finished run
+    ("evaluate", "out onto the model", copy("rec"), ["evaluate", "--model", "{case}/rec", "--out", "{case}/rec/model.pt"],
+     1, "--out {case}/rec/model.pt: a file of the run folder --model"),
+    ("evaluate", "out onto the run's summary", none, ["evaluate", "--model", "{rec}", "--out", "{rec}/summary.json"], 1,
+     "--out {rec}/summary.json: a file of the run folder --model"),
+    ("tokenize", "out onto the embeddings", both(copy("data")),
+     ["tokenize", "--tokenizer", "{tok}", "--embeddings", "{case}/data/Synth.emb-hash16.npy", "--out",
+      "{case}/data/Synth.emb-hash16.npy"], 1, "is the command's input --embeddings"),
+    ("recommend", "out onto the histories", write("h.txt", "1,2\n"),
+     ["recommend", "--model", "{rec}", "--histories", "{case}/h.txt", "--out", "{case}/h.txt"], 1,
+     "is the command's input --histories"),
+    ("train-tokenizer", "into a train-rec run", copy("rec"),
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/rec", *TOK_ARGS], 1,
+     "--out {case}/rec: holds a train-rec run, not a tokenizer run"),
+    ("train-tokenizer", "over a finished run", copy("tok"),
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/tok", *TOK_ARGS], 1,
+     "--out {case}/tok: holds a finished tokenizer run"),
+    ("train-tokenizer", "over a finished run, --overwrite", copy("tok"),
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/tok", *TOK_ARGS, "--overwrite"], 0, same_codes_as_world),
+    ("train-rec", "into a tokenizer run", copy("tok"),
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/tok", *REC_ARGS], 1,
+     "--out {case}/tok: holds a tokenizer run, not a train-rec run"),
+    ("train-rec", "over a finished run", copy("rec"),
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/rec", *REC_ARGS], 1,
+     "--out {case}/rec: holds a finished train-rec run"),
+    ("train-cf", "over finished outputs", copy("data"),
+     ["train-cf", "{case}/data", "--dim", "16", "--epochs", "1", "--blocks", "1", "--heads", "1"], 1,
+     "Synth.cf-sasrec16.npy: a finished train-cf output"),
+    ("train-rec", "resume and overwrite", copy("rec"),
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/rec", *REC_ARGS, "--resume", "--overwrite"],
+     1, "--resume and --overwrite exclude each other"),
+    # the file system: one line naming the path
+    ("evaluate", "out name too long", none, ["evaluate", "--model", "{rec}", "--out", "{case}/" + LONG + ".json"], 1,
+     LONG + ".json: File name too long"),
+    ("evaluate", "out under a file", write("f.txt", "x"), ["evaluate", "--model", "{rec}", "--out", "{case}/f.txt/m.json"],
+     1, "f.txt"),
+    ("train-rec", "out under a file", write("f.txt", "x"),
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/f.txt/r", *REC_ARGS], 1, "f.txt"),
+    ("data synth", "out name too long", none, ["data", "synth", "{case}/" + LONG], 1, "File name too long"),
+    # undecodable or pathological data
+    ("data convert", "UTF-16 data", write_bytes("src/X.inter.json", json.dumps({"u": ["1", "2", "3"]}).encode("utf-16")),
+     ["data", "convert", "{case}/src", "{case}/out"], 1, "X.inter.json: not UTF-8"),
+    ("data convert", "latin-1 item text", both(write("src/X.inter.json", json.dumps({"u": ["1", "2", "3"]})),
+                                               write_bytes("src/X.item.json", '{"1": {"title": "caf\u00e9"}}'.encode("latin-1"))),
+     ["data", "convert", "{case}/src", "{case}/out"], 1, "X.item.json: not UTF-8"),
+    ("data convert", "nested deep", write("src/X.inter.json", "[" * 100000 + "]" * 100000),
+     ["data", "convert", "{case}/src", "{case}/out"], 1, "X.inter.json: nested too deeply"),
+    ("train-tokenizer", "null and list categories", odd_categories,
+     ["train-tokenizer", "--data", "{case}/data", "--out", "{case}/t", *TOK_ARGS], 0, report_without_categories),
+    ("train-cf", "seed beyond numpy", none, ["train-cf", "{data}", "--out", "{case}/o", "--seed", str(2**32)], 1,
+     "cf: seed must be >= 0 and <= 4294967295, got 4294967296"),
+    ("data synth", "seed negative", none, ["data", "synth", "{case}/out", "--seed", "-1"], 2, "--seed"),
+    ("bench kernels", "unknown op", none, ["bench", "kernels", "--op", "nosuchop"], 2, "--op"),
+    # strict parsing, names, ignored options
+    ("train-rec", "index with a duplicate key", write("dup.index.json", '{"0": ["<a_1>"], "0": ["<a_2>"]}'),
+     ["train-rec", "--data", "{data}", "--index", "{case}/dup.index.json", "--out", "{case}/r", *REC_ARGS], 1,
+     "dup.index.json: duplicate key '0'"),
+    ("config show", "YAML with a duplicate key", write("dup.yaml", "rec:\n  lr: 0.1\n  lr: 0.2\n"),
+     ["config", "show", "--config", "{case}/dup.yaml"], 1, "dup.yaml: duplicate key 'lr'"),
+    ("train-cf", "JSON config with a duplicate key", write("c.json", '{"epochs": 1, "epochs": 2}'),
+     ["train-cf", "{data}", "--out", "{case}/o", "--config", "{case}/c.json"], 1, "c.json: duplicate key 'epochs'"),
+    ("embed", "tag outside the folder", copy("data"),
+     ["embed", "{case}/data", "--model", "hash", "--mode", "hash", "--dim", "16", "--tag", "../evil"], 1,
+     "--tag '../evil'"),
+    ("recommend", "--out with --history", none,
+     ["recommend", "--model", "{rec}", "--history", "1,2", "--out", "{case}/r.jsonl"], 2,
+     "--out and --batch-size apply to --histories / --users only"),
+]
 
 
 @pytest.mark.parametrize("command,name,setup,args,code,message", CASES,
@@ -323,12 +539,20 @@ def test_bad_input(world, command, name, setup, args, code, message):
     case = world / "cases" / f"{command}-{name}".replace(" ", "_").replace(":", "").replace("/", "_")
     case.mkdir()
     setup(world, case)
-    argv = [a.format(data=world / "data", tok=world / "tok", rec=world / "rec", case=case) for a in args]
+    fill = dict(data=world / "data", tok=world / "tok", rec=world / "rec", case=case)
+    argv = [a.format(**fill) for a in args]
     before = snapshot(world)
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == code, (argv, result.output, result.exception)
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output and "Aborted" not in result.output
+    if code == 0:
+        message(world, case, result.output)  # the result itself, not only the exit status
+        outside = lambda snap: {k: v for k, v in snap.items() if not k.startswith(str(case.relative_to(world)))}
+        assert outside(snapshot(world)) == outside(before), "a file outside the case folder was created or changed"
+        return
+    for key, path in fill.items():  # messages name the case's paths: {case}, {rec}, ...
+        message = message.replace("{" + key + "}", str(path))
     assert message in result.output, result.output
     lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
     assert len(lines) == 1, result.output
@@ -336,7 +560,7 @@ def test_bad_input(world, command, name, setup, args, code, message):
 
 
 def test_files_respect_umask_and_stale_temps_go(tmp_path):
-    from letter.utils import STALE_TEMP_SECONDS, write_json
+    from letter.runs import STALE_TEMP_SECONDS, write_json
 
     old = os.umask(0o027)
     try:

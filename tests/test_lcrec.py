@@ -356,7 +356,7 @@ def test_damaged_saves_are_one_line_errors_and_stale_temps_go(tiny_llama, tmp_pa
     model = LCRec.from_base(tiny_llama, (4, 4))
     out = tmp_path / "saved"
     model.save(str(out))
-    stale = tmp_path / ".saved.tmp-killed"
+    stale = tmp_path / ".tmp-saved-killed"
     stale.mkdir()
     model.save(str(out))
     assert not stale.exists()

@@ -249,9 +249,11 @@ def test_interrupted_fresh_tokenizer_run_leaves_no_earlier_outputs(tok_inputs, t
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tokenizer_train, "_batch_losses", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(LetterError, match="holds a finished tokenizer run"):  # never replaced unasked
         train_tokenizer(TokenizerConfig(**{**TOK, "epochs": 1, "seed": 5}), text, cf, str(run))
-    assert not any((run / f).exists() for f in ("model.pt", "codes.npy", "complete.json", "report.json"))
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(TokenizerConfig(**{**TOK, "epochs": 1, "seed": 5}), text, cf, str(run), overwrite=True)
+    assert not any((run / f).exists() for f in ("model.pt", "codes.npy", "manifest.json", "report.json"))
     with pytest.raises(LetterError, match="not a tokenizer run folder|unfinished"):
         load_tokenizer(str(run))
 

@@ -28,11 +28,8 @@ seeds; the spread across seeds is the reported std.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import re
-import shutil
 import time
 from typing import Callable, Iterable
 
@@ -46,11 +43,11 @@ from letter.rec import RecConfig, train_rec
 from letter.rec.data import codes_sha, resolve_codes
 from letter.rec.evaluation import generate, load_run, prefix_index
 from letter.rec.recommender import as_recommender
-from letter.runs import read_json_if_valid
+from letter.runs import (RecRun, TokenizerRun, atomic_path, fingerprint, mark_started, prepare_run_folder, read_json,
+                         read_json_if_valid, start_step, write_json)
 from letter.tokenizer.codes import collision_rate
 from letter.tokenizer.report import category_agreement
 from letter.devices import resolve_device
-from letter.utils import atomic_path, write_json
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 RESULT, STARTED, RANKS = "result.json", "started.json", "test_ranks.npz"
@@ -87,14 +84,13 @@ def parse_set(spec: str) -> tuple[str, str]:
 
 
 def _run_folder_sizes(path: str) -> list[int] | None:
-    cfg = os.path.join(path, "config.json")
+    cfg = os.path.join(path, TokenizerRun.CONFIG)
     if not os.path.isdir(path) or not os.path.isfile(cfg):
         return None
+    sizes = read_json(cfg, "tokenizer settings").get("codebook_sizes")
     try:
-        with open(cfg) as f:
-            sizes = json.load(f).get("codebook_sizes")
         return [int(n) for n in sizes] if isinstance(sizes, list) else None
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError):
         return None
 
 
@@ -255,20 +251,16 @@ def paired_bootstrap(diff: np.ndarray, resamples: int = 2000, seed: int = 0, lev
 
 def _run_one(data, s: IdentifierSet, config: RecConfig, run_dir: str, depends: dict, eval_args: dict,
              log: Callable[[str], None]) -> dict:
-    fingerprint = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()[:16]
+    fp = fingerprint(depends)
     tag = f"[{s.label} seed {config.seed}]"
     done = read_json_if_valid(os.path.join(run_dir, RESULT))
-    if done and done.get("fingerprint") == fingerprint and os.path.isfile(os.path.join(run_dir, RANKS)):
-        log(f"{tag} up to date ({fingerprint}), skipped")
+    if done and done.get("fingerprint") == fp and os.path.isfile(os.path.join(run_dir, RANKS)):
+        log(f"{tag} up to date ({fp}), skipped")
         return done
-    started = read_json_if_valid(os.path.join(run_dir, STARTED))
-    if os.path.isdir(run_dir) and (not started or started.get("fingerprint") != fingerprint):
-        log(f"{tag} {run_dir} holds a run with other settings: starting afresh")
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, STARTED), {"fingerprint": fingerprint, "depends": depends})
+    if start_step(run_dir, fp, STARTED, depends=depends):
+        log(f"{tag} {run_dir} held a run with other settings: started afresh")
     rec_dir = os.path.join(run_dir, "rec")
-    resume = os.path.isfile(os.path.join(rec_dir, "checkpoint.pt"))
+    resume = os.path.isfile(os.path.join(rec_dir, RecRun.CHECKPOINT))
     log(f"{tag} {'resuming' if resume else 'training'} -> {rec_dir}")
     t0 = time.time()
     summary = train_rec(config, data, s.for_seed(config.seed).path, rec_dir, resume=resume)
@@ -277,7 +269,7 @@ def _run_one(data, s: IdentifierSet, config: RecConfig, run_dir: str, depends: d
     with atomic_path(os.path.join(run_dir, RANKS), suffix=".npz") as tmp:
         np.savez(tmp, **{k: v for k, v in ev.items() if k.startswith("ranks") or k == "targets"})
     excluded = {"metrics_exclude_history": ev["metrics_exclude_history"]} if "metrics_exclude_history" in ev else {}
-    result = {"fingerprint": fingerprint, "label": s.label, "seed": config.seed, "metrics": ev["metrics"], **excluded,
+    result = {"fingerprint": fp, "label": s.label, "seed": config.seed, "metrics": ev["metrics"], **excluded,
               "users": int(len(ev["ranks"])), "best_epoch": summary.get("best_epoch"),
               "epochs_trained": summary.get("epochs_trained"), "train_s_this_call": round(train_s, 3),
               "rec_wall_s": summary.get("wall_s"), "eval_wall_s": round(ev["wall_s"], 3)}
@@ -332,7 +324,8 @@ def compare(
     data_sha = dataset.fingerprint()
     eval_args = {"max_users": test_users, "sample_seed": sample_seed, "num_beams": num_beams,
                  **({"exclude_history": True} if exclude_history else {})}  # old runs' fingerprints unchanged
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_run_folder(out_dir, "compare", resume=True)  # never into a folder holding another kind of run
+    mark_started(out_dir, "compare")
 
     runs: dict[str, list[dict]] = {}
     per_user: dict[str, dict[str, np.ndarray]] = {}

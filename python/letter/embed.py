@@ -26,9 +26,9 @@ import numpy as np
 
 from letter.data import Dataset
 from letter.errors import LetterError
-from letter.runs import sidecar_record
+from letter.runs import check_file_name, embedding_stem, save_npy, sidecar_record, write_json
 from letter.devices import resolve_device
-from letter.utils import progress, save_npy, write_json
+from letter.utils import progress
 
 DEFAULT_FIELDS = ("title", "description")
 MODES = ("st", "mean-pool", "hash")
@@ -241,9 +241,10 @@ def default_tag(model: str, mode: str, dim: int) -> str:
 def embed_dataset(dataset: Dataset, out_dir: str, tag: str | None = None, **kwargs) -> tuple[str, np.ndarray]:
     """Write <Name>.emb-<tag>.npy and its <Name>.emb-<tag>.json sidecar; returns (npy path, embeddings)."""
     emb, info = embed_items(dataset, **kwargs)
-    tag = tag or default_tag(kwargs.get("model", "auto"), kwargs.get("mode", "st"), kwargs.get("dim", 384))
-    stem = os.path.join(out_dir, f"{dataset.name}.emb-{tag}")
+    tag = check_file_name(tag, "--tag") if tag else default_tag(kwargs.get("model", "auto"), kwargs.get("mode", "st"),
+                                                                kwargs.get("dim", 384))
+    stem = embedding_stem(out_dir, dataset.name, tag)
     save_npy(stem + ".npy", emb)
     write_json(stem + ".json", {"dataset": dataset.name, "tag": tag, "shape": list(emb.shape), **info,
-                                **sidecar_record(stem + ".npy")})  # last: marks the .npy complete
+                                **sidecar_record(stem + ".npy", {"items": dataset.items_fingerprint()})})  # last: the manifest
     return stem + ".npy", emb

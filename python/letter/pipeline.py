@@ -11,19 +11,15 @@ starts afresh otherwise. A failing stage
 stops the pipeline with a LetterError naming the stage; earlier stages' outputs stay intact.
 """
 import dataclasses
-import hashlib
-import json
 import os
-import shutil
 import time
 from typing import Callable
 
-import numpy as np
-
 from letter.errors import LetterError
 from letter.pipeline_report import write_report
-from letter.runs import file_change, file_state, folder_files, load_npy, read_json_if_valid, relative_to, resolve
-from letter.utils import remove_stale_temps, write_json
+from letter.runs import (MANIFEST, RecRun, TokenizerRun, file_change, file_state, fingerprint, folder_files, load_npy,
+                         mark_started, prepare_run_folder, read_json_if_valid, relative_to, remove_stale_temps,
+                         resolve, start_step, write_json)
 
 STAGES = ("prepare", "embed", "cf", "tokenizer", "rec", "evaluate")
 # Upstream stages and the config sections each stage reads.
@@ -47,7 +43,7 @@ def _is_recorded(rel: str) -> bool:
     """Files of a finished stage whose content later stages rely on (not its markers, checkpoints
     or temporary files)."""
     name = os.path.basename(rel)
-    return not (name in (MARKER, STARTED) or name.startswith(".tmp-") or name == "checkpoint.pt"
+    return not (name in (MARKER, STARTED) or name.startswith(".tmp-") or name == RecRun.CHECKPOINT
                 or name.endswith(".ckpt.pt"))
 
 
@@ -84,7 +80,7 @@ class Pipeline:
             "config": {s: self.config[s] for s in sections},
             "source": self._source_identity() if stage == "prepare" else None,
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint(payload)
 
     def _source_identity(self) -> dict:
         if self.source.get("synthetic"):
@@ -123,7 +119,8 @@ class Pipeline:
     def run(self, from_stage: str | None = None) -> dict:
         if from_stage is not None and from_stage not in STAGES:
             raise LetterError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
-        os.makedirs(self.out, exist_ok=True)
+        prepare_run_folder(self.out, "pipeline", resume=True)
+        mark_started(self.out, "pipeline")
         for path in remove_stale_temps(self.out):
             self.log(f"removed {path} (left by an interrupted write)")
         write_json(os.path.join(self.out, "config.json"), {"source": self.source, "config": self.config})
@@ -154,12 +151,7 @@ class Pipeline:
 
     def _run_stage(self, stage: str, fp: str, fresh: bool) -> None:
         directory = self.stage_dir(stage)
-        started = self._read(stage, STARTED)
-        if os.path.isdir(directory) and (fresh or not started or started.get("fingerprint") != fp):
-            # Outputs from other settings (or a forced rerun): start this stage from scratch.
-            shutil.rmtree(directory)
-        os.makedirs(directory, exist_ok=True)
-        write_json(os.path.join(directory, STARTED), {"fingerprint": fp})
+        start_step(directory, fp, STARTED, fresh)  # outputs of other settings or a forced rerun: from scratch
         self.log(f"[{stage}] running ({fp}) -> {directory}")
         t0 = time.time()
         try:
@@ -195,8 +187,7 @@ class Pipeline:
 
 def _digest(files: dict) -> str:
     """One hash of a stage's recorded files (names relative to the run folder, and contents)."""
-    text = json.dumps(sorted((rel, st.get("sha256")) for rel, st in files.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return fingerprint(sorted((rel, st.get("sha256")) for rel, st in files.items()))
 
 
 def _prepare(p: Pipeline, directory: str) -> dict:
@@ -244,14 +235,12 @@ def _tokenizer(p: Pipeline, directory: str) -> dict:
     cfg = TokenizerConfig.from_dict(p.stage_settings("tokenizer"))
     text = load_npy(p.outputs["embed"]["text_embeddings"])
     cf = load_npy(p.outputs["cf"]["cf_embeddings"]) if cfg.alpha > 0 else None
-    labels = None
-    if ds.item_text is not None and all("category" in t for t in ds.item_text):
-        names = sorted({t["category"] for t in ds.item_text})
-        labels = np.array([names.index(t["category"]) for t in ds.item_text])
+    # the stage folder is the pipeline's: a finished run in it (its stage.json lost) is refitted
+    resume = any(os.path.exists(os.path.join(directory, n)) for n in (TokenizerRun.CHECKPOINT, MANIFEST))
     report = train_tokenizer(cfg, text, cf, directory, name=ds.name, num_items=ds.num_items,
-                             resume=os.path.exists(os.path.join(directory, "checkpoint.pt")), item_labels=labels)
+                             resume=resume, item_labels=ds.category_labels())
     write_json(os.path.join(directory, "pipeline_report.json"), report)
-    return {"run": directory, "report": os.path.join(directory, "report.json")}
+    return {"run": directory, "report": os.path.join(directory, TokenizerRun.REPORT)}
 
 
 def _rec(p: Pipeline, directory: str) -> dict:
@@ -259,8 +248,8 @@ def _rec(p: Pipeline, directory: str) -> dict:
 
     cfg = RecConfig.from_dict(dict(p.stage_settings("rec"), max_history=p.config["data"]["max_history"]))
     summary = train_rec(cfg, p.outputs["prepare"]["dataset"], p.outputs["tokenizer"]["run"], directory,
-                        resume=os.path.exists(os.path.join(directory, "checkpoint.pt")))
-    return {"run": directory, "history": os.path.join(directory, "history.json"),
+                        resume=os.path.exists(os.path.join(directory, RecRun.CHECKPOINT)))
+    return {"run": directory, "history": os.path.join(directory, RecRun.HISTORY),
             "best_valid": summary.get("best_valid")}
 
 

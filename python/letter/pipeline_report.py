@@ -1,9 +1,8 @@
 """The pipeline's report: the metric table (Popularity, SASRec, LETTER-TIGER on the same test split),
 tokenizer statistics, time per stage and training curves, as report.json, report.md and PNGs."""
-import json
 import os
 
-from letter.utils import atomic_path, write_json
+from letter.runs import atomic_path, read_json, write_json
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 CF_NAMES = {"sasrec": "SASRec", "lightgcn": "LightGCN"}  # the cf section's model -> its row in the table
@@ -14,8 +13,7 @@ def _cf_name(cf_metrics: dict) -> str:
 
 
 def _load(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "stage output")
 
 
 def _sasrec_protocols(cf_metrics: dict) -> tuple[dict, dict | None]:

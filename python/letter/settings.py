@@ -48,12 +48,16 @@ def field_type(cls, f: dataclasses.Field) -> tuple[type, type | None]:
     return hint, None
 
 
+def _bound_text(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"  # 4294967295, not 4.29497e+09
+
+
 def _range_text(meta: dict) -> str:
     parts = []
     if meta["low"] is not None:
-        parts.append(f"{'>' if meta['low_open'] else '>='} {meta['low']:g}")
+        parts.append(f"{'>' if meta['low_open'] else '>='} {_bound_text(meta['low'])}")
     if meta["high"] is not None:
-        parts.append(f"{'<' if meta['high_open'] else '<='} {meta['high']:g}")
+        parts.append(f"{'<' if meta['high_open'] else '<='} {_bound_text(meta['high'])}")
     return " and ".join(parts)
 
 

@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 from letter.devices import resolve_device
 from letter.errors import LetterError
-from letter.utils import progress, torch_save
+from letter.runs import torch_save
+from letter.utils import progress
 
 
 # -- processes ----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from letter.utils import write_json
+from letter.runs import write_json
 
 from . import BENCHMARKS, module
 

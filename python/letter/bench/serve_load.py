@@ -24,9 +24,8 @@ import torch
 from letter_ext.bench.common import cpu_model
 
 from letter.data import load_dataset
-from letter.runs import check_rec_run, read_rec_run_info
+from letter.runs import check_rec_run, read_rec_run_info, write_json
 from letter.serve.process import Connection, get_json, running_server
-from letter.utils import write_json
 
 CONCURRENCY = (1, 8, 32, 128)
 
@@ -34,7 +33,7 @@ CONCURRENCY = (1, 8, 32, 128)
 
 def sample_histories(run_dir: str, count: int, seed: int = 0) -> list[list[str]]:
     """`count` test-split histories (original item ids, everything before each user's last item)."""
-    dataset = load_dataset(os.fspath(check_rec_run(run_dir, read_rec_run_info(run_dir))))
+    dataset = load_dataset(os.fspath(check_rec_run(run_dir, read_rec_run_info(run_dir))[0]))
     users = [u for u, seq in enumerate(dataset.sequences) if len(seq) >= 3]
     rng = random.Random(seed)
     picked = [users[rng.randrange(len(users))] for _ in range(count)]

@@ -32,7 +32,7 @@ class CFConfig(Settings):
     eval_batch_size: int = setting(1024, "Users per evaluation batch.", low=1, may_change_on_resume=True)
     mask_history: bool = setting(False, "Exclude history items from the ranking (default: not excluded).",
                                  may_change_on_resume=True)
-    seed: int = setting(0, "Random seed.")
+    seed: int = setting(0, "Random seed.", low=0, high=2**32 - 1)
     precision: str = setting("auto", "Training arithmetic: fp32, bf16 (autocast, fp32 master weights) or auto (bf16 on "
                                      "a bf16-capable GPU, or on a CPU with AMX/AVX512-BF16 from dim 128).",
                              choices=("auto", "fp32", "bf16"), may_change_on_resume=True)

@@ -27,10 +27,9 @@ from letter.data import Dataset, Split, drop_leading_padding, leave_one_out, pad
 from letter.data.cold import check_no_cold_training, read_cold_split
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
-from letter.runs import sidecar_record
+from letter.runs import cf_output_paths, save_npy, sidecar_record, write_json
 from letter.training import (DistContext, FitPlan, RandomStreams, Trainable, Validation, distributed, fit,
                              seed_everything)
-from letter.utils import save_npy, write_json
 
 KS = (5, 10)
 
@@ -41,9 +40,7 @@ MODELS = {
 }
 
 
-def output_paths(out_dir: str, name: str, dim: int, model: str = "sasrec") -> dict[str, str]:
-    stem = os.path.join(out_dir, f"{name}.cf-{model}{dim}")
-    return {"embeddings": stem + ".npy", "metrics": stem + ".json", "checkpoint": stem + ".ckpt.pt"}
+output_paths = cf_output_paths
 
 
 def popularity_counts(split: Split, dataset: Dataset) -> np.ndarray:
@@ -176,17 +173,36 @@ def dataset_identity(dataset: Dataset) -> dict:
     return {"inputs.dataset": dataset.fingerprint(), "inputs.num_items": dataset.num_items}
 
 
-def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False, log=print) -> dict:
+def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False, log=print,
+             overwrite: bool = False) -> dict:
     """Train the CF model `cfg.model` with early stopping on valid NDCG@10; write its item embeddings
     (<Name>.cf-<model><dim>.npy, [num_items, dim] float32), metrics and a checkpoint.
 
     resume: continue from the checkpoint (an error without one). A cold split (letter.data.cold)
-    holding a cold item outside the test targets is refused. Returns the metrics dict (also written
-    as <Name>.cf-<model><dim>.json, last: its presence marks a finished run)."""
+    holding a cold item outside the test targets is refused; so are finished outputs of the same
+    name in `out_dir` without resume (continue: same results) or overwrite (replace them). Returns
+    the metrics dict (also written as <Name>.cf-<model><dim>.json, last: the embeddings' sidecar
+    manifest, with their state and the dataset's hash)."""
     cfg.validate()
     check_no_cold_training(dataset, read_cold_split(dataset))
+    _prepare_outputs(output_paths(out_dir, dataset.name, cfg.dim, cfg.model), resume, overwrite)
     with distributed(cfg.device) as ctx:
         return _train(dataset, out_dir, cfg, resume, ctx, log)
+
+
+def _prepare_outputs(paths: dict, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace finished outputs unless resume/overwrite; overwrite removes them (the
+    sidecar manifest first, so an interrupted removal leaves no finished-looking output)."""
+    if resume and overwrite:
+        raise LetterError("--resume and --overwrite exclude each other: continue the run or replace it")
+    finished = os.path.isfile(paths["metrics"]) and os.path.isfile(paths["embeddings"])
+    if finished and not (resume or overwrite):
+        raise LetterError(f"{paths['embeddings']}: a finished train-cf output; pass --resume to continue its run, "
+                          "--overwrite to replace it, or choose another --out")
+    if overwrite:
+        for key in ("metrics", "embeddings", "checkpoint"):
+            if os.path.exists(paths[key]):
+                os.remove(paths[key])
 
 
 def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: DistContext, log) -> dict:
@@ -225,7 +241,7 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
     if ctx.main:
         with torch.no_grad():
             save_npy(paths["embeddings"], trainable.item_embeddings().detach().float().cpu().numpy())
-        write_json(paths["metrics"], {**result, **sidecar_record(paths["embeddings"])})  # last: the marker
+        write_json(paths["metrics"], {**result, **sidecar_record(paths["embeddings"], {"dataset": dataset.fingerprint()})})
         log(f"test {json.dumps(result['test'])}\nwrote {paths['embeddings']}")
     ctx.barrier()
     return result

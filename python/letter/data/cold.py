@@ -30,9 +30,9 @@ import os
 import numpy as np
 
 from letter.data.dataset import Dataset
-from letter.data.readers import dataset_dir, write_letter
+from letter.data.readers import dataset_dir, load_dataset, write_letter
 from letter.errors import DataError, LetterError
-from letter.utils import save_npy, write_json
+from letter.runs import save_npy, write_json
 
 SPLIT_FILE = "cold_split.json"
 PROTOCOL = ("cold items: round(fraction * items) drawn uniformly by numpy default_rng(seed); warm items renumbered "
@@ -104,13 +104,14 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
     if os.path.exists(marker):
         os.remove(marker)  # the folder is being rewritten: no stale record beside new files
     write_letter(split, out_dir)
+    written = load_dataset(out_dir).items_fingerprint()  # the items as their readers will see them
     order = _old_rows(dataset, record)
     for path, arr in arrays:
         target = os.path.join(out_dir, os.path.basename(path))
         save_npy(target, np.ascontiguousarray(arr[order]))
         write_json(os.path.splitext(target)[0] + ".json",
                    {"source": os.path.abspath(path), "rows": "reordered by the cold split (cold_split.json)",
-                    **sidecar_record(target)})
+                    **sidecar_record(target, {"items": written})})
     record["embeddings"] = [os.path.basename(p) for p, _ in arrays]
     write_json(marker, record)
     return record

@@ -43,6 +43,23 @@ class Dataset:
             h.update(b"|")
         return h.hexdigest()
 
+    def items_fingerprint(self) -> str:
+        """sha256 of the item ids in row order: what per-item files (text embeddings, row i = item
+        i) depend on, whatever the interactions."""
+        return hashlib.sha256(json.dumps(self.item_ids).encode()).hexdigest()
+
+    def category_labels(self) -> np.ndarray | None:
+        """[num_items] integer labels of the items' "category" text field (its distinct values in
+        sorted order), for the tokenizer report's purity; None unless every item has a non-empty
+        string category (a null, list or missing one means the dataset has no usable labels)."""
+        if not self.item_text:
+            return None
+        values = [t.get("category") if isinstance(t, dict) else None for t in self.item_text]
+        if not all(isinstance(v, str) and v for v in values):
+            return None
+        names = {name: label for label, name in enumerate(sorted(set(values)))}
+        return np.array([names[v] for v in values], dtype=np.int64)
+
     @property
     def num_interactions(self) -> int:
         return sum(len(s) for s in self.sequences)
@@ -64,7 +81,10 @@ def build_dataset(
     source: str = "",
 ) -> Dataset:
     """Map original string ids to a Dataset. With item_text, its keys define the item set and
-    every history item must be among them."""
+    every history item must be among them. The name prefixes every file written for the dataset."""
+    from letter.runs import check_file_name
+
+    check_file_name(name, f"{source or 'dataset'}: dataset name")
     if item_text is not None:
         known = set(item_text)
         for user, items in user_items.items():

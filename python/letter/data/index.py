@@ -1,12 +1,11 @@
 """Item code files in the LETTER authors' format: {"<item id>": ["<a_12>", "<b_201>", ...]}."""
-import json
 import re
 import string
 
 import numpy as np
 
-from letter.errors import DataError
-from letter.utils import write_json
+from letter.errors import DataError, LetterError
+from letter.runs import parse_json, read_text, write_json
 
 _TOKEN = re.compile(r"<([a-z])_(\d+)>")
 LEVEL_LETTERS = string.ascii_lowercase
@@ -16,10 +15,9 @@ def read_index_json(path: str, num_items: int | None = None) -> np.ndarray:
     """Codes as int64 [I, L]; row i is the item with id "i". Level l must use letter l (a, b, ...).
     With num_items, ids 0..num_items-1 must all be present and no others."""
     try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read index json: {e}") from e
+        raw = parse_json(read_text(path), path)
+    except LetterError as e:
+        raise DataError(f"cannot read index json: {e}") from None
     if not isinstance(raw, dict) or not raw:
         raise DataError(f"{path}: expected a non-empty object {{item id: [tokens]}}")
     rows: dict[int, list[int]] = {}

@@ -10,34 +10,21 @@ import warnings
 from collections import Counter, defaultdict
 
 from letter.data.dataset import TEXT_FIELDS, Dataset, build_dataset
-from letter.errors import DataError
-from letter.utils import progress, write_json
+from letter.errors import DataError, LetterError
+from letter.runs import parse_json, read_text, write_json
+from letter.utils import progress
 
 INTER_SUFFIX = ".inter.json"
 ITEM_SUFFIX = ".item.json"
 P5_FILE = "sequential_data.txt"
 
 
-def _no_duplicate_keys(path):
-    def hook(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise DataError(f"{path}: duplicate key {key!r}")
-            seen.add(key)
-        return dict(pairs)
-
-    return hook
-
-
 def _read_json(path: str):
+    """Strictly parsed (letter.runs.parse_json: duplicate keys, undecodable text, deep nesting)."""
     try:
-        with open(path) as f:
-            return json.load(f, object_pairs_hook=_no_duplicate_keys(path))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed json: {e}") from e
+        return parse_json(read_text(path), path)
+    except LetterError as e:
+        raise DataError(str(e).replace(": not valid JSON (", ": malformed json (", 1)) from None
 
 
 def _id(value, path: str, key: str) -> str:
@@ -108,7 +95,7 @@ def read_p5(path: str, name: str | None = None) -> Dataset:
     file = os.path.join(path, P5_FILE) if os.path.isdir(path) else path
     user_items: dict[str, list[str]] = {}
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 parts = line.split()
                 if not parts:
@@ -123,6 +110,8 @@ def read_p5(path: str, name: str | None = None) -> Dataset:
                 user_items[parts[0]] = parts[1:]
     except OSError as e:
         raise DataError(f"{file}: cannot read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: not UTF-8 text (byte {e.start} of a block); save it as UTF-8") from None
     if not user_items:
         raise DataError(f"{file}: no users")
     default = os.path.basename(os.path.dirname(os.path.abspath(file))) or "p5"
@@ -133,7 +122,7 @@ def read_p5(path: str, name: str | None = None) -> Dataset:
 
 
 def _open_text(path: str):
-    return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
 def _json_lines(path: str):
@@ -145,12 +134,17 @@ def _json_lines(path: str):
                 if not line:
                     continue
                 try:
-                    yield lineno, json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     try:
-                        yield lineno, ast.literal_eval(line)
-                    except (ValueError, SyntaxError) as e:
+                        record = ast.literal_eval(line)
+                    except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
                         raise DataError(f"{path}: line {lineno}: not a json/dict record") from e
+                except RecursionError:
+                    raise DataError(f"{path}: line {lineno}: nested too deeply to read") from None
+                yield lineno, record
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
 

@@ -5,7 +5,7 @@ from typing import Sequence
 import torch
 
 from letter.errors import DataError
-from letter.utils import torch_save
+from letter.runs import torch_save
 from letter_ext.hf_decoding import dict_trie
 from letter_ext.trie import TrieLevels, build_trie_levels, csr_from_rows
 

@@ -25,9 +25,8 @@ from letter.data import drop_leading_padding, pad_left
 from letter.data.cold import read_cold_split, test_groups
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metrics_from_hits
-from letter.runs import load_npy
+from letter.runs import check_output_path, load_npy, write_json
 from letter.devices import resolve_device
-from letter.utils import write_json
 
 from .evaluation import _load, evaluate_model
 from .index_versions import index_versions, load_index_codes
@@ -99,16 +98,19 @@ def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch:
 def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None = None,
                   max_new_share: float | None = None, num_beams: int = 20, batch_size: int = 256,
                   warm_users: int = 0, device: str = "cpu", out: str | None = None,
-                  show_progress: bool = False) -> dict:
+                  show_progress: bool = False, allow_other_data: bool = False) -> dict:
     """The cold-start report of a train-rec run on a cold split (module docstring): the recommender
     with its training index (version 0) and with the newest version (the added items), optionally
     with the share control, plus content KNN (`text_emb`: [N, d] array or .npy of the split's
     items), popularity and SASRec (`cf_dir`: a train-cf run on the split). Returns (and with
     `out`, writes) {"users": {...}, "rows": [{"method", "cold", "warm", "all"}, ...]}.
     warm_users > 0: every cold-target user but only a fixed sample (seeded by the split's seed,
-    the same for every run on the split) of that many warm-target users, to bound the work."""
+    the same for every run on the split) of that many warm-target users, to bound the work.
+    allow_other_data: use a dataset whose content is not the one the run was trained on."""
+    if out:
+        check_output_path(out, {"--model": run_dir, "--data": data, "--text-emb": text_emb, "--cf": cf_dir})
     device = resolve_device(device)
-    rm, rec, config = _load(run_dir, data, device, index_version=0)
+    rm, rec, config = _load(run_dir, data, device, 0, allow_other_data)
     cold = read_cold_split(rec.dataset)
     if cold is None:
         raise LetterError(f"--cold: {rec.source} is not a cold split (no cold_split.json; make one with "

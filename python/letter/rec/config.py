@@ -50,7 +50,7 @@ class RecConfig(Settings):
     weight_decay: float = setting(0.01, "AdamW weight decay.", low=0)
     warmup_ratio: float = setting(0.01, "Fraction of the steps of linear warmup.", low=0, high=1, high_open=True)
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.", low=0, low_open=True)
-    seed: int = setting(42, "Random seed.")
+    seed: int = setting(42, "Random seed.", low=0, high=2**32 - 1)
     # Model selection and early stopping on validation NDCG@10 from constrained beam search, by the
     # rule of letter.training.EarlyStopping (README, "Model selection and early stopping").
     eval_every: int = setting(1, "Epochs between validations (beam search, NDCG@10; model selection); 0: a tenth "

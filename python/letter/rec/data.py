@@ -50,12 +50,14 @@ def resolve_codes(codes, dataset: Dataset, cold: dict | None = None) -> tuple[np
         path = os.fspath(codes)
         source = os.path.abspath(path)
         if os.path.isdir(path):
-            if any(os.path.exists(os.path.join(path, n)) for n in ("model.pt", "checkpoint.pt", "run.json")):
+            from letter.runs import TokenizerRun, run_kind
+
+            if run_kind(path) is not None:
                 from letter.tokenizer.inference import check_tokenizer_run
 
-                check_tokenizer_run(path)  # a run folder: finished, and not mixed
-            if os.path.exists(os.path.join(path, "codes.npy")):
-                path = os.path.join(path, "codes.npy")
+                check_tokenizer_run(path, "--index")  # a run folder: a finished tokenizer run, not mixed
+            if os.path.exists(os.path.join(path, TokenizerRun.CODES)):
+                path = os.path.join(path, TokenizerRun.CODES)
             else:
                 found = sorted(glob.glob(os.path.join(path, "*.index.json")))
                 if len(found) != 1:

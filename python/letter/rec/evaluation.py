@@ -16,9 +16,9 @@ import torch
 from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_search
 from letter.errors import LetterError
 from letter.metrics import metrics_from_hits, standard_errors
-from letter.runs import check_rec_run, load_npy, read_rec_run_info
+from letter.runs import RecRun, check_output_path, check_rec_dataset, check_rec_run, load_npy, read_rec_run_info, write_json
 from letter.devices import resolve_device
-from letter.utils import progress, write_json
+from letter.utils import progress
 
 from .config import RecConfig
 from .data import RecData, load_rec_data
@@ -157,10 +157,10 @@ def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor
 
 def training_items(run_dir: str) -> int:
     """Items of a run's training index (version 0): ids at or above it were added later."""
-    return len(load_npy(os.path.join(run_dir, "codes.npy")))
+    return len(load_npy(os.path.join(run_dir, RecRun.CODES)))
 
 
-def _load(run_dir: str, data=None, device="cpu", index_version: int | None = None
+def _load(run_dir: str, data=None, device="cpu", index_version: int | None = None, allow_other_data: bool = False
           ) -> tuple[Recommender, RecData, RecConfig]:
     device = torch.device(device)
     info = read_rec_run_info(run_dir)
@@ -169,29 +169,32 @@ def _load(run_dir: str, data=None, device="cpu", index_version: int | None = Non
     model_path = cls.best_model_path(run_dir)
     if not os.path.exists(model_path):
         raise LetterError(f"--model {run_dir}: not a train-rec run folder (missing {os.path.basename(model_path)})")
-    codes = load_npy(os.path.join(run_dir, "codes.npy"))
+    codes = load_npy(os.path.join(run_dir, RecRun.CODES))
     model = cls.load_best(run_dir, config, device).eval()  # a corrupt file is named before the checks below
-    data = check_rec_run(run_dir, info, data)  # unfinished or mixed folder; the dataset (relative path first)
-    rec = load_rec_data(data, codes, config.max_history)
+    path, manifest = check_rec_run(run_dir, info, data)  # unfinished or mixed folder; the dataset (relative path first)
+    rec = load_rec_data(path, codes, config.max_history)
+    check_rec_dataset(run_dir, manifest, rec.dataset, path, data is not None, allow_other_data)
     version_codes, version, _ = load_index_codes(run_dir, index_version)
     if version:
         rec = rec.with_index(version_codes, version)
     return cls.for_decoding(model, rec=rec), rec, config
 
 
-def load_run(run_dir: str, data=None, device="cpu", index_version: int | None = None) -> tuple:
+def load_run(run_dir: str, data=None, device="cpu", index_version: int | None = None,
+             allow_other_data: bool = False) -> tuple:
     """(model with the best validation weights -- a Tiger or an LCRec, its data, its settings) of a
     train-rec run folder. `data` overrides the dataset path recorded in run.json (e.g. when the run
-    was moved). The data's codes are those of index version `index_version` (default the newest;
-    0 = the training index, see letter.rec.index_versions)."""
-    rm, rec, config = _load(run_dir, data, device, index_version)
+    was moved); a dataset whose content is not the one the run was trained on is refused unless
+    allow_other_data. The data's codes are those of index version `index_version` (default the
+    newest; 0 = the training index, see letter.rec.index_versions)."""
+    rm, rec, config = _load(run_dir, data, device, index_version, allow_other_data)
     return rm.model, rec, config
 
 
 def evaluate(run_dir: str, split: str = "test", *, data=None, num_beams: int = 20, batch_size: int = 256,
              max_users: int = 0, decoder: str = "fused", device: str = "cpu", out: str | None = None,
              show_progress: bool = False, exclude_history: bool = False, index_version: int | None = None,
-             max_new_share: float | None = None) -> dict:
+             max_new_share: float | None = None, allow_other_data: bool = False) -> dict:
     """Evaluate a run on `split` ('valid' or 'test'; max_users > 0: a fixed random sample) with
     index version `index_version` (default the newest). max_new_share: at most that share of each
     list from items added after training. Returns (and with `out`, writes as JSON) the metrics,
@@ -200,11 +203,16 @@ def evaluate(run_dir: str, split: str = "test", *, data=None, num_beams: int = 2
     exclude_history: also measure the second protocol, on the same users: every item the user had
     before the target is excluded from the search (as SASRec's --mask-history), reported as
     `metrics_exclude_history` next to `metrics` (history kept, the authors' protocol), with its own
-    wall time and `targets_in_history` (targets that protocol can never hit)."""
+    wall time and `targets_in_history` (targets that protocol can never hit).
+
+    A dataset whose content is not the one the run was trained on is refused unless
+    allow_other_data; `out` may not be one of the inputs or lie inside the run folder."""
     if split not in ("valid", "test"):
         raise LetterError(f"--split must be valid or test, got {split!r}")
+    if out:
+        check_output_path(out, {"--model": run_dir, "--data": data})
     device = resolve_device(device)
-    rm, rec, config = _load(run_dir, data, device, index_version)
+    rm, rec, config = _load(run_dir, data, device, index_version, allow_other_data)
     enc, targets = rm.eval_inputs(rec, split, max_users, config.seed)
     index = rm.prefix_index(rec, device)
     quota = {"max_new_share": max_new_share, "training_items": training_items(run_dir)}

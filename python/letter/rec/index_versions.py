@@ -28,10 +28,9 @@ import time
 import numpy as np
 
 from letter.errors import LetterError
-from letter.runs import load_npy, read_json, sha256_file
-from letter.utils import STALE_TEMP_SECONDS
+from letter.runs import RecRun, load_npy, read_json, remove_stale_temps, sha256_file
 
-VERSIONS_DIR = "index-versions"
+VERSIONS_DIR = RecRun.INDEX_VERSIONS
 VERSION_FILE = "version.json"
 _NAME = re.compile(r"^v(\d+)$")
 
@@ -60,10 +59,10 @@ def load_index_codes(run_dir: str, version: int | None = None) -> tuple[np.ndarr
     if version not in versions:
         raise LetterError(f"--index-version {version}: {run_dir} has index versions {', '.join(map(str, versions))}")
     if version == 0:
-        return load_npy(os.path.join(run_dir, "codes.npy")), 0, {}
+        return load_npy(os.path.join(run_dir, RecRun.CODES)), 0, {}
     folder = _version_dir(run_dir, version)
     record = read_json(os.path.join(folder, VERSION_FILE), "index version record")
-    path = os.path.join(folder, "codes.npy")
+    path = os.path.join(folder, RecRun.CODES)
     if sha256_file(path) != record.get("codes_sha256"):
         raise LetterError(f"{path}: not the file index version {version} wrote (changed or corrupt)")
     return load_npy(path), version, record
@@ -77,11 +76,13 @@ def add_items(run_dir: str, tokenizer_dir: str, embeddings, *, data=None) -> dic
     codes (checked). Returns {"version", "added", "items", "identifiers_shared_with_catalog", ...};
     "added" is 0 (and no version is written) when every item already has an identifier."""
     from letter.data import load_dataset
-    from letter.runs import check_rec_run, read_rec_run_info
+    from letter.runs import check_rec_dataset, check_rec_run, read_rec_run_info
     from letter.tokenizer import load_tokenizer
 
     info = read_rec_run_info(run_dir)
-    dataset = load_dataset(check_rec_run(run_dir, info, data))
+    path, manifest = check_rec_run(run_dir, info, data)
+    dataset = load_dataset(path)
+    check_rec_dataset(run_dir, manifest, dataset, path, data is not None)
     codes, base, _ = load_index_codes(run_dir)
     indexed, total = codes.shape[0], dataset.num_items
     if indexed >= total:
@@ -100,7 +101,7 @@ def add_items(run_dir: str, tokenizer_dir: str, embeddings, *, data=None) -> dic
                           f"{total - indexed} lack an identifier: give [{total}, d] catalog rows or at most "
                           f"{total - indexed} rows of the next items")
     tok = load_tokenizer(tokenizer_dir)
-    training_codes = load_npy(os.path.join(run_dir, "codes.npy"))
+    training_codes = load_npy(os.path.join(run_dir, RecRun.CODES))
     if tok.catalog_codes is None or not np.array_equal(tok.catalog_codes, training_codes):
         raise LetterError(f"--tokenizer {tokenizer_dir}: its codes are not the identifiers {run_dir} was trained on")
     tok.catalog_codes = codes  # every identifier of the newest version stays taken
@@ -131,15 +132,11 @@ def _write_version(run_dir: str, codes: np.ndarray, record: dict) -> None:
     """Write version record["version"] in a temporary folder, then rename it into place."""
     root = os.path.join(run_dir, VERSIONS_DIR)
     os.makedirs(root, exist_ok=True)
-    now = time.time()
-    for name in os.listdir(root):  # folders of killed adds
-        path = os.path.join(root, name)
-        if name.startswith(".tmp-") and now - os.stat(path).st_mtime > STALE_TEMP_SECONDS:
-            shutil.rmtree(path, ignore_errors=True)
+    remove_stale_temps(root)  # folders of killed adds
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-v{record['version']}-")
     try:
-        np.save(os.path.join(tmp, "codes.npy"), codes)
-        record = {**record, "codes_sha256": sha256_file(os.path.join(tmp, "codes.npy"))}
+        np.save(os.path.join(tmp, RecRun.CODES), codes)
+        record = {**record, "codes_sha256": sha256_file(os.path.join(tmp, RecRun.CODES))}
         with open(os.path.join(tmp, VERSION_FILE), "w") as f:
             json.dump(record, f, indent=2)
         os.chmod(tmp, 0o755)

@@ -27,13 +27,11 @@ Typical use (see tests/test_lcrec.py):
 """
 from __future__ import annotations
 
-import glob
 import inspect
 import json
 import os
 import shutil
 import string
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -41,7 +39,7 @@ import torch
 from torch import nn
 
 from letter.errors import LetterError
-from letter.runs import read_json
+from letter.runs import atomic_dir, read_json
 
 IGNORE_INDEX = -100
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -90,28 +88,6 @@ def _check_base_folder(path: str):
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise LetterError(f"base model {path}: a {config.model_type!r} model is not a causal language model")
     return config
-
-
-def _atomic_dir(path: str):
-    """(temporary folder next to `path`, commit()) -- commit() puts the folder in place of `path`."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    for stale in glob.glob(os.path.join(parent, f".{glob.escape(os.path.basename(path))}.[to][ml][pd]-*")):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-
-    def commit():
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    return tmp, commit
 
 
 @dataclass
@@ -489,7 +465,7 @@ class LCRec(nn.Module):
         atomically: a reader sees the old folder or the complete new one."""
         from safetensors.torch import save_file
 
-        tmp, commit = _atomic_dir(directory)
+        tmp, commit = atomic_dir(directory)
         try:
             state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
             save_file(state, os.path.join(tmp, ADAPTER_FILE), metadata={"format": "pt"})

@@ -18,7 +18,7 @@ import torch
 
 from letter.errors import LetterError
 from letter.devices import resolve_device
-from letter.utils import atomic_path
+from letter.runs import atomic_path
 
 from .data import codes_sha
 from .evaluation import _load, added_leaves, generate, max_new_items, training_items
@@ -46,14 +46,14 @@ class RunRecommender:
     """A train-rec run (TIGER or LC-Rec) loaded once, answering batches of queries."""
 
     def __init__(self, run_dir: str, *, data=None, device: str = "cpu", beams: int = DEFAULT_BEAMS,
-                 index_version: int | None = None, max_new_share: float | None = None):
+                 index_version: int | None = None, max_new_share: float | None = None, allow_other_data: bool = False):
         if beams < 1:
             raise LetterError(f"--beams must be >= 1, got {beams}")
         max_new_items(max_new_share, 1)  # checks the share
         self.device = resolve_device(device)
         self.run_dir = os.path.abspath(run_dir)
         self.data = data
-        self.rm, self.rec, self.config = _load(run_dir, data, self.device, index_version)
+        self.rm, self.rec, self.config = _load(run_dir, data, self.device, index_version, allow_other_data)
         self.beams = beams
         self.max_new_share = max_new_share
         self.training_items = training_items(run_dir)
@@ -170,19 +170,21 @@ class RunRecommender:
 
 def recommend(run_dir: str, history: list[str], k: int = 10, *, data=None, device: str = "cpu",
               beams: int | None = None, exclude_history: bool = False, exclude: list[str] = (),
-              index_version: int | None = None, max_new_share: float | None = None) -> list[dict]:
+              index_version: int | None = None, max_new_share: float | None = None,
+              allow_other_data: bool = False) -> list[dict]:
     """Top-k items for a history of original item ids (oldest first): [{item_id, title, score, rank, code}]
     (title None when the data has no titles). Items sharing a generated identifier are listed
     together under that identifier's rank. beams: the search width (default max(k, 20));
     exclude_history / exclude: items never recommended; index_version: the run's index version
     (default the newest, 0 = the training index); max_new_share: at most floor(share * k) of the
-    k identifiers from items added after training."""
+    k identifiers from items added after training; allow_other_data: use a dataset whose content is
+    not the one the run was trained on."""
     if k < 1:
         raise LetterError(f"-k must be >= 1, got {k}")
     if not history:
         raise LetterError("--history is empty")
     run = RunRecommender(run_dir, data=data, device=device, beams=beams or max(k, DEFAULT_BEAMS),
-                         index_version=index_version, max_new_share=max_new_share)
+                         index_version=index_version, max_new_share=max_new_share, allow_other_data=allow_other_data)
     query = Query(tuple(run.positions(history)), k, exclude_history, tuple(run.positions(exclude, "--exclude")))
     with torch.no_grad():
         return run.recommend([query])[0]

@@ -14,11 +14,12 @@ import torch
 
 from letter.decoding import PrefixIndex
 from letter.errors import LetterError
+from letter.runs import RecRun
 
 from .lcrec import LCRec
 from .recommender import Recommender
 
-BEST_MODEL_DIR = "model"
+BEST_MODEL_DIR = RecRun.LCREC_MODEL
 TEMPLATE_STREAM = "lcrec_templates"
 
 

@@ -8,13 +8,14 @@ from torch import nn
 
 from letter.decoding import PrefixIndex
 from letter.errors import LetterError
+from letter.runs import RecRun
 from letter.training import load_checkpoint, save_checkpoint
 
 from .data import drop_trailing_padding, input_lengths
 from .model import Tiger
 from .recommender import Recommender
 
-BEST_MODEL = "model.pt"
+BEST_MODEL = RecRun.TIGER_MODEL
 
 
 class _LossStep(nn.Module):

@@ -23,7 +23,6 @@ Run folder (`out_dir`):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -31,18 +30,17 @@ import time
 import torch
 
 from letter.errors import LetterError
-from letter.runs import mark_complete
+from letter.runs import RecRun, mark_started, prepare_run_folder, read_json, save_npy, write_json, write_manifest
 from letter.training import (DistContext, FitPlan, FitRun, RandomStreams, Trainable, Validation,
                              batch_order, bf16_autocast, distributed, epoch_generator, fit, seed_everything, shard,
                              validation_epochs, warmup_cosine)
-from letter.utils import save_npy, write_json
 
 from .config import RecConfig
 from .data import codes_sha, load_rec_data
 from .evaluation import evaluate_model
 from .recommender import Recommender, recommender_class
 
-CHECKPOINT, RUN_INFO, HISTORY, SUMMARY = "checkpoint.pt", "run.json", "history.json", "summary.json"
+CHECKPOINT, RUN_INFO, HISTORY, SUMMARY = RecRun.CHECKPOINT, RecRun.INFO, RecRun.HISTORY, RecRun.SUMMARY
 
 
 def train_rec(
@@ -52,6 +50,7 @@ def train_rec(
     out_dir: str,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     stop_after: int | None = None,
 ) -> dict:
     """Train the recommender `config.model` (TIGER, or LC-Rec on the local causal LM
@@ -59,10 +58,14 @@ def train_rec(
     ([num_items, L] array, an index .json, codes .npy or a tokenizer run folder); write the run to
     `out_dir`. resume=True continues from out_dir/checkpoint.pt (an error without one; the settings
     that may not change, the dataset's content and the codes must equal the checkpoint's; exactly
-    the results of an uninterrupted run with the same seed on CPU). stop_after=N returns after N
-    epochs of this call, leaving a checkpoint to resume. Returns the summary dict (also summary.json)."""
+    the results of an uninterrupted run with the same seed on CPU). overwrite=True replaces a
+    train-rec run in out_dir (without it, or resume, a folder holding one is refused; so is one
+    holding another kind of run). stop_after=N returns after N epochs of this call, leaving a
+    checkpoint to resume. Returns the summary dict (also summary.json)."""
     config.validate()
     with distributed(config.device) as ctx:
+        prepare_run_folder(out_dir, RecRun.kind, resume=resume, overwrite=overwrite, checkpoint=CHECKPOINT,
+                           main=ctx.main)
         return _train(config, data, codes, out_dir, resume, stop_after, ctx)
 
 
@@ -163,8 +166,8 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
         info = rec.run_info(config, out_dir)
         if config.model != "tiger":
             info["vocab_offsets"] = list(rm.model.vocab_offsets)
-        os.makedirs(out_dir, exist_ok=True)
-        save_npy(os.path.join(out_dir, "codes.npy"), rec.codes)
+        mark_started(out_dir, RecRun.kind)
+        save_npy(os.path.join(out_dir, RecRun.CODES), rec.codes)
         write_json(os.path.join(out_dir, RUN_INFO), info)
     seed_everything(config.seed + 7919 * ctx.rank)  # distinct dropout streams per process
     rng = RandomStreams(ctx.device)
@@ -176,10 +179,11 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
                    validate_every=validation_epochs(config.eval_every, config.epochs), patience=config.patience,
                    stop_from=config.stop_from_epoch, max_grad_norm=config.max_grad_norm, stop_after=stop_after)
     fit(trainable, plan, ctx, rng)
-    with open(os.path.join(out_dir, SUMMARY)) as f:
-        summary = json.load(f)
-    if ctx.main and summary.get("finished"):  # complete.json last: what evaluate/recommend check
-        mark_complete(out_dir, [RUN_INFO, "codes.npy", os.path.basename(rm.best_model_path(out_dir)), HISTORY, SUMMARY])
+    summary = read_json(os.path.join(out_dir, SUMMARY), "train-rec summary")
+    if ctx.main and summary.get("finished"):  # the manifest last: what evaluate/recommend check
+        info = read_json(os.path.join(out_dir, RUN_INFO), "train-rec run info")
+        write_manifest(out_dir, RecRun.kind, [RUN_INFO, RecRun.CODES, os.path.basename(rm.best_model_path(out_dir)),
+                                              HISTORY, SUMMARY], {"dataset": info["data_sha"], "codes": info["codes_sha"]})
     return summary
 
 

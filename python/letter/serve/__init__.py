@@ -19,9 +19,10 @@ def require_serve_packages() -> None:
 def serve(run_dir: str, *, data=None, device: str = "cpu", beams: int = 20, host: str = "127.0.0.1",
           port: int = 8000, max_batch: int = 32, max_delay_ms: float = 2.0, queue_size: int = 1024,
           log_level: str = "warning", log=None, index_version: int | None = None, max_new_share: float | None = None,
-          tokenizer: str | None = None) -> None:
+          tokenizer: str | None = None, allow_other_data: bool = False) -> None:
     """Load `run_dir` once (its index version `index_version`, default the newest) and serve it
-    until interrupted; with `tokenizer` (the run's tokenizer folder) POST /items adds items."""
+    until interrupted; with `tokenizer` (the run's tokenizer folder) POST /items adds items.
+    allow_other_data: serve with a dataset whose content is not the one the run was trained on."""
     require_serve_packages()
     import uvicorn
 
@@ -30,7 +31,7 @@ def serve(run_dir: str, *, data=None, device: str = "cpu", beams: int = 20, host
     from .app import create_app
 
     run = RunRecommender(run_dir, data=data, device=device, beams=beams, index_version=index_version,
-                         max_new_share=max_new_share)
+                         max_new_share=max_new_share, allow_other_data=allow_other_data)
     app = create_app(run, max_batch=max_batch, max_delay_ms=max_delay_ms, queue_size=queue_size, tokenizer=tokenizer)
     meta = run.metadata()
     log = log or (lambda message: print(message, flush=True))

@@ -54,7 +54,7 @@ class TokenizerConfig(Settings):
     batch_size: int = setting(1024, "Items per batch (global, over all processes).", low=1)
     lr: float = setting(1e-3, "AdamW learning rate.", low=0, low_open=True)
     weight_decay: float = setting(1e-4, "AdamW weight decay.", low=0)
-    seed: int = setting(42, "Random seed.")
+    seed: int = setting(42, "Random seed.", low=0, high=2**32 - 1)
     # The authors evaluate every 2,000 of 20,000 epochs. An evaluation is an encoder pass over all
     # items, a sixth of an epoch's work, so evaluating every epoch would cost ~17% of training.
     eval_every: int = setting(0, "Epochs between validations (collision rate: curve, model selection); 0: a tenth "

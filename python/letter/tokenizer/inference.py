@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from letter.errors import LetterError
-from letter.runs import check_complete, load_npy
+from letter.runs import TokenizerRun, check_manifest, load_npy
 from letter.training import load_checkpoint
 
 from .codes import collision_rate, make_unique, sinkhorn_resolve
@@ -14,8 +14,6 @@ from .config import TokenizerConfig
 from .model import RQVAE
 from .rqkmeans import RQKMeans
 
-MODEL = "model.pt"  # the best-collision weights + config, what load_tokenizer reads
-COMPLETE = "report.json"  # written last by train_tokenizer: its presence marks a finished run
 
 
 def check_embeddings(name: str, emb, num_items: int | None = None) -> np.ndarray:
@@ -96,24 +94,17 @@ class Tokenizer:
         return resolved[len(self.catalog_codes):]
 
 
-def check_tokenizer_run(run_dir: str) -> None:
-    """LetterError unless `run_dir` is a finished tokenizer run whose files are the ones it wrote
-    (report.json, written last; complete.json's file hashes when the run has one)."""
-    if os.path.isfile(os.path.join(run_dir, "run.json")) and not os.path.isfile(os.path.join(run_dir, COMPLETE)):
-        raise LetterError(f"{run_dir}: a train-rec run folder, not a tokenizer run folder")
-    if not os.path.isfile(os.path.join(run_dir, COMPLETE)):
-        raise LetterError(f"{run_dir}: unfinished tokenizer run (no {COMPLETE}); finish it with --resume")
-    check_complete(run_dir, "tokenizer", finished_without_marker=True)
+def check_tokenizer_run(run_dir: str, what: str = "--tokenizer") -> dict:
+    """The manifest of a finished tokenizer run whose files are the ones it wrote, else LetterError."""
+    return check_manifest(run_dir, TokenizerRun.kind, what)
 
 
 def load_tokenizer(run_dir: str) -> Tokenizer:
     """Load a finished run folder written by train_tokenizer (model.pt + codes.npy)."""
-    path = os.path.join(run_dir, MODEL)
-    if not os.path.isfile(path):
-        hint = " (it looks like a train-rec run folder)" if os.path.isfile(os.path.join(run_dir, "run.json")) else ""
-        raise LetterError(f"{run_dir}: not a tokenizer run folder (no {MODEL}){hint}")
-    blob = load_checkpoint(path)  # a corrupt file is named as such, before the completeness checks
+    path = os.path.join(run_dir, TokenizerRun.MODEL)
+    blob = load_checkpoint(path) if os.path.isfile(path) else None  # a corrupt file is named as such first
     check_tokenizer_run(run_dir)
+    blob = blob if blob is not None else load_checkpoint(path)
     try:
         config = TokenizerConfig.from_dict(blob["config"])
         if config.method == "rqkmeans":
@@ -124,9 +115,7 @@ def load_tokenizer(run_dir: str) -> Tokenizer:
         name = blob["name"]
     except (KeyError, RuntimeError, TypeError) as e:
         raise LetterError(f"{path}: not a tokenizer model file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    codes_path = os.path.join(run_dir, "codes.npy")
-    catalog = load_npy(codes_path) if os.path.isfile(codes_path) else None
-    return Tokenizer(model, config, name, catalog)
+    return Tokenizer(model, config, name, load_npy(os.path.join(run_dir, TokenizerRun.CODES)))
 
 
 def encode(run_dir: str, emb) -> np.ndarray:

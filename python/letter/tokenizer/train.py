@@ -12,19 +12,20 @@ from letter.errors import LetterError
 from letter import runs
 from letter.training import (BatchShare, DistContext, FitPlan, FitRun, RandomStreams, Trainable, Validation, batch_order,
                              content_hash, distributed, fit, seed_everything, shard, validation_epochs)
-from letter.utils import atomic_path, save_npy, torch_save, write_json
+from letter.runs import atomic_path, save_npy, torch_save, write_json
 
 from .clustering import diversity_capacity, inertia, kmeans
 from .codes import collision_rate
 from .config import TokenizerConfig
-from .inference import COMPLETE, MODEL, Tokenizer, check_embeddings, encode_all
+from .inference import Tokenizer, check_embeddings, encode_all
 from .model import RQVAE, collaborative_loss, diversity_loss, quantization_loss
 from .report import build_report, plot_curves, report_markdown
 from .rqkmeans import fit_rqkmeans
 
-CHECKPOINT = "checkpoint.pt"  # resumable training state (latest)
+T = runs.TokenizerRun
+CHECKPOINT = T.CHECKPOINT  # resumable training state (latest)
 # Everything a run writes; a fresh run removes them first so no file of an earlier run survives it.
-OUTPUTS = (runs.COMPLETE, COMPLETE, MODEL, "codes.npy", "config.json", "prefix_index.pt", "curves.png", "report.md")
+OUTPUTS = (T.REPORT, T.MODEL, T.CODES, T.CONFIG, T.PREFIX_INDEX, T.CURVES, T.REPORT_MD)
 
 
 def _check_inputs(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None) -> None:
@@ -82,6 +83,7 @@ def train_tokenizer(
     name: str = "items",
     num_items: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     item_labels: np.ndarray | None = None,
 ) -> dict:
     """Train the LETTER tokenizer and write its run folder; returns the report dict.
@@ -96,6 +98,8 @@ def train_tokenizer(
         num_items: if given, the embeddings must have this many rows.
         resume: continue from `out_dir/checkpoint.pt` (an error without one; same config and
             inputs, `epochs` may grow).
+        overwrite: replace a tokenizer run in `out_dir` (without it, or resume, a folder holding
+            one is refused; so is a folder holding another kind of run).
         item_labels: optional [I] ints (e.g. latent categories); the report then gives the purity
             of level-1 codes w.r.t. them.
     Bad input raises LetterError before any training. Under torchrun the batches are split over
@@ -107,15 +111,18 @@ def train_tokenizer(
     cf = check_embeddings("CF embeddings", cf_emb, num_items) if use_cf else None
     _check_inputs(config, text, cf)
     with distributed(config.device) as ctx:
+        runs.prepare_run_folder(out_dir, T.kind, resume=resume, overwrite=overwrite,
+                                checkpoint=None if config.method == "rqkmeans" else CHECKPOINT, main=ctx.main)
+        inputs = {"text_emb": content_hash(text), "cf_emb": None if cf is None else content_hash(cf)}
         if config.method == "rqkmeans":
-            return _fit_rqkmeans(config, text, out_dir, name, item_labels, ctx) if ctx.main else {}
-        return _train(config, text, cf, out_dir, name, resume, item_labels, ctx)
+            return _fit_rqkmeans(config, text, out_dir, name, item_labels, inputs, ctx) if ctx.main else {}
+        return _train(config, text, cf, out_dir, name, resume, item_labels, inputs, ctx)
 
 
-def _fit_rqkmeans(config: TokenizerConfig, text: np.ndarray, out_dir: str, name: str, item_labels,
+def _fit_rqkmeans(config: TokenizerConfig, text: np.ndarray, out_dir: str, name: str, item_labels, inputs: dict,
                   ctx: DistContext) -> dict:
     """Residual k-means codebooks (no training, so nothing to resume: a rerun refits identically)."""
-    os.makedirs(out_dir, exist_ok=True)
+    runs.mark_started(out_dir, T.kind)
     _start_fresh(out_dir, name)
     model = fit_rqkmeans(text, config.codebook_sizes, iters=config.kmeans_iters, standardize=config.standardize,
                          pca_dim=config.pca_dim or None, seed=config.seed, device=ctx.device)
@@ -126,14 +133,14 @@ def _fit_rqkmeans(config: TokenizerConfig, text: np.ndarray, out_dir: str, name:
     report = build_report(tok, text, None, codes_raw, codes, z, resolution, [],
                           {"epoch": 0, "collision": resolution["collision_before"]}, model.fit_stats["init_stats"],
                           timings, item_labels)
-    _write_outputs(out_dir, tok, codes, report, [], cf_dim=None)
+    _write_outputs(out_dir, tok, codes, report, [], None, inputs)
     return report
 
 
 def _start_fresh(out_dir: str, name: str) -> None:
-    """A new run in an existing folder: drop the completion marker first, then every other output of
-    the earlier run, so an interrupted new run never sits beside the old model and codes."""
-    for file in OUTPUTS + (CHECKPOINT, f"{name}.index.json"):
+    """A new run in a folder of an unfinished one (prepare_run_folder already removed any manifest):
+    drop the earlier outputs, so an interrupted new run never sits beside the old model and codes."""
+    for file in OUTPUTS + (CHECKPOINT, T.index_json(name)):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, file))
 
@@ -238,8 +245,8 @@ LOSS_TERMS = ("loss", "recon", "quant", "cf", "div")
 
 
 def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out_dir: str, name: str, resume: bool,
-           item_labels, ctx: DistContext) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
+           item_labels, inputs: dict, ctx: DistContext) -> dict:
+    runs.mark_started(out_dir, T.kind)
     if not resume and ctx.main:
         _start_fresh(out_dir, name)
     ctx.barrier()
@@ -247,8 +254,7 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
     rng = RandomStreams(ctx.device)
     trainable = TokenizerTrainable(config, text, cf, ctx, rng)
     plan = FitPlan(epochs=config.epochs, checkpoint=os.path.join(out_dir, CHECKPOINT), resume=resume,
-                   identity={**config.to_dict(), "inputs.text_emb": content_hash(text),
-                             "inputs.cf_emb": None if cf is None else content_hash(cf)},
+                   identity={**config.to_dict(), **{f"inputs.{k}": v for k, v in inputs.items()}},
                    may_change=set(config.to_dict()) - set(config.fixed_on_resume()),
                    validate_every=validation_epochs(config.eval_every, config.epochs),
                    select_from=math.ceil(config.best_from * config.epochs), checkpoint_every=config.checkpoint_every)
@@ -262,29 +268,30 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
     best = {"collision": -run.stopping.best, "epoch": run.stopping.best_epoch}
     report = build_report(tok, text, cf, codes_raw, codes, z, resolution, run.history, best, trainable.init_stats,
                           trainable.timings, item_labels)
-    _write_outputs(out_dir, tok, codes, report, run.history, cf_dim=cf.shape[1] if trainable.needs_proj else None)
+    _write_outputs(out_dir, tok, codes, report, run.history, cf.shape[1] if trainable.needs_proj else None, inputs)
     return report
 
 
-def _write_outputs(out_dir: str, tok: "Tokenizer", codes: np.ndarray, report: dict, history: list, cf_dim) -> None:
-    """Every file is written atomically; report.json goes last, so its presence means a complete run."""
+def _write_outputs(out_dir: str, tok: "Tokenizer", codes: np.ndarray, report: dict, history: list, cf_dim,
+                   inputs: dict) -> None:
+    """Every file is written atomically; the manifest (with the inputs' hashes) goes last."""
     extra = {"rqkmeans": tok.model.hparams} if tok.config.method == "rqkmeans" else {}
-    torch_save(os.path.join(out_dir, MODEL), {
+    torch_save(os.path.join(out_dir, T.MODEL), {
         "config": tok.config.to_dict(), "name": tok.name, "in_dim": tok.model.in_dim, "cf_dim": cf_dim,
         "model": tok.model.state_dict(), **extra,
     })
-    save_npy(os.path.join(out_dir, "codes.npy"), codes.astype(np.int64))
-    write_index_json(os.path.join(out_dir, f"{tok.name}.index.json"), codes)
-    write_json(os.path.join(out_dir, "config.json"), tok.config.to_dict())
+    save_npy(os.path.join(out_dir, T.CODES), codes.astype(np.int64))
+    write_index_json(os.path.join(out_dir, T.index_json(tok.name)), codes)
+    write_json(os.path.join(out_dir, T.CONFIG), tok.config.to_dict())
     report["prefix_index"] = _save_prefix_index(out_dir, codes, tok.config.codebook_sizes)
-    with atomic_path(os.path.join(out_dir, "curves.png")) as tmp:
+    with atomic_path(os.path.join(out_dir, T.CURVES)) as tmp:
         report["curves_png"] = plot_curves(history, tmp)
     if not report["curves_png"]:
-        os.remove(os.path.join(out_dir, "curves.png"))
-    with atomic_path(os.path.join(out_dir, "report.md")) as tmp, open(tmp, "w") as f:
+        os.remove(os.path.join(out_dir, T.CURVES))
+    with atomic_path(os.path.join(out_dir, T.REPORT_MD)) as tmp, open(tmp, "w") as f:
         f.write(report_markdown(report))
-    write_json(os.path.join(out_dir, "report.json"), report)
-    runs.mark_complete(out_dir, [MODEL, "codes.npy", f"{tok.name}.index.json", "config.json", "report.json"])
+    write_json(os.path.join(out_dir, T.REPORT), report)
+    runs.write_manifest(out_dir, T.kind, [T.MODEL, T.CODES, T.index_json(tok.name), T.CONFIG, T.REPORT], inputs)
 
 
 def _save_prefix_index(out_dir: str, codes: np.ndarray, sizes: list[int]) -> str:
@@ -293,7 +300,7 @@ def _save_prefix_index(out_dir: str, codes: np.ndarray, sizes: list[int]) -> str
         from letter.decoding import PrefixIndex
     except ImportError:
         return "skipped: letter.decoding not available"
-    path = os.path.join(out_dir, "prefix_index.pt")
+    path = os.path.join(out_dir, T.PREFIX_INDEX)
     PrefixIndex.from_codes(torch.from_numpy(codes), sizes).save(path)
     return os.path.basename(path)
 

@@ -1,0 +1,62 @@
+"""Reading a train-rec run folder: its run.json, its manifest, the dataset it records."""
+from __future__ import annotations
+
+import os
+
+from letter.errors import LetterError
+
+from .files import read_json, resolve
+from .layout import RecRun, TokenizerRun
+from .manifest import check_inputs, check_manifest
+
+OTHER_DATA_FLAG = "--allow-other-data"
+
+
+def _tokenizer_hint(folder: str) -> str:
+    if any(os.path.isfile(os.path.join(folder, n)) for n in (TokenizerRun.REPORT, TokenizerRun.CONFIG)):
+        return " (it looks like a tokenizer run folder)"
+    return ""
+
+
+def read_rec_run_info(run_dir: str) -> dict:
+    """run.json of a train-rec run folder, checked (one LetterError per problem)."""
+    if not os.path.isdir(run_dir):
+        raise LetterError(f"--model {run_dir}: not a train-rec run folder (no such folder)")
+    path = os.path.join(run_dir, RecRun.INFO)
+    if not os.path.exists(path):
+        raise LetterError(f"--model {run_dir}: not a train-rec run folder (missing {RecRun.INFO}){_tokenizer_hint(run_dir)}")
+    info = read_json(path, "train-rec settings")
+    if not isinstance(info.get("config"), dict):
+        raise LetterError(f"{path}: corrupt or truncated (no 'config' mapping)")
+    return info
+
+
+def check_rec_run(run_dir: str, info: dict, data=None) -> tuple[str, dict]:
+    """After its files were read: refuse an unfinished or mixed train-rec run folder; returns the
+    dataset path to use (`data`, else the one run.json records, see recorded_data) and the manifest."""
+    manifest = check_manifest(run_dir, RecRun.kind, "--model")
+    return (data if data is not None else recorded_data(info, run_dir)), manifest
+
+
+def check_rec_dataset(run_dir: str, manifest: dict, dataset, path: str, given: bool,
+                      allow_other_data: bool = False) -> None:
+    """Refuse a dataset (read from `path`; `given`: by --data, else the run's recorded one) whose
+    content is not the one the run was trained on, unless allow_other_data."""
+    shown = f"--data {path}" if given else f"the dataset {path}"
+    check_inputs(f"--model {run_dir}", manifest["inputs"], {"dataset": (dataset.fingerprint(), shown)},
+                 {"dataset": True if allow_other_data else OTHER_DATA_FLAG})
+
+
+def recorded_data(info: dict, run_dir: str) -> str:
+    """The dataset a train-rec run recorded: its path relative to the run folder when that exists
+    (a moved or copied pipeline folder brings its data along), else the absolute path."""
+    candidates = []
+    if isinstance(info.get("data_relative"), str):
+        candidates.append(resolve(info["data_relative"], run_dir))
+    if isinstance(info.get("data"), str):
+        candidates.append(info["data"])
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    shown = info.get("data", "<none recorded>")
+    raise LetterError(f"--model {run_dir}: its dataset {shown} is gone (was the run moved?); pass --data PATH")

@@ -1,0 +1,109 @@
+"""letter.runs: the completion rule, the identity check, who may write where, strict parsing and the
+fingerprinted step (the commands' behaviour on damaged runs is in test_bad_inputs.py)."""
+import json
+import os
+
+import pytest
+
+from letter.errors import LetterError
+from letter.runs import (MANIFEST, check_inputs, check_manifest, check_output_path, mark_started, parse_json,
+                         parse_yaml, prepare_run_folder, read_json, start_step, write_manifest)
+
+
+def _finished(folder, kind="tokenizer", inputs=None):
+    mark_started(str(folder), kind)
+    (folder / "codes.npy").write_bytes(b"0123456789")
+    write_manifest(str(folder), kind, ["codes.npy"], inputs or {"text_emb": "aa"})
+    return folder
+
+
+def test_manifest_is_the_only_completion_rule(tmp_path):
+    run = _finished(tmp_path / "run")
+    assert check_manifest(str(run), "tokenizer")["inputs"] == {"text_emb": "aa"}
+    (run / MANIFEST).unlink()
+    with pytest.raises(LetterError, match="unfinished tokenizer run"):
+        check_manifest(str(run), "tokenizer")
+
+
+def test_same_size_swap_and_other_kind_are_refused(tmp_path):
+    run = _finished(tmp_path / "run")
+    (run / "codes.npy").write_bytes(b"9876543210")  # same size, other content
+    with pytest.raises(LetterError, match="mixed tokenizer run folder: codes.npy changed"):
+        check_manifest(str(run), "tokenizer")
+    with pytest.raises(LetterError, match="a tokenizer run folder, not a train-rec run folder"):
+        check_manifest(str(run), "train-rec")
+
+
+def test_inputs_are_compared_by_content_with_an_override(tmp_path):
+    check_inputs("RUN", {"dataset": "aa"}, {"dataset": ("aa", "--data D")})
+    with pytest.raises(LetterError, match=r"--data D: not the dataset RUN was made from.*--allow-other-data"):
+        check_inputs("RUN", {"dataset": "aa"}, {"dataset": ("bb", "--data D")}, {"dataset": "--allow-other-data"})
+    check_inputs("RUN", {"dataset": "aa"}, {"dataset": ("bb", "--data D")}, {"dataset": True})
+
+
+def test_writers_never_destroy_a_run_without_being_asked(tmp_path):
+    run = _finished(tmp_path / "run")
+    with pytest.raises(LetterError, match="holds a finished tokenizer run"):
+        prepare_run_folder(str(run), "tokenizer")
+    with pytest.raises(LetterError, match="holds a tokenizer run, not a train-rec run"):
+        prepare_run_folder(str(run), "train-rec", overwrite=True)
+    with pytest.raises(LetterError, match="exclude each other"):
+        prepare_run_folder(str(run), "tokenizer", resume=True, overwrite=True)
+    prepare_run_folder(str(run), "tokenizer", resume=True)
+    assert (run / MANIFEST).exists()
+    prepare_run_folder(str(run), "tokenizer", overwrite=True)
+    assert not run.exists()
+    old = tmp_path / "old"  # a folder of an earlier layout: run files, no record of its kind
+    old.mkdir()
+    (old / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(LetterError, match="files of a run this version did not write"):
+        prepare_run_folder(str(old), "tokenizer")
+
+
+def test_outputs_never_land_on_inputs(tmp_path):
+    run = _finished(tmp_path / "run")
+    emb = tmp_path / "e.npy"
+    emb.write_bytes(b"x")
+    with pytest.raises(LetterError, match="is the command's input --embeddings"):
+        check_output_path(str(tmp_path / "." / "e.npy"), {"--embeddings": str(emb)})
+    for name in ("codes.npy", "model.pt", "manifest.json"):  # recorded, or a name of the layout
+        with pytest.raises(LetterError, match="a file of the run folder --tokenizer"):
+            check_output_path(str(run / name), {"--tokenizer": str(run)})
+    check_output_path(str(run / "new-metrics.json"), {"--tokenizer": str(run)})
+    check_output_path(str(tmp_path / "out.json"), {"--embeddings": str(emb), "--tokenizer": str(run)})
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"a": 1, "a": 2}', "duplicate key 'a'"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ('{"a": ', "not valid JSON"),
+])
+def test_strict_json(text, message):
+    with pytest.raises(LetterError, match=message):
+        parse_json(text, "F.json")
+
+
+def test_strict_yaml():
+    assert parse_yaml("a: 1\nb: {c: 2}\n", "F.yaml") == {"a": 1, "b": {"c": 2}}
+    with pytest.raises(LetterError, match=r"F.yaml: duplicate key 'c' \(line 3\)"):
+        parse_yaml("b:\n  c: 1\n  c: 2\n", "F.yaml")
+
+
+def test_undecodable_json_file_names_the_file(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_bytes(json.dumps({"a": "é"}).encode("utf-16"))
+    with pytest.raises(LetterError, match="r.json: corrupt or truncated"):
+        read_json(str(path), "record")
+
+
+def test_fingerprinted_step_keeps_only_its_own_work(tmp_path):
+    step = tmp_path / "step"
+    assert not start_step(str(step), "f1", "started.json")
+    (step / "work").write_text("partial")
+    assert not start_step(str(step), "f1", "started.json")  # same fingerprint: resume
+    assert (step / "work").exists()
+    assert start_step(str(step), "f2", "started.json")  # other inputs: from scratch
+    assert not (step / "work").exists()
+    assert json.loads((step / "started.json").read_text())["fingerprint"] == "f2"
+    assert start_step(str(step), "f2", "started.json", fresh=True)
+    assert os.listdir(step) == ["started.json"]
