@@ -401,6 +401,7 @@ class Trainable:
     optimizer, optional per-step scheduler, generators registered in the run's RandomStreams);
     `fit` then drives these hooks. Epochs are numbered from 1."""
 
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler = None  # stepped after every optimizer step
     step_module: torch.nn.Module  # what `step` calls; fit wraps it in DistributedDataParallel when `ddp`
@@ -440,10 +441,11 @@ class Trainable:
         """This epoch's model became the selected one: keep it (in `extra_state` or on disk)."""
 
     def model_state(self) -> dict:
-        raise NotImplementedError
+        """What the checkpoint's `model` holds (default: the state dict of `self.model`)."""
+        return self.model.state_dict()
 
     def load_model_state(self, state: dict) -> None:
-        raise NotImplementedError
+        self.model.load_state_dict(state)
 
     def extra_state(self) -> dict:
         """Anything else a resume needs (best weights, schedules of the adapter's own)."""

@@ -150,12 +150,6 @@ class CFTrainable(Trainable):
     def keep_best(self, epoch: int, validation: Validation) -> None:
         self.best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def model_state(self) -> dict:
-        return self.model.state_dict()
-
-    def load_model_state(self, state: dict) -> None:
-        self.model.load_state_dict(state)
-
     def extra_state(self) -> dict:
         return {"best_model": self.best_model}
 

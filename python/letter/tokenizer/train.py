@@ -223,12 +223,6 @@ class TokenizerTrainable(Trainable):
     def keep_best(self, epoch: int, validation: Validation) -> None:
         self.best_state = _state_copy(self.model)
 
-    def model_state(self) -> dict:
-        return self.model.state_dict()
-
-    def load_model_state(self, state: dict) -> None:
-        self.model.load_state_dict(state)
-
     def extra_state(self) -> dict:
         return {"labels": self.labels, "best_state": self.best_state, "init_stats": self.init_stats,
                 "timings": self.timings}
