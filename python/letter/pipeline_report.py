@@ -2,13 +2,13 @@
 tokenizer statistics, time per stage and training curves, as report.json, report.md and PNGs."""
 import os
 
-from letter.runs import atomic_path, read_json, write_json
+from letter.runs import atomic_path, parse_json, read_text, write_json
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 
 
-def _load(path: str) -> dict:
-    return read_json(path, "stage output")
+def _load(path: str):
+    return parse_json(read_text(path), path)
 
 
 def _sasrec_protocols(cf_metrics: dict) -> tuple[dict, dict | None]:
