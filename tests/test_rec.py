@@ -258,7 +258,7 @@ def test_bad_inputs_give_clear_errors(trained, synth, tmp_path):
     folder, codes_path, codes, _ = synth
     with pytest.raises(LetterError, match="codes cover 79 items"):
         train_rec(small_config(), folder, codes[:-1], str(tmp_path / "x"))
-    with pytest.raises(LetterError, match="already holds a training run"):
+    with pytest.raises(LetterError, match="already holds a finished train-rec run"):
         train_rec(small_config(), folder, codes_path, out)
     with pytest.raises(LetterError, match="cannot resume .*: lr was 0.003, now 0.001"):
         train_rec(small_config(lr=1e-3), folder, codes_path, out, resume=True)

@@ -2,7 +2,7 @@
 tokenizer statistics, time per stage and training curves, as report.json, report.md and PNGs."""
 import os
 
-from letter.runs import atomic_path, read_json, write_json
+from letter.runs import atomic_path, parse_json, read_text, write_json
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 CF_NAMES = {"sasrec": "SASRec", "lightgcn": "LightGCN"}  # the cf section's model -> its row in the table
@@ -12,8 +12,8 @@ def _cf_name(cf_metrics: dict) -> str:
     return CF_NAMES[cf_metrics.get("config", {}).get("model", "sasrec")]
 
 
-def _load(path: str) -> dict:
-    return read_json(path, "stage output")
+def _load(path: str):
+    return parse_json(read_text(path), path)
 
 
 def _sasrec_protocols(cf_metrics: dict) -> tuple[dict, dict | None]:

@@ -50,12 +50,14 @@ class Dataset:
 
     def category_labels(self) -> np.ndarray | None:
         """[num_items] integer labels of the items' "category" text field (its distinct values in
-        sorted order), for the tokenizer report's purity; None unless every item has a non-empty
-        string category (a null, list or missing one means the dataset has no usable labels)."""
+        sorted order), for the tokenizer report's purity; None unless every item has one, all
+        non-empty strings or all integers (a null, list or missing one: no usable labels)."""
         if not self.item_text:
             return None
         values = [t.get("category") if isinstance(t, dict) else None for t in self.item_text]
-        if not all(isinstance(v, str) and v for v in values):
+        strings = all(isinstance(v, str) and v for v in values)
+        integers = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        if not (strings or integers):
             return None
         names = {name: label for label, name in enumerate(sorted(set(values)))}
         return np.array([names[v] for v in values], dtype=np.int64)

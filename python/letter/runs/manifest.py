@@ -127,7 +127,7 @@ def prepare_run_folder(folder: str, kind: str, *, resume: bool = False, overwrit
     started = checkpoint is not None and os.path.isfile(os.path.join(folder, checkpoint))
     if found == kind and (finished or started) and not (resume or overwrite):
         state = "a finished" if finished else "an unfinished"
-        raise LetterError(f"{what} {folder}: holds {state} {kind} run; pass --resume to continue it, --overwrite "
+        raise LetterError(f"{what} {folder}: already holds {state} {kind} run; pass --resume to continue it, --overwrite "
                           "to replace it, or choose another folder")
     if main and found == kind and overwrite:
         if finished:
