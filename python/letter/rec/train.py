@@ -157,9 +157,7 @@ class RecTrainable(Trainable):
 
 def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
     rec = load_rec_data(data, codes, config.max_history)
-    ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    if os.path.exists(ckpt_path) and not resume:
-        raise LetterError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
+    ckpt_path = os.path.join(out_dir, CHECKPOINT)  # prepare_run_folder refused a started run without --resume
     seed_everything(config.seed)  # same initial weights on every process
     rm = recommender_class(config.model).build(config, rec, ctx.device)  # a bad base model fails before the run folder
     if not resume and ctx.main:
