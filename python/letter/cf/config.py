@@ -15,8 +15,11 @@ class CFConfig(Settings):
     # first epochs, these reach a good valid NDCG@10 in ~10 epochs (docs/RESULTS.md)
     dropout: float = setting(0.3, "Dropout rate.", low=0, high=1, high_open=True)
     max_len: int = setting(50, "Longest history the model sees (also the split's history cut).", low=1)
-    loss: str = setting("ce", "ce: full-softmax cross-entropy; bce: one sampled negative per target.",
-                        choices=("ce", "bce"))
+    loss: str = setting("ce", "ce: full-softmax cross-entropy over every item (fused, O(rows) memory); sampled: "
+                              "softmax over the target and `negatives` uniform items shared by the batch (for "
+                              "catalogs where a full softmax per step is too slow); bce: one sampled negative per "
+                              "target.", choices=("ce", "sampled", "bce"))
+    negatives: int = setting(1024, "loss sampled: uniform negative items per step.", low=1)
     lr: float = setting(3e-3, "Adam learning rate.", low=0, low_open=True)
     weight_decay: float = setting(0.0, "Adam weight decay.", low=0)
     batch_size: int = setting(256, "Training windows per step (global, over all processes).", low=1)

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from letter_ext import dot_product_cross_entropy
 
 from letter.cf.config import CFConfig
 from letter.cf.model import SASRec
@@ -78,18 +79,27 @@ def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS
         top = torch.from_numpy(np.argsort(-counts, kind="stable")[: max(ks)])
         hits = hits_from_topk(top.expand(len(samples), -1), targets)
         return {k: v / len(samples) for k, v in metric_sums(hits, ks).items()}
-    # rank by count, ties to the lower id (as the stable argsort), history items ruled out
-    order = torch.from_numpy(np.argsort(np.argsort(-counts, kind="stable"), kind="stable")).double()
-    sums: dict[str, float] = {}
-    for start in range(0, len(samples), 1024):
-        batch = samples[start:start + 1024]
-        scores = (-order).expand(len(batch), -1).clone()
-        for row, (history, _) in enumerate(batch):
-            scores[row, history] = float("-inf")
-        hits = hits_from_topk(scores.topk(max(ks), dim=1).indices, targets[start:start + 1024])
-        for key, value in metric_sums(hits, ks).items():
-            sums[key] = sums.get(key, 0.0) + value
-    return {k: v / len(samples) for k, v in sums.items()}
+    # rank by count, ties to the lower id (as the stable argsort), history items ruled out: a
+    # user's top k is among the k + len(history) most popular items, so each user costs
+    # O(k + history) rather than a pass over the catalog
+    ranked = np.argsort(-counts, kind="stable")
+    k = max(ks)
+    head = ranked[: k + max((len(history) for history, _ in samples), default=0)].tolist()
+    top = torch.full((len(samples), k), -1, dtype=torch.long)  # -1: an empty slot, never a hit
+    for row, (history, _) in enumerate(samples):
+        seen = set(history)
+        kept = [item for item in head if item not in seen][:k]
+        top[row, : len(kept)] = torch.tensor(kept, dtype=torch.long)
+    return {key: v / len(samples) for key, v in metric_sums(hits_from_topk(top, targets), ks).items()}
+
+
+SCORES_PER_BATCH = 1 << 25  # full ranking scores [rows, items] at most this many at a time (128 MiB of fp32)
+
+
+def ranking_batch_rows(batch_size: int, num_items: int) -> int:
+    """Users per full-ranking batch: `batch_size`, fewer on large catalogs so that the score
+    matrix (and the history mask beside it) stays within SCORES_PER_BATCH entries."""
+    return max(1, min(batch_size, SCORES_PER_BATCH // num_items))
 
 
 @torch.no_grad()
@@ -101,8 +111,9 @@ def full_ranking_metrics(model: SASRec, samples, ctx: DistContext, cfg: CFConfig
     model.eval()
     mine = samples[ctx.rank :: ctx.world]
     sums = dict.fromkeys([f"{m}@{k}" for k in KS for m in ("recall", "ndcg")], 0.0)
-    for start in range(0, len(mine), cfg.eval_batch_size):
-        batch = mine[start : start + cfg.eval_batch_size]
+    rows = ranking_batch_rows(cfg.eval_batch_size, model.num_items)
+    for start in range(0, len(mine), rows):
+        batch = mine[start : start + rows]
         (hist,) = trim_padding(pad_left([h for h, _ in batch], cfg.max_len, -1).to(ctx.device) + 1)
         targets = torch.tensor([t for _, t in batch], device=ctx.device)
         scores = model.scores(model(hist)[:, -1])
@@ -119,13 +130,26 @@ def full_ranking_metrics(model: SASRec, samples, ctx: DistContext, cfg: CFConfig
     return {key: total / max(totals[-1], 1) for key, total in zip(sums, totals)}
 
 
-def _step_loss(model, inputs, targets, num_items: int, loss: str, global_targets: int, world: int):
+def sampled_softmax_loss(h: torch.Tensor, emb: torch.Tensor, t: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Summed softmax cross-entropy of each target against a shared set of uniformly drawn negative
+    items (a negative equal to the row's target is left out). Uniform draws need no log-Q
+    correction: every item has the same proposal probability, which cancels in the softmax."""
+    pos = (h * emb[t]).sum(-1, keepdim=True)
+    neg = (h @ emb[negatives].T).masked_fill(negatives.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
+    return (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos.squeeze(1)).sum()
+
+
+def _step_loss(model, inputs, targets, num_items: int, loss: str, global_targets: int, world: int, negatives: int = 0):
     hidden = model(inputs)  # through the DDP wrapper when distributed, so gradients get synced
     model = getattr(model, "module", model)
     valid = targets > 0
     h, t = hidden[valid], targets[valid] - 1
     if loss == "ce":
-        total = F.cross_entropy(model.scores(h), t, reduction="sum")
+        # fused: the [targets x items] logits are never built (O(rows) memory at any catalog size)
+        total = dot_product_cross_entropy(h.float(), model.item_embeddings().float(), t, reduction="sum")
+    elif loss == "sampled":
+        drawn = torch.randint(0, num_items, (min(negatives, num_items),), device=t.device)
+        total = sampled_softmax_loss(h, model.item_embeddings(), t, drawn)
     else:
         emb = model.item_embeddings()
         negatives = torch.randint(0, num_items, t.shape, device=t.device)
@@ -196,7 +220,7 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
             seq, tgt = trim_padding(inputs[shard(batch, ctx)], targets[shard(batch, ctx)])
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = _step_loss(train_model, seq.to(ctx.device), tgt.to(ctx.device), dataset.num_items, cfg.loss,
-                                  global_targets, ctx.world)
+                                  global_targets, ctx.world, cfg.negatives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
