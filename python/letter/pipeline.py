@@ -234,12 +234,12 @@ def _tokenizer(p: Pipeline, directory: str) -> dict:
 
     ds = p.dataset()
     cfg = TokenizerConfig.from_dict(p.config["tokenizer"])
-    text = load_npy(p.outputs["embed"]["text_embeddings"])
+    text = load_npy(p.outputs["embed"]["text_embeddings"], mmap=True)
     cf = load_npy(p.outputs["cf"]["cf_embeddings"]) if cfg.alpha > 0 else None
     labels = None
     if ds.item_text is not None and all("category" in t for t in ds.item_text):
-        names = sorted({t["category"] for t in ds.item_text})
-        labels = np.array([names.index(t["category"]) for t in ds.item_text])
+        label_of = {name: label for label, name in enumerate(sorted({t["category"] for t in ds.item_text}))}
+        labels = np.array([label_of[t["category"]] for t in ds.item_text])
     report = train_tokenizer(cfg, text, cf, directory, name=ds.name, num_items=ds.num_items, device=p.device,
                              resume=os.path.exists(os.path.join(directory, "checkpoint.pt")), item_labels=labels)
     write_json(os.path.join(directory, "pipeline_report.json"), report)

@@ -95,7 +95,10 @@ def run(args) -> dict:
                 from letter.utils import write_json
 
                 write_json(args.out, {"scale": fit_growth(result)})
-    return fit_growth(result)
+    result = fit_growth(result)
+    if args.out:
+        plot(result, os.path.splitext(args.out)[0] + ".png")
+    return result
 
 
 def fit_growth(result: dict) -> dict:
@@ -111,6 +114,40 @@ def fit_growth(result: dict) -> dict:
                 name = stage if key == "per_unit_cpu_s" else f"{stage}:{key.split('_per_user')[0]}"
                 growth[name] = round(float(np.polyfit(x, y, 1)[0]), 3)
     return {**result, "growth_exponent": growth}
+
+
+def plot(result: dict, path: str) -> bool:
+    """Log-log plot of each stage's CPU seconds per unit of work (and the per-user inference cost of
+    TIGER and SASRec) against catalog size; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for stage, by_size in result["stages"].items():
+        for key, label, ax in (("per_unit_cpu_s", stage, axes[0]), ("tiger_per_user_cpu_s", "TIGER beam search", axes[1]),
+                               ("sasrec_per_user_cpu_s", "SASRec full ranking", axes[1])):
+            points = sorted((int(n), r[key]) for n, r in by_size.items() if key in r)
+            if points:
+                slope = result["growth_exponent"].get(stage if key == "per_unit_cpu_s" else
+                                                      f"{stage}:{key.split('_per_user')[0]}")
+                ax.plot(*zip(*points), marker="o", label=label + (f" (slope {slope})" if slope is not None else ""))
+    axes[0].set_title("CPU seconds per unit of work")
+    axes[1].set_title("inference: CPU seconds per user")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("catalog size (items; users = items)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"letter.bench scale on {result['cpu_model']} (1 thread)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def summary(result: dict) -> str:
@@ -338,6 +375,11 @@ def stage_inference(work: str, items: int, settings: dict) -> dict:
 
 
 def _main(argv: list[str]) -> None:
+    if argv[0] == "plot":  # python -m letter.bench.scale plot RESULT.json OUT.png
+        with open(argv[1]) as f:
+            result = json.load(f)
+        plot(result.get("scale", result), argv[2])
+        return
     import torch
 
     torch.set_num_threads(1)
