@@ -95,7 +95,8 @@ class RQVAE(nn.Module):
     def fit_input_scaling(self, x: torch.Tensor) -> None:
         """Center the inputs and give them unit mean squared value with one global scale (geometry
         kept). Unit-norm sentence embeddings otherwise have a reconstruction MSE ~1/dim, so small
-        that the alpha-weighted InfoNCE term swamps it."""
+        that the alpha-weighted InfoNCE term swamps it. `x`: a tensor or a numpy matrix (read a
+        chunk of rows at a time, so a memory-mapped one is never loaded whole)."""
         chunks = range(0, len(x), ROW_CHUNK)  # a numpy (memory-mapped) x is read a chunk at a time
         total = sum(row_tensor(x, slice(i, i + ROW_CHUNK), self.x_mean.device).double().sum(0) for i in chunks)
         self.x_mean.copy_(total / len(x))

@@ -18,7 +18,7 @@ from .clustering import diversity_capacity, inertia, kmeans
 from .codes import collision_rate
 from .config import TokenizerConfig
 from .inference import COMPLETE, MODEL, Tokenizer, check_embeddings, encode_all
-from .model import ROW_CHUNK, RQVAE, collaborative_loss, row_tensor, diversity_loss, quantization_loss
+from .model import ROW_CHUNK, RQVAE, collaborative_loss, diversity_loss, quantization_loss, row_tensor
 from .report import build_report, plot_curves, report_markdown
 from .rqkmeans import fit_rqkmeans
 
@@ -47,14 +47,14 @@ def _check_inputs(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | No
         )
 
 
-def _init_codebooks(model: RQVAE, text: np.ndarray, config: TokenizerConfig, gen: torch.Generator) -> list[dict]:
+def _init_codebooks(model: RQVAE, x, config: TokenizerConfig, gen: torch.Generator) -> list[dict]:
     """k-means the encoder's initial outputs level by level into the codebooks; returns inertia per level."""
     model.eval()
     device = model.codebooks[0].device
     with torch.no_grad():
         # a chunk of rows at a time: the encoder's widest layer over the whole catalog would not fit
-        r = torch.cat([model.encoder(model.standardize(row_tensor(text, slice(i, i + ROW_CHUNK), device)))
-                       for i in range(0, len(text), ROW_CHUNK)])
+        r = torch.cat([model.encoder(model.standardize(row_tensor(x, slice(i, i + ROW_CHUNK), device)))
+                       for i in range(0, len(x), ROW_CHUNK)])
         out = []
         for cb in model.codebooks:
             n = cb.shape[0]
@@ -168,7 +168,9 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
     # positives depend on each process's share of the batch.
     gen = rng.generator("codes", config.seed)
     order_gen = rng.generator("order", config.seed + 1, device="cpu")
-    # the text matrix stays where it is (memory-mapped inputs on disk): batches are gathered per step
+    # An in-memory matrix goes to the device once; a memory-mapped one stays on disk and each step
+    # reads its batch's rows (row_tensor), so a catalog larger than memory streams.
+    x = text if isinstance(text, np.memmap) else torch.from_numpy(text).to(dev)
     h = torch.from_numpy(cf).to(dev) if cf is not None else None
     needs_proj = cf is not None and cf.shape[1] != config.e_dim
     model = RQVAE(text.shape[1], config, cf_dim=cf.shape[1] if needs_proj else None).to(dev)
@@ -176,9 +178,9 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
     timings = {"kmeans_init_s": 0.0, "cluster_refresh_s": [], "epoch_s": []}
     if state is None:
         if config.standardize:
-            model.fit_input_scaling(text)
+            model.fit_input_scaling(x)
         t0 = time.perf_counter()
-        init_stats = _init_codebooks(model, text, config, gen)
+        init_stats = _init_codebooks(model, x, config, gen)
         timings["kmeans_init_s"] = time.perf_counter() - t0
         history, start_epoch, labels = [], 0, None
         best = {"collision": math.inf, "epoch": -1, "state": _state_copy(model)}
@@ -216,7 +218,7 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
             if len(batch) < ctx.world:  # a tail too short to give every process a row (same on all ranks)
                 continue
             idx = shard(batch, ctx)
-            terms = _batch_losses(model, config, row_tensor(text, idx, dev), None if h is None else h[idx.to(dev)],
+            terms = _batch_losses(model, config, row_tensor(x, idx, dev), None if h is None else h[idx.to(dev)],
                                   labels, gen, BatchShare(len(batch), ctx))
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -230,7 +232,7 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
         record = {"epoch": epoch + 1, **{k: v / ctx.world / max(steps, 1) for k, v in zip(names, totals)}}
         if (epoch + 1) % config.eval_interval == 0 or epoch + 1 == config.epochs:  # the last epoch is always eligible
             t0 = time.perf_counter()
-            codes, _ = encode_all(model, text)
+            codes, _ = encode_all(model, x)
             record["collision"] = collision_rate(codes)
             record["used"] = [int(len(np.unique(codes[:, l]))) for l in range(config.levels)]
             eligible = epoch + 1 >= config.best_from * config.epochs
