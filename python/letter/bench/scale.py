@@ -17,12 +17,16 @@ stages wrote under `--scale-dir`:
   sasrec_ce       SASRec steps, full softmax over all items (fused op)         per 1k targets
   sasrec_sampled  SASRec steps, sampled softmax (`--scale-negatives` negatives) per 1k targets
   inference       the same `--scale-users` test users: TIGER constrained beam  per user
-                  search (20 beams, untrained weights: the cost does not depend on them) and
+                  search (20 beams, history items excluded as the pipeline does, untrained
+                  weights: the cost does not depend on them) and
                   SASRec full ranking over the catalog (top 10 of all items)
 
 Times are the measured part's CPU time (one thread; robust to other load on a shared machine)
 and wall time; the growth exponent is the least-squares slope of log(CPU s per unit) against
-log(items). Peak RSS covers the whole stage process (its inputs included).
+log(items). Peak RSS covers the whole stage process (its inputs included). With --out the JSON is
+rewritten after every stage and a log-log plot goes beside it (same name, .png);
+`python -m letter.bench.scale plot RESULT.json OUT.png` and `... table RESULT.json` (the
+docs/BENCHMARKS.md table) redo them from a result file.
 """
 from __future__ import annotations
 
@@ -148,6 +152,32 @@ def plot(result: dict, path: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def markdown_table(result: dict) -> str:
+    """The docs/BENCHMARKS.md table: per stage and size, CPU s per unit (wall s) and peak RSS."""
+    sizes = result["sizes"]
+    head = "| stage | unit | " + " | ".join(f"{n:,} items: CPU s/unit (wall), peak RSS" for n in sizes) + " | exponent |"
+    lines = [head, "|" + "---|" * (len(sizes) + 3)]
+    for stage, by_size in result["stages"].items():
+        arms = (("tiger_per_user", "TIGER beam search"), ("sasrec_per_user", "SASRec full ranking")) \
+            if stage == "inference" else ((None, stage),)
+        for arm, label in arms:
+            cells, unit = [], ""
+            for n in sizes:
+                r = by_size.get(str(n))
+                if r is None:
+                    cells.append("not run")
+                elif "error" in r:
+                    cells.append(f"failed: {r['error'][:60]}")
+                else:
+                    unit = r["unit"]
+                    cpu = r[f"{arm}_cpu_s"] if arm else r["per_unit_cpu_s"]
+                    wall = r[f"{arm.split('_per_user')[0]}_wall_s"] / r["units"] if arm else r["per_unit_wall_s"]
+                    cells.append(f"{cpu:.4g} ({wall:.4g}), {r['peak_rss_mib'] / 1024:.2f} GiB")
+            key = f"{stage}:{arm.split('_per_user')[0]}" if arm else stage
+            lines.append(f"| {label} | {unit} | " + " | ".join(cells) + f" | {result['growth_exponent'].get(key, '')} |")
+    return "\n".join(lines)
 
 
 def summary(result: dict) -> str:
@@ -363,7 +393,9 @@ def stage_inference(work: str, items: int, settings: dict) -> dict:
     targets = torch.tensor([target for _, target in samples])
     index = prefix_index(rec, device)
     with Timer() as tiger:
-        leaves, _ = generate(rm.model, index, enc, 20, 256, device)
+        # the pipeline's protocol: the users' history items excluded inside the search
+        leaves, _ = generate(rm.model, index, enc, 20, 256, device,
+                             banned_items=[list(history) for history, _ in samples])
         target_hits(index, leaves, targets)
     cfg, sasrec = _sasrec(rec.dataset.num_items)
     with Timer() as sasrec_timer, distributed("cpu") as ctx, torch.no_grad():
@@ -379,6 +411,11 @@ def _main(argv: list[str]) -> None:
         with open(argv[1]) as f:
             result = json.load(f)
         plot(result.get("scale", result), argv[2])
+        return
+    if argv[0] == "table":  # python -m letter.bench.scale table RESULT.json
+        with open(argv[1]) as f:
+            result = json.load(f)
+        print(markdown_table(result.get("scale", result)))
         return
     import torch
 
