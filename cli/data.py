@@ -42,6 +42,29 @@ def synth(out_dir, users, items, categories, min_length, max_length, seed, name)
                f"{s['interactions']} interactions")
 
 
+@data.command("synth-catalog")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--items", type=click.IntRange(min=1000), required=True, help="Catalog size (e.g. 10000 to 1000000).")
+@click.option("--users", type=click.IntRange(min=1), default=None, help="Number of users [default: --items].")
+@click.option("--zipf", type=click.FloatRange(0, 5), default=1.0, show_default=True,
+              help="Popularity exponent (item of rank r drawn with weight r^-zipf).")
+@click.option("--mean-length", type=click.FloatRange(5, 100, min_open=True), default=8.5, show_default=True,
+              help="Mean history length (5-core minimum 5, geometric tail, at most 100).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--name", default="Catalog", show_default=True, help="File prefix <Name>.inter.json.")
+def synth_catalog(out_dir, items, users, zipf, mean_length, seed, name):
+    """Write a seeded large synthetic catalog to OUT_DIR, streamed in bounded memory.
+
+    Zipf-like popularity, Amazon-5-core-like history lengths, latent categories of 500 items with
+    item text; memory grows by a few numpy bytes per item, not with the users (see
+    letter.data.catalog)."""
+    from letter.data.catalog import write_catalog
+
+    s = write_catalog(out_dir, items, users, seed=seed, name=name, zipf=zipf, mean_length=mean_length)
+    click.echo(f"wrote {out_dir}/{name}.inter.json, {name}.item.json: {s['users']} users, {s['items']} items, "
+               f"{s['interactions']} interactions")
+
+
 @data.command("convert")
 @click.argument("src", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))

@@ -80,7 +80,7 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels,
             categories = categories[: cold["warm_items"]]
     report = train_tokenizer(
         config,
-        warm_rows(load_npy(text_emb, "--text-emb"), cold, text_emb),
+        warm_rows(load_npy(text_emb, "--text-emb", mmap=True), cold, text_emb),
         warm_rows(load_npy(cf_emb, "--cf-emb"), cold, cf_emb) if cf_emb else None,
         out_dir,
         name=dataset.name,

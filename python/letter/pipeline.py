@@ -233,7 +233,7 @@ def _tokenizer(p: Pipeline, directory: str) -> dict:
 
     ds = p.dataset()
     cfg = TokenizerConfig.from_dict(p.stage_settings("tokenizer"))
-    text = load_npy(p.outputs["embed"]["text_embeddings"])
+    text = load_npy(p.outputs["embed"]["text_embeddings"], mmap=True)
     cf = load_npy(p.outputs["cf"]["cf_embeddings"]) if cfg.alpha > 0 else None
     # the stage folder is the pipeline's: a finished run in it (its stage.json lost) is refitted
     resume = any(os.path.exists(os.path.join(directory, n)) for n in (TokenizerRun.CHECKPOINT, MANIFEST))

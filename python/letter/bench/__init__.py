@@ -5,7 +5,8 @@ arms it names in the same process (alternating, medians and ratios), results as 
 
 NAME: tokenizer_epoch (train_tokenizer epoch vs the bare MLP autoencoder epoch),
 rec_throughput (TIGER training samples/s: padded vs trimmed vs trimmed+bucketed batches) and
-rec_components (dropout and ranking-loss alternatives, Bernoulli share of a step).
+rec_components (dropout and ranking-loss alternatives, Bernoulli share of a step); scale (each
+stage's cost and peak memory at 10k / 100k / 1M items, run only when named: letter.bench.scale).
 The kernel benchmarks of letter_ext are `python -m letter_ext.bench`.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ import importlib
 import time
 import types
 
-BENCHMARKS = ("tokenizer_epoch", "rec_throughput", "rec_components")
+BENCHMARKS = ("tokenizer_epoch", "rec_throughput", "rec_components", "scale")
+DEFAULT_BENCHMARKS = BENCHMARKS[:3]  # `scale` (an hour or more at 1M items) runs only when named
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 

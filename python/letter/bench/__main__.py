@@ -6,12 +6,12 @@ import torch
 
 from letter.runs import write_json
 
-from . import BENCHMARKS, module
+from . import BENCHMARKS, DEFAULT_BENCHMARKS, module
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m letter.bench", description=__doc__ or "LETTER training benchmarks.")
-    p.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    p.add_argument("names", nargs="*", help=f"benchmarks to run (default: {', '.join(DEFAULT_BENCHMARKS)}; also: scale)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable timings)")
@@ -25,7 +25,7 @@ def main(argv=None) -> dict:
                            "torch": torch.__version__, "threads": args.threads, "clock": args.clock,
                            "started": time.strftime("%Y-%m-%d %H:%M:%S")},
                "command": "python -m letter.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
-    for name in args.names or BENCHMARKS:
+    for name in args.names or DEFAULT_BENCHMARKS:
         mod = module(name)
         print(f"== {name}", flush=True)
         results[name] = mod.run(args)

@@ -19,9 +19,12 @@ class CFConfig(Settings):
     # first epochs, these reach a good valid NDCG@10 in ~10 epochs (docs/RESULTS.md)
     dropout: float = setting(0.3, "Dropout rate (sasrec).", low=0, high=1, high_open=True)
     max_len: int = setting(50, "Longest history the model sees (also the split's history cut).", low=1)
-    loss: str = setting("ce", "ce: full-softmax cross-entropy; bce (sasrec): one sampled negative per target, "
-                              "binary; bpr (lightgcn): one sampled negative per interaction, pairwise.",
-                        choices=("ce", "bce", "bpr"))
+    loss: str = setting("ce", "ce: full-softmax cross-entropy over every item (fused, O(rows) memory); sampled "
+                              "(sasrec): softmax over the target and `negatives` uniform items shared by the batch "
+                              "(for catalogs where a full softmax per step is too slow); bce (sasrec): one sampled "
+                              "negative per target, binary; bpr (lightgcn): one sampled negative per interaction, "
+                              "pairwise.", choices=("ce", "sampled", "bce", "bpr"))
+    negatives: int = setting(1024, "loss sampled: uniform negative items per step.", low=1)
     lr: float = setting(3e-3, "Adam learning rate.", low=0, low_open=True)
     weight_decay: float = setting(0.0, "Adam weight decay.", low=0)
     batch_size: int = setting(256, "Training windows (sasrec) or interactions (lightgcn) per step (global, over "
@@ -38,7 +41,7 @@ class CFConfig(Settings):
                              choices=("auto", "fp32", "bf16"), may_change_on_resume=True)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto.", may_change_on_resume=True)
 
-    LOSSES = {"sasrec": ("ce", "bce"), "lightgcn": ("ce", "bpr")}
+    LOSSES = {"sasrec": ("ce", "sampled", "bce"), "lightgcn": ("ce", "bpr")}
 
     def check(self) -> None:
         if self.loss not in self.LOSSES[self.model]:

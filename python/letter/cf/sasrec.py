@@ -13,6 +13,7 @@ from letter.cf.model import SASRec
 from letter.cf.train import CFTrainable
 from letter.data import Dataset, Split, drop_leading_padding, pad_left
 from letter.training import DistContext, RandomStreams, batch_order, bf16_autocast, epoch_generator, shard
+from letter_ext import dot_product_cross_entropy
 
 
 def training_windows(split: Split, dataset: Dataset, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,21 +31,40 @@ def training_windows(split: Split, dataset: Dataset, max_len: int) -> tuple[torc
     return pad_left(inputs, max_len, 0), pad_left(targets, max_len, 0)
 
 
-def step_loss(model, inputs, targets, num_items: int, loss: str, global_targets: int, world: int):
+def sampled_softmax_loss(h: torch.Tensor, emb: torch.Tensor, t: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Summed softmax cross-entropy of each target against a shared set of uniformly drawn negative
+    items (a negative equal to the row's target is left out). Uniform draws need no log-Q
+    correction: every item has the same proposal probability, which cancels in the softmax."""
+    pos = (h * emb[t]).sum(-1, keepdim=True)
+    neg = (h @ emb[negatives].T).masked_fill(negatives.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
+    return (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos.squeeze(1)).sum()
+
+
+def step_loss(model, inputs, targets, num_items: int, loss: str, global_targets: int, world: int, negatives: int = 0):
     """The loss of one process's share of a batch, scaled so that DDP's gradient average gives the
-    sum over the global batch divided by its number of targets."""
+    sum over the global batch divided by its number of targets. `negatives`: loss "sampled"'s
+    uniform negative items per step."""
     hidden = model(inputs)  # through the DDP wrapper when distributed, so gradients get synced
     model = getattr(model, "module", model)
     valid = targets > 0
     h, t = hidden[valid], targets[valid] - 1
     if loss == "ce":
-        total = F.cross_entropy(model.scores(h), t, reduction="sum")
+        # fused: the [targets x items] logits are never built (O(rows) memory at any catalog size)
+        total = dot_product_cross_entropy(h.float(), model.item_embeddings().float(), t, reduction="sum")
+    elif loss == "sampled":
+        drawn = torch.randint(0, num_items, (min(negatives, num_items),), device=t.device)
+        total = sampled_softmax_loss(h, model.item_embeddings(), t, drawn)
     else:
         emb = model.item_embeddings()
         negatives = torch.randint(0, num_items, t.shape, device=t.device)
         pos, neg = (h * emb[t]).sum(-1), (h * emb[negatives]).sum(-1)
         total = F.softplus(-pos).sum() + F.softplus(neg).sum()
     return total * world / max(global_targets, 1)
+
+
+def sasrec_scorer(model: SASRec):
+    """scores_of for letter.cf.train.ranking_metrics: every item's score after each history."""
+    return lambda histories, users: model.scores(model(histories)[:, -1])
 
 
 class SASRecTrainable(CFTrainable):
@@ -70,11 +90,11 @@ class SASRecTrainable(CFTrainable):
         seq, tgt = drop_leading_padding(self.inputs[shard(batch, ctx)], self.targets[shard(batch, ctx)])
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             loss = step_loss(self.step_module, seq.to(ctx.device), tgt.to(ctx.device), self.dataset.num_items,
-                             self.cfg.loss, global_targets, ctx.world)
+                             self.cfg.loss, global_targets, ctx.world, self.cfg.negatives)
         return loss, {"loss": loss}
 
     def scorer(self):
-        return lambda histories, users: self.model.scores(self.model(histories)[:, -1])
+        return sasrec_scorer(self.model)
 
     def item_embeddings(self) -> torch.Tensor:
         return self.model.item_embeddings()

@@ -62,35 +62,45 @@ def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS
         top = torch.from_numpy(np.argsort(-counts, kind="stable")[: max(ks)])
         hits = hits_from_topk(top.expand(len(samples), -1), targets)
         return {k: v / len(samples) for k, v in metric_sums(hits, ks).items()}
-    # rank by count, ties to the lower id (as the stable argsort), history items ruled out
-    order = torch.from_numpy(np.argsort(np.argsort(-counts, kind="stable"), kind="stable")).double()
-    sums: dict[str, float] = {}
-    for start in range(0, len(samples), 1024):
-        batch = samples[start:start + 1024]
-        scores = (-order).expand(len(batch), -1).clone()
-        for row, (history, _) in enumerate(batch):
-            scores[row, history] = float("-inf")
-        hits = hits_from_topk(scores.topk(max(ks), dim=1).indices, targets[start:start + 1024])
-        for key, value in metric_sums(hits, ks).items():
-            sums[key] = sums.get(key, 0.0) + value
-    return {k: v / len(samples) for k, v in sums.items()}
+    # rank by count, ties to the lower id (as the stable argsort), history items ruled out: a
+    # user's top k is among the k + len(history) most popular items, so each user costs
+    # O(k + history) rather than a pass over the catalog
+    ranked = np.argsort(-counts, kind="stable")
+    k = max(ks)
+    head = ranked[: k + max((len(history) for history, _ in samples), default=0)].tolist()
+    top = torch.full((len(samples), k), -1, dtype=torch.long)  # -1: an empty slot, never a hit
+    for row, (history, _) in enumerate(samples):
+        seen = set(history)
+        kept = [item for item in head if item not in seen][:k]
+        top[row, : len(kept)] = torch.tensor(kept, dtype=torch.long)
+    return {key: v / len(samples) for key, v in metric_sums(hits_from_topk(top, targets), ks).items()}
+
+
+SCORES_PER_BATCH = 1 << 25  # full ranking scores [rows, items] at most this many at a time (128 MiB of fp32)
+
+
+def ranking_batch_rows(batch_size: int, num_items: int) -> int:
+    """Users per full-ranking batch: `batch_size`, fewer on large catalogs so that the score
+    matrix (and the history mask beside it) stays within SCORES_PER_BATCH entries."""
+    return max(1, min(batch_size, SCORES_PER_BATCH // num_items))
 
 
 @torch.no_grad()
-def ranking_metrics(scores_of, samples, users: list[int], ctx: DistContext, cfg: CFConfig,
+def ranking_metrics(scores_of, samples, users: list[int], num_items: int, ctx: DistContext, cfg: CFConfig,
                     mask_history: bool | None = None) -> dict[str, float]:
     """Full-ranking Recall/NDCG@5,10 over `samples` (users[i]: the user of samples[i]), sharded over
-    processes and summed. scores_of(histories, users) -> [B, num_items] scores, histories in model
-    ids (item + 1, left-padded with 0). History items are ruled out when `mask_history` (default:
-    the config's)."""
+    processes and summed, in batches of at most ranking_batch_rows users. scores_of(histories,
+    users) -> [B, num_items] scores, histories in model ids (item + 1, left-padded with 0). History
+    items are ruled out when `mask_history` (default: the config's)."""
     mask_history = cfg.mask_history if mask_history is None else mask_history
     mine, my_users = samples[ctx.rank :: ctx.world], users[ctx.rank :: ctx.world]
     sums = dict.fromkeys([f"{m}@{k}" for k in KS for m in ("recall", "ndcg")], 0.0)
-    for start in range(0, len(mine), cfg.eval_batch_size):
-        batch = mine[start : start + cfg.eval_batch_size]
+    rows = ranking_batch_rows(cfg.eval_batch_size, num_items)
+    for start in range(0, len(mine), rows):
+        batch = mine[start : start + rows]
         (hist,) = drop_leading_padding(pad_left([h for h, _ in batch], cfg.max_len, -1).to(ctx.device) + 1)
         targets = torch.tensor([t for _, t in batch], device=ctx.device)
-        scores = scores_of(hist, torch.tensor(my_users[start : start + cfg.eval_batch_size], device=ctx.device))
+        scores = scores_of(hist, torch.tensor(my_users[start : start + rows], device=ctx.device))
         if mask_history:
             # count history occurrences per item (pads add 0 at item 0) and rule those items out
             seen = torch.zeros_like(scores, dtype=torch.int32)
@@ -136,8 +146,8 @@ class CFTrainable(Trainable):
         self.model.eval()
         try:
             with torch.no_grad():
-                return ranking_metrics(self.scorer(), self.split.part(part), self.split.eval_users, self.ctx, self.cfg,
-                                       mask_history)
+                return ranking_metrics(self.scorer(), self.split.part(part), self.split.eval_users, self.dataset.num_items,
+                                       self.ctx, self.cfg, mask_history)
         finally:
             self.model.train()
 

@@ -59,6 +59,6 @@ def write_index_json(path: str, codes) -> None:
     if codes.size and codes.min() < 0:
         raise ValueError("codes must be non-negative")
     obj = {
-        str(i): [f"<{LEVEL_LETTERS[l]}_{int(c)}>" for l, c in enumerate(row)] for i, row in enumerate(codes)
+        str(i): [f"<{LEVEL_LETTERS[l]}_{c}>" for l, c in enumerate(row)] for i, row in enumerate(codes.tolist())
     }
     write_json(path, obj, indent=None)

@@ -228,14 +228,15 @@ def read_json_if_valid(path: str) -> dict | None:
         return None
 
 
-def load_npy(path: str, what: str = ""):
+def load_npy(path: str, what: str = "", mmap: bool = False):
     """np.load without pickles; an unreadable file is '[WHAT ]PATH: corrupt or truncated (...)'
-    (`what`: the option or input it came from, e.g. "--text-emb")."""
+    (`what`: the option or input it came from, e.g. "--text-emb"). `mmap`: memory-mapped read-only
+    (a large embedding matrix is then read a chunk at a time by its consumer, never held whole)."""
     import numpy as np
 
     where = f"{what} {path}" if what else path
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except FileNotFoundError:
         raise LetterError(f"{where}: no such file") from None
     except (OSError, ValueError, EOFError) as e:

@@ -20,7 +20,12 @@ def colliding_groups(codes: np.ndarray) -> list[np.ndarray]:
     """Groups (item index arrays, ascending) of items sharing one full identifier, in first-item order."""
     _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    groups = [np.flatnonzero(inverse == g) for g in np.flatnonzero(counts > 1)]
+    # one sort of the colliding items by identifier, then a split (linear after the sort; one
+    # scan of all items per group would be quadratic on a large catalog)
+    colliding = np.flatnonzero(counts[inverse] > 1)
+    colliding = colliding[np.argsort(inverse[colliding], kind="stable")]  # ascending items within a group
+    bounds = np.flatnonzero(np.diff(inverse[colliding])) + 1
+    groups = np.split(colliding, bounds) if len(colliding) else []
     return sorted(groups, key=lambda g: g[0])
 
 

@@ -11,34 +11,42 @@ from letter.training import load_checkpoint
 
 from .codes import collision_rate, make_unique, sinkhorn_resolve
 from .config import TokenizerConfig
-from .model import RQVAE
+from .model import ROW_CHUNK, RQVAE, row_tensor
 from .rqkmeans import RQKMeans
 
 
 
 def check_embeddings(name: str, emb, num_items: int | None = None) -> np.ndarray:
-    """A float32 [I, dim] copy of `emb`, or LetterError naming the problem (shape, NaN rows)."""
-    arr = np.asarray(emb)
+    """A float32 [I, dim] matrix of `emb`, or LetterError naming the problem (shape, NaN rows).
+
+    A float32 memory-mapped matrix (np.load(..., mmap_mode=...)) is checked a chunk of rows at a
+    time and returned as it is: the tokenizer then streams it and never holds it whole. Anything
+    else is copied to a float32 array."""
+    arr = emb if isinstance(emb, np.memmap) else np.asarray(emb)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise LetterError(f"{name}: expected a [num_items, dim] matrix, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number):
         raise LetterError(f"{name}: expected numbers, got dtype {arr.dtype}")
     if num_items is not None and arr.shape[0] != num_items:
         raise LetterError(f"{name}: has {arr.shape[0]} rows but the dataset has {num_items} items")
-    bad = np.flatnonzero(~np.isfinite(arr).all(1))
+    bad = np.concatenate([start + np.flatnonzero(~np.isfinite(arr[start : start + ROW_CHUNK]).all(1))
+                          for start in range(0, len(arr), ROW_CHUNK)])
     if len(bad):
         raise LetterError(f"{name}: {len(bad)} row(s) contain NaN/inf, e.g. item(s) {bad[:5].tolist()}")
+    if isinstance(arr, np.memmap) and arr.dtype == np.float32:
+        return arr
     return arr.astype(np.float32, copy=True)
 
 
-def encode_all(model: RQVAE, x: torch.Tensor, batch: int = 8192,
+def encode_all(model: RQVAE, x, batch: int = 8192,
                standardized: bool = False) -> tuple[np.ndarray, torch.Tensor]:
-    """Eval-mode codes [I, L] (numpy) and latents [I, d] (CPU) of all rows of x, in chunks
-    (x already standardized when `standardized`)."""
+    """Eval-mode codes [I, L] (numpy) and latents [I, d] (CPU) of all rows of x (a tensor or a numpy
+    matrix, streamed a chunk at a time), in chunks (x already standardized when `standardized`)."""
     model.eval()
+    device = model.codebooks[0].device
     codes, zs = [], []
     for i in range(0, len(x), batch):
-        c, z = model.encode(x[i : i + batch], standardized=standardized)
+        c, z = model.encode(row_tensor(x, slice(i, i + batch), device), standardized=standardized)
         codes.append(c.cpu())
         zs.append(z.cpu())
     return torch.cat(codes).numpy(), torch.cat(zs)
@@ -59,7 +67,7 @@ class Tokenizer:
 
     def raw_codes(self, emb: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """Plain argmin codes [I, L] and latents z [I, e_dim], no collision handling."""
-        return encode_all(self.model, torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)))
+        return encode_all(self.model, emb)
 
     def resolve(self, codes: np.ndarray, z: torch.Tensor, movable: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """The authors' Sinkhorn re-assignment of colliding groups, then (config.unique) nearest-free-code moves."""

@@ -8,6 +8,7 @@ Loss = MSE(recon, x) + mean_l [ ||sg(r_l) - e_l||^2 + mu ||r_l - sg(e_l)||^2 ]
 with r_l = z - sg(sum_{k<l} e_k): the commitment term of every level pulls the encoder, never an
 earlier level's codebook (squared norms are means over elements, as the authors' F.mse_loss).
 """
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -58,6 +59,19 @@ def assign_codes(z: torch.Tensor, codebooks: list[torch.Tensor]) -> tuple[torch.
         return torch.stack(codes, 1), torch.stack(residuals, 1)
 
 
+ROW_CHUNK = 16384  # rows read, checked or encoded at a time when streaming an embedding matrix
+
+
+def row_tensor(x, rows, device=None) -> torch.Tensor:
+    """Rows of an embedding matrix (numpy, memory-mapped or not, or a tensor) as a float32 tensor on
+    `device`; `rows` a slice or an index array/tensor. A numpy matrix is read only at those rows."""
+    if isinstance(x, torch.Tensor):
+        return x[rows].to(device)
+    if isinstance(rows, torch.Tensor):
+        rows = rows.cpu().numpy()
+    return torch.from_numpy(np.array(x[rows], dtype=np.float32)).to(device)
+
+
 class RQVAE(nn.Module):
     """MLP encoder -> residual quantizer (L codebooks) -> MLP decoder."""
 
@@ -81,9 +95,14 @@ class RQVAE(nn.Module):
     def fit_input_scaling(self, x: torch.Tensor) -> None:
         """Center the inputs and give them unit mean squared value with one global scale (geometry
         kept). Unit-norm sentence embeddings otherwise have a reconstruction MSE ~1/dim, so small
-        that the alpha-weighted InfoNCE term swamps it."""
-        self.x_mean.copy_(x.mean(0))
-        self.x_scale.copy_(((x - self.x_mean) ** 2).mean().sqrt().clamp(min=1e-12))
+        that the alpha-weighted InfoNCE term swamps it. `x`: a tensor or a numpy matrix (read a
+        chunk of rows at a time, so a memory-mapped one is never loaded whole)."""
+        chunks = range(0, len(x), ROW_CHUNK)  # a numpy (memory-mapped) x is read a chunk at a time
+        total = sum(row_tensor(x, slice(i, i + ROW_CHUNK), self.x_mean.device).double().sum(0) for i in chunks)
+        self.x_mean.copy_(total / len(x))
+        squares = sum(((row_tensor(x, slice(i, i + ROW_CHUNK), self.x_mean.device) - self.x_mean).double() ** 2).sum()
+                      for i in chunks)
+        self.x_scale.copy_((squares / (len(x) * x.shape[1])).sqrt().clamp(min=1e-12))
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.x_mean) / self.x_scale

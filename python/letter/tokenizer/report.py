@@ -4,6 +4,7 @@ import torch
 from torch.nn import functional as F
 
 from .codes import level_stats
+from .model import ROW_CHUNK, row_tensor
 
 
 def category_agreement(first_level: np.ndarray, labels: np.ndarray) -> dict:
@@ -29,13 +30,22 @@ def category_agreement(first_level: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def _recon_mse(model, quantized: torch.Tensor, text) -> float:
+    """Mean squared reconstruction error over all items, a chunk of rows at a time (the decoder's
+    widest layer over a whole large catalog would not fit; `text` may be memory-mapped)."""
+    device = quantized.device
+    total = 0.0
+    for i in range(0, len(text), ROW_CHUNK):
+        x = model.standardize(row_tensor(text, slice(i, i + ROW_CHUNK), device))
+        total += float(F.mse_loss(model.decoder(quantized[i : i + ROW_CHUNK]), x, reduction="sum"))
+    return total / (len(text) * text.shape[1])
+
+
 def build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, init_stats, timings, item_labels) -> dict:
     model, config = tok.model, tok.config
     with torch.no_grad():
         c = torch.as_tensor(codes)
         quantized = sum(cb[c[:, l]] for l, cb in enumerate(tok.codebooks))
-        recon = model.decoder(quantized)
-        x = model.standardize(torch.from_numpy(text))
         report = {
             "name": tok.name,
             "items": int(len(text)),
@@ -50,7 +60,7 @@ def build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, 
             "unique": config.unique,
             "level_stats": level_stats(codes, config.codebook_sizes),
             "level_stats_before_resolution": level_stats(codes_raw, config.codebook_sizes),
-            "recon_mse": float(F.mse_loss(recon, x)),  # on the standardized inputs when config.standardize
+            "recon_mse": _recon_mse(model, quantized, text),  # on the standardized inputs when config.standardize
             "quantization_mse": float(F.mse_loss(quantized, z)),
         }
         if config.unique:

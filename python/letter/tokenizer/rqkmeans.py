@@ -143,7 +143,9 @@ def fit_rqkmeans(
     if iters < 0:
         raise LetterError(f"rqkmeans: iters must be >= 0, got {iters}")
     dev = resolve_device(device)
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(dev)
+    # k-means passes over every row many times: the matrix is held in memory (a copy, as a
+    # memory-mapped input is read-only)
+    x = torch.from_numpy(np.array(arr, dtype=np.float32)).to(dev)
     model = RQKMeans(x.shape[1], list(codebook_sizes), standardize=standardize, pca_dim=pca_dim).to(dev)
     started = time.perf_counter()
     stats = model.fit_preprocessing(x)

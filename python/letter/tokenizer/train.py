@@ -18,7 +18,7 @@ from .clustering import diversity_capacity, inertia, kmeans
 from .codes import collision_rate
 from .config import TokenizerConfig
 from .inference import Tokenizer, check_embeddings, encode_all
-from .model import RQVAE, collaborative_loss, diversity_loss, quantization_loss
+from .model import ROW_CHUNK, RQVAE, collaborative_loss, diversity_loss, quantization_loss, row_tensor
 from .report import build_report, plot_curves, report_markdown
 from .rqkmeans import fit_rqkmeans
 
@@ -48,11 +48,14 @@ def _check_inputs(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | No
         )
 
 
-def _init_codebooks(model: RQVAE, x: torch.Tensor, config: TokenizerConfig, gen: torch.Generator) -> list[dict]:
+def _init_codebooks(model: RQVAE, x, config: TokenizerConfig, gen: torch.Generator) -> list[dict]:
     """k-means the encoder's initial outputs level by level into the codebooks; returns inertia per level."""
     model.eval()
+    device = model.codebooks[0].device
     with torch.no_grad():
-        r = model.encoder(model.standardize(x))
+        # a chunk of rows at a time: the encoder's widest layer over the whole catalog would not fit
+        r = torch.cat([model.encoder(model.standardize(row_tensor(x, slice(i, i + ROW_CHUNK), device)))
+                       for i in range(0, len(x), ROW_CHUNK)])
         out = []
         for cb in model.codebooks:
             n = cb.shape[0]
@@ -159,7 +162,9 @@ class TokenizerTrainable(Trainable):
         # positives depend on each process's share of the batch.
         self.gen = rng.generator("codes", config.seed)
         self.order_gen = rng.generator("order", config.seed + 1, device="cpu")
-        self.x = torch.from_numpy(text).to(dev)
+        # An in-memory matrix goes to the device once; a memory-mapped one stays on disk and each step
+        # reads its batch's rows (row_tensor), so a catalog larger than memory streams.
+        self.x = text if isinstance(text, np.memmap) else torch.from_numpy(text).to(dev)
         self.h = torch.from_numpy(cf).to(dev) if cf is not None else None
         self.needs_proj = cf is not None and cf.shape[1] != config.e_dim
         self.model = self.step_module = RQVAE(text.shape[1], config, cf_dim=cf.shape[1] if self.needs_proj else None).to(dev)
@@ -168,7 +173,6 @@ class TokenizerTrainable(Trainable):
         self.labels: list[torch.Tensor] | None = None
         self.init_stats: list[dict] = []
         self.best_state: dict | None = None
-        self.xs: torch.Tensor | None = None
 
     def parameters(self) -> list:
         return list(self.model.parameters())
@@ -182,9 +186,6 @@ class TokenizerTrainable(Trainable):
 
     def start_epoch(self, epoch: int) -> None:
         config = self.config
-        if self.xs is None:  # standardized once (after the scaling is fitted or restored): what the model computes per batch
-            self.xs = self.model.standardize(self.x) if config.standardize else self.x
-            self.x = None
         self.epoch_started = time.perf_counter()
         if config.beta > 0 and (self.labels is None or (epoch - 1) % config.cluster_every == 0):
             t0 = time.perf_counter()
@@ -194,12 +195,13 @@ class TokenizerTrainable(Trainable):
 
     def batches(self, epoch: int):
         # a tail too short to give every process a row is skipped (the same on every rank)
-        return [b for b in batch_order(len(self.xs), self.config.batch_size, self.order_gen) if len(b) >= self.ctx.world]
+        return [b for b in batch_order(len(self.x), self.config.batch_size, self.order_gen) if len(b) >= self.ctx.world]
 
     def step(self, batch):
-        idx = shard(batch, self.ctx).to(self.ctx.device)
-        terms = _batch_losses(self.model, self.config, self.xs[idx], None if self.h is None else self.h[idx], self.labels,
-                              self.gen, BatchShare(len(batch), self.ctx), standardized=self.config.standardize)
+        idx, dev = shard(batch, self.ctx), self.ctx.device
+        terms = _batch_losses(self.model, self.config, row_tensor(self.x, idx, dev),
+                              None if self.h is None else self.h[idx.to(dev)], self.labels, self.gen,
+                              BatchShare(len(batch), self.ctx))
         return terms["loss"], terms
 
     def epoch_record(self, epoch: int, sums: dict[str, float], steps: int) -> dict:
@@ -212,7 +214,7 @@ class TokenizerTrainable(Trainable):
         validation = None
         if select:
             t0 = time.perf_counter()
-            codes, _ = encode_all(self.model, self.xs, standardized=self.config.standardize)
+            codes, _ = encode_all(self.model, self.x)
             rate = collision_rate(codes)
             used = [int(len(np.unique(codes[:, level]))) for level in range(self.config.levels)]
             validation = Validation({"collision": rate, "used": used}, -rate)
@@ -305,14 +307,13 @@ def _state_copy(model: RQVAE) -> dict[str, torch.Tensor]:
 
 
 def _batch_losses(model: RQVAE, config: TokenizerConfig, x: torch.Tensor, h: torch.Tensor | None,
-                  labels: list[torch.Tensor] | None, gen: torch.Generator, share: BatchShare,
-                  standardized: bool = False) -> dict[str, torch.Tensor]:
+                  labels: list[torch.Tensor] | None, gen: torch.Generator, share: BatchShare) -> dict[str, torch.Tensor]:
     """One training batch's loss and its terms (the terms with weight 0 are not computed: 0).
 
-    x and h hold this rank's rows of the global batch (x already standardized when `standardized`);
+    x and h hold this rank's rows of the global batch;
     terms are weighted so that averaging the gradients over ranks gives the one-process loss of the
     whole batch."""
-    out = model(x, sinkhorn=True, share=share if share.ctx.world > 1 else None, standardized=standardized)
+    out = model(x, sinkhorn=True, share=share if share.ctx.world > 1 else None)
     zero = torch.zeros((), device=x.device)
     weight = share.weight()
     terms = {

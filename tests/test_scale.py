@@ -1,0 +1,174 @@
+"""Large catalogs (issue 23): the streamed generator, the memory-mapped tokenizer path, the linear
+collision grouping, SASRec's sampled softmax, and a 100k-item smoke run of the cheap stages under
+a memory bound. Costs are measured by `python -m letter.bench scale`, not here."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from letter.cli.main import main
+from letter.data import load_dataset
+from letter.data.catalog import write_catalog
+from letter.data.stats import dataset_stats
+from letter.tokenizer import TokenizerConfig, train_tokenizer
+from letter.tokenizer.codes import colliding_groups
+
+
+def _files(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def test_catalog_is_seeded_and_amazon_like(tmp_path):
+    a = write_catalog(str(tmp_path / "a"), 2000, 3000, seed=3)
+    write_catalog(str(tmp_path / "b"), 2000, 3000, seed=3)
+    write_catalog(str(tmp_path / "c"), 2000, 3000, seed=4)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")  # same seed: byte-identical
+    assert _files(tmp_path / "a") != _files(tmp_path / "c")
+    ds = load_dataset(str(tmp_path / "a"))
+    stats = dataset_stats(ds)
+    assert (stats["users"], stats["items"], stats["interactions"]) == (3000, 2000, a["interactions"])
+    lengths = np.array([len(s) for s in ds.sequences])
+    assert lengths.min() == 5 and 7.5 < lengths.mean() < 9.5  # 5-core minimum, Amazon-like mean
+    assert all(s[i] != s[i + 1] for s in ds.sequences for i in range(len(s) - 1))  # no immediate repeats
+    counts = np.sort(np.bincount(np.concatenate(ds.sequences), minlength=2000))[::-1]
+    assert counts[:20].sum() > 0.1 * counts.sum()  # Zipf-like: the top 1% of items take > 10%
+    text = ds.item_text[7]
+    assert set(text) == {"title", "description", "brand", "categories", "category"} and text["category"] == 0
+    assert text["title"].endswith("model 7")
+
+
+def _peak_traced(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_catalog_memory_does_not_grow_with_the_users(tmp_path):
+    # numpy and Python allocations are traced: users come in chunks of 8192 whose arrays are
+    # [chunk, longest history in it <= 100], so 5x the users needs no more than one chunk's
+    # worst case (the longest history of a chunk varies: hence not equality)
+    few = _peak_traced(lambda: write_catalog(str(tmp_path / "few"), 4000, 10_000, seed=0))
+    many = _peak_traced(lambda: write_catalog(str(tmp_path / "many"), 4000, 50_000, seed=0))
+    assert many < 2 * few and many < 40 * 2**20
+
+
+def test_cli_synth_catalog(tmp_path):
+    r = CliRunner().invoke(main, ["data", "synth-catalog", str(tmp_path / "d"), "--items", "1000", "--users", "50",
+                                  "--seed", "1", "--name", "Big"])
+    assert r.exit_code == 0, r.output
+    ds = load_dataset(str(tmp_path / "d"))
+    assert (ds.name, ds.num_users, ds.num_items) == ("Big", 50, 1000)
+    assert f"{ds.num_interactions} interactions" in r.output
+
+
+def test_colliding_groups_match_brute_force():
+    codes = np.random.default_rng(0).integers(0, 3, size=(400, 3))
+    groups = colliding_groups(codes)
+    keys = [tuple(c) for c in codes.tolist()]
+    expected = sorted((np.array([i for i, k in enumerate(keys) if k == key]) for key in set(keys)
+                       if keys.count(key) > 1), key=lambda g: g[0])
+    assert len(groups) == len(expected) and all(np.array_equal(g, e) for g, e in zip(groups, expected))
+    assert colliding_groups(np.arange(12).reshape(4, 3)) == []
+
+
+def test_tokenizer_memory_mapped_equals_in_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    text = rng.standard_normal((300, 24)).astype(np.float32)
+    np.save(tmp_path / "text.npy", text)
+    config = TokenizerConfig(layers=[16], e_dim=4, codebook_sizes=[4, 4, 32], clusters=2, epochs=3, batch_size=64,
+                             kmeans_iters=5, alpha=0.0, unique=True, device="cpu")
+    in_memory = train_tokenizer(config, text, None, str(tmp_path / "a"), name="T")
+    mapped = np.load(tmp_path / "text.npy", mmap_mode="r")
+    streamed = train_tokenizer(config, mapped, None, str(tmp_path / "b"), name="T")
+    assert np.array_equal(np.load(tmp_path / "a" / "codes.npy"), np.load(tmp_path / "b" / "codes.npy"))
+    assert in_memory["recon_mse"] == streamed["recon_mse"]
+    a = torch.load(tmp_path / "a" / "model.pt")["model"]
+    b = torch.load(tmp_path / "b" / "model.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sampled_softmax_with_every_item_is_the_full_softmax():
+    from letter.cf.sasrec import sampled_softmax_loss
+
+    gen = torch.Generator().manual_seed(0)
+    h, emb = torch.randn(6, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    t = torch.tensor([0, 5, 29, 7, 7, 12])
+    full = F.cross_entropy(h @ emb.T, t, reduction="sum")
+    assert torch.allclose(sampled_softmax_loss(h, emb, t, torch.arange(30)), full, atol=1e-5)
+    # fewer negatives: the target is always in, so the loss is smaller than the full softmax's
+    assert sampled_softmax_loss(h, emb, t, torch.arange(10)) < full
+
+
+SMOKE = textwrap.dedent("""
+    import json, resource, sys
+    import numpy as np, torch
+    from letter.cf.config import CFConfig
+    from letter.cf.model import SASRec
+    from letter.cf.sasrec import sasrec_scorer
+    from letter.cf.train import ranking_metrics
+    from letter.data import load_dataset
+    from letter.decoding import PrefixIndex
+    from letter.rec.data import load_rec_data
+    from letter.rec.evaluation import generate, prefix_index
+    from letter.rec.config import RecConfig
+    from letter.rec.recommender import recommender_class
+    from letter.tokenizer import TokenizerConfig
+    from letter.tokenizer.inference import Tokenizer
+    from letter.tokenizer.rqkmeans import fit_rqkmeans
+    from letter.training import distributed
+
+    torch.manual_seed(0)
+    folder = sys.argv[1]
+    text = np.load(folder + "/text.npy", mmap_mode="r")  # 100k x 64, streamed
+    # residual k-means fitted on a sample: codes spread like a trained tokenizer's
+    config = TokenizerConfig(method="rqkmeans", codebook_sizes=[64, 64, 64], unique=True)
+    tok = Tokenizer(fit_rqkmeans(np.array(text[:4000]), config.codebook_sizes, iters=5), config, "Catalog")
+    raw, z = tok.raw_codes(text)
+    codes, info = tok.resolve(raw, z)
+    index = PrefixIndex.from_codes(torch.from_numpy(codes), config.codebook_sizes)
+    ds = load_dataset(folder + "/data")
+    rec = load_rec_data(ds, codes, 20)
+    rm = recommender_class("tiger").build(RecConfig(d_model=16, num_layers=1, num_decoder_layers=1, num_heads=2,
+                                                    d_kv=8, d_ff=32), rec, torch.device("cpu"))
+    samples = rec.split.test[:32]
+    leaves, _ = generate(rm.model, prefix_index(rec, "cpu"), rec.encode([h for h, _ in samples]), 10, 32, "cpu")
+    cfg = CFConfig(dim=16, blocks=1, heads=1)
+    with distributed("cpu") as ctx:
+        sasrec = SASRec(ds.num_items, 16, 1, 1, 0.0, cfg.max_len).eval()
+        ranking = ranking_metrics(sasrec_scorer(sasrec), samples, [0] * len(samples), ds.num_items, ctx, cfg)
+    print(json.dumps({"moves": info["unique_moves"], "unique": bool(len(np.unique(codes, axis=0)) == len(codes)), "leaves": index.num_leaves,
+                      "found": int((leaves >= 0).sum()), "recall": ranking["recall@10"],
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""")
+
+
+def test_100k_items_cheap_stages_stay_within_memory(tmp_path):
+    items = 100_000
+    write_catalog(str(tmp_path / "data"), items, 20_000, seed=0)
+    text = np.lib.format.open_memmap(str(tmp_path / "text.npy"), "w+", np.float32, (items, 64))
+    for start in range(0, items, 25_000):
+        text[start:start + 25_000] = np.random.default_rng(start).standard_normal((25_000, 64), dtype=np.float32)
+    text.flush()
+    del text
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", SMOKE, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["unique"] and result["leaves"] == items  # --unique: one identifier per item
+    assert result["found"] == 32 * 10  # every user got a full constrained list
+    assert 0 <= result["recall"] <= 1
+    # The process holds torch, the dataset and 100k-row arrays: a stage that held the catalog
+    # quadratically (a [users, items] or [items, items] matrix) or the embedding matrix several
+    # times in dense float64 would go far past this.
+    assert result["peak_rss_mib"] < 1200, result
