@@ -42,9 +42,10 @@ def test_model_is_causal():
     assert not torch.isnan(padded).any()
 
 
-def test_sasrec_learns_on_synthetic_and_exports(tmp_path):
+@pytest.mark.parametrize("loss", [dict(loss="ce"), dict(loss="sampled", negatives=32)])
+def test_sasrec_learns_on_synthetic_and_exports(tmp_path, loss):
     ds = make_synthetic(num_users=400, num_items=160, num_categories=8, seed=1)
-    cfg = CFConfig(dim=16, dropout=0.2, max_len=20, epochs=4, patience=3)
+    cfg = CFConfig(dim=16, dropout=0.2, max_len=20, epochs=4, patience=3, **loss)
     result = train_cf(ds, str(tmp_path), cfg, log=_quiet)
     paths = output_paths(str(tmp_path), ds.name, 16)
     emb = np.load(paths["embeddings"])
@@ -220,7 +221,8 @@ def test_lightgcn_export_feeds_train_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "lightgcn", "--loss", "bce"], "cf: loss bce is not a lightgcn loss (one of ce, bpr)"),
-    (["--model", "sasrec", "--loss", "bpr"], "cf: loss bpr is not a sasrec loss (one of ce, bce)"),
+    (["--model", "sasrec", "--loss", "bpr"], "cf: loss bpr is not a sasrec loss (one of ce, sampled, bce)"),
+    (["--model", "lightgcn", "--loss", "sampled"], "cf: loss sampled is not a lightgcn loss (one of ce, bpr)"),
     (["--model", "lightgcn", "--graph-layers", "0"], "cf: graph_layers must be >= 1, got 0"),
     (["--model", "gcn"], "'gcn' is not one of 'sasrec', 'lightgcn'"),
 ])

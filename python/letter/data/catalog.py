@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from letter.data.readers import INTER_SUFFIX, ITEM_SUFFIX
-from letter.utils import atomic_path
+from letter.runs import atomic_path
 
 SYLLABLES = ("ka", "lo", "mi", "ren", "sa", "tu", "vor", "zel", "qui", "bra", "dun", "ex", "po", "ni", "gar", "ul")
 ADJECTIVES = ("premium", "professional", "compact", "heavy", "lightweight", "durable", "classic", "deluxe", "portable")
