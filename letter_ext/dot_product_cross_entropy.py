@@ -131,7 +131,8 @@ def dot_product_cross_entropy(
     loss_i = logsumexp_j logits_ij - logits_i,targets_i. Differentiable w.r.t. q, keys and bias
     (once: the fused backends raise on double backward, create_graph=True). The fused backends never
     hold the B x M logits (see the module docstring for the two paths). bf16/fp16 inputs on CUDA's
-    chunked path use GEMMs in that dtype (fp32 accumulation), like eager F.linear.
+    chunked path use GEMMs in that dtype (fp32 accumulation), like eager F.linear; so do bf16
+    inputs on CPU's chunked path where letter_ext._backend.bf16_gemms() (AMX/AVX512-BF16).
     """
     _check_dot_product_cross_entropy(q, keys, targets, temperature, exclude, bias, ignore_index, reduction)
     which = resolve("dot_product_cross_entropy_fwd", q.device, backend)
