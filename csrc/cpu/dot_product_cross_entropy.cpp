@@ -565,7 +565,8 @@ RowPass<T> pick_row_pass() {
 }
 
 // Losses and lse of every row; with g (upstream gradient per row, ignored rows skipped), also
-// dq [B, d] (written), dk [M, d] (accumulated, zero on entry) and dbias [M] (accumulated, when defined).
+// dq [B, d] (written), dk [M, d] (written by the first chunk, accumulated by the others: no separate
+// zeroing pass over it) and dbias [M] (accumulated, zero on entry, when defined).
 // q and keys are in T (the accumulation dtype) or in bf16 (bf16 GEMMs; see the file comment).
 template <typename T>
 void chunked_kernel(const at::Tensor& q, const at::Tensor& keys, const T* bias, const int64_t* targets,
@@ -621,17 +622,30 @@ void chunked_kernel(const at::Tensor& q, const at::Tensor& keys, const T* bias, 
     });
     if (!g) continue;
     at::Tensor dq_rows = dq.narrow(0, r0, rows);
+    const bool first_chunk = r0 == 0;
     if (low_precision_gemm) {
       at::Tensor ds = gemm_buffer.narrow(0, 0, rows);
       ds.copy_(s);
       dq_rows.copy_(at::mm(ds, keys));
       for (int64_t k0 = 0; k0 < M; k0 += kKeyBlock) {
         const int64_t keys_in_block = std::min(kKeyBlock, M - k0);
-        dk.narrow(0, k0, keys_in_block).add_(at::mm(ds.narrow(1, k0, keys_in_block).t(), q_chunk));
+        // The block's columns transposed into a contiguous [keys, rows] copy: oneDNN's bf16 GEMM
+        // on the strided or transposed slice ran at half the rate of the other two GEMMs.
+        const at::Tensor product = at::mm(ds.narrow(1, k0, keys_in_block).t().contiguous(), q_chunk);
+        at::Tensor dk_block = dk.narrow(0, k0, keys_in_block);
+        if (first_chunk) {
+          dk_block.copy_(product);
+        } else {
+          dk_block.add_(product);
+        }
       }
     } else {
       at::mm_out(dq_rows, s, keys);
-      dk.addmm_(s.t(), q_chunk);
+      if (first_chunk) {
+        at::mm_out(dk, s.t(), q_chunk);
+      } else {
+        dk.addmm_(s.t(), q_chunk);
+      }
     }
     if (dbias.defined()) dbias.add_(s.sum(0));
   }
@@ -742,7 +756,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dot_produ
   const auto acc_options = q.options().dtype(acc);
   at::Tensor loss = at::empty({B}, acc_options), lse = at::empty({B}, acc_options);
   at::Tensor dq = at::empty({ga.defined() ? B : 0, d}, acc_options);
-  at::Tensor dk = at::zeros({ga.defined() ? M : 0, d}, acc_options);
+  // Written by the kernel's first chunk; zeros when there is none (B = 0).
+  at::Tensor dk = B > 0 ? at::empty({ga.defined() ? M : 0, d}, acc_options) : at::zeros({ga.defined() ? M : 0, d}, acc_options);
   at::Tensor dbias = ga.defined() && ba.defined() ? at::zeros({M}, acc_options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "dot_product_cross_entropy_chunked_cpu", [&] {
     chunked_kernel<scalar_t>(qa, ka, ba.defined() ? ba.data_ptr<scalar_t>() : nullptr, ta.data_ptr<int64_t>(),
