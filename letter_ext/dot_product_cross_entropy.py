@@ -30,8 +30,9 @@ DOUBLE_BACKWARD_ERROR = (
     "dot_product_cross_entropy: double backward (create_graph=True) is not supported by the fused "
     "backends; use backend='reference' (materialized logits) for higher-order gradients"
 )
-# Logits per chunk of the chunked path: on CPU a chunk small enough to stay cheap (32 MiB: ~250 rows
-# at M = 33,024, a full-rate GEMM); on CUDA larger chunks keep the launches few.
+# Logits per chunk of chunked_torch: on CPU a chunk small enough to stay cheap (32 MiB: ~250 rows
+# at M = 33,024, a full-rate GEMM; the C++ CPU kernel takes at least d/4 rows, see chunk_rows there);
+# on CUDA larger chunks keep the launches few.
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 
 
