@@ -44,4 +44,6 @@ TORCH_LIBRARY(letter, m) {
   m.def("set_isa(str isa) -> ()", [](const std::string& isa) { letter::set_active_isa(isa); });
   m.def("isa() -> str", []() { return std::string(letter::isa_name(letter::active_isa())); });
   m.def("best_isa() -> str", []() { return std::string(letter::isa_name(letter::cpu_best_isa())); });
+  // Whether bf16 inputs get bf16 GEMMs on this CPU now (csrc/cpu/isa.h).
+  m.def("bf16_gemms() -> bool", []() { return letter::bf16_gemms_pay(); });
 }

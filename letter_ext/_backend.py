@@ -64,6 +64,12 @@ def set_isa(name: str) -> None:
     torch.ops.letter.set_isa(name)
 
 
+def bf16_gemms() -> bool:
+    """Whether bf16 inputs run their GEMMs in bf16 on CPU now (the chunked cross-entropy path): the
+    CPU has AMX-BF16 or AVX512-BF16 and the avx512 path is active (csrc/cpu/isa.h)."""
+    return bool(torch.ops.letter.bf16_gemms()) if _C is not None else False
+
+
 if _C is not None and os.environ.get("LETTER_ISA"):
     set_isa(os.environ["LETTER_ISA"])
 

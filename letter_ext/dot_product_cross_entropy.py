@@ -30,8 +30,9 @@ DOUBLE_BACKWARD_ERROR = (
     "dot_product_cross_entropy: double backward (create_graph=True) is not supported by the fused "
     "backends; use backend='reference' (materialized logits) for higher-order gradients"
 )
-# Logits per chunk of the chunked path: on CPU a chunk small enough to stay cheap (32 MiB: ~250 rows
-# at M = 33,024, a full-rate GEMM); on CUDA larger chunks keep the launches few.
+# Logits per chunk of chunked_torch: on CPU a chunk small enough to stay cheap (32 MiB: ~250 rows
+# at M = 33,024, a full-rate GEMM; the C++ CPU kernel takes at least d/4 rows, see chunk_rows there);
+# on CUDA larger chunks keep the launches few.
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 
 
@@ -131,7 +132,8 @@ def dot_product_cross_entropy(
     loss_i = logsumexp_j logits_ij - logits_i,targets_i. Differentiable w.r.t. q, keys and bias
     (once: the fused backends raise on double backward, create_graph=True). The fused backends never
     hold the B x M logits (see the module docstring for the two paths). bf16/fp16 inputs on CUDA's
-    chunked path use GEMMs in that dtype (fp32 accumulation), like eager F.linear.
+    chunked path use GEMMs in that dtype (fp32 accumulation), like eager F.linear; so do bf16
+    inputs on CPU's chunked path where letter_ext._backend.bf16_gemms() (AMX/AVX512-BF16).
     """
     _check_dot_product_cross_entropy(q, keys, targets, temperature, exclude, bias, ignore_index, reduction)
     which = resolve("dot_product_cross_entropy_fwd", q.device, backend)

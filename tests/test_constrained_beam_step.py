@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import letter_ext
-from conftest import available_backends, devices
+from conftest import available_backends, devices, forced_isas
 from letter_ext.trie import build_trie_levels
 
 NEG_INF = float("-inf")
@@ -327,6 +327,29 @@ def test_nan_row_whose_other_logits_are_neg_inf(backend, fill):
     logits[6, logits.shape[1] // 2] = float("nan") if fill != "inf" else float("inf")
     with pytest.raises(ValueError, match=BAD_ROW_MESSAGE):
         letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 5, backend=backend)
+
+
+@pytest.mark.skipif("cpu" not in available_backends("constrained_beam_step"), reason="no compiled kernel")
+@pytest.mark.parametrize("force_isa", forced_isas(), indirect=True)
+def test_every_isa_matches_reference(force_isa):
+    """The C++ kernel on each instruction set this machine runs (AVX-512: 16-wide log-sum-exp with
+    masked tails; AVX2: 8-wide with scalar tails; scalar)."""
+    for items, levels, k in [(37, 3, 5), (5000, 4, 20), (300, 2, 20)]:
+        test_matches_reference("cpu", "cpu", items, levels, k)
+    test_wide_nodes_match_reference("cpu", "cpu")
+    # V = 8m + 5 + extra: tails of every width of the passes (8, 16, 32, 64 floats per step)
+    for extra in (0, 3, 11, 27, 59):
+        logits, beam_scores, nodes, trie = _nonfinite_inputs(vocab_extra=extra)
+        logits[4, :20] = NEG_INF  # impossible tokens, some of them children
+        ref = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 5, backend="reference")
+        out = letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 5, backend="cpu")
+        assert_step_valid(out, ref, logits, beam_scores, nodes, trie, 1)
+        for value in (float("nan"), float("inf")):
+            for where in ("first", "middle", "tail", "last"):
+                bad = logits.clone()
+                bad[6, _column(where, bad, nodes, trie, 6)] = value
+                with pytest.raises(ValueError, match=BAD_ROW_MESSAGE):
+                    letter_ext.constrained_beam_step(bad, beam_scores, nodes, trie, 1, 5, backend="cpu")
 
 
 @pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))

@@ -391,6 +391,27 @@ def test_chunked_path_across_chunk_boundaries(force_isa, reduction):
         assert got[1][254:508].abs().max() == 0  # ignored rows get no gradient
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+@pytest.mark.parametrize("force_isa", forced_isas(), indirect=True)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_path_bf16_matches_reference_within_bf16_rounding(force_isa, reduction):
+    # bf16 inputs: bf16 GEMMs where bf16_gemms() (logits rounded to bf16 like eager F.linear; the
+    # dkeys update in blocks of 4,096 keys: M = 9,000 spans three), else fp32 GEMMs on the bf16
+    # values. Either way within bf16 rounding of the float64 reference on the same bf16 values.
+    from letter_ext._backend import bf16_gemms
+
+    B, M, d = 200, 9000, 40
+    q, keys, targets, excl, b = make_inputs(B, M, d, seed=22, exclude=True, bias=True, ignore=True, scale=0.4)
+    q, keys, b = q.bfloat16(), keys.bfloat16(), b.bfloat16()
+    w = torch.randn(B, generator=torch.Generator().manual_seed(23)) if reduction == "none" else torch.ones(1)
+    got = run_backend("cpu", q, keys, targets, excl, b, 0.5, w.bfloat16(), reduction, "chunked")
+    want = run_backend("reference", q.double(), keys.double(), targets, excl, b.double(), 0.5, w.double(), reduction)
+    assert got[0].dtype == got[1].dtype == got[2].dtype == got[3].dtype == torch.bfloat16
+    for name, g, r in zip(("loss", "dq", "dkeys", "dbias"), got, want):
+        torch.testing.assert_close(g.double(), r, atol=2e-2 * (r.abs().max().item() + 1e-3), rtol=2e-2,
+                                   msg=lambda m: f"{name} (bf16 GEMMs: {bf16_gemms()}): {m}")
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 5, 64])
 def test_chunked_torch_kernel_matches_reference(chunk_rows):
     # The CUDA kernel of the chunked path is plain torch: checked here on CPU, chunks of a few rows.

@@ -262,6 +262,27 @@ def test_unknown_backend():
 
 
 @pytest.mark.skipif(not available_backends("residual_quantize"), reason="no compiled kernel")
+@pytest.mark.parametrize("copies", [(9, 17, 33), (17, 33, 49)])
+def test_exact_ties_across_lanes_and_tiles_pick_lowest_index_on_every_isa(copies):
+    # Copies of the nearest code sit in different vector halves, lanes and code tiles of the
+    # micro-kernels (AVX2: 16 codes per tile in two halves of 8; AVX-512: 32 in two halves of 16),
+    # e.g. 17 (second half) against 33 (first half of the next tile) in the same lane.
+    gen = torch.Generator().manual_seed(3)
+    cb = torch.randn(1, 70, 8, generator=gen)
+    for j in copies[1:]:
+        cb[0, j] = cb[0, copies[0]]
+    x = cb[0, copies[0]][None].repeat(13, 1) + 1e-3 * torch.randn(13, 8, generator=gen)
+    before = letter_ext.isa()
+    try:
+        for name in forced_isas():
+            letter_ext.set_isa(name)
+            codes, _ = letter_ext.residual_quantize(x, cb, backend="cpu")
+            assert (codes == copies[0]).all(), (name, codes.flatten().tolist())
+    finally:
+        letter_ext.set_isa(before)
+
+
+@pytest.mark.skipif(not available_backends("residual_quantize"), reason="no compiled kernel")
 @pytest.mark.parametrize("B,d,L,N", [(1, 1, 1, 1), (7, 33, 3, 255), (257, 64, 2, 257), (255, 4096, 2, 33)])
 def test_every_isa_picks_identical_codes(B, d, L, N):
     # Each ISA's path forms the scores by the same fused multiply-adds: identical codes, identical

@@ -32,5 +32,19 @@ LETTER_TARGET_AVX512 inline __m512 exp_avx512(__m512 x) {
   return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(bits));
 }
 
+// exp(x) for x <= 0 (inputs shifted by their maximum, as in a log-sum-exp): exp_nonpositive_avx2's
+// operations 16 wide (same clamp, rounding constant and polynomial), so both paths round alike.
+LETTER_TARGET_AVX512 inline __m512 exp_nonpositive_avx512(__m512 x) {
+  const __m512 round = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: float add rounds to an integer
+  x = _mm512_max_ps(_mm512_set1_ps(-87.33654f), x);  // max_ps returns its second operand for NaN
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), round);
+  const __m512 n = _mm512_sub_ps(t, round);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), x);
+  const __m512 p = exp_reduced_avx512(r);
+  // t's bits are 0x4B400000 + n; shifting by 23 drops the constant and leaves n in the exponent.
+  const __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23), _mm512_set1_epi32(127 << 23));
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
 }  // namespace letter
 #endif

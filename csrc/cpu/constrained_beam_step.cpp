@@ -10,6 +10,9 @@
 // Bans: each batch row's banned child nodes are sorted, and a beam's children are the contiguous
 // edge range [first, last), so two binary searches give the bans of one beam; the children scan
 // then walks them alongside (one comparison per chunk of 8 when the beam has none).
+//
+// Paths (csrc/cpu/isa.h): AVX-512 (the log-sum-exp 16 wide; the children scan is AVX2's: a few to
+// 256 gathers per beam), AVX2 + FMA (log-sum-exp and children scan) and portable.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "avx2_math.h"
+#include "avx512_math.h"
 
 namespace letter {
 namespace {
@@ -113,10 +117,19 @@ scalar_t log_sum_exp_generic(const scalar_t* x, int64_t n, const scalar_t* /*nex
 // `next` (may be null) is the row the caller reads after this one: it is prefetched during the
 // exp pass, which is compute bound, so that the next row's max pass does not wait on memory.
 __attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64_t n, const float* next) {
+  // Four running maxima: one would wait on max_ps's latency at every step.
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 vmax = neg_inf;
+  __m256 max0 = neg_inf, max1 = neg_inf, max2 = neg_inf, max3 = neg_inf;
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(_mm256_loadu_ps(x + i), vmax);
+  for (; i + 32 <= n; i += 32) {
+    max0 = _mm256_max_ps(_mm256_loadu_ps(x + i), max0);
+    max1 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), max1);
+    max2 = _mm256_max_ps(_mm256_loadu_ps(x + i + 16), max2);
+    max3 = _mm256_max_ps(_mm256_loadu_ps(x + i + 24), max3);
+  }
+  for (; i + 8 <= n; i += 8) max0 = _mm256_max_ps(_mm256_loadu_ps(x + i), max0);
+  // The running maxima hold no NaN (max_ps kept the old value), so their order does not matter.
+  const __m256 vmax = _mm256_max_ps(_mm256_max_ps(max0, max1), _mm256_max_ps(max2, max3));
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
   float mx = lanes[0];
@@ -145,6 +158,49 @@ __attribute__((target("avx2,fma"))) float log_sum_exp_avx2(const float* x, int64
   float sum = 0.f;
   for (int t = 0; t < 8; ++t) sum += lanes[t];
   for (; i < n; ++i) sum += std::exp(x[i] - mx);
+  return mx + std::log(sum);
+}
+#endif
+
+#ifdef LETTER_HAVE_AVX512_MATH
+// log_sum_exp_avx2 16 wide, with masked tails instead of scalar ones.
+LETTER_TARGET_AVX512 float log_sum_exp_avx512(const float* x, int64_t n, const float* next) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 max0 = neg_inf, max1 = neg_inf, max2 = neg_inf, max3 = neg_inf;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    max0 = _mm512_max_ps(_mm512_loadu_ps(x + i), max0);
+    max1 = _mm512_max_ps(_mm512_loadu_ps(x + i + 16), max1);
+    max2 = _mm512_max_ps(_mm512_loadu_ps(x + i + 32), max2);
+    max3 = _mm512_max_ps(_mm512_loadu_ps(x + i + 48), max3);
+  }
+  for (; i + 16 <= n; i += 16) max0 = _mm512_max_ps(_mm512_loadu_ps(x + i), max0);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);  // n - i < 16
+  if (tail != 0) max0 = _mm512_mask_max_ps(max0, tail, _mm512_maskz_loadu_ps(tail, x + i), max0);
+  const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(max0, max1), _mm512_max_ps(max2, max3)));
+  if (!std::isfinite(mx)) return log_sum_exp_of_infinite_max(x, n, mx);
+  const __m512 shift = _mm512_set1_ps(mx);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
+  i = 0;
+  for (; i + 64 <= n; i += 64) {  // 64 floats = four cache lines
+    if (next != nullptr) {
+      for (int line = 0; line < 64; line += 16) _mm_prefetch(reinterpret_cast<const char*>(next + i + line), _MM_HINT_T0);
+    }
+    acc0 = _mm512_add_ps(acc0, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift)));
+    acc1 = _mm512_add_ps(acc1, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), shift)));
+    acc2 = _mm512_add_ps(acc2, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 32), shift)));
+    acc3 = _mm512_add_ps(acc3, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 48), shift)));
+  }
+  if (next != nullptr) {
+    for (int64_t j = i; j < n; j += 16) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 live = n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + i), shift));
+    acc0 = _mm512_add_ps(acc0, _mm512_maskz_mov_ps(live, e));
+  }
+  const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
   return mx + std::log(sum);
 }
 #endif
@@ -234,6 +290,9 @@ using LogSumExpFn = scalar_t (*)(const scalar_t*, int64_t, const scalar_t*);
 template <typename scalar_t>
 LogSumExpFn<scalar_t> pick_log_sum_exp() {
   if constexpr (std::is_same_v<scalar_t, float>) {
+#ifdef LETTER_HAVE_AVX512_MATH
+    if (active_isa() >= Isa::avx512) return log_sum_exp_avx512;
+#endif
 #ifdef LETTER_HAVE_AVX2_MATH
     if (cpu_has_avx2_fma()) return log_sum_exp_avx2;
 #endif

@@ -11,12 +11,15 @@
 // Each output row is owned by one task, so results are deterministic (no atomics, no reductions
 // whose order depends on the thread count).
 //
-// Chunked-GEMM path. Rows in chunks of about kChunkBytes of logits: the BLAS (at::mm: MKL/oneDNN,
-// which pick AVX-512/AMX themselves) writes a chunk's logits into one preallocated buffer, a
-// row-parallel pass turns them into the loss and log-sum-exp and, when upstream row gradients g
-// are given, into dS = g (P - onehot) / tau in place, and two more GEMMs give the chunk's dq rows
-// and add its share of dkeys. With g known in the forward (a reduced loss), forward + backward is
-// the three GEMMs eager pays, without eager's B x M logits and their gradient in memory.
+// Chunked-GEMM path. Rows in chunks (chunk_rows): the BLAS (at::mm: MKL/oneDNN, which pick
+// AVX-512/AMX themselves) writes a chunk's logits into one preallocated buffer, a row-parallel pass
+// turns them into the loss and log-sum-exp and, when upstream row gradients g are given, into
+// dS = g (P - onehot) / tau in place, and two more GEMMs give the chunk's dq rows and add its share
+// of dkeys. With g known in the forward (a reduced loss), forward + backward is the three GEMMs
+// eager pays, without eager's B x M logits and their gradient in memory. bf16 inputs on a CPU with
+// bf16 GEMMs (AMX or AVX512-BF16, and the avx512 path active) run the three GEMMs in bf16 like
+// eager F.linear (logits rounded to bf16, fp32 accumulation inside the GEMM); the row pass, dq and
+// dkeys stay fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -425,9 +428,23 @@ void backward_keys_kernel(const Problem<T>& p, const std::vector<T>& g, const st
 
 // ---- chunked-GEMM path: the row pass over one chunk of logits ---------------------------------
 
-// Logits of the chunk buffer per row: about this many bytes per chunk (M = 33,024 keys: ~250 rows,
-// enough for the BLAS to run at full rate; the buffer stays far below eager's B x M logits).
+// Logits per chunk: at least about this many bytes (M = 33,024 keys: ~250 rows, enough for the
+// BLAS to run at full rate; the buffer stays far below eager's B x M logits).
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
+
+// Rows per chunk. Each chunk's dkeys += dS^T Q re-reads and rewrites the whole [M, d] accumulator
+// (8 M d bytes in fp32) for 2 M rows d multiply-add flops: rows / 4 flops per byte of that traffic.
+// At least d / 4 rows makes the chunk buffer (rows M) a quarter of the accumulator (M d) and the
+// traffic small next to the GEMM on any CPU (1,024 rows at d = 4,096: 8 chunks of 8,192 rows, not
+// 33, for a 129 MiB buffer next to dkeys' 516 MiB).
+int64_t chunk_rows(int64_t B, int64_t M, int64_t d, int64_t element_bytes) {
+  const int64_t rows = std::max(kChunkBytes / (M * element_bytes), d / 4);
+  return std::clamp<int64_t>(rows, 1, std::max<int64_t>(B, 1));
+}
+
+// Keys per block of the bf16 dkeys update: its bf16 product [block, d] is added to the fp32
+// accumulator block by block, so the temporary stays small.
+constexpr int64_t kKeyBlock = 4096;
 
 // s[j] = (s[j] + bias[j]) * inv_tau (bias may be null); returns max_j s[j].
 template <typename T>
@@ -548,21 +565,33 @@ RowPass<T> pick_row_pass() {
 }
 
 // Losses and lse of every row; with g (upstream gradient per row, ignored rows skipped), also
-// dq [B, d] (written), dk [M, d] (accumulated, zero on entry) and dbias [M] (accumulated, when defined).
+// dq [B, d] (written), dk [M, d] (written by the first chunk, accumulated by the others: no separate
+// zeroing pass over it) and dbias [M] (accumulated, zero on entry, when defined).
+// q and keys are in T (the accumulation dtype) or in bf16 (bf16 GEMMs; see the file comment).
 template <typename T>
 void chunked_kernel(const at::Tensor& q, const at::Tensor& keys, const T* bias, const int64_t* targets,
                     const int64_t* exclude, int64_t ignore_index, T inv_tau, const T* g, T* loss, T* lse,
                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dbias) {
-  const int64_t B = q.size(0), M = keys.size(0);
-  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (M * int64_t(sizeof(T))), 1, std::max<int64_t>(B, 1));
+  const int64_t B = q.size(0), M = keys.size(0), d = q.size(1);
+  const bool low_precision_gemm = q.scalar_type() != c10::CppTypeToScalarType<T>::value;
+  const int64_t chunk = chunk_rows(B, M, d, sizeof(T));
   const RowPass<T> rp = pick_row_pass<T>();
-  at::Tensor buffer = at::empty({chunk, M}, q.options());
+  const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor buffer = at::empty({chunk, M}, acc_options);
+  // bf16 GEMMs: their logits and dS go through a bf16 twin of the buffer.
+  at::Tensor gemm_buffer = low_precision_gemm ? at::empty({chunk, M}, q.options()) : at::Tensor();
   const at::Tensor keys_t = keys.t();
   for (int64_t r0 = 0; r0 < B; r0 += chunk) {
     const int64_t rows = std::min(chunk, B - r0);
     at::Tensor s = buffer.narrow(0, 0, rows);
     const at::Tensor q_chunk = q.narrow(0, r0, rows);
-    at::mm_out(s, q_chunk, keys_t);
+    if (low_precision_gemm) {
+      at::Tensor s_gemm = gemm_buffer.narrow(0, 0, rows);
+      at::mm_out(s_gemm, q_chunk, keys_t);
+      s.copy_(s_gemm);
+    } else {
+      at::mm_out(s, q_chunk, keys_t);
+    }
     T* sp = s.data_ptr<T>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / M), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -593,8 +622,31 @@ void chunked_kernel(const at::Tensor& q, const at::Tensor& keys, const T* bias, 
     });
     if (!g) continue;
     at::Tensor dq_rows = dq.narrow(0, r0, rows);
-    at::mm_out(dq_rows, s, keys);
-    dk.addmm_(s.t(), q_chunk);
+    const bool first_chunk = r0 == 0;
+    if (low_precision_gemm) {
+      at::Tensor ds = gemm_buffer.narrow(0, 0, rows);
+      ds.copy_(s);
+      dq_rows.copy_(at::mm(ds, keys));
+      for (int64_t k0 = 0; k0 < M; k0 += kKeyBlock) {
+        const int64_t keys_in_block = std::min(kKeyBlock, M - k0);
+        // The block's columns transposed into a contiguous [keys, rows] copy: oneDNN's bf16 GEMM
+        // on the strided or transposed slice ran at half the rate of the other two GEMMs.
+        const at::Tensor product = at::mm(ds.narrow(1, k0, keys_in_block).t().contiguous(), q_chunk);
+        at::Tensor dk_block = dk.narrow(0, k0, keys_in_block);
+        if (first_chunk) {
+          dk_block.copy_(product);
+        } else {
+          dk_block.add_(product);
+        }
+      }
+    } else {
+      at::mm_out(dq_rows, s, keys);
+      if (first_chunk) {
+        at::mm_out(dk, s.t(), q_chunk);
+      } else {
+        dk.addmm_(s.t(), q_chunk);
+      }
+    }
     if (dbias.defined()) dbias.add_(s.sum(0));
   }
 }
@@ -693,17 +745,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dot_produ
     const std::optional<at::Tensor>& bias, double temperature, int64_t ignore_index,
     const std::optional<at::Tensor>& grad_rows) {
   const auto acc = acc_type(q);
-  const at::Tensor qa = q.to(acc).contiguous(), ka = keys.to(acc).contiguous();
+  const auto gemm_dtype = q.scalar_type() == at::kBFloat16 && bf16_gemms_pay() ? at::kBFloat16 : acc;
+  const at::Tensor qa = q.to(gemm_dtype).contiguous(), ka = keys.to(gemm_dtype).contiguous();
   const at::Tensor ta = targets.contiguous(), ea = contiguous_as(exclude, at::kLong), ba = contiguous_as(bias, acc);
   check_inputs(q, keys, ta, ea, bias.has_value() ? *bias : at::Tensor(), temperature, ignore_index);
   const int64_t B = q.size(0), M = keys.size(0), d = q.size(1);
   const at::Tensor ga = contiguous_as(grad_rows, acc);
   TORCH_CHECK_VALUE(!ga.defined() || (ga.dim() == 1 && ga.size(0) == B),
                     "dot_product_cross_entropy_chunked: grad_rows must be [B]");
-  at::Tensor loss = at::empty({B}, qa.options()), lse = at::empty({B}, qa.options());
-  at::Tensor dq = at::empty({ga.defined() ? B : 0, d}, qa.options());
-  at::Tensor dk = at::zeros({ga.defined() ? M : 0, d}, qa.options());
-  at::Tensor dbias = ga.defined() && ba.defined() ? at::zeros({M}, qa.options()) : at::Tensor();
+  const auto acc_options = q.options().dtype(acc);
+  at::Tensor loss = at::empty({B}, acc_options), lse = at::empty({B}, acc_options);
+  at::Tensor dq = at::empty({ga.defined() ? B : 0, d}, acc_options);
+  // Written by the kernel's first chunk; zeros when there is none (B = 0).
+  at::Tensor dk = B > 0 ? at::empty({ga.defined() ? M : 0, d}, acc_options) : at::zeros({ga.defined() ? M : 0, d}, acc_options);
+  at::Tensor dbias = ga.defined() && ba.defined() ? at::zeros({M}, acc_options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "dot_product_cross_entropy_chunked_cpu", [&] {
     chunked_kernel<scalar_t>(qa, ka, ba.defined() ? ba.data_ptr<scalar_t>() : nullptr, ta.data_ptr<int64_t>(),
                              ea.defined() ? ea.data_ptr<int64_t>() : nullptr, ignore_index,

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <string>
 
+#include <ATen/cpu/Utils.h>
 #include <c10/util/Exception.h>
 
 namespace letter {
@@ -50,6 +51,19 @@ inline void set_active_isa(const std::string& name) {
   TORCH_CHECK_VALUE(static_cast<int>(wanted) <= static_cast<int>(cpu_best_isa()), "set_isa: this CPU does not run '",
                     name, "' (its best is '", isa_name(cpu_best_isa()), "')");
   active_isa_slot().store(static_cast<int>(wanted), std::memory_order_relaxed);
+}
+
+// Whether bf16 GEMMs beat fp32 ones here, so that bf16 inputs should run their GEMMs in bf16: the
+// CPU has bf16 matrix instructions (AMX-BF16 or AVX512-BF16, which oneDNN's bf16 GEMM uses) and the
+// avx512 path is active (forcing avx2 stands in for a CPU without them).
+inline bool bf16_gemms_pay() {
+  if (active_isa() < Isa::avx512) return false;
+  const auto caps = at::cpu::get_cpu_capabilities();
+  const auto has = [&](const char* name) {
+    const auto it = caps.find(name);
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  };
+  return has("amx_bf16") || has("avx512_bf16");
 }
 
 }  // namespace letter

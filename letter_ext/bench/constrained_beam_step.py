@@ -1,6 +1,7 @@
 """Benchmark of constrained_beam_step: the HF-style prefix_allowed_tokens_fn baseline, the
 vectorized pure-torch gather (STATIC-style) and the fused backends, per level and for a whole
-L-level search, in the same run. Also times the trie build.
+L-level search, in the same run; on CPU the whole search also once per instruction set the machine
+runs (cpu_avx2, cpu_avx512: letter_ext.set_isa). Also times the trie build.
 
 Shapes: B=256 users, K=20 beams, L=4 levels of 256 codes (V = 1024 code tokens + 3 specials),
 random uniform codes, catalogs of 10k, 100k and 1M items. Logits are random (model time excluded);
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from .._backend import has_compiled_op, triton_usable
+from .._backend import has_compiled_op, isa, set_isa, supported_isas, triton_usable
 from ..baselines import torch_gather_step
 from ..hf_decoding import dict_trie, hf_style_step, prefix_allowed_tokens_fn
 from ..constrained_beam_step import constrained_beam_step
@@ -130,6 +131,9 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         backends.append("triton")
     if not backends:
         return []
+    # The whole search also once per instruction set of the C++ kernels (cpu_avx2, cpu_avx512 columns).
+    cpu_isas = [name for name in supported_isas() if name != "scalar"] if "cpu" in backends else []
+    default_isa = isa()
     vocab = SPECIALS + L * CODES
     rows = []
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -151,6 +155,13 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         for be in backends:
             t = median_time(lambda: _fused_search(logits, trie, be), device, repeat=FAST_REPEAT)
             row.update({f"{be}_ms": t * 1e3, f"{be}_vs_hf": t_hf / t, f"{be}_vs_torch": t_torch / t})
+        for name in cpu_isas:
+            set_isa(name)
+            try:
+                t = median_time(lambda: _fused_search(logits, trie, "cpu"), device, repeat=FAST_REPEAT)
+            finally:
+                set_isa(default_isa)
+            row.update({f"cpu_{name}_ms": t * 1e3, f"cpu_{name}_vs_hf": t_hf / t, f"cpu_{name}_vs_torch": t_torch / t})
         row["scores_equal_torch"] = bool(torch.allclose(final, _torch_search(logits, trie, max_children), atol=1e-4))
         rows.append(row)
         rows.extend(_exclusion_rows(num_items, logits, trie, backends, leaves, device))

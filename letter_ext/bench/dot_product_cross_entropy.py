@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._backend import has_compiled_op, triton_usable
+from .._backend import bf16_gemms, has_compiled_op, triton_usable
 from ..dot_product_cross_entropy import dot_product_cross_entropy
 from .common import median_time, sync
 
@@ -37,8 +37,9 @@ QUICK_SHAPES = [(4096, 4096, 32), (8192, 256, 32)]
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark input: B queries x M keys of dimension d. dtype: of q and keys on CUDA
-    (CPU always runs float32); key_std: scale of the random keys; temperature: tau."""
+    """One benchmark input: B queries x M keys of dimension d. dtype: of q and keys on CUDA, and on
+    a CPU with bf16 GEMMs for bfloat16 (bf16_gemms(); other CPUs run float32); key_std: scale of the
+    random keys; temperature: tau."""
 
     B: int
     M: int
@@ -54,13 +55,22 @@ class Case:
 
 # LC-Rec's ranking-guided loss at the output layer of LLaMA-7B: 8,192 response tokens (a batch of
 # prompts' last positions) against the 32,000-token vocabulary + 4 x 256 identifier tokens, in bf16
-# on GPU as LC-Rec trains, tau = 1; keys scaled like a trained output layer (std d^-1/2).
+# as LC-Rec trains (on GPU, and on a CPU with AMX/AVX512-BF16), tau = 1; keys scaled like a trained
+# output layer (std d^-1/2).
 LLAMA7B_LM_HEAD = Case(8192, 33024, 4096, name="llama7b_lm_head", temperature=1.0, dtype="bfloat16",
                        key_std=4096**-0.5)
-# The same head in float32 (CUDA only: on CPU every case runs in float32 and the first is that).
+# The same head in float32.
 LLAMA7B_LM_HEAD_FP32 = Case(8192, 33024, 4096, name="llama7b_lm_head_fp32", temperature=1.0, dtype="float32",
                             key_std=4096**-0.5)
 LLM_CASES = [LLAMA7B_LM_HEAD, LLAMA7B_LM_HEAD_FP32]
+
+
+def llm_cases(device: torch.device) -> list[Case]:
+    """The LLM cases this device runs: both on CUDA and on a CPU with bf16 GEMMs; elsewhere the
+    float32 one only (a bf16 case would run in float32 there)."""
+    if device.type == "cpu" and not bf16_gemms():
+        return [LLAMA7B_LM_HEAD_FP32]
+    return LLM_CASES
 # On CPU the eager baseline is skipped above this many logits (B*M*4 bytes, several copies).
 CPU_EAGER_MAX_LOGITS = 16384 * 32128
 # On CPU the tile path is not timed above this d: it is an order of magnitude slower than the BLAS
@@ -75,7 +85,9 @@ def _as_case(case) -> Case:
 
 
 def _dtype(case: Case, device: torch.device) -> torch.dtype:
-    return getattr(torch, case.dtype) if device.type == "cuda" else torch.float32
+    if device.type == "cuda" or (case.dtype == "bfloat16" and bf16_gemms()):
+        return getattr(torch, case.dtype)
+    return torch.float32
 
 
 def make_inputs(case, device: torch.device):
@@ -161,14 +173,14 @@ def measure(backend: str, case, device: torch.device) -> dict:
 
 def run(device: torch.device, quick: bool = False, cases=None) -> list[dict]:
     """Rows of eager vs each fused backend, forward + backward. cases: Case objects or (B, M, d)
-    shapes (default: QUICK_SHAPES when quick, else SHAPES + LLM_CASES)."""
+    shapes (default: QUICK_SHAPES when quick, else SHAPES + llm_cases(device))."""
     backends = []
     if device.type == "cpu" and has_compiled_op("dot_product_cross_entropy_fwd", "cpu"):
         backends += ["cpu_tile", "cpu_chunked"]
     if device.type == "cuda" and triton_usable(device):
         backends += ["triton", "cuda_chunked"]  # the tile path is the Triton kernel
     if cases is None:
-        cases = QUICK_SHAPES if quick else SHAPES + (LLM_CASES if device.type == "cuda" else LLM_CASES[:1])
+        cases = QUICK_SHAPES if quick else SHAPES + llm_cases(device)
     rows = []
     for case in map(_as_case, cases):
         B, M, d = case.B, case.M, case.d
@@ -217,7 +229,7 @@ if __name__ == "__main__":
         from .common import print_table
 
         dev = torch.device(sys.argv[2] if len(sys.argv) > 2 else ("cuda" if torch.cuda.is_available() else "cpu"))
-        rows = run(dev, cases=LLM_CASES)
+        rows = run(dev, cases=llm_cases(dev))
         print_table(f"dot_product_cross_entropy, LLM output layer, on {dev}", rows,
                     list(dict.fromkeys(k for row in rows for k in row)))
         print(json.dumps(rows))
