@@ -121,7 +121,7 @@ def run(args) -> dict:
     bare = BareAutoencoder(text.shape[1], config, device, config.seed)
     x = torch.from_numpy(text).to(device)  # shares memory with `text` on the CPU: not modified
     centered = x - x.mean(0)
-    xs = centered / (centered**2).mean().sqrt()  # standardized once, as the trainer does
+    xs = centered / (centered**2).mean().sqrt()  # standardized once, as the trainer does for in-memory inputs
     del x, centered
     bare_s, steps_s, eval_s, refresh_s, checkpoint_s, train_wall = [], [], [], [], [], []
     for r in range(args.tok_rounds):

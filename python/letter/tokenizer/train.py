@@ -165,6 +165,9 @@ class TokenizerTrainable(Trainable):
         # An in-memory matrix goes to the device once; a memory-mapped one stays on disk and each step
         # reads its batch's rows (row_tensor), so a catalog larger than memory streams.
         self.x = text if isinstance(text, np.memmap) else torch.from_numpy(text).to(dev)
+        # an in-memory matrix is also standardized once (after the scaling is fitted or restored):
+        # the values the model would compute per batch, without that work in every step
+        self.xs: torch.Tensor | None = None
         self.h = torch.from_numpy(cf).to(dev) if cf is not None else None
         self.needs_proj = cf is not None and cf.shape[1] != config.e_dim
         self.model = self.step_module = RQVAE(text.shape[1], config, cf_dim=cf.shape[1] if self.needs_proj else None).to(dev)
@@ -191,6 +194,8 @@ class TokenizerTrainable(Trainable):
             t0 = time.perf_counter()
             self.labels = _refresh_clusters(self.model, config, self.gen)
             self.timings["cluster_refresh_s"].append(time.perf_counter() - t0)
+        if self.xs is None and isinstance(self.x, torch.Tensor):
+            self.xs = self.model.standardize(self.x) if config.standardize else self.x
         self.model.train()
 
     def batches(self, epoch: int):
@@ -199,10 +204,18 @@ class TokenizerTrainable(Trainable):
 
     def step(self, batch):
         idx, dev = shard(batch, self.ctx), self.ctx.device
-        terms = _batch_losses(self.model, self.config, row_tensor(self.x, idx, dev),
+        x, standardized = self._inputs()
+        terms = _batch_losses(self.model, self.config, row_tensor(x, idx, dev),
                               None if self.h is None else self.h[idx.to(dev)], self.labels, self.gen,
-                              BatchShare(len(batch), self.ctx))
+                              BatchShare(len(batch), self.ctx), standardized=standardized)
         return terms["loss"], terms
+
+    def _inputs(self):
+        """(the rows the model reads, whether they are standardized already): the once-standardized
+        matrix when in memory, else the memory-mapped raw rows (standardized per batch)."""
+        if self.xs is not None:
+            return self.xs, self.config.standardize
+        return self.x, False
 
     def epoch_record(self, epoch: int, sums: dict[str, float], steps: int) -> dict:
         totals = [sums.get(k, 0.0) for k in LOSS_TERMS]  # each rank holds its weighted share of every term
@@ -214,7 +227,8 @@ class TokenizerTrainable(Trainable):
         validation = None
         if select:
             t0 = time.perf_counter()
-            codes, _ = encode_all(self.model, self.x)
+            x, standardized = self._inputs()
+            codes, _ = encode_all(self.model, x, standardized=standardized)
             rate = collision_rate(codes)
             used = [int(len(np.unique(codes[:, level]))) for level in range(self.config.levels)]
             validation = Validation({"collision": rate, "used": used}, -rate)
@@ -307,13 +321,14 @@ def _state_copy(model: RQVAE) -> dict[str, torch.Tensor]:
 
 
 def _batch_losses(model: RQVAE, config: TokenizerConfig, x: torch.Tensor, h: torch.Tensor | None,
-                  labels: list[torch.Tensor] | None, gen: torch.Generator, share: BatchShare) -> dict[str, torch.Tensor]:
+                  labels: list[torch.Tensor] | None, gen: torch.Generator, share: BatchShare,
+                  standardized: bool = False) -> dict[str, torch.Tensor]:
     """One training batch's loss and its terms (the terms with weight 0 are not computed: 0).
 
-    x and h hold this rank's rows of the global batch;
+    x and h hold this rank's rows of the global batch (x already standardized when `standardized`);
     terms are weighted so that averaging the gradients over ranks gives the one-process loss of the
     whole batch."""
-    out = model(x, sinkhorn=True, share=share if share.ctx.world > 1 else None)
+    out = model(x, sinkhorn=True, share=share if share.ctx.world > 1 else None, standardized=standardized)
     zero = torch.zeros((), device=x.device)
     weight = share.weight()
     terms = {
