@@ -38,6 +38,7 @@ import torch
 
 from letter.data import Dataset, load_dataset
 from letter.errors import LetterError
+from letter.utils import pyplot
 from letter.metrics import metrics_from_hits, normalized_mutual_info
 from letter.rec import RecConfig, train_rec
 from letter.rec.data import codes_sha, resolve_codes
@@ -468,12 +469,8 @@ def compare_markdown(report: dict) -> str:
 def plot_compare(report: dict, path: str) -> bool:
     """Bars of each metric per set (± std over seeds) and of the differences to the first set
     (bootstrap interval); False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     sets = report["sets"]
     others = [s for s in sets if "difference_to_first" in s]

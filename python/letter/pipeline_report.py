@@ -3,6 +3,7 @@ tokenizer statistics, time per stage and training curves, as report.json, report
 import os
 
 from letter.runs import atomic_path, parse_json, read_text, write_json
+from letter.utils import pyplot
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 CF_NAMES = {"sasrec": "SASRec", "lightgcn": "LightGCN"}  # the cf section's model -> its row in the table
@@ -117,12 +118,8 @@ def write_report(p) -> dict:
 
 
 def _plot_curves(p) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     paths = []
     tok_png = os.path.join(p.outputs["tokenizer"]["run"], "curves.png")

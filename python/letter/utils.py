@@ -1,4 +1,4 @@
-"""Small shared helpers: progress bars, config-file reading (file writers live in letter.runs)."""
+"""Small shared helpers: progress bars, plots, config-file reading (file writers live in letter.runs)."""
 import os
 
 from letter.errors import LetterError
@@ -14,6 +14,19 @@ def progress(iterable=None, **kwargs):
         forced = os.environ.get("LETTER_PROGRESS")
         disable = (forced == "0") if forced is not None else None  # None: tqdm decides (off for non-tty)
     return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, or None when matplotlib is not installed
+    (plots are optional: the `plots` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def read_mapping_file(path: str) -> dict:

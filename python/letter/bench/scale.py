@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from letter.utils import pyplot
+
 NAME = "scale"
 STAGES = ("generate", "load", "embed", "tokenizer", "tokenize", "prefix_index", "tiger_train", "sasrec_ce",
           "sasrec_sampled", "inference")
@@ -122,12 +124,8 @@ def fit_growth(result: dict) -> dict:
 def plot(result: dict, path: str) -> bool:
     """Log-log plot of each stage's CPU seconds per unit of work (and the per-user inference cost of
     TIGER and SASRec) against catalog size; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for stage, by_size in result["stages"].items():

@@ -3,6 +3,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from letter.utils import pyplot
+
 from .codes import level_stats
 from .model import ROW_CHUNK, row_tensor
 
@@ -127,12 +129,8 @@ def report_markdown(report: dict) -> str:
 
 def plot_curves(history: list[dict], path: str) -> bool:
     """Loss terms and level-1..L code usage over epochs as a PNG; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     epochs = [r["epoch"] for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
