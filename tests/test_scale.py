@@ -110,7 +110,7 @@ def test_sampled_softmax_with_every_item_is_the_full_softmax():
 
 
 SMOKE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import numpy as np, torch
     from letter.cf.config import CFConfig
     from letter.cf.model import SASRec
@@ -126,6 +126,7 @@ SMOKE = textwrap.dedent("""
     from letter.tokenizer.inference import Tokenizer
     from letter.tokenizer.rqkmeans import fit_rqkmeans
     from letter.training import distributed
+    from letter_ext.bench.common import peak_rss_bytes
 
     torch.manual_seed(0)
     folder = sys.argv[1]
@@ -148,7 +149,7 @@ SMOKE = textwrap.dedent("""
         ranking = ranking_metrics(sasrec_scorer(sasrec), samples, [0] * len(samples), ds.num_items, ctx, cfg)
     print(json.dumps({"moves": info["unique_moves"], "unique": bool(len(np.unique(codes, axis=0)) == len(codes)), "leaves": index.num_leaves,
                       "found": int((leaves >= 0).sum()), "recall": ranking["recall@10"],
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mib": peak_rss_bytes() / 2**20}))
 """)
 
 

@@ -3,6 +3,8 @@ import datetime
 import json
 import os
 import platform
+import re
+import resource
 import statistics
 import tempfile
 import time
@@ -10,6 +12,27 @@ import time
 import torch
 
 from .._backend import isa
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
+    except OSError:
+        return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (Linux)."""
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM, which counts only this program's own memory (the
+    ru_maxrss of a process started by subprocess also counts its parent's resident set at the fork,
+    so a child of a large process reads the parent's size); ru_maxrss where /proc is missing."""
+    kib = _status_kib("VmHWM")
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def sync(device: torch.device) -> None:

@@ -8,7 +8,6 @@ CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) of a fres
 since tracemalloc does not see torch's or the C++ kernel's allocations. Calls too slow to repeat on a small CPU are timed once, in that subprocess.
 """
 import json
-import re
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from .._backend import bf16_gemms, has_compiled_op, triton_usable
 from ..dot_product_cross_entropy import dot_product_cross_entropy
-from .common import median_time, sync
+from .common import median_time, peak_rss_bytes, rss_bytes, sync
 
 TEMPERATURE = 0.07
 # (B, M, d) of the issue.
@@ -118,16 +117,6 @@ def step(arm: str, q, keys, targets, temperature: float = TEMPERATURE) -> torch.
     return loss.detach()
 
 
-def _vm_hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
 def single_run(backend: str, case, device: torch.device) -> dict:
     """Time and peak extra memory of one forward + backward (run in a fresh process on CPU)."""
     case = _as_case(case)
@@ -139,12 +128,12 @@ def single_run(backend: str, case, device: torch.device) -> dict:
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
-        base = _rss_bytes()
+        base = rss_bytes()
     t0 = time.perf_counter()
     loss = step(backend, q, keys, targets, case.temperature)
     sync(device)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _vm_hwm_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     return {"seconds": seconds, "peak_extra_bytes": max(0, peak - base), "loss": float(loss)}
 
 

@@ -1,7 +1,7 @@
 """Each stage's cost from 10k to 1M items (issue 23): `python -m letter.bench scale`.
 
 For every catalog size (`--scale-items`, users = items) the stages run one after the other, each
-in its own process (so its peak resident memory, ru_maxrss, is its own), on the files the earlier
+in its own process (so its peak resident memory, VmHWM, is its own), on the files the earlier
 stages wrote under `--scale-dir`:
 
   generate        letter.data.catalog.write_catalog (streamed JSON)            per 1k users
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import time
 import numpy as np
 
 from letter.utils import pyplot
+from letter_ext.bench.common import peak_rss_bytes
 
 NAME = "scale"
 STAGES = ("generate", "load", "embed", "tokenizer", "tokenize", "prefix_index", "tiger_train", "sasrec_ce",
@@ -420,7 +420,7 @@ def _main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     stage, work, items, settings = argv[0], argv[1], int(argv[2]), json.loads(argv[3])
     record = globals()[f"stage_{stage}"](work, items, settings)
-    record["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    record["peak_rss_mib"] = round(peak_rss_bytes() / 2**20, 1)
     print(json.dumps(record))
 
 
