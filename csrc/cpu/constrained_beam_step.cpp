@@ -26,6 +26,7 @@
 
 #include "avx2_math.h"
 #include "avx512_math.h"
+#include "parallel.h"
 
 namespace letter {
 namespace {
@@ -315,7 +316,7 @@ void beam_step_kernel(const scalar_t* logits, const scalar_t* beam_scores, const
   // Per batch row, its first live beam whose logits hold NaN or +inf (k_in: none); the error is
   // raised after the parallel loop, for the first such row whatever the thread count.
   std::vector<int64_t> first_bad_beam(B, k_in);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, B, 1, [&](int64_t begin, int64_t end) {
     TopKBuffer<scalar_t> top(k_out);
     std::vector<float> scratch;  // the vectorized scan's child scores of one beam
     for (int64_t b = begin; b < end; ++b) {

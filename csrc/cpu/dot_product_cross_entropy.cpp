@@ -33,6 +33,7 @@
 
 #include "avx2_math.h"
 #include "avx512_math.h"
+#include "parallel.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -311,7 +312,7 @@ void forward_kernel(const Problem<T>& p, T* loss, T* lse) {
   const Kernels<T> kern = pick_kernels<T>();
   const int64_t d = p.d, n_keys = p.k.n_pad;
   const int64_t blocks = (p.B + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(kRows * kTile);
     const T no_row_add[kRows] = {};
     T run_max[kBlock], run_sum[kBlock];
@@ -357,7 +358,7 @@ void backward_rows_kernel(const Problem<T>& p, const std::vector<T>& g, const st
   const Kernels<T> kern = pick_kernels<T>();
   const int64_t d = p.d, n_keys = p.k.n_pad;
   const int64_t blocks = (p.B + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(kRows * kTile);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * kBlock, r1 = std::min(r0 + kBlock, p.B);
@@ -392,7 +393,7 @@ void backward_keys_kernel(const Problem<T>& p, const std::vector<T>& g, const st
   const Kernels<T> kern = pick_kernels<T>();
   const int64_t d = p.d, n_rows = p.q.n_pad;
   const int64_t blocks = (p.M + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(kRows * kTile);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t k0 = blk * kBlock, k1 = std::min(k0 + kBlock, p.M);
@@ -593,7 +594,7 @@ void chunked_kernel(const at::Tensor& q, const at::Tensor& keys, const T* bias, 
       at::mm_out(s, q_chunk, keys_t);
     }
     T* sp = s.data_ptr<T>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / M), [&](int64_t begin, int64_t end) {
+    parallel_blocks(0, rows, std::max<int64_t>(1, 4096 / M), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t r = r0 + i;
         T* row = sp + i * M;

@@ -26,6 +26,7 @@
 
 #include "avx2_math.h"
 #include "avx512_math.h"
+#include "parallel.h"
 
 namespace letter {
 namespace {
@@ -259,7 +260,7 @@ void residual_quantize_kernel(const scalar_t* xp, const scalar_t* cb, int64_t B,
   const auto [nearest_codes, tile_rows] = pick_nearest_codes<scalar_t>();
   const int64_t tiles = (B + tile_rows - 1) / tile_rows;
   // ~64 rows per task at least: fewer would make the per-task setup show.
-  at::parallel_for(0, tiles, std::max<int64_t>(1, 64 / tile_rows), [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, tiles, std::max<int64_t>(1, 64 / tile_rows), [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> r(tile_rows * d), q(tile_rows * d);
     std::vector<int32_t> best(tile_rows);
     for (int64_t tile = begin; tile < end; ++tile) {

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .._backend import isa
+from .._backend import isa, set_isa
 
 
 def _status_kib(field: str) -> int | None:
@@ -55,6 +55,42 @@ def median_time(fn, device: torch.device, *, warmup: int = 1, repeat: int = 5, m
         if time.perf_counter() - t_start > max_seconds:
             break
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, device: torch.device, *, repeat: int = 5, max_seconds: float = 60.0) -> dict:
+    """Median wall seconds of each function, calling them in turn on every repeat, so that a shared
+    machine's slow phases (a 2-vCPU guest's stolen time, another process) hit all of them alike and
+    their ratios stay fair; fewer repeats if a round is slow."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    sync(device)
+    t_start = time.perf_counter()
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > max_seconds:
+            break
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def with_isa(name: str | None, fn):
+    """fn, run with the C++ kernels forced to one instruction set (None: fn as dispatched)."""
+    if name is None:
+        return fn
+
+    def forced():
+        default = isa()
+        set_isa(name)
+        try:
+            return fn()
+        finally:
+            set_isa(default)
+
+    return forced
 
 
 def cpu_model() -> str:

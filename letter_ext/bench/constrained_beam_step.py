@@ -12,17 +12,16 @@ HISTORY banned leaves per user, taken from that user's top results of the unbann
 every ban removes a result the search has to replace), timed interleaved in the same run; plus
 the cost of TrieLevels.banned_nodes, which turns the banned leaves into per-level bans once.
 """
-import statistics
 import time
 
 import torch
 
-from .._backend import has_compiled_op, isa, set_isa, supported_isas, triton_usable
+from .._backend import has_compiled_op, supported_isas, triton_usable
 from ..baselines import torch_gather_step
 from ..hf_decoding import dict_trie, hf_style_step, prefix_allowed_tokens_fn
 from ..constrained_beam_step import constrained_beam_step
 from ..trie import build_trie_levels
-from .common import median_time, sync
+from .common import interleaved_medians, median_time, sync, with_isa
 
 B, K, L, CODES, SPECIALS = 256, 20, 4, 256, 3
 HISTORY = 20  # banned leaves per user in the exclusion rows
@@ -80,19 +79,6 @@ def _timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def _interleaved_medians(fns: dict, device, repeat: int) -> dict:
-    """Median seconds of each function, calling them in turn on every repeat, so that a shared
-    machine's slow phases hit all of them alike."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            _, seconds = _timed(fn, device)
-            times[name].append(seconds)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _exclusion_rows(num_items, logits, trie, backends, leaves, device) -> list[dict]:
     """Whole search with no bans, an empty ban CSR, and HISTORY banned leaves per user (their
     top HISTORY unbanned results)."""
@@ -105,9 +91,9 @@ def _exclusion_rows(num_items, logits, trie, backends, leaves, device) -> list[d
     settings = {"none": None, "empty CSR": empty, f"{HISTORY} leaves per user": bans}
     rows = [{"items": num_items, "level": "all", "bans": name} for name in settings]
     for be in backends:
-        times = _interleaved_medians(
+        times = interleaved_medians(
             {name: (lambda b=b: _fused_search(logits, trie, be, bans=b)) for name, b in settings.items()},
-            device, FAST_REPEAT,
+            device, repeat=FAST_REPEAT,
         )
         for row in rows:
             row.update({f"{be}_ms": times[row["bans"]] * 1e3, f"{be}_vs_no_bans": times[row["bans"]] / times["none"]})
@@ -133,7 +119,6 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         return []
     # The whole search also once per instruction set of the C++ kernels (cpu_avx2, cpu_avx512 columns).
     cpu_isas = [name for name in supported_isas() if name != "scalar"] if "cpu" in backends else []
-    default_isa = isa()
     vocab = SPECIALS + L * CODES
     rows = []
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -150,18 +135,16 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         # Whole search: every method chains its own L steps on the same logits.
         row = {"items": num_items, "level": "all", "build_trie_s": build_s, "build_dict_trie_s": dict_s}
         t_hf = median_time(lambda: _hf_search(logits, allowed), device, repeat=5)
-        t_torch = median_time(lambda: _torch_search(logits, trie, max_children), device, repeat=FAST_REPEAT)
+        # The fast methods interleaved (see interleaved_medians): on a 2-vCPU guest the same search
+        # timed in separate blocks differs by 2-3x from one block to the next.
+        fns = {"torch": lambda: _torch_search(logits, trie, max_children)}
+        fns.update({be: (lambda be=be: _fused_search(logits, trie, be)) for be in backends})
+        fns.update({f"cpu_{name}": with_isa(name, lambda: _fused_search(logits, trie, "cpu")) for name in cpu_isas})
+        times = interleaved_medians(fns, device, repeat=FAST_REPEAT)
+        t_torch = times.pop("torch")
         row.update(hf_ms=t_hf * 1e3, torch_ms=t_torch * 1e3)
-        for be in backends:
-            t = median_time(lambda: _fused_search(logits, trie, be), device, repeat=FAST_REPEAT)
-            row.update({f"{be}_ms": t * 1e3, f"{be}_vs_hf": t_hf / t, f"{be}_vs_torch": t_torch / t})
-        for name in cpu_isas:
-            set_isa(name)
-            try:
-                t = median_time(lambda: _fused_search(logits, trie, "cpu"), device, repeat=FAST_REPEAT)
-            finally:
-                set_isa(default_isa)
-            row.update({f"cpu_{name}_ms": t * 1e3, f"cpu_{name}_vs_hf": t_hf / t, f"cpu_{name}_vs_torch": t_torch / t})
+        for label, t in times.items():
+            row.update({f"{label}_ms": t * 1e3, f"{label}_vs_hf": t_hf / t, f"{label}_vs_torch": t_torch / t})
         row["scores_equal_torch"] = bool(torch.allclose(final, _torch_search(logits, trie, max_children), atol=1e-4))
         rows.append(row)
         rows.extend(_exclusion_rows(num_items, logits, trie, backends, leaves, device))

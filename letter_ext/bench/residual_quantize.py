@@ -3,9 +3,9 @@ once per instruction set the machine runs (cpu_avx2, cpu_avx512: letter_ext.set_
 GEMM rates (a square 1024^3 GEMM: the ceiling; and x @ C_l^T per level, the same multiply-adds)."""
 import torch
 
-from .._backend import has_compiled_op, isa, set_isa, supported_isas, triton_usable
+from .._backend import has_compiled_op, supported_isas, triton_usable
 from ..residual_quantize import residual_quantize
-from .common import median_time
+from .common import interleaved_medians, with_isa
 
 L, N, D = 4, 256, 32
 SQUARE = 1024  # side of the GEMM that measures the BLAS's fp32 rate
@@ -38,27 +38,26 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
     for B in sizes:
         x = torch.randn(B, D, generator=gen).to(device)
         cb = torch.randn(L, N, D, generator=gen).to(device)
-        t_eager = median_time(lambda: eager_baseline(x, cb), device)
-        ref_codes = eager_baseline(x, cb)
         flops = 2.0 * B * L * N * D
-        row = {"B": B, "d": D, "L": L, "N": N, "eager_ms": t_eager * 1e3}
+        # Every method interleaved (see interleaved_medians), so the ratios are fair on a shared machine.
+        fns = {"eager": lambda: eager_baseline(x, cb)}
         if device.type == "cpu":
             # The BLAS's fp32 rate: on a compute-bound square GEMM (the ceiling), and on the same
             # multiply-adds as x @ C_l^T (memory-bound: it writes the B x N distances).
-            t_square = median_time(lambda: square @ square, device)
-            row["gemm_gflops"] = 2.0 * SQUARE**3 / t_square / 1e9
-            t_gemm = median_time(lambda: [x @ level.T for level in cb], device)
-            row["gemm_same_shape_gflops"] = flops / t_gemm / 1e9
-        default_isa = isa()
+            fns["square_gemm"] = lambda: square @ square
+            fns["gemm_same_shape"] = lambda: [x @ level.T for level in cb]
         for label, be, forced in backends:
-            if forced:
-                set_isa(forced)
-            try:
-                t = median_time(lambda: residual_quantize(x, cb, backend=be), device)
-                codes, _ = residual_quantize(x, cb, backend=be)
-            finally:
-                if forced:
-                    set_isa(default_isa)
+            fns[label] = with_isa(forced, lambda be=be: residual_quantize(x, cb, backend=be)[0])
+        times = interleaved_medians(fns, device)
+        t_eager = times.pop("eager")
+        ref_codes = eager_baseline(x, cb)
+        row = {"B": B, "d": D, "L": L, "N": N, "eager_ms": t_eager * 1e3}
+        if device.type == "cpu":
+            row["gemm_gflops"] = 2.0 * SQUARE**3 / times.pop("square_gemm") / 1e9
+            row["gemm_same_shape_gflops"] = flops / times.pop("gemm_same_shape") / 1e9
+        for label, be, forced in backends:
+            t = times[label]
+            codes = fns[label]()
             row[f"{label}_ms"] = t * 1e3
             row[f"{label}_speedup"] = t_eager / t
             row[f"{label}_codes_equal_eager"] = float((codes == ref_codes).float().mean())
