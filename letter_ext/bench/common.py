@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .._backend import isa, set_isa
+from .._backend import isa, set_isa, supported_isas
 
 
 def _status_kib(field: str) -> int | None:
@@ -33,6 +33,9 @@ def peak_rss_bytes() -> int:
     so a child of a large process reads the parent's size); ru_maxrss where /proc is missing."""
     kib = _status_kib("VmHWM")
     return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+ISA_CAP_VARIABLES = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "LETTER_ISA")
 
 
 def sync(device: torch.device) -> None:
@@ -77,6 +80,13 @@ def interleaved_medians(fns: dict, device: torch.device, *, repeat: int = 5, max
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def bench_isas() -> list[str]:
+    """The vector instruction sets to time the C++ kernels on: those the CPU runs, up to the one
+    active at start ($LETTER_ISA caps it, e.g. for an AVX2-only CPU's stand-in)."""
+    isas = supported_isas()
+    return [name for name in isas[: isas.index(isa()) + 1] if name != "scalar"] if isas else []
+
+
 def with_isa(name: str | None, fn):
     """fn, run with the C++ kernels forced to one instruction set (None: fn as dispatched)."""
     if name is None:
@@ -115,6 +125,9 @@ def machine_info(device: torch.device) -> dict:
         "cpu_isa": isa(),  # the C++ kernels' instruction set (letter_ext.isa())
         "threads": torch.get_num_threads(),
         "device": str(device),
+        # Instruction-set caps of this run (e.g. an AVX2-only CPU's stand-in on an AVX-512 one:
+        # MKL, oneDNN, eager's kernels and ours all capped), when set.
+        "isa_caps": {name: os.environ[name] for name in ISA_CAP_VARIABLES if name in os.environ},
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -16,18 +16,19 @@ import time
 
 import torch
 
-from .._backend import has_compiled_op, supported_isas, triton_usable
+from .._backend import has_compiled_op, triton_usable
 from ..baselines import torch_gather_step
 from ..hf_decoding import dict_trie, hf_style_step, prefix_allowed_tokens_fn
 from ..constrained_beam_step import constrained_beam_step
 from ..trie import build_trie_levels
-from .common import interleaved_medians, median_time, sync, with_isa
+from .common import bench_isas, interleaved_medians, median_time, sync, with_isa
 
 B, K, L, CODES, SPECIALS = 256, 20, 4, 256, 3
 HISTORY = 20  # banned leaves per user in the exclusion rows
 # Millisecond methods get many repeats: their medians are what the ratios divide by, and a shared
 # machine's noise is larger than the per-call time.
 FAST_REPEAT = 31
+QUICK_REPEAT = 3  # --quick: a smoke run of every row
 
 
 def _fused_search(logits, trie, backend, states=None, bans=None):
@@ -79,13 +80,13 @@ def _timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def _exclusion_rows(num_items, logits, trie, backends, leaves, device) -> list[dict]:
+def _exclusion_rows(num_items, logits, trie, backends, leaves, device, repeat) -> list[dict]:
     """Whole search with no bans, an empty ban CSR, and HISTORY banned leaves per user (their
     top HISTORY unbanned results)."""
     ptr = torch.arange(0, B * HISTORY + 1, HISTORY, device=device)
     banned_leaf = leaves[:, :HISTORY].reshape(-1)
     bans = trie.banned_nodes(ptr, banned_leaf)
-    t_helper = median_time(lambda: trie.banned_nodes(ptr, banned_leaf), device, repeat=FAST_REPEAT)
+    t_helper = median_time(lambda: trie.banned_nodes(ptr, banned_leaf), device, repeat=repeat)
     no_bans = torch.zeros(B + 1, dtype=torch.long, device=device)
     empty = [(no_bans, torch.zeros(0, dtype=torch.long, device=device))] * L
     settings = {"none": None, "empty CSR": empty, f"{HISTORY} leaves per user": bans}
@@ -93,7 +94,7 @@ def _exclusion_rows(num_items, logits, trie, backends, leaves, device) -> list[d
     for be in backends:
         times = interleaved_medians(
             {name: (lambda b=b: _fused_search(logits, trie, be, bans=b)) for name, b in settings.items()},
-            device, repeat=FAST_REPEAT,
+            device, repeat=repeat,
         )
         for row in rows:
             row.update({f"{be}_ms": times[row["bans"]] * 1e3, f"{be}_vs_no_bans": times[row["bans"]] / times["none"]})
@@ -110,6 +111,7 @@ def _exclusion_rows(num_items, logits, trie, backends, leaves, device) -> list[d
 
 def run(device: torch.device, quick: bool = False) -> list[dict]:
     catalogs = [10_000] if quick else [10_000, 100_000, 1_000_000]
+    fast_repeat, slow_repeat = (QUICK_REPEAT, 1) if quick else (FAST_REPEAT, 5)
     backends = []
     if has_compiled_op("constrained_beam_step", device.type):
         backends.append(device.type)
@@ -118,7 +120,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
     if not backends:
         return []
     # The whole search also once per instruction set of the C++ kernels (cpu_avx2, cpu_avx512 columns).
-    cpu_isas = [name for name in supported_isas() if name != "scalar"] if "cpu" in backends else []
+    cpu_isas = bench_isas() if "cpu" in backends else []
     vocab = SPECIALS + L * CODES
     rows = []
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -134,32 +136,32 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         final, leaves = _fused_search(logits, trie, backends[0], states)
         # Whole search: every method chains its own L steps on the same logits.
         row = {"items": num_items, "level": "all", "build_trie_s": build_s, "build_dict_trie_s": dict_s}
-        t_hf = median_time(lambda: _hf_search(logits, allowed), device, repeat=5)
+        t_hf = median_time(lambda: _hf_search(logits, allowed), device, repeat=slow_repeat)
         # The fast methods interleaved (see interleaved_medians): on a 2-vCPU guest the same search
         # timed in separate blocks differs by 2-3x from one block to the next.
         fns = {"torch": lambda: _torch_search(logits, trie, max_children)}
         fns.update({be: (lambda be=be: _fused_search(logits, trie, be)) for be in backends})
         fns.update({f"cpu_{name}": with_isa(name, lambda: _fused_search(logits, trie, "cpu")) for name in cpu_isas})
-        times = interleaved_medians(fns, device, repeat=FAST_REPEAT)
+        times = interleaved_medians(fns, device, repeat=fast_repeat)
         t_torch = times.pop("torch")
         row.update(hf_ms=t_hf * 1e3, torch_ms=t_torch * 1e3)
         for label, t in times.items():
             row.update({f"{label}_ms": t * 1e3, f"{label}_vs_hf": t_hf / t, f"{label}_vs_torch": t_torch / t})
         row["scores_equal_torch"] = bool(torch.allclose(final, _torch_search(logits, trie, max_children), atol=1e-4))
         rows.append(row)
-        rows.extend(_exclusion_rows(num_items, logits, trie, backends, leaves, device))
+        rows.extend(_exclusion_rows(num_items, logits, trie, backends, leaves, device, fast_repeat))
         for level, (beam_scores, nodes, history) in enumerate(states):
             row = {"items": num_items, "level": level, "children_max": max_children[level]}
-            t_hf = median_time(lambda: hf_style_step(logits[level], beam_scores, history, allowed, K), device, repeat=5)
+            t_hf = median_time(lambda: hf_style_step(logits[level], beam_scores, history, allowed, K), device, repeat=slow_repeat)
             t_torch = median_time(
                 lambda: torch_gather_step(logits[level], beam_scores, nodes, trie, level, K, max_children[level]),
-                device, repeat=FAST_REPEAT,
+                device, repeat=fast_repeat,
             )
             row.update(hf_ms=t_hf * 1e3, torch_ms=t_torch * 1e3)
             for be in backends:
                 t = median_time(
                     lambda: constrained_beam_step(logits[level], beam_scores, nodes, trie, level, K, backend=be),
-                    device, repeat=FAST_REPEAT,
+                    device, repeat=fast_repeat,
                 )
                 row.update({f"{be}_ms": t * 1e3, f"{be}_vs_hf": t_hf / t, f"{be}_vs_torch": t_torch / t})
             rows.append(row)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .._backend import bf16_gemms, has_compiled_op, triton_usable
 from ..dot_product_cross_entropy import dot_product_cross_entropy
-from .common import median_time, peak_rss_bytes, rss_bytes, sync
+from .common import interleaved_medians, peak_rss_bytes, rss_bytes, sync
 
 TEMPERATURE = 0.07
 # (B, M, d) of the issue.
@@ -143,21 +143,10 @@ def _single_run_subprocess(backend: str, case: Case) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(backend: str, case, device: torch.device) -> dict:
-    """{'ms', 'extra_MiB', 'loss', 'timing'} of one backend on one case (or (B, M, d) shape)."""
-    case = _as_case(case)
-    if device.type == "cuda":
-        once = single_run(backend, case, device)
-    else:
-        once = _single_run_subprocess(backend, case)
-    out = {"extra_MiB": once["peak_extra_bytes"] / 2**20, "loss": once["loss"]}
-    if device.type == "cpu" and case.B * case.M * case.d > CPU_REPEAT_MAX_MACS:
-        out["ms"], out["timing"] = once["seconds"] * 1e3, "single run"
-    else:
-        q, keys, targets = make_inputs(case, device)
-        out["ms"] = median_time(lambda: step(backend, q, keys, targets, case.temperature), device) * 1e3
-        out["timing"] = "median"
-    return out
+def measure_once(arm: str, case: Case, device: torch.device) -> dict:
+    """One forward + backward of an arm: {'seconds', 'peak_extra_bytes', 'loss'}; on CPU in a fresh
+    process, so that the peak resident set is this call's alone."""
+    return single_run(arm, case, device) if device.type == "cuda" else _single_run_subprocess(arm, case)
 
 
 def run(device: torch.device, quick: bool = False, cases=None) -> list[dict]:
@@ -177,28 +166,41 @@ def run(device: torch.device, quick: bool = False, cases=None) -> list[dict]:
         if case.name:
             row.update({"case": case.name, "dtype": str(_dtype(case, device)).replace("torch.", ""),
                         "tau": case.temperature})
-        eager = None
+        arms = []
         if device.type == "cuda" or B * M <= CPU_EAGER_MAX_LOGITS:
-            try:
-                eager = measure("eager", case, device)
-            except (torch.OutOfMemoryError, subprocess.CalledProcessError) as e:
-                row["eager_error"] = type(e).__name__
-        if eager is not None:
-            row.update({"eager_ms": eager["ms"], "eager_extra_MiB": eager["extra_MiB"]})
+            arms.append("eager")
         else:
-            row.setdefault("eager_error", "skipped: logits too large for this CPU")
+            row["eager_error"] = "skipped: logits too large for this CPU"
         for be in backends:
             if be == "cpu_tile" and device.type == "cpu" and case.d > CPU_TILE_MAX_D:
                 row["cpu_tile_error"] = f"skipped: d > {CPU_TILE_MAX_D} (404 s at the LLaMA-7B head on the Xeon)"
+            else:
+                arms.append(be)
+        once = {}
+        for arm in arms:
+            try:
+                once[arm] = measure_once(arm, case, device)
+            except (torch.OutOfMemoryError, subprocess.CalledProcessError) as e:
+                row[f"{arm}_error"] = type(e).__name__
+        if device.type == "cpu" and B * M * d > CPU_REPEAT_MAX_MACS:
+            seconds, timing = {arm: res["seconds"] for arm, res in once.items()}, "single run"
+        else:  # every arm interleaved, so a shared machine's slow phases hit them alike
+            q, keys, targets = make_inputs(case, device)
+            seconds = interleaved_medians(
+                {arm: (lambda arm=arm: step(arm, q, keys, targets, case.temperature)) for arm in once}, device)
+            timing = "median"
+        eager = once.get("eager")
+        if eager is not None:
+            row.update({"eager_ms": seconds["eager"] * 1e3, "eager_extra_MiB": eager["peak_extra_bytes"] / 2**20})
+        for be in backends:
+            if be not in once:
                 continue
-            res = measure(be, case, device)
-            row[f"{be}_ms"] = res["ms"]
-            row[f"{be}_extra_MiB"] = res["extra_MiB"]
-            row[f"{be}_timing"] = res["timing"]
+            extra_mib = once[be]["peak_extra_bytes"] / 2**20
+            row.update({f"{be}_ms": seconds[be] * 1e3, f"{be}_extra_MiB": extra_mib, f"{be}_timing": timing})
             if eager is not None:
-                row[f"{be}_speedup"] = eager["ms"] / res["ms"]
-                row[f"{be}_mem_ratio"] = res["extra_MiB"] / max(eager["extra_MiB"], 1e-9)
-                row[f"{be}_loss_rel_diff"] = abs(res["loss"] - eager["loss"]) / abs(eager["loss"])
+                row[f"{be}_speedup"] = seconds["eager"] / seconds[be]
+                row[f"{be}_mem_ratio"] = extra_mib / max(row["eager_extra_MiB"], 1e-9)
+                row[f"{be}_loss_rel_diff"] = abs(once[be]["loss"] - eager["loss"]) / abs(eager["loss"])
         rows.append(row)
     return rows
 

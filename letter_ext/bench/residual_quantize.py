@@ -3,9 +3,9 @@ once per instruction set the machine runs (cpu_avx2, cpu_avx512: letter_ext.set_
 GEMM rates (a square 1024^3 GEMM: the ceiling; and x @ C_l^T per level, the same multiply-adds)."""
 import torch
 
-from .._backend import has_compiled_op, supported_isas, triton_usable
+from .._backend import has_compiled_op, triton_usable
 from ..residual_quantize import residual_quantize
-from .common import interleaved_medians, with_isa
+from .common import bench_isas, interleaved_medians, with_isa
 
 L, N, D = 4, 256, 32
 SQUARE = 1024  # side of the GEMM that measures the BLAS's fp32 rate
@@ -27,7 +27,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
     backends = []  # (label, backend, forced ISA or None)
     if has_compiled_op("residual_quantize", device.type):
         if device.type == "cpu":
-            backends += [(f"cpu_{name}", "cpu", name) for name in supported_isas() if name != "scalar"]
+            backends += [(f"cpu_{name}", "cpu", name) for name in bench_isas()]
         else:
             backends.append((device.type, device.type, None))
     if triton_usable(device) and device.type == "cuda":

@@ -1,0 +1,36 @@
+"""The kernel benchmarks' quick mode runs end to end and reports correct results (timings are not
+asserted: they belong to the benchmark, not the tests)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from letter_ext._backend import has_compiled_op
+
+
+def beam_whole(results):
+    """The whole-search rows of the constrained_beam_step results."""
+    return [row for row in results["constrained_beam_step"] if row["level"] == "all" and "hf_ms" in row]
+
+
+@pytest.mark.skipif(not has_compiled_op("residual_quantize", "cpu"), reason="needs the compiled C++ ops")
+def test_quick_kernel_benchmarks(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "letter_ext.bench", "--quick", "--device", "cpu", "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    payload = json.loads(out.read_text())
+    assert payload["machine"]["cpu"] and payload["machine"]["cpu_isa"] in ("scalar", "avx2", "avx512")
+    results = payload["results"]
+    rq = results["residual_quantize"]
+    assert rq and all(row[key] == 1.0 for row in rq for key in row if key.endswith("_codes_equal_eager"))
+    if payload["machine"]["cpu_isa"] != "scalar":  # each vector path the CPU runs has its columns
+        assert "cpu_avx2_ms" in rq[0] and "cpu_avx2_ms" in beam_whole(results)[0]
+    beam = results["constrained_beam_step"]
+    whole = beam_whole(results)
+    assert whole and all(row["scores_equal_torch"] for row in whole)
+    banned = [row for row in beam if row.get("bans", "").endswith("leaves per user")]
+    assert banned and all(row["banned_returned"] == 0 and row["empty_slots"] == 0 for row in banned)
+    ce = results["dot_product_cross_entropy"]
+    assert ce and all(row[key] < 1e-5 for row in ce for key in row if key.endswith("_loss_rel_diff"))
+    assert all("eager_ms" in row and "cpu_chunked_ms" in row for row in ce)
