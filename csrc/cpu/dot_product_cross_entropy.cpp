@@ -566,7 +566,7 @@ RowPass<T> pick_row_pass() {
 }
 
 // Losses and lse of every row; with g (upstream gradient per row, ignored rows skipped), also
-// dq [B, d] (written), dk [M, d] (written by the first chunk, accumulated by the others: no separate
+// dq [B, d] (written; in the GEMM dtype, which is what the dq GEMM produces), dk [M, d] (written by the first chunk, accumulated by the others: no separate
 // zeroing pass over it) and dbias [M] (accumulated, zero on entry, when defined).
 // q and keys are in T (the accumulation dtype) or in bf16 (bf16 GEMMs; see the file comment).
 template <typename T>
@@ -627,7 +627,7 @@ void chunked_kernel(const at::Tensor& q, const at::Tensor& keys, const T* bias, 
     if (low_precision_gemm) {
       at::Tensor ds = gemm_buffer.narrow(0, 0, rows);
       ds.copy_(s);
-      dq_rows.copy_(at::mm(ds, keys));
+      at::mm_out(dq_rows, ds, keys);
       for (int64_t k0 = 0; k0 < M; k0 += kKeyBlock) {
         const int64_t keys_in_block = std::min(kKeyBlock, M - k0);
         // The block's columns transposed into a contiguous [keys, rows] copy: oneDNN's bf16 GEMM
@@ -756,7 +756,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dot_produ
                     "dot_product_cross_entropy_chunked: grad_rows must be [B]");
   const auto acc_options = q.options().dtype(acc);
   at::Tensor loss = at::empty({B}, acc_options), lse = at::empty({B}, acc_options);
-  at::Tensor dq = at::empty({ga.defined() ? B : 0, d}, acc_options);
+  // dq is one GEMM's output per chunk, so it stays in the GEMM dtype (bf16 GEMMs: half the memory
+  // of an fp32 copy, same values); dk accumulates over chunks, in the accumulation dtype.
+  at::Tensor dq = at::empty({ga.defined() ? B : 0, d}, q.options().dtype(gemm_dtype));
   // Written by the kernel's first chunk; zeros when there is none (B = 0).
   at::Tensor dk = B > 0 ? at::empty({ga.defined() ? M : 0, d}, acc_options) : at::zeros({ga.defined() ? M : 0, d}, acc_options);
   at::Tensor dbias = ga.defined() && ba.defined() ? at::zeros({M}, acc_options) : at::Tensor();
