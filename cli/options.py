@@ -50,7 +50,8 @@ def settings_options(cls, exclude: tuple[str, ...] = (), check_ranges: bool = Fa
                 continue
             kind, element = field_type(cls, f)
             flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
-            help_text = f"{cls.describe(f.name)}  [default: {_shown(default_of(cls, f))}]"
+            ranged = check_ranges and kind in (int, float)  # click then shows the range itself
+            help_text = f"{f.metadata['help'] if ranged else cls.describe(f.name)}  [default: {_shown(default_of(cls, f))}]"
             if kind is bool:
                 option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
             elif kind is list:
@@ -59,7 +60,7 @@ def settings_options(cls, exclude: tuple[str, ...] = (), check_ranges: bool = Fa
                 option = click.option(flag, f.name, type=click.Choice([str(c) for c in f.metadata["choices"]]),
                                       default=None, help=help_text)
             else:
-                option = click.option(flag, f.name, type=_range_type(kind, f.metadata) if check_ranges else kind,
+                option = click.option(flag, f.name, type=_range_type(kind, f.metadata) if ranged else kind,
                                       default=None, help=help_text)
             command = option(command)
         return command
