@@ -51,7 +51,8 @@ def settings_options(cls, exclude: tuple[str, ...] = (), check_ranges: bool = Fa
             kind, element = field_type(cls, f)
             flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
             ranged = check_ranges and kind in (int, float)  # click then shows the range itself
-            help_text = f"{f.metadata['help'] if ranged else cls.describe(f.name)}  [default: {_shown(default_of(cls, f))}]"
+            described = f.metadata["help"] if ranged else cls.describe(f.name)
+            help_text = f"{described}  [default: {_shown(default_of(cls, f))}]"
             if kind is bool:
                 option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
             elif kind is list:
