@@ -1,8 +1,9 @@
 """`letter compare`: several identifier sets, the same recommender, one table."""
 import click
 
-from letter.cli.options import config_file_option, settings_from_options, settings_options
-from letter.errors import LetterError
+from letter.cli.errors import setting_message
+from letter.cli.options import config_file_option, preset_option, settings_from_options, settings_options
+from letter.errors import LetterError, SettingError
 from letter.rec.config import RecConfig
 
 
@@ -17,7 +18,7 @@ from letter.rec.config import RecConfig
               help="Output folder (compare.md/.json/.png, runs/<label>/seed-<s>/); rerun to resume.")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Recommender seeds per set (run i uses --seed + i).")
-@click.option("--beams", default=20, show_default=True, help="Beam width of the test evaluation (>= 10).")
+@click.option("--beams", "num_beams", default=20, show_default=True, help="Beam width of the test evaluation (>= 10).")
 @click.option("--test-users", default=0, show_default=True,
               help="Evaluate a fixed random sample of test users, the same for every run (0 = all).")
 @click.option("--sample-seed", default=0, show_default=True, help="Seed of that sample and of the bootstrap.")
@@ -27,19 +28,23 @@ from letter.rec.config import RecConfig
                    "--mask-history); both protocols side by side.")
 @settings_options(RecConfig)
 @config_file_option
-def compare_cmd(data_path, sets, out_dir, seeds, config_file, beams, test_users, sample_seed, bootstrap, exclude_history,
-                **options):
+@preset_option
+def compare_cmd(data_path, sets, out_dir, seeds, config_file, preset, num_beams, test_users, sample_seed, bootstrap,
+                exclude_history, **options):
     """Train the same TIGER on each identifier set for several seeds and compare them on the same
     test users: mean ± std per metric, paired bootstrap intervals of the difference to the first
     set, identifier diagnostics; writes compare.md / compare.json / compare.png."""
     from letter.compare import compare
 
     try:
-        config = settings_from_options(RecConfig, options, config_file)  # --seed: the first seed; run i uses seed + i
-        compare(data_path, list(sets), out_dir, config, seeds=seeds, num_beams=beams, test_users=test_users,
+        # --seed is the first seed; run i uses seed + i
+        config = settings_from_options(RecConfig, options, config_file, preset)
+        compare(data_path, list(sets), out_dir, config, seeds=seeds, num_beams=num_beams, test_users=test_users,
                 sample_seed=sample_seed, bootstrap=bootstrap, exclude_history=exclude_history,
                 log=click.echo)
-    except LetterError as e:  # also clean when run outside the `letter` group
+    except SettingError as e:  # also clean when run outside the `letter` group
+        raise click.ClickException(setting_message(e, click.get_current_context().command)) from e
+    except LetterError as e:
         raise click.ClickException(str(e)) from e
     with open(f"{out_dir}/compare.md") as f:
         click.echo(f.read())

@@ -3,39 +3,27 @@ import json
 
 import click
 
+from letter.cli.errors import LetterGroup
+from letter.cli.options import settings_from_options, settings_options
 from letter.data.readers import FORMATS
+from letter.data.synth import SyntheticSettings
 
 
-@click.group("data")
+@click.group("data", cls=LetterGroup)
 def data():
     """Prepare and inspect datasets (LETTER folder format: <Name>.inter.json + <Name>.item.json)."""
 
 
 @data.command("synth")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--users", type=click.IntRange(min=1), default=3000, show_default=True, help="Number of users.")
-@click.option("--items", type=click.IntRange(min=4), default=1000, show_default=True, help="Number of items.")
-@click.option("--categories", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Latent item categories (<= items/4).")
-@click.option("--min-length", type=click.IntRange(min=3), default=5, show_default=True, help="Shortest history.")
-@click.option("--max-length", type=click.IntRange(min=3), default=20, show_default=True,
-              help="Longest history (>= --min-length).")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@settings_options(SyntheticSettings, check_ranges=True)
 @click.option("--name", default="Synth", show_default=True, help="File prefix <Name>.inter.json.")
-def synth(out_dir, users, items, categories, min_length, max_length, seed, name):
+def synth(out_dir, name, **options):
     """Write the seeded synthetic dataset (latent categories, sequential histories) to OUT_DIR."""
     from letter.data import make_synthetic, write_letter
     from letter.data.stats import dataset_stats
-    from letter.errors import LetterError
 
-    try:
-        ds = make_synthetic(users, items, categories, min_length, max_length, seed=seed, name=name)
-    except ValueError as e:  # name the options, not the function's arguments
-        message = str(e)
-        for arg, flag in (("num_categories", "--categories"), ("num_items", "--items"),
-                          ("min_length", "--min-length"), ("max_length", "--max-length")):
-            message = message.replace(arg, flag)
-        raise LetterError(message) from e
+    ds = make_synthetic(settings_from_options(SyntheticSettings, options), name=name)
     write_letter(ds, out_dir)
     s = dataset_stats(ds)
     click.echo(f"wrote {out_dir}/{name}.inter.json, {name}.item.json: {s['users']} users, {s['items']} items, "

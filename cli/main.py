@@ -2,30 +2,7 @@
 import click
 
 from letter import __version__
-from letter.errors import LetterError
-
-
-def file_system_message(e: OSError) -> str:
-    """One line for a file-system error (permission, name too long, disk full, read-only...) naming
-    the path: the writers' atomic temporary files are already gone when it arrives."""
-    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
-    reason = e.strerror or type(e).__name__
-    return f"{paths}: {reason}" if paths else f"file system error: {reason}"
-
-
-class LetterGroup(click.Group):
-    """Turns LetterError (bad input the user can fix) and file-system errors into a one-line click
-    error, no traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LetterError as e:
-            raise click.ClickException(str(e)) from e
-        except EOFError as e:  # click would print a bare "Aborted!" for it
-            raise click.ClickException(f"unexpected end of a file or of the input ({e or 'EOFError'})") from e
-        except OSError as e:
-            raise click.ClickException(file_system_message(e)) from e
+from letter.cli.errors import LetterGroup
 
 
 @click.group(cls=LetterGroup, context_settings={"help_option_names": ["-h", "--help"]})

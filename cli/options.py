@@ -29,17 +29,30 @@ def _shown(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def settings_options(cls, exclude: tuple[str, ...] = ()):
-    """Decorator: one --option per field of `cls` (a letter.settings.Settings dataclass). Options
-    default to None ("not given"), so values from --config FILE or the dataclass stay unless given."""
+def _range_type(kind: type, meta: dict) -> click.ParamType:
+    """click's IntRange/FloatRange of a field's bounds (plain int/float without bounds)."""
+    if meta.get("low") is None and meta.get("high") is None:
+        return kind
+    cls = click.IntRange if kind is int else click.FloatRange
+    return cls(min=meta["low"], max=meta["high"], min_open=meta["low_open"], max_open=meta["high_open"])
+
+
+def settings_options(cls, exclude: tuple[str, ...] = (), check_ranges: bool = False):
+    """Decorator: one --option per field of `cls` (a letter.settings.Settings dataclass), named
+    after the field or its `flag`. Options default to None ("not given"), so values from --config
+    FILE or the dataclass stay unless given. check_ranges: click checks bounds when parsing (a usage
+    error naming the option), for commands without --config; with --config the Settings check them
+    after merging, so a value from the file and one from an option get the same message."""
 
     def decorate(command):
         for f in reversed(dataclasses.fields(cls)):
             if f.name in exclude or not f.metadata.get("cli", True):
                 continue
             kind, element = field_type(cls, f)
-            flag = "--" + f.name.replace("_", "-")
-            help_text = f"{cls.describe(f.name)}  [default: {_shown(default_of(cls, f))}]"
+            flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+            ranged = check_ranges and kind in (int, float)  # click then shows the range itself
+            described = f.metadata["help"] if ranged else cls.describe(f.name)
+            help_text = f"{described}  [default: {_shown(default_of(cls, f))}]"
             if kind is bool:
                 option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
             elif kind is list:
@@ -48,7 +61,8 @@ def settings_options(cls, exclude: tuple[str, ...] = ()):
                 option = click.option(flag, f.name, type=click.Choice([str(c) for c in f.metadata["choices"]]),
                                       default=None, help=help_text)
             else:
-                option = click.option(flag, f.name, type=kind, default=None, help=help_text)
+                option = click.option(flag, f.name, type=_range_type(kind, f.metadata) if ranged else kind,
+                                      default=None, help=help_text)
             command = option(command)
         return command
 

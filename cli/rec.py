@@ -6,6 +6,7 @@ import click
 
 from letter.cli.options import config_file_option, preset_option, settings_from_options, settings_options
 from letter.rec.config import RecConfig
+from letter.rec.evaluation import EvaluateSettings
 
 
 index_version_option = click.option(
@@ -50,19 +51,8 @@ def train_rec_cmd(data_path, codes, out_dir, resume, overwrite, stop_after, conf
 
 @click.command("evaluate")
 @click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False), help="A train-rec run folder (TIGER or LC-Rec).")
-@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@settings_options(EvaluateSettings, check_ranges=True)
 @click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
-@click.option("--beams", type=click.IntRange(min=10), default=20, show_default=True,
-              help="Beam width K (top-K list per user; >= 10 for the @10 metrics).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Users per beam search batch.")
-@click.option("--max-users", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Evaluate a fixed random sample of users (0 = all).")
-@click.option("--decoder", type=click.Choice(["fused", "hf"]), default="fused", show_default=True,
-              help="fused: the beam step op; hf: the HF-style prefix_allowed_tokens_fn baseline.")
-@click.option("--exclude-history", is_flag=True,
-              help="Also measure with every item the user had before the target excluded from the search (as "
-                   "SASRec's --mask-history): metrics_exclude_history next to metrics (history kept).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the results JSON here.")
 @index_version_option
@@ -77,29 +67,31 @@ def train_rec_cmd(data_path, codes, out_dir, resume, overwrite, stop_after, conf
 @click.option("--warm-users", type=click.IntRange(min=0), default=0, show_default=True,
               help="--cold: evaluate a fixed sample of this many warm-target users (0 = all; cold-target: all).")
 @allow_other_data_option
-def evaluate_cmd(run_dir, split, data_path, beams, batch_size, max_users, decoder, exclude_history, device, out,
-                 index_version, max_new_share, cold, text_emb, cf_dir, warm_users, allow_other_data):
+def evaluate_cmd(run_dir, data_path, device, out, index_version, max_new_share, cold, text_emb, cf_dir, warm_users,
+                 allow_other_data, **options):
     """Recall/NDCG@5,10 with trie-constrained beam search over all items; prints JSON.
 
     Uses the newest index version of the run (items added with `letter add-items`) unless
     --index-version N (0: the index it was trained with)."""
+    settings = settings_from_options(EvaluateSettings, options)
     if cold:
         from letter.rec.cold import cold_table, evaluate_cold
 
-        if split != "test" or max_users or decoder != "fused" or index_version is not None or exclude_history:
+        plain = (settings.split, settings.max_users, settings.decoder, settings.exclude_history) == \
+            ("test", 0, "fused", False)
+        if not plain or index_version is not None:
             raise click.UsageError("--cold evaluates the test users of both index versions with the fused decoder; "
                                    "drop --split/--max-users/--decoder/--index-version/--exclude-history")
         result = evaluate_cold(run_dir, data=data_path, text_emb=text_emb, cf_dir=cf_dir, max_new_share=max_new_share,
-                               num_beams=beams, batch_size=batch_size, warm_users=warm_users, device=device, out=out,
-                               show_progress=True, allow_other_data=allow_other_data)
+                               num_beams=settings.num_beams, batch_size=settings.batch_size, warm_users=warm_users,
+                               device=device, out=out, show_progress=True, allow_other_data=allow_other_data)
         click.echo(cold_table(result))
         return
     if text_emb or cf_dir or warm_users:
         raise click.UsageError("--text-emb, --cf and --warm-users belong to --cold")
     from letter.rec import evaluate
 
-    result = evaluate(run_dir, split, data=data_path, num_beams=beams, batch_size=batch_size, max_users=max_users,
-                      decoder=decoder, device=device, out=out, show_progress=True, exclude_history=exclude_history,
+    result = evaluate(run_dir, settings=settings, data=data_path, device=device, out=out, show_progress=True,
                       index_version=index_version, max_new_share=max_new_share, allow_other_data=allow_other_data)
     click.echo(json.dumps(result, indent=2))
 

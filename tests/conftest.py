@@ -176,7 +176,7 @@ def synth(tmp_path_factory):
 
     from letter.data import make_synthetic, write_letter
 
-    ds = make_synthetic(300, NUM_ITEMS, NUM_CATEGORIES, min_length=5, max_length=10, seed=0)
+    ds = make_synthetic(num_users=300, num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, min_length=5, max_length=10, seed=0)
     folder = str(tmp_path_factory.mktemp("synth"))
     write_letter(ds, folder)
     category = np.array([t["category"] for t in ds.item_text])

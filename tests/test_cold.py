@@ -43,7 +43,7 @@ def run_cli(*args, ok=True):
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A synthetic dataset with category-shaped text embeddings (items of a category are close)."""
-    ds = make_synthetic(400, NUM_ITEMS, NUM_CATEGORIES, min_length=5, max_length=10, seed=0)
+    ds = make_synthetic(num_users=400, num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, min_length=5, max_length=10, seed=0)
     folder = str(tmp_path_factory.mktemp("source"))
     write_letter(ds, folder)
     category = np.array([t["category"] for t in ds.item_text])

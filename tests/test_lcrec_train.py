@@ -36,7 +36,7 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """~100 users / 60 items on disk; codes: random distinct identifiers of 2 levels x 8."""
-    ds = make_synthetic(100, NUM_ITEMS, 6, min_length=4, max_length=7, seed=1)
+    ds = make_synthetic(num_users=100, num_items=NUM_ITEMS, num_categories=6, min_length=4, max_length=7, seed=1)
     folder = str(tmp_path_factory.mktemp("synth"))
     write_letter(ds, folder)
     g = np.random.default_rng(0)

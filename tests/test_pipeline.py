@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from letter import pipeline as pipeline_module
 from letter.cli.main import main
 from letter.config import effective_config
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 
 STAGES = pipeline_module.STAGES
 
@@ -131,3 +131,55 @@ def test_cpu_preset_loads_validates_and_yields_to_files_and_options(tmp_path, mo
     monkeypatch.setitem(config_module.PRESETS["cpu"]["rec"], "lr", -1.0)  # a preset is validated like a file
     with pytest.raises(LetterError, match="rec: lr must be > 0"):
         effective_config(preset="cpu")
+
+
+def test_data_embed_and_evaluate_sections_are_settings(tmp_path):
+    """The pipeline's data, embed and evaluate sections are Settings classes, as the trainers' are:
+    their defaults are the pipeline's (evaluate also measures the history-excluded protocol), the
+    commands' options are generated from them, and a bad value names section and key."""
+    from letter.cli.data import synth
+    from letter.cli.embed import embed_command
+    from letter.cli.rec import evaluate_cmd
+    from letter.config import DataSettings, default_config
+    from letter.data import SyntheticSettings
+    from letter.embed import EmbedSettings
+    from letter.rec import EvaluateSettings
+
+    cfg = default_config()
+    assert cfg["data"] == DataSettings().to_dict() and cfg["data"]["synthetic"] == SyntheticSettings().to_dict()
+    assert cfg["embed"] == EmbedSettings().to_dict() and cfg["embed"]["fields"] == ["title", "description"]
+    assert cfg["evaluate"] == dict(EvaluateSettings().to_dict(), exclude_history=True)
+    assert EvaluateSettings().exclude_history is False  # `letter evaluate`'s default: the authors' protocol only
+    options = {p.name: p for command in (synth, embed_command, evaluate_cmd) for p in command.params}
+    for name, flag, default in (("num_beams", "--beams", 20), ("num_categories", "--categories", 20),
+                                ("dim", "--dim", 384), ("max_users", "--max-users", 0)):
+        assert options[name].opts == [flag] and options[name].help.endswith(f"[default: {default}]")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"synthetic": {"num_items": 8, "num_categories": 3}}}))
+    with pytest.raises(SettingError, match=r"^data.synthetic: num_categories <= num_items / 4 is required, got 3 and 8"):
+        effective_config(str(config))
+    config.write_text(yaml.safe_dump({"data": {"synthetic": {"seed": -1}}, "embed": {"mode": "st"}}))
+    with pytest.raises(LetterError, match=r"^data.synthetic: seed must be >= 0"):
+        effective_config(str(config))
+
+
+def test_library_errors_name_settings_and_the_cli_names_its_options(tmp_path):
+    """A library function names the setting it was given; the CLI names the option it came from."""
+    from letter.compare import compare
+    from letter.data import make_synthetic
+    from letter.rec import RecConfig
+
+    with pytest.raises(SettingError, match=r"^num_beams must be >= 10 to compute the @10 metrics, got 5$"):
+        compare(str(tmp_path), ["a=b"], str(tmp_path / "out"), RecConfig(), num_beams=5)
+    result = CliRunner().invoke(main, ["compare", "--data", str(tmp_path), "--set", "a=b", "--out", str(tmp_path / "o"),
+                                       "--beams", "5"])
+    assert result.exit_code == 1 and "Error: --beams must be >= 10 to compute the @10 metrics, got 5" in result.output
+    with pytest.raises(SettingError, match=r"^seeds must be >= 1, got 0$"):
+        compare(str(tmp_path), ["a=b"], str(tmp_path / "out"), RecConfig(), seeds=0)
+    with pytest.raises(SettingError, match=r"min_length <= max_length is required, got 9 and 4"):
+        make_synthetic(min_length=9, max_length=4)
+    result = CliRunner().invoke(main, ["data", "synth", str(tmp_path / "d"), "--min-length", "9", "--max-length", "4"])
+    assert result.exit_code == 1 and "--min-length <= --max-length is required, got 9 and 4" in result.output
+    with pytest.raises(SettingError, match=r"^from_stage must be one of prepare, "):
+        pipeline_module.Pipeline(out=str(tmp_path / "run"), config={}, source={"synthetic": True}).run("nope")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists() and not (tmp_path / "d").exists()

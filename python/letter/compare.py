@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from letter.data import Dataset, load_dataset
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.utils import pyplot
 from letter.metrics import metrics_from_hits, normalized_mutual_info
 from letter.rec import RecConfig, train_rec
@@ -80,7 +80,7 @@ def parse_set(spec: str) -> tuple[str, str]:
     """'LABEL=PATH' -> (label, path)."""
     label, sep, path = spec.partition("=")
     if not sep or not label.strip() or not path.strip():
-        raise LetterError(f"--set {spec!r}: expected LABEL=PATH")
+        raise SettingError("sets", f"{spec!r}: expected LABEL=PATH")
     return label.strip(), path.strip()
 
 
@@ -196,7 +196,7 @@ def user_ranks(run_dir: str, split: str = "test", *, data=None, max_users: int =
     The users are `split`'s, or a sample of max_users of them drawn with sample_seed (not the
     run's seed, so runs with different seeds are evaluated on the same users)."""
     if num_beams < 10:
-        raise LetterError(f"beams must be >= 10 to compute the @10 metrics, got {num_beams}")
+        raise SettingError("num_beams", f"must be >= 10 to compute the @10 metrics, got {num_beams}")
     dev = resolve_device(device)
     model, rec, _ = load_run(run_dir, data, dev)
     adapter = as_recommender(model, rec=rec)
@@ -312,11 +312,13 @@ def compare(
     """
     config.validate()
     if seeds < 1:
-        raise LetterError(f"--seeds must be >= 1, got {seeds}")
+        raise SettingError("seeds", f"must be >= 1, got {seeds}")
     if num_beams < 10:
-        raise LetterError(f"--beams must be >= 10 to compute the @10 metrics, got {num_beams}")
-    if test_users < 0 or bootstrap < 1:
-        raise LetterError(f"--test-users must be >= 0 and --bootstrap >= 1, got {test_users} and {bootstrap}")
+        raise SettingError("num_beams", f"must be >= 10 to compute the @10 metrics, got {num_beams}")
+    if test_users < 0:
+        raise SettingError("test_users", f"must be >= 0, got {test_users}")
+    if bootstrap < 1:
+        raise SettingError("bootstrap", f"must be >= 1, got {bootstrap}")
     dataset = data if isinstance(data, Dataset) else load_dataset(os.fspath(data))
     data_arg = data if isinstance(data, Dataset) else os.path.abspath(os.fspath(data))
     seed_list = [config.seed + i for i in range(seeds)]

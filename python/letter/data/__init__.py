@@ -4,11 +4,12 @@ from letter.data.dataset import Dataset, build_dataset
 from letter.data.index import read_index_json, write_index_json
 from letter.data.readers import load_dataset, read_amazon, read_letter, read_p5, write_letter
 from letter.data.split import Split, drop_leading_padding, leave_one_out, pad_left
-from letter.data.synth import make_synthetic
+from letter.data.synth import SyntheticSettings, make_synthetic
 
 __all__ = [
     "Dataset",
     "Split",
+    "SyntheticSettings",
     "build_dataset",
     "leave_one_out",
     "load_dataset",

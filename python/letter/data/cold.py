@@ -31,7 +31,7 @@ import numpy as np
 
 from letter.data.dataset import Dataset
 from letter.data.readers import dataset_dir, load_dataset, write_letter
-from letter.errors import DataError, LetterError
+from letter.errors import DataError, LetterError, SettingError
 from letter.runs import save_npy, write_json
 
 SPLIT_FILE = "cold_split.json"
@@ -44,11 +44,11 @@ def cold_split(dataset: Dataset, fraction: float = 0.05, seed: int = 0) -> tuple
     """Split `dataset` by the protocol in the module docstring. Returns (the renumbered dataset,
     the split record written as cold_split.json)."""
     if not 0 < fraction < 1:
-        raise LetterError(f"--fraction must be in (0, 1), got {fraction}")
+        raise SettingError("fraction", f"must be in (0, 1), got {fraction}")
     n = dataset.num_items
     num_cold = max(1, int(round(fraction * n)))
     if num_cold >= n:
-        raise LetterError(f"--fraction {fraction} leaves no warm item of {n}")
+        raise SettingError("fraction", f"{fraction} leaves no warm item of {n}")
     cold = np.zeros(n, dtype=bool)
     cold[np.random.default_rng(seed).choice(n, size=num_cold, replace=False)] = True
     order = np.r_[np.flatnonzero(~cold), np.flatnonzero(cold)]  # new id -> old id

@@ -7,9 +7,13 @@ categories; a history is a walk where, with probability `p_follow`, the next ite
 previous item's few fixed successors (within its category, so sequence models have something to
 learn), and otherwise a popular item (Zipf within the category) of a preferred category.
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 from letter.data.dataset import Dataset
+from letter.errors import SettingError
+from letter.settings import Settings, setting
 
 # Vocabularies of the first categories; further categories get generated pseudo-words.
 THEMES = [
@@ -42,22 +46,37 @@ def _pseudo_words(rng: np.random.Generator, n: int) -> list[str]:
     return ["".join(rng.choice(syllables, size=rng.integers(2, 4))) for _ in range(n)]
 
 
-def make_synthetic(
-    num_users: int = 3000,
-    num_items: int = 1000,
-    num_categories: int = 20,
-    min_length: int = 5,
-    max_length: int = 20,
-    p_follow: float = 0.6,
-    seed: int = 0,
-    name: str = "Synth",
-) -> Dataset:
-    """Build the synthetic Dataset (same arguments and seed -> identical data)."""
-    # 4 items per category at least, so a walk can always avoid its last 3 items
-    if num_categories < 1 or num_items < 4 * num_categories:
-        raise ValueError(f"need 1 <= num_categories <= num_items / 4, got {num_categories} and {num_items}")
-    if not 3 <= min_length <= max_length:
-        raise ValueError(f"need 3 <= min_length <= max_length, got {min_length} and {max_length}")
+@dataclass
+class SyntheticSettings(Settings):
+    """The generator's settings (`letter data synth`, the pipeline's data.synthetic section)."""
+
+    section = "data.synthetic"
+
+    num_users: int = setting(3000, "Number of users.", low=1, flag="users")
+    num_items: int = setting(1000, "Number of items.", low=4, flag="items")
+    num_categories: int = setting(20, "Latent item categories (<= items/4).", low=1, flag="categories")
+    min_length: int = setting(5, "Shortest history.", low=3)
+    max_length: int = setting(20, "Longest history (>= min_length).", low=3)
+    p_follow: float = setting(0.6, "Probability that the next item is a successor of the previous one.", low=0,
+                              high=1, cli=False)
+    seed: int = setting(0, "Random seed.", low=0, high=2**32 - 1)
+
+    def check(self) -> None:
+        # 4 items per category at least, so a walk can always avoid its last 3 items
+        if self.num_items < 4 * self.num_categories:
+            raise SettingError("num_categories", f"<= num_items / 4 is required, got {self.num_categories} and "
+                               f"{self.num_items}", "num_items", section=self.section)
+        if self.min_length > self.max_length:
+            raise SettingError("min_length", f"<= max_length is required, got {self.min_length} and "
+                               f"{self.max_length}", "max_length", section=self.section)
+
+
+def make_synthetic(settings: SyntheticSettings | None = None, name: str = "Synth", **values) -> Dataset:
+    """Build the synthetic Dataset of `settings` with `values` (its fields) replaced (same settings
+    -> identical data)."""
+    settings = (settings or SyntheticSettings()).replace(**values)
+    num_users, num_items, num_categories = settings.num_users, settings.num_items, settings.num_categories
+    min_length, max_length, p_follow, seed = settings.min_length, settings.max_length, settings.p_follow, settings.seed
     rng = np.random.default_rng(seed)
 
     vocab, cat_names = [], []

@@ -4,8 +4,9 @@
 Python API (the CLI commands train-rec / evaluate / recommend call exactly these):
   RecConfig                          settings; defaults = the authors' LETTER-TIGER setup
   train_rec(config, data, codes, out_dir, *, resume=False, stop_after=None) -> summary dict
-  evaluate(run_dir, split="test", *, num_beams=20, max_users=0, exclude_history=False, out=None,
-           index_version=None, max_new_share=None, ...) -> dict
+  EvaluateSettings                   split, num_beams, batch_size, max_users, decoder, exclude_history
+  evaluate(run_dir, split=None, *, settings=None, out=None, index_version=None, max_new_share=None,
+           ..., **settings_values) -> dict
   recommend(run_dir, history [original item ids], k=10, *, exclude_history=False, index_version=None,
             max_new_share=None) -> [{item_id, title, score, code}]
   RunRecommender(run_dir, beams=20).recommend([Query(...), ...])   a run loaded once, batched queries
@@ -17,10 +18,10 @@ array [num_items, L], an authors'-format index .json, a codes .npy or a tokenize
 """
 from .config import RecConfig
 from .data import RecData, load_rec_data, resolve_codes
-from .evaluation import evaluate, generate, load_run
+from .evaluation import EvaluateSettings, evaluate, generate, load_run
 from .model import Tiger, TokenLayout
 from .recommend import Query, RunRecommender, recommend
 from .train import train_rec
 
-__all__ = ["Query", "RecConfig", "RecData", "RunRecommender", "Tiger", "TokenLayout", "evaluate", "generate", "load_rec_data", "load_run",
+__all__ = ["EvaluateSettings", "Query", "RecConfig", "RecData", "RunRecommender", "Tiger", "TokenLayout", "evaluate", "generate", "load_rec_data", "load_run",
            "recommend", "resolve_codes", "train_rec"]

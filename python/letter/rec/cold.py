@@ -23,7 +23,7 @@ import torch
 from letter.cf.train import popularity_counts
 from letter.data import drop_leading_padding, pad_left
 from letter.data.cold import read_cold_split, test_groups
-from letter.errors import LetterError
+from letter.errors import SettingError
 from letter.metrics import hits_from_topk, metrics_from_hits
 from letter.runs import check_output_path, load_npy, write_json
 from letter.devices import resolve_device
@@ -75,15 +75,15 @@ def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch:
 
     found = sorted(glob.glob(os.path.join(cf_dir, f"{dataset.name}.cf-sasrec*.ckpt.pt")))
     if len(found) != 1:
-        raise LetterError(f"--cf {cf_dir}: expected one {dataset.name}.cf-sasrec<d>.ckpt.pt (a finished train-cf run), "
-                          f"found {len(found)}")
+        raise SettingError("cf_dir", f"{cf_dir}: expected one {dataset.name}.cf-sasrec<d>.ckpt.pt (a finished "
+                                     f"train-cf run), found {len(found)}")
     metrics_path = found[0][: -len(".ckpt.pt")] + ".json"
     if not os.path.isfile(metrics_path):
-        raise LetterError(f"--cf {cf_dir}: unfinished train-cf run (no {os.path.basename(metrics_path)})")
+        raise SettingError("cf_dir", f"{cf_dir}: unfinished train-cf run (no {os.path.basename(metrics_path)})")
     cfg = CFConfig.from_dict(read_json(metrics_path, "train-cf metrics")["config"])
     ckpt = load_checkpoint(found[0])
     if ckpt["identity"].get("inputs.dataset") != dataset.fingerprint():
-        raise LetterError(f"--cf {cf_dir}: trained on other data than {dataset.source}")
+        raise SettingError("cf_dir", f"{cf_dir}: trained on other data than {dataset.source}")
     model = SASRec(dataset.num_items, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len)
     model.load_state_dict(ckpt["trainer"]["best_model"])
     model.eval()
@@ -113,8 +113,8 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
     rm, rec, config = _load(run_dir, data, device, 0, allow_other_data)
     cold = read_cold_split(rec.dataset)
     if cold is None:
-        raise LetterError(f"--cold: {rec.source} is not a cold split (no cold_split.json; make one with "
-                          "`letter data cold-split`)")
+        raise SettingError("cold", f": {rec.source} is not a cold split (no cold_split.json; make one with "
+                                   "`letter data cold-split`)")
     enc, targets = rm.eval_inputs(rec, "test", 0, config.seed)
     histories = [h for h, _ in rec.split.test]
     groups = test_groups(targets.numpy(), cold)
@@ -147,8 +147,8 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
     if text_emb is not None:
         emb = load_npy(text_emb, "--text-emb") if isinstance(text_emb, (str, os.PathLike)) else np.asarray(text_emb)
         if emb.ndim != 2 or emb.shape[0] != rec.dataset.num_items:
-            raise LetterError(f"--text-emb: expected [{rec.dataset.num_items}, d] rows of the split's items, "
-                              f"got shape {emb.shape}")
+            raise SettingError("text_emb", f": expected [{rec.dataset.num_items}, d] rows of the split's items, "
+                                           f"got shape {emb.shape}")
         topk = content_knn_topk(emb, histories, k)
         rows.append({"method": "content KNN", **_group_metrics(hits_from_topk(topk, targets), groups)})
     topk = popularity_topk(popularity_counts(rec.split, rec.dataset), len(histories), k)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_search
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.metrics import metrics_from_hits, standard_errors
 from letter.runs import RecRun, check_output_path, check_rec_dataset, check_rec_run, load_npy, read_rec_run_info, write_json
 from letter.devices import resolve_device
+from letter.settings import Settings, setting
 from letter.utils import progress
 
 from .config import RecConfig
@@ -26,6 +28,23 @@ from .index_versions import load_index_codes
 from .recommender import Recommender, as_recommender, recommender_class
 
 DECODERS = ("fused", "hf")
+
+
+@dataclass
+class EvaluateSettings(Settings):
+    """How a train-rec run is evaluated (`letter evaluate`, the pipeline's evaluate section)."""
+
+    section = "evaluate"
+
+    split: str = setting("test", "Split of the leave-one-out protocol.", choices=("valid", "test"))
+    num_beams: int = setting(20, "Beam width K (top-K list per user; >= 10 for the @10 metrics).", low=10, flag="beams")
+    batch_size: int = setting(256, "Users per beam search batch.", low=1)
+    max_users: int = setting(0, "Evaluate a fixed random sample of users (0 = all).", low=0)
+    decoder: str = setting("fused", "fused: the beam step op; hf: the HF-style prefix_allowed_tokens_fn baseline.",
+                           choices=DECODERS)
+    exclude_history: bool = setting(False, "Also measure with every item the user had before the target excluded from "
+                                           "the search (as SASRec's --mask-history): metrics_exclude_history next to "
+                                           "metrics (history kept).")
 
 
 def prefix_index(rec: RecData, device, model=None) -> PrefixIndex:
@@ -47,7 +66,7 @@ def max_new_items(share: float | None, k: int) -> int | None:
     if share is None:
         return None
     if not 0 <= share <= 1:
-        raise LetterError(f"--max-new-share must be in [0, 1], got {share}")
+        raise SettingError("max_new_share", f"must be in [0, 1], got {share}")
     return int(share * k + 1e-9)
 
 
@@ -69,13 +88,13 @@ def generate(model, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch
     leaves (the share control, applied inside the fused search; see
     letter.decoding.constrained_beam_search)."""
     if decoder not in DECODERS:
-        raise LetterError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        raise SettingError("decoder", f"must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if max_new is not None and decoder != "fused":
-        raise LetterError("--max-new-share needs the fused decoder")
+        raise SettingError("max_new_share", "needs the fused decoder")
     if num_beams < 1:
-        raise LetterError(f"--beams must be >= 1, got {num_beams}")
+        raise SettingError("num_beams", f"must be >= 1, got {num_beams}")
     if banned_items is not None and decoder != "fused":
-        raise LetterError("excluding items needs the fused decoder (--decoder fused)")
+        raise SettingError("decoder", f"{decoder}: excluding items needs the fused decoder")
     search = hf_style_beam_search if decoder == "hf" else constrained_beam_search
     rm = as_recommender(model, index=index)
     rm.model.eval()
@@ -122,7 +141,7 @@ def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor
     `num_beams` identifiers from items added after training (ids >= `training_items`). hits_out: a
     list that gets the [U, K] hit matrix appended (for per-group metrics)."""
     if num_beams < 10:
-        raise LetterError(f"--beams must be >= 10 to compute the @10 metrics, got {num_beams}")
+        raise SettingError("num_beams", f"must be >= 10 to compute the @10 metrics, got {num_beams}")
     rm = as_recommender(model, rec=rec)
     index = index if index is not None else rm.prefix_index(rec, device)
     max_new = max_new_items(max_new_share, num_beams)
@@ -191,14 +210,14 @@ def load_run(run_dir: str, data=None, device="cpu", index_version: int | None = 
     return rm.model, rec, config
 
 
-def evaluate(run_dir: str, split: str = "test", *, data=None, num_beams: int = 20, batch_size: int = 256,
-             max_users: int = 0, decoder: str = "fused", device: str = "cpu", out: str | None = None,
-             show_progress: bool = False, exclude_history: bool = False, index_version: int | None = None,
-             max_new_share: float | None = None, allow_other_data: bool = False) -> dict:
-    """Evaluate a run on `split` ('valid' or 'test'; max_users > 0: a fixed random sample) with
-    index version `index_version` (default the newest). max_new_share: at most that share of each
-    list from items added after training. Returns (and with `out`, writes as JSON) the metrics,
-    users, beams, wall time and users/s.
+def evaluate(run_dir: str, split: str | None = None, *, settings: EvaluateSettings | None = None, data=None,
+             device: str = "cpu", out: str | None = None, show_progress: bool = False, index_version: int | None = None,
+             max_new_share: float | None = None, allow_other_data: bool = False, **values) -> dict:
+    """Evaluate a run by `settings` (EvaluateSettings) with `split` and `values` (its fields)
+    replaced: on the split ('valid' or 'test'; max_users > 0: a fixed random sample) with index
+    version `index_version` (default the newest). max_new_share: at most that share of each list
+    from items added after training. Returns (and with `out`, writes as JSON) the metrics, users,
+    beams, wall time and users/s.
 
     exclude_history: also measure the second protocol, on the same users: every item the user had
     before the target is excluded from the search (as SASRec's --mask-history), reported as
@@ -207,8 +226,9 @@ def evaluate(run_dir: str, split: str = "test", *, data=None, num_beams: int = 2
 
     A dataset whose content is not the one the run was trained on is refused unless
     allow_other_data; `out` may not be one of the inputs or lie inside the run folder."""
-    if split not in ("valid", "test"):
-        raise LetterError(f"--split must be valid or test, got {split!r}")
+    settings = (settings or EvaluateSettings()).replace(split=split, **values)
+    split, num_beams, batch_size = settings.split, settings.num_beams, settings.batch_size
+    max_users, decoder, exclude_history = settings.max_users, settings.decoder, settings.exclude_history
     if out:
         check_output_path(out, {"--model": run_dir, "--data": data})
     device = resolve_device(device)

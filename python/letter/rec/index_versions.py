@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.runs import RecRun, load_npy, read_json, remove_stale_temps, sha256_file
 
 VERSIONS_DIR = RecRun.INDEX_VERSIONS
@@ -57,7 +57,7 @@ def load_index_codes(run_dir: str, version: int | None = None) -> tuple[np.ndarr
     versions = index_versions(run_dir)
     version = versions[-1] if version is None else version
     if version not in versions:
-        raise LetterError(f"--index-version {version}: {run_dir} has index versions {', '.join(map(str, versions))}")
+        raise SettingError("index_version", f"{version}: {run_dir} has index versions {', '.join(map(str, versions))}")
     if version == 0:
         return load_npy(os.path.join(run_dir, RecRun.CODES)), 0, {}
     folder = _version_dir(run_dir, version)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.devices import resolve_device
 from letter.runs import atomic_path
 
@@ -48,7 +48,7 @@ class RunRecommender:
     def __init__(self, run_dir: str, *, data=None, device: str = "cpu", beams: int = DEFAULT_BEAMS,
                  index_version: int | None = None, max_new_share: float | None = None, allow_other_data: bool = False):
         if beams < 1:
-            raise LetterError(f"--beams must be >= 1, got {beams}")
+            raise SettingError("beams", f"must be >= 1, got {beams}")
         max_new_items(max_new_share, 1)  # checks the share
         self.device = resolve_device(device)
         self.run_dir = os.path.abspath(run_dir)
@@ -118,16 +118,16 @@ class RunRecommender:
         return (f"item(s) {', '.join(missing[:5])} have no identifier in index version {rec.index_version} "
                 "(add them first)")
 
-    def positions(self, item_ids, name: str = "--history") -> list[int]:
-        """Internal positions of original item ids; unknown ids raise LetterError naming `name`."""
+    def positions(self, item_ids, name: str = "history") -> list[int]:
+        """Internal positions of original item ids; unknown ids raise a SettingError naming `name`."""
         problem = self.unknown_ids(item_ids)
         if problem:
-            raise LetterError(f"{name}: {problem}")
+            raise SettingError(name, f": {problem}")
         return [self._position[i] for i in item_ids]
 
-    def check_k(self, k: int, name: str = "-k") -> None:
+    def check_k(self, k: int, name: str = "k") -> None:
         if not 1 <= k <= self.beams:
-            raise LetterError(f"{name} must be in [1, {self.beams}] (the beam width --beams), got {k}")
+            raise SettingError(name, f"must be in [1, beams = {self.beams}] (the beam width), got {k}", "beams")
 
     def recommend(self, queries: list[Query], batch_size: int | None = None,
                   show_progress: bool = False) -> list[list[dict]]:
@@ -180,12 +180,12 @@ def recommend(run_dir: str, history: list[str], k: int = 10, *, data=None, devic
     k identifiers from items added after training; allow_other_data: use a dataset whose content is
     not the one the run was trained on."""
     if k < 1:
-        raise LetterError(f"-k must be >= 1, got {k}")
+        raise SettingError("k", f"must be >= 1, got {k}")
     if not history:
-        raise LetterError("--history is empty")
+        raise SettingError("history", "is empty")
     run = RunRecommender(run_dir, data=data, device=device, beams=beams or max(k, DEFAULT_BEAMS),
                          index_version=index_version, max_new_share=max_new_share, allow_other_data=allow_other_data)
-    query = Query(tuple(run.positions(history)), k, exclude_history, tuple(run.positions(exclude, "--exclude")))
+    query = Query(tuple(run.positions(history)), k, exclude_history, tuple(run.positions(exclude, "exclude")))
     with torch.no_grad():
         return run.recommend([query])[0]
 

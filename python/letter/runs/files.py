@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Any, Iterator
 
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 
 STALE_TEMP_SECONDS = 600  # a temporary file this old was left by a killed write
 _CHUNK = 1 << 20
@@ -292,7 +292,7 @@ def check_file_name(value: str, what: str) -> str:
     """`value` (a dataset name, a tag, a label) as one component of a file name: a LetterError when
     it would write outside the target folder or into a hidden file."""
     if not value or value in (".", "..") or value.startswith(".") or any(c in value for c in "/\\\0"):
-        raise LetterError(f"{what} {value!r}: not usable in a file name (no '/', '\\', leading '.' or empty name)")
+        raise SettingError(what, f"{value!r}: not usable in a file name (no '/', '\\', leading '.' or empty name)")
     return value
 
 
