@@ -1,6 +1,7 @@
 """`letter embed`: item text embeddings."""
 import click
 
+from letter.cli.options import overwrite_option, refuse_ignored
 from letter.embed import DEFAULT_FIELDS, MODES
 
 
@@ -24,16 +25,29 @@ from letter.embed import DEFAULT_FIELDS, MODES
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Model precision (auto: float16 on GPU, float32 on CPU); output is float32.")
-def embed_command(data_path, model, mode, fields, out_dir, tag, batch_size, max_length, dim, device, dtype):
-    """Embed the item text of DATA_PATH into <Name>.emb-<tag>.npy (float32 [items, d]) + .json sidecar."""
+@overwrite_option
+def embed_command(data_path, model, mode, fields, out_dir, tag, batch_size, max_length, dim, device, dtype, overwrite):
+    """Embed the item text of DATA_PATH into <Name>.emb-<tag>.npy (float32 [items, d]) + .json sidecar.
+    Embeddings of the same tag already there are refused unless --overwrite."""
     from letter.data import load_dataset
     from letter.data.readers import dataset_dir
     from letter.embed import embed_dataset
 
+    if mode == "hash" or model == "hash":
+        if model not in ("hash", "auto"):
+            raise click.UsageError(f"--model {model} is not used by --mode hash (the hash encoder has no model)")
+        refuse_ignored(["batch_size", "max_length", "dtype"], "is not used by the hash encoder")
+        if mode != "hash":
+            refuse_ignored(["mode"], "is not used by --model hash (the hash encoder)")
+    else:
+        refuse_ignored(["dim"], "applies to the hash encoder only (--model hash or --mode hash)")
+    if mode != "mean-pool":
+        refuse_ignored(["max_length"], "applies to --mode mean-pool only")
     dataset = load_dataset(data_path)
     if out_dir is None:
         out_dir = dataset_dir(data_path)
     path, emb = embed_dataset(dataset, out_dir, tag=tag, model=model, mode=mode,
                               fields=tuple(f.strip() for f in fields.split(",") if f.strip()),
-                              batch_size=batch_size, device=device, dtype=dtype, dim=dim, max_length=max_length)
+                              batch_size=batch_size, device=device, dtype=dtype, dim=dim, max_length=max_length,
+                              overwrite=overwrite)
     click.echo(f"wrote {path} {list(emb.shape)}")

@@ -3,8 +3,10 @@ setting's default, help text and range are written once, in the dataclass."""
 import dataclasses
 
 import click
+from click.core import ParameterSource
 
 from letter.config import PRESETS, named_preset
+from letter.errors import LetterError, SettingError
 from letter.settings import default_of, field_type
 from letter.utils import read_mapping_file
 
@@ -25,6 +27,11 @@ class ListOf(click.ParamType):
             self.fail(f"expected comma-separated {self.element.__name__} values, got {value!r}", param, ctx)
 
 
+def _flag(name: str) -> str:
+    """The command-line option of a settings field."""
+    return "--" + name.replace("_", "-")
+
+
 def _shown(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
@@ -38,7 +45,7 @@ def settings_options(cls, exclude: tuple[str, ...] = ()):
             if f.name in exclude or not f.metadata.get("cli", True):
                 continue
             kind, element = field_type(cls, f)
-            flag = "--" + f.name.replace("_", "-")
+            flag = _flag(f.name)
             help_text = f"{cls.describe(f.name)}  [default: {_shown(default_of(cls, f))}]"
             if kind is bool:
                 option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
@@ -69,13 +76,55 @@ config_file_option = click.option(
 
 def settings_from_options(cls, options: dict, config_file: str | None = None, preset: str | None = None):
     """The settings: the dataclass defaults, then the preset's section, then the --config file, then the
-    options given. Removes the fields' keys from `options`; validates (bad values are one-line LetterErrors)."""
-    values = cls.from_dict(named_preset(preset).get(cls.section, {}), validate=False).to_dict() if preset else {}
+    options given. Removes the fields' keys from `options`; validates: a bad value is one line naming where
+    it came from (the option, the --config file or the preset)."""
+    source = {}  # field -> where its value came from
+    values = {}
+    if preset:
+        section = named_preset(preset).get(cls.section, {})
+        values = cls.from_dict(section, validate=False).to_dict()
+        source.update(dict.fromkeys(section, f"--preset {preset}"))
     if config_file:
-        values.update(read_mapping_file(config_file))
-        values = cls.from_dict(values, validate=False).to_dict()
+        read = read_mapping_file(config_file)
+        values.update(read)
+        source.update(dict.fromkeys(read, f"--config {config_file}"))
+        try:
+            values = cls.from_dict(values, validate=False).to_dict()
+        except LetterError as e:
+            raise LetterError(f"--config {config_file}: {e}") from None
     for f in dataclasses.fields(cls):
         given = options.pop(f.name, None)
         if given is not None:
             values[f.name] = given
-    return cls.from_dict(values)
+            source[f.name] = _flag(f.name)
+    try:
+        settings = cls.from_dict(values)
+    except SettingError as e:
+        where = source.get(e.field)
+        if where is None:
+            raise
+        shown = e.problem if where == _flag(e.field) else f"{e.field} {e.problem}"
+        raise LetterError(f"{where}: {shown}") from None
+    for selector, unused in getattr(cls, "UNUSED_BY", {}).items():  # options this choice would silently ignore
+        value = getattr(settings, selector)
+        refuse_ignored(unused.get(value, ()), f"is not used with {_flag(selector)} {value}")
+    return settings
+
+
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                help="Replace the output already there (refused otherwise).")
+
+
+def given_options(*names: str) -> list[str]:
+    """The flags (e.g. --max-length) of the parameters `names` given on the command line, in order."""
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    return [flags[n] for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+
+
+def refuse_ignored(names, why: str) -> None:
+    """A usage error naming the first of the parameters `names` given on the command line: options
+    that would be silently ignored in this combination (`why`, e.g. "applies to --mode mean-pool only")."""
+    given = given_options(*names)
+    if given:
+        raise click.UsageError(f"{given[0]} {why}")

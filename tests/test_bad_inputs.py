@@ -541,6 +541,90 @@ CASES += [
 ]
 
 
+# -- issue 25, the remaining classes: every writer's policy, ignored options, messages naming the option --
+def split_into(folder):
+    def setup(world, case):
+        _ok(["data", "cold-split", case / "data", "--out", case / folder])
+    return setup
+
+
+def same_embeddings_as_world(world, case, output):
+    """--overwrite replaced the embeddings by new ones with their sidecar: seeded, so the world's."""
+    assert np.array_equal(np.load(case / "data" / "Synth.emb-hash16.npy"), np.load(world / "data" / "Synth.emb-hash16.npy"))
+    sidecar = json.loads((case / "data" / "Synth.emb-hash16.json").read_text())
+    assert sidecar["files"]["Synth.emb-hash16.npy"]["size"] == (case / "data" / "Synth.emb-hash16.npy").stat().st_size
+
+
+def other_split_written(world, case, output):
+    """--overwrite: the split of seed 3, whole (its record last), not a mix with the seed-0 one."""
+    record = json.loads((case / "s" / "cold_split.json").read_text())
+    assert record["seed"] == 3 and f"{len(record['cold_items'])} cold items" in output
+
+
+TOK_KMEANS = ["--method", "rqkmeans", "--codebook-sizes", "8,8"]
+CASES += [
+    # every writer: a finished output of its kind only with --overwrite, never onto an input
+    ("embed", "same tag over finished embeddings", copy("data"),
+     ["embed", "{case}/data", "--model", "hash", "--mode", "hash", "--dim", "16"], 1,
+     "{case}/data/Synth.emb-hash16.npy: a finished embed output is already there; pass --overwrite"),
+    ("embed", "same tag, --overwrite", copy("data"),
+     ["embed", "{case}/data", "--model", "hash", "--mode", "hash", "--dim", "16", "--overwrite"], 0,
+     same_embeddings_as_world),
+    ("embed", "out into a train-rec run", copy("rec"),
+     ["embed", "{data}", "--model", "hash", "--mode", "hash", "--dim", "16", "--out", "{case}/rec"], 1,
+     "--tag or --out {case}/rec: a train-rec run folder"),
+    ("data cold-split", "over a finished split", both(copy("data"), split_into("s")),
+     ["data", "cold-split", "{case}/data", "--out", "{case}/s", "--seed", "3"], 1,
+     "{case}/s/Synth.inter.json: a finished cold-split output is already there; pass --overwrite"),
+    ("data cold-split", "over a finished split, --overwrite", both(copy("data"), split_into("s")),
+     ["data", "cold-split", "{case}/data", "--out", "{case}/s", "--seed", "3", "--overwrite"], 0, other_split_written),
+    ("data cold-split", "out onto its data, --overwrite", copy("data"),
+     ["data", "cold-split", "{case}/data", "--out", "{case}/data", "--overwrite"], 1,
+     "{case}/data/Synth.inter.json: is the command's input DATA_PATH"),
+    ("data convert", "OUT is SRC, --overwrite", copy("data"), ["data", "convert", "{case}/data", "{case}/data", "--overwrite"],
+     1, "{case}/data/Synth.inter.json: is the command's input SRC"),
+    ("data synth", "OUT holds another dataset", copy("data"), ["data", "synth", "{case}/data", "--name", "Other"], 1,
+     "{case}/data: holds another dataset (Synth.inter.json"),
+    ("data synth", "OUT holds the dataset", copy("data"), ["data", "synth", "{case}/data"], 1,
+     "{case}/data/Synth.inter.json: a finished dataset output is already there; pass --overwrite"),
+    ("train-rec", "out into its data folder", copy("data"),
+     ["train-rec", "--data", "{case}/data", "--index", "{tok}", "--out", "{case}/data", *REC_ARGS], 1,
+     "--out {case}/data: holds the dataset Synth.inter.json, not a train-rec run"),
+    ("evaluate", "out onto another run's codes", copy("tok"),
+     ["evaluate", "--model", "{rec}", "--out", "{case}/tok/codes.npy"], 1,
+     "--out {case}/tok/codes.npy: a file of the run folder {case}/tok"),
+    ("evaluate", "out onto a dataset file", copy("data"), ["evaluate", "--model", "{rec}", "--out", "{case}/data/Synth.item.json"],
+     1, "--out {case}/data/Synth.item.json: a dataset's file"),
+    ("tokenize", "out onto the embeddings' sidecar", copy("data"),
+     ["tokenize", "--tokenizer", "{tok}", "--embeddings", "{case}/data/Synth.emb-hash16.npy", "--out",
+      "{case}/data/Synth.emb-hash16.json"], 1, "is the record of the command's input --embeddings"),
+    # options that a combination would silently ignore
+    ("train-tokenizer", "rqkmeans --resume", none,
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", *TOK_KMEANS, "--resume"], 2,
+     "--resume does not apply to --method rqkmeans"),
+    ("train-tokenizer", "rqkmeans --cf-emb", none,
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", *TOK_KMEANS, "--cf-emb",
+      "{data}/Synth.cf-sasrec16.npy"], 2, "--cf-emb is not used by --method rqkmeans"),
+    ("train-tokenizer", "rqkmeans --epochs", none,
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", *TOK_KMEANS, "--epochs", "5"], 2,
+     "--epochs is not used with --method rqkmeans"),
+    ("train-tokenizer", "--levels with --codebook-sizes", none,
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", *TOK_ARGS, "--levels", "2"], 2,
+     "--levels is a shorthand for --codebook-sizes"),
+    ("train-rec", "tiger --lora-r", none,
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", *REC_ARGS, "--lora-r", "4"], 2,
+     "--lora-r is not used with --model tiger"),
+    ("train-cf", "lightgcn --heads", none, ["train-cf", "{data}", "--out", "{case}/o", "--model", "lightgcn", "--heads", "4"],
+     2, "--heads is not used with --model lightgcn"),
+    ("embed", "hash --max-length", none,
+     ["embed", "{data}", "--model", "hash", "--mode", "hash", "--out", "{case}/o", "--max-length", "8"], 2,
+     "--max-length is not used by the hash encoder"),
+    ("compare", "sample seed beyond numpy", none,
+     ["compare", "--data", "{data}", "--set", "A={tok}", "--out", "{case}/c", "--sample-seed", str(2**32)], 2,
+     "--sample-seed"),
+]
+
+
 @pytest.mark.parametrize("command,name,setup,args,code,message", CASES,
                          ids=[f"{c[0]}: {c[1]}" for c in CASES])
 def test_bad_input(world, command, name, setup, args, code, message):

@@ -27,7 +27,7 @@ import torch
 
 from letter.data import Dataset
 from letter.errors import LetterError
-from letter.runs import atomic_path, check_file_name, embedding_stem, sidecar_record, write_json
+from letter.runs import atomic_path, check_file_name, embedding_stem, prepare_output_files, sidecar_record, write_json
 from letter.devices import resolve_device
 from letter.utils import progress
 
@@ -271,12 +271,15 @@ def default_tag(model: str, mode: str, dim: int) -> str:
     return base if mode == "st" else base + "-meanpool"
 
 
-def embed_dataset(dataset: Dataset, out_dir: str, tag: str | None = None, **kwargs) -> tuple[str, np.ndarray]:
+def embed_dataset(dataset: Dataset, out_dir: str, tag: str | None = None, overwrite: bool = False,
+                  **kwargs) -> tuple[str, np.ndarray]:
     """Write <Name>.emb-<tag>.npy and its <Name>.emb-<tag>.json sidecar; returns (npy path, embeddings;
-    memory-mapped for the hash encoder, which streams its rows into the file)."""
+    memory-mapped for the hash encoder, which streams its rows into the file). Embeddings of that
+    tag already in `out_dir` are refused unless overwrite."""
     tag = check_file_name(tag, "--tag") if tag else default_tag(kwargs.get("model", "auto"), kwargs.get("mode", "st"),
                                                                 kwargs.get("dim", 384))
     stem = embedding_stem(out_dir, dataset.name, tag)
+    prepare_output_files([stem + ".npy", stem + ".json"], "embed", overwrite=overwrite, what="--tag or --out")
     with atomic_path(stem + ".npy") as tmp:
         emb, info = embed_items(dataset, out_path=tmp, **kwargs)
         if isinstance(emb, np.memmap):

@@ -5,5 +5,14 @@ class LetterError(Exception):
     """Bad input or a failed precondition the user can fix (a file, a flag, a shape)."""
 
 
+class SettingError(LetterError):
+    """A bad value of one setting: "SECTION: FIELD PROBLEM". The CLI names where the value came
+    from instead (the option, the --config file, the preset)."""
+
+    def __init__(self, section: str, field: str, problem: str):
+        super().__init__(f"{section}: {field} {problem}")
+        self.field, self.problem = field, problem
+
+
 class DataError(LetterError, ValueError):
     """A data file is malformed or inconsistent; the message names the file and key."""

@@ -50,12 +50,14 @@ def resolve_codes(codes, dataset: Dataset, cold: dict | None = None) -> tuple[np
         path = os.fspath(codes)
         source = os.path.abspath(path)
         if os.path.isdir(path):
-            from letter.runs import TokenizerRun, run_kind
+            from letter.runs import TokenizerRun, check_inputs, run_kind
 
             if run_kind(path) is not None:
                 from letter.tokenizer.inference import check_tokenizer_run
 
-                check_tokenizer_run(path, "--index")  # a run folder: a finished tokenizer run, not mixed
+                manifest = check_tokenizer_run(path, "--index")  # a run folder: a finished tokenizer run, not mixed
+                check_inputs(f"the tokenizer run --index {path}", manifest["inputs"],
+                             {"items": (dataset.items_fingerprint(), f"the dataset {dataset.source}")})
             if os.path.exists(os.path.join(path, TokenizerRun.CODES)):
                 path = os.path.join(path, TokenizerRun.CODES)
             else:
