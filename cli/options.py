@@ -103,8 +103,7 @@ def settings_from_options(cls, options: dict, config_file: str | None = None, pr
         where = source.get(e.field)
         if where is None:
             raise
-        shown = e.problem if where == _flag(e.field) else f"{e.field} {e.problem}"
-        raise LetterError(f"{where}: {shown}") from None
+        raise LetterError(f"{where}: {e}") from None
     for selector, unused in getattr(cls, "UNUSED_BY", {}).items():  # options this choice would silently ignore
         value = getattr(settings, selector)
         refuse_ignored(unused.get(value, ()), f"is not used with {_flag(selector)} {value}")

@@ -124,7 +124,7 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
                 problems.append(f"{where}: no such file or folder {concrete}")
                 continue
             try:
-                codes, _ = resolve_codes(concrete, dataset)
+                codes, _ = resolve_codes(concrete, dataset, what="")  # `where` names the set
             except (LetterError, OSError, ValueError) as e:
                 problems.append(f"{where}: {e}")
                 continue

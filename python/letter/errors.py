@@ -6,12 +6,12 @@ class LetterError(Exception):
 
 
 class SettingError(LetterError):
-    """A bad value of one setting: "SECTION: FIELD PROBLEM". The CLI names where the value came
-    from instead (the option, the --config file, the preset)."""
+    """A bad value of one setting: "SECTION: FIELD PROBLEM". The CLI adds where the value came
+    from (the option, the --config file, the preset)."""
 
     def __init__(self, section: str, field: str, problem: str):
         super().__init__(f"{section}: {field} {problem}")
-        self.field, self.problem = field, problem
+        self.field = field
 
 
 class DataError(LetterError, ValueError):
