@@ -348,7 +348,7 @@ CASES = [
      "--index-version 3"),
     ("evaluate", "max-new-share 2", none, ["evaluate", "--model", "{rec}", "--max-new-share", "2"], 2, "--max-new-share"),
     ("evaluate", "cold on an ordinary dataset", none, ["evaluate", "--model", "{rec}", "--cold"], 1,
-     "--cold: {data}/Synth.inter.json is not a cold split"),
+     "--cold: {data} is not a cold split"),
     ("evaluate", "text-emb without cold", none, ["evaluate", "--model", "{rec}", "--text-emb", "{case}/e.npy"], 2,
      "--cold"),
     ("add-items", "tokenizer as model", none,

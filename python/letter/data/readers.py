@@ -91,15 +91,15 @@ def prepare_dataset_output(out_dir: str, name: str, *, overwrite: bool = False, 
     record last): refuse a folder holding a run or another dataset (a LETTER folder holds one), an
     output that is one of the command's `inputs` (option -> list of paths), and that dataset's
     files already there unless overwrite (then they are removed)."""
-    from letter.runs import check_file_name, check_output_path, held_datasets, prepare_output_files, run_kind
+    from letter.runs import check_file_name, check_not_input, held_datasets, prepare_output_files, run_kind
 
     check_file_name(name, "--name")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise LetterError(f"{out_dir}: not a folder")
     if os.path.isdir(out_dir):
-        kind = run_kind(out_dir)
-        if kind is not None:
-            held = "files of a run" if kind == "unknown" else f"a {kind} run"
+        found = run_kind(out_dir)
+        if found is not None:
+            held = "files of a run" if found == "unknown" else f"a {found} run"
             raise LetterError(f"{out_dir}: holds {held}, not a dataset; choose another folder")
         others = [found for found in held_datasets(out_dir) if found != name + INTER_SUFFIX]
         if others:
@@ -109,7 +109,7 @@ def prepare_dataset_output(out_dir: str, name: str, *, overwrite: bool = False, 
     for option, paths in (inputs or {}).items():
         for path in paths:
             for file in files:
-                check_output_path(file, {option: path}, what="output")
+                check_not_input(file, {option: path}, what="output")
     prepare_output_files(files, kind, overwrite=overwrite, what="output folder")
 
 

@@ -196,11 +196,9 @@ def mark_started(folder: str, kind: str) -> None:
         write_json(os.path.join(folder, STARTED), {"kind": kind, "started_at": time.time()})
 
 
-def check_output_path(out: str, inputs: dict[str, str | None], what: str = "--out") -> None:
+def check_not_input(out: str, inputs: dict[str, str | None], what: str = "--out") -> None:
     """Refuse an output file that is one of the command's inputs (`inputs`: option -> path) or the
-    sidecar manifest of one, a file of any run folder (a recorded output, or a name its layout
-    uses), or a dataset's file. A new file of another name inside a run folder (e.g.
-    RUN/test-metrics.json) is allowed."""
+    sidecar manifest of an input .npy."""
     target = os.path.realpath(out)
     for option, path in inputs.items():
         if path is None:
@@ -210,6 +208,15 @@ def check_output_path(out: str, inputs: dict[str, str | None], what: str = "--ou
             raise LetterError(f"{what} {out}: is the command's input {option} {path}; choose another file")
         if real.endswith(".npy") and target == os.path.realpath(sidecar_path(real)) and os.path.isfile(target):
             raise LetterError(f"{what} {out}: is the record of the command's input {option} {path}; choose another file")
+
+
+def check_output_path(out: str, inputs: dict[str, str | None], what: str = "--out") -> None:
+    """Refuse an output file that is one of the command's inputs (`inputs`: option -> path) or the
+    sidecar manifest of one, a file of any run folder (a recorded output, or a name its layout
+    uses), or a dataset's file. A new file of another name inside a run folder (e.g.
+    RUN/test-metrics.json) is allowed."""
+    check_not_input(out, inputs, what)
+    target = os.path.realpath(out)
     if os.path.basename(target).endswith((INTER_SUFFIX, ITEM_SUFFIX)) and os.path.exists(target):
         raise LetterError(f"{what} {out}: a dataset's file; choose another file")
     folder = os.path.dirname(target)

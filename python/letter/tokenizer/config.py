@@ -90,6 +90,7 @@ class TokenizerConfig(Settings):
     def check(self) -> None:
         if len(self.codebook_sizes) > 26:
             self.fail("codebook_sizes", "may name at most 26 levels (tokens <a_..> to <z_..>)")
-        if self.beta > 0 and not 2 <= self.clusters <= min(self.codebook_sizes) // 2:
+        diversity = self.method == "letter" and self.beta > 0  # the other methods have no diversity term
+        if diversity and not 2 <= self.clusters <= min(self.codebook_sizes) // 2:
             self.fail("clusters", f"must be in [2, smallest codebook / 2] = [2, {min(self.codebook_sizes) // 2}] so every "
                       f"cluster can hold a positive besides the code itself, got {self.clusters}")
