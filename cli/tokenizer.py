@@ -121,7 +121,10 @@ def tokenize_cmd(run_dir, embeddings, out):
     out = out or os.path.splitext(embeddings)[0] + ".index.json"
     check_output_path(out, {"--embeddings": embeddings, "--tokenizer": run_dir})
     tok = load_tokenizer(run_dir)
-    codes = tok.encode(load_npy(embeddings, "--embeddings"))
+    try:
+        codes = tok.encode(load_npy(embeddings, "--embeddings"))
+    except LetterError as e:  # wrong width, NaN rows...: name the file
+        raise LetterError(f"--embeddings {embeddings}: {e}") from None
     if out.endswith(".npy"):
         save_npy(out, codes)
     else:

@@ -570,6 +570,20 @@ def other_split_written(world, case, output):
     assert record["seed"] == 3 and f"{len(record['cold_items'])} cold items" in output
 
 
+def renamed_items(world, case):
+    """A copy of the dataset whose 40 items have other ids (same count, same histories)."""
+    shutil.copytree(world / "data", case / "data")
+    inter, items = case / "data" / "Synth.inter.json", case / "data" / "Synth.item.json"
+    inter.write_text(json.dumps({u: [str(int(i) + 100) for i in seq] for u, seq in json.loads(inter.read_text()).items()}))
+    items.write_text(json.dumps({str(int(i) + 100): v for i, v in json.loads(items.read_text()).items()}))
+
+
+def npy(name, array):
+    def setup(world, case):
+        np.save(case / name, array)
+    return setup
+
+
 TOK_KMEANS = ["--method", "rqkmeans", "--codebook-sizes", "8,8"]
 CASES += [
     # every writer: a finished output of its kind only with --overwrite, never onto an input
@@ -628,6 +642,27 @@ CASES += [
     ("embed", "hash --max-length", none,
      ["embed", "{data}", "--model", "hash", "--mode", "hash", "--out", "{case}/o", "--max-length", "8"], 2,
      "--max-length is not used by the hash encoder"),
+    # readers: every file of a run recorded and checked, also when resuming or when nothing is to do
+    ("train-rec", "resume a finished run whose codes changed", mixed("rec", "codes.npy"),
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/rec", *REC_ARGS, "--resume"], 1,
+     "--out {case}/rec: mixed train-rec run folder: codes.npy changed"),
+    ("tokenize", "prefix index changed", corrupt("tok", "prefix_index.pt", T),
+     ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
+     1, "--tokenizer {case}/tok: mixed tokenizer run folder: prefix_index.pt changed"),
+    ("add-items", "not a tokenizer run, nothing to add", none,
+     ["add-items", "--model", "{rec}", "--tokenizer", "{rec}", "--embeddings", "{data}/Synth.emb-hash16.npy"], 1,
+     "--tokenizer {rec}: a train-rec run folder, not a tokenizer run folder"),
+    ("train-rec", "index of a tokenizer made for other items", renamed_items,
+     ["train-rec", "--data", "{case}/data", "--index", "{tok}", "--out", "{case}/r", *REC_ARGS], 1,
+     "the dataset {case}/data/Synth.inter.json: not the items the tokenizer run --index {tok} was made from"),
+    ("tokenize", "embeddings of another width", npy("e.npy", np.zeros((3, 8), np.float32)),
+     ["tokenize", "--tokenizer", "{tok}", "--embeddings", "{case}/e.npy", "--out", "{case}/x.npy"], 1,
+     "--embeddings {case}/e.npy: embeddings have dim 8"),
+    ("compare", "label too long", none,
+     ["compare", "--data", "{data}", "--set", "x" * 300 + "={tok}", "--out", "{case}/c", "--seeds", "1", *REC_ARGS], 1,
+     "the label must be at most 100"),
+    ("pipeline", "unreadable data leaves no run folder", write_bytes("src/X.inter.json", json.dumps({"u": ["1"]}).encode("utf-16")),
+     ["pipeline", "--data", "{case}/src", "--out", "{case}/run"], 1, "X.inter.json: not UTF-8"),
     ("compare", "sample seed beyond numpy", none,
      ["compare", "--data", "{data}", "--set", "A={tok}", "--out", "{case}/c", "--sample-seed", str(2**32)], 2,
      "--sample-seed"),

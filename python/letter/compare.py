@@ -110,8 +110,9 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
     for label, path in pairs:
         path = os.fspath(path)
         where = f"--set {label}={path}"
-        if not _LABEL.fullmatch(label):
-            problems.append(f"{where}: the label must be letters, digits, '.', '_', '+' or '-' (it names a folder)")
+        if not _LABEL.fullmatch(label) or len(label) > 100:
+            problems.append(f"{where}: the label must be at most 100 letters, digits, '.', '_', '+' or '-' (it names "
+                            "a folder)")
             continue
         if label in seen:
             problems.append(f"{where}: label {label!r} used twice")

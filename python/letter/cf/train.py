@@ -188,6 +188,9 @@ def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False
     the metrics dict (also written as <Name>.cf-<model><dim>.json, last: the embeddings' sidecar
     manifest, with their state and the dataset's hash)."""
     cfg.validate()
+    if dataset.num_items < max(KS):  # the metrics rank a top 10
+        raise LetterError(f"{dataset.source}: {dataset.num_items} items; train-cf ranks the top {max(KS)} items, so it "
+                          f"needs at least {max(KS)}")
     check_no_cold_training(dataset, read_cold_split(dataset))
     paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
     prepare_output_files([paths["embeddings"], paths["checkpoint"], paths["metrics"]], "train-cf", resume=resume,
@@ -200,7 +203,7 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
     paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
     split = leave_one_out(dataset, max_history=cfg.max_len)
     if not split.train:
-        raise LetterError(f"{dataset.name}: no training samples (every user has fewer than 4 items)")
+        raise LetterError(f"{dataset.source}: no training samples (every user has fewer than 4 items)")
     seed_everything(cfg.seed)
     rng = RandomStreams(ctx.device)
     trainable = trainable_class(cfg.model).build(dataset, split, cfg, ctx, rng)

@@ -63,6 +63,8 @@ def cold_split(dataset: Dataset, fraction: float = 0.05, seed: int = 0) -> tuple
             continue
         users.append(user)
         sequences.append([int(new_id[i]) for i in head + [seq[-1]]])
+    if not sequences:
+        raise LetterError(f"{dataset.source}: no user keeps 3 items after the cold items are removed; nothing to split")
     warm = n - num_cold
     cold_targets = sum(s[-1] >= warm for s in sequences)
     text = [dataset.item_text[i] for i in order] if dataset.item_text is not None else None

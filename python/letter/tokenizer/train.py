@@ -306,7 +306,8 @@ def _write_outputs(out_dir: str, tok: "Tokenizer", codes: np.ndarray, report: di
     with atomic_path(os.path.join(out_dir, T.REPORT_MD)) as tmp, open(tmp, "w") as f:
         f.write(report_markdown(report))
     write_json(os.path.join(out_dir, T.REPORT), report)
-    runs.write_manifest(out_dir, T.kind, [T.MODEL, T.CODES, T.index_json(tok.name), T.CONFIG, T.REPORT], inputs)
+    runs.write_manifest(out_dir, T.kind, [T.MODEL, T.CODES, T.index_json(tok.name), T.CONFIG, T.PREFIX_INDEX, T.CURVES,
+                                          T.REPORT_MD, T.REPORT], inputs)
 
 
 def _save_prefix_index(out_dir: str, codes: np.ndarray, sizes: list[int]) -> str:
