@@ -101,9 +101,13 @@ def effective_config(config_file: str | None = None, synthetic: bool = False, pr
         cfg = merge(cfg, SYNTHETIC_PRESET)
     if preset:
         cfg = merge(cfg, named_preset(preset))
-    if config_file:
-        cfg = merge(cfg, read_mapping_file(config_file))
-    return validate_config(cfg)
+    if not config_file:
+        return validate_config(cfg)
+    override = read_mapping_file(config_file)
+    try:  # a bad value or key is named with the file it came from
+        return validate_config(merge(cfg, override))
+    except LetterError as e:
+        raise LetterError(f"--config {config_file}: {e}") from None
 
 
 def validate_config(cfg: dict) -> dict:
@@ -122,7 +126,7 @@ def validate_config(cfg: dict) -> dict:
         ("data.synthetic.num_users", synthetic["num_users"], int, 1, None),
         ("data.synthetic.num_items", synthetic["num_items"], int, 4, None),
         ("data.synthetic.num_categories", synthetic["num_categories"], int, 1, None),
-        ("data.synthetic.seed", synthetic["seed"], int, None, None),
+        ("data.synthetic.seed", synthetic["seed"], int, 0, None),  # numpy's generators take no negative seed
         ("embed.model", cfg["embed"]["model"], str, None, None),
         ("embed.mode", cfg["embed"]["mode"], str, None, MODES),
         ("embed.batch_size", cfg["embed"]["batch_size"], int, 1, None),
