@@ -115,8 +115,11 @@ overwrite_option = click.option("--overwrite", is_flag=True,
 
 
 def given_options(*names: str) -> list[str]:
-    """The flags (e.g. --max-length) of the parameters `names` given on the command line, in order."""
-    ctx = click.get_current_context()
+    """The flags (e.g. --max-length) of the parameters `names` given on the command line, in order
+    (none outside a command: the library's callers give no options)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return []
     flags = {p.name: p.opts[0] for p in ctx.command.params}
     return [flags[n] for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
 

@@ -109,11 +109,14 @@ class Pipeline:
         if from_stage is not None and from_stage not in STAGES:
             raise LetterError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
         prepare_run_folder(self.out, "pipeline", resume=True)
-        if not os.path.isdir(self.out) and "data" in self.source:  # unreadable data: no run folder is left
+        if not os.path.isdir(self.out) and "data" in self.source:  # data the stages refuse: no run folder is left
+            from letter.cf.train import check_catalog
             from letter.data import load_dataset
 
-            if load_dataset(self.source["data"]).item_text is None:
-                raise LetterError(f"{self.source['data']}: no item text (<Name>.item.json); the embed stage needs it")
+            dataset = load_dataset(self.source["data"])
+            if dataset.item_text is None:
+                raise LetterError(f"{dataset.source}: no item text (<Name>.item.json); the embed stage needs it")
+            check_catalog(dataset)
         mark_started(self.out, "pipeline")
         for path in remove_stale_temps(self.out):
             self.log(f"removed {path} (left by an interrupted write)")

@@ -177,6 +177,13 @@ def dataset_identity(dataset: Dataset) -> dict:
     return {"inputs.dataset": dataset.fingerprint(), "inputs.num_items": dataset.num_items}
 
 
+def check_catalog(dataset: Dataset) -> None:
+    """The metrics rank a top 10: a smaller catalog is refused (before any output is written)."""
+    if dataset.num_items < max(KS):
+        raise LetterError(f"{dataset.source}: {dataset.num_items} items; train-cf ranks the top {max(KS)} items, so it "
+                          f"needs at least {max(KS)}")
+
+
 def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False, log=print,
              overwrite: bool = False) -> dict:
     """Train the CF model `cfg.model` with early stopping on valid NDCG@10; write its item embeddings
@@ -188,9 +195,7 @@ def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False
     the metrics dict (also written as <Name>.cf-<model><dim>.json, last: the embeddings' sidecar
     manifest, with their state and the dataset's hash)."""
     cfg.validate()
-    if dataset.num_items < max(KS):  # the metrics rank a top 10
-        raise LetterError(f"{dataset.source}: {dataset.num_items} items; train-cf ranks the top {max(KS)} items, so it "
-                          f"needs at least {max(KS)}")
+    check_catalog(dataset)
     check_no_cold_training(dataset, read_cold_split(dataset))
     paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
     prepare_output_files([paths["embeddings"], paths["checkpoint"], paths["metrics"]], "train-cf", resume=resume,
