@@ -18,11 +18,14 @@ from letter.rec.config import RecConfig
               help="Output folder (compare.md/.json/.png, runs/<label>/seed-<s>/); rerun to resume.")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Recommender seeds per set (run i uses --seed + i).")
-@click.option("--beams", "num_beams", default=20, show_default=True, help="Beam width of the test evaluation (>= 10).")
-@click.option("--test-users", default=0, show_default=True,
+@click.option("--beams", "num_beams", default=20, show_default=True, type=click.IntRange(min=10),
+              help="Beam width of the test evaluation (>= 10).")
+@click.option("--test-users", default=0, show_default=True, type=click.IntRange(min=0),
               help="Evaluate a fixed random sample of test users, the same for every run (0 = all).")
-@click.option("--sample-seed", default=0, show_default=True, help="Seed of that sample and of the bootstrap.")
-@click.option("--bootstrap", default=2000, show_default=True, help="Paired bootstrap resamples.")
+@click.option("--sample-seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Seed of that sample and of the bootstrap.")
+@click.option("--bootstrap", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Paired bootstrap resamples.")
 @click.option("--exclude-history", is_flag=True,
               help="Also evaluate every run with each user's history items excluded from the search (as SASRec's "
                    "--mask-history); both protocols side by side.")

@@ -4,7 +4,7 @@ import json
 import click
 
 from letter.cli.errors import LetterGroup
-from letter.cli.options import settings_from_options, settings_options
+from letter.cli.options import overwrite_option, settings_from_options, settings_options
 from letter.data.readers import FORMATS
 from letter.data.synth import SyntheticSettings
 
@@ -18,12 +18,15 @@ def data():
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @settings_options(SyntheticSettings, check_ranges=True)
 @click.option("--name", default="Synth", show_default=True, help="File prefix <Name>.inter.json.")
-def synth(out_dir, name, **options):
+@overwrite_option
+def synth(out_dir, name, overwrite, **options):
     """Write the seeded synthetic dataset (latent categories, sequential histories) to OUT_DIR."""
     from letter.data import make_synthetic, write_letter
+    from letter.data.readers import prepare_dataset_output
     from letter.data.stats import dataset_stats
 
     ds = make_synthetic(settings_from_options(SyntheticSettings, options), name=name)
+    prepare_dataset_output(out_dir, name, overwrite=overwrite)
     write_letter(ds, out_dir)
     s = dataset_stats(ds)
     click.echo(f"wrote {out_dir}/{name}.inter.json, {name}.item.json: {s['users']} users, {s['items']} items, "
@@ -38,16 +41,19 @@ def synth(out_dir, name, **options):
               help="Popularity exponent (item of rank r drawn with weight r^-zipf).")
 @click.option("--mean-length", type=click.FloatRange(5, 100, min_open=True), default=8.5, show_default=True,
               help="Mean history length (5-core minimum 5, geometric tail, at most 100).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--name", default="Catalog", show_default=True, help="File prefix <Name>.inter.json.")
-def synth_catalog(out_dir, items, users, zipf, mean_length, seed, name):
+@overwrite_option
+def synth_catalog(out_dir, items, users, zipf, mean_length, seed, name, overwrite):
     """Write a seeded large synthetic catalog to OUT_DIR, streamed in bounded memory.
 
     Zipf-like popularity, Amazon-5-core-like history lengths, latent categories of 500 items with
     item text; memory grows by a few numpy bytes per item, not with the users (see
     letter.data.catalog)."""
     from letter.data.catalog import write_catalog
+    from letter.data.readers import prepare_dataset_output
 
+    prepare_dataset_output(out_dir, name, overwrite=overwrite)
     s = write_catalog(out_dir, items, users, seed=seed, name=name, zipf=zipf, mean_length=mean_length)
     click.echo(f"wrote {out_dir}/{name}.inter.json, {name}.item.json: {s['users']} users, {s['items']} items, "
                f"{s['interactions']} interactions")
@@ -59,13 +65,16 @@ def synth_catalog(out_dir, items, users, zipf, mean_length, seed, name):
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
 @click.option("--kcore", type=click.IntRange(min=1), default=5, show_default=True, help="k-core filter for raw Amazon dumps.")
 @click.option("--name", default=None, help="Dataset name (default: from the file/folder name).")
-def convert(src, out_dir, fmt, kcore, name):
+@overwrite_option
+def convert(src, out_dir, fmt, kcore, name, overwrite):
     """Read SRC (LETTER folder, P5 sequential_data.txt, raw Amazon dump) and write a LETTER folder.
 
     Items are renumbered 0..N-1 (numeric ids keep their order, others sort as text)."""
     from letter.data import load_dataset, write_letter
+    from letter.data.readers import prepare_dataset_output, source_files
 
     ds = load_dataset(src, format=fmt, k=kcore, name=name)
+    prepare_dataset_output(out_dir, ds.name, overwrite=overwrite, inputs={"SRC": source_files(src, fmt)})
     write_letter(ds, out_dir)
     click.echo(f"wrote {out_dir}/{ds.name}.inter.json: {ds.num_users} users, {ds.num_items} items")
 
@@ -100,7 +109,8 @@ def stats(path, fmt, as_json):
 @click.option("--embeddings", multiple=True, type=click.Path(dir_okay=False),
               help="A catalog-aligned [items, d] .npy (e.g. text embeddings) to copy into the split in its item "
                    "order (repeatable).")
-def cold_split_cmd(data_path, fraction, seed, out_dir, embeddings):
+@overwrite_option
+def cold_split_cmd(data_path, fraction, seed, out_dir, embeddings, overwrite):
     """Withhold a seeded share of the items from all training (cold-start evaluation).
 
     Cold items are drawn uniformly (numpy default_rng(seed)), renumbered after the warm items and
@@ -111,7 +121,7 @@ def cold_split_cmd(data_path, fraction, seed, out_dir, embeddings):
     from letter.data import load_dataset
     from letter.data.cold import write_cold_split
 
-    record = write_cold_split(load_dataset(data_path), out_dir, fraction, seed, list(embeddings))
+    record = write_cold_split(load_dataset(data_path), out_dir, fraction, seed, list(embeddings), overwrite=overwrite)
     users = record["users"]
     click.echo(f"wrote {out_dir}: {record['warm_items']} warm + {len(record['cold_items'])} cold items; test users "
                f"{users['cold_target']} cold-target, {users['warm_target']} warm-target ({users['dropped']} dropped, "

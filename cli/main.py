@@ -31,6 +31,10 @@ def bench_kernels(ops, quick, out):
     unknown = [op for op in ops if op not in OPS]
     if unknown:
         raise click.BadParameter(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}", param_hint="--op")
+    if out:
+        from letter.runs import check_output_path
+
+        check_output_path(out, {})  # before the benchmarks run: never onto a run's or a dataset's file
     run_benchmarks(list(ops) or None, quick=quick, out=out)
 
 

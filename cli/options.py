@@ -3,8 +3,10 @@ setting's default, help text and range are written once, in the dataclass."""
 import dataclasses
 
 import click
+from click.core import ParameterSource
 
 from letter.config import PRESETS, named_preset
+from letter.errors import LetterError, SettingError
 from letter.settings import default_of, field_type
 from letter.utils import read_mapping_file
 
@@ -23,6 +25,12 @@ class ListOf(click.ParamType):
             return [self.element(v) for v in str(value).split(",") if v.strip()]
         except ValueError:
             self.fail(f"expected comma-separated {self.element.__name__} values, got {value!r}", param, ctx)
+
+
+def _flag(cls, name: str) -> str:
+    """The command-line option of the settings field `name` of `cls` (its `flag`, else its name)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return "--" + (field.metadata.get("flag") or name).replace("_", "-")
 
 
 def _shown(value) -> str:
@@ -49,7 +57,7 @@ def settings_options(cls, exclude: tuple[str, ...] = (), check_ranges: bool = Fa
             if f.name in exclude or not f.metadata.get("cli", True):
                 continue
             kind, element = field_type(cls, f)
-            flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+            flag = _flag(cls, f.name)
             ranged = check_ranges and kind in (int, float)  # click then shows the range itself
             described = f.metadata["help"] if ranged else cls.describe(f.name)
             help_text = f"{described}  [default: {_shown(default_of(cls, f))}]"
@@ -83,13 +91,57 @@ config_file_option = click.option(
 
 def settings_from_options(cls, options: dict, config_file: str | None = None, preset: str | None = None):
     """The settings: the dataclass defaults, then the preset's section, then the --config file, then the
-    options given. Removes the fields' keys from `options`; validates (bad values are one-line LetterErrors)."""
-    values = cls.from_dict(named_preset(preset).get(cls.section, {}), validate=False).to_dict() if preset else {}
+    options given. Removes the fields' keys from `options`; validates: a bad value is one line naming where
+    it came from (the option, the --config file or the preset)."""
+    source = {}  # field -> where its value came from
+    values = {}
+    if preset:
+        section = named_preset(preset).get(cls.section, {})
+        values = cls.from_dict(section, validate=False).to_dict()
+        source.update(dict.fromkeys(section, f"--preset {preset}"))
     if config_file:
-        values.update(read_mapping_file(config_file))
-        values = cls.from_dict(values, validate=False).to_dict()
+        read = read_mapping_file(config_file)
+        values.update(read)
+        source.update(dict.fromkeys(read, f"--config {config_file}"))
+        try:
+            values = cls.from_dict(values, validate=False).to_dict()
+        except LetterError as e:
+            raise LetterError(f"--config {config_file}: {e}") from None
     for f in dataclasses.fields(cls):
         given = options.pop(f.name, None)
         if given is not None:
             values[f.name] = given
-    return cls.from_dict(values)
+            source[f.name] = _flag(cls, f.name)
+    try:
+        settings = cls.from_dict(values)
+    except SettingError as e:
+        where = source.get(e.setting)
+        if where is None:
+            raise
+        raise LetterError(f"{where}: {e}") from None
+    for selector, unused in getattr(cls, "UNUSED_BY", {}).items():  # options this choice would silently ignore
+        value = getattr(settings, selector)
+        refuse_ignored(unused.get(value, ()), f"is not used with {_flag(cls, selector)} {value}")
+    return settings
+
+
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                help="Replace the output already there (refused otherwise).")
+
+
+def given_options(*names: str) -> list[str]:
+    """The flags (e.g. --max-length) of the parameters `names` given on the command line, in order
+    (none outside a command: the library's callers give no options)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return []
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    return [flags[n] for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+
+
+def refuse_ignored(names, why: str) -> None:
+    """A usage error naming the first of the parameters `names` given on the command line: options
+    that would be silently ignored in this combination (`why`, e.g. "applies to --mode mean-pool only")."""
+    given = given_options(*names)
+    if given:
+        raise click.UsageError(f"{given[0]} {why}")

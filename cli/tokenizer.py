@@ -5,7 +5,8 @@ import os
 import click
 import numpy as np
 
-from letter.cli.options import config_file_option, preset_option, settings_from_options, settings_options
+from letter.cli.options import (config_file_option, preset_option, refuse_ignored, settings_from_options,
+                                settings_options)
 from letter.errors import LetterError
 from letter.runs import load_npy
 from letter.tokenizer.config import TokenizerConfig
@@ -55,14 +56,22 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels,
     from letter.runs import check_sidecar
     from letter.tokenizer import train_tokenizer
 
+    if options.get("codebook_sizes") is not None:
+        refuse_ignored(["levels", "codebook_size"], "is a shorthand for --codebook-sizes; give one of them")
     config = settings_from_options(TokenizerConfig, options, config_file, preset)
+    if config.method == "rqkmeans":  # no training: nothing to resume, no collaborative term
+        refuse_ignored(["resume"], "does not apply to --method rqkmeans (nothing is trained; a rerun with "
+                                   "--overwrite refits identically)")
+        refuse_ignored(["cf_emb"], "is not used by --method rqkmeans (text embeddings only)")
     config = config.replace(codebook_sizes=_codebook_sizes(levels, codebook_size, config.codebook_sizes))
     dataset = load_dataset(data_dir)
     text_emb = text_emb or _find_one(data_dir, f"{dataset.name}.emb-*.npy", "text embedding")
     if text_emb is None:
         raise LetterError(f"no --text-emb given and no {dataset.name}.emb-*.npy in {data_dir} (run `letter embed`)")
-    cf_emb = cf_emb or _find_one(data_dir, f"{dataset.name}.cf-*.npy", "CF embedding")
+    if config.method != "rqkmeans":
+        cf_emb = cf_emb or _find_one(data_dir, f"{dataset.name}.cf-*.npy", "CF embedding")
     if cf_emb is None and config.for_method().alpha > 0:
+        refuse_ignored(["alpha"], f"needs CF embeddings (--cf-emb, or one {dataset.name}.cf-*.npy in --data)")
         click.echo(f"warning: no CF embeddings (--cf-emb, {dataset.name}.cf-*.npy): training with alpha 0", err=True)
         config = config.replace(alpha=0.0)
     made_from = {"items": (dataset.items_fingerprint(), f"--data {data_dir}"),  # text: rows = items
@@ -88,6 +97,7 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels,
         resume=resume,
         overwrite=overwrite,
         item_labels=categories,
+        made_from={"items": dataset.items_fingerprint()},
     )
     if report:  # empty on non-zero torchrun ranks
         used = ", ".join(str(s["used"]) for s in report["level_stats"])
@@ -111,7 +121,10 @@ def tokenize_cmd(run_dir, embeddings, out):
     out = out or os.path.splitext(embeddings)[0] + ".index.json"
     check_output_path(out, {"--embeddings": embeddings, "--tokenizer": run_dir})
     tok = load_tokenizer(run_dir)
-    codes = tok.encode(load_npy(embeddings, "--embeddings"))
+    try:
+        codes = tok.encode(load_npy(embeddings, "--embeddings"))
+    except LetterError as e:  # wrong width, NaN rows...: name the file
+        raise LetterError(f"--embeddings {embeddings}: {e}") from None
     if out.endswith(".npy"):
         save_npy(out, codes)
     else:

@@ -268,20 +268,23 @@ CASES = [
      "not a local folder"),
     ("embed", "bad mode", none, ["embed", "{data}", "--mode", "fast"], 2, "--mode"),
     # train-cf
-    ("train-cf", "negative lr", none, ["train-cf", "{data}", "--out", "{case}/o", "--lr", "-1"], 1, "lr"),
-    ("train-cf", "nan dropout", none, ["train-cf", "{data}", "--out", "{case}/o", "--dropout", "nan"], 1, "dropout"),
+    ("train-cf", "negative lr", none, ["train-cf", "{data}", "--out", "{case}/o", "--lr", "-1"], 1,
+     "--lr: cf: lr must be > 0, got -1.0"),
+    ("train-cf", "nan dropout", none, ["train-cf", "{data}", "--out", "{case}/o", "--dropout", "nan"], 1,
+     "--dropout: cf: dropout must be a finite number, got nan"),
     ("train-cf", "device", none, ["train-cf", "{data}", "--out", "{case}/o", "--device", "tpu"], 1, "--device"),
     ("train-cf", "missing data", none, ["train-cf", "{case}/nothing"], 1, "nothing"),
     ("train-cf", "config wrong type", write("c.yaml", "epochs: many\n"),
-     ["train-cf", "{data}", "--out", "{case}/o", "--config", "{case}/c.yaml"], 1, "epochs"),
+     ["train-cf", "{data}", "--out", "{case}/o", "--config", "{case}/c.yaml"], 1,
+     "--config {case}/c.yaml: cf: epochs must be an integer, got 'many'"),
     *[("train-cf", f"resume {k} checkpoint", corrupt("data", "Synth.cf-sasrec16.ckpt.pt", k),
        ["train-cf", "{case}/data", "--dim", "16", "--epochs", "1", "--blocks", "1", "--heads", "1", "--resume"], 1,
        "Synth.cf-sasrec16.ckpt.pt: " + (CORRUPT if k != F else "not a LETTER checkpoint")) for k in (E, T, G, F)],
     # train-tokenizer
     ("train-tokenizer", "epochs 0", none, ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", "--epochs", "0"],
-     1, "epochs"),
+     1, "--epochs: tokenizer: epochs must be >= 1, got 0"),
     ("train-tokenizer", "nan alpha", none, ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", "--alpha", "nan"],
-     1, "alpha"),
+     1, "--alpha: tokenizer: alpha must be a finite number, got nan"),
     ("train-tokenizer", "levels 0", none, ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", "--levels", "0"],
      1, "--levels"),
     ("train-tokenizer", "garbage text-emb", write("e.npy", "garbage"),
@@ -297,13 +300,13 @@ CASES = [
     # tokenize
     ("tokenize", "recommender run folder", none,
      ["tokenize", "--tokenizer", "{rec}", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
-     1, "train-rec run folder"),
+     1, "--tokenizer {rec}: a train-rec run folder, not a tokenizer run folder"),
     ("tokenize", "unfinished run", unfinished("tok", ["report.json", "manifest.json"]),
      ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
-     1, "unfinished tokenizer run"),
+     1, "--tokenizer {case}/tok: unfinished tokenizer run"),
     ("tokenize", "mixed run", mixed("tok", "codes.npy"),
      ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
-     1, "mixed tokenizer run folder: codes.npy changed"),
+     1, "--tokenizer {case}/tok: mixed tokenizer run folder: codes.npy changed"),
     *[("tokenize", f"{k} model.pt", corrupt("tok", "model.pt", k),
        ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out",
         "{case}/x.npy"], 1, "model.pt: " + (CORRUPT if k != F else "not a LETTER checkpoint")) for k in (E, T, G, F)],
@@ -315,19 +318,22 @@ CASES = [
     # train-rec
     ("train-rec", "index: unfinished tokenizer run", unfinished("tok", ["report.json", "manifest.json"]),
      ["train-rec", "--data", "{data}", "--index", "{case}/tok", "--out", "{case}/r", *REC_ARGS], 1,
-     "unfinished tokenizer run"),
+     "--index {case}/tok: unfinished tokenizer run"),
     ("train-rec", "index: mixed tokenizer run", mixed("tok", "codes.npy"),
-     ["train-rec", "--data", "{data}", "--index", "{case}/tok", "--out", "{case}/r", *REC_ARGS], 1, "mixed"),
+     ["train-rec", "--data", "{data}", "--index", "{case}/tok", "--out", "{case}/r", *REC_ARGS], 1,
+     "--index {case}/tok: mixed tokenizer run folder: codes.npy changed"),
     ("train-rec", "index: recommender run", none,
-     ["train-rec", "--data", "{data}", "--index", "{rec}", "--out", "{case}/r", *REC_ARGS], 1, "train-rec run folder"),
+     ["train-rec", "--data", "{data}", "--index", "{rec}", "--out", "{case}/r", *REC_ARGS], 1,
+     "--index {rec}: a train-rec run folder, not a tokenizer run folder"),
     ("train-rec", "negative lr", none,
-     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", "--lr", "-1"], 1, "lr"),
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", "--lr", "-1"], 1,
+     "--lr: rec: lr must be > 0, got -1.0"),
     ("train-rec", "max-grad-norm 0", none,
      ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", "--max-grad-norm", "0"], 1,
-     "max_grad_norm"),
+     "--max-grad-norm: rec: max_grad_norm must be > 0, got 0.0"),
     ("train-rec", "inf warmup", none,
      ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", "--warmup-ratio", "inf"], 1,
-     "warmup_ratio"),
+     "--warmup-ratio: rec: warmup_ratio must be a finite number, got inf"),
     ("train-rec", "device", none,
      ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", "--device", "tpu"], 1, "--device"),
     ("train-rec", "missing index", none,
@@ -341,21 +347,23 @@ CASES = [
     ("evaluate", "index version missing", none, ["evaluate", "--model", "{rec}", "--index-version", "3"], 1,
      "--index-version 3"),
     ("evaluate", "max-new-share 2", none, ["evaluate", "--model", "{rec}", "--max-new-share", "2"], 2, "--max-new-share"),
-    ("evaluate", "cold on an ordinary dataset", none, ["evaluate", "--model", "{rec}", "--cold"], 1, "not a cold split"),
+    ("evaluate", "cold on an ordinary dataset", none, ["evaluate", "--model", "{rec}", "--cold"], 1,
+     "--cold: {data} is not a cold split"),
     ("evaluate", "text-emb without cold", none, ["evaluate", "--model", "{rec}", "--text-emb", "{case}/e.npy"], 2,
      "--cold"),
     ("add-items", "tokenizer as model", none,
      ["add-items", "--model", "{tok}", "--tokenizer", "{tok}", "--embeddings", "{case}/e.npy"], 1,
-     "not a train-rec run folder"),
+     "--model {tok}: not a train-rec run folder"),
     ("data cold-split", "fraction 0", none, ["data", "cold-split", "{data}", "--fraction", "0", "--out", "{case}/s"], 2,
      "--fraction"),
     ("data cold-split", "missing data", none, ["data", "cold-split", "{case}/nothing", "--out", "{case}/s"], 1, "nothing"),
     ("evaluate", "device not here", none, ["evaluate", "--model", "{rec}", "--device", "cuda:99"], 1, "--device"),
     ("evaluate", "no such run", none, ["evaluate", "--model", "{case}/none"], 1,
      "not a train-rec run folder (no such folder)"),
-    ("evaluate", "tokenizer folder", none, ["evaluate", "--model", "{tok}"], 1, "tokenizer run folder"),
+    ("evaluate", "tokenizer folder", none, ["evaluate", "--model", "{tok}"], 1,
+     "--model {tok}: not a train-rec run folder (missing run.json) (it looks like a tokenizer run folder)"),
     ("evaluate", "unfinished", unfinished("rec", ["manifest.json"]), ["evaluate", "--model", "{case}/rec"], 1,
-     "unfinished train-rec run"),
+     "--model {case}/rec: unfinished train-rec run"),
     ("evaluate", "mixed", mixed("rec", "history.json"), ["evaluate", "--model", "{case}/rec"], 1,
      "mixed train-rec run folder: history.json changed"),
     *[("evaluate", f"{k} run.json", corrupt("rec", "run.json", k), ["evaluate", "--model", "{case}/rec"], 1,
@@ -375,7 +383,7 @@ CASES = [
        ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1,
        "model.pt: " + (CORRUPT if k != F else "not a LETTER checkpoint")) for k in (E, T, G, F)],
     ("recommend", "unfinished", unfinished("rec", ["manifest.json"]),
-     ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1, "unfinished train-rec run"),
+     ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1, "--model {case}/rec: unfinished train-rec run"),
     ("recommend", "two sources", none, ["recommend", "--model", "{rec}", "--history", "1,2", "--users", "all"], 2,
      "exactly one of --history, --histories FILE, --users"),
     ("recommend", "users without out", none, ["recommend", "--model", "{rec}", "--users", "all"], 2, "--out"),
@@ -394,9 +402,10 @@ CASES = [
     ("recommend", "unknown excluded item", none, ["recommend", "--model", "{rec}", "--history", "1,2",
                                                   "--exclude", "zz"], 1, "--exclude: unknown item id(s) zz"),
     # serve: the run is loaded (and refused) before anything listens
-    ("serve", "missing run", none, ["serve", "--model", "{case}/none"], 1, "not a train-rec run folder"),
+    ("serve", "missing run", none, ["serve", "--model", "{case}/none"], 1,
+     "--model {case}/none: not a train-rec run folder"),
     ("serve", "unfinished", unfinished("rec", ["manifest.json"]), ["serve", "--model", "{case}/rec"], 1,
-     "unfinished train-rec run"),
+     "--model {case}/rec: unfinished train-rec run"),
     ("serve", "port", none, ["serve", "--model", "{rec}", "--port", "70000"], 2, "--port"),
     # pipeline and config show: wrong types name the key
     *[(cmd, f"config {name}", config_file(section, key, value), [*args, "--config", "{case}/bad.yaml"], 1, message)
@@ -428,13 +437,13 @@ LONG = "x" * 300
 CASES += [
     # a missing completion marker: unfinished, for every reader
     ("evaluate", "marker deleted", drop_marker("rec"), ["evaluate", "--model", "{case}/rec"], 1,
-     "unfinished train-rec run"),
+     "--model {case}/rec: unfinished train-rec run"),
     ("recommend", "marker deleted", drop_marker("rec"), ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1,
-     "unfinished train-rec run"),
-    ("serve", "marker deleted", drop_marker("rec"), ["serve", "--model", "{case}/rec"], 1, "unfinished train-rec run"),
+     "--model {case}/rec: unfinished train-rec run"),
+    ("serve", "marker deleted", drop_marker("rec"), ["serve", "--model", "{case}/rec"], 1, "--model {case}/rec: unfinished train-rec run"),
     ("add-items", "marker deleted", drop_marker("rec"),
      ["add-items", "--model", "{case}/rec", "--tokenizer", "{tok}", "--embeddings", "{data}/Synth.emb-hash16.npy"], 1,
-     "unfinished train-rec run"),
+     "--model {case}/rec: unfinished train-rec run"),
     ("tokenize", "marker deleted", drop_marker("tok"),
      ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
      1, "--tokenizer {case}/tok: unfinished tokenizer run"),
@@ -443,7 +452,7 @@ CASES += [
      "--index {case}/tok: unfinished tokenizer run"),
     ("compare", "set: marker deleted", drop_marker("tok"),
      ["compare", "--data", "{data}", "--set", "A={case}/tok", "--out", "{case}/cmp", "--seeds", "1", *REC_ARGS], 1,
-     "unfinished tokenizer run"),
+     "--set A={case}/tok: {case}/tok: unfinished tokenizer run"),
     # one file swapped for a same-size valid one
     ("evaluate", "codes swapped", mixed("rec", "codes.npy"), ["evaluate", "--model", "{case}/rec"], 1,
      "mixed train-rec run folder: codes.npy changed"),
@@ -455,7 +464,7 @@ CASES += [
     # the data a run was trained on
     ("train-rec", "resume on edited data", paused_rec,
      ["train-rec", "--data", "{case}/data", "--index", "{tok}", "--out", "{case}/r", *REC_ARGS, "--epochs", "2",
-      "--resume"], 1, "inputs.dataset was"),
+      "--resume"], 1, "cannot resume from {case}/r/checkpoint.pt: inputs.dataset was"),
     ("evaluate", "recorded dataset edited", edited_data("rec"), ["evaluate", "--model", "{case}/rec"], 1,
      "the dataset {case}/data: not the dataset --model {case}/rec was made from"),
     ("evaluate", "--data another dataset", edited_data(), ["evaluate", "--model", "{rec}", "--data", "{case}/data"],
@@ -523,7 +532,7 @@ CASES += [
     ("train-tokenizer", "null and list categories", odd_categories,
      ["train-tokenizer", "--data", "{case}/data", "--out", "{case}/t", *TOK_ARGS], 0, report_without_categories),
     ("train-cf", "seed beyond numpy", none, ["train-cf", "{data}", "--out", "{case}/o", "--seed", str(2**32)], 1,
-     "cf: seed must be >= 0 and <= 4294967295, got 4294967296"),
+     "--seed: cf: seed must be >= 0 and <= 4294967295, got 4294967296"),
     ("data synth", "seed negative", none, ["data", "synth", "{case}/out", "--seed", "-1"], 2, "--seed"),
     ("bench kernels", "unknown op", none, ["bench", "kernels", "--op", "nosuchop"], 2, "--op"),
     # strict parsing, names, ignored options
@@ -540,6 +549,140 @@ CASES += [
     ("recommend", "--out with --history", none,
      ["recommend", "--model", "{rec}", "--history", "1,2", "--out", "{case}/r.jsonl"], 2,
      "--out and --batch-size apply to --histories / --users only"),
+]
+
+
+# -- issue 25, the remaining classes: every writer's policy, ignored options, messages naming the option --
+def split_into(folder):
+    def setup(world, case):
+        _ok(["data", "cold-split", case / "data", "--out", case / folder])
+    return setup
+
+
+def same_embeddings_as_world(world, case, output):
+    """--overwrite replaced the embeddings by new ones with their sidecar: seeded, so the world's."""
+    assert np.array_equal(np.load(case / "data" / "Synth.emb-hash16.npy"), np.load(world / "data" / "Synth.emb-hash16.npy"))
+    sidecar = json.loads((case / "data" / "Synth.emb-hash16.json").read_text())
+    assert sidecar["files"]["Synth.emb-hash16.npy"]["size"] == (case / "data" / "Synth.emb-hash16.npy").stat().st_size
+
+
+def other_split_written(world, case, output):
+    """--overwrite: the split of seed 3, whole (its record last), not a mix with the seed-0 one."""
+    record = json.loads((case / "s" / "cold_split.json").read_text())
+    assert record["seed"] == 3 and f"{len(record['cold_items'])} cold items" in output
+
+
+def renamed_items(world, case):
+    """A copy of the dataset whose 40 items have other ids (same count, same histories)."""
+    shutil.copytree(world / "data", case / "data")
+    inter, items = case / "data" / "Synth.inter.json", case / "data" / "Synth.item.json"
+    inter.write_text(json.dumps({u: [str(int(i) + 100) for i in seq] for u, seq in json.loads(inter.read_text()).items()}))
+    items.write_text(json.dumps({str(int(i) + 100): v for i, v in json.loads(items.read_text()).items()}))
+
+
+def npy(name, array):
+    def setup(world, case):
+        np.save(case / name, array)
+    return setup
+
+
+TOK_KMEANS = ["--method", "rqkmeans", "--codebook-sizes", "8,8"]
+CASES += [
+    # every writer: a finished output of its kind only with --overwrite, never onto an input
+    ("embed", "same tag over finished embeddings", copy("data"),
+     ["embed", "{case}/data", "--model", "hash", "--mode", "hash", "--dim", "16"], 1,
+     "{case}/data/Synth.emb-hash16.npy: a finished embed output is already there; pass --overwrite"),
+    ("embed", "same tag, --overwrite", copy("data"),
+     ["embed", "{case}/data", "--model", "hash", "--mode", "hash", "--dim", "16", "--overwrite"], 0,
+     same_embeddings_as_world),
+    ("embed", "out into a train-rec run", copy("rec"),
+     ["embed", "{data}", "--model", "hash", "--mode", "hash", "--dim", "16", "--out", "{case}/rec"], 1,
+     "--tag or --out {case}/rec: a train-rec run folder"),
+    ("data cold-split", "over a finished split", both(copy("data"), split_into("s")),
+     ["data", "cold-split", "{case}/data", "--out", "{case}/s", "--seed", "3"], 1,
+     "{case}/s/Synth.inter.json: a finished cold-split output is already there; pass --overwrite"),
+    ("data cold-split", "over a finished split, --overwrite", both(copy("data"), split_into("s")),
+     ["data", "cold-split", "{case}/data", "--out", "{case}/s", "--seed", "3", "--overwrite"], 0, other_split_written),
+    ("data cold-split", "out onto its data, --overwrite", copy("data"),
+     ["data", "cold-split", "{case}/data", "--out", "{case}/data", "--overwrite"], 1,
+     "{case}/data/Synth.inter.json: is the command's input DATA_PATH"),
+    ("data convert", "OUT is SRC, --overwrite", copy("data"), ["data", "convert", "{case}/data", "{case}/data", "--overwrite"],
+     1, "{case}/data/Synth.inter.json: is the command's input SRC"),
+    ("data synth", "OUT holds another dataset", copy("data"), ["data", "synth", "{case}/data", "--name", "Other"], 1,
+     "{case}/data: holds another dataset (Synth.inter.json"),
+    ("data synth", "OUT holds the dataset", copy("data"), ["data", "synth", "{case}/data"], 1,
+     "{case}/data/Synth.inter.json: a finished dataset output is already there; pass --overwrite"),
+    ("train-rec", "out into its data folder", copy("data"),
+     ["train-rec", "--data", "{case}/data", "--index", "{tok}", "--out", "{case}/data", *REC_ARGS], 1,
+     "--out {case}/data: holds the dataset Synth.inter.json, not a train-rec run"),
+    ("evaluate", "out onto another run's codes", copy("tok"),
+     ["evaluate", "--model", "{rec}", "--out", "{case}/tok/codes.npy"], 1,
+     "--out {case}/tok/codes.npy: a file of the run folder {case}/tok"),
+    ("evaluate", "out onto a dataset file", copy("data"), ["evaluate", "--model", "{rec}", "--out", "{case}/data/Synth.item.json"],
+     1, "--out {case}/data/Synth.item.json: a dataset's file"),
+    ("tokenize", "out onto the embeddings' sidecar", copy("data"),
+     ["tokenize", "--tokenizer", "{tok}", "--embeddings", "{case}/data/Synth.emb-hash16.npy", "--out",
+      "{case}/data/Synth.emb-hash16.json"], 1, "is the record of the command's input --embeddings"),
+    # options that a combination would silently ignore
+    ("train-tokenizer", "rqkmeans --resume", none,
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", *TOK_KMEANS, "--resume"], 2,
+     "--resume does not apply to --method rqkmeans"),
+    ("train-tokenizer", "rqkmeans --cf-emb", none,
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", *TOK_KMEANS, "--cf-emb",
+      "{data}/Synth.cf-sasrec16.npy"], 2, "--cf-emb is not used by --method rqkmeans"),
+    ("train-tokenizer", "rqkmeans --epochs", none,
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", *TOK_KMEANS, "--epochs", "5"], 2,
+     "--epochs is not used with --method rqkmeans"),
+    ("train-tokenizer", "--levels with --codebook-sizes", none,
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", *TOK_ARGS, "--levels", "2"], 2,
+     "--levels is a shorthand for --codebook-sizes"),
+    ("train-rec", "tiger --lora-r", none,
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/r", *REC_ARGS, "--lora-r", "4"], 2,
+     "--lora-r is not used with --model tiger"),
+    ("train-cf", "lightgcn --heads", none, ["train-cf", "{data}", "--out", "{case}/o", "--model", "lightgcn", "--heads", "4"],
+     2, "--heads is not used with --model lightgcn"),
+    ("embed", "hash --max-length", none,
+     ["embed", "{data}", "--model", "hash", "--mode", "hash", "--out", "{case}/o", "--max-length", "8"], 2,
+     "--max-length is not used by the hash encoder"),
+    # readers: every file of a run recorded and checked, also when resuming or when nothing is to do
+    ("train-rec", "resume a finished run whose codes changed", mixed("rec", "codes.npy"),
+     ["train-rec", "--data", "{data}", "--index", "{tok}", "--out", "{case}/rec", *REC_ARGS, "--resume"], 1,
+     "--out {case}/rec: mixed train-rec run folder: codes.npy changed"),
+    ("tokenize", "prefix index changed", corrupt("tok", "prefix_index.pt", T),
+     ["tokenize", "--tokenizer", "{case}/tok", "--embeddings", "{data}/Synth.emb-hash16.npy", "--out", "{case}/x.npy"],
+     1, "--tokenizer {case}/tok: mixed tokenizer run folder: prefix_index.pt changed"),
+    ("add-items", "not a tokenizer run, nothing to add", none,
+     ["add-items", "--model", "{rec}", "--tokenizer", "{rec}", "--embeddings", "{data}/Synth.emb-hash16.npy"], 1,
+     "--tokenizer {rec}: a train-rec run folder, not a tokenizer run folder"),
+    ("train-rec", "index of a tokenizer made for other items", renamed_items,
+     ["train-rec", "--data", "{case}/data", "--index", "{tok}", "--out", "{case}/r", *REC_ARGS], 1,
+     "the dataset {case}/data/Synth.inter.json: not the items the tokenizer run --index {tok} was made from"),
+    ("tokenize", "embeddings of another width", npy("e.npy", np.zeros((3, 8), np.float32)),
+     ["tokenize", "--tokenizer", "{tok}", "--embeddings", "{case}/e.npy", "--out", "{case}/x.npy"], 1,
+     "--embeddings {case}/e.npy: embeddings have dim 8"),
+    ("compare", "label too long", none,
+     ["compare", "--data", "{data}", "--set", "x" * 300 + "={tok}", "--out", "{case}/c", "--seeds", "1", *REC_ARGS], 1,
+     "the label must be at most 100"),
+    ("pipeline", "unreadable data leaves no run folder", write_bytes("src/X.inter.json", json.dumps({"u": ["1"]}).encode("utf-16")),
+     ["pipeline", "--data", "{case}/src", "--out", "{case}/run"], 1, "X.inter.json: not UTF-8"),
+    ("train-cf", "catalog under 10 items", write("src/X.inter.json", json.dumps({"u": ["1", "2", "3", "4"],
+                                                                                "v": ["2", "3", "4", "1"]})),
+     ["train-cf", "{case}/src", "--out", "{case}/o"], 1, "{case}/src/X.inter.json: 4 items; train-cf ranks the top 10"),
+    ("data cold-split", "no user left", write("src/X.inter.json", json.dumps({"u": ["1", "2", "3"]})),
+     ["data", "cold-split", "{case}/src", "--out", "{case}/s", "--fraction", "0.5"], 1,
+     "{case}/src/X.inter.json: no user keeps 3 items"),
+    ("recommend", "UTF-16 histories", write_bytes("h.txt", "1,2\n".encode("utf-16")),
+     ["recommend", "--model", "{rec}", "--histories", "{case}/h.txt", "--out", "{case}/r.jsonl"], 1,
+     "--histories {case}/h.txt: not UTF-8 text"),
+    ("data synth-catalog", "seed negative", none, ["data", "synth-catalog", "{case}/o", "--items", "1000", "--seed", "-1"],
+     2, "--seed"),
+    ("config show", "config error names the file", config_file("cf", "nosuchkey", 1),
+     ["config", "show", "--config", "{case}/bad.yaml"], 1, "--config {case}/bad.yaml: config: unknown setting 'cf.nosuchkey'"),
+    ("config show", "synthetic seed negative", write("bad.yaml", "data:\n  synthetic:\n    seed: -1\n"),
+     ["config", "show", "--config", "{case}/bad.yaml"], 1, "data.synthetic.seed must be >= 0, got -1"),
+    ("compare", "sample seed beyond numpy", none,
+     ["compare", "--data", "{data}", "--set", "A={tok}", "--out", "{case}/c", "--sample-seed", str(2**32)], 2,
+     "--sample-seed"),
 ]
 
 

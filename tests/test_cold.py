@@ -63,7 +63,7 @@ def chain(source, tmp_path_factory):
     split, tok, rec = root / "split", root / "tok", root / "rec"
     run_cli("data", "cold-split", folder, "--fraction", FRACTION, "--seed", 7, "--out", split, "--embeddings", emb_path)
     run_cli("train-tokenizer", "--data", split, "--method", "rqkmeans", "--levels", 2, "--codebook-size", 16,
-            "--clusters", 4, "--unique", "--out", tok)
+            "--unique", "--out", tok)
     config = root / "rec.json"
     config.write_text(json.dumps(REC))
     run_cli("train-rec", "--data", split, "--index", tok, "--out", rec, "--config", config)
@@ -126,7 +126,7 @@ def test_no_cold_item_reaches_training_validation_cf_or_tokenizer(chain, source,
     np.save(changed / "Synth.emb-test.npy", arr)
     os.remove(changed / "Synth.emb-test.json")  # its sidecar would (rightly) flag the edit
     run_cli("train-tokenizer", "--data", changed, "--method", "rqkmeans", "--levels", 2, "--codebook-size", 16,
-            "--clusters", 4, "--unique", "--out", tmp_path / "tok2")
+            "--unique", "--out", tmp_path / "tok2")
     assert np.array_equal(np.load(tmp_path / "tok2" / "codes.npy"), codes)
 
 
@@ -215,7 +215,7 @@ def test_add_items_refuses_a_foreign_tokenizer(chain, tmp_path, source):
     run = tmp_path / "rec"
     shutil.copytree(rec, run)
     run_cli("train-tokenizer", "--data", split, "--method", "rqkmeans", "--levels", 2, "--codebook-size", 16,
-            "--clusters", 4, "--unique", "--seed", 99, "--out", tmp_path / "other")
+            "--unique", "--seed", 99, "--out", tmp_path / "other")
     if np.array_equal(np.load(tmp_path / "other" / "codes.npy"), np.load(run / "codes.npy")):
         pytest.skip("seed 99 gave the same codes")
     result = run_cli("add-items", "--model", run, "--tokenizer", tmp_path / "other", "--embeddings", emb, ok=False)

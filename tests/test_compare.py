@@ -3,6 +3,7 @@ per-user ranks against evaluate(), the paired bootstrap, and bad sets failing be
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -107,6 +108,32 @@ def test_per_user_ranks_match_evaluate(compared):
     for m in theirs:
         assert per_user_metric(ranks, m).mean() == pytest.approx(theirs[m])
         assert ours[m]["per_seed"][1] == pytest.approx(theirs[m])
+
+
+def test_a_run_whose_ranks_changed_is_evaluated_again(compared, setup, tmp_path):
+    """result.json is the run's manifest (written last, the state of test_ranks.npz): a same-size
+    swap of the ranks is seen, that run alone is evaluated again and the table is the original's."""
+    out, report, _ = compared
+    copy = str(tmp_path / "out")
+    shutil.copytree(out, copy)
+    run = os.path.join(copy, "runs", "random", "seed-6")
+    manifest = json.load(open(os.path.join(run, "result.json")))
+    assert manifest["kind"] == "compare-run" and set(manifest["outputs"]) == {"test_ranks.npz"}
+    assert manifest["inputs"]["fingerprint"]
+    assert manifest["metrics"]["recall@10"] == report["sets"][1]["metrics"]["recall@10"]["per_seed"][1]
+    ranks = os.path.join(run, "test_ranks.npz")
+    size = os.path.getsize(ranks)
+    with np.load(ranks) as saved:
+        arrays = {key: saved[key][::-1].copy() for key in saved.files}
+    with open(ranks, "wb") as f:
+        np.savez(f, **arrays)
+    assert os.path.getsize(ranks) == size
+    logs = []
+    again = compare(setup["data"], [f"rqk={setup['rqk']}", f"random={setup['random']}"], copy, tiny_config(),
+                    seeds=2, num_beams=10, bootstrap=500, log=logs.append)
+    assert any("[random seed 6] rerunning: output test_ranks.npz changed" in line for line in logs), logs
+    assert sum("skipped" in line for line in logs) == 3
+    assert again["sets"] == report["sets"]
 
 
 def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(compared, setup, monkeypatch):

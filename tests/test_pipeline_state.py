@@ -45,10 +45,31 @@ def test_outputs_are_recorded_relative_to_the_run_folder(finished):
     _, run, _ = finished
     for stage in pipeline_module.STAGES:
         marker = json.load(open(os.path.join(run, stage, pipeline_module.MARKER)))
-        for key, value in marker["outputs"].items():
+        for key, value in marker["results"].items():
             if key in pipeline_module.PATH_KEYS:
                 assert not os.path.isabs(value), (stage, key, value)
-        assert marker["files"] and all(not os.path.isabs(f) for f in marker["files"])
+        assert marker["outputs"] and all(not os.path.isabs(f) for f in marker["outputs"])
+
+
+def test_stage_records_are_manifests(finished, tmp_path):
+    """stage.json is the stage's manifest (letter.runs, written last): its kind, the content hash of
+    every file the stage wrote and, as inputs, its fingerprint and the upstream stages' digests. A
+    record that is not a stage manifest (here: of another kind) is no finished stage."""
+    data, run, config = finished
+    for stage in pipeline_module.STAGES:
+        marker = json.load(open(os.path.join(run, stage, pipeline_module.MARKER)))
+        assert marker["kind"] == "pipeline-stage" and marker["stage"] == stage
+        assert all(name.startswith(stage + "/") and len(state["sha256"]) == 64 for name, state in marker["outputs"].items())
+        upstream, _ = pipeline_module.DEPENDS[stage]
+        assert set(marker["inputs"]) >= {"fingerprint", *upstream}
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    path = copy / "cf" / pipeline_module.MARKER
+    path.write_text(json.dumps({**json.loads(path.read_text()), "kind": "tokenizer"}))
+    out = pipeline(data, copy, config)
+    assert "[cf] rerunning: " in out and "a tokenizer run folder, not a pipeline-stage run folder" in out, out
+    assert "[prepare] up to date" in out and "[embed] up to date" in out
+    assert json.loads(path.read_text())["kind"] == "pipeline-stage"
 
 
 def test_data_edited_in_place_reruns_everything_from_prepare(finished, tmp_path):

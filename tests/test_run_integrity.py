@@ -7,7 +7,7 @@ import pytest
 
 from letter.errors import LetterError
 from letter.runs import (MANIFEST, check_inputs, check_manifest, check_output_path, mark_started, parse_json,
-                         parse_yaml, prepare_run_folder, read_json, start_step, write_manifest)
+                         parse_yaml, prepare_output_files, prepare_run_folder, read_json, start_step, write_manifest)
 
 
 def _finished(folder, kind="tokenizer", inputs=None):
@@ -71,6 +71,50 @@ def test_outputs_never_land_on_inputs(tmp_path):
             check_output_path(str(run / name), {"--tokenizer": str(run)})
     check_output_path(str(run / "new-metrics.json"), {"--tokenizer": str(run)})
     check_output_path(str(tmp_path / "out.json"), {"--embeddings": str(emb), "--tokenizer": str(run)})
+
+
+def test_no_output_lands_on_any_run_or_dataset_file(tmp_path):
+    other = _finished(tmp_path / "other")  # not among the command's inputs
+    with pytest.raises(LetterError, match=f"a file of the run folder {other}; write elsewhere"):
+        check_output_path(str(other / "codes.npy"), {})
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "X.inter.json").write_text("{}")
+    with pytest.raises(LetterError, match="a dataset's file"):
+        check_output_path(str(data / "X.inter.json"), {})
+    emb = data / "X.emb-a.npy"
+    emb.write_bytes(b"x")
+    (data / "X.emb-a.json").write_text("{}")
+    with pytest.raises(LetterError, match="is the record of the command's input --embeddings"):
+        check_output_path(str(data / "X.emb-a.json"), {"--embeddings": str(emb)})
+    check_output_path(str(data / "X.emb-a.index.json"), {"--embeddings": str(emb)})
+
+
+def test_single_file_outputs_are_replaced_only_when_asked(tmp_path):
+    npy, sidecar = tmp_path / "e.npy", tmp_path / "e.json"
+    outputs = [str(npy), str(sidecar)]  # the sidecar manifest last
+    prepare_output_files(outputs, "embed")
+    npy.write_bytes(b"x")
+    with pytest.raises(LetterError, match=r"e.npy: an unfinished \(or another tool's\) embed output is already there; "
+                                          "pass --overwrite to replace it"):
+        prepare_output_files(outputs, "embed")
+    sidecar.write_text("{}")
+    with pytest.raises(LetterError, match="e.npy: a finished train-cf output is already there; pass --resume to continue "
+                                          "its run, --overwrite to replace it"):
+        prepare_output_files(outputs, "train-cf", resume=False)
+    prepare_output_files(outputs, "train-cf", resume=True)
+    assert npy.exists() and sidecar.exists()
+    prepare_output_files(outputs, "embed", overwrite=True)
+    assert not npy.exists() and not sidecar.exists()
+    run = _finished(tmp_path / "run")
+    with pytest.raises(LetterError, match="a tokenizer run folder; write the embed output elsewhere"):
+        prepare_output_files([str(run / "e.npy")], "embed")
+
+
+def test_runs_are_not_written_into_dataset_folders(tmp_path):
+    (tmp_path / "X.inter.json").write_text("{}")
+    with pytest.raises(LetterError, match="holds the dataset X.inter.json, not a tokenizer run"):
+        prepare_run_folder(str(tmp_path), "tokenizer")
 
 
 @pytest.mark.parametrize("text,message", [

@@ -165,4 +165,9 @@ def test_cli_bad_input_is_a_clean_error(synth, tmp_path):
     assert result.exit_code == 1 and "has 999 rows but the dataset has 1000 items" in result.output
     assert "Traceback" not in result.output and not out.exists()
     result = CliRunner().invoke(main, ["train-tokenizer", "--data", synth["dir"], "--levels", "2", "--codebook-sizes", "32,64,32"])
+    assert result.exit_code == 2 and "--levels is a shorthand for --codebook-sizes; give one of them" in result.output
+    per_level = tmp_path / "sizes.yaml"  # per-level sizes from a config file: --levels cannot repeat one
+    per_level.write_text("codebook_sizes: [32, 64, 32]\n")
+    result = CliRunner().invoke(main, ["train-tokenizer", "--data", synth["dir"], "--config", str(per_level),
+                                       "--levels", "2"])
     assert result.exit_code == 1 and "--levels with per-level --codebook-sizes" in result.output

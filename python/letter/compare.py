@@ -12,11 +12,13 @@ same test users. Output folder:
                               level-1 codes with the items' categories when item.json has them)
   compare.png                 the same as bar charts (when matplotlib is installed)
   runs/<label>/seed-<s>/      rec/ (the train-rec run folder), test_ranks.npz (rank of the target's
-                              identifier per test user, -1 = not generated), result.json
+                              identifier per test user, -1 = not generated), result.json (the
+                              run's manifest, written last: kind "compare-run", the state of
+                              test_ranks.npz, its metrics)
 
-Resuming works like `letter pipeline`: result.json carries a fingerprint of everything the run
-depends on (rec settings, the codes, the dataset, the evaluation settings); a rerun skips a run
-whose fingerprint matches, resumes an interrupted one from its checkpoint (train_rec(resume=True))
+Resuming works like `letter pipeline`: result.json records as input a fingerprint of everything the
+run depends on (rec settings, the codes, the dataset, the evaluation settings); a rerun skips a run
+whose fingerprint matches and whose test_ranks.npz is the one recorded, resumes an interrupted one from its checkpoint (train_rec(resume=True))
 when the fingerprint is unchanged, and restarts it when the settings changed. Every set is
 validated (path, readable codes, item count) before any training starts.
 
@@ -44,14 +46,15 @@ from letter.rec import RecConfig, train_rec
 from letter.rec.data import codes_sha, resolve_codes
 from letter.rec.evaluation import generate, load_run, prefix_index
 from letter.rec.recommender import as_recommender
-from letter.runs import (RecRun, TokenizerRun, atomic_path, fingerprint, mark_started, prepare_run_folder, read_json,
-                         read_json_if_valid, start_step, write_json)
+from letter.runs import (RecRun, TokenizerRun, atomic_path, finished_step, fingerprint, mark_started, prepare_run_folder,
+                         read_json, start_step, write_json, write_manifest)
 from letter.tokenizer.codes import collision_rate
 from letter.tokenizer.report import category_agreement
 from letter.devices import resolve_device
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
-RESULT, STARTED, RANKS = "result.json", "started.json", "test_ranks.npz"
+RESULT, STARTED, RANKS = "result.json", "started.json", "test_ranks.npz"  # result.json: a run's manifest
+RUN_KIND = "compare-run"
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
@@ -107,8 +110,9 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
     for label, path in pairs:
         path = os.fspath(path)
         where = f"--set {label}={path}"
-        if not _LABEL.fullmatch(label):
-            problems.append(f"{where}: the label must be letters, digits, '.', '_', '+' or '-' (it names a folder)")
+        if not _LABEL.fullmatch(label) or len(label) > 100:
+            problems.append(f"{where}: the label must be at most 100 letters, digits, '.', '_', '+' or '-' (it names "
+                            "a folder)")
             continue
         if label in seen:
             problems.append(f"{where}: label {label!r} used twice")
@@ -121,7 +125,7 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
                 problems.append(f"{where}: no such file or folder {concrete}")
                 continue
             try:
-                codes, _ = resolve_codes(concrete, dataset)
+                codes, _ = resolve_codes(concrete, dataset, what="")  # `where` names the set
             except (LetterError, OSError, ValueError) as e:
                 problems.append(f"{where}: {e}")
                 continue
@@ -254,10 +258,12 @@ def _run_one(data, s: IdentifierSet, config: RecConfig, run_dir: str, depends: d
              log: Callable[[str], None]) -> dict:
     fp = fingerprint(depends)
     tag = f"[{s.label} seed {config.seed}]"
-    done = read_json_if_valid(os.path.join(run_dir, RESULT))
-    if done and done.get("fingerprint") == fp and os.path.isfile(os.path.join(run_dir, RANKS)):
+    done, reason = finished_step(os.path.join(run_dir, RESULT), RUN_KIND, fp, run_dir, required=(RANKS,))
+    if reason is None:
         log(f"{tag} up to date ({fp}), skipped")
         return done
+    if reason != "not run yet":
+        log(f"{tag} rerunning: {reason}")
     if start_step(run_dir, fp, STARTED, depends=depends):
         log(f"{tag} {run_dir} held a run with other settings: started afresh")
     rec_dir = os.path.join(run_dir, "rec")
@@ -270,11 +276,12 @@ def _run_one(data, s: IdentifierSet, config: RecConfig, run_dir: str, depends: d
     with atomic_path(os.path.join(run_dir, RANKS), suffix=".npz") as tmp:
         np.savez(tmp, **{k: v for k, v in ev.items() if k.startswith("ranks") or k == "targets"})
     excluded = {"metrics_exclude_history": ev["metrics_exclude_history"]} if "metrics_exclude_history" in ev else {}
-    result = {"fingerprint": fp, "label": s.label, "seed": config.seed, "metrics": ev["metrics"], **excluded,
+    result = {"label": s.label, "seed": config.seed, "metrics": ev["metrics"], **excluded,
               "users": int(len(ev["ranks"])), "best_epoch": summary.get("best_epoch"),
               "epochs_trained": summary.get("epochs_trained"), "train_s_this_call": round(train_s, 3),
               "rec_wall_s": summary.get("wall_s"), "eval_wall_s": round(ev["wall_s"], 3)}
-    write_json(os.path.join(run_dir, RESULT), result)
+    inputs = {"fingerprint": fp, "codes": depends["codes_sha"], "dataset": depends["data_sha"]}
+    result = write_manifest(run_dir, RUN_KIND, [RANKS], inputs, name=RESULT, **result)  # last: the run is done
     log(f"{tag} test " + "  ".join(f"{m}={ev['metrics'][m]:.4f}" for m in METRICS)
         + ("  | history excluded " + "  ".join(f"{m}={excluded['metrics_exclude_history'][m]:.4f}" for m in METRICS)
            if excluded else ""))

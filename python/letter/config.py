@@ -115,9 +115,13 @@ def effective_config(config_file: str | None = None, synthetic: bool = False, pr
         cfg = merge(cfg, SYNTHETIC_PRESET)
     if preset:
         cfg = merge(cfg, named_preset(preset))
-    if config_file:
-        cfg = merge(cfg, read_mapping_file(config_file))
-    return validate_config(cfg)
+    if not config_file:
+        return validate_config(cfg)
+    override = read_mapping_file(config_file)
+    try:  # a bad value or key is named with the file it came from
+        return validate_config(merge(cfg, override))
+    except LetterError as e:
+        raise LetterError(f"--config {config_file}: {e}") from None
 
 
 def validate_config(cfg: dict) -> dict:

@@ -28,7 +28,7 @@ import torch
 
 from letter.data import Dataset
 from letter.errors import LetterError, SettingError
-from letter.runs import atomic_path, check_file_name, embedding_stem, sidecar_record, write_json
+from letter.runs import atomic_path, check_file_name, embedding_stem, prepare_output_files, sidecar_record, write_json
 from letter.devices import resolve_device
 from letter.settings import Settings, setting
 from letter.utils import progress
@@ -291,13 +291,15 @@ def embed_items(dataset: Dataset, settings: EmbedSettings | None = None, device:
 
 
 def embed_dataset(dataset: Dataset, out_dir: str, settings: EmbedSettings | None = None, *, tag: str | None = None,
-                  device: str | None = None, **values) -> tuple[str, np.ndarray]:
+                  device: str | None = None, overwrite: bool = False, **values) -> tuple[str, np.ndarray]:
     """Write <Name>.emb-<tag>.npy and its <Name>.emb-<tag>.json sidecar (embed_items' settings and
     values; `tag` default: EmbedSettings.tag()); returns (npy path, embeddings; memory-mapped for the
-    hash encoder, which streams its rows into the file)."""
+    hash encoder, which streams its rows into the file). Embeddings of that tag already in `out_dir`
+    are refused unless overwrite."""
     settings = (settings or EmbedSettings()).replace(**values)
     tag = check_file_name(tag, "tag") if tag else settings.tag()
     stem = embedding_stem(out_dir, dataset.name, tag)
+    prepare_output_files([stem + ".npy", stem + ".json"], "embed", overwrite=overwrite, what="--tag or --out")
     with atomic_path(stem + ".npy") as tmp:
         emb, info = embed_items(dataset, settings, device=device, out_path=tmp)
         if isinstance(emb, np.memmap):

@@ -1,11 +1,13 @@
 """`letter pipeline`: prepare -> embed -> cf -> tokenizer -> rec -> evaluate, then a report.
 
-Each stage writes into RUN/<stage>/ and, when it finishes, RUN/<stage>/stage.json (written last)
-with the fingerprint of everything it read (its config sections, its upstream stages' fingerprints
-and output contents, the content of the data source's files), its outputs as paths relative to RUN
-(so a copied or moved run folder uses its own files) and the size/mtime/sha256 of each file it
-wrote. A rerun skips a stage whose fingerprint matches and whose files are all still there and
-unchanged; otherwise it logs why and reruns it (and, through the fingerprints, what follows). A
+Each stage writes into RUN/<stage>/ and, when it finishes, its manifest RUN/<stage>/stage.json
+(letter.runs.write_manifest, written last: kind "pipeline-stage"), with the size/mtime/sha256 of
+each file it wrote (names relative to RUN, so a copied or moved run folder uses its own files), as
+inputs the fingerprint of everything it read (its config sections, its upstream stages'
+fingerprints and output contents, the content of the data source's files) and the upstream stages'
+output digests, and its results (paths relative to RUN). A rerun skips a stage whose manifest has
+the fingerprint and whose files are all still there and unchanged; otherwise it logs why and reruns
+it (and, through the fingerprints, what follows). A
 stage interrupted midway resumes from its own checkpoint when its fingerprint is unchanged and
 starts afresh otherwise. A failing stage
 stops the pipeline with a LetterError naming the stage; earlier stages' outputs stay intact.
@@ -17,9 +19,9 @@ from typing import Callable
 
 from letter.errors import LetterError, SettingError
 from letter.pipeline_report import write_report
-from letter.runs import (MANIFEST, RecRun, TokenizerRun, file_change, file_state, fingerprint, folder_files, load_npy,
+from letter.runs import (MANIFEST, RecRun, TokenizerRun, file_state, fingerprint, finished_step, folder_files, load_npy,
                          mark_started, prepare_run_folder, read_json_if_valid, relative_to, remove_stale_temps,
-                         resolve, start_step, write_json)
+                         resolve, start_step, write_json, write_manifest)
 
 STAGES = ("prepare", "embed", "cf", "tokenizer", "rec", "evaluate")
 # Upstream stages and the config sections each stage reads.
@@ -31,11 +33,12 @@ DEPENDS = {
     "rec": (("tokenizer",), ("rec", "data")),
     "evaluate": (("rec",), ("evaluate",)),
 }
-MARKER = "stage.json"
+MARKER = "stage.json"  # a stage's manifest
+STAGE_KIND = "pipeline-stage"
 STARTED = "stage.started.json"
 
 
-# Keys of a stage's outputs that are paths: stage.json stores them relative to the run folder.
+# Keys of a stage's results that are paths: stage.json stores them relative to the run folder.
 PATH_KEYS = ("dataset", "text_embeddings", "cf_embeddings", "metrics", "run", "report", "history")
 
 
@@ -87,7 +90,7 @@ class Pipeline:
             return {"synthetic": True}
         from letter.data.readers import source_files
 
-        previous = (self._read("prepare", MARKER) or {}).get("inputs", {})
+        previous = (self._read("prepare", MARKER) or {}).get("source_files", {})
         self.source_files = {}
         for path in source_files(self.source["data"]):
             self.source_files[path] = file_state(path, previous.get(path))
@@ -101,25 +104,19 @@ class Pipeline:
             self.log(f"[{stage}] {path}: corrupt or truncated, ignored")
         return data
 
-    def _stale(self, stage: str, done: dict | None, fp: str) -> str | None:
-        """Why the finished stage `done` (its stage.json) cannot be reused, None when it can."""
-        if done is None:
-            return "not run yet"
-        if done.get("fingerprint") != fp:
-            return f"its settings or inputs changed (fingerprint {done.get('fingerprint')} -> {fp})"
-        files = done.get("files")
-        if not isinstance(files, dict) or not isinstance(done.get("outputs"), dict):
-            return "its stage.json predates output checks"
-        for rel, state in sorted(files.items()):
-            change = file_change(os.path.join(self.out, rel), state)
-            if change is not None:
-                return f"output {rel} {change}"
-        return None
 
     def run(self, from_stage: str | None = None) -> dict:
         if from_stage is not None and from_stage not in STAGES:
             raise SettingError("from_stage", f"must be one of {', '.join(STAGES)}, got {from_stage!r}")
         prepare_run_folder(self.out, "pipeline", resume=True)
+        if not os.path.isdir(self.out) and "data" in self.source:  # data the stages refuse: no run folder is left
+            from letter.cf.train import check_catalog
+            from letter.data import load_dataset
+
+            dataset = load_dataset(self.source["data"])
+            if dataset.item_text is None:
+                raise LetterError(f"{dataset.source}: no item text (<Name>.item.json); the embed stage needs it")
+            check_catalog(dataset)
         mark_started(self.out, "pipeline")
         for path in remove_stale_temps(self.out):
             self.log(f"removed {path} (left by an interrupted write)")
@@ -129,17 +126,18 @@ class Pipeline:
             forced = forced or stage == from_stage
             fp = self.fingerprint(stage)
             self.fingerprints[stage] = fp
-            done = self._read(stage, MARKER)
-            reason = "rerun from here (--from)" if forced else self._stale(stage, done, fp)
+            done, reason = finished_step(os.path.join(self.stage_dir(stage), MARKER), STAGE_KIND, fp, self.out)
+            if forced:
+                reason = "rerun from here (--from)"
             if reason is None:
                 self.log(f"[{stage}] up to date ({fp}), skipped")
-                self.outputs[stage] = self._resolve(done["outputs"])
-                self.digests[stage] = _digest(done["files"])
+                self.outputs[stage] = self._resolve(done["results"])
+                self.digests[stage] = _digest(done["outputs"])
                 continue
-            if done is not None or forced:
+            if forced or os.path.isfile(os.path.join(self.stage_dir(stage), MARKER)):
                 self.log(f"[{stage}] rerunning: {reason}")
             # changed or missing outputs: nothing in the folder can be trusted, start afresh
-            self._run_stage(stage, fp, fresh=forced or (done is not None and done.get("fingerprint") == fp))
+            self._run_stage(stage, fp, fresh=forced or (done is not None and done["inputs"].get("fingerprint") == fp))
         return write_report(self)
 
     def _relative(self, outputs: dict) -> dict:
@@ -165,13 +163,17 @@ class Pipeline:
             raise LetterError(f"stage '{stage}' failed: {type(e).__name__}: {e}") from e
         seconds = time.time() - t0
         self.outputs[stage] = outputs
-        files = {relative_to(os.path.join(directory, rel), self.out): file_state(os.path.join(directory, rel))
-                 for rel in folder_files(directory, skip=lambda rel: not _is_recorded(rel))}
-        self.digests[stage] = _digest(files)
-        marker = {"fingerprint": fp, "outputs": self._relative(outputs), "files": files, "seconds": seconds}
+        files = [relative_to(os.path.join(directory, rel), self.out)
+                 for rel in folder_files(directory, skip=lambda rel: not _is_recorded(rel))]
+        inputs = {"fingerprint": fp, **{up: self.digests[up] for up in DEPENDS[stage][0]},
+                  **{os.path.basename(path): st["sha256"] for path, st in self.source_files.items()
+                     if stage == "prepare"}}
+        extra = {"stage": stage, "results": self._relative(outputs), "seconds": seconds}
         if stage == "prepare" and self.source_files:
-            marker["inputs"] = self.source_files
-        write_json(os.path.join(directory, MARKER), marker)  # written last: the stage's completion marker
+            extra["source_files"] = self.source_files  # their states: unchanged files are not hashed again
+        # written last: the stage's completion manifest (output names relative to the run folder)
+        manifest = write_manifest(self.out, STAGE_KIND, files, inputs, name=os.path.join(stage, MARKER), **extra)
+        self.digests[stage] = _digest(manifest["outputs"])
         self.log(f"[{stage}] done in {seconds:.1f}s")
 
     def stage_seconds(self, stage: str) -> float | None:
@@ -212,7 +214,8 @@ def _embed(p: Pipeline, directory: str) -> dict:
     from letter.embed import EmbedSettings, embed_dataset
 
     ds = p.dataset()
-    path, _ = embed_dataset(ds, directory, EmbedSettings.from_dict(p.config["embed"]), device=p.device)
+    # overwrite: the stage folder is the pipeline's; a file in it is left by an interrupted embedding
+    path, _ = embed_dataset(ds, directory, EmbedSettings.from_dict(p.config["embed"]), device=p.device, overwrite=True)
     return {"text_embeddings": path}
 
 
@@ -236,7 +239,8 @@ def _tokenizer(p: Pipeline, directory: str) -> dict:
     # the stage folder is the pipeline's: a finished run in it (its stage.json lost) is refitted
     resume = any(os.path.exists(os.path.join(directory, n)) for n in (TokenizerRun.CHECKPOINT, MANIFEST))
     report = train_tokenizer(cfg, text, cf, directory, name=ds.name, num_items=ds.num_items,
-                             resume=resume, item_labels=ds.category_labels())
+                             resume=resume, item_labels=ds.category_labels(),
+                             made_from={"items": ds.items_fingerprint()})
     write_json(os.path.join(directory, "pipeline_report.json"), report)
     return {"run": directory, "report": os.path.join(directory, TokenizerRun.REPORT)}
 

@@ -17,7 +17,7 @@ import math
 import typing
 from typing import Any
 
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.utils import read_mapping_file
 
 _MISSING = dataclasses.MISSING
@@ -124,7 +124,7 @@ class Settings:
         """Cross-field rules of a subclass (raise with self.fail)."""
 
     def fail(self, name: str, message: str):
-        raise LetterError(f"{self.section}: {name} {message}")
+        raise SettingError(name, message, section=self.section)
 
     def _coerce(self, f: dataclasses.Field, kind: type, value):
         """The value as `kind`, or a LetterError naming the field. bool is not an int here, and an

@@ -42,6 +42,9 @@ class CFConfig(Settings):
     device: str = setting("auto", "cpu, cuda, cuda:N or auto.", may_change_on_resume=True)
 
     LOSSES = {"sasrec": ("ce", "sampled", "bce"), "lightgcn": ("ce", "bpr")}
+    # Settings a choice never reads (selector -> value -> fields): given as options, they are an error.
+    UNUSED_BY = {"model": {"sasrec": ("graph_layers",), "lightgcn": ("blocks", "heads", "dropout")},
+                 "loss": {"ce": ("negatives",), "bce": ("negatives",), "bpr": ("negatives",)}}
 
     def check(self) -> None:
         if self.loss not in self.LOSSES[self.model]:

@@ -27,7 +27,7 @@ from letter.data import Dataset, Split, drop_leading_padding, leave_one_out, pad
 from letter.data.cold import check_no_cold_training, read_cold_split
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
-from letter.runs import cf_output_paths, save_npy, sidecar_record, write_json
+from letter.runs import cf_output_paths, prepare_output_files, save_npy, sidecar_record, write_json
 from letter.training import (DistContext, FitPlan, RandomStreams, Trainable, Validation, distributed, fit,
                              seed_everything)
 
@@ -177,6 +177,13 @@ def dataset_identity(dataset: Dataset) -> dict:
     return {"inputs.dataset": dataset.fingerprint(), "inputs.num_items": dataset.num_items}
 
 
+def check_catalog(dataset: Dataset) -> None:
+    """The metrics rank a top 10: a smaller catalog is refused (before any output is written)."""
+    if dataset.num_items < max(KS):
+        raise LetterError(f"{dataset.source}: {dataset.num_items} items; train-cf ranks the top {max(KS)} items, so it "
+                          f"needs at least {max(KS)}")
+
+
 def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False, log=print,
              overwrite: bool = False) -> dict:
     """Train the CF model `cfg.model` with early stopping on valid NDCG@10; write its item embeddings
@@ -188,32 +195,20 @@ def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False
     the metrics dict (also written as <Name>.cf-<model><dim>.json, last: the embeddings' sidecar
     manifest, with their state and the dataset's hash)."""
     cfg.validate()
+    check_catalog(dataset)
     check_no_cold_training(dataset, read_cold_split(dataset))
-    _prepare_outputs(output_paths(out_dir, dataset.name, cfg.dim, cfg.model), resume, overwrite)
+    paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
+    prepare_output_files([paths["embeddings"], paths["checkpoint"], paths["metrics"]], "train-cf", resume=resume,
+                         overwrite=overwrite)
     with distributed(cfg.device) as ctx:
         return _train(dataset, out_dir, cfg, resume, ctx, log)
-
-
-def _prepare_outputs(paths: dict, resume: bool, overwrite: bool) -> None:
-    """Refuse to replace finished outputs unless resume/overwrite; overwrite removes them (the
-    sidecar manifest first, so an interrupted removal leaves no finished-looking output)."""
-    if resume and overwrite:
-        raise LetterError("--resume and --overwrite exclude each other: continue the run or replace it")
-    finished = os.path.isfile(paths["metrics"]) and os.path.isfile(paths["embeddings"])
-    if finished and not (resume or overwrite):
-        raise LetterError(f"{paths['embeddings']}: a finished train-cf output; pass --resume to continue its run, "
-                          "--overwrite to replace it, or choose another --out")
-    if overwrite:
-        for key in ("metrics", "embeddings", "checkpoint"):
-            if os.path.exists(paths[key]):
-                os.remove(paths[key])
 
 
 def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: DistContext, log) -> dict:
     paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
     split = leave_one_out(dataset, max_history=cfg.max_len)
     if not split.train:
-        raise LetterError(f"{dataset.name}: no training samples (every user has fewer than 4 items)")
+        raise LetterError(f"{dataset.source}: no training samples (every user has fewer than 4 items)")
     seed_everything(cfg.seed)
     rng = RandomStreams(ctx.device)
     trainable = trainable_class(cfg.model).build(dataset, split, cfg, ctx, rng)

@@ -30,7 +30,7 @@ import os
 import numpy as np
 
 from letter.data.dataset import Dataset
-from letter.data.readers import dataset_dir, load_dataset, write_letter
+from letter.data.readers import dataset_dir, load_dataset, prepare_dataset_output, source_files, write_letter
 from letter.errors import DataError, LetterError, SettingError
 from letter.runs import save_npy, write_json
 
@@ -63,6 +63,8 @@ def cold_split(dataset: Dataset, fraction: float = 0.05, seed: int = 0) -> tuple
             continue
         users.append(user)
         sequences.append([int(new_id[i]) for i in head + [seq[-1]]])
+    if not sequences:
+        raise LetterError(f"{dataset.source}: no user keeps 3 items after the cold items are removed; nothing to split")
     warm = n - num_cold
     cold_targets = sum(s[-1] >= warm for s in sequences)
     text = [dataset.item_text[i] for i in order] if dataset.item_text is not None else None
@@ -85,12 +87,20 @@ def cold_split(dataset: Dataset, fraction: float = 0.05, seed: int = 0) -> tuple
 
 
 def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, seed: int = 0,
-                     embeddings: list[str] = ()) -> dict:
+                     embeddings: list[str] = (), overwrite: bool = False) -> dict:
     """Split `dataset` and write the split folder: the LETTER files, each of `embeddings` ([N, d]
     .npy of the source catalog, row = item) with its rows in the split's item order under the same
-    file name, and cold_split.json last. Returns the record."""
+    file name, and cold_split.json last. A split already in `out_dir` is refused unless overwrite;
+    an output onto one of the inputs always. Returns the record."""
     split, record = cold_split(dataset, fraction, seed)
-    from letter.runs import load_npy, sidecar_record
+    from letter.runs import load_npy, sidecar_path, sidecar_record
+
+    names = [os.path.basename(p) for p in embeddings]
+    sources = source_files(dataset.source) if isinstance(dataset.source, str) and os.path.exists(dataset.source) else []
+    prepare_dataset_output(out_dir, dataset.name, overwrite=overwrite,
+                           inputs={"DATA_PATH": sources, "--embeddings": list(embeddings)},
+                           extra=(*names, *(os.path.basename(sidecar_path(n)) for n in names), SPLIT_FILE),
+                           kind="cold-split")
 
     arrays = []
     for path in embeddings:
@@ -101,15 +111,13 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
         arrays.append((path, arr))
     os.makedirs(out_dir, exist_ok=True)
     marker = os.path.join(out_dir, SPLIT_FILE)
-    if os.path.exists(marker):
-        os.remove(marker)  # the folder is being rewritten: no stale record beside new files
     write_letter(split, out_dir)
     written = load_dataset(out_dir).items_fingerprint()  # the items as their readers will see them
     order = _old_rows(dataset, record)
     for path, arr in arrays:
         target = os.path.join(out_dir, os.path.basename(path))
         save_npy(target, np.ascontiguousarray(arr[order]))
-        write_json(os.path.splitext(target)[0] + ".json",
+        write_json(sidecar_path(target),
                    {"source": os.path.abspath(path), "rows": "reordered by the cold split (cold_split.json)",
                     **sidecar_record(target, {"items": written})})
     record["embeddings"] = [os.path.basename(p) for p, _ in arrays]

@@ -11,11 +11,9 @@ from collections import Counter, defaultdict
 
 from letter.data.dataset import TEXT_FIELDS, Dataset, build_dataset
 from letter.errors import DataError, LetterError
-from letter.runs import parse_json, read_text, write_json
+from letter.runs import INTER_SUFFIX, ITEM_SUFFIX, parse_json, read_text, write_json
 from letter.utils import progress
 
-INTER_SUFFIX = ".inter.json"
-ITEM_SUFFIX = ".item.json"
 P5_FILE = "sequential_data.txt"
 
 
@@ -85,6 +83,34 @@ def write_letter(dataset: Dataset, out_dir: str) -> str:
         items = {str(i): fields for i, fields in enumerate(dataset.item_text)}
         write_json(os.path.join(out_dir, dataset.name + ITEM_SUFFIX), items)
     return out_dir
+
+
+def prepare_dataset_output(out_dir: str, name: str, *, overwrite: bool = False, inputs: dict | None = None,
+                           extra: tuple[str, ...] = (), kind: str = "dataset") -> None:
+    """Before a command writes the dataset `name` into `out_dir` (plus `extra` file names there, its
+    record last): refuse a folder holding a run or another dataset (a LETTER folder holds one), an
+    output that is one of the command's `inputs` (option -> list of paths), and that dataset's
+    files already there unless overwrite (then they are removed)."""
+    from letter.runs import check_file_name, check_not_input, held_datasets, prepare_output_files, run_kind
+
+    check_file_name(name, "--name")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise LetterError(f"{out_dir}: not a folder")
+    if os.path.isdir(out_dir):
+        found = run_kind(out_dir)
+        if found is not None:
+            held = "files of a run" if found == "unknown" else f"a {found} run"
+            raise LetterError(f"{out_dir}: holds {held}, not a dataset; choose another folder")
+        others = [found for found in held_datasets(out_dir) if found != name + INTER_SUFFIX]
+        if others:
+            raise LetterError(f"{out_dir}: holds another dataset ({others[0]}; a dataset folder holds one); "
+                              "choose another folder")
+    files = [os.path.join(out_dir, n) for n in (name + INTER_SUFFIX, name + ITEM_SUFFIX, *extra)]
+    for option, paths in (inputs or {}).items():
+        for path in paths:
+            for file in files:
+                check_not_input(file, {option: path}, what="output")
+    prepare_output_files(files, kind, overwrite=overwrite, what="output folder")
 
 
 # ---------------------------------------------------------------- P5

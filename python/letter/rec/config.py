@@ -78,6 +78,13 @@ class RecConfig(Settings):
                                      "(bf16 on a bf16-capable GPU, or on a CPU with AMX/AVX512-BF16 from d_model 128).",
                              choices=("auto", "fp32", "bf16"), may_change_on_resume=True)
 
+    # Settings a model never reads (selector -> value -> fields): given as options, they are an error.
+    UNUSED_BY = {"model": {
+        "tiger": ("base_model", "lora_r", "lora_alpha", "lora_dropout", "bf16", "gradient_checkpointing"),
+        "lcrec": ("d_model", "num_layers", "num_decoder_layers", "num_heads", "d_kv", "d_ff", "dropout",
+                  "relative_buckets", "relative_max_distance", "precision"),
+    }}
+
     def check(self) -> None:
         if self.model == "lcrec" and not self.base_model:
             self.fail("base_model", "is required with model lcrec (a local Hugging Face causal LM folder)")

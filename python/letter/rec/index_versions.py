@@ -85,11 +85,16 @@ def add_items(run_dir: str, tokenizer_dir: str, embeddings, *, data=None) -> dic
     check_rec_dataset(run_dir, manifest, dataset, path, data is not None)
     codes, base, _ = load_index_codes(run_dir)
     indexed, total = codes.shape[0], dataset.num_items
+    # the tokenizer is checked also when nothing is to add (adding the same rows twice is a no-op)
+    tok = load_tokenizer(tokenizer_dir)
+    training_codes = load_npy(os.path.join(run_dir, RecRun.CODES))
+    if tok.catalog_codes is None or not np.array_equal(tok.catalog_codes, training_codes):
+        raise LetterError(f"--tokenizer {tokenizer_dir}: its codes are not the identifiers {run_dir} was trained on")
     if indexed >= total:
         return {"version": base, "added": 0, "items": [], "indexed_items": indexed,
                 "message": f"every one of the {total} items of {dataset.source} already has an identifier "
                            f"(index version {base}); nothing added"}
-    where = embeddings if isinstance(embeddings, (str, os.PathLike)) else "embeddings"
+    where = f"--embeddings {embeddings}" if isinstance(embeddings, (str, os.PathLike)) else "embeddings"
     emb = load_npy(os.fspath(embeddings), "--embeddings") if isinstance(embeddings, (str, os.PathLike)) else embeddings
     emb = np.asarray(emb)
     if emb.ndim != 2:
@@ -100,10 +105,6 @@ def add_items(run_dir: str, tokenizer_dir: str, embeddings, *, data=None) -> dic
         raise LetterError(f"{where}: {emb.shape[0]} rows, but {dataset.source} has {total} items of which "
                           f"{total - indexed} lack an identifier: give [{total}, d] catalog rows or at most "
                           f"{total - indexed} rows of the next items")
-    tok = load_tokenizer(tokenizer_dir)
-    training_codes = load_npy(os.path.join(run_dir, RecRun.CODES))
-    if tok.catalog_codes is None or not np.array_equal(tok.catalog_codes, training_codes):
-        raise LetterError(f"--tokenizer {tokenizer_dir}: its codes are not the identifiers {run_dir} was trained on")
     tok.catalog_codes = codes  # every identifier of the newest version stays taken
     new = tok.encode(emb)
     sizes = info.get("level_sizes") or [int(c) + 1 for c in training_codes.max(0)]

@@ -18,7 +18,7 @@ import torch
 
 from letter.errors import LetterError, SettingError
 from letter.devices import resolve_device
-from letter.runs import atomic_path
+from letter.runs import atomic_path, read_text
 
 from .data import codes_sha
 from .evaluation import _load, added_leaves, generate, max_new_items, training_items
@@ -193,10 +193,9 @@ def recommend(run_dir: str, history: list[str], k: int = 10, *, data=None, devic
 def read_histories_file(path: str) -> list[list[str]]:
     """One history per line: comma-separated item ids, oldest first; an empty line is an error."""
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise LetterError(f"--histories {path}: {e.strerror or e}") from None
+        lines = read_text(path).splitlines()
+    except LetterError as e:  # unreadable or not UTF-8: name the option too
+        raise LetterError(f"--histories {e}") from None
     histories = []
     for number, line in enumerate(lines, 1):
         ids = [i.strip() for i in line.split(",") if i.strip()]

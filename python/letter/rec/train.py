@@ -30,7 +30,8 @@ import time
 import torch
 
 from letter.errors import LetterError
-from letter.runs import RecRun, mark_started, prepare_run_folder, read_json, save_npy, write_json, write_manifest
+from letter.runs import (MANIFEST, RecRun, check_manifest, load_npy, mark_started, prepare_run_folder, read_json, save_npy,
+                         write_json, write_manifest)
 from letter.training import (DistContext, FitPlan, FitRun, RandomStreams, Trainable, Validation,
                              batch_order, bf16_autocast, distributed, epoch_generator, fit, seed_everything, shard,
                              validation_epochs, warmup_cosine)
@@ -160,6 +161,13 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
     ckpt_path = os.path.join(out_dir, CHECKPOINT)  # prepare_run_folder refused a started run without --resume
     seed_everything(config.seed)  # same initial weights on every process
     rm = recommender_class(config.model).build(config, rec, ctx.device)  # a bad base model fails before the run folder
+    if resume and ctx.main:  # the files written when the run started must still be its own
+        if os.path.isfile(os.path.join(out_dir, MANIFEST)):
+            check_manifest(out_dir, RecRun.kind, "--out")  # a finished run continues only whole
+        started_codes = os.path.join(out_dir, RecRun.CODES)
+        if os.path.isfile(started_codes) and codes_sha(load_npy(started_codes)) != codes_sha(rec.codes):
+            raise LetterError(f"{started_codes}: not the codes of --index {codes} (changed since the run started?); "
+                              "restore it, or train the run again with --overwrite")
     if not resume and ctx.main:
         info = rec.run_info(config, out_dir)
         if config.model != "tiger":

@@ -4,6 +4,10 @@ from __future__ import annotations
 import os
 
 
+INTER_SUFFIX = ".inter.json"  # a LETTER dataset folder's <Name>.inter.json (its item text: <Name>.item.json)
+ITEM_SUFFIX = ".item.json"
+
+
 class RecRun:
     """A train-rec run folder (TIGER or LC-Rec)."""
 

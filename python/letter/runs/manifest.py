@@ -26,7 +26,7 @@ import time
 from letter.errors import LetterError
 
 from .files import file_change, file_state, folder_files, read_json, read_json_if_valid, write_json
-from .layout import reserved_names
+from .layout import INTER_SUFFIX, ITEM_SUFFIX, reserved_names
 
 MANIFEST = "manifest.json"
 STARTED = "started.json"  # written when a run begins: the folder's kind before the manifest exists
@@ -34,21 +34,43 @@ STARTED = "started.json"  # written when a run begins: the folder's kind before 
 RUN_FILES = (MANIFEST, STARTED, "complete.json", "checkpoint.pt", "run.json", "model.pt", "codes.npy", "report.json")
 
 
-def write_manifest(folder: str, kind: str, outputs: list[str], inputs: dict, **extra) -> dict:
-    """Write `folder`/manifest.json (call it last): the state of each of `outputs` (relative to
-    `folder`; a folder among them stands for every file in it) and the `inputs` hashes."""
+def write_manifest(folder: str, kind: str, outputs: list[str], inputs: dict, *, name: str = MANIFEST,
+                   **extra) -> dict:
+    """Write `folder`/`name` (manifest.json; call it last): the state of each of `outputs` (relative
+    to `folder`; a folder among them stands for every file in it) and the `inputs` hashes."""
     names = []
-    for name in outputs:
-        path = os.path.join(folder, name)
+    for output in outputs:
+        path = os.path.join(folder, output)
         if os.path.isdir(path):
-            names += [os.path.join(name, rel) for rel in folder_files(path)]
+            names += [os.path.join(output, rel) for rel in folder_files(path)]
         elif os.path.isfile(path):
-            names.append(name)
+            names.append(output)
     manifest = {"kind": kind, "finished_at": time.time(),
-                "outputs": {name: file_state(os.path.join(folder, name)) for name in names},
+                "outputs": {n: file_state(os.path.join(folder, n)) for n in names},
                 "inputs": dict(inputs), **extra}
-    write_json(os.path.join(folder, MANIFEST), manifest)
+    write_json(os.path.join(folder, name), manifest)
     return manifest
+
+
+def read_manifest(path: str, kind: str, where: str) -> dict:
+    """The manifest file `path` of a `kind` run (`where`: how messages name the run), or one
+    LetterError: unreadable, another kind, no outputs/inputs mappings."""
+    manifest = read_json(path, f"{kind} manifest")
+    if manifest.get("kind") != kind:
+        raise LetterError(f"{where}: a {manifest.get('kind')} run folder, not a {kind} run folder")
+    if not isinstance(manifest.get("outputs"), dict) or not isinstance(manifest.get("inputs"), dict):
+        raise LetterError(f"{path}: corrupt or truncated (no 'outputs'/'inputs' mapping)")
+    return manifest
+
+
+def output_change(folder: str, manifest: dict) -> str | None:
+    """None when every output `manifest` records is in `folder` with the recorded content, else
+    "NAME why" of the first that is not ("model.pt missing", "codes.npy changed (...)")."""
+    for name, state in sorted(manifest["outputs"].items()):
+        change = file_change(os.path.join(folder, name), state)
+        if change is not None:
+            return f"{name} {change}"
+    return None
 
 
 def check_manifest(folder: str, kind: str, what: str = "") -> dict:
@@ -65,17 +87,11 @@ def check_manifest(folder: str, kind: str, what: str = "") -> dict:
     if not os.path.isfile(path):
         raise LetterError(f"{where}: unfinished {kind} run (no {MANIFEST}; folders written before manifests "
                           "count as unfinished too); finish it with --resume or train it again")
-    manifest = read_json(path, f"{kind} manifest")
-    if manifest.get("kind") != kind:
-        raise LetterError(f"{where}: a {manifest.get('kind')} run folder, not a {kind} run folder")
-    outputs = manifest.get("outputs")
-    if not isinstance(outputs, dict) or not isinstance(manifest.get("inputs"), dict):
-        raise LetterError(f"{path}: corrupt or truncated (no 'outputs'/'inputs' mapping)")
-    for name, state in sorted(outputs.items()):
-        change = file_change(os.path.join(folder, name), state)
-        if change is not None:
-            raise LetterError(f"{where}: mixed {kind} run folder: {name} {change} since the run finished "
-                              "(files from different runs?); train it again or restore the folder")
+    manifest = read_manifest(path, kind, where)
+    change = output_change(folder, manifest)
+    if change is not None:
+        raise LetterError(f"{where}: mixed {kind} run folder: {change} since the run finished "
+                          "(files from different runs?); train it again or restore the folder")
     return manifest
 
 
@@ -119,6 +135,9 @@ def prepare_run_folder(folder: str, kind: str, *, resume: bool = False, overwrit
         raise LetterError("--resume and --overwrite exclude each other: continue the run or replace it")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise LetterError(f"{what} {folder}: not a folder")
+    datasets = held_datasets(folder)
+    if datasets:
+        raise LetterError(f"{what} {folder}: holds the dataset {datasets[0]}, not a {kind} run; choose another folder")
     found = run_kind(folder) if os.path.isdir(folder) else None
     if found is not None and found != kind:
         held = "files of a run this version did not write" if found == "unknown" else f"a {found} run"
@@ -135,6 +154,41 @@ def prepare_run_folder(folder: str, kind: str, *, resume: bool = False, overwrit
         shutil.rmtree(folder)
 
 
+def prepare_output_files(paths: list[str], kind: str, *, resume: bool | None = None, overwrite: bool = False,
+                         what: str = "--out") -> None:
+    """Check the files a `kind` command that writes single files is about to write (`paths`, its sidecar
+    manifest last). Any of them already there is refused unless overwrite (they are removed, the
+    manifest first, so an interrupted removal leaves nothing finished-looking) or resume (continue:
+    the caller's checkpoint; None: the command cannot resume). `what`: the option choosing the place."""
+    if resume and overwrite:
+        raise LetterError("--resume and --overwrite exclude each other: continue the run or replace it")
+    for folder in sorted({os.path.dirname(os.path.abspath(path)) for path in paths}):
+        found = run_kind(folder) if os.path.isdir(folder) else None
+        if found is not None:
+            held = "files of a run" if found == "unknown" else f"a {found} run folder"
+            raise LetterError(f"{what} {folder}: {held}; write the {kind} output elsewhere")
+    for path in paths:
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise LetterError(f"{path}: a folder where the {kind} output file goes; choose another {what}")
+    present = [path for path in paths if os.path.isfile(path)]
+    if present and not (resume or overwrite):
+        state = "a finished" if os.path.isfile(paths[-1]) else "an unfinished (or another tool's)"
+        options = "--resume to continue its run, --overwrite" if resume is not None else "--overwrite"
+        raise LetterError(f"{present[0]}: {state} {kind} output is already there; pass {options} to replace it, "
+                          f"or choose another {what}")
+    if overwrite:
+        for path in reversed(present):
+            os.remove(path)
+
+
+def held_datasets(folder: str) -> list[str]:
+    """The <Name>.inter.json files of the datasets `folder` holds: no run is written into a dataset
+    folder, no dataset into a run folder or beside another dataset."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder) if name.endswith(INTER_SUFFIX))
+
+
 def mark_started(folder: str, kind: str) -> None:
     """Create `folder` for a `kind` run and record its kind (started.json) unless recorded."""
     os.makedirs(folder, exist_ok=True)
@@ -142,10 +196,9 @@ def mark_started(folder: str, kind: str) -> None:
         write_json(os.path.join(folder, STARTED), {"kind": kind, "started_at": time.time()})
 
 
-def check_output_path(out: str, inputs: dict[str, str | None], what: str = "--out") -> None:
-    """Refuse an output file that is one of the command's inputs (`inputs`: option -> path), or a
-    file of an input run folder (a recorded output, or a name its layout uses). A new file of
-    another name inside a run folder (e.g. RUN/test-metrics.json) is allowed."""
+def check_not_input(out: str, inputs: dict[str, str | None], what: str = "--out") -> None:
+    """Refuse an output file that is one of the command's inputs (`inputs`: option -> path) or the
+    sidecar manifest of an input .npy."""
     target = os.path.realpath(out)
     for option, path in inputs.items():
         if path is None:
@@ -153,13 +206,32 @@ def check_output_path(out: str, inputs: dict[str, str | None], what: str = "--ou
         real = os.path.realpath(path)
         if target == real:
             raise LetterError(f"{what} {out}: is the command's input {option} {path}; choose another file")
-        if not (os.path.isdir(real) and target.startswith(real.rstrip(os.sep) + os.sep) and run_kind(real)):
-            continue
-        rel = os.path.relpath(target, real)
-        manifest = read_json_if_valid(os.path.join(real, MANIFEST)) or {}
-        recorded = manifest.get("outputs") if isinstance(manifest.get("outputs"), dict) else {}
-        if rel in recorded or rel.split(os.sep)[0] in reserved_names() | set(RUN_FILES):
-            raise LetterError(f"{what} {out}: a file of the run folder {option} {path}; write elsewhere")
+        if real.endswith(".npy") and target == os.path.realpath(sidecar_path(real)) and os.path.isfile(target):
+            raise LetterError(f"{what} {out}: is the record of the command's input {option} {path}; choose another file")
+
+
+def check_output_path(out: str, inputs: dict[str, str | None], what: str = "--out") -> None:
+    """Refuse an output file that is one of the command's inputs (`inputs`: option -> path) or the
+    sidecar manifest of one, a file of any run folder (a recorded output, or a name its layout
+    uses), or a dataset's file. A new file of another name inside a run folder (e.g.
+    RUN/test-metrics.json) is allowed."""
+    check_not_input(out, inputs, what)
+    target = os.path.realpath(out)
+    if os.path.basename(target).endswith((INTER_SUFFIX, ITEM_SUFFIX)) and os.path.exists(target):
+        raise LetterError(f"{what} {out}: a dataset's file; choose another file")
+    folder = os.path.dirname(target)
+    while folder != os.path.dirname(folder):  # the innermost run folder holding the target, if any
+        kind = run_kind(folder) if os.path.isdir(folder) else None
+        if kind is not None:
+            rel = os.path.relpath(target, folder)
+            manifest = read_json_if_valid(os.path.join(folder, MANIFEST)) or {}
+            recorded = manifest.get("outputs") if isinstance(manifest.get("outputs"), dict) else {}
+            if rel in recorded or rel.split(os.sep)[0] in reserved_names() | set(RUN_FILES):
+                named = next((f"{option} {path}" for option, path in inputs.items()
+                              if path is not None and os.path.realpath(path) == folder), folder)
+                raise LetterError(f"{what} {out}: a file of the run folder {named}; write elsewhere")
+            return
+        folder = os.path.dirname(folder)
 
 
 # -- single-file artifacts: the manifest is the sidecar <stem>.json --------------------------------

@@ -69,6 +69,15 @@ class TokenizerConfig(Settings):
     collision_rounds: int = setting(20, "Sinkhorn re-assignment rounds for colliding groups (the authors').", low=0)
     unique: bool = setting(False, "Then move still-colliding items to the nearest unused code (unique identifiers).")
 
+    # Settings a method never reads (selector -> value -> fields): given as options, they are an error.
+    UNUSED_BY = {"method": {
+        "letter": ("pca_dim",),
+        "rqvae": ("pca_dim", "alpha", "beta", "cf_temperature", "div_temperature", "clusters", "cluster_every"),
+        "rqkmeans": ("layers", "e_dim", "dropout", "batch_norm", "mu", "alpha", "beta", "cf_temperature",
+                     "div_temperature", "clusters", "cluster_every", "cf_projection", "kmeans_balanced", "epochs",
+                     "batch_size", "lr", "weight_decay", "eval_every", "best_from", "checkpoint_every"),
+    }}
+
     @property
     def levels(self) -> int:
         return len(self.codebook_sizes)
@@ -81,6 +90,7 @@ class TokenizerConfig(Settings):
     def check(self) -> None:
         if len(self.codebook_sizes) > 26:
             self.fail("codebook_sizes", "may name at most 26 levels (tokens <a_..> to <z_..>)")
-        if self.beta > 0 and not 2 <= self.clusters <= min(self.codebook_sizes) // 2:
+        diversity = self.method == "letter" and self.beta > 0  # the other methods have no diversity term
+        if diversity and not 2 <= self.clusters <= min(self.codebook_sizes) // 2:
             self.fail("clusters", f"must be in [2, smallest codebook / 2] = [2, {min(self.codebook_sizes) // 2}] so every "
                       f"cluster can hold a positive besides the code itself, got {self.clusters}")

@@ -88,6 +88,7 @@ def train_tokenizer(
     resume: bool = False,
     overwrite: bool = False,
     item_labels: np.ndarray | None = None,
+    made_from: dict | None = None,
 ) -> dict:
     """Train the LETTER tokenizer and write its run folder; returns the report dict.
 
@@ -105,6 +106,9 @@ def train_tokenizer(
             one is refused; so is a folder holding another kind of run).
         item_labels: optional [I] ints (e.g. latent categories); the report then gives the purity
             of level-1 codes w.r.t. them.
+        made_from: content hashes of further inputs the manifest records, e.g. {"items": the
+            dataset's items_fingerprint()} (train-rec --index then refuses a dataset of other items;
+            a resume, other hashes).
     Bad input raises LetterError before any training. Under torchrun the batches are split over
     the processes (gradients averaged); rank 0 writes the outputs.
     """
@@ -116,7 +120,8 @@ def train_tokenizer(
     with distributed(config.device) as ctx:
         runs.prepare_run_folder(out_dir, T.kind, resume=resume, overwrite=overwrite,
                                 checkpoint=None if config.method == "rqkmeans" else CHECKPOINT, main=ctx.main)
-        inputs = {"text_emb": content_hash(text), "cf_emb": None if cf is None else content_hash(cf)}
+        inputs = {"text_emb": content_hash(text), "cf_emb": None if cf is None else content_hash(cf),
+                  **(made_from or {})}
         if config.method == "rqkmeans":
             return _fit_rqkmeans(config, text, out_dir, name, item_labels, inputs, ctx) if ctx.main else {}
         return _train(config, text, cf, out_dir, name, resume, item_labels, inputs, ctx)
@@ -301,7 +306,8 @@ def _write_outputs(out_dir: str, tok: "Tokenizer", codes: np.ndarray, report: di
     with atomic_path(os.path.join(out_dir, T.REPORT_MD)) as tmp, open(tmp, "w") as f:
         f.write(report_markdown(report))
     write_json(os.path.join(out_dir, T.REPORT), report)
-    runs.write_manifest(out_dir, T.kind, [T.MODEL, T.CODES, T.index_json(tok.name), T.CONFIG, T.REPORT], inputs)
+    runs.write_manifest(out_dir, T.kind, [T.MODEL, T.CODES, T.index_json(tok.name), T.CONFIG, T.PREFIX_INDEX, T.CURVES,
+                                          T.REPORT_MD, T.REPORT], inputs)
 
 
 def _save_prefix_index(out_dir: str, codes: np.ndarray, sizes: list[int]) -> str:
