@@ -1,6 +1,7 @@
 """`letter pipeline` end to end on a tiny synthetic config, resume after an interruption, config."""
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -156,10 +157,12 @@ def test_data_embed_and_evaluate_sections_are_settings(tmp_path):
         assert options[name].opts == [flag] and options[name].help.endswith(f"[default: {default}]")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": {"synthetic": {"num_items": 8, "num_categories": 3}}}))
-    with pytest.raises(SettingError, match=r"^data.synthetic: num_categories <= num_items / 4 is required, got 3 and 8"):
+    # the bad value named with the file it came from
+    with pytest.raises(LetterError, match=rf"^--config {re.escape(str(config))}: data.synthetic: num_categories <= num_items / 4 is "
+                                          r"required, got 3 and 8$"):
         effective_config(str(config))
     config.write_text(yaml.safe_dump({"data": {"synthetic": {"seed": -1}}, "embed": {"mode": "st"}}))
-    with pytest.raises(LetterError, match=r"^data.synthetic: seed must be >= 0"):
+    with pytest.raises(LetterError, match=rf"^--config {re.escape(str(config))}: data.synthetic: seed must be >= 0"):
         effective_config(str(config))
 
 
@@ -179,7 +182,8 @@ def test_library_errors_name_settings_and_the_cli_names_its_options(tmp_path):
     with pytest.raises(SettingError, match=r"min_length <= max_length is required, got 9 and 4"):
         make_synthetic(min_length=9, max_length=4)
     result = CliRunner().invoke(main, ["data", "synth", str(tmp_path / "d"), "--min-length", "9", "--max-length", "4"])
-    assert result.exit_code == 1 and "--min-length <= --max-length is required, got 9 and 4" in result.output
+    assert result.exit_code == 1 and ("Error: --min-length: data.synthetic: min_length <= max_length is required, "
+                                      "got 9 and 4") in result.output
     with pytest.raises(SettingError, match=r"^from_stage must be one of prepare, "):
         pipeline_module.Pipeline(out=str(tmp_path / "run"), config={}, source={"synthetic": True}).run("nope")
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
