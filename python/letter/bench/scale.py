@@ -59,6 +59,8 @@ def add_arguments(p) -> None:
     g.add_argument("--scale-steps", type=int, default=5, help="training steps timed per model (the budget)")
     g.add_argument("--scale-negatives", type=int, default=1024, help="sasrec_sampled: negatives per step")
     g.add_argument("--scale-users", type=int, default=200, help="inference: test users")
+    g.add_argument("--scale-keep", default=None, help="an earlier result JSON (same settings) whose rows this run "
+                                                      "keeps unless it measures them again (runs split by size or stage)")
 
 
 def _settings(args) -> dict:
@@ -82,6 +84,8 @@ def run(args) -> dict:
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     result = {"cpu_model": cpu_model(), "settings": _settings(args), "sizes": sizes, "stages": {}}
+    if args.scale_keep:
+        result = _kept(result, args.scale_keep)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for items in sizes:
         work = os.path.join(args.scale_dir, str(items))
@@ -106,6 +110,18 @@ def run(args) -> dict:
     return result
 
 
+def _kept(result: dict, path: str) -> dict:
+    """`result` started from the rows of the earlier result at `path` (its sizes added)."""
+    with open(path) as f:
+        earlier = json.load(f)
+    earlier = earlier.get("scale", earlier)
+    if earlier["settings"] != result["settings"] or earlier["cpu_model"] != result["cpu_model"]:
+        raise ValueError(f"{path}: measured with other settings or on another CPU ({earlier['settings']}, "
+                         f"{earlier['cpu_model']}); its rows cannot be merged with this run's")
+    sizes = sorted(set(earlier["sizes"]) | set(result["sizes"]))
+    return {**result, "sizes": sizes, "stages": {stage: dict(rows) for stage, rows in earlier["stages"].items()}}
+
+
 def fit_growth(result: dict) -> dict:
     """Adds per stage (and per inference arm) the least-squares slope of log(cpu s per unit)
     against log(items) over the sizes measured."""
@@ -118,7 +134,18 @@ def fit_growth(result: dict) -> dict:
                 y = np.log([v for _, v in points])
                 name = stage if key == "per_unit_cpu_s" else f"{stage}:{key.split('_per_user')[0]}"
                 growth[name] = round(float(np.polyfit(x, y, 1)[0]), 3)
-    return {**result, "growth_exponent": growth}
+    return {**result, "growth_exponent": growth, "sasrec_loss": sasrec_loss_costs(result)}
+
+
+def sasrec_loss_costs(result: dict) -> dict:
+    """Per size, the full softmax's CPU cost per target over the sampled softmax's, beside the
+    catalog size from which train-cf and the pipeline log that the sampled loss is the faster one."""
+    from letter.cf.train import SAMPLED_ADVISED_FROM_ITEMS
+
+    full, sampled = result["stages"].get("sasrec_ce", {}), result["stages"].get("sasrec_sampled", {})
+    ratios = {n: round(full[n]["per_unit_cpu_s"] / sampled[n]["per_unit_cpu_s"], 2) for n in full
+              if n in sampled and "error" not in full[n] and "error" not in sampled[n]}
+    return {"ce_over_sampled_cpu": ratios, "sampled_advised_from_items": SAMPLED_ADVISED_FROM_ITEMS}
 
 
 def plot(result: dict, path: str) -> bool:
@@ -330,7 +357,9 @@ def stage_tiger_train(work: str, items: int, settings: dict) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     samples = sum(b.numel() for b in batches)
+    held = sum(x.numel() * x.element_size() for x in (rm.train_enc, rm.train_labels))
     return _record(t, samples / 1000, "1k samples", steps=len(batches), train_samples=n_train,
+                   samples_mib=round(held / 2**20, 1), samples_dtype=str(rm.train_enc.dtype),
                    prepare_cpu_s=round(prepare.cpu, 2), prepare_wall_s=round(prepare.wall, 2))
 
 
