@@ -11,6 +11,11 @@ stages wrote under `--scale-dir`:
                   budget) on the memory-mapped matrix, CPU-preset MLP, k-means
                   init, collision evaluation, Sinkhorn rounds, report
   tokenize        Tokenizer.raw_codes (streamed) + resolve with `unique`       per 1k items
+  sample_codes    not in the default list: a stand-in for tokenizer + tokenize   per 1k items
+                  where they are not run (the downstream stages' costs do not
+                  depend on how the codes were learned): residual k-means (the
+                  CPU preset's code sizes) fitted on 20,000 sampled items, every
+                  item encoded, `unique`; writes codes.npy as tokenize does
   prefix_index    PrefixIndex.from_codes                                       per 1k items
   tiger_train     TIGER (CPU preset) training steps, `--scale-steps` (budget)  per 1k samples
                   (the samples' preparation is timed apart: prepare_s)
@@ -42,8 +47,9 @@ from letter.utils import pyplot
 from letter_ext.bench.common import peak_rss_bytes
 
 NAME = "scale"
-STAGES = ("generate", "load", "embed", "tokenizer", "tokenize", "prefix_index", "tiger_train", "sasrec_ce",
-          "sasrec_sampled", "inference")
+STAGES = ("generate", "load", "embed", "tokenizer", "tokenize", "sample_codes", "prefix_index", "tiger_train",
+          "sasrec_ce", "sasrec_sampled", "inference")
+SAMPLE_CODES_ROWS = 20_000  # sample_codes: the items residual k-means is fitted on
 DATA_NAME = "Catalog"
 
 
@@ -52,7 +58,8 @@ def add_arguments(p) -> None:
     g.add_argument("--scale-items", default="10000,100000,1000000", help="catalog sizes, comma-separated")
     g.add_argument("--scale-dir", default=os.path.expanduser("~/letter-runs/scale-bench"),
                    help="work folder (one sub-folder per size; several GB at 1M items)")
-    g.add_argument("--scale-stages", default=",".join(STAGES), help="stages to run, comma-separated")
+    g.add_argument("--scale-stages", default=",".join(s for s in STAGES if s != "sample_codes"),
+                   help="stages to run, comma-separated, in this order")
     g.add_argument("--scale-dim", type=int, default=384, help="hash encoder dimension")
     g.add_argument("--scale-tokenizer-epochs", type=int, default=1, help="tokenizer epochs (the stage's budget)")
     g.add_argument("--scale-kmeans-iters", type=int, default=10, help="Lloyd steps of the codebook init")
@@ -306,6 +313,26 @@ def stage_tokenize(work: str, items: int, settings: dict) -> dict:
         codes, info = tok.resolve(raw, z)
     save_npy(os.path.join(work, "codes.npy"), codes)
     return _record(t, items / 1000, "1k items", collision_before=info["collision_before"],
+                   collision_after=info["collision_after"], unique_moves=info.get("unique_moves"))
+
+
+def stage_sample_codes(work: str, items: int, settings: dict) -> dict:
+    from letter.config import CPU_PRESET
+    from letter.runs import save_npy
+    from letter.tokenizer import TokenizerConfig
+    from letter.tokenizer.inference import Tokenizer
+    from letter.tokenizer.rqkmeans import fit_rqkmeans
+
+    text = _embeddings(work, settings)
+    rows = np.sort(np.random.default_rng(0).choice(items, size=min(items, SAMPLE_CODES_ROWS), replace=False))
+    sizes = CPU_PRESET["tokenizer"].get("codebook_sizes", TokenizerConfig().codebook_sizes)
+    config = TokenizerConfig(method="rqkmeans", codebook_sizes=sizes, unique=True, device="cpu")
+    with Timer() as t:
+        tok = Tokenizer(fit_rqkmeans(np.asarray(text[rows]), sizes, iters=settings["kmeans_iters"]), config, DATA_NAME)
+        raw, z = tok.raw_codes(text)
+        codes, info = tok.resolve(raw, z)
+    save_npy(os.path.join(work, "codes.npy"), codes)
+    return _record(t, items / 1000, "1k items", fitted_on=len(rows), collision_before=info["collision_before"],
                    collision_after=info["collision_after"], unique_moves=info.get("unique_moves"))
 
 
