@@ -14,7 +14,8 @@ stages wrote under `--scale-dir`:
   sample_codes    not in the default list: a stand-in for tokenizer + tokenize   per 1k items
                   where they are not run (the downstream stages' costs do not
                   depend on how the codes were learned): residual k-means (the
-                  CPU preset's code sizes) fitted on 20,000 sampled items, every
+                  CPU preset's code sizes, PCA to 32 dims as the LETTER latent)
+                  fitted on 20,000 sampled items, every
                   item encoded, `unique`; writes codes.npy as tokenize does
   prefix_index    PrefixIndex.from_codes                                       per 1k items
   tiger_train     TIGER (CPU preset) training steps, `--scale-steps` (budget)  per 1k samples
@@ -326,9 +327,14 @@ def stage_sample_codes(work: str, items: int, settings: dict) -> dict:
     text = _embeddings(work, settings)
     rows = np.sort(np.random.default_rng(0).choice(items, size=min(items, SAMPLE_CODES_ROWS), replace=False))
     sizes = CPU_PRESET["tokenizer"].get("codebook_sizes", TokenizerConfig().codebook_sizes)
-    config = TokenizerConfig(method="rqkmeans", codebook_sizes=sizes, unique=True, device="cpu")
+    # PCA to the LETTER latent's width: without it z is the 384-dim input in float64, which the
+    # collision rules hold whole several times (over 12 GiB at 1M items)
+    latent = TokenizerConfig().e_dim
+    config = TokenizerConfig(method="rqkmeans", codebook_sizes=sizes, pca_dim=latent, unique=True, device="cpu")
     with Timer() as t:
-        tok = Tokenizer(fit_rqkmeans(np.asarray(text[rows]), sizes, iters=settings["kmeans_iters"]), config, DATA_NAME)
+        model = fit_rqkmeans(np.asarray(text[rows]), sizes, iters=settings["kmeans_iters"], standardize=True,
+                             pca_dim=latent)
+        tok = Tokenizer(model, config, DATA_NAME)
         raw, z = tok.raw_codes(text)
         codes, info = tok.resolve(raw, z)
     save_npy(os.path.join(work, "codes.npy"), codes)
