@@ -1,6 +1,7 @@
 """Large catalogs (issue 23): the streamed generator, the memory-mapped tokenizer path, the linear
-collision grouping, SASRec's sampled softmax, and a 100k-item smoke run of the cheap stages under
-a memory bound. Costs are measured by `python -m letter.bench scale`, not here."""
+collision grouping, SASRec's sampled softmax and bounded validation, TIGER's compact training
+samples, and a 100k-item smoke run of the cheap stages under a memory bound. Costs are measured
+by `python -m letter.bench scale`, not here."""
 import json
 import os
 import subprocess
@@ -13,12 +14,20 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from letter.cf.config import CFConfig
+from letter.cf.sasrec import SASRecTrainable
+from letter.cf.train import loss_choice, ranking_metrics, train_cf
 from letter.cli.main import main
-from letter.data import load_dataset
+from letter.data import leave_one_out, load_dataset, make_synthetic
 from letter.data.catalog import write_catalog
 from letter.data.stats import dataset_stats
+from letter.rec.config import RecConfig
+from letter.rec.data import load_rec_data
+from letter.rec.model import EOS, PAD
+from letter.rec.recommender import recommender_class
 from letter.tokenizer import TokenizerConfig, train_tokenizer
 from letter.tokenizer.codes import colliding_groups
+from letter.training import DistContext, RandomStreams, seed_everything
 
 
 def _files(folder):
@@ -115,7 +124,7 @@ SMOKE = textwrap.dedent("""
     from letter.cf.config import CFConfig
     from letter.cf.model import SASRec
     from letter.cf.sasrec import sasrec_scorer
-    from letter.cf.train import ranking_metrics
+    from letter.cf.train import loss_choice, ranking_metrics, train_cf
     from letter.data import load_dataset
     from letter.decoding import PrefixIndex
     from letter.rec.data import load_rec_data
@@ -173,3 +182,88 @@ def test_100k_items_cheap_stages_stay_within_memory(tmp_path):
     # quadratically (a [users, items] or [items, items] matrix) or the embedding matrix several
     # times in dense float64 would go far past this.
     assert result["peak_rss_mib"] < 1200, result
+
+
+def _reference_encode(rec, histories):
+    """The per-row int64 encoder input the training samples were built as before they were held
+    compact: each history's last max_history items' tokens, then EOS, right-padded."""
+    out = torch.full((len(histories), rec.split.max_history * rec.num_levels + 1), PAD, dtype=torch.long)
+    for row, history in enumerate(histories):
+        tokens = rec.item_tokens[list(history)[-rec.split.max_history:]].reshape(-1)
+        out[row, : tokens.numel()] = tokens
+        out[row, tokens.numel()] = EOS
+    return out
+
+
+def test_compact_tiger_samples_equal_the_int64_ones(tmp_path):
+    write_catalog(str(tmp_path / "data"), 300, 400, seed=2, category_size=50)
+    ds = load_dataset(str(tmp_path / "data"))
+    codes = np.random.default_rng(0).integers(0, 256, size=(300, 3))
+    rec = load_rec_data(ds, codes, 6)  # histories longer than 6 are cut: the cut is covered too
+    enc, labels = rec.train_tensors()
+    assert enc.dtype == labels.dtype == torch.int16  # 3 + 3 x 256 tokens
+    reference = _reference_encode(rec, [h for h, _ in rec.split.train])
+    assert torch.equal(enc.long(), reference)
+    assert torch.equal(labels.long(), rec.item_tokens[torch.tensor([t for _, t in rec.split.train])])
+    assert max(len(h) for h, _ in rec.split.train) == 6 and (enc == 0).any()  # full and padded rows
+    # evaluation inputs (int64), a history of one item and an empty one
+    histories = [h for h, _ in rec.split.valid] + [[5], []]
+    assert torch.equal(rec.encode(histories), _reference_encode(rec, histories))
+    # the trainer's batches are widened back to int64, equal to the reference rows
+    rm = recommender_class("tiger").build(RecConfig(d_model=16, num_layers=1, num_decoder_layers=1, num_heads=2,
+                                                    d_kv=8, d_ff=32, max_history=6), rec, torch.device("cpu"))
+    rm.prepare_training(RandomStreams(torch.device("cpu")))
+    rows = torch.tensor([0, 7, len(reference) - 1])
+    batch_enc, _, batch_labels = rm.batch(rows)
+    assert batch_enc.dtype == batch_labels.dtype == torch.long
+    assert torch.equal(batch_enc, reference[rows][:, : batch_enc.shape[1]])
+    assert (reference[rows][:, batch_enc.shape[1]:] == 0).all()
+    # a vocabulary past int16 is held as int32
+    wide = load_rec_data(ds, np.random.default_rng(1).integers(0, 20_000, size=(300, 2)), 6)
+    wide_enc, _ = wide.train_tensors()
+    assert wide_enc.dtype == torch.int32 and wide_enc.max() > 2**15
+    assert torch.equal(wide_enc.long(), _reference_encode(wide, [h for h, _ in wide.split.train]))
+
+
+def _sasrec_trainable(ds, split, **changes):
+    cfg = CFConfig(dim=8, blocks=1, heads=1, max_len=10, eval_batch_size=16, device="cpu", **changes)
+    seed_everything(cfg.seed)
+    return cfg, SASRecTrainable.build(ds, split, cfg, DistContext(), RandomStreams(torch.device("cpu")))
+
+
+def test_bounded_sasrec_validation_is_seeded_and_full_when_it_covers_everyone():
+    ds = make_synthetic(num_users=150, num_items=60, num_categories=4, seed=0)
+    split = leave_one_out(ds, 10)
+    users = len(split.valid)
+    _, everyone = _sasrec_trainable(ds, split)
+    full = everyone.validate(1, {}, True)
+    record = {}
+    _, covering = _sasrec_trainable(ds, split, valid_users=users + 5)
+    assert covering.validate(1, record, True).record == full.record and record["valid_users"] == users
+    # a sample: the same users for the same seed, its metrics those of exactly these users
+    record = {}
+    cfg, sampled = _sasrec_trainable(ds, split, valid_users=40)
+    first = sampled.validate(1, record, True)
+    assert sampled.validate(2, {}, True).record == first.record and record["valid_users"] == 40
+    rows = split.sample_rows("valid", 40, cfg.seed)
+    assert len(set(rows)) == 40 and rows == sorted(rows) and rows != split.sample_rows("valid", 40, cfg.seed + 1)
+    sampled.model.eval()
+    expected = ranking_metrics(sampled.scorer(), [split.valid[i] for i in rows], [split.eval_users[i] for i in rows],
+                               ds.num_items, DistContext(), cfg)
+    assert first.record == {f"valid_{k}": v for k, v in expected.items()}
+    assert first.record != full.record
+
+
+def test_train_cf_says_which_loss_and_validates_the_sample(tmp_path):
+    big, small = loss_choice(CFConfig(), 1_000_000), loss_choice(CFConfig(), 5_000)
+    assert "full softmax over all 1,000,000 items" in big and "the sampled loss" in big
+    assert "full softmax over all 5,000 items" in small and "sampled" not in small
+    assert "sampled" not in loss_choice(CFConfig(model="lightgcn"), 1_000_000)  # not a LightGCN loss
+    assert "1,024 uniform negatives of 1,000,000 items" in loss_choice(CFConfig(loss="sampled"), 1_000_000)
+    ds = make_synthetic(num_users=150, num_items=60, num_categories=4, seed=0)
+    lines = []
+    result = train_cf(ds, str(tmp_path), CFConfig(dim=8, blocks=1, heads=1, max_len=10, epochs=2, valid_users=40,
+                                                  device="cpu"), log=lines.append)
+    assert lines[0] == loss_choice(CFConfig(), 60)
+    assert [h["valid_users"] for h in result["history"]] == [40, 40]
+    assert result["valid"]["ndcg@10"] == result["history"][result["best_epoch"] - 1]["valid_ndcg@10"]

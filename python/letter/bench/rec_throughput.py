@@ -144,7 +144,7 @@ def measure(size: str, args, device: torch.device) -> dict:
             e, y = enc[batch], labels[batch]
             if arm != "padded":
                 e = drop_trailing_padding(e)
-            e, y = e.to(device), y.to(device)
+            e, y = e.to(device).long(), y.to(device).long()  # train_tensors holds them compact
             model, opt = models[arm], optims[arm]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -11,6 +11,12 @@ stages wrote under `--scale-dir`:
                   budget) on the memory-mapped matrix, CPU-preset MLP, k-means
                   init, collision evaluation, Sinkhorn rounds, report
   tokenize        Tokenizer.raw_codes (streamed) + resolve with `unique`       per 1k items
+  sample_codes    not in the default list: a stand-in for tokenizer + tokenize   per 1k items
+                  where they are not run (the downstream stages' costs do not
+                  depend on how the codes were learned): residual k-means (the
+                  CPU preset's code sizes, PCA to 32 dims as the LETTER latent)
+                  fitted on 20,000 sampled items, every
+                  item encoded, `unique`; writes codes.npy as tokenize does
   prefix_index    PrefixIndex.from_codes                                       per 1k items
   tiger_train     TIGER (CPU preset) training steps, `--scale-steps` (budget)  per 1k samples
                   (the samples' preparation is timed apart: prepare_s)
@@ -42,8 +48,9 @@ from letter.utils import pyplot
 from letter_ext.bench.common import peak_rss_bytes
 
 NAME = "scale"
-STAGES = ("generate", "load", "embed", "tokenizer", "tokenize", "prefix_index", "tiger_train", "sasrec_ce",
-          "sasrec_sampled", "inference")
+STAGES = ("generate", "load", "embed", "tokenizer", "tokenize", "sample_codes", "prefix_index", "tiger_train",
+          "sasrec_ce", "sasrec_sampled", "inference")
+SAMPLE_CODES_ROWS = 20_000  # sample_codes: the items residual k-means is fitted on
 DATA_NAME = "Catalog"
 
 
@@ -52,13 +59,16 @@ def add_arguments(p) -> None:
     g.add_argument("--scale-items", default="10000,100000,1000000", help="catalog sizes, comma-separated")
     g.add_argument("--scale-dir", default=os.path.expanduser("~/letter-runs/scale-bench"),
                    help="work folder (one sub-folder per size; several GB at 1M items)")
-    g.add_argument("--scale-stages", default=",".join(STAGES), help="stages to run, comma-separated")
+    g.add_argument("--scale-stages", default=",".join(s for s in STAGES if s != "sample_codes"),
+                   help="stages to run, comma-separated, in this order")
     g.add_argument("--scale-dim", type=int, default=384, help="hash encoder dimension")
     g.add_argument("--scale-tokenizer-epochs", type=int, default=1, help="tokenizer epochs (the stage's budget)")
     g.add_argument("--scale-kmeans-iters", type=int, default=10, help="Lloyd steps of the codebook init")
     g.add_argument("--scale-steps", type=int, default=5, help="training steps timed per model (the budget)")
     g.add_argument("--scale-negatives", type=int, default=1024, help="sasrec_sampled: negatives per step")
     g.add_argument("--scale-users", type=int, default=200, help="inference: test users")
+    g.add_argument("--scale-keep", default=None, help="an earlier result JSON (same settings) whose rows this run "
+                                                      "keeps unless it measures them again (runs split by size or stage)")
 
 
 def _settings(args) -> dict:
@@ -82,6 +92,8 @@ def run(args) -> dict:
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     result = {"cpu_model": cpu_model(), "settings": _settings(args), "sizes": sizes, "stages": {}}
+    if args.scale_keep:
+        result = _kept(result, args.scale_keep)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for items in sizes:
         work = os.path.join(args.scale_dir, str(items))
@@ -106,6 +118,18 @@ def run(args) -> dict:
     return result
 
 
+def _kept(result: dict, path: str) -> dict:
+    """`result` started from the rows of the earlier result at `path` (its sizes added)."""
+    with open(path) as f:
+        earlier = json.load(f)
+    earlier = earlier.get("scale", earlier)
+    if earlier["settings"] != result["settings"] or earlier["cpu_model"] != result["cpu_model"]:
+        raise ValueError(f"{path}: measured with other settings or on another CPU ({earlier['settings']}, "
+                         f"{earlier['cpu_model']}); its rows cannot be merged with this run's")
+    sizes = sorted(set(earlier["sizes"]) | set(result["sizes"]))
+    return {**result, "sizes": sizes, "stages": {stage: dict(rows) for stage, rows in earlier["stages"].items()}}
+
+
 def fit_growth(result: dict) -> dict:
     """Adds per stage (and per inference arm) the least-squares slope of log(cpu s per unit)
     against log(items) over the sizes measured."""
@@ -118,7 +142,18 @@ def fit_growth(result: dict) -> dict:
                 y = np.log([v for _, v in points])
                 name = stage if key == "per_unit_cpu_s" else f"{stage}:{key.split('_per_user')[0]}"
                 growth[name] = round(float(np.polyfit(x, y, 1)[0]), 3)
-    return {**result, "growth_exponent": growth}
+    return {**result, "growth_exponent": growth, "sasrec_loss": sasrec_loss_costs(result)}
+
+
+def sasrec_loss_costs(result: dict) -> dict:
+    """Per size, the full softmax's CPU cost per target over the sampled softmax's, beside the
+    catalog size from which train-cf and the pipeline log that the sampled loss is the faster one."""
+    from letter.cf.train import SAMPLED_ADVISED_FROM_ITEMS
+
+    full, sampled = result["stages"].get("sasrec_ce", {}), result["stages"].get("sasrec_sampled", {})
+    ratios = {n: round(full[n]["per_unit_cpu_s"] / sampled[n]["per_unit_cpu_s"], 2) for n in full
+              if n in sampled and "error" not in full[n] and "error" not in sampled[n]}
+    return {"ce_over_sampled_cpu": ratios, "sampled_advised_from_items": SAMPLED_ADVISED_FROM_ITEMS}
 
 
 def plot(result: dict, path: str) -> bool:
@@ -282,6 +317,31 @@ def stage_tokenize(work: str, items: int, settings: dict) -> dict:
                    collision_after=info["collision_after"], unique_moves=info.get("unique_moves"))
 
 
+def stage_sample_codes(work: str, items: int, settings: dict) -> dict:
+    from letter.config import CPU_PRESET
+    from letter.runs import save_npy
+    from letter.tokenizer import TokenizerConfig
+    from letter.tokenizer.inference import Tokenizer
+    from letter.tokenizer.rqkmeans import fit_rqkmeans
+
+    text = _embeddings(work, settings)
+    rows = np.sort(np.random.default_rng(0).choice(items, size=min(items, SAMPLE_CODES_ROWS), replace=False))
+    sizes = CPU_PRESET["tokenizer"].get("codebook_sizes", TokenizerConfig().codebook_sizes)
+    # PCA to the LETTER latent's width: without it z is the 384-dim input in float64, which the
+    # collision rules hold whole several times (over 12 GiB at 1M items)
+    latent = TokenizerConfig().e_dim
+    config = TokenizerConfig(method="rqkmeans", codebook_sizes=sizes, pca_dim=latent, unique=True, device="cpu")
+    with Timer() as t:
+        model = fit_rqkmeans(np.asarray(text[rows]), sizes, iters=settings["kmeans_iters"], standardize=True,
+                             pca_dim=latent)
+        tok = Tokenizer(model, config, DATA_NAME)
+        raw, z = tok.raw_codes(text)
+        codes, info = tok.resolve(raw, z)
+    save_npy(os.path.join(work, "codes.npy"), codes)
+    return _record(t, items / 1000, "1k items", fitted_on=len(rows), collision_before=info["collision_before"],
+                   collision_after=info["collision_after"], unique_moves=info.get("unique_moves"))
+
+
 def _codes(work: str) -> np.ndarray:
     return np.load(os.path.join(work, "codes.npy"))
 
@@ -330,7 +390,9 @@ def stage_tiger_train(work: str, items: int, settings: dict) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     samples = sum(b.numel() for b in batches)
+    held = sum(x.numel() * x.element_size() for x in (rm.train_enc, rm.train_labels))
     return _record(t, samples / 1000, "1k samples", steps=len(batches), train_samples=n_train,
+                   samples_mib=round(held / 2**20, 1), samples_dtype=str(rm.train_enc.dtype),
                    prepare_cpu_s=round(prepare.cpu, 2), prepare_wall_s=round(prepare.wall, 2))
 
 

@@ -32,6 +32,9 @@ class CFConfig(Settings):
     epochs: int = setting(200, "Most epochs.", low=1, may_change_on_resume=True)
     patience: int = setting(10, "Stop after this many epochs without a better valid NDCG@10.", low=1,
                             may_change_on_resume=True)
+    valid_users: int = setting(0, "Validation users for model selection (every epoch): 0 = the whole validation split; "
+                                  "N: a fixed random sample of N users (seeded by seed; full ranking costs users x items, "
+                                  "hours per epoch at a million of each on a CPU).", low=0)
     eval_batch_size: int = setting(1024, "Users per evaluation batch.", low=1, may_change_on_resume=True)
     mask_history: bool = setting(False, "Exclude history items from the ranking (default: not excluded).",
                                  may_change_on_resume=True)

@@ -76,6 +76,27 @@ def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS
     return {key: v / len(samples) for key, v in metric_sums(hits_from_topk(top, targets), ks).items()}
 
 
+# From this many items a CPU step of SASRec's full softmax costs several times the sampled
+# softmax's (docs/BENCHMARKS.md, "Scale": 4.8x at 100k items, 15x at 1M, 1.25x at 10k)
+SAMPLED_ADVISED_FROM_ITEMS = 100_000
+
+
+def loss_choice(cfg: CFConfig, num_items: int) -> str:
+    """One line saying which training loss this run uses on a catalog of num_items and why
+    (train-cf and the pipeline's cf stage log it)."""
+    if cfg.loss == "ce":
+        large = cfg.model == "sasrec" and num_items >= SAMPLED_ADVISED_FROM_ITEMS
+        advice = (f"; from {SAMPLED_ADVISED_FROM_ITEMS:,} items on a CPU the sampled loss (train-cf --loss, pipeline "
+                  "cf.loss) is several times faster per step" if large else "")
+        return (f"loss ce: the exact full softmax over all {num_items:,} items (fused, O(rows) memory; its cost per "
+                f"target grows linearly with the catalog){advice}; the loss is never switched by itself, since the "
+                "two losses train different models")
+    if cfg.loss == "sampled":
+        return (f"loss sampled: softmax over each target and {min(cfg.negatives, num_items):,} uniform negatives of "
+                f"{num_items:,} items (cost per target nearly flat in the catalog; an estimate of the full softmax)")
+    return f"loss {cfg.loss} over {num_items:,} items"
+
+
 SCORES_PER_BATCH = 1 << 25  # full ranking scores [rows, items] at most this many at a time (128 MiB of fp32)
 
 
@@ -142,19 +163,24 @@ class CFTrainable(Trainable):
         # each process added its share of every step's loss
         return {"loss": sums.get("loss", 0.0) / self.ctx.world / max(steps, 1)}
 
-    def ranking(self, part: str, mask_history: bool | None = None) -> dict[str, float]:
+    def ranking(self, part: str, mask_history: bool | None = None, max_users: int = 0) -> dict[str, float]:
+        """Full-ranking metrics of `part`'s users, or of a fixed random sample of max_users of them
+        (Split.sample_rows, seeded by the config's seed: the same users every epoch)."""
+        rows = self.split.sample_rows(part, max_users, self.cfg.seed)
+        samples, users = self.split.part(part), self.split.eval_users
         self.model.eval()
         try:
             with torch.no_grad():
-                return ranking_metrics(self.scorer(), self.split.part(part), self.split.eval_users, self.dataset.num_items,
-                                       self.ctx, self.cfg, mask_history)
+                return ranking_metrics(self.scorer(), [samples[i] for i in rows], [users[i] for i in rows],
+                                       self.dataset.num_items, self.ctx, self.cfg, mask_history)
         finally:
             self.model.train()
 
     def validate(self, epoch: int, record: dict, select: bool) -> Validation | None:
         if not select:
             return None
-        valid = self.ranking("valid")
+        valid = self.ranking("valid", max_users=self.cfg.valid_users)
+        record["valid_users"] = len(self.split.sample_rows("valid", self.cfg.valid_users, self.cfg.seed))
         return Validation({f"valid_{k}": v for k, v in valid.items()}, valid["ndcg@10"])
 
     def keep_best(self, epoch: int, validation: Validation) -> None:
@@ -209,6 +235,8 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
     split = leave_one_out(dataset, max_history=cfg.max_len)
     if not split.train:
         raise LetterError(f"{dataset.source}: no training samples (every user has fewer than 4 items)")
+    if ctx.main:
+        log(loss_choice(cfg, dataset.num_items))
     seed_everything(cfg.seed)
     rng = RandomStreams(ctx.device)
     trainable = trainable_class(cfg.model).build(dataset, split, cfg, ctx, rng)
@@ -221,6 +249,8 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
     run = fit(trainable, plan, ctx, rng)
 
     trainable.model.load_state_dict(trainable.best_model)
+    # each test protocol ranked once ("test" is the config's): a full ranking is users x items
+    test = {masked: trainable.ranking("test", mask_history=masked) for masked in (False, True)}
     result = {
         "dataset": dataset.name,
         "config": cfg.to_dict(),
@@ -228,11 +258,11 @@ def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: Dis
         "epochs_run": run.epoch,
         "best_epoch": run.stopping.best_epoch,
         "train_seconds": run.history[-1]["wall_s"] if run.history else 0.0,
-        "valid": trainable.ranking("valid"),
-        "test": trainable.ranking("test"),
+        "valid": trainable.ranking("valid", max_users=cfg.valid_users),  # the users model selection saw
+        "test": test[cfg.mask_history],
         # both protocols side by side, whichever one early stopping used
-        "test_history_kept": trainable.ranking("test", mask_history=False),
-        "test_history_masked": trainable.ranking("test", mask_history=True),
+        "test_history_kept": test[False],
+        "test_history_masked": test[True],
         "popularity_test": popularity_metrics(split, dataset, "test"),
         "popularity_test_history_masked": popularity_metrics(split, dataset, "test", mask_history=True),
         "history": run.history,

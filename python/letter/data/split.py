@@ -2,6 +2,7 @@
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from letter.data.dataset import Dataset
@@ -24,6 +25,14 @@ class Split:
         if name not in ("train", "valid", "test"):
             raise ValueError(f"split part must be train, valid or test, got {name!r}")
         return getattr(self, name)
+
+    def sample_rows(self, name: str, max_users: int, seed: int) -> list[int]:
+        """Positions in part(name) of an evaluation: all of them (max_users 0, or at least the
+        part's size), or a fixed random sample of max_users, seeded by `seed`, in split order."""
+        count = len(self.part(name))
+        if 0 < max_users < count:
+            return np.sort(np.random.default_rng(seed).choice(count, size=max_users, replace=False)).tolist()
+        return list(range(count))
 
     def tensors(self, name: str, pad: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
         """(histories LongTensor [N, max_history] left-padded with `pad`, targets LongTensor [N])."""

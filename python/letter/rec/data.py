@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from letter.data.cold import check_no_cold_training, read_cold_split
 from letter.errors import DataError, LetterError
 
 from .model import BOS, EOS, PAD, TokenLayout
+
+ENCODE_CHUNK = 65536  # histories turned into encoder tokens at a time (a few MB of int64 per chunk)
 
 
 def _index_json_codes(path: str, dataset: Dataset) -> np.ndarray:
@@ -131,39 +134,49 @@ class RecData:
             "vocab_offsets": list(self.layout.offsets),
         }
 
-    def encode(self, histories: list[list[int]]) -> torch.Tensor:
-        """Encoder token ids [N, max_history * L + 1]."""
-        width = self.split.max_history * self.num_levels + 1
-        out = torch.full((len(histories), width), PAD, dtype=torch.long)
-        for row, history in enumerate(histories):
-            tokens = self.item_tokens[history[-self.split.max_history:]].reshape(-1)
-            out[row, : tokens.numel()] = tokens
-            out[row, tokens.numel()] = EOS
+    @property
+    def token_dtype(self) -> torch.dtype:
+        """The narrowest integer type holding every token id: training samples are stored in it
+        (int16 for vocabularies up to 32,768 tokens, a quarter of int64's bytes) and widened per batch."""
+        return torch.int16 if self.layout.vocab_size <= 1 << 15 else torch.int32
+
+    def encode(self, histories: list[list[int]], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """Encoder token ids [N, max_history * L + 1] as `dtype`, built ENCODE_CHUNK rows at a time
+        (vectorized: a million users' samples are millions of rows)."""
+        levels, keep = self.num_levels, self.split.max_history
+        width = keep * levels + 1
+        out = torch.full((len(histories), width), PAD, dtype=dtype)
+        item_tokens = self.item_tokens.numpy()
+        for start in range(0, len(histories), ENCODE_CHUNK):
+            tails = [history[-keep:] for history in histories[start:start + ENCODE_CHUNK]]
+            lengths = np.fromiter(map(len, tails), dtype=np.int64, count=len(tails))
+            items = np.fromiter(itertools.chain.from_iterable(tails), dtype=np.int64, count=int(lengths.sum()))
+            rows = np.repeat(np.arange(len(tails)), lengths)
+            position = np.arange(items.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # within the history
+            block = np.full((len(tails), width), PAD, dtype=np.int64)
+            block[rows[:, None], position[:, None] * levels + np.arange(levels)] = item_tokens[items]
+            block[np.arange(len(tails)), lengths * levels] = EOS
+            out[start:start + len(tails)] = torch.from_numpy(block)
         return out
 
     def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(encoder tokens [N, S], target tokens [N, L]) of every training sample."""
-        enc = self.encode([h for h, _ in self.split.train])
-        targets = torch.tensor([t for _, t in self.split.train], dtype=torch.long)
-        return enc, self.item_tokens[targets]
-
-    def _sample_rows(self, part: str, max_users: int, seed: int) -> list[int]:
-        """Positions in split.part(part) of the evaluated samples: all, or a fixed random sample."""
-        count = len(self.split.part(part))
-        if 0 < max_users < count:
-            return np.sort(np.random.default_rng(seed).choice(count, size=max_users, replace=False)).tolist()
-        return list(range(count))
+        """(encoder tokens [N, S], target tokens [N, L]) of every training sample, both in
+        token_dtype (compact: N is about 5.5 per user); widen a batch with .long()."""
+        dtype = self.token_dtype
+        enc = self.encode([h for h, _ in self.split.train], dtype)
+        targets = torch.from_numpy(np.fromiter((t for _, t in self.split.train), dtype=np.int64, count=len(self.split.train)))
+        return enc, self.item_tokens[targets].to(dtype)
 
     def _sample(self, part: str, max_users: int, seed: int) -> list:
         samples = self.split.part(part)
-        return [samples[i] for i in self._sample_rows(part, max_users, seed)]
+        return [samples[i] for i in self.split.sample_rows(part, max_users, seed)]
 
     def eval_seen_items(self, part: str, max_users: int = 0, seed: int = 0) -> list[list[int]]:
         """Every item each evaluated user interacted with before the target (the whole history,
         not only the last max_history items the model reads), in the order of eval_tensors."""
         drop = 1 if part == "test" else 2  # valid / test targets are the second-last / last items
         sequences, users = self.dataset.sequences, self.split.eval_users
-        return [list(sequences[users[i]][:-drop]) for i in self._sample_rows(part, max_users, seed)]
+        return [list(sequences[users[i]][:-drop]) for i in self.split.sample_rows(part, max_users, seed)]
 
     def eval_tensors(self, part: str, max_users: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoder tokens [U, S], target item ids [U]) of `part`, or of a fixed random sample of

@@ -82,12 +82,13 @@ class TigerRecommender(Recommender):
         return device.type == "cpu" or torch.cuda.is_bf16_supported()
 
     def prepare_training(self, rng):
-        self.train_enc, self.train_labels = self.rec.train_tensors()
+        self.train_enc, self.train_labels = self.rec.train_tensors()  # compact (RecData.token_dtype)
         return self.train_enc.shape[0], input_lengths(self.train_enc)
 
     def batch(self, rows: torch.Tensor):
         device = self.model.embed.weight.device
-        enc, labels = drop_trailing_padding(self.train_enc[rows]).to(device), self.train_labels[rows].to(device)
+        enc = drop_trailing_padding(self.train_enc[rows]).to(device).long()
+        labels = self.train_labels[rows].to(device).long()
         return enc, self.rec.decoder_inputs(labels), labels
 
     @torch.no_grad()
