@@ -284,7 +284,8 @@ def stage_embed(work: str, items: int, settings: dict) -> dict:
 
     ds = _dataset(work)
     with Timer() as t:
-        embed_dataset(ds, os.path.join(work, "emb"), model="hash", mode="hash", dim=settings["dim"])
+        # overwrite: the benchmark's own work folder, re-embedded on every run of the stage
+        embed_dataset(ds, os.path.join(work, "emb"), model="hash", mode="hash", dim=settings["dim"], overwrite=True)
     return _record(t, items / 1000, "1k items")
 
 
