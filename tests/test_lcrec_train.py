@@ -154,7 +154,7 @@ def test_per_sample_templates(tiny_llama, synth):
 def test_bad_base_model_is_one_line_before_training(synth, tmp_path):
     folder, codes_path, _, _ = synth
     runner = CliRunner()
-    cases = [(["--model", "lcrec"], "base_model is required"),
+    cases = [(["--model", "lcrec"], "Error: --base-model is required with model lcrec"),
              (["--model", "lcrec", "--base-model", str(tmp_path / "missing")], "no such folder")]
     from transformers import T5Config
 
