@@ -566,8 +566,9 @@ RowPass<T> pick_row_pass() {
 }
 
 // Losses and lse of every row; with g (upstream gradient per row, ignored rows skipped), also
-// dq [B, d] (written; in the GEMM dtype, which is what the dq GEMM produces), dk [M, d] (written by the first chunk, accumulated by the others: no separate
-// zeroing pass over it) and dbias [M] (accumulated, zero on entry, when defined).
+// dq [B, d] (written; in the GEMM dtype, which is what the dq GEMM produces), dk [M, d] (written
+// by the first chunk, accumulated by the others: no separate zeroing pass over it) and dbias [M]
+// (accumulated, zero on entry, when defined).
 // q and keys are in T (the accumulation dtype) or in bf16 (bf16 GEMMs; see the file comment).
 template <typename T>
 void chunked_kernel(const at::Tensor& q, const at::Tensor& keys, const T* bias, const int64_t* targets,

@@ -43,21 +43,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn, device: torch.device, *, warmup: int = 1, repeat: int = 5, max_seconds: float = 20.0) -> float:
-    """Median wall time of fn() in seconds (CUDA-synchronized); fewer repeats if one call is slow."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    t_start = time.perf_counter()
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - t_start > max_seconds:
-            break
-    return statistics.median(times)
+def median_time(fn, device: torch.device, *, repeat: int = 5, max_seconds: float = 20.0) -> float:
+    """Median wall time of fn() in seconds (CUDA-synchronized, after one warm-up call); fewer
+    repeats if one call is slow."""
+    return interleaved_medians({"fn": fn}, device, repeat=repeat, max_seconds=max_seconds)["fn"]
 
 
 def interleaved_medians(fns: dict, device: torch.device, *, repeat: int = 5, max_seconds: float = 60.0) -> dict:

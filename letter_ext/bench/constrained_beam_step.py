@@ -153,16 +153,13 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         for level, (beam_scores, nodes, history) in enumerate(states):
             row = {"items": num_items, "level": level, "children_max": max_children[level]}
             t_hf = median_time(lambda: hf_style_step(logits[level], beam_scores, history, allowed, K), device, repeat=slow_repeat)
-            t_torch = median_time(
-                lambda: torch_gather_step(logits[level], beam_scores, nodes, trie, level, K, max_children[level]),
-                device, repeat=fast_repeat,
-            )
+            fns = {"torch": lambda: torch_gather_step(logits[level], beam_scores, nodes, trie, level, K, max_children[level])}
+            fns.update({be: (lambda be=be: constrained_beam_step(logits[level], beam_scores, nodes, trie, level, K,
+                                                                 backend=be)) for be in backends})
+            times = interleaved_medians(fns, device, repeat=fast_repeat)
+            t_torch = times.pop("torch")
             row.update(hf_ms=t_hf * 1e3, torch_ms=t_torch * 1e3)
-            for be in backends:
-                t = median_time(
-                    lambda: constrained_beam_step(logits[level], beam_scores, nodes, trie, level, K, backend=be),
-                    device, repeat=fast_repeat,
-                )
+            for be, t in times.items():
                 row.update({f"{be}_ms": t * 1e3, f"{be}_vs_hf": t_hf / t, f"{be}_vs_torch": t_torch / t})
             rows.append(row)
     return rows
