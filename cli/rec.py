@@ -31,10 +31,13 @@ max_new_share_option = click.option(
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @overwrite_option
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, help="Return after N epochs of this call (resume later).")
+@click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Also checkpoint inside an epoch every M minutes (long epochs: a killed run loses at most M).")
 @settings_options(RecConfig)
 @config_file_option
 @preset_option
-def train_rec_cmd(data_path, codes, out_dir, resume, overwrite, stop_after, config_file, preset, **options):
+def train_rec_cmd(data_path, codes, out_dir, resume, overwrite, stop_after, checkpoint_minutes, config_file, preset,
+                  **options):
     """Train TIGER (default) or LC-Rec (--model lcrec --base-model LOCAL_LLM_FOLDER: LoRA on a causal LM,
     needs pip install -e .[llm]) on item identifiers. Works under torchrun (gloo on CPU, nccl on GPU).
 
@@ -45,7 +48,8 @@ def train_rec_cmd(data_path, codes, out_dir, resume, overwrite, stop_after, conf
     from letter.rec import train_rec
 
     config = settings_from_options(RecConfig, options, config_file, preset)
-    summary = train_rec(config, data_path, codes, out_dir, resume=resume, overwrite=overwrite, stop_after=stop_after)
+    summary = train_rec(config, data_path, codes, out_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
+                        checkpoint_minutes=checkpoint_minutes)
     click.echo(json.dumps(summary, indent=2))
 
 

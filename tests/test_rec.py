@@ -240,6 +240,51 @@ def test_resume_equals_uninterrupted_run(trained, synth, tmp_path):
     assert _weights(os.path.join(out, "model.pt"))["epoch"] == _weights(os.path.join(resumed, "model.pt"))["epoch"]
 
 
+class _Killed(BaseException):
+    """The process dies (no handler on the way catches it)."""
+
+
+def test_resume_inside_an_epoch_equals_uninterrupted_run(trained, synth, tmp_path, monkeypatch):
+    """`letter train-rec --checkpoint-minutes`: a run killed in the 3rd step of epoch 2 resumes from the
+    checkpoint written inside that epoch and ends with the uninterrupted run's weights and history."""
+    from letter.rec.train import RecTrainable
+
+    out, _ = trained
+    folder, codes_path, _, _ = synth
+    settings = tmp_path / "rec.json"
+    settings.write_text(json.dumps(small_config().to_dict()))
+    run = tmp_path / "run"
+    args = ["train-rec", "--data", folder, "--index", codes_path, "--out", str(run), "--config", str(settings)]
+    start_epoch, step = RecTrainable.start_epoch, RecTrainable.step
+    epochs, steps = [], []
+
+    def starting(self, epoch):
+        epochs.append(epoch)
+        start_epoch(self, epoch)
+
+    def dying(self, batch):
+        steps.append(epochs[-1])
+        if steps.count(2) == 3:
+            raise _Killed
+        return step(self, batch)
+
+    monkeypatch.setattr(RecTrainable, "start_epoch", starting)
+    monkeypatch.setattr(RecTrainable, "step", dying)
+    with pytest.raises(_Killed):
+        CliRunner().invoke(cli, [*args, "--checkpoint-minutes", "1e-9"])
+    ckpt = _weights(os.path.join(run, "checkpoint.pt"))
+    assert ckpt["epoch"] == 1 and ckpt["within_epoch"]["steps"] == 2
+    monkeypatch.setattr(RecTrainable, "step", step)
+    resumed = CliRunner().invoke(cli, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from" in resumed.output and "step 2 of epoch 2" in resumed.output
+    a, b = _weights(os.path.join(out, "checkpoint.pt")), _weights(os.path.join(run, "checkpoint.pt"))
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("wall_s", "valid_s")} for r in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+
+
 def test_ddp_two_processes_match_one(synth, tmp_path):
     folder, codes_path, _, _ = synth
     config = small_config(dropout=0.0, epochs=1, valid_users=100, eval_every=1)

@@ -264,8 +264,9 @@ class _Line(Trainable):
     """y = 2x by SGD, with dropout-like noise from the global stream and a registered generator, and
     a scripted validation score per epoch (to drive selection and early stopping)."""
 
-    def __init__(self, rng, scores=None):
+    def __init__(self, rng, scores=None, kill_at=None):
         self.model = self.step_module = torch.nn.Linear(1, 1)
+        self.steps, self.kill_at = 0, kill_at  # kill_at: the step call that dies (a killed process)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
         self.noise = rng.generator("noise", 5, device="cpu")
         self.x = torch.linspace(-1, 1, 32).unsqueeze(1)
@@ -275,12 +276,18 @@ class _Line(Trainable):
     def parameters(self):
         return list(self.model.parameters())
 
+    def start_epoch(self, epoch):
+        self.shift = 0.01 * torch.rand(1)  # an epoch-start draw: resuming inside the epoch must replay it
+
     def batches(self, epoch):
         return batch_order(32, 8, epoch_generator(1, epoch))
 
     def step(self, batch):
+        self.steps += 1
+        if self.steps == self.kill_at:
+            raise _Killed
         noise = torch.randn(len(batch), 1, generator=self.noise, device="cpu") + torch.randn(len(batch), 1)
-        x = self.x[batch] + 0.01 * noise
+        x = self.x[batch] + 0.01 * noise + self.shift
         loss = ((self.model(x) - 2 * self.x[batch]) ** 2).mean()
         return loss, {"loss": loss}
 
@@ -300,12 +307,18 @@ class _Line(Trainable):
         self.model.load_state_dict(state)
 
 
-def _fit(tmp_path, epochs, resume=False, stop_after=None, identity=None, scores=None, patience=None):
+class _Killed(Exception):
+    pass
+
+
+def _fit(tmp_path, epochs, resume=False, stop_after=None, identity=None, scores=None, patience=None,
+         checkpoint_minutes=None, kill_at=None):
     seed_everything(0)
     rng = RandomStreams(torch.device("cpu"))
-    line = _Line(rng, scores)
+    line = _Line(rng, scores, kill_at)
     plan = FitPlan(epochs=epochs, checkpoint=str(tmp_path / "ckpt.pt"), identity=identity or {"lr": 0.1, "epochs": epochs},
-                   may_change={"epochs"}, resume=resume, stop_after=stop_after, patience=patience, log=lambda _: None)
+                   may_change={"epochs"}, resume=resume, stop_after=stop_after, patience=patience,
+                   checkpoint_minutes=checkpoint_minutes, log=lambda _: None)
     return fit(line, plan, DistContext(), rng), line
 
 
@@ -319,6 +332,32 @@ def test_fit_resume_equals_the_uninterrupted_run(tmp_path):
     strip = lambda h: [{k: v for k, v in r.items() if k != "wall_s"} for r in h]  # noqa: E731
     assert strip(resumed.history) == strip(straight.history)
     assert torch.equal(again.model.weight, line.model.weight)
+
+
+def test_fit_resumes_inside_an_epoch_as_the_uninterrupted_run(tmp_path):
+    """checkpoint_minutes 0: a checkpoint after every step; the process dies in the 2nd step of epoch 2
+    (4 steps an epoch), so the last checkpoint holds epoch 1 and one step of epoch 2, whose batches
+    and random draws the resumed run must replay and continue exactly."""
+    straight, line = _fit(tmp_path / "a", 3)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(_Killed):
+        _fit(tmp_path / "b", 3, checkpoint_minutes=0, kill_at=6)
+    ckpt = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    assert ckpt["epoch"] == 1 and ckpt["within_epoch"]["steps"] == 1 and len(ckpt["history"]) == 1
+    resumed, again = _fit(tmp_path / "b", 3, resume=True)
+    assert resumed.finished and resumed.resumed_from == 1
+    strip = lambda h: [{k: v for k, v in r.items() if k != "wall_s"} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(straight.history)
+    assert torch.equal(again.model.weight, line.model.weight) and torch.equal(again.model.bias, line.model.bias)
+    assert "within_epoch" not in load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))  # the epoch-end one replaced it
+    # a checkpoint written inside an epoch by 2 processes cannot continue with 1 (its batches are sharded)
+    with pytest.raises(_Killed):
+        _fit(tmp_path / "c", 3, checkpoint_minutes=0, kill_at=3)
+    ckpt = load_checkpoint(str(tmp_path / "c" / "ckpt.pt"))
+    ckpt["within_epoch"]["per_rank"] *= 2
+    save_checkpoint(str(tmp_path / "c" / "ckpt.pt"), ckpt)
+    with pytest.raises(LetterError, match="written inside epoch 1 by 2 process.es.; resume with as many .now 1."):
+        _fit(tmp_path / "c", 3, resume=True)
 
 
 def test_fit_resume_rule(tmp_path):

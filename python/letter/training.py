@@ -468,7 +468,9 @@ class FitPlan:
     select_from: validations before this epoch do not take part in model selection; a resume whose
     longer schedule moves this past the kept model starts the selection again.
     patience: stop after this many validations without a better one (None: never stop early),
-    not before `stop_from` (an epoch). stop_after: leave after this many epochs of this call."""
+    not before `stop_from` (an epoch). stop_after: leave after this many epochs of this call.
+    checkpoint_minutes: also checkpoint inside an epoch once this much wall time has passed since the
+    last checkpoint (epochs longer than a session: a killed run loses at most this much work)."""
 
     epochs: int
     checkpoint: str
@@ -482,6 +484,7 @@ class FitPlan:
     checkpoint_every: int = 1
     max_grad_norm: float | None = None
     stop_after: int | None = None
+    checkpoint_minutes: float | None = None
     log: Callable[[str], None] = print
 
 
@@ -496,10 +499,13 @@ class FitRun:
     resumed_from: int | None = None  # the checkpoint's epoch when resumed
     stopped_early: bool = False
     finished: bool = False  # the schedule ran out or early stopping ended it
+    within_epoch: dict | None = None  # resumed from a checkpoint written inside epoch `epoch` + 1
 
 
 CHECKPOINT_KEYS = ("identity", "epoch", "finished", "model", "optimizer", "scheduler", "history", "stopping",
                    "last_validation", "rng", "trainer")
+# A checkpoint written inside an epoch also holds "within_epoch": {"steps": batches done, "wall_s",
+# "per_rank": [{"epoch_rng": the random state before the epoch drew anything, "sums": {term: float}}]}.
 
 
 def validation_epochs(every: int, epochs: int) -> int:
@@ -514,9 +520,11 @@ def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStream
     checkpoint is an error for every trainer: a silent fresh start would discard what the user
     asked to keep). The checkpoint's identity must equal `plan.identity` field by field, except the
     `may_change` fields; the first difference is one LetterError naming it. A checkpoint is written
-    every `checkpoint_every` epochs and at the end (main process, atomically); it holds the model,
-    optimizer, scheduler, history, selection state and every process's random state, so a resumed
-    run continues exactly as the uninterrupted one would."""
+    every `checkpoint_every` epochs, at the end (main process, atomically) and, with
+    `checkpoint_minutes`, inside epochs; it holds the model, optimizer, scheduler, history, selection
+    state and every process's random state, so a resumed run continues exactly as the uninterrupted
+    one would (inside an epoch: the epoch's batches are drawn again from its saved random state and
+    the done ones skipped)."""
     run = FitRun(stopping=EarlyStopping(plan.patience if plan.patience is not None else math.inf, plan.stop_from))
     if plan.resume:
         _restore(trainable, plan, ctx, rng, run)
@@ -527,18 +535,29 @@ def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStream
         trainable.step_module = torch.nn.parallel.DistributedDataParallel(
             step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     parameters = trainable.parameters()
-    started = time.time()
+    started = last_checkpoint = time.time()
     wall_before = run.history[-1].get("wall_s", 0.0) if run.history else 0.0
     epochs_this_call = 0
     try:
         while run.epoch < plan.epochs and not run.stopping.should_stop:
             epoch = run.epoch + 1
+            within, run.within_epoch = run.within_epoch, None
+            epoch_rng = within["epoch_rng"] if within else rng.state()
+            if within:  # replay the epoch's draws of batches, then continue from the saved state
+                now_rng = rng.state()
+                rng.restore(epoch_rng)
+                wall_before = within["wall_s"]
             trainable.start_epoch(epoch)
             batches = list(trainable.batches(epoch))
             sums: dict[str, torch.Tensor] = {}
-            bar = progress(total=len(batches), desc=f"epoch {epoch}/{plan.epochs}", unit="step", leave=False,
-                           disable=None if ctx.main else True)
-            for batch in batches:
+            done = 0
+            if within:
+                rng.restore(now_rng)
+                done = within["steps"]
+                sums = {n: torch.tensor(v, dtype=torch.float64, device=ctx.device) for n, v in within["sums"].items()}
+            bar = progress(total=len(batches), initial=done, desc=f"epoch {epoch}/{plan.epochs}", unit="step",
+                           leave=False, disable=None if ctx.main else True)
+            for step, batch in enumerate(batches[done:], done + 1):
                 loss, terms = trainable.step(batch)
                 trainable.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -553,6 +572,13 @@ def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStream
                     value = value.detach().double()
                     sums[name] = sums[name] + value if name in sums else value
                 bar.update(1)
+                if (plan.checkpoint_minutes is not None and step < len(batches)  # one collective a step, only then
+                        and ctx.any(time.time() - last_checkpoint >= 60 * plan.checkpoint_minutes)):
+                    wall = round(wall_before + time.time() - started, 3)
+                    _save(trainable, plan, ctx, rng, run, within_epoch=(step, wall, epoch_rng, sums))
+                    last_checkpoint = time.time()
+                    if ctx.main:
+                        plan.log(f"checkpoint inside epoch {epoch}: step {step} of {len(batches)}")
             bar.close()
             names = list(sums)
             totals = ctx.sum([float(sums[n]) for n in names]) if names else []
@@ -579,6 +605,7 @@ def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStream
             leaving = plan.stop_after is not None and epochs_this_call >= plan.stop_after
             if run.finished or leaving or epoch % plan.checkpoint_every == 0:
                 _save(trainable, plan, ctx, rng, run)
+                last_checkpoint = time.time()
             if run.finished or leaving:
                 break
     finally:
@@ -591,8 +618,16 @@ def format_record(record: dict) -> str:
     return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
 
 
-def _save(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStreams, run: FitRun) -> None:
+def _save(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStreams, run: FitRun,
+          within_epoch: tuple | None = None) -> None:
+    """Checkpoint after epoch `run.epoch`, or inside the next one: within_epoch = (steps done,
+    wall_s, the epoch's starting random state, this process's loss sums)."""
     rng_states = ctx.gather(rng.state())
+    extra = {}
+    if within_epoch is not None:
+        steps, wall, epoch_rng, sums = within_epoch
+        per_rank = ctx.gather({"epoch_rng": epoch_rng, "sums": {n: float(v) for n, v in sums.items()}})
+        extra["within_epoch"] = {"steps": steps, "wall_s": wall, "per_rank": per_rank}
     if ctx.main:
         started = time.perf_counter()
         save_checkpoint(plan.checkpoint, {
@@ -600,9 +635,10 @@ def _save(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStre
             "model": trainable.model_state(), "optimizer": trainable.optimizer.state_dict(),
             "scheduler": None if trainable.scheduler is None else trainable.scheduler.state_dict(),
             "history": run.history, "stopping": run.stopping.state_dict(), "last_validation": run.last_validation,
-            "rng": rng_states, "trainer": trainable.extra_state(),
+            "rng": rng_states, "trainer": trainable.extra_state(), **extra,
         })
-        trainable.checkpointed(run, time.perf_counter() - started)
+        if within_epoch is None:  # the per-epoch reports describe finished epochs only
+            trainable.checkpointed(run, time.perf_counter() - started)
     ctx.barrier()
 
 
@@ -628,6 +664,12 @@ def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomS
     run.epoch = run.resumed_from = ckpt["epoch"]
     run.history, run.last_validation = ckpt["history"], ckpt["last_validation"]
     run.stopping.load_state_dict(ckpt["stopping"])
+    within = ckpt.get("within_epoch")  # absent in checkpoints written at epoch ends only
+    if within is not None:
+        if len(within["per_rank"]) != ctx.world:
+            raise LetterError(f"cannot resume from {plan.checkpoint}: it was written inside epoch {ckpt['epoch'] + 1} "
+                              f"by {len(within['per_rank'])} process(es); resume with as many (now {ctx.world})")
+        run.within_epoch = {"steps": within["steps"], "wall_s": within["wall_s"], **within["per_rank"][ctx.rank]}
     if len(ckpt["rng"]) == ctx.world:
         rng.restore(ckpt["rng"][ctx.rank])
     elif ctx.main:
@@ -642,4 +684,5 @@ def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomS
             run.stopping.update(last["score"], last["epoch"], last["threshold"], last["loss"])
             trainable.keep_best(last["epoch"], Validation({}, last["score"], last["loss"], last["threshold"]))
     if ctx.main:
-        plan.log(f"resumed from {plan.checkpoint} after epoch {run.epoch}")
+        inside = f", step {run.within_epoch['steps']} of epoch {run.epoch + 1}" if run.within_epoch else ""
+        plan.log(f"resumed from {plan.checkpoint} after epoch {run.epoch}{inside}")

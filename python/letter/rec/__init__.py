@@ -3,7 +3,7 @@
 
 Python API (the CLI commands train-rec / evaluate / recommend call exactly these):
   RecConfig                          settings; defaults = the authors' LETTER-TIGER setup
-  train_rec(config, data, codes, out_dir, *, resume=False, stop_after=None) -> summary dict
+  train_rec(config, data, codes, out_dir, *, resume=False, stop_after=None, checkpoint_minutes=None) -> summary dict
   EvaluateSettings                   split, num_beams, batch_size, max_users, decoder, exclude_history
   evaluate(run_dir, split=None, *, settings=None, out=None, index_version=None, max_new_share=None,
            ..., **settings_values) -> dict

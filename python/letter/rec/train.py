@@ -53,6 +53,7 @@ def train_rec(
     resume: bool = False,
     overwrite: bool = False,
     stop_after: int | None = None,
+    checkpoint_minutes: float | None = None,
 ) -> dict:
     """Train the recommender `config.model` (TIGER, or LC-Rec on the local causal LM
     `config.base_model`) on `data` (dataset folder/path or `letter.data.Dataset`) with item `codes`
@@ -62,12 +63,14 @@ def train_rec(
     the results of an uninterrupted run with the same seed on CPU). overwrite=True replaces a
     train-rec run in out_dir (without it, or resume, a folder holding one is refused; so is one
     holding another kind of run). stop_after=N returns after N epochs of this call, leaving a
-    checkpoint to resume. Returns the summary dict (also summary.json)."""
+    checkpoint to resume; checkpoint_minutes=M also checkpoints inside an epoch every M minutes
+    (a killed run resumes from there, with the same results). Returns the summary dict (also
+    summary.json)."""
     config.validate()
     with distributed(config.device) as ctx:
         prepare_run_folder(out_dir, RecRun.kind, resume=resume, overwrite=overwrite, checkpoint=CHECKPOINT,
                            main=ctx.main)
-        return _train(config, data, codes, out_dir, resume, stop_after, ctx)
+        return _train(config, data, codes, out_dir, resume, stop_after, checkpoint_minutes, ctx)
 
 
 class RecTrainable(Trainable):
@@ -156,7 +159,7 @@ class RecTrainable(Trainable):
         _write_summary(self.out_dir, self.config, run, self.best_metrics, self.ctx.world, self.n_train)
 
 
-def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
+def _train(config, data, codes, out_dir, resume, stop_after, checkpoint_minutes, ctx: DistContext):
     rec = load_rec_data(data, codes, config.max_history)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)  # prepare_run_folder refused a started run without --resume
     seed_everything(config.seed)  # same initial weights on every process
@@ -183,7 +186,8 @@ def _train(config, data, codes, out_dir, resume, stop_after, ctx: DistContext):
                              "inputs.codes": codes_sha(rec.codes), "inputs.num_items": int(rec.codes.shape[0])},
                    may_change=set(config.to_dict()) - set(config.fixed_on_resume()),
                    validate_every=validation_epochs(config.eval_every, config.epochs), patience=config.patience,
-                   stop_from=config.stop_from_epoch, max_grad_norm=config.max_grad_norm, stop_after=stop_after)
+                   stop_from=config.stop_from_epoch, max_grad_norm=config.max_grad_norm, stop_after=stop_after,
+                   checkpoint_minutes=checkpoint_minutes)
     fit(trainable, plan, ctx, rng)
     summary = read_json(os.path.join(out_dir, SUMMARY), "train-rec summary")
     if ctx.main and summary.get("finished"):  # the manifest last: what evaluate/recommend check
