@@ -41,11 +41,13 @@ def with_options(text: str, names, flags: dict[str, str]) -> str:
 def setting_message(e: SettingError, command: click.Command | None) -> str:
     """The library's message about a setting, with the setting (and the others its problem names)
     replaced by `command`'s option of that name: "num_beams must be >= 10" -> "--beams must be >= 10".
-    A setting the command has no option for keeps the library's words."""
+    A setting the command has no option for keeps the library's words (the others are still mapped)."""
     flags = option_names(command)
+    problem = with_options(e.problem, e.others, flags)
     if e.setting not in flags:
-        return str(e)
-    return SettingError.naming(flags[e.setting], with_options(e.problem, e.others, flags))
+        text = SettingError.naming(e.setting, problem)
+        return f"{e.section}: {text}" if e.section else text
+    return SettingError.naming(flags[e.setting], problem)
 
 
 def letter_message(e: LetterError, command: click.Command | None) -> str:

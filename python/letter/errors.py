@@ -25,7 +25,7 @@ class SettingError(LetterError, ValueError):
     def __init__(self, setting: str, problem: str, *others: str, section: str | None = None):
         text = self.naming(setting, problem)
         super().__init__(f"{section}: {text}" if section else text, setting, *others)
-        self.setting, self.problem, self.others = setting, problem, others
+        self.setting, self.problem, self.others, self.section = setting, problem, others, section
 
     @staticmethod
     def naming(name: str, problem: str) -> str:
@@ -45,7 +45,9 @@ class LetterWarning(UserWarning):
 def input_error(what: str, value, problem: str, *others: str) -> LetterError:
     """The error "WHAT VALUE: problem" about an input: `what` is the argument it came from
     ("run_dir", shown by the CLI as the command's option, e.g. --model) or words ("the dataset");
-    empty: "VALUE: problem". `others`: further arguments the problem names."""
-    head = f"{what} {value}" if what else str(value)
-    names = (what, *others) if what.isidentifier() else others
-    return LetterError(f"{head}: {problem}", *names)
+    empty: "VALUE: problem". `others`: further arguments the problem names. An argument gives a
+    SettingError, so the CLI replaces `what` only where it names the input, not the same word in the
+    problem ("tokenizer /x: ..., not a tokenizer run folder")."""
+    if what.isidentifier():
+        return SettingError(what, f"{value}: {problem}", *others)
+    return LetterError(f"{what} {value}: {problem}" if what else f"{value}: {problem}", *others)

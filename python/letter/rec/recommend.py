@@ -196,7 +196,7 @@ def read_histories_file(histories_file: str) -> list[list[str]]:
     try:
         lines = read_text(histories_file).splitlines()
     except LetterError as e:  # unreadable or not UTF-8: name the argument too
-        raise LetterError(f"histories_file {e}", "histories_file") from None
+        raise SettingError("histories_file", str(e)) from None
     histories = []
     for number, line in enumerate(lines, 1):
         ids = [i.strip() for i in line.split(",") if i.strip()]
