@@ -1,6 +1,7 @@
 """letter.tokenizer.prepare_tokenizer_inputs: the tokenizer stage's preparation that train-tokenizer
 and the pipeline share (embeddings found beside the data, CF fallback, sidecar checks, cold splits),
 and how its errors and warning reach a CLI user (naming the options)."""
+import json
 import shutil
 import warnings
 
@@ -139,3 +140,23 @@ def test_the_cli_names_options_but_not_words_inside_paths():
     assert letter_message(error, command) == "--out /x/out/run_dir.json: is the command's input --model /x/out; pass --resume"
     assert letter_message(LetterError("data_path: unreadable", "data_path"), command) == "DATA_PATH: unreadable"
     assert letter_message(LetterError("data x: gone", "data"), command) == "data x: gone"  # no such option: kept
+
+
+def test_the_pipeline_stage_prepares_its_inputs_the_same_way(data, tmp_path):
+    """The pipeline's tokenizer stage goes through prepare_tokenizer_inputs: it reads its stages'
+    files with the same checks (CF embeddings recording another dataset are refused) and trains on
+    the dataset's category labels."""
+    from letter.pipeline import Pipeline, _tokenizer
+
+    tokenizer = {"layers": [16], "e_dim": 4, "codebook_sizes": [4, 4], "epochs": 1, "clusters": 2, "kmeans_iters": 2,
+                 "batch_size": 64}
+    p = Pipeline(out=str(tmp_path / "run"), config={"tokenizer": tokenizer}, source={}, device="cpu", log=lambda _: None)
+    p.outputs = {"prepare": {"dataset": str(data)}, "embed": {"text_embeddings": str(data / TEXT)},
+                 "cf": {"cf_embeddings": str(data / CF)}}
+    report = _tokenizer(p, str(tmp_path / "run" / "tokenizer"))
+    stage = tmp_path / "run" / "tokenizer"
+    assert report["run"] == str(stage) and (stage / "manifest.json").exists()
+    assert "level1_category_agreement" in json.loads((stage / "report.json").read_text())
+    write_json(sidecar_path(str(data / CF)), sidecar_record(str(data / CF), {"dataset": "another dataset's hash"}))
+    with pytest.raises(LetterError, match="not the dataset the CF embedding Synth.cf-test4.npy was made from"):
+        _tokenizer(p, str(tmp_path / "run" / "again"))
