@@ -108,7 +108,7 @@ class Pipeline:
     def run(self, from_stage: str | None = None) -> dict:
         if from_stage is not None and from_stage not in STAGES:
             raise SettingError("from_stage", f"must be one of {', '.join(STAGES)}, got {from_stage!r}")
-        prepare_run_folder(self.out, "pipeline", resume=True)
+        prepare_run_folder(self.out, "pipeline", resume=True, what="out")
         if not os.path.isdir(self.out) and "data" in self.source:  # data the stages refuse: no run folder is left
             from letter.cf.train import check_catalog
             from letter.data import load_dataset
