@@ -20,7 +20,7 @@ import copy
 from dataclasses import dataclass
 
 from letter.data.synth import SyntheticSettings
-from letter.errors import LetterError, SettingError
+from letter.errors import LetterError, SettingError, input_error
 from letter.settings import Settings, nested, setting
 from letter.utils import read_mapping_file
 
@@ -121,7 +121,7 @@ def effective_config(config_file: str | None = None, synthetic: bool = False, pr
     try:  # a bad value or key is named with the file it came from
         return validate_config(merge(cfg, override))
     except LetterError as e:
-        raise LetterError(f"config_file {config_file}: {e}", "config_file") from None
+        raise input_error("config_file", config_file, str(e)) from None
 
 
 def validate_config(cfg: dict) -> dict:
