@@ -1,9 +1,9 @@
 """`letter compare`: several identifier sets, the same recommender, one table."""
 import click
 
-from letter.cli.errors import setting_message
+from letter.cli.errors import letter_message
 from letter.cli.options import config_file_option, preset_option, settings_from_options, settings_options
-from letter.errors import LetterError, SettingError
+from letter.errors import LetterError
 from letter.rec.config import RecConfig
 
 
@@ -45,9 +45,7 @@ def compare_cmd(data_path, sets, out_dir, seeds, config_file, preset, num_beams,
         compare(data_path, list(sets), out_dir, config, seeds=seeds, num_beams=num_beams, test_users=test_users,
                 sample_seed=sample_seed, bootstrap=bootstrap, exclude_history=exclude_history,
                 log=click.echo)
-    except SettingError as e:  # also clean when run outside the `letter` group
-        raise click.ClickException(setting_message(e, click.get_current_context().command)) from e
-    except LetterError as e:
-        raise click.ClickException(str(e)) from e
+    except LetterError as e:  # also clean when run outside the `letter` group
+        raise click.ClickException(letter_message(e, click.get_current_context().command)) from e
     with open(f"{out_dir}/compare.md") as f:
         click.echo(f.read())

@@ -3,6 +3,7 @@ import os
 
 import click
 
+from letter.cli.errors import LetterGroup
 from letter.cli.options import preset_option
 
 
@@ -40,7 +41,7 @@ def pipeline(data_path, synthetic, config_file, preset, out, from_stage, device)
     click.echo(f"\nreport: {os.path.join(out, 'report.md')}")
 
 
-@click.group("config")
+@click.group("config", cls=LetterGroup)
 def config():
     """Pipeline configuration."""
 

@@ -150,7 +150,7 @@ def recommend_cmd(run_dir, history, histories_file, users, out, k, beams, exclud
         return
     from letter.runs import check_output_path
 
-    check_output_path(out, {"--model": run_dir, "--data": data_path, "--histories": histories_file})
+    check_output_path(out, {"run_dir": run_dir, "data": data_path, "histories_file": histories_file})
     rows = None
     if histories_file is not None:
         rows = [({"line": n}, h) for n, h in enumerate(read_histories_file(histories_file), 1)]

@@ -1,23 +1,14 @@
 """`letter train-tokenizer` and `letter tokenize` (cold start)."""
-import glob
 import os
 
 import click
 import numpy as np
 
-from letter.cli.options import (config_file_option, preset_option, refuse_ignored, settings_from_options,
-                                settings_options)
+from letter.cli.options import (config_file_option, given_options, preset_option, refuse_ignored,
+                                settings_from_options, settings_options)
 from letter.errors import LetterError
 from letter.runs import load_npy
 from letter.tokenizer.config import TokenizerConfig
-
-
-def _find_one(data_dir: str, pattern: str, what: str) -> str | None:
-    """The single file matching `pattern` in data_dir, None if none; ambiguity is an error."""
-    hits = sorted(glob.glob(os.path.join(data_dir, pattern)))
-    if len(hits) > 1:
-        raise LetterError(f"several {what} files in {data_dir} ({', '.join(map(os.path.basename, hits))}); pick one")
-    return hits[0] if hits else None
 
 
 def _codebook_sizes(levels: int | None, size: int | None, current: list[int]) -> list[int]:
@@ -51,10 +42,7 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels,
     On a cold split (--data holds cold_split.json, `letter data cold-split`) only the warm items'
     rows of the embeddings are used: codes cover items 0..W-1, cold items come later with
     `letter add-items`."""
-    from letter.data import load_dataset
-    from letter.data.cold import read_cold_split, warm_rows
-    from letter.runs import check_sidecar
-    from letter.tokenizer import train_tokenizer
+    from letter.tokenizer.inputs import prepare_tokenizer_inputs
 
     if options.get("codebook_sizes") is not None:
         refuse_ignored(["levels", "codebook_size"], "is a shorthand for --codebook-sizes; give one of them")
@@ -64,41 +52,11 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels,
                                    "--overwrite refits identically)")
         refuse_ignored(["cf_emb"], "is not used by --method rqkmeans (text embeddings only)")
     config = config.replace(codebook_sizes=_codebook_sizes(levels, codebook_size, config.codebook_sizes))
-    dataset = load_dataset(data_dir)
-    text_emb = text_emb or _find_one(data_dir, f"{dataset.name}.emb-*.npy", "text embedding")
-    if text_emb is None:
-        raise LetterError(f"no --text-emb given and no {dataset.name}.emb-*.npy in {data_dir} (run `letter embed`)")
-    if config.method != "rqkmeans":
-        cf_emb = cf_emb or _find_one(data_dir, f"{dataset.name}.cf-*.npy", "CF embedding")
-    if cf_emb is None and config.for_method().alpha > 0:
-        refuse_ignored(["alpha"], f"needs CF embeddings (--cf-emb, or one {dataset.name}.cf-*.npy in --data)")
-        click.echo(f"warning: no CF embeddings (--cf-emb, {dataset.name}.cf-*.npy): training with alpha 0", err=True)
-        config = config.replace(alpha=0.0)
-    made_from = {"items": (dataset.items_fingerprint(), f"--data {data_dir}"),  # text: rows = items
-                 "dataset": (dataset.fingerprint(), f"--data {data_dir}")}  # CF: also the interactions
-    check_sidecar(text_emb, "text embedding", made_from)
-    if cf_emb:
-        check_sidecar(cf_emb, "CF embedding", made_from)
-    categories = dataset.category_labels()
-    out_dir = out_dir or os.path.join("runs", f"tokenizer-{dataset.name}")
-    cold = read_cold_split(data_dir)  # a cold split: train on the warm items only
-    if cold is not None:
-        click.echo(f"cold split: training on the {cold['warm_items']} warm items, {len(cold['cold_items'])} cold "
-                   "items left for `letter add-items`")
-        if categories is not None:
-            categories = categories[: cold["warm_items"]]
-    report = train_tokenizer(
-        config,
-        warm_rows(load_npy(text_emb, "--text-emb", mmap=True), cold, text_emb),
-        warm_rows(load_npy(cf_emb, "--cf-emb"), cold, cf_emb) if cf_emb else None,
-        out_dir,
-        name=dataset.name,
-        num_items=cold["warm_items"] if cold is not None else dataset.num_items,
-        resume=resume,
-        overwrite=overwrite,
-        item_labels=categories,
-        made_from={"items": dataset.items_fingerprint()},
-    )
+    # alpha given here is kept (an error without CF embeddings); alpha from defaults or a file falls back to 0
+    inputs = prepare_tokenizer_inputs(data_dir, config, text_emb, cf_emb, alpha_fallback=not given_options("alpha"),
+                                      log=click.echo)
+    out_dir = out_dir or os.path.join("runs", f"tokenizer-{inputs.name}")
+    report = inputs.train(out_dir, resume=resume, overwrite=overwrite)
     if report:  # empty on non-zero torchrun ranks
         used = ", ".join(str(s["used"]) for s in report["level_stats"])
         click.echo(
@@ -119,10 +77,10 @@ def tokenize_cmd(run_dir, embeddings, out):
     from letter.tokenizer import load_tokenizer
 
     out = out or os.path.splitext(embeddings)[0] + ".index.json"
-    check_output_path(out, {"--embeddings": embeddings, "--tokenizer": run_dir})
+    check_output_path(out, {"embeddings": embeddings, "tokenizer": run_dir})
     tok = load_tokenizer(run_dir)
     try:
-        codes = tok.encode(load_npy(embeddings, "--embeddings"))
+        codes = tok.encode(load_npy(embeddings, "embeddings"))
     except LetterError as e:  # wrong width, NaN rows...: name the file
         raise LetterError(f"--embeddings {embeddings}: {e}") from None
     if out.endswith(".npy"):

@@ -157,12 +157,16 @@ def test_data_embed_and_evaluate_sections_are_settings(tmp_path):
         assert options[name].opts == [flag] and options[name].help.endswith(f"[default: {default}]")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": {"synthetic": {"num_items": 8, "num_categories": 3}}}))
-    # the bad value named with the file it came from
-    with pytest.raises(LetterError, match=rf"^--config {re.escape(str(config))}: data.synthetic: num_categories <= num_items / 4 is "
-                                          r"required, got 3 and 8$"):
+    # the bad value named with the file it came from (the library: its argument; the CLI: --config)
+    with pytest.raises(LetterError, match=rf"^config_file {re.escape(str(config))}: data.synthetic: num_categories <= "
+                                          r"num_items / 4 is required, got 3 and 8$"):
         effective_config(str(config))
+    for args in (["config", "show"], ["pipeline", "--synthetic", "--out", str(tmp_path / "run")]):
+        result = CliRunner().invoke(main, [*args, "--config", str(config)])
+        assert result.exit_code == 1 and result.output == (f"Error: --config {config}: data.synthetic: num_categories "
+                                                           "<= num_items / 4 is required, got 3 and 8\n")
     config.write_text(yaml.safe_dump({"data": {"synthetic": {"seed": -1}}, "embed": {"mode": "st"}}))
-    with pytest.raises(LetterError, match=rf"^--config {re.escape(str(config))}: data.synthetic: seed must be >= 0"):
+    with pytest.raises(LetterError, match=rf"^config_file {re.escape(str(config))}: data.synthetic: seed must be >= 0"):
         effective_config(str(config))
 
 

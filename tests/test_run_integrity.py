@@ -96,11 +96,11 @@ def test_single_file_outputs_are_replaced_only_when_asked(tmp_path):
     prepare_output_files(outputs, "embed")
     npy.write_bytes(b"x")
     with pytest.raises(LetterError, match=r"e.npy: an unfinished \(or another tool's\) embed output is already there; "
-                                          "pass --overwrite to replace it"):
+                                          "pass overwrite to replace it"):  # the CLI: --overwrite (test_bad_inputs)
         prepare_output_files(outputs, "embed")
     sidecar.write_text("{}")
-    with pytest.raises(LetterError, match="e.npy: a finished train-cf output is already there; pass --resume to continue "
-                                          "its run, --overwrite to replace it"):
+    with pytest.raises(LetterError, match="e.npy: a finished train-cf output is already there; pass resume to continue "
+                                          "its run, overwrite to replace it"):
         prepare_output_files(outputs, "train-cf", resume=False)
     prepare_output_files(outputs, "train-cf", resume=True)
     assert npy.exists() and sidecar.exists()

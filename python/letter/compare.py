@@ -105,11 +105,11 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
     pairs = list(sets.items()) if isinstance(sets, dict) else [parse_set(s) if isinstance(s, str) else tuple(s)
                                                                 for s in sets]
     if not pairs:
-        raise LetterError("no identifier sets: give at least one --set LABEL=PATH")
+        raise LetterError("no identifier set given: sets needs at least one LABEL=PATH", "sets")
     problems, out, seen = [], [], set()
     for label, path in pairs:
         path = os.fspath(path)
-        where = f"--set {label}={path}"
+        where = f"sets {label}={path}"
         if not _LABEL.fullmatch(label) or len(label) > 100:
             problems.append(f"{where}: the label must be at most 100 letters, digits, '.', '_', '+' or '-' (it names "
                             "a folder)")
@@ -132,7 +132,7 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
             members[seed] = Identifiers(os.path.abspath(concrete), codes, codes_sha(codes), _run_folder_sizes(concrete))
         out.append(IdentifierSet(label, path, members))
     if problems:
-        raise LetterError("bad identifier set(s): " + "; ".join(" ".join(p.split()) for p in problems))
+        raise LetterError("bad identifier set(s): " + "; ".join(" ".join(p.split()) for p in problems), "sets")
     return out
 
 
@@ -448,7 +448,7 @@ def compare_markdown(report: dict) -> str:
     if any("metrics_exclude_history" in s for s in report["sets"]):
         lines += ["", "## Both protocols", "",
                   "history kept (above, the authors' protocol) and history excluded (each user's earlier items "
-                  "pruned from the search, as SASRec's --mask-history); mean ± std over seeds.", "",
+                  "pruned from the search, as SASRec's mask_history); mean ± std over seeds.", "",
                   "| set | protocol | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
         for s in report["sets"]:
             for key, name in (("metrics", "history kept"), ("metrics_exclude_history", "history excluded")):

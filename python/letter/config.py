@@ -1,8 +1,8 @@
 """The pipeline's one configuration: every setting of every stage, with the authors' defaults.
 
 A config file (YAML or JSON) holds any subset of the sections below; what it leaves out keeps its
-default. `--synthetic` runs start from the SYNTHETIC_PRESET overrides (sized for a 2-core CPU),
-`--preset NAME` runs from a named preset of PRESETS (`cpu`: one recipe for real datasets on a CPU),
+default. Synthetic runs start from the SYNTHETIC_PRESET overrides (sized for a 2-core CPU),
+runs with a preset from a named preset of PRESETS (`cpu`: one recipe for real datasets on a CPU),
 before the file is applied.
 
     data:       history length, synthetic generator settings (DataSettings, letter.data.SyntheticSettings)
@@ -20,7 +20,7 @@ import copy
 from dataclasses import dataclass
 
 from letter.data.synth import SyntheticSettings
-from letter.errors import LetterError, SettingError
+from letter.errors import LetterError, SettingError, input_error
 from letter.settings import Settings, nested, setting
 from letter.utils import read_mapping_file
 
@@ -30,12 +30,12 @@ SECTIONS = ("data", "embed", "cf", "tokenizer", "rec", "evaluate")
 @dataclass
 class DataSettings(Settings):
     """The pipeline's data section: the history length of the recommender's inputs and the
-    generator's settings for --synthetic."""
+    generator's settings for the synthetic dataset."""
 
     section = "data"
 
     max_history: int = setting(20, "Most recent items of a history the recommender reads (rec.max_history).", low=1)
-    synthetic: SyntheticSettings = nested(SyntheticSettings, "The generator's settings (used by --synthetic).")
+    synthetic: SyntheticSettings = nested(SyntheticSettings, "The generator's settings (used for the synthetic dataset).")
 
 
 def section_classes() -> dict:
@@ -57,7 +57,7 @@ def default_config() -> dict:
     return config
 
 
-# Sized so that `letter pipeline --synthetic` finishes in minutes on a 2-core CPU.
+# Sized so that a synthetic pipeline run finishes in minutes on a 2-core CPU.
 # TIGER dominates the time (about 270 training samples/s at d_model 64 on 2 cores), hence the
 # small model, 10-item histories and 5 epochs validated once at the end.
 SYNTHETIC_PRESET = {
@@ -121,7 +121,7 @@ def effective_config(config_file: str | None = None, synthetic: bool = False, pr
     try:  # a bad value or key is named with the file it came from
         return validate_config(merge(cfg, override))
     except LetterError as e:
-        raise LetterError(f"--config {config_file}: {e}") from None
+        raise input_error("config_file", config_file, str(e)) from None
 
 
 def validate_config(cfg: dict) -> dict:

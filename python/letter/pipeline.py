@@ -19,7 +19,7 @@ from typing import Callable
 
 from letter.errors import LetterError, SettingError
 from letter.pipeline_report import write_report
-from letter.runs import (MANIFEST, RecRun, TokenizerRun, file_state, fingerprint, finished_step, folder_files, load_npy,
+from letter.runs import (MANIFEST, RecRun, TokenizerRun, file_state, fingerprint, finished_step, folder_files,
                          mark_started, prepare_run_folder, read_json_if_valid, relative_to, remove_stale_temps,
                          resolve, start_step, write_json, write_manifest)
 
@@ -108,7 +108,7 @@ class Pipeline:
     def run(self, from_stage: str | None = None) -> dict:
         if from_stage is not None and from_stage not in STAGES:
             raise SettingError("from_stage", f"must be one of {', '.join(STAGES)}, got {from_stage!r}")
-        prepare_run_folder(self.out, "pipeline", resume=True)
+        prepare_run_folder(self.out, "pipeline", resume=True, what="out")
         if not os.path.isdir(self.out) and "data" in self.source:  # data the stages refuse: no run folder is left
             from letter.cf.train import check_catalog
             from letter.data import load_dataset
@@ -128,7 +128,7 @@ class Pipeline:
             self.fingerprints[stage] = fp
             done, reason = finished_step(os.path.join(self.stage_dir(stage), MARKER), STAGE_KIND, fp, self.out)
             if forced:
-                reason = "rerun from here (--from)"
+                reason = f"forced: the run starts at stage {from_stage}"
             if reason is None:
                 self.log(f"[{stage}] up to date ({fp}), skipped")
                 self.outputs[stage] = self._resolve(done["results"])
@@ -230,17 +230,14 @@ def _cf(p: Pipeline, directory: str) -> dict:
 
 
 def _tokenizer(p: Pipeline, directory: str) -> dict:
-    from letter.tokenizer import TokenizerConfig, train_tokenizer
+    from letter.tokenizer import TokenizerConfig, prepare_tokenizer_inputs
 
-    ds = p.dataset()
     cfg = TokenizerConfig.from_dict(p.stage_settings("tokenizer"))
-    text = load_npy(p.outputs["embed"]["text_embeddings"], mmap=True)
-    cf = load_npy(p.outputs["cf"]["cf_embeddings"]) if cfg.alpha > 0 else None
+    inputs = prepare_tokenizer_inputs(p.outputs["prepare"]["dataset"], cfg, p.outputs["embed"]["text_embeddings"],
+                                      p.outputs["cf"]["cf_embeddings"], log=p.log)
     # the stage folder is the pipeline's: a finished run in it (its stage.json lost) is refitted
     resume = any(os.path.exists(os.path.join(directory, n)) for n in (TokenizerRun.CHECKPOINT, MANIFEST))
-    report = train_tokenizer(cfg, text, cf, directory, name=ds.name, num_items=ds.num_items,
-                             resume=resume, item_labels=ds.category_labels(),
-                             made_from={"items": ds.items_fingerprint()})
+    report = inputs.train(directory, resume=resume)
     write_json(os.path.join(directory, "pipeline_report.json"), report)
     return {"run": directory, "report": os.path.join(directory, TokenizerRun.REPORT)}
 

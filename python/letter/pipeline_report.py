@@ -89,7 +89,7 @@ def write_report(p) -> dict:
         "",
         "History kept: the authors' protocol (an item the user already has may be recommended and counts if "
         "it is the target). History excluded: every earlier item of the user is ruled out (SASRec "
-        "`--mask-history`; TIGER `letter evaluate --exclude-history`, pruned inside the constrained search).",
+        "cf.mask_history; TIGER evaluate.exclude_history, pruned inside the constrained search).",
         "",
         "## Tokenizer",
         "",

@@ -8,7 +8,7 @@ and resume rule, with to_dict / from_dict / validate.
 
 `validate()` checks every field's type (ints are ints, floats are finite), range and choices and
 then the class's own cross-field rules (`check()`), raising one LetterError that names the field.
-The CLI builds its `--options` from the same fields (cli/options.py), so a default is written once.
+The CLI builds its command-line options from the same fields (cli/options.py), so a default is written once.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def setting(default: Any, help: str, *, low: float | None = None, high: float | 
     """A Settings field. `low`/`high` bound the value (or each list element), `*_open` excludes the
     bound; `may_change_on_resume` marks fields a resumed run may change (epochs, batch size for
     evaluation...); `cli=False` keeps it out of the generated command-line options; `flag` names
-    its option when that is not the field's name (num_beams: --beams)."""
+    its option when that is not the field's name (num_beams: beams)."""
     meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
             "choices": choices, "may_change_on_resume": may_change_on_resume, "cli": cli, "flag": flag}
     if isinstance(default, list):

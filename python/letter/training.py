@@ -363,7 +363,7 @@ def check_resume(path: str, saved: dict, current: dict, fixed: list[str] | None 
         if old != new:
             raise LetterError(
                 f"cannot resume from {path}: {key} was {_short(old)}, now {_short(new)} "
-                "(keep it, or start a new run without --resume / in another folder)"
+                "(keep it, or start a new run: not resumed, or in another folder)"
             )
 
 

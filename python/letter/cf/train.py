@@ -86,7 +86,7 @@ def loss_choice(cfg: CFConfig, num_items: int) -> str:
     (train-cf and the pipeline's cf stage log it)."""
     if cfg.loss == "ce":
         large = cfg.model == "sasrec" and num_items >= SAMPLED_ADVISED_FROM_ITEMS
-        advice = (f"; from {SAMPLED_ADVISED_FROM_ITEMS:,} items on a CPU the sampled loss (train-cf --loss, pipeline "
+        advice = (f"; from {SAMPLED_ADVISED_FROM_ITEMS:,} items on a CPU the sampled loss (setting "
                   "cf.loss) is several times faster per step" if large else "")
         return (f"loss ce: the exact full softmax over all {num_items:,} items (fused, O(rows) memory; its cost per "
                 f"target grows linearly with the catalog){advice}; the loss is never switched by itself, since the "

@@ -31,7 +31,7 @@ import numpy as np
 
 from letter.data.dataset import Dataset
 from letter.data.readers import dataset_dir, load_dataset, prepare_dataset_output, source_files, write_letter
-from letter.errors import DataError, LetterError, SettingError
+from letter.errors import DataError, LetterError, SettingError, input_error
 from letter.runs import save_npy, write_json
 
 SPLIT_FILE = "cold_split.json"
@@ -98,15 +98,15 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
     names = [os.path.basename(p) for p in embeddings]
     sources = source_files(dataset.source) if isinstance(dataset.source, str) and os.path.exists(dataset.source) else []
     prepare_dataset_output(out_dir, dataset.name, overwrite=overwrite,
-                           inputs={"DATA_PATH": sources, "--embeddings": list(embeddings)},
+                           inputs={"data_path": sources, "embeddings": list(embeddings)},
                            extra=(*names, *(os.path.basename(sidecar_path(n)) for n in names), SPLIT_FILE),
                            kind="cold-split")
 
     arrays = []
     for path in embeddings:
-        arr = load_npy(path, "--embeddings")
+        arr = load_npy(path, "embeddings")
         if arr.ndim != 2 or arr.shape[0] != dataset.num_items:
-            raise LetterError(f"--embeddings {path}: expected [{dataset.num_items}, dim] rows of {dataset.source}'s "
+            raise input_error("embeddings", path, f"expected [{dataset.num_items}, dim] rows of {dataset.source}'s "
                               f"items, got shape {arr.shape}")
         arrays.append((path, arr))
     os.makedirs(out_dir, exist_ok=True)

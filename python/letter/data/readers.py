@@ -89,11 +89,11 @@ def prepare_dataset_output(out_dir: str, name: str, *, overwrite: bool = False, 
                            extra: tuple[str, ...] = (), kind: str = "dataset") -> None:
     """Before a command writes the dataset `name` into `out_dir` (plus `extra` file names there, its
     record last): refuse a folder holding a run or another dataset (a LETTER folder holds one), an
-    output that is one of the command's `inputs` (option -> list of paths), and that dataset's
+    output that is one of the command's `inputs` (argument -> list of paths), and that dataset's
     files already there unless overwrite (then they are removed)."""
     from letter.runs import check_file_name, check_not_input, held_datasets, prepare_output_files, run_kind
 
-    check_file_name(name, "--name")
+    check_file_name(name, "name")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise LetterError(f"{out_dir}: not a folder")
     if os.path.isdir(out_dir):

@@ -1,4 +1,4 @@
-"""`letter evaluate --cold`: a recommender trained on a cold split (letter.data.cold), measured on
+"""The cold-split report (`letter evaluate` with cold): a recommender trained on a cold split (letter.data.cold), measured on
 cold-target and warm-target test users, before and after its cold items were added
 (letter.rec.index_versions), beside baselines on the same users:
 
@@ -108,7 +108,7 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
     the same for every run on the split) of that many warm-target users, to bound the work.
     allow_other_data: use a dataset whose content is not the one the run was trained on."""
     if out:
-        check_output_path(out, {"--model": run_dir, "--data": data, "--text-emb": text_emb, "--cf": cf_dir})
+        check_output_path(out, {"run_dir": run_dir, "data": data, "text_emb": text_emb, "cf_dir": cf_dir})
     device = resolve_device(device)
     rm, rec, config = _load(run_dir, data, device, 0, allow_other_data)
     cold = read_cold_split(rec.dataset)
@@ -145,7 +145,7 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
             tiger_row(f"recommender + added items, share <= {max_new_share:g}", added, max_new_share)
     k = max(KS)
     if text_emb is not None:
-        emb = load_npy(text_emb, "--text-emb") if isinstance(text_emb, (str, os.PathLike)) else np.asarray(text_emb)
+        emb = load_npy(text_emb, "text_emb") if isinstance(text_emb, (str, os.PathLike)) else np.asarray(text_emb)
         if emb.ndim != 2 or emb.shape[0] != rec.dataset.num_items:
             raise SettingError("text_emb", f": expected [{rec.dataset.num_items}, d] rows of the split's items, "
                                            f"got shape {emb.shape}")

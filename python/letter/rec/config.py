@@ -15,7 +15,7 @@ class RecConfig(Settings):
     section = "rec"
 
     model: str = setting("tiger", "Recommender: tiger (T5-style, trained from scratch) or lcrec (a local causal LM "
-                                  "fine-tuned with LoRA; needs --base-model and pip install -e .[llm]).",
+                                  "fine-tuned with LoRA; needs base_model and pip install -e .[llm]).",
                          choices=("tiger", "lcrec"))
     # Model: the authors' ckpt/TIGER/config.json (T5 with d_model 128, 4+4 layers, 6 heads x 64).
     d_model: int = setting(128, "Model width.", low=1)

@@ -44,11 +44,11 @@ def codes_sha(codes: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()
 
 
-def resolve_codes(codes, dataset: Dataset, cold: dict | None = None, what: str = "--index") -> tuple[np.ndarray, str]:
+def resolve_codes(codes, dataset: Dataset, cold: dict | None = None, what: str = "codes") -> tuple[np.ndarray, str]:
     """Item codes [num_items, L] from an array, an index .json, a codes .npy, or a tokenizer run
     folder (its codes.npy, else its single <Name>.index.json). Returns (codes, description).
     On a cold split (`cold`, its cold_split.json record) the codes cover the warm items 0..W-1 only.
-    `what`: how messages name a run folder's option ("" when the caller names it)."""
+    `what`: the argument messages name a run folder by ("" when the caller names it; see input_error)."""
     source = "array"
     if isinstance(codes, (str, os.PathLike)):
         path = os.fspath(codes)
@@ -61,7 +61,8 @@ def resolve_codes(codes, dataset: Dataset, cold: dict | None = None, what: str =
 
                 manifest = check_tokenizer_run(path, what)  # a run folder: a finished tokenizer run, not mixed
                 check_inputs(f"the tokenizer run {what} {path}".replace("  ", " "), manifest["inputs"],
-                             {"items": (dataset.items_fingerprint(), f"the dataset {dataset.source}")})
+                             {"items": (dataset.items_fingerprint(), f"the dataset {dataset.source}")},
+                             names=(what,) if what else ())
             if os.path.exists(os.path.join(path, TokenizerRun.CODES)):
                 path = os.path.join(path, TokenizerRun.CODES)
             else:

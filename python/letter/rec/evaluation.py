@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_search
-from letter.errors import LetterError, SettingError
+from letter.errors import SettingError, input_error
 from letter.metrics import metrics_from_hits, standard_errors
 from letter.runs import RecRun, check_output_path, check_rec_dataset, check_rec_run, load_npy, read_rec_run_info, write_json
 from letter.devices import resolve_device
@@ -43,7 +43,7 @@ class EvaluateSettings(Settings):
     decoder: str = setting("fused", "fused: the beam step op; hf: the HF-style prefix_allowed_tokens_fn baseline.",
                            choices=DECODERS)
     exclude_history: bool = setting(False, "Also measure with every item the user had before the target excluded from "
-                                           "the search (as SASRec's --mask-history): metrics_exclude_history next to "
+                                           "the search (as SASRec's mask_history): metrics_exclude_history next to "
                                            "metrics (history kept).")
 
 
@@ -187,7 +187,7 @@ def _load(run_dir: str, data=None, device="cpu", index_version: int | None = Non
     cls = recommender_class(config.model)
     model_path = cls.best_model_path(run_dir)
     if not os.path.exists(model_path):
-        raise LetterError(f"--model {run_dir}: not a train-rec run folder (missing {os.path.basename(model_path)})")
+        raise input_error("run_dir", run_dir, f"not a train-rec run folder (missing {os.path.basename(model_path)})")
     codes = load_npy(os.path.join(run_dir, RecRun.CODES))
     model = cls.load_best(run_dir, config, device).eval()  # a corrupt file is named before the checks below
     path, manifest = check_rec_run(run_dir, info, data)  # unfinished or mixed folder; the dataset (relative path first)
@@ -220,7 +220,7 @@ def evaluate(run_dir: str, split: str | None = None, *, settings: EvaluateSettin
     beams, wall time and users/s.
 
     exclude_history: also measure the second protocol, on the same users: every item the user had
-    before the target is excluded from the search (as SASRec's --mask-history), reported as
+    before the target is excluded from the search (as SASRec's mask_history), reported as
     `metrics_exclude_history` next to `metrics` (history kept, the authors' protocol), with its own
     wall time and `targets_in_history` (targets that protocol can never hit).
 
@@ -230,7 +230,7 @@ def evaluate(run_dir: str, split: str | None = None, *, settings: EvaluateSettin
     split, num_beams, batch_size = settings.split, settings.num_beams, settings.batch_size
     max_users, decoder, exclude_history = settings.max_users, settings.decoder, settings.exclude_history
     if out:
-        check_output_path(out, {"--model": run_dir, "--data": data})
+        check_output_path(out, {"run_dir": run_dir, "data": data})
     device = resolve_device(device)
     rm, rec, config = _load(run_dir, data, device, index_version, allow_other_data)
     enc, targets = rm.eval_inputs(rec, split, max_users, config.seed)

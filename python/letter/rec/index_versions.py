@@ -2,7 +2,7 @@
 
 Version 0 is the run's training index (its codes.npy, never rewritten). `add_items` turns new
 items' text embeddings into identifiers with the tokenizer that made the run's codes (the
-catalog's identifiers stay taken; the tokenizer's collision rules and `--unique` apply) and writes
+catalog's identifiers stay taken; the tokenizer's collision rules and `unique` setting apply) and writes
 version k+1 = version k's codes plus the new rows:
 
     RUN/index-versions/v<k>/codes.npy      codes [M_k, L] of items 0..M_k-1 of the run's dataset
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from letter.errors import LetterError, SettingError
+from letter.errors import LetterError, SettingError, input_error
 from letter.runs import RecRun, load_npy, read_json, remove_stale_temps, sha256_file
 
 VERSIONS_DIR = RecRun.INDEX_VERSIONS
@@ -89,22 +89,22 @@ def add_items(run_dir: str, tokenizer_dir: str, embeddings, *, data=None) -> dic
     tok = load_tokenizer(tokenizer_dir)
     training_codes = load_npy(os.path.join(run_dir, RecRun.CODES))
     if tok.catalog_codes is None or not np.array_equal(tok.catalog_codes, training_codes):
-        raise LetterError(f"--tokenizer {tokenizer_dir}: its codes are not the identifiers {run_dir} was trained on")
+        raise input_error("tokenizer", tokenizer_dir, f"its codes are not the identifiers {run_dir} was trained on")
     if indexed >= total:
         return {"version": base, "added": 0, "items": [], "indexed_items": indexed,
                 "message": f"every one of the {total} items of {dataset.source} already has an identifier "
                            f"(index version {base}); nothing added"}
-    where = f"--embeddings {embeddings}" if isinstance(embeddings, (str, os.PathLike)) else "embeddings"
-    emb = load_npy(os.fspath(embeddings), "--embeddings") if isinstance(embeddings, (str, os.PathLike)) else embeddings
+    where = f"embeddings {embeddings}" if isinstance(embeddings, (str, os.PathLike)) else "embeddings"
+    emb = load_npy(os.fspath(embeddings), "embeddings") if isinstance(embeddings, (str, os.PathLike)) else embeddings
     emb = np.asarray(emb)
     if emb.ndim != 2:
-        raise LetterError(f"{where}: expected an [items, dim] matrix, got shape {emb.shape}")
+        raise LetterError(f"{where}: expected an [items, dim] matrix, got shape {emb.shape}", "embeddings")
     if emb.shape[0] == total:
         emb = emb[indexed:]
     elif emb.shape[0] > total - indexed:
         raise LetterError(f"{where}: {emb.shape[0]} rows, but {dataset.source} has {total} items of which "
                           f"{total - indexed} lack an identifier: give [{total}, d] catalog rows or at most "
-                          f"{total - indexed} rows of the next items")
+                          f"{total - indexed} rows of the next items", "embeddings")
     tok.catalog_codes = codes  # every identifier of the newest version stays taken
     new = tok.encode(emb)
     sizes = info.get("level_sizes") or [int(c) + 1 for c in training_codes.max(0)]

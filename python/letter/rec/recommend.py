@@ -1,5 +1,5 @@
 """Top-k recommendations from a loaded train-rec run: one history (`recommend`), many in batches
-(`RunRecommender.recommend`, used by `letter recommend --histories/--users` and by `letter serve`).
+(`RunRecommender.recommend`, used by `letter recommend` for files of histories or users, and by `letter serve`).
 
 The beam width is fixed per loaded run (`beams`, default 20, as evaluation) and each query's k
 identifiers are the first k of that search, so a user's list never depends on which other
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from letter.errors import LetterError, SettingError
+from letter.errors import LetterError, SettingError, input_error
 from letter.devices import resolve_device
 from letter.runs import atomic_path, read_text
 
@@ -190,20 +190,21 @@ def recommend(run_dir: str, history: list[str], k: int = 10, *, data=None, devic
         return run.recommend([query])[0]
 
 
-def read_histories_file(path: str) -> list[list[str]]:
-    """One history per line: comma-separated item ids, oldest first; an empty line is an error."""
+def read_histories_file(histories_file: str) -> list[list[str]]:
+    """One history per line: comma-separated item ids, oldest first; an empty line is an error
+    (messages name the argument histories_file)."""
     try:
-        lines = read_text(path).splitlines()
-    except LetterError as e:  # unreadable or not UTF-8: name the option too
-        raise LetterError(f"--histories {e}") from None
+        lines = read_text(histories_file).splitlines()
+    except LetterError as e:  # unreadable or not UTF-8: name the argument too
+        raise SettingError("histories_file", str(e)) from None
     histories = []
     for number, line in enumerate(lines, 1):
         ids = [i.strip() for i in line.split(",") if i.strip()]
         if not ids:
-            raise LetterError(f"--histories {path}: line {number} holds no item id")
+            raise input_error("histories_file", histories_file, f"line {number} holds no item id")
         histories.append(ids)
     if not histories:
-        raise LetterError(f"--histories {path}: no histories in the file")
+        raise input_error("histories_file", histories_file, "no histories in the file")
     return histories
 
 

@@ -11,8 +11,8 @@ Training (the adapter of a new run, `cls.build(config, rec, device)`, called wit
   ddp                         True: step_module is wrapped in DistributedDataParallel under
                               torchrun; False: gradients are averaged with ctx.average_gradients
   trainable_parameters()      what AdamW updates and gradient clipping sees
-  autocast(device)            whether the model trains under bf16 autocast on device (when --precision picks bf16)
-  prepare_training(rng)       -> (training samples, their input lengths for --bucket-by-length);
+  autocast(device)            whether the model trains under bf16 autocast on device (when the precision setting picks bf16)
+  prepare_training(rng)       -> (training samples, their input lengths for bucket_by_length);
                               may register generators in the run's RandomStreams
   start_epoch(epoch)          per-epoch random choices that must not depend on the world size
   batch(rows)                 the inputs of step_module for training sample indices `rows`

@@ -161,16 +161,16 @@ class RecTrainable(Trainable):
 
 def _train(config, data, codes, out_dir, resume, stop_after, checkpoint_minutes, ctx: DistContext):
     rec = load_rec_data(data, codes, config.max_history)
-    ckpt_path = os.path.join(out_dir, CHECKPOINT)  # prepare_run_folder refused a started run without --resume
+    ckpt_path = os.path.join(out_dir, CHECKPOINT)  # prepare_run_folder refused a started run without resume
     seed_everything(config.seed)  # same initial weights on every process
     rm = recommender_class(config.model).build(config, rec, ctx.device)  # a bad base model fails before the run folder
     if resume and ctx.main:  # the files written when the run started must still be its own
         if os.path.isfile(os.path.join(out_dir, MANIFEST)):
-            check_manifest(out_dir, RecRun.kind, "--out")  # a finished run continues only whole
+            check_manifest(out_dir, RecRun.kind, "out_dir")  # a finished run continues only whole
         started_codes = os.path.join(out_dir, RecRun.CODES)
         if os.path.isfile(started_codes) and codes_sha(load_npy(started_codes)) != codes_sha(rec.codes):
-            raise LetterError(f"{started_codes}: not the codes of --index {codes} (changed since the run started?); "
-                              "restore it, or train the run again with --overwrite")
+            raise LetterError(f"{started_codes}: differs from codes {codes} (changed since the run started?); "
+                              "restore it, or train the run again with overwrite", "codes", "overwrite")
     if not resume and ctx.main:
         info = rec.run_info(config, out_dir)
         if config.model != "tiger":

@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Any, Iterator
 
-from letter.errors import LetterError, SettingError
+from letter.errors import LetterError, SettingError, input_error
 
 STALE_TEMP_SECONDS = 600  # a temporary file this old was left by a killed write
 _CHUNK = 1 << 20
@@ -230,17 +230,16 @@ def read_json_if_valid(path: str) -> dict | None:
 
 def load_npy(path: str, what: str = "", mmap: bool = False):
     """np.load without pickles; an unreadable file is '[WHAT ]PATH: corrupt or truncated (...)'
-    (`what`: the option or input it came from, e.g. "--text-emb"). `mmap`: memory-mapped read-only
-    (a large embedding matrix is then read a chunk at a time by its consumer, never held whole)."""
+    (`what`: the argument it came from, e.g. "text_emb", see input_error). `mmap`: memory-mapped
+    read-only (a large embedding matrix is then read a chunk at a time by its consumer, never held whole)."""
     import numpy as np
 
-    where = f"{what} {path}" if what else path
     try:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except FileNotFoundError:
-        raise LetterError(f"{where}: no such file") from None
+        raise input_error(what, path, "no such file") from None
     except (OSError, ValueError, EOFError) as e:
-        raise LetterError(f"{where}: corrupt or truncated ({type(e).__name__}: {str(e)[:160]})") from None
+        raise input_error(what, path, f"corrupt or truncated ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 # -- content states -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 
-from letter.errors import LetterError
+from letter.errors import LetterError, input_error
 
 from .files import file_change, file_state, folder_files, read_json, read_json_if_valid, write_json
 from .layout import INTER_SUFFIX, ITEM_SUFFIX, reserved_names
@@ -52,12 +52,13 @@ def write_manifest(folder: str, kind: str, outputs: list[str], inputs: dict, *, 
     return manifest
 
 
-def read_manifest(path: str, kind: str, where: str) -> dict:
-    """The manifest file `path` of a `kind` run (`where`: how messages name the run), or one
-    LetterError: unreadable, another kind, no outputs/inputs mappings."""
+def read_manifest(path: str, kind: str, where: str, what: str = "") -> dict:
+    """The manifest file `path` of a `kind` run (messages name the run `where`, given by the
+    argument `what` as in input_error), or one LetterError: unreadable, another kind, no
+    outputs/inputs mappings."""
     manifest = read_json(path, f"{kind} manifest")
     if manifest.get("kind") != kind:
-        raise LetterError(f"{where}: a {manifest.get('kind')} run folder, not a {kind} run folder")
+        raise input_error(what, where, f"a {manifest.get('kind')} run folder, not a {kind} run folder")
     if not isinstance(manifest.get("outputs"), dict) or not isinstance(manifest.get("inputs"), dict):
         raise LetterError(f"{path}: corrupt or truncated (no 'outputs'/'inputs' mapping)")
     return manifest
@@ -76,28 +77,34 @@ def output_change(folder: str, manifest: dict) -> str | None:
 def check_manifest(folder: str, kind: str, what: str = "") -> dict:
     """The manifest of the finished `kind` run in `folder`, or one LetterError: no manifest
     (unfinished), another kind, or a recorded output missing or changed (a mixed folder).
-    `what`: the option naming the folder in messages (e.g. "--model")."""
-    where = f"{what} {folder}" if what else folder
+    `what`: the argument naming the folder in messages (e.g. "run_dir"; see input_error)."""
     if not os.path.isdir(folder):
-        raise LetterError(f"{where}: not a {kind} run folder (no such folder)")
+        raise input_error(what, folder, f"not a {kind} run folder (no such folder)")
     found = run_kind(folder)
     if found not in (None, kind, "unknown"):
-        raise LetterError(f"{where}: a {found} run folder, not a {kind} run folder")
+        raise input_error(what, folder, f"a {found} run folder, not a {kind} run folder")
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
-        raise LetterError(f"{where}: unfinished {kind} run (no {MANIFEST}; folders written before manifests "
-                          "count as unfinished too); finish it with --resume or train it again")
-    manifest = read_manifest(path, kind, where)
+        raise input_error(what, folder, f"unfinished {kind} run (no {MANIFEST}; folders written before manifests "
+                          "count as unfinished too); resume its training or train it again")
+    manifest = read_manifest(path, kind, folder, what)
     change = output_change(folder, manifest)
     if change is not None:
-        raise LetterError(f"{where}: mixed {kind} run folder: {change} since the run finished "
+        raise input_error(what, folder, f"mixed {kind} run folder: {change} since the run finished "
                           "(files from different runs?); train it again or restore the folder")
     return manifest
 
 
-def check_inputs(source: str, recorded: dict, current: dict, allowed: dict | None = None) -> None:
+def _resume_and_overwrite() -> LetterError:
+    return LetterError("resume and overwrite exclude each other: continue the run or replace it", "resume", "overwrite")
+
+
+def check_inputs(source: str, recorded: dict, current: dict, allowed: dict | None = None,
+                 names: tuple[str, ...] = ()) -> None:
     """Refuse when an input differs from the one `source` recorded: `current` maps an input name to
-    (its hash, how the user named it); `allowed` maps input names to the flag that overrides."""
+    (its hash, how the user named it: words, or (argument, value) as in input_error); `allowed`
+    maps input names to True or to the argument that overrides (named in the message). `names`:
+    arguments `source` names (see LetterError)."""
     allowed = allowed or {}
     for name, (digest, shown) in current.items():
         old = recorded.get(name)
@@ -105,10 +112,11 @@ def check_inputs(source: str, recorded: dict, current: dict, allowed: dict | Non
             continue
         if allowed.get(name) is True:
             continue
-        flag = allowed.get(name)
-        hint = f"; pass {flag} to use it anyway" if isinstance(flag, str) else ""
-        raise LetterError(f"{shown}: not the {name} {source} was made from (its content differs from the one "
-                          f"recorded){hint}")
+        override = allowed.get(name)
+        hint = f"; pass {override} to use it anyway" if isinstance(override, str) else ""
+        problem = f"not the {name} {source} was made from (its content differs from the one recorded){hint}"
+        what, value = shown if isinstance(shown, tuple) else ("", shown)
+        raise input_error(what, value, problem, *names, *([override] if isinstance(override, str) else []))
 
 
 def run_kind(folder: str) -> str | None:
@@ -125,29 +133,30 @@ def run_kind(folder: str) -> str | None:
 
 
 def prepare_run_folder(folder: str, kind: str, *, resume: bool = False, overwrite: bool = False,
-                       checkpoint: str | None = None, main: bool = True, what: str = "--out") -> None:
+                       checkpoint: str | None = None, main: bool = True, what: str = "out_dir") -> None:
     """Check `folder` before a `kind` run writes anything. Refused: a folder holding another kind of
     run (or run files this version did not write); a `kind` run (finished, or with its
     `checkpoint`) without resume or overwrite; resume and overwrite together. overwrite: the
     earlier run is removed (its manifest first). `main`: False on the other processes of a
-    torchrun, which only check. The trainer calls `mark_started` when it first writes."""
+    torchrun, which only check. The trainer calls `mark_started` when it first writes. `what`:
+    the argument naming the folder in messages (see input_error)."""
     if resume and overwrite:
-        raise LetterError("--resume and --overwrite exclude each other: continue the run or replace it")
+        raise _resume_and_overwrite()
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise LetterError(f"{what} {folder}: not a folder")
+        raise input_error(what, folder, "not a folder")
     datasets = held_datasets(folder)
     if datasets:
-        raise LetterError(f"{what} {folder}: holds the dataset {datasets[0]}, not a {kind} run; choose another folder")
+        raise input_error(what, folder, f"holds the dataset {datasets[0]}, not a {kind} run; choose another folder")
     found = run_kind(folder) if os.path.isdir(folder) else None
     if found is not None and found != kind:
         held = "files of a run this version did not write" if found == "unknown" else f"a {found} run"
-        raise LetterError(f"{what} {folder}: holds {held}, not a {kind} run; choose another folder")
+        raise input_error(what, folder, f"holds {held}, not a {kind} run; choose another folder")
     finished = os.path.isfile(os.path.join(folder, MANIFEST))
     started = checkpoint is not None and os.path.isfile(os.path.join(folder, checkpoint))
     if found == kind and (finished or started) and not (resume or overwrite):
         state = "a finished" if finished else "an unfinished"
-        raise LetterError(f"{what} {folder}: already holds {state} {kind} run; pass --resume to continue it, --overwrite "
-                          "to replace it, or choose another folder")
+        raise input_error(what, folder, f"already holds {state} {kind} run; pass resume to continue it, overwrite "
+                          "to replace it, or choose another folder", "resume", "overwrite")
     if main and found == kind and overwrite:
         if finished:
             os.remove(os.path.join(folder, MANIFEST))  # first: an interrupted removal leaves an unfinished run
@@ -155,27 +164,29 @@ def prepare_run_folder(folder: str, kind: str, *, resume: bool = False, overwrit
 
 
 def prepare_output_files(paths: list[str], kind: str, *, resume: bool | None = None, overwrite: bool = False,
-                         what: str = "--out") -> None:
+                         what: str = "out_dir", what_names: tuple[str, ...] = ()) -> None:
     """Check the files a `kind` command that writes single files is about to write (`paths`, its sidecar
     manifest last). Any of them already there is refused unless overwrite (they are removed, the
     manifest first, so an interrupted removal leaves nothing finished-looking) or resume (continue:
-    the caller's checkpoint; None: the command cannot resume). `what`: the option choosing the place."""
+    the caller's checkpoint; None: the command cannot resume). `what`: the argument choosing the
+    place (see input_error), or words naming the arguments `what_names`, e.g. "tag or out_dir"."""
     if resume and overwrite:
-        raise LetterError("--resume and --overwrite exclude each other: continue the run or replace it")
+        raise _resume_and_overwrite()
+    names = what_names or ((what,) if what.isidentifier() else ())
     for folder in sorted({os.path.dirname(os.path.abspath(path)) for path in paths}):
         found = run_kind(folder) if os.path.isdir(folder) else None
         if found is not None:
             held = "files of a run" if found == "unknown" else f"a {found} run folder"
-            raise LetterError(f"{what} {folder}: {held}; write the {kind} output elsewhere")
+            raise LetterError(f"{what} {folder}: {held}; write the {kind} output elsewhere", *names)
     for path in paths:
         if os.path.exists(path) and not os.path.isfile(path):
-            raise LetterError(f"{path}: a folder where the {kind} output file goes; choose another {what}")
+            raise LetterError(f"{path}: a folder where the {kind} output file goes; choose another {what}", *names)
     present = [path for path in paths if os.path.isfile(path)]
     if present and not (resume or overwrite):
         state = "a finished" if os.path.isfile(paths[-1]) else "an unfinished (or another tool's)"
-        options = "--resume to continue its run, --overwrite" if resume is not None else "--overwrite"
+        options = "resume to continue its run, overwrite" if resume is not None else "overwrite"
         raise LetterError(f"{present[0]}: {state} {kind} output is already there; pass {options} to replace it, "
-                          f"or choose another {what}")
+                          f"or choose another {what}", *names, "resume", "overwrite")
     if overwrite:
         for path in reversed(present):
             os.remove(path)
@@ -196,29 +207,30 @@ def mark_started(folder: str, kind: str) -> None:
         write_json(os.path.join(folder, STARTED), {"kind": kind, "started_at": time.time()})
 
 
-def check_not_input(out: str, inputs: dict[str, str | None], what: str = "--out") -> None:
-    """Refuse an output file that is one of the command's inputs (`inputs`: option -> path) or the
-    sidecar manifest of an input .npy."""
+def check_not_input(out: str, inputs: dict[str, str | None], what: str = "out") -> None:
+    """Refuse an output file that is one of the command's inputs (`inputs`: argument -> path) or the
+    sidecar manifest of an input .npy. `what`: the argument naming the output (see input_error)."""
     target = os.path.realpath(out)
-    for option, path in inputs.items():
+    for argument, path in inputs.items():
         if path is None:
             continue
         real = os.path.realpath(path)
         if target == real:
-            raise LetterError(f"{what} {out}: is the command's input {option} {path}; choose another file")
+            raise input_error(what, out, f"is the command's input {argument} {path}; choose another file", argument)
         if real.endswith(".npy") and target == os.path.realpath(sidecar_path(real)) and os.path.isfile(target):
-            raise LetterError(f"{what} {out}: is the record of the command's input {option} {path}; choose another file")
+            raise input_error(what, out, f"is the record of the command's input {argument} {path}; choose another "
+                              "file", argument)
 
 
-def check_output_path(out: str, inputs: dict[str, str | None], what: str = "--out") -> None:
-    """Refuse an output file that is one of the command's inputs (`inputs`: option -> path) or the
+def check_output_path(out: str, inputs: dict[str, str | None], what: str = "out") -> None:
+    """Refuse an output file that is one of the command's inputs (`inputs`: argument -> path) or the
     sidecar manifest of one, a file of any run folder (a recorded output, or a name its layout
     uses), or a dataset's file. A new file of another name inside a run folder (e.g.
     RUN/test-metrics.json) is allowed."""
     check_not_input(out, inputs, what)
     target = os.path.realpath(out)
     if os.path.basename(target).endswith((INTER_SUFFIX, ITEM_SUFFIX)) and os.path.exists(target):
-        raise LetterError(f"{what} {out}: a dataset's file; choose another file")
+        raise input_error(what, out, "a dataset's file; choose another file")
     folder = os.path.dirname(target)
     while folder != os.path.dirname(folder):  # the innermost run folder holding the target, if any
         kind = run_kind(folder) if os.path.isdir(folder) else None
@@ -227,9 +239,11 @@ def check_output_path(out: str, inputs: dict[str, str | None], what: str = "--ou
             manifest = read_json_if_valid(os.path.join(folder, MANIFEST)) or {}
             recorded = manifest.get("outputs") if isinstance(manifest.get("outputs"), dict) else {}
             if rel in recorded or rel.split(os.sep)[0] in reserved_names() | set(RUN_FILES):
-                named = next((f"{option} {path}" for option, path in inputs.items()
-                              if path is not None and os.path.realpath(path) == folder), folder)
-                raise LetterError(f"{what} {out}: a file of the run folder {named}; write elsewhere")
+                argument = next((argument for argument, path in inputs.items()
+                                 if path is not None and os.path.realpath(path) == folder), None)
+                named = f"{argument} {inputs[argument]}" if argument else folder
+                raise input_error(what, out, f"a file of the run folder {named}; write elsewhere",
+                                  *([argument] if argument else []))
             return
         folder = os.path.dirname(folder)
 

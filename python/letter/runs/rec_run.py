@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 
-from letter.errors import LetterError
+from letter.errors import input_error
 
 from .files import read_json, resolve
 from .layout import RecRun, TokenizerRun
 from .manifest import check_inputs, check_manifest
 
-OTHER_DATA_FLAG = "--allow-other-data"
+OTHER_DATA = "allow_other_data"  # the argument that accepts another dataset
 
 
 def _tokenizer_hint(folder: str) -> str:
@@ -19,32 +19,33 @@ def _tokenizer_hint(folder: str) -> str:
 
 
 def read_rec_run_info(run_dir: str) -> dict:
-    """run.json of a train-rec run folder, checked (one LetterError per problem)."""
+    """run.json of a train-rec run folder, checked (one LetterError per problem, naming run_dir)."""
     if not os.path.isdir(run_dir):
-        raise LetterError(f"--model {run_dir}: not a train-rec run folder (no such folder)")
+        raise input_error("run_dir", run_dir, "not a train-rec run folder (no such folder)")
     path = os.path.join(run_dir, RecRun.INFO)
     if not os.path.exists(path):
-        raise LetterError(f"--model {run_dir}: not a train-rec run folder (missing {RecRun.INFO}){_tokenizer_hint(run_dir)}")
+        raise input_error("run_dir", run_dir,
+                          f"not a train-rec run folder (missing {RecRun.INFO}){_tokenizer_hint(run_dir)}")
     info = read_json(path, "train-rec settings")
     if not isinstance(info.get("config"), dict):
-        raise LetterError(f"{path}: corrupt or truncated (no 'config' mapping)")
+        raise input_error("", path, "corrupt or truncated (no 'config' mapping)")
     return info
 
 
 def check_rec_run(run_dir: str, info: dict, data=None) -> tuple[str, dict]:
     """After its files were read: refuse an unfinished or mixed train-rec run folder; returns the
     dataset path to use (`data`, else the one run.json records, see recorded_data) and the manifest."""
-    manifest = check_manifest(run_dir, RecRun.kind, "--model")
+    manifest = check_manifest(run_dir, RecRun.kind, "run_dir")
     return (data if data is not None else recorded_data(info, run_dir)), manifest
 
 
 def check_rec_dataset(run_dir: str, manifest: dict, dataset, path: str, given: bool,
                       allow_other_data: bool = False) -> None:
-    """Refuse a dataset (read from `path`; `given`: by --data, else the run's recorded one) whose
-    content is not the one the run was trained on, unless allow_other_data."""
-    shown = f"--data {path}" if given else f"the dataset {path}"
-    check_inputs(f"--model {run_dir}", manifest["inputs"], {"dataset": (dataset.fingerprint(), shown)},
-                 {"dataset": True if allow_other_data else OTHER_DATA_FLAG})
+    """Refuse a dataset (read from `path`; `given`: by the argument data, else the run's recorded
+    one) whose content is not the one the run was trained on, unless allow_other_data."""
+    shown = ("data", path) if given else ("the dataset", path)
+    check_inputs(f"run_dir {run_dir}", manifest["inputs"], {"dataset": (dataset.fingerprint(), shown)},
+                 {"dataset": True if allow_other_data else OTHER_DATA}, names=("run_dir",))
 
 
 def recorded_data(info: dict, run_dir: str) -> str:
@@ -59,4 +60,4 @@ def recorded_data(info: dict, run_dir: str) -> str:
         if os.path.exists(path):
             return path
     shown = info.get("data", "<none recorded>")
-    raise LetterError(f"--model {run_dir}: its dataset {shown} is gone (was the run moved?); pass --data PATH")
+    raise input_error("run_dir", run_dir, f"its dataset {shown} is gone (was the run moved?); pass data PATH", "data")

@@ -102,8 +102,9 @@ class Tokenizer:
         return resolved[len(self.catalog_codes):]
 
 
-def check_tokenizer_run(run_dir: str, what: str = "--tokenizer") -> dict:
-    """The manifest of a finished tokenizer run whose files are the ones it wrote, else LetterError."""
+def check_tokenizer_run(run_dir: str, what: str = "tokenizer") -> dict:
+    """The manifest of a finished tokenizer run whose files are the ones it wrote, else LetterError
+    (naming the run folder by the argument `what`, see input_error)."""
     return check_manifest(run_dir, TokenizerRun.kind, what)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from letter.data import write_index_json
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter import runs
 from letter.training import (BatchShare, DistContext, FitPlan, FitRun, RandomStreams, Trainable, Validation, batch_order,
                              content_hash, distributed, fit, seed_everything, shard, validation_epochs)
@@ -39,7 +39,7 @@ def _check_inputs(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | No
                 "cf_projection (a learned linear map e_dim -> CF dim)"
             )
     elif config.alpha > 0:
-        raise LetterError("alpha > 0 needs CF embeddings (pass cf_emb / --cf-emb, or set alpha 0)")
+        raise SettingError("alpha", "> 0 needs CF embeddings (give cf_emb, or set alpha 0)", "cf_emb")
     space = math.prod(config.codebook_sizes)
     if config.unique and space < num_items:
         raise LetterError(
@@ -107,7 +107,7 @@ def train_tokenizer(
         item_labels: optional [I] ints (e.g. latent categories); the report then gives the purity
             of level-1 codes w.r.t. them.
         made_from: content hashes of further inputs the manifest records, e.g. {"items": the
-            dataset's items_fingerprint()} (train-rec --index then refuses a dataset of other items;
+            dataset's items_fingerprint()} (train_rec on these codes then refuses a dataset of other items;
             a resume, other hashes).
     Bad input raises LetterError before any training. Under torchrun the batches are split over
     the processes (gradients averaged); rank 0 writes the outputs.
