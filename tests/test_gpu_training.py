@@ -1,4 +1,4 @@
-"""Every trainer and the pipeline on CUDA (skipped without a GPU): tiny runs that prove the device
+"""Every trainer, the pipeline and the server on CUDA (skipped without a GPU): tiny runs that prove the device
 paths (generators, new tensors, process-group backend) work end to end. tools/gpu_check.sh runs
 these with the op tests and benchmarks on a lent GPU machine."""
 import json
@@ -56,16 +56,47 @@ def test_sinkhorn_on_cuda():
         assert (chosen >= spec.amax(1) - 1e-12 * 2 / eps).all()
 
 
-def test_tiger_on_cuda(synth, tmp_path):
+@pytest.fixture(scope="module")
+def cuda_tiger(synth, tmp_path_factory):
+    """(run folder, summary) of a tiny TIGER trained on the GPU."""
+    root = tmp_path_factory.mktemp("cuda-tiger")
     codes = np.stack([np.arange(synth.num_items) % 10, np.arange(synth.num_items) // 10], 1)
-    data = str(tmp_path / "data")
+    data = str(root / "data")
     write_letter(synth, data)
     cfg = RecConfig(d_model=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16, d_ff=64, epochs=2,
                     batch_size=64, valid_users=50, device="cuda", bucket_by_length=True)
-    summary = train_rec(cfg, data, codes, str(tmp_path / "rec"))
+    return str(root / "rec"), train_rec(cfg, data, codes, str(root / "rec"))
+
+
+def test_tiger_on_cuda(cuda_tiger):
+    run, summary = cuda_tiger
     assert summary["finished"]
-    result = evaluate(str(tmp_path / "rec"), "test", device="cuda")
+    result = evaluate(run, "test", device="cuda")
     assert result["device"].startswith("cuda") and 0 <= result["metrics"]["ndcg@10"] <= 1
+
+
+def test_serve_on_cuda(cuda_tiger, synth):
+    """`letter serve --device cuda`: a real server answers concurrent requests with the lists
+    letter.rec.recommend gives on the GPU (scores within float noise: cuBLAS may pick other kernels
+    for other batch sizes) and never returns a history item."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from test_serve import _post_concurrently
+
+    from letter.rec.recommend import recommend
+    from letter.serve.process import get_json, running_server
+
+    run, _ = cuda_tiger
+    histories = [[synth.item_ids[i] for i in seq[:-1]] for seq in synth.sequences[:12]]
+    expected = [recommend(run, h, k=5, device="cuda", exclude_history=True) for h in histories]
+    with running_server(run, "--device", "cuda", "--max-batch", "8", "--max-delay-ms", "5", start_timeout=60) as url:
+        assert get_json(url + "/healthz")[0] == 200
+        answers = _post_concurrently(url, "/recommend", [{"history": h, "k": 5} for h in histories], concurrency=6)
+    for history, want, (status, body) in zip(histories, expected, answers):
+        assert status == 200, body
+        got = body["items"]
+        assert not {i["item_id"] for i in got} & set(history)
+        assert [i["score"] for i in got] == pytest.approx([i["score"] for i in want], abs=1e-4)
 
 
 def test_pipeline_on_cuda(tmp_path, tiny_config):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a lent GPU machine (no internet; torch+CUDA, triton, nvcc installed there).
 # Builds with CUDA, runs the kernel tests on the GPU (CUDA and compiled Triton vs the reference),
-# every trainer and the pipeline on CUDA (tests/test_gpu_training.py), compute-sanitizer on one small
+# every trainer, the pipeline and `letter serve` on CUDA (tests/test_gpu_training.py), compute-sanitizer on one small
 # case per op, and the kernel benchmarks (dot_product_cross_entropy: eager vs the Triton tile path vs
 # the chunked cuBLAS path, up to the LLaMA-7B head in bf16 and fp32). Results go to ${OUT:-gpu_results}/.
 # Usage (device tool): bash tools/gpu_check.sh      Budget: under 8 minutes (each step has a timeout).
@@ -25,7 +25,7 @@ echo "== op tests on the GPU"
 timeout 110 python3 -m pytest -q -x -p no:cacheprovider tests/test_residual_quantize.py \
   tests/test_dot_product_cross_entropy.py tests/test_constrained_beam_step.py tests/test_decoding.py 2>&1 \
   | tee "$OUT/op_tests.txt" | tail -15
-echo "== every trainer and the pipeline with --device cuda"
+echo "== every trainer, the pipeline and the server with --device cuda"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_training.txt" | tail -15
 echo "== compute-sanitizer (one small case per op)"
 if command -v compute-sanitizer >/dev/null; then
