@@ -234,6 +234,8 @@ CASES = [
     ("data synth", "min > max", none, ["data", "synth", "{case}/out", "--min-length", "9", "--max-length", "4"],
      1, "--min-length: data.synthetic: min_length <= max_length is required, got 9 and 4"),
     ("data synth", "users not a number", none, ["data", "synth", "{case}/out", "--users", "many"], 2, "--users"),
+    ("data synth", "into a train-rec run", copy("rec"), ["data", "synth", "{case}/rec"], 1,
+     "a train-rec run folder; write the dataset output elsewhere"),
     # data synth-catalog
     ("data synth-catalog", "items below 1000", none, ["data", "synth-catalog", "{case}/out", "--items", "10"], 2,
      "--items"),

@@ -91,26 +91,20 @@ def prepare_dataset_output(out_dir: str, name: str, *, overwrite: bool = False, 
     record last): refuse a folder holding a run or another dataset (a LETTER folder holds one), an
     output that is one of the command's `inputs` (argument -> list of paths), and that dataset's
     files already there unless overwrite (then they are removed)."""
-    from letter.runs import check_file_name, check_not_input, held_datasets, prepare_output_files, run_kind
+    from letter.runs import check_file_name, check_not_input, held_datasets, prepare_output_files
 
     check_file_name(name, "name")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise LetterError(f"{out_dir}: not a folder")
-    if os.path.isdir(out_dir):
-        found = run_kind(out_dir)
-        if found is not None:
-            held = "files of a run" if found == "unknown" else f"a {found} run"
-            raise LetterError(f"{out_dir}: holds {held}, not a dataset; choose another folder")
-        others = [found for found in held_datasets(out_dir) if found != name + INTER_SUFFIX]
-        if others:
-            raise LetterError(f"{out_dir}: holds another dataset ({others[0]}; a dataset folder holds one); "
-                              "choose another folder")
+    others = [found for found in held_datasets(out_dir) if found != name + INTER_SUFFIX]
+    if others:
+        raise LetterError(f"{out_dir}: holds another dataset ({others[0]}; a dataset folder holds one); "
+                          "choose another folder")
     files = [os.path.join(out_dir, n) for n in (name + INTER_SUFFIX, name + ITEM_SUFFIX, *extra)]
-    for option, paths in (inputs or {}).items():
-        for path in paths:
-            for file in files:
-                check_not_input(file, {option: path}, what="output")
-    prepare_output_files(files, kind, overwrite=overwrite, what="output folder")
+    for option, path in ((option, path) for option, paths in (inputs or {}).items() for path in paths):
+        for file in files:
+            check_not_input(file, {option: path}, what="output")
+    prepare_output_files(files, kind, overwrite=overwrite, what="output folder")  # also refuses a run folder
 
 
 # ---------------------------------------------------------------- P5
