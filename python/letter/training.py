@@ -542,11 +542,12 @@ def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStream
         while run.epoch < plan.epochs and not run.stopping.should_stop:
             epoch = run.epoch + 1
             within, run.within_epoch = run.within_epoch, None
-            epoch_rng = within["epoch_rng"] if within else rng.state()
             if within:  # replay the epoch's draws of batches, then continue from the saved state
-                now_rng = rng.state()
+                epoch_rng, now_rng = within["epoch_rng"], rng.state()
                 rng.restore(epoch_rng)
                 wall_before = within["wall_s"]
+            else:  # the state a checkpoint inside this epoch needs (only taken when there can be one)
+                epoch_rng = rng.state() if plan.checkpoint_minutes is not None else None
             trainable.start_epoch(epoch)
             batches = list(trainable.batches(epoch))
             sums: dict[str, torch.Tensor] = {}
