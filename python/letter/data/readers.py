@@ -101,9 +101,10 @@ def prepare_dataset_output(out_dir: str, name: str, *, overwrite: bool = False, 
         raise LetterError(f"{out_dir}: holds another dataset ({others[0]}; a dataset folder holds one); "
                           "choose another folder")
     files = [os.path.join(out_dir, n) for n in (name + INTER_SUFFIX, name + ITEM_SUFFIX, *extra)]
-    for option, path in ((option, path) for option, paths in (inputs or {}).items() for path in paths):
-        for file in files:
-            check_not_input(file, {option: path}, what="output")
+    for option, paths in (inputs or {}).items():
+        for path in paths:
+            for file in files:
+                check_not_input(file, {option: path}, what="output")
     prepare_output_files(files, kind, overwrite=overwrite, what="output folder")  # also refuses a run folder
 
 
