@@ -317,3 +317,41 @@ def test_clients_that_disconnect_cost_the_others_nothing(server, synth):
     assert [s for s, _ in after] == [200] * 4
     assert [_ids(b["items"]) for _, b in after] == [_ids(b["items"]) for _, b in before]
     assert _raw(server, "GET", "/healthz")[0] == 200
+
+
+def test_bench_serve_measures_every_level_both_servers_and_the_ceiling(trained, tmp_path):
+    """`letter bench serve` (bounded): every request of every level answered by both servers, the
+    batched one really batching and the other never, summary ratios computed from the levels, and
+    the in-process ceiling a ratio of the times it records."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    out, _ = trained
+    report = tmp_path / "serve.json"
+    result = CliRunner().invoke(cli, ["bench", "serve", "--model", out, "--requests", "12", "--concurrency", "1,4",
+                                      "--max-batch", "4", "--max-delay-ms", "20", "--out", str(report)])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(report.read_text())
+    assert bench["machine"]["cpu"] and bench["machine"]["server_torch_threads"] == 1
+    by_name = {s["name"]: s for s in bench["servers"]}
+    assert {n: s["max_batch"] for n, s in by_name.items()} == {"batched": 4, "unbatched": 1}
+    for server in by_name.values():
+        assert [(lv["exclude_history"], lv["concurrency"]) for lv in server["levels"]] == [
+            (False, 1), (False, 4), (True, 1), (True, 4)]
+        assert all(lv["ok"] == 12 and lv["errors"] == 0 for lv in server["levels"])
+        assert server["server_stats"]["requests"] == 2 * (12 + 2 * 12)  # per exclusion: warm-up + 2 levels
+    assert by_name["unbatched"]["server_stats"]["largest_batch"] == 1
+    assert 1 < by_name["batched"]["server_stats"]["largest_batch"] <= 4
+    summary = bench["summary"]
+    assert summary["errors"] == 0
+    levels = {(s["name"], lv["exclude_history"], lv["concurrency"]): lv["requests_per_s"]
+              for s in bench["servers"] for lv in s["levels"]}
+    for key, (exclude, c) in {"c1": (False, 1), "c4": (False, 4), "c1_exclude_history": (True, 1),
+                              "c4_exclude_history": (True, 4)}.items():
+        expected = levels[("batched", exclude, c)] / levels[("unbatched", exclude, c)]
+        assert summary["speedup_batched_over_unbatched"][key] == pytest.approx(expected, rel=0.01)
+    ceiling = bench["in_process_ceiling"]
+    assert set(ceiling) == {"plain", "exclude_history"}
+    for setting, row in ceiling.items():
+        assert row["users"] == 4 and row["singles_ms"] > 0 and row["batch_ms"] > 0
+        assert row["ceiling_x"] == pytest.approx(row["singles_ms"] / row["batch_ms"], rel=0.01)
+        assert summary["in_process_ceiling"][setting] == row["ceiling_x"]

@@ -6,7 +6,10 @@ fixed number of POST /recommend requests is sent by that many concurrent keep-al
 sends its next request when the previous one is answered), and the level ends when all are
 answered or its time limit passes. Histories are the dataset's test histories (a seeded sample).
 Per level: requests/s, p50/p95/p99 latency, errors (non-200 answers, failed connections, and
-requests left unanswered at the time limit).
+requests left unanswered at the time limit). Before the servers start, the same run is loaded in
+this process to measure the ceiling of batching: N single-user searches one after another against
+one search of N users (N = the batched server's --max-batch, the server's thread count, no HTTP),
+which bounds what any server's batching can gain on this machine.
 """
 from __future__ import annotations
 
@@ -21,14 +24,14 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from letter_ext.bench.common import cpu_model
+from letter_ext.bench.common import cpu_model, interleaved_medians
 
 from letter.data import load_dataset
+from letter.rec.recommend import Query, RunRecommender
 from letter.runs import check_rec_run, read_rec_run_info, write_json
 from letter.serve.process import Connection, get_json, running_server
 
 CONCURRENCY = (1, 8, 32, 128)
-
 
 
 def sample_histories(run_dir: str, count: int, seed: int = 0) -> list[list[str]]:
@@ -82,6 +85,30 @@ async def load_level(url: str, payloads: list[dict], concurrency: int, time_limi
             "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "mean_ms": round(float(ms.mean()), 2) if ms.size else None}
 
 
+def batching_ceiling(run_dir: str, histories: list[list[str]], *, batch: int, k: int, threads: int,
+                     repeat: int = 7) -> dict:
+    """In process, per exclusion setting: seconds of `batch` single-user searches one after another
+    (what a server without batching does) and of one search of the same `batch` users, as
+    interleaved medians; `ceiling_x` = their ratio, the most batching can gain here."""
+    run = RunRecommender(run_dir)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = {}
+        for exclude in (False, True):
+            queries = [Query(tuple(run.positions(h)), k, exclude) for h in histories[:batch]]
+            times = interleaved_medians({
+                "singles": lambda: [run.recommend([q]) for q in queries],
+                "batch": lambda: run.recommend(queries),
+            }, torch.device("cpu"), repeat=repeat)
+            out["exclude_history" if exclude else "plain"] = {
+                "users": len(queries), "singles_ms": round(times["singles"] * 1e3, 2),
+                "batch_ms": round(times["batch"] * 1e3, 2), "ceiling_x": round(times["singles"] / times["batch"], 2)}
+        return out
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 def run_serve_bench(run_dir: str, *, out: str | None = None, requests: int = 256, concurrency=CONCURRENCY,
                     batched_max_batch: int = 32, max_delay_ms: float = 2.0, k: int = 10, threads: int = 1,
                     level_time_limit_s: float = 120.0, warmup: int = 16, seed: int = 0, label: str | None = None,
@@ -101,6 +128,10 @@ def run_serve_bench(run_dir: str, *, out: str | None = None, requests: int = 256
                      "histories": "test-split histories of the run's dataset, seeded sample", "seed": seed},
         "servers": [],
     }
+    log(f"== in-process ceiling of batching ({batched_max_batch} single searches / one batch of {batched_max_batch})")
+    result["in_process_ceiling"] = batching_ceiling(run_dir, histories, batch=batched_max_batch, k=k, threads=threads)
+    for setting, row in result["in_process_ceiling"].items():
+        log(f"  {setting:15} singles {row['singles_ms']} ms  batch {row['batch_ms']} ms  ceiling {row['ceiling_x']}x")
     for name, max_batch in (("batched", batched_max_batch), ("unbatched", 1)):
         args = ["--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
         log(f"== server {name} (--max-batch {max_batch})")
@@ -129,8 +160,9 @@ def run_serve_bench(run_dir: str, *, out: str | None = None, requests: int = 256
 
 
 def summarize(result: dict) -> dict:
-    """The targets' numbers: batched / unbatched throughput per concurrency, p99 at concurrency 1,
-    total errors, and the cost of exclusion (requests/s with it / without it)."""
+    """The targets' numbers: batched / unbatched throughput per concurrency, the in-process ceiling
+    of that ratio, p99 at concurrency 1, total errors, and the cost of exclusion (requests/s with it
+    / without it)."""
     levels = {(s["name"], lv["exclude_history"], lv["concurrency"]): lv for s in result["servers"] for lv in s["levels"]}
     out = {"errors": sum(lv["errors"] for lv in levels.values()), "speedup_batched_over_unbatched": {},
            "exclusion_throughput_ratio": {}}
@@ -144,6 +176,7 @@ def summarize(result: dict) -> dict:
             plain = levels.get((name, False, c))
             if plain and plain["requests_per_s"]:
                 out["exclusion_throughput_ratio"][f"{name}_c{c}"] = round(lv["requests_per_s"] / plain["requests_per_s"], 3)
+    out["in_process_ceiling"] = {setting: row["ceiling_x"] for setting, row in result["in_process_ceiling"].items()}
     single = levels.get(("batched", False, 1))
     out["p99_ms_concurrency1_batched"] = single["p99_ms"] if single else None
     return out
