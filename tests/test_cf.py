@@ -42,6 +42,18 @@ def test_model_is_causal():
     assert not torch.isnan(padded).any()
 
 
+def test_every_epoch_records_the_arithmetic_it_ran_in(tmp_path):
+    """history names each epoch's precision; bf16 really changes the arithmetic (another loss)."""
+    ds = make_synthetic(num_users=120, num_items=60, num_categories=4, seed=1)
+    runs = {p: train_cf(ds, str(tmp_path / p), CFConfig(dim=16, max_len=10, epochs=2, precision=p), log=_quiet)
+            for p in ("fp32", "bf16")}
+    assert [r["precision"] for r in runs["fp32"]["history"]] == ["float32"] * 2
+    assert [r["precision"] for r in runs["bf16"]["history"]] == ["bf16-autocast"] * 2
+    assert runs["bf16"]["history"][0]["loss"] != runs["fp32"]["history"][0]["loss"]
+    lightgcn = train_cf(ds, str(tmp_path / "lightgcn"), CFConfig(**{**LIGHTGCN, "epochs": 1}), log=_quiet)
+    assert [r["precision"] for r in lightgcn["history"]] == ["float32"]
+
+
 @pytest.mark.parametrize("loss", [dict(loss="ce"), dict(loss="sampled", negatives=32)])
 def test_sasrec_learns_on_synthetic_and_exports(tmp_path, loss):
     ds = make_synthetic(num_users=400, num_items=160, num_categories=8, seed=1)

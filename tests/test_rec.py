@@ -218,6 +218,18 @@ def test_a_validation_sample_prints_and_stores_its_standard_error(synth, tmp_pat
     assert printed.count("valid_ndcg@10_se=") == 2 and "valid_s=" in printed
 
 
+def test_every_epoch_records_the_arithmetic_it_ran_in(synth, tmp_path):
+    """history names each epoch's precision; bf16 really changes the arithmetic (another loss)."""
+    folder, codes_path, _, _ = synth
+    runs = {p: train_rec(small_config(epochs=2, precision=p), folder, codes_path, str(tmp_path / p))
+            for p in ("fp32", "bf16")}
+    history = {p: json.load(open(os.path.join(str(tmp_path / p), "history.json"))) for p in runs}
+    assert [r["precision"] for r in history["fp32"]] == ["float32"] * 2
+    assert [r["precision"] for r in history["bf16"]] == ["bf16-autocast"] * 2
+    assert runs["bf16"]["last"]["precision"] == "bf16-autocast"
+    assert history["bf16"][0]["train_loss"] != history["fp32"][0]["train_loss"]
+
+
 # ------------------------------------------------------------------------------ resume and DDP
 
 

@@ -151,6 +151,13 @@ def bf16_autocast(precision: str, device: torch.device, width: int) -> bool:
     return device.type == "cpu" and cpu_has_fast_bf16() and width >= CPU_BF16_MIN_WIDTH
 
 
+def precision_used(use_amp: bool, model: torch.nn.Module) -> str:
+    """The arithmetic an epoch ran in, as every history record names it: 'bf16-autocast', or the
+    weights' dtype ('float32'; 'bfloat16' for an LC-Rec base loaded in bf16). Recorded per epoch:
+    `auto` may resolve differently when a run is resumed on another machine."""
+    return "bf16-autocast" if use_amp else str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device)."""
     random.seed(seed)

@@ -29,7 +29,7 @@ from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
 from letter.runs import cf_output_paths, prepare_output_files, save_npy, sidecar_record, write_json
 from letter.training import (DistContext, FitPlan, RandomStreams, Trainable, Validation, distributed, fit,
-                             seed_everything)
+                             precision_used, seed_everything)
 
 KS = (5, 10)
 
@@ -145,6 +145,7 @@ class CFTrainable(Trainable):
         self.step_module = model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.best_model: dict | None = None
+        self.use_amp = False  # bf16 autocast; a model that supports it sets it from cfg.precision
 
     @classmethod
     def build(cls, dataset: Dataset, split: Split, cfg: CFConfig, ctx: DistContext, rng: RandomStreams) -> "CFTrainable":
@@ -161,7 +162,8 @@ class CFTrainable(Trainable):
 
     def epoch_record(self, epoch: int, sums: dict[str, float], steps: int) -> dict:
         # each process added its share of every step's loss
-        return {"loss": sums.get("loss", 0.0) / self.ctx.world / max(steps, 1)}
+        return {"loss": sums.get("loss", 0.0) / self.ctx.world / max(steps, 1),
+                "precision": precision_used(self.use_amp, self.model)}
 
     def ranking(self, part: str, mask_history: bool | None = None, max_users: int = 0) -> dict[str, float]:
         """Full-ranking metrics of `part`'s users, or of a fixed random sample of max_users of them

@@ -33,8 +33,8 @@ from letter.errors import LetterError
 from letter.runs import (MANIFEST, RecRun, check_manifest, load_npy, mark_started, prepare_run_folder, read_json, save_npy,
                          write_json, write_manifest)
 from letter.training import (DistContext, FitPlan, FitRun, RandomStreams, Trainable, Validation,
-                             batch_order, bf16_autocast, distributed, epoch_generator, fit, seed_everything, shard,
-                             validation_epochs, warmup_cosine)
+                             batch_order, bf16_autocast, distributed, epoch_generator, fit, precision_used,
+                             seed_everything, shard, validation_epochs, warmup_cosine)
 
 from .config import RecConfig
 from .data import codes_sha, load_rec_data
@@ -117,7 +117,7 @@ class RecTrainable(Trainable):
 
     def epoch_record(self, epoch: int, sums: dict[str, float], steps: int) -> dict:
         return {"train_loss": sums.get("loss", 0.0) / (self.n_train * self.rec.num_levels),
-                "lr": self.scheduler.get_last_lr()[0]}
+                "lr": self.scheduler.get_last_lr()[0], "precision": precision_used(self.use_amp, self.rm.model)}
 
     def validate(self, epoch: int, record: dict, select: bool) -> Validation | None:
         if not self.ctx.main:
