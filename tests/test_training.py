@@ -377,6 +377,21 @@ def test_fit_resume_rule(tmp_path):
         _fit(tmp_path, 3, resume=True)
 
 
+def test_fit_resume_with_a_patience_already_spent_finishes_the_run(tmp_path):
+    """patience may change on resume: a checkpoint holding 3 bad validations resumed with patience 2
+    ends as the uninterrupted run with patience 2 did (finished, stopped early; the checkpoint says
+    so), instead of returning unfinished without a checkpoint every time it is resumed."""
+    scores = {1: 0.3, 2: 0.1, 3: 0.1, 4: 0.1}
+    straight, _ = _fit(tmp_path / "a", 8, scores=scores, patience=2)
+    assert straight.finished and straight.stopped_early and straight.epoch == 3
+    (tmp_path / "b").mkdir()
+    first, _ = _fit(tmp_path / "b", 8, scores=scores, patience=5, stop_after=4)
+    assert first.epoch == 4 and not first.finished and first.stopping.bad == 3
+    resumed, _ = _fit(tmp_path / "b", 8, scores=scores, patience=2, resume=True)
+    assert resumed.finished and resumed.stopped_early and resumed.epoch == 4
+    assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["finished"]
+
+
 def test_fit_selects_and_stops_early(tmp_path):
     run, line = _fit(tmp_path, 10, scores={1: 0.1, 2: 0.3, 3: 0.2, 4: 0.25}, patience=2)
     assert run.stopped_early and run.epoch == 4 and run.stopping.best_epoch == 2 and line.kept == [1, 2]

@@ -616,6 +616,11 @@ def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStream
                 last_checkpoint = time.time()
             if run.finished or leaving:
                 break
+        else:  # no epoch left: a resume whose patience or epochs end the run where its checkpoint is
+            run.stopped_early = ctx.any(run.stopping.should_stop)
+            if not run.finished:
+                run.finished = True
+                _save(trainable, plan, ctx, rng, run)
     finally:
         trainable.step_module = step_module
     return run
@@ -670,6 +675,7 @@ def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomS
         trainable.scheduler.load_state_dict(ckpt["scheduler"])
     trainable.load_extra_state(ckpt["trainer"])
     run.epoch = run.resumed_from = ckpt["epoch"]
+    run.finished = ckpt["finished"]
     run.history, run.last_validation = ckpt["history"], ckpt["last_validation"]
     run.stopping.load_state_dict(ckpt["stopping"])
     within = ckpt.get("within_epoch")  # absent in checkpoints written at epoch ends only
