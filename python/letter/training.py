@@ -533,8 +533,9 @@ def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStream
     one would (inside an epoch: the epoch's batches are drawn again from its saved random state and
     the done ones skipped)."""
     run = FitRun(stopping=EarlyStopping(plan.patience if plan.patience is not None else math.inf, plan.stop_from))
+    checkpoint_finished = False
     if plan.resume:
-        _restore(trainable, plan, ctx, rng, run)
+        checkpoint_finished = _restore(trainable, plan, ctx, rng, run)
     else:
         trainable.initialize()
     step_module = trainable.step_module
@@ -617,9 +618,8 @@ def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStream
             if run.finished or leaving:
                 break
         else:  # no epoch left: a resume whose patience or epochs end the run where its checkpoint is
-            run.stopped_early = ctx.any(run.stopping.should_stop)
-            if not run.finished:
-                run.finished = True
+            run.finished, run.stopped_early = True, ctx.any(run.stopping.should_stop)
+            if not checkpoint_finished:
                 _save(trainable, plan, ctx, rng, run)
     finally:
         trainable.step_module = step_module
@@ -655,7 +655,8 @@ def _save(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStre
     ctx.barrier()
 
 
-def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStreams, run: FitRun) -> None:
+def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStreams, run: FitRun) -> bool:
+    """Load the checkpoint into `trainable`, `rng` and `run`; whether it holds a finished run."""
     if not os.path.isfile(plan.checkpoint):
         raise LetterError(f"cannot resume: no checkpoint at {plan.checkpoint} (start the run without resuming)")
     ckpt = load_checkpoint(plan.checkpoint)  # on the CPU: random states must stay CPU tensors
@@ -675,7 +676,6 @@ def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomS
         trainable.scheduler.load_state_dict(ckpt["scheduler"])
     trainable.load_extra_state(ckpt["trainer"])
     run.epoch = run.resumed_from = ckpt["epoch"]
-    run.finished = ckpt["finished"]
     run.history, run.last_validation = ckpt["history"], ckpt["last_validation"]
     run.stopping.load_state_dict(ckpt["stopping"])
     within = ckpt.get("within_epoch")  # absent in checkpoints written at epoch ends only
@@ -700,3 +700,4 @@ def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomS
     if ctx.main:
         inside = f", step {run.within_epoch['steps']} of epoch {run.epoch + 1}" if run.within_epoch else ""
         plan.log(f"resumed from {plan.checkpoint} after epoch {run.epoch}{inside}")
+    return ckpt["finished"]
