@@ -477,7 +477,9 @@ class FitPlan:
     patience: stop after this many validations without a better one (None: never stop early),
     not before `stop_from` (an epoch). stop_after: leave after this many epochs of this call.
     checkpoint_minutes: also checkpoint inside an epoch once this much wall time has passed since the
-    last checkpoint (epochs longer than a session: a killed run loses at most this much work)."""
+    last checkpoint (epochs longer than a session: a killed run loses at most this much work); its
+    resume replays start_epoch and batches on the weights reached inside the epoch, so they must
+    not read the weights (the tokenizer's cluster refresh does)."""
 
     epochs: int
     checkpoint: str
