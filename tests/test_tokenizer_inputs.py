@@ -181,3 +181,10 @@ def test_a_scalar_npy_on_a_cold_split_is_one_error(data, tmp_path):
     with pytest.raises(LetterError, match=r"expected a \[num_items, dim\] matrix, got shape \(\)"):
         prepare_tokenizer_inputs(str(split), TokenizerConfig(method="rqkmeans"), text_emb=str(scalar)).train(
             str(tmp_path / "t"))
+
+
+def test_train_tokenizer_names_the_option_of_a_pca_dim_past_the_input(data, tmp_path):
+    result = CliRunner().invoke(main, ["train-tokenizer", "--data", str(data), "--method", "rqkmeans", "--pca-dim", "99",
+                                       "--codebook-sizes", "4,4", "--out", str(tmp_path / "t")])
+    assert result.exit_code == 1, result.output
+    assert "Error: rqkmeans: --pca-dim must be in [1, 8] (the input dim), got 99" in result.output
