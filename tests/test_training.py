@@ -54,6 +54,21 @@ def test_random_streams_live_on_the_run_device_and_restore_exactly():
     assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(first, again))
 
 
+def test_random_streams_of_a_run_resumed_on_another_kind_of_device():
+    """device may change on resume: a CUDA run's run-device stream (a 16-byte Philox state, as
+    torch.cuda.get_rng_state gives) cannot be set on a CPU generator, so it stays as seeded and is
+    named; streams on a given device (CPU) and the global states are restored."""
+    rng = RandomStreams(torch.device("cpu"))
+    gen, order = rng.generator("codes", 3), rng.generator("order", 4, device="cpu")
+    seeded = gen.get_state()
+    order_state = torch.Generator(device="cpu").manual_seed(99).get_state()
+    philox = torch.zeros(16, dtype=torch.uint8)
+    saved_on_cuda = {**rng.state(), "cuda": philox, "generators": {"codes": philox, "order": order_state}}
+    assert rng.restore(saved_on_cuda) == ["codes"]
+    assert torch.equal(gen.get_state(), seeded) and torch.equal(order.get_state(), order_state)
+    assert rng.restore(rng.state()) == []  # the same kind of device: everything restored
+
+
 @pytest.mark.parametrize("bad", ["cuda:7", "tpu", "not a device"])
 def test_devices_this_torch_lacks_are_clear_errors(bad):
     if bad.startswith("cuda") and torch.cuda.device_count() > 7:

@@ -173,11 +173,14 @@ class RandomStreams:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.generators: dict[str, torch.Generator] = {}
+        self.on_run_device: set[str] = set()  # made on the run's device (not on a device given)
 
     def generator(self, name: str, seed: int, device: torch.device | str | None = None) -> torch.Generator:
         gen = torch.Generator(device=torch.device(device) if device is not None else self.device)
         gen.manual_seed(seed)
         self.generators[name] = gen
+        if device is None:
+            self.on_run_device.add(name)
         return gen
 
     def state(self) -> dict:
@@ -187,15 +190,20 @@ class RandomStreams:
             out["cuda"] = torch.cuda.get_rng_state(self.device)
         return out
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict) -> list[str]:
+        """Set every state `state()` captured; returns the run-device streams left as they are because
+        the state is of another kind of device (a run resumed on the CPU after CUDA, or back: a CUDA
+        generator's state does not fit a CPU one)."""
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
+        moved = ("cuda" in state) != (self.device.type == "cuda")
         for name, gen_state in state["generators"].items():
-            if name in self.generators:
+            if name in self.generators and not (moved and name in self.on_run_device):
                 self.generators[name].set_state(gen_state)
+        return sorted(name for name in state["generators"] if moved and name in self.on_run_device)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -687,7 +695,10 @@ def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomS
                               f"by {len(within['per_rank'])} process(es); resume with as many (now {ctx.world})")
         run.within_epoch = {"steps": within["steps"], "wall_s": within["wall_s"], **within["per_rank"][ctx.rank]}
     if len(ckpt["rng"]) == ctx.world:
-        rng.restore(ckpt["rng"][ctx.rank])
+        reseeded = rng.restore(ckpt["rng"][ctx.rank])
+        if reseeded and ctx.main:
+            plan.log(f"note: checkpoint written on another kind of device: the random stream(s) {', '.join(reseeded)} "
+                     "start again from their seed")
     elif ctx.main:
         plan.log(f"note: checkpoint from {len(ckpt['rng'])} process(es), resuming with {ctx.world}: "
                  "the per-process random streams are reseeded")
