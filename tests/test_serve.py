@@ -347,11 +347,30 @@ def test_bench_serve_measures_every_level_both_servers_and_the_ceiling(trained, 
               for s in bench["servers"] for lv in s["levels"]}
     for key, (exclude, c) in {"c1": (False, 1), "c4": (False, 4), "c1_exclude_history": (True, 1),
                               "c4_exclude_history": (True, 4)}.items():
-        expected = levels[("batched", exclude, c)] / levels[("unbatched", exclude, c)]
-        assert summary["speedup_batched_over_unbatched"][key] == pytest.approx(expected, rel=0.01)
+        # rounded to 2 decimals: at concurrency 1 (batched slower, ~0.24) that is more than 1 % off
+        expected = round(levels[("batched", exclude, c)] / levels[("unbatched", exclude, c)], 2)
+        assert summary["speedup_batched_over_unbatched"][key] == expected
     ceiling = bench["in_process_ceiling"]
     assert set(ceiling) == {"plain", "exclude_history"}
     for setting, row in ceiling.items():
         assert row["users"] == 4 and row["singles_ms"] > 0 and row["batch_ms"] > 0
         assert row["ceiling_x"] == pytest.approx(row["singles_ms"] / row["batch_ms"], rel=0.01)
         assert summary["in_process_ceiling"][setting] == row["ceiling_x"]
+
+
+def test_the_ceiling_of_batching_measures_a_full_batch_with_fewer_sampled_histories(trained):
+    """`letter bench serve --requests 2 --max-batch 4`: the in-process ceiling still times 4 single
+    searches against one batch of 4 (the histories repeat), as its log line and the JSON say."""
+    from letter.bench.serve_load import batching_ceiling, sample_histories
+
+    out, _ = trained
+    ceiling = batching_ceiling(out, sample_histories(out, 2), batch=4, k=5, threads=1, repeat=1)
+    assert {setting: row["users"] for setting, row in ceiling.items()} == {"plain": 4, "exclude_history": 4}
+
+
+def test_a_level_of_no_requests_is_measured_as_empty():
+    """run_serve_bench(warmup=0): the warm-up level has no requests and sends none (no server needed)."""
+    from letter.bench.serve_load import load_level
+
+    level = asyncio.run(load_level("http://127.0.0.1:1", [], 0, 1.0))
+    assert level["requests"] == level["ok"] == level["errors"] == 0 and level["p99_ms"] is None

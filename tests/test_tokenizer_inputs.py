@@ -160,3 +160,31 @@ def test_the_pipeline_stage_prepares_its_inputs_the_same_way(data, tmp_path):
     write_json(sidecar_path(str(data / CF)), sidecar_record(str(data / CF), {"dataset": "another dataset's hash"}))
     with pytest.raises(LetterError, match="not the dataset the CF embedding Synth.cf-test4.npy was made from"):
         _tokenizer(p, str(tmp_path / "run" / "again"))
+
+
+def test_train_tokenizer_names_the_options_of_a_cf_width_mismatch(data, tmp_path):
+    args = ["train-tokenizer", "--data", str(data), "--layers", "16", "--e-dim", "8", "--codebook-sizes", "4,4",
+            "--epochs", "1", "--clusters", "2", "--kmeans-iters", "2", "--batch-size", "64", "--out", str(tmp_path / "t")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "Error: CF embedding dim 4 != --e-dim 8: set --e-dim to 4 or enable --cf-projection" in result.output
+
+
+def test_a_scalar_npy_on_a_cold_split_is_one_error(data, tmp_path):
+    """A 0-d array as embeddings of a cold split: the shape error, not an IndexError from the row count."""
+    from letter.data import load_dataset
+
+    split = tmp_path / "split"
+    write_cold_split(load_dataset(str(data)), str(split), fraction=0.25, seed=3, embeddings=[str(data / TEXT)])
+    scalar = tmp_path / "scalar.npy"
+    np.save(scalar, np.float32(1.0))
+    with pytest.raises(LetterError, match=r"expected a \[num_items, dim\] matrix, got shape \(\)"):
+        prepare_tokenizer_inputs(str(split), TokenizerConfig(method="rqkmeans"), text_emb=str(scalar)).train(
+            str(tmp_path / "t"))
+
+
+def test_train_tokenizer_names_the_option_of_a_pca_dim_past_the_input(data, tmp_path):
+    result = CliRunner().invoke(main, ["train-tokenizer", "--data", str(data), "--method", "rqkmeans", "--pca-dim", "99",
+                                       "--codebook-sizes", "4,4", "--out", str(tmp_path / "t")])
+    assert result.exit_code == 1, result.output
+    assert "Error: rqkmeans: --pca-dim must be in [1, 8] (the input dim), got 99" in result.output

@@ -54,6 +54,21 @@ def test_random_streams_live_on_the_run_device_and_restore_exactly():
     assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(first, again))
 
 
+def test_random_streams_of_a_run_resumed_on_another_kind_of_device():
+    """device may change on resume: a CUDA run's run-device stream (a 16-byte Philox state, as
+    torch.cuda.get_rng_state gives) cannot be set on a CPU generator, so it stays as seeded and is
+    named; streams on a given device (CPU) and the global states are restored."""
+    rng = RandomStreams(torch.device("cpu"))
+    gen, order = rng.generator("codes", 3), rng.generator("order", 4, device="cpu")
+    seeded = gen.get_state()
+    order_state = torch.Generator(device="cpu").manual_seed(99).get_state()
+    philox = torch.zeros(16, dtype=torch.uint8)
+    saved_on_cuda = {**rng.state(), "cuda": philox, "generators": {"codes": philox, "order": order_state}}
+    assert rng.restore(saved_on_cuda) == ["codes"]
+    assert torch.equal(gen.get_state(), seeded) and torch.equal(order.get_state(), order_state)
+    assert rng.restore(rng.state()) == []  # the same kind of device: everything restored
+
+
 @pytest.mark.parametrize("bad", ["cuda:7", "tpu", "not a device"])
 def test_devices_this_torch_lacks_are_clear_errors(bad):
     if bad.startswith("cuda") and torch.cuda.device_count() > 7:
@@ -375,6 +390,21 @@ def test_fit_resume_rule(tmp_path):
     torch.save({"model": {}}, tmp_path / "ckpt.pt")
     with pytest.raises(LetterError, match="not a checkpoint of this LETTER version"):
         _fit(tmp_path, 3, resume=True)
+
+
+def test_fit_resume_with_a_patience_already_spent_finishes_the_run(tmp_path):
+    """patience may change on resume: a checkpoint holding 3 bad validations resumed with patience 2
+    ends as the uninterrupted run with patience 2 did (finished, stopped early; the checkpoint says
+    so), instead of returning unfinished without a checkpoint every time it is resumed."""
+    scores = {1: 0.3, 2: 0.1, 3: 0.1, 4: 0.1}
+    straight, _ = _fit(tmp_path / "a", 8, scores=scores, patience=2)
+    assert straight.finished and straight.stopped_early and straight.epoch == 3
+    (tmp_path / "b").mkdir()
+    first, _ = _fit(tmp_path / "b", 8, scores=scores, patience=5, stop_after=4)
+    assert first.epoch == 4 and not first.finished and first.stopping.bad == 3
+    resumed, _ = _fit(tmp_path / "b", 8, scores=scores, patience=2, resume=True)
+    assert resumed.finished and resumed.stopped_early and resumed.epoch == 4
+    assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["finished"]
 
 
 def test_fit_selects_and_stops_early(tmp_path):

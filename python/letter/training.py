@@ -173,11 +173,14 @@ class RandomStreams:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.generators: dict[str, torch.Generator] = {}
+        self.on_run_device: set[str] = set()  # made on the run's device (not on a device given)
 
     def generator(self, name: str, seed: int, device: torch.device | str | None = None) -> torch.Generator:
         gen = torch.Generator(device=torch.device(device) if device is not None else self.device)
         gen.manual_seed(seed)
         self.generators[name] = gen
+        if device is None:
+            self.on_run_device.add(name)
         return gen
 
     def state(self) -> dict:
@@ -187,15 +190,20 @@ class RandomStreams:
             out["cuda"] = torch.cuda.get_rng_state(self.device)
         return out
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict) -> list[str]:
+        """Set every state `state()` captured; returns the run-device streams left as they are because
+        the state is of another kind of device (a run resumed on the CPU after CUDA, or back: a CUDA
+        generator's state does not fit a CPU one)."""
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
+        moved = ("cuda" in state) != (self.device.type == "cuda")
         for name, gen_state in state["generators"].items():
-            if name in self.generators:
+            if name in self.generators and not (moved and name in self.on_run_device):
                 self.generators[name].set_state(gen_state)
+        return sorted(name for name in state["generators"] if moved and name in self.on_run_device)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -477,7 +485,9 @@ class FitPlan:
     patience: stop after this many validations without a better one (None: never stop early),
     not before `stop_from` (an epoch). stop_after: leave after this many epochs of this call.
     checkpoint_minutes: also checkpoint inside an epoch once this much wall time has passed since the
-    last checkpoint (epochs longer than a session: a killed run loses at most this much work)."""
+    last checkpoint (epochs longer than a session: a killed run loses at most this much work); its
+    resume replays start_epoch and batches on the weights reached inside the epoch, so they must
+    not read the weights (the tokenizer's cluster refresh does)."""
 
     epochs: int
     checkpoint: str
@@ -533,8 +543,9 @@ def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStream
     one would (inside an epoch: the epoch's batches are drawn again from its saved random state and
     the done ones skipped)."""
     run = FitRun(stopping=EarlyStopping(plan.patience if plan.patience is not None else math.inf, plan.stop_from))
+    checkpoint_finished = False
     if plan.resume:
-        _restore(trainable, plan, ctx, rng, run)
+        checkpoint_finished = _restore(trainable, plan, ctx, rng, run)
     else:
         trainable.initialize()
     step_module = trainable.step_module
@@ -616,6 +627,10 @@ def fit(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStream
                 last_checkpoint = time.time()
             if run.finished or leaving:
                 break
+        else:  # no epoch left: a resume whose patience or epochs end the run where its checkpoint is
+            run.finished, run.stopped_early = True, ctx.any(run.stopping.should_stop)
+            if not checkpoint_finished:
+                _save(trainable, plan, ctx, rng, run)
     finally:
         trainable.step_module = step_module
     return run
@@ -650,7 +665,8 @@ def _save(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStre
     ctx.barrier()
 
 
-def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStreams, run: FitRun) -> None:
+def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomStreams, run: FitRun) -> bool:
+    """Load the checkpoint into `trainable`, `rng` and `run`; whether it holds a finished run."""
     if not os.path.isfile(plan.checkpoint):
         raise LetterError(f"cannot resume: no checkpoint at {plan.checkpoint} (start the run without resuming)")
     ckpt = load_checkpoint(plan.checkpoint)  # on the CPU: random states must stay CPU tensors
@@ -679,7 +695,10 @@ def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomS
                               f"by {len(within['per_rank'])} process(es); resume with as many (now {ctx.world})")
         run.within_epoch = {"steps": within["steps"], "wall_s": within["wall_s"], **within["per_rank"][ctx.rank]}
     if len(ckpt["rng"]) == ctx.world:
-        rng.restore(ckpt["rng"][ctx.rank])
+        reseeded = rng.restore(ckpt["rng"][ctx.rank])
+        if reseeded and ctx.main:
+            plan.log(f"note: checkpoint written on another kind of device: the random stream(s) {', '.join(reseeded)} "
+                     "start again from their seed")
     elif ctx.main:
         plan.log(f"note: checkpoint from {len(ckpt['rng'])} process(es), resuming with {ctx.world}: "
                  "the per-process random streams are reseeded")
@@ -694,3 +713,4 @@ def _restore(trainable: Trainable, plan: FitPlan, ctx: DistContext, rng: RandomS
     if ctx.main:
         inside = f", step {run.within_epoch['steps']} of epoch {run.epoch + 1}" if run.within_epoch else ""
         plan.log(f"resumed from {plan.checkpoint} after epoch {run.epoch}{inside}")
+    return ckpt["finished"]

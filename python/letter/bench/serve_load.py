@@ -69,8 +69,8 @@ async def load_level(url: str, payloads: list[dict], concurrency: int, time_limi
             await conn.close()
 
     started = time.perf_counter()
-    tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
-    done, pending = await asyncio.wait(tasks, timeout=time_limit_s)
+    tasks = [asyncio.create_task(client()) for _ in range(min(concurrency, len(payloads)))]
+    pending = (await asyncio.wait(tasks, timeout=time_limit_s))[1] if tasks else ()  # no requests: none to wait for
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
@@ -96,7 +96,8 @@ def batching_ceiling(run_dir: str, histories: list[list[str]], *, batch: int, k:
     try:
         out = {}
         for exclude in (False, True):
-            queries = [Query(tuple(run.positions(h)), k, exclude) for h in histories[:batch]]
+            # `batch` users even when fewer histories were sampled (--requests below --max-batch): repeated
+            queries = [Query(tuple(run.positions(histories[i % len(histories)])), k, exclude) for i in range(batch)]
             times = interleaved_medians({
                 "singles": lambda: [run.recommend([q]) for q in queries],
                 "batch": lambda: run.recommend(queries),

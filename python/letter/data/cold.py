@@ -168,7 +168,7 @@ def check_no_cold_training(dataset: Dataset, record: dict | None) -> None:
 def warm_rows(array: np.ndarray, record: dict | None, what: str) -> np.ndarray:
     """The rows of a catalog-aligned [N, d] array that a stage may train on: all of them for an
     ordinary dataset, the warm items 0..W-1 for a cold split ([W, d] input is taken as is)."""
-    if record is None:
+    if record is None or array.ndim == 0:  # a scalar: the consumer's shape check names it
         return array
     warm = record["warm_items"]
     if array.shape[0] == record["num_items"]:

@@ -47,7 +47,7 @@ class RQKMeans(nn.Module):
         if not codebook_sizes or any(int(n) < 1 for n in codebook_sizes):
             raise LetterError(f"rqkmeans: codebook sizes must be >= 1, got {codebook_sizes}")
         if pca_dim is not None and not 1 <= pca_dim <= in_dim:
-            raise LetterError(f"rqkmeans: pca_dim must be in [1, {in_dim}] (the input dim), got {pca_dim}")
+            raise LetterError(f"rqkmeans: pca_dim must be in [1, {in_dim}] (the input dim), got {pca_dim}", "pca_dim")
         self.in_dim = int(in_dim)
         self.codebook_sizes = [int(n) for n in codebook_sizes]
         self.standardize_inputs = bool(standardize)

@@ -36,8 +36,7 @@ def _check_inputs(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | No
         if cf.shape[1] != config.e_dim and not config.cf_projection:
             raise LetterError(
                 f"CF embedding dim {cf.shape[1]} != e_dim {config.e_dim}: set e_dim to {cf.shape[1]} or enable "
-                "cf_projection (a learned linear map e_dim -> CF dim)"
-            )
+                "cf_projection (a learned linear map e_dim -> CF dim)", "e_dim", "cf_projection")
     elif config.alpha > 0:
         raise SettingError("alpha", "> 0 needs CF embeddings (give cf_emb, or set alpha 0)", "cf_emb")
     space = math.prod(config.codebook_sizes)
