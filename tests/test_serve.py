@@ -319,10 +319,10 @@ def test_clients_that_disconnect_cost_the_others_nothing(server, synth):
     assert _raw(server, "GET", "/healthz")[0] == 200
 
 
-def test_bench_serve_measures_every_level_both_servers_and_the_ceiling(trained, tmp_path):
+def test_bench_serve_measures_every_level_both_servers_and_batching_in_process(trained, tmp_path):
     """`letter bench serve` (bounded): every request of every level answered by both servers, the
     batched one really batching and the other never, summary ratios computed from the levels, and
-    the in-process ceiling a ratio of the times it records."""
+    the in-process gain a ratio of the times it records."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     out, _ = trained
@@ -350,22 +350,25 @@ def test_bench_serve_measures_every_level_both_servers_and_the_ceiling(trained, 
         # rounded to 2 decimals: at concurrency 1 (batched slower, ~0.24) that is more than 1 % off
         expected = round(levels[("batched", exclude, c)] / levels[("unbatched", exclude, c)], 2)
         assert summary["speedup_batched_over_unbatched"][key] == expected
-    ceiling = bench["in_process_ceiling"]
-    assert set(ceiling) == {"plain", "exclude_history"}
-    for setting, row in ceiling.items():
+    batching = bench["in_process_batching"]
+    assert set(batching) == {"plain", "exclude_history"}
+    for setting, row in batching.items():
         assert row["users"] == 4 and row["singles_ms"] > 0 and row["batch_ms"] > 0
-        assert row["ceiling_x"] == pytest.approx(row["singles_ms"] / row["batch_ms"], rel=0.01)
-        assert summary["in_process_ceiling"][setting] == row["ceiling_x"]
+        assert row["gain_x"] == pytest.approx(row["singles_ms"] / row["batch_ms"], rel=0.01)
+        assert summary["in_process_batching_gain"][setting] == row["gain_x"]
+    stats = by_name["unbatched"]["server_stats"]
+    assert summary["one_search_ms"] == {"in_process": round(batching["plain"]["singles_ms"] / 4, 2),
+                                        "unbatched_server": round(1e3 * stats["search_s"] / stats["batches"], 2)}
 
 
-def test_the_ceiling_of_batching_measures_a_full_batch_with_fewer_sampled_histories(trained):
-    """`letter bench serve --requests 2 --max-batch 4`: the in-process ceiling still times 4 single
+def test_batching_in_process_measures_a_full_batch_with_fewer_sampled_histories(trained):
+    """`letter bench serve --requests 2 --max-batch 4`: batching in process still times 4 single
     searches against one batch of 4 (the histories repeat), as its log line and the JSON say."""
-    from letter.bench.serve_load import batching_ceiling, sample_histories
+    from letter.bench.serve_load import in_process_batching, sample_histories
 
     out, _ = trained
-    ceiling = batching_ceiling(out, sample_histories(out, 2), batch=4, k=5, threads=1, repeat=1)
-    assert {setting: row["users"] for setting, row in ceiling.items()} == {"plain": 4, "exclude_history": 4}
+    batching = in_process_batching(out, sample_histories(out, 2), batch=4, k=5, threads=1, repeat=1)
+    assert {setting: row["users"] for setting, row in batching.items()} == {"plain": 4, "exclude_history": 4}
 
 
 def test_a_level_of_no_requests_is_measured_as_empty():
