@@ -75,6 +75,8 @@ def bench_serve_cmd(run_dir, requests, concurrency, max_batch, max_delay_ms, k, 
         raise click.BadParameter(f"comma-separated integers, got {concurrency!r}", param_hint="--concurrency") from None
     if not levels or min(levels) < 1:
         raise click.BadParameter("give levels >= 1", param_hint="--concurrency")
+    if len(set(levels)) != len(levels):  # the summary keys its ratios by level
+        raise click.BadParameter(f"each level once, got {concurrency!r}", param_hint="--concurrency")
     result = run_serve_bench(run_dir, out=out, requests=requests, concurrency=levels, batched_max_batch=max_batch,
                              max_delay_ms=max_delay_ms, k=k, threads=threads, level_time_limit_s=level_time_limit,
                              label=label, log=click.echo)

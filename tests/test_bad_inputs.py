@@ -537,6 +537,8 @@ CASES += [
      "--seed: cf: seed must be >= 0 and <= 4294967295, got 4294967296"),
     ("data synth", "seed negative", none, ["data", "synth", "{case}/out", "--seed", "-1"], 2, "--seed"),
     ("bench kernels", "unknown op", none, ["bench", "kernels", "--op", "nosuchop"], 2, "--op"),
+    ("bench serve", "a concurrency level twice", none, ["bench", "serve", "--model", "{rec}", "--concurrency", "1,8,1"],
+     2, "--concurrency: each level once, got '1,8,1'"),
     # strict parsing, names, ignored options
     ("train-rec", "index with a duplicate key", write("dup.index.json", '{"0": ["<a_1>"], "0": ["<a_2>"]}'),
      ["train-rec", "--data", "{data}", "--index", "{case}/dup.index.json", "--out", "{case}/r", *REC_ARGS], 1,

@@ -63,6 +63,21 @@ def test_missing_or_ambiguous_embeddings_name_the_argument(data):
     assert raised.value.names == ("text_emb",)
 
 
+def test_names_and_folders_with_glob_characters_find_only_their_own_files(tmp_path):
+    """A dataset "S[1]" in a folder "d[1]*" finds S[1].emb-*.npy and never S1.emb-*.npy (which the
+    unescaped pattern S[1].emb-*.npy would match)."""
+    dataset = make_synthetic(num_users=60, num_items=ITEMS, num_categories=4, min_length=3, max_length=6, seed=1)
+    dataset.name = "S[1]"
+    folder = tmp_path / "d[1]*"
+    write_letter(dataset, str(folder))
+    np.save(folder / "S1.emb-other.npy", np.zeros((ITEMS, 8), np.float32))
+    with pytest.raises(LetterError, match=r"no text_emb given and no S\[1\].emb-\*.npy in "):
+        prepare_tokenizer_inputs(str(folder), TokenizerConfig(method="rqkmeans"))
+    np.save(folder / "S[1].emb-mine.npy", np.ones((ITEMS, 8), np.float32))
+    inputs = prepare_tokenizer_inputs(str(folder), TokenizerConfig(method="rqkmeans"))
+    assert inputs.text_path == str(folder / "S[1].emb-mine.npy") and inputs.name == "S[1]"
+
+
 def test_without_cf_embeddings_alpha_falls_back_only_when_allowed(data):
     (data / CF).unlink()
     with pytest.raises(LetterError, match=r"alpha needs CF embeddings \(cf_emb, or one Synth.cf-\*.npy in data_dir\)") as e:

@@ -1,6 +1,5 @@
 """Readers: LETTER/LC-Rec folders, P5 sequential_data.txt and raw Amazon review dumps -> Dataset."""
 import ast
-import glob
 import gzip
 import html
 import json
@@ -11,7 +10,7 @@ from collections import Counter, defaultdict
 
 from letter.data.dataset import TEXT_FIELDS, Dataset, build_dataset
 from letter.errors import DataError, LetterError
-from letter.runs import INTER_SUFFIX, ITEM_SUFFIX, parse_json, read_text, write_json
+from letter.runs import INTER_SUFFIX, ITEM_SUFFIX, files_matching, parse_json, read_text, write_json
 from letter.utils import progress
 
 P5_FILE = "sequential_data.txt"
@@ -38,7 +37,7 @@ def _id(value, path: str, key: str) -> str:
 def _letter_files(path: str) -> tuple[str, str, str | None]:
     """(name, inter.json path, item.json path or None) for a folder or an inter.json file."""
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "*" + INTER_SUFFIX)))
+        found = files_matching(path, "*" + INTER_SUFFIX)
         if len(found) != 1:
             raise DataError(f"{path}: expected exactly one *{INTER_SUFFIX} file, found {len(found)}")
         inter = found[0]
@@ -210,7 +209,7 @@ def k_core(user_items: dict[str, list[str]], k: int) -> dict[str, list[str]]:
 def _amazon_files(path: str) -> tuple[str, str | None]:
     if not os.path.isdir(path):
         return path, None
-    files = sorted(glob.glob(os.path.join(path, "*.json*")))
+    files = files_matching(path, "*.json*")
     meta = [f for f in files if os.path.basename(f).startswith("meta_")]
     reviews = [f for f in files if f not in meta and f.endswith((".json.gz", ".json", ".jsonl", ".jsonl.gz"))]
     if len(reviews) != 1 or len(meta) > 1:
@@ -296,11 +295,11 @@ def detect_format(path: str) -> str:
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
     if os.path.isdir(path):
-        if glob.glob(os.path.join(path, "*" + INTER_SUFFIX)):
+        if files_matching(path, "*" + INTER_SUFFIX):
             return "letter"
         if os.path.exists(os.path.join(path, P5_FILE)):
             return "p5"
-        if glob.glob(os.path.join(path, "*.json*")):
+        if files_matching(path, "*.json*"):
             return "amazon"
     elif path.endswith(INTER_SUFFIX):
         return "letter"

@@ -25,7 +25,7 @@ from letter.data import drop_leading_padding, pad_left
 from letter.data.cold import read_cold_split, test_groups
 from letter.errors import SettingError
 from letter.metrics import hits_from_topk, metrics_from_hits
-from letter.runs import check_output_path, load_npy, write_json
+from letter.runs import check_output_path, files_matching, load_npy, write_json
 from letter.devices import resolve_device
 
 from .evaluation import _load, evaluate_model
@@ -73,7 +73,7 @@ def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch:
     from letter.runs import read_json
     from letter.training import load_checkpoint
 
-    found = sorted(glob.glob(os.path.join(cf_dir, f"{dataset.name}.cf-sasrec*.ckpt.pt")))
+    found = files_matching(cf_dir, f"{glob.escape(dataset.name)}.cf-sasrec*.ckpt.pt")
     if len(found) != 1:
         raise SettingError("cf_dir", f"{cf_dir}: expected one {dataset.name}.cf-sasrec<d>.ckpt.pt (a finished "
                                      f"train-cf run), found {len(found)}")

@@ -7,7 +7,6 @@ EOS, right-padded with PAD. Decoder: BOS + the target's first L-1 tokens, predic
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import itertools
 import os
@@ -54,7 +53,7 @@ def resolve_codes(codes, dataset: Dataset, cold: dict | None = None, what: str =
         path = os.fspath(codes)
         source = os.path.abspath(path)
         if os.path.isdir(path):
-            from letter.runs import TokenizerRun, check_inputs, run_kind
+            from letter.runs import TokenizerRun, check_inputs, files_matching, run_kind
 
             if run_kind(path) is not None:
                 from letter.tokenizer.inference import check_tokenizer_run
@@ -66,7 +65,7 @@ def resolve_codes(codes, dataset: Dataset, cold: dict | None = None, what: str =
             if os.path.exists(os.path.join(path, TokenizerRun.CODES)):
                 path = os.path.join(path, TokenizerRun.CODES)
             else:
-                found = sorted(glob.glob(os.path.join(path, "*.index.json")))
+                found = files_matching(path, "*.index.json")
                 if len(found) != 1:
                     raise LetterError(f"{path}: expected codes.npy or exactly one <Name>.index.json, found {len(found)} index files")
                 path = found[0]

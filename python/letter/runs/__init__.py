@@ -6,7 +6,8 @@ content hashes of its outputs and of every input); every reader requires it and 
 it is given against it; a writer never writes onto its own inputs, into another kind of run, or
 over a finished run without resume/overwrite.
 """
-from .files import (STALE_TEMP_SECONDS, atomic_dir, atomic_path, check_file_name, current_umask, file_change, file_state, folder_files,
+from .files import (STALE_TEMP_SECONDS, atomic_dir, atomic_path, check_file_name, current_umask, file_change, file_state, files_matching,
+                    folder_files,
                     load_npy, parse_json, parse_yaml, read_json, read_json_if_valid, read_text, relative_to,
                     remove_stale_temps, resolve, save_npy, sha256_file, torch_save, write_json)
 from .layout import INTER_SUFFIX, ITEM_SUFFIX, RecRun, TokenizerRun, cf_output_paths, embedding_stem

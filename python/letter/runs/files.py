@@ -80,7 +80,7 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     prefix = f".tmp-{os.path.basename(path)}-"
-    _remove_if_stale(glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*")), STALE_TEMP_SECONDS)
+    _remove_if_stale(files_matching(directory, glob.escape(prefix) + "*"), STALE_TEMP_SECONDS)
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix or os.path.splitext(path)[1])
     except OSError as e:  # name the file asked for, not the temporary one
@@ -105,7 +105,7 @@ def atomic_dir(path: str):
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     prefix = f".tmp-{os.path.basename(path)}-"
-    _remove_if_stale(glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")), -1)
+    _remove_if_stale(files_matching(parent, glob.escape(prefix) + "*"), -1)
     tmp = tempfile.mkdtemp(dir=parent, prefix=prefix)
 
     def commit():
@@ -273,6 +273,13 @@ def file_change(path: str, state: dict) -> str | None:
     if st.st_mtime_ns == state.get("mtime_ns"):
         return None
     return None if sha256_file(path) == state.get("sha256") else "changed (different content)"
+
+
+def files_matching(folder: str, name_pattern: str) -> list[str]:
+    """Sorted paths in `folder` whose names match the glob `name_pattern`; the folder is taken
+    literally (a path holding [, ] or * still finds its files). Escape names put into the pattern
+    with glob.escape."""
+    return sorted(glob.glob(os.path.join(glob.escape(folder), name_pattern)))
 
 
 def folder_files(folder: str, skip=lambda name: False) -> list[str]:

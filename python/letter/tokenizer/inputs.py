@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from letter.errors import LetterError, LetterWarning
+from letter.runs import files_matching
 
 from .config import TokenizerConfig
 from .train import train_tokenizer
@@ -46,7 +47,7 @@ class TokenizerInputs:
 def find_beside(data_dir: str, pattern: str, what: str) -> str | None:
     """The single file matching `pattern` in the dataset folder, None if none; several are an error
     (which one is meant cannot be guessed)."""
-    hits = sorted(glob.glob(os.path.join(data_dir, pattern)))
+    hits = files_matching(data_dir, pattern)
     if len(hits) > 1:
         raise LetterError(f"several {what} files in {data_dir} ({', '.join(map(os.path.basename, hits))}); pick one")
     return hits[0] if hits else None
@@ -72,14 +73,14 @@ def prepare_tokenizer_inputs(data_dir: str, config: TokenizerConfig, text_emb: s
 
     dataset = load_dataset(data_dir)
     folder = dataset_dir(data_dir)
-    text_emb = text_emb or find_beside(folder, f"{dataset.name}.emb-*.npy", "text embedding")
+    text_emb = text_emb or find_beside(folder, f"{glob.escape(dataset.name)}.emb-*.npy", "text embedding")
     if text_emb is None:
         raise LetterError(f"no text_emb given and no {dataset.name}.emb-*.npy in {data_dir} (run `letter embed`)",
                           "text_emb")
     if config.method == "rqkmeans":  # text embeddings only
         cf_emb = None
     else:
-        cf_emb = cf_emb or find_beside(folder, f"{dataset.name}.cf-*.npy", "CF embedding")
+        cf_emb = cf_emb or find_beside(folder, f"{glob.escape(dataset.name)}.cf-*.npy", "CF embedding")
     if cf_emb is None and config.for_method().alpha > 0:
         if not alpha_fallback:
             raise LetterError(f"alpha needs CF embeddings (cf_emb, or one {dataset.name}.cf-*.npy in data_dir)",
