@@ -127,7 +127,9 @@ def ranking_metrics(scores_of, samples, users: list[int], num_items: int, ctx: D
             seen = torch.zeros_like(scores, dtype=torch.int32)
             seen.scatter_add_(1, (hist - 1).clamp(min=0), (hist > 0).int())
             scores.masked_fill_(seen > 0, float("-inf"))
-        topk = scores.topk(max(KS), dim=1).indices
+        top = scores.topk(max(KS), dim=1)
+        # a masked item that still reaches the top k (fewer than k unmasked items) is an empty slot
+        topk = top.indices.masked_fill(top.values == float("-inf"), -1) if mask_history else top.indices
         for key, value in metric_sums(hits_from_topk(topk, targets), KS).items():
             sums[key] += value
     totals = ctx.sum(list(sums.values()) + [len(mine)])
