@@ -118,6 +118,22 @@ def test_sampled_softmax_with_every_item_is_the_full_softmax():
     assert sampled_softmax_loss(h, emb, t, torch.arange(10)) < full
 
 
+
+def test_sampled_loss_with_negatives_covering_the_catalog_is_the_full_softmax():
+    # --loss sampled with --negatives >= items: the training step's loss is the exact full softmax
+    # (as the log line says: "softmax over each target and <items> uniform negatives of <items> items")
+    from letter.cf.model import SASRec
+    from letter.cf.sasrec import step_loss
+
+    torch.manual_seed(0)
+    model = SASRec(40, 8, 1, 1, 0.0, 6).eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randint(1, 41, (5, 6), generator=gen)
+    targets = torch.randint(1, 41, (5, 6), generator=gen)
+    full = step_loss(model, inputs, targets, 40, "ce", 30, 1)
+    for negatives in (40, 1000):
+        assert torch.allclose(step_loss(model, inputs, targets, 40, "sampled", 30, 1, negatives), full, atol=1e-5)
+
 SMOKE = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
