@@ -121,7 +121,7 @@ def test_sampled_softmax_with_every_item_is_the_full_softmax():
 
 def test_sampled_loss_with_negatives_covering_the_catalog_is_the_full_softmax():
     # --loss sampled with --negatives >= items: the training step's loss is the exact full softmax
-    # (as the log line says: "softmax over each target and <items> uniform negatives of <items> items")
+    # (as the run's first line says)
     from letter.cf.model import SASRec
     from letter.cf.sasrec import step_loss
 
@@ -276,6 +276,7 @@ def test_train_cf_says_which_loss_and_validates_the_sample(tmp_path):
     assert "full softmax over all 5,000 items" in small and "sampled" not in small
     assert "sampled" not in loss_choice(CFConfig(model="lightgcn"), 1_000_000)  # not a LightGCN loss
     assert "1,024 uniform negatives of 1,000,000 items" in loss_choice(CFConfig(loss="sampled"), 1_000_000)
+    assert "every item is one (the exact full softmax)" in loss_choice(CFConfig(loss="sampled"), 1_024)
     ds = make_synthetic(num_users=150, num_items=60, num_categories=4, seed=0)
     lines = []
     result = train_cf(ds, str(tmp_path), CFConfig(dim=8, blocks=1, heads=1, max_len=10, epochs=2, valid_users=40,

@@ -91,8 +91,11 @@ def loss_choice(cfg: CFConfig, num_items: int) -> str:
         return (f"loss ce: the exact full softmax over all {num_items:,} items (fused, O(rows) memory; its cost per "
                 f"target grows linearly with the catalog){advice}; the loss is never switched by itself, since the "
                 "two losses train different models")
+    if cfg.loss == "sampled" and cfg.negatives >= num_items:
+        return (f"loss sampled: {cfg.negatives:,} negatives cover all {num_items:,} items, so every item is one "
+                "(the exact full softmax)")
     if cfg.loss == "sampled":
-        return (f"loss sampled: softmax over each target and {min(cfg.negatives, num_items):,} uniform negatives of "
+        return (f"loss sampled: softmax over each target and {cfg.negatives:,} uniform negatives of "
                 f"{num_items:,} items (cost per target nearly flat in the catalog; an estimate of the full softmax)")
     return f"loss {cfg.loss} over {num_items:,} items"
 
