@@ -377,3 +377,15 @@ def test_exclusion_never_counts_a_history_target_that_shares_its_identifier():
     excluded = evaluate_model(model, rec, enc, targets, 20, 8, "cpu", banned_items=seen, hits_out=hits)
     assert kept["metrics"]["recall@10"] == 1.0 and excluded["metrics"]["recall@10"] == 0.5
     assert hits[0][0].sum() == 0 and hits[0][1].sum() == 1  # user b's target 1 is not in its history
+
+
+def test_no_training_samples_names_the_four_interactions_needed(tmp_path):
+    # 3 interactions give a validation and a test target but no training sample (items[:-2] has one item)
+    from letter.data import Dataset, write_letter
+
+    ds = Dataset("Three", ["a", "b"], [[0, 1, 2], [3, 4, 5]], [str(i) for i in range(6)])
+    write_letter(ds, str(tmp_path / "data"))
+    codes = np.arange(6)[:, None]
+    with pytest.raises(LetterError, match="at least 4 interactions"):
+        train_rec(small_config(), str(tmp_path / "data"), codes, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")  # no started run left behind
