@@ -186,6 +186,9 @@ def test_index_json_roundtrip_and_errors(tmp_path):
         _write(tmp_path / "bad.json", json.dumps({"0": ["<a_1>"], "1": ["<a_2>"], key: ["<a_3>"]}))
         with pytest.raises(DataError, match="is not a non-negative integer item id"):
             read_index_json(str(tmp_path / "bad.json"))
+    _write(tmp_path / "bad.json", json.dumps({"0": [f"<{chr(97 + i)}_0>" for i in range(26)] + ["<a_0>"]}))  # past level z
+    with pytest.raises(DataError, match="27 tokens, at most 26"):
+        read_index_json(str(tmp_path / "bad.json"))
 
 
 def test_authors_index_files(shared_data):

@@ -29,6 +29,8 @@ def read_index_json(path: str, num_items: int | None = None) -> np.ndarray:
             raise DataError(f"{path}: key {key!r}: expected a non-empty list of tokens")
         if levels is None:
             levels = len(tokens)
+            if levels > len(LEVEL_LETTERS):
+                raise DataError(f"{path}: key {key!r} has {levels} tokens, at most {len(LEVEL_LETTERS)} (levels a..z)")
         elif len(tokens) != levels:
             raise DataError(f"{path}: key {key!r} has {len(tokens)} tokens, expected {levels}")
         codes = []
