@@ -125,6 +125,21 @@ def test_popularity_with_history_masked_skips_the_users_items():
     assert kept["recall@5"] == masked["recall@5"] == 1.0
 
 
+def test_masked_full_ranking_never_counts_a_history_item_on_a_small_catalog():
+    # 10 items, 9 of them in the history (the target among them): the top 10 holds 9 masked items;
+    # a masked item is an empty slot, never a hit (as popularity's masked ranking)
+    from letter.cf.train import ranking_metrics
+    from letter.training import DistContext
+
+    cfg = CFConfig(max_len=20, eval_batch_size=4, device="cpu")
+    samples = [(list(range(9)), 3), (list(range(9)), 9)]
+    scores = lambda hist, users: torch.arange(10, dtype=torch.float).expand(len(users), -1).clone()
+    masked = ranking_metrics(scores, samples, [0, 1], 10, DistContext(), cfg, mask_history=True)
+    assert masked["recall@10"] == 0.5 and masked["ndcg@10"] == pytest.approx(0.5)  # only item 9, ranked first
+    kept = ranking_metrics(scores, samples, [0, 1], 10, DistContext(), cfg, mask_history=False)
+    assert kept["recall@10"] == 1.0
+
+
 def test_sasrec_bf16_autocast_step_matches_fp32():
     # One SASRec CE step on a fixed batch under CPU bf16 autocast against fp32; tolerance as TIGER's
     # (tests/test_rec_speed.py): loss to 1%, all gradients to 3% of their norm, each tensor to 10%.

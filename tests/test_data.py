@@ -180,6 +180,15 @@ def test_index_json_roundtrip_and_errors(tmp_path):
     _write(tmp_path / "bad.json", json.dumps({"0": ["<a_1>"], "1": ["<a_1>", "<b_1>"]}))
     with pytest.raises(DataError, match="key '1' has 2 tokens"):
         read_index_json(str(tmp_path / "bad.json"))
+    # a key is an id written as the writer writes it: "01" would silently replace item 1's codes,
+    # a non-ASCII digit is no id either
+    for key in ("01", "\u00b2", "\u0661"):
+        _write(tmp_path / "bad.json", json.dumps({"0": ["<a_1>"], "1": ["<a_2>"], key: ["<a_3>"]}))
+        with pytest.raises(DataError, match="is not a non-negative integer item id"):
+            read_index_json(str(tmp_path / "bad.json"))
+    _write(tmp_path / "bad.json", json.dumps({"0": [f"<{chr(97 + i)}_0>" for i in range(26)] + ["<a_0>"]}))  # past level z
+    with pytest.raises(DataError, match="27 tokens, at most 26"):
+        read_index_json(str(tmp_path / "bad.json"))
 
 
 def test_authors_index_files(shared_data):

@@ -354,3 +354,38 @@ def test_resume_without_a_checkpoint_is_an_error(synth, tmp_path):
     folder, codes_path, _, _ = synth
     with pytest.raises(LetterError, match="cannot resume: no checkpoint at .*checkpoint.pt"):
         train_rec(small_config(), folder, codes_path, str(tmp_path / "none"), resume=True)
+
+
+def test_exclusion_never_counts_a_history_target_that_shares_its_identifier():
+    # items 0 and 1 share an identifier; with 0 excluded it stays (1 is allowed) and then stands for
+    # item 1 only, so a user whose target 0 is in the history can never hit (targets_in_history)
+    from letter.data import Dataset
+
+    torch.manual_seed(0)
+    items = [str(i) for i in range(11)]
+    ds = Dataset("Shared", ["a", "b"], [[0, 5, 6, 0], [2, 3, 4, 1]], items)
+    codes = np.array([[0, 0], [0, 0]] + [[i // 4, i % 4 + 1] for i in range(2, 11)])
+    rec = load_rec_data(ds, codes, max_history=5)
+    model = Tiger(rec.layout.vocab_size, d_model=16, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8,
+                  d_ff=32).eval()
+    enc, targets = rec.eval_tensors("test")
+    seen = rec.eval_seen_items("test")
+    assert targets.tolist() == [0, 1] and 0 in seen[0] and 1 not in seen[1]
+    # 20 beams over 10 identifiers: every allowed identifier is in the top 10, the shared one included
+    kept = evaluate_model(model, rec, enc, targets, 20, 8, "cpu")
+    hits = []
+    excluded = evaluate_model(model, rec, enc, targets, 20, 8, "cpu", banned_items=seen, hits_out=hits)
+    assert kept["metrics"]["recall@10"] == 1.0 and excluded["metrics"]["recall@10"] == 0.5
+    assert hits[0][0].sum() == 0 and hits[0][1].sum() == 1  # user b's target 1 is not in its history
+
+
+def test_no_training_samples_names_the_four_interactions_needed(tmp_path):
+    # 3 interactions give a validation and a test target but no training sample (items[:-2] has one item)
+    from letter.data import Dataset, write_letter
+
+    ds = Dataset("Three", ["a", "b"], [[0, 1, 2], [3, 4, 5]], [str(i) for i in range(6)])
+    write_letter(ds, str(tmp_path / "data"))
+    codes = np.arange(6)[:, None]
+    with pytest.raises(LetterError, match="at least 4 interactions"):
+        train_rec(small_config(), str(tmp_path / "data"), codes, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")  # no started run left behind

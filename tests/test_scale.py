@@ -118,6 +118,22 @@ def test_sampled_softmax_with_every_item_is_the_full_softmax():
     assert sampled_softmax_loss(h, emb, t, torch.arange(10)) < full
 
 
+
+def test_sampled_loss_with_negatives_covering_the_catalog_is_the_full_softmax():
+    # --loss sampled with --negatives >= items: the training step's loss is the exact full softmax
+    # (as the run's first line says)
+    from letter.cf.model import SASRec
+    from letter.cf.sasrec import step_loss
+
+    torch.manual_seed(0)
+    model = SASRec(40, 8, 1, 1, 0.0, 6).eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randint(1, 41, (5, 6), generator=gen)
+    targets = torch.randint(1, 41, (5, 6), generator=gen)
+    full = step_loss(model, inputs, targets, 40, "ce", 30, 1)
+    for negatives in (40, 1000):
+        assert torch.allclose(step_loss(model, inputs, targets, 40, "sampled", 30, 1, negatives), full, atol=1e-5)
+
 SMOKE = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
@@ -260,6 +276,7 @@ def test_train_cf_says_which_loss_and_validates_the_sample(tmp_path):
     assert "full softmax over all 5,000 items" in small and "sampled" not in small
     assert "sampled" not in loss_choice(CFConfig(model="lightgcn"), 1_000_000)  # not a LightGCN loss
     assert "1,024 uniform negatives of 1,000,000 items" in loss_choice(CFConfig(loss="sampled"), 1_000_000)
+    assert "every item is one (the exact full softmax)" in loss_choice(CFConfig(loss="sampled"), 1_024)
     ds = make_synthetic(num_users=150, num_items=60, num_categories=4, seed=0)
     lines = []
     result = train_cf(ds, str(tmp_path), CFConfig(dim=8, blocks=1, heads=1, max_len=10, epochs=2, valid_users=40,

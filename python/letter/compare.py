@@ -44,7 +44,7 @@ from letter.utils import pyplot
 from letter.metrics import metrics_from_hits, normalized_mutual_info
 from letter.rec import RecConfig, train_rec
 from letter.rec.data import codes_sha, resolve_codes
-from letter.rec.evaluation import generate, load_run, prefix_index
+from letter.rec.evaluation import generate, load_run, prefix_index, target_hits
 from letter.rec.recommender import as_recommender
 from letter.runs import (RecRun, TokenizerRun, atomic_path, finished_step, fingerprint, mark_started, prepare_run_folder,
                          read_json, start_step, write_json, write_manifest)
@@ -206,11 +206,10 @@ def user_ranks(run_dir: str, split: str = "test", *, data=None, max_users: int =
     adapter = as_recommender(model, rec=rec)
     enc, targets = adapter.eval_inputs(rec, split, max_users, sample_seed)
     index = prefix_index(rec, dev, model)
-    target_leaves = index.leaf_of_item.cpu()[targets][:, None]
 
     def ranks_and_metrics(banned_items=None):
         leaves, _ = generate(model, index, enc, num_beams, batch_size, dev, banned_items=banned_items)
-        hits = leaves == target_leaves
+        hits = target_hits(index, leaves, targets, banned_items)
         ranks = torch.where(hits.any(1), hits.float().argmax(1), torch.full((hits.shape[0],), -1))
         return ranks.numpy().astype(np.int64), metrics_from_hits(hits, ks=(5, 10))
 

@@ -20,7 +20,8 @@ class CFConfig(Settings):
     dropout: float = setting(0.3, "Dropout rate (sasrec).", low=0, high=1, high_open=True)
     max_len: int = setting(50, "Longest history the model sees (also the split's history cut).", low=1)
     loss: str = setting("ce", "ce: full-softmax cross-entropy over every item (fused, O(rows) memory); sampled "
-                              "(sasrec): softmax over the target and `negatives` uniform items shared by the batch "
+                              "(sasrec): softmax over the target and `negatives` uniform items shared by the batch (every item when "
+                              "negatives >= items) "
                               "(for catalogs where a full softmax per step is too slow); bce (sasrec): one sampled "
                               "negative per target, binary; bpr (lightgcn): one sampled negative per interaction, "
                               "pairwise.", choices=("ce", "sampled", "bce", "bpr"))

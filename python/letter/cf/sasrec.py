@@ -52,7 +52,10 @@ def step_loss(model, inputs, targets, num_items: int, loss: str, global_targets:
         # fused: the [targets x items] logits are never built (O(rows) memory at any catalog size)
         total = dot_product_cross_entropy(h.float(), model.item_embeddings().float(), t, reduction="sum")
     elif loss == "sampled":
-        drawn = torch.randint(0, num_items, (min(negatives, num_items),), device=t.device)
+        # draws are with replacement: as many as the catalog would miss about a third of it, so
+        # negatives >= items takes every item (the exact full softmax)
+        drawn = (torch.randint(0, num_items, (negatives,), device=t.device) if negatives < num_items
+                 else torch.arange(num_items, device=t.device))
         total = sampled_softmax_loss(h, model.item_embeddings(), t, drawn)
     else:
         emb = model.item_embeddings()

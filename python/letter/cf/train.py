@@ -91,8 +91,11 @@ def loss_choice(cfg: CFConfig, num_items: int) -> str:
         return (f"loss ce: the exact full softmax over all {num_items:,} items (fused, O(rows) memory; its cost per "
                 f"target grows linearly with the catalog){advice}; the loss is never switched by itself, since the "
                 "two losses train different models")
+    if cfg.loss == "sampled" and cfg.negatives >= num_items:
+        return (f"loss sampled: {cfg.negatives:,} negatives cover all {num_items:,} items, so every item is one "
+                "(the exact full softmax)")
     if cfg.loss == "sampled":
-        return (f"loss sampled: softmax over each target and {min(cfg.negatives, num_items):,} uniform negatives of "
+        return (f"loss sampled: softmax over each target and {cfg.negatives:,} uniform negatives of "
                 f"{num_items:,} items (cost per target nearly flat in the catalog; an estimate of the full softmax)")
     return f"loss {cfg.loss} over {num_items:,} items"
 
@@ -127,7 +130,9 @@ def ranking_metrics(scores_of, samples, users: list[int], num_items: int, ctx: D
             seen = torch.zeros_like(scores, dtype=torch.int32)
             seen.scatter_add_(1, (hist - 1).clamp(min=0), (hist > 0).int())
             scores.masked_fill_(seen > 0, float("-inf"))
-        topk = scores.topk(max(KS), dim=1).indices
+        top = scores.topk(max(KS), dim=1)
+        # a masked item that still reaches the top k (fewer than k unmasked items) is an empty slot
+        topk = top.indices.masked_fill(top.values == float("-inf"), -1) if mask_history else top.indices
         for key, value in metric_sums(hits_from_topk(topk, targets), KS).items():
             sums[key] += value
     totals = ctx.sum(list(sums.values()) + [len(mine)])

@@ -23,12 +23,14 @@ def read_index_json(path: str, num_items: int | None = None) -> np.ndarray:
     rows: dict[int, list[int]] = {}
     levels = None
     for key, tokens in raw.items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit() and str(int(key)) == key):  # "01" would overwrite "1"
             raise DataError(f"{path}: key {key!r} is not a non-negative integer item id")
         if not isinstance(tokens, list) or not tokens:
             raise DataError(f"{path}: key {key!r}: expected a non-empty list of tokens")
         if levels is None:
             levels = len(tokens)
+            if levels > len(LEVEL_LETTERS):
+                raise DataError(f"{path}: key {key!r} has {levels} tokens, at most {len(LEVEL_LETTERS)} (levels a..z)")
         elif len(tokens) != levels:
             raise DataError(f"{path}: key {key!r} has {len(tokens)} tokens, expected {levels}")
         codes = []

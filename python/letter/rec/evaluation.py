@@ -122,10 +122,15 @@ def generate(model, index: PrefixIndex, enc: torch.Tensor, num_beams: int, batch
     return leaves, scores
 
 
-def target_hits(index: PrefixIndex, leaves: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def target_hits(index: PrefixIndex, leaves: torch.Tensor, targets: torch.Tensor,
+                banned_items: list[list[int]] | None = None) -> torch.Tensor:
     """[U, K] bool: generated identifier == the target's (authors' rule); a target without an
-    identifier in `index` (a cold item not added yet) is never hit."""
+    identifier in `index` (a cold item not added yet) is never hit, nor is one among its user's
+    `banned_items` (an identifier it shares with an allowed item stays in the search, but there it
+    stands for the allowed items only)."""
     known = targets < index.num_items
+    if banned_items is not None:
+        known &= torch.tensor([int(t) not in set(b) for t, b in zip(targets.tolist(), banned_items)], dtype=torch.bool)
     target_leaves = torch.where(known, index.leaf_of_item.cpu()[targets.clamp(max=index.num_items - 1)], -2)
     return leaves == target_leaves[:, None]
 
@@ -151,7 +156,7 @@ def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor
     leaves, _ = generate(rm, index, enc, num_beams, batch_size, device, decoder, show_progress, banned_items,
                          new_leaves, max_new)
     wall = time.perf_counter() - started
-    hits = target_hits(index, leaves, targets)
+    hits = target_hits(index, leaves, targets, banned_items)
     if hits_out is not None:
         hits_out.append(hits)
     known = targets[targets < index.num_items]

@@ -82,8 +82,6 @@ class RecTrainable(Trainable):
         self.step_module, self.ddp = rm.step_module, rm.ddp
         self.optimizer = torch.optim.AdamW(rm.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.n_train, self.train_lengths = rm.prepare_training(rng)
-        if self.n_train == 0:
-            raise LetterError(f"{rec.source}: no training samples (every user needs at least 3 interactions)")
         total_steps = math.ceil(self.n_train / config.batch_size) * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(total_steps, round(config.warmup_ratio * total_steps)))
@@ -161,6 +159,9 @@ class RecTrainable(Trainable):
 
 def _train(config, data, codes, out_dir, resume, stop_after, checkpoint_minutes, ctx: DistContext):
     rec = load_rec_data(data, codes, config.max_history)
+    if not rec.split.train:  # before anything is written into the run folder
+        raise LetterError(f"{rec.source}: no training samples (one needs a user with at least 4 interactions: the "
+                          "last two are the validation and test targets)")
     ckpt_path = os.path.join(out_dir, CHECKPOINT)  # prepare_run_folder refused a started run without resume
     seed_everything(config.seed)  # same initial weights on every process
     rm = recommender_class(config.model).build(config, rec, ctx.device)  # a bad base model fails before the run folder
