@@ -377,3 +377,17 @@ def test_a_level_of_no_requests_is_measured_as_empty():
 
     level = asyncio.run(load_level("http://127.0.0.1:1", [], 0, 1.0))
     assert level["requests"] == level["ok"] == level["errors"] == 0 and level["p99_ms"] is None
+
+
+def test_a_batch_larger_than_the_queue_is_a_422_not_a_503_forever(server, synth):
+    """A batch can never fit a queue shorter than itself: retrying (503 Retry-After) cannot help."""
+    _, _, _, ds = synth
+    status, meta = get_json(server + "/metadata")
+    size = meta["server"]["queue_size"]
+    body = json.dumps({"requests": [{"history": [ds.item_ids[1]], "k": 3}] * (size + 1)}).encode()
+    got, text = _raw(server, "POST", "/recommend/batch", body)
+    answer = json.loads(text)
+    assert got == 422 and answer["field"] == "requests" and str(size) in answer["error"], text
+    body = json.dumps({"requests": [{"history": [ds.item_ids[1]], "k": 3}] * size}).encode()
+    assert _raw(server, "POST", "/recommend/batch", body)[0] == 200
+

@@ -11,7 +11,7 @@
 
 Errors are JSON {"error": "<field>: <what is wrong>", "field": "<field>"} with status 400 (malformed
 JSON), 415 (a body not sent as application/json), 422 (a field's value: unknown item id, empty
-history, k out of range, wrong type, unknown field) or 503 (the request queue is full; retry
+history, k out of range, wrong type, unknown field, a batch longer than the queue) or 503 (the request queue is full; retry
 later), never a stack trace.
 """
 from __future__ import annotations
@@ -172,6 +172,9 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
 
     @app.post("/recommend/batch", response_model=BatchResponse, response_model_exclude_none=True)
     async def recommend_batch(req: BatchRequest):
+        if len(req.requests) > batcher.queue_size:  # it could never fit: a 503 "retry later" would loop forever
+            raise FieldError("requests", f"at most {batcher.queue_size} requests per batch (the server's "
+                                         f"--queue-size), got {len(req.requests)}")
         queries = [to_query(r, f"requests[{i}].") for i, r in enumerate(req.requests)]
         results = await batcher.submit(queries)
         return BatchResponse(results=[response(q, items) for q, items in zip(queries, results)])
