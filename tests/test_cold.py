@@ -445,3 +445,22 @@ def test_serve_adds_items_without_retraining(chain, tmp_path):
     with running_server(run, "--index-version", "0", threads=1) as url:
         status, body = _post(url, "/recommend", {"history": [str(warm)], "k": 5})
         assert status == 422 and body["field"] == "history" and "no identifier" in body["error"]
+
+
+def test_serve_items_serves_a_version_another_add_wrote(chain, tmp_path):
+    """`letter add-items` ran while the server was up: POST /items then adds nothing, and the
+    version it answers must be the one served, or the added items can never be served."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from letter.serve.process import get_json, running_server
+
+    split, tok, rec, emb = chain
+    run = str(tmp_path / "rec")
+    shutil.copytree(rec, run)
+    warm = read_cold_split(split)["warm_items"]
+    with running_server(run, "--tokenizer", tok, threads=1) as url:
+        assert add_items(run, tok, emb)["version"] == 1  # another process adds meanwhile
+        status, body = _post(url, "/items", {"embeddings": np.load(emb)[warm:].tolist()})
+        assert status == 200 and body["added"] == 0 and body["version"] == 1
+        assert get_json(url + "/metadata")[1]["index"]["index_version"] == 1
+        assert _post(url, "/recommend", {"history": [str(warm)], "k": 5})[0] == 200

@@ -71,10 +71,11 @@ class RunRecommender:
 
     def add_items(self, tokenizer_dir: str, embeddings) -> dict:
         """letter.rec.index_versions.add_items on the served run, then serve the new version (what
-        `POST /items` calls; one add at a time)."""
+        `POST /items` calls; one add at a time). With nothing to add, the newest version (which
+        another add may have written since this run was loaded) is served from then on."""
         with self._adding:
             record = add_items(self.run_dir, tokenizer_dir, embeddings, data=self.data)
-            if record["added"]:
+            if record["version"] != self.rec.index_version:
                 codes, version, _ = load_index_codes(self.run_dir, record["version"])
                 rec = self.rec.with_index(codes, version)
                 self._use(as_recommender(self.rm.model, rec=rec), rec)
