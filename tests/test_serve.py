@@ -391,3 +391,20 @@ def test_a_batch_larger_than_the_queue_is_a_422_not_a_503_forever(server, synth)
     body = json.dumps({"requests": [{"history": [ds.item_ids[1]], "k": 3}] * size}).encode()
     assert _raw(server, "POST", "/recommend/batch", body)[0] == 200
 
+
+def test_a_request_whose_client_left_before_its_batch_is_dropped(trained, synth):
+    """README: a request whose client disconnected before its batch starts is dropped from it."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    out, _ = trained
+    users = _test_users(synth, 1)
+    with running_server(out, "--max-delay-ms", "1500", threads=1) as url:
+        parsed = urlparse(url)
+        body = json.dumps({"history": users[0][1], "k": 5}).encode()
+        head = (f"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=5) as s:
+            s.sendall(head + body)  # then gone at once, while the batch still waits for company
+        time.sleep(3.0)
+        stats = get_json(url + "/metadata")[1]["stats"]
+    assert stats["dropped"] == 1 and stats["requests"] == 0, stats
