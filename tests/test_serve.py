@@ -281,6 +281,8 @@ BAD_REQUESTS = [
      "application/json", 422, "requests[1].history"),
     ("batch k", "/recommend/batch", {"requests": [{"history": ["{item}"], "k": 99}]}, "application/json", 422,
      "requests[0].k"),
+    ("not UTF-8", "/recommend", b'{"history": ["\xe9"]}', "application/json", 400, "body"),
+    ("unknown path", "/recommend/one", {"history": ["{item}"]}, "application/json", 404, "path"),
 ]
 
 

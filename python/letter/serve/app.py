@@ -10,9 +10,10 @@
                          (needs --tokenizer; letter.rec.index_versions.add_items)
 
 Errors are JSON {"error": "<field>: <what is wrong>", "field": "<field>"} with status 400 (malformed
-JSON), 415 (a body not sent as application/json), 422 (a field's value: unknown item id, empty
-history, k out of range, wrong type, unknown field, a batch longer than the queue) or 503 (the request queue is full; retry
-later), never a stack trace.
+JSON, a body that is not UTF-8), 404 (unknown path), 405 (wrong method), 415 (a body not sent as
+application/json), 422 (a field's value: unknown item id, empty history, k out of range, wrong type,
+unknown field, a batch longer than the queue) or 503 (the request queue is full; retry later),
+never a stack trace.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from letter.errors import LetterError
 from letter.rec.recommend import Query, RunRecommender
@@ -156,6 +158,11 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
         if first.get("type") == "json_invalid":
             return _error(400, "body", f"malformed JSON ({first.get('ctx', {}).get('error', first.get('msg'))})")
         return _error(422, field, first.get("msg", "invalid value"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # raised by the framework itself
+        field = {400: "body", 404: "path", 405: "method"}.get(exc.status_code, "request")
+        return _error(exc.status_code, field, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(FieldError)
     async def bad_field(request: Request, exc: FieldError):
