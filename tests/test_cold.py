@@ -411,15 +411,22 @@ def _post(url: str, path: str, payload: dict) -> tuple[int, dict]:
         conn.close()
 
 
-def test_serve_adds_items_without_retraining(chain, tmp_path):
+@pytest.fixture
+def served_copy(chain, tmp_path):
+    """(a copy of the trained run to serve, its warm item count); skips without the serve extra."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from letter.serve.process import get_json, running_server
-
-    split, tok, rec, emb = chain
+    split, _, rec, _ = chain
     run = str(tmp_path / "rec")
     shutil.copytree(rec, run)
-    warm = read_cold_split(split)["warm_items"]
+    return run, read_cold_split(split)["warm_items"]
+
+
+def test_serve_adds_items_without_retraining(chain, served_copy):
+    from letter.serve.process import get_json, running_server
+
+    _, tok, _, emb = chain
+    run, warm = served_copy
     rows = np.load(emb)[warm:].tolist()
     history = {"history": ["1", "2", "3"], "k": 20, "exclude_history": False}
     with running_server(run, threads=1) as url:  # without --tokenizer: no adding
@@ -447,17 +454,13 @@ def test_serve_adds_items_without_retraining(chain, tmp_path):
         assert status == 422 and body["field"] == "history" and "no identifier" in body["error"]
 
 
-def test_serve_items_serves_a_version_another_add_wrote(chain, tmp_path):
+def test_serve_items_serves_a_version_another_add_wrote(chain, served_copy):
     """`letter add-items` ran while the server was up: POST /items then adds nothing, and the
     version it answers must be the one served, or the added items can never be served."""
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
     from letter.serve.process import get_json, running_server
 
-    split, tok, rec, emb = chain
-    run = str(tmp_path / "rec")
-    shutil.copytree(rec, run)
-    warm = read_cold_split(split)["warm_items"]
+    _, tok, _, emb = chain
+    run, warm = served_copy
     with running_server(run, "--tokenizer", tok, threads=1) as url:
         assert add_items(run, tok, emb)["version"] == 1  # another process adds meanwhile
         status, body = _post(url, "/items", {"embeddings": np.load(emb)[warm:].tolist()})
