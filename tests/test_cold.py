@@ -467,3 +467,15 @@ def test_serve_items_serves_a_version_another_add_wrote(chain, served_copy):
         assert status == 200 and body["added"] == 0 and body["version"] == 1
         assert get_json(url + "/metadata")[1]["index"]["index_version"] == 1
         assert _post(url, "/recommend", {"history": [str(warm)], "k": 5})[0] == 200
+
+
+def test_recommend_histories_names_the_line_of_an_item_without_identifier(chain, tmp_path):
+    """--histories / --users: a history item the index version lacks is named with its line, as
+    an unknown item is (one of thousands of lines is otherwise impossible to find)."""
+    split, _, rec, _ = chain
+    warm = read_cold_split(split)["warm_items"]
+    histories = tmp_path / "histories.txt"
+    histories.write_text(f"1,2\n3,{warm}\n")
+    result = run_cli("recommend", "--model", rec, "--histories", histories, "--out", tmp_path / "out.jsonl", ok=False)
+    assert result.exit_code != 0 and not (tmp_path / "out.jsonl").exists()
+    assert '{"line": 2}' in result.output and "no identifier" in result.output, result.output

@@ -214,8 +214,13 @@ def recommend_jsonl(run: RunRecommender, rows: list[tuple[dict, list[str]]], out
     """Offline batch scoring: for each (key fields, history of original item ids) write one JSON
     line {**key, "items": [...]} to `out` (atomically, all or nothing). Returns the number of lines."""
     run.check_k(k)
-    queries = [Query(tuple(run.positions(history, f"history of {json.dumps(key)}")), k, exclude_history)
-               for key, history in rows]
+    queries = []
+    for key, history in rows:
+        name = f"history of {json.dumps(key)}"
+        queries.append(Query(tuple(run.positions(history, name)), k, exclude_history))
+        problem = run.unindexed_ids(history)
+        if problem:  # named here: the batched search could only say that some history has it
+            raise SettingError(name, f": {problem}")
     with torch.no_grad():
         results = run.recommend(queries, batch_size=batch_size, show_progress=show_progress)
     with atomic_path(out) as tmp, open(tmp, "w") as f:
