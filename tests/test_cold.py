@@ -411,15 +411,22 @@ def _post(url: str, path: str, payload: dict) -> tuple[int, dict]:
         conn.close()
 
 
-def test_serve_adds_items_without_retraining(chain, tmp_path):
+@pytest.fixture
+def served_copy(chain, tmp_path):
+    """(a copy of the trained run to serve, its warm item count); skips without the serve extra."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from letter.serve.process import get_json, running_server
-
-    split, tok, rec, emb = chain
+    split, _, rec, _ = chain
     run = str(tmp_path / "rec")
     shutil.copytree(rec, run)
-    warm = read_cold_split(split)["warm_items"]
+    return run, read_cold_split(split)["warm_items"]
+
+
+def test_serve_adds_items_without_retraining(chain, served_copy):
+    from letter.serve.process import get_json, running_server
+
+    _, tok, _, emb = chain
+    run, warm = served_copy
     rows = np.load(emb)[warm:].tolist()
     history = {"history": ["1", "2", "3"], "k": 20, "exclude_history": False}
     with running_server(run, threads=1) as url:  # without --tokenizer: no adding
@@ -445,3 +452,30 @@ def test_serve_adds_items_without_retraining(chain, tmp_path):
     with running_server(run, "--index-version", "0", threads=1) as url:
         status, body = _post(url, "/recommend", {"history": [str(warm)], "k": 5})
         assert status == 422 and body["field"] == "history" and "no identifier" in body["error"]
+
+
+def test_serve_items_serves_a_version_another_add_wrote(chain, served_copy):
+    """`letter add-items` ran while the server was up: POST /items then adds nothing, and the
+    version it answers must be the one served, or the added items can never be served."""
+    from letter.serve.process import get_json, running_server
+
+    _, tok, _, emb = chain
+    run, warm = served_copy
+    with running_server(run, "--tokenizer", tok, threads=1) as url:
+        assert add_items(run, tok, emb)["version"] == 1  # another process adds meanwhile
+        status, body = _post(url, "/items", {"embeddings": np.load(emb)[warm:].tolist()})
+        assert status == 200 and body["added"] == 0 and body["version"] == 1
+        assert get_json(url + "/metadata")[1]["index"]["index_version"] == 1
+        assert _post(url, "/recommend", {"history": [str(warm)], "k": 5})[0] == 200
+
+
+def test_recommend_histories_names_the_line_of_an_item_without_identifier(chain, tmp_path):
+    """--histories / --users: a history item the index version lacks is named with its line, as
+    an unknown item is (one of thousands of lines is otherwise impossible to find)."""
+    split, _, rec, _ = chain
+    warm = read_cold_split(split)["warm_items"]
+    histories = tmp_path / "histories.txt"
+    histories.write_text(f"1,2\n3,{warm}\n")
+    result = run_cli("recommend", "--model", rec, "--histories", histories, "--out", tmp_path / "out.jsonl", ok=False)
+    assert result.exit_code != 0 and not (tmp_path / "out.jsonl").exists()
+    assert '{"line": 2}' in result.output and "no identifier" in result.output, result.output

@@ -281,6 +281,8 @@ BAD_REQUESTS = [
      "application/json", 422, "requests[1].history"),
     ("batch k", "/recommend/batch", {"requests": [{"history": ["{item}"], "k": 99}]}, "application/json", 422,
      "requests[0].k"),
+    ("not UTF-8", "/recommend", b'{"history": ["\xe9"]}', "application/json", 400, "body"),
+    ("unknown path", "/recommend/one", {"history": ["{item}"]}, "application/json", 404, "path"),
 ]
 
 
@@ -377,3 +379,34 @@ def test_a_level_of_no_requests_is_measured_as_empty():
 
     level = asyncio.run(load_level("http://127.0.0.1:1", [], 0, 1.0))
     assert level["requests"] == level["ok"] == level["errors"] == 0 and level["p99_ms"] is None
+
+
+def test_a_batch_larger_than_the_queue_is_a_422_not_a_503_forever(server, synth):
+    """A batch can never fit a queue shorter than itself: retrying (503 Retry-After) cannot help."""
+    _, _, _, ds = synth
+    status, meta = get_json(server + "/metadata")
+    size = meta["server"]["queue_size"]
+    body = json.dumps({"requests": [{"history": [ds.item_ids[1]], "k": 3}] * (size + 1)}).encode()
+    got, text = _raw(server, "POST", "/recommend/batch", body)
+    answer = json.loads(text)
+    assert got == 422 and answer["field"] == "requests" and str(size) in answer["error"], text
+    body = json.dumps({"requests": [{"history": [ds.item_ids[1]], "k": 3}] * size}).encode()
+    assert _raw(server, "POST", "/recommend/batch", body)[0] == 200
+
+
+def test_a_request_whose_client_left_before_its_batch_is_dropped(trained, synth):
+    """README: a request whose client disconnected before its batch starts is dropped from it."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    out, _ = trained
+    users = _test_users(synth, 1)
+    with running_server(out, "--max-delay-ms", "1500", threads=1) as url:
+        parsed = urlparse(url)
+        body = json.dumps({"history": users[0][1], "k": 5}).encode()
+        head = (f"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=5) as s:
+            s.sendall(head + body)  # then gone at once, while the batch still waits for company
+        time.sleep(3.0)
+        stats = get_json(url + "/metadata")[1]["stats"]
+    assert stats["dropped"] == 1 and stats["requests"] == 0, stats

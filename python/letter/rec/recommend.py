@@ -71,10 +71,11 @@ class RunRecommender:
 
     def add_items(self, tokenizer_dir: str, embeddings) -> dict:
         """letter.rec.index_versions.add_items on the served run, then serve the new version (what
-        `POST /items` calls; one add at a time)."""
+        `POST /items` calls; one add at a time). With nothing to add, the newest version (which
+        another add may have written since this run was loaded) is served from then on."""
         with self._adding:
             record = add_items(self.run_dir, tokenizer_dir, embeddings, data=self.data)
-            if record["added"]:
+            if record["version"] != self.rec.index_version:
                 codes, version, _ = load_index_codes(self.run_dir, record["version"])
                 rec = self.rec.with_index(codes, version)
                 self._use(as_recommender(self.rm.model, rec=rec), rec)
@@ -213,8 +214,13 @@ def recommend_jsonl(run: RunRecommender, rows: list[tuple[dict, list[str]]], out
     """Offline batch scoring: for each (key fields, history of original item ids) write one JSON
     line {**key, "items": [...]} to `out` (atomically, all or nothing). Returns the number of lines."""
     run.check_k(k)
-    queries = [Query(tuple(run.positions(history, f"history of {json.dumps(key)}")), k, exclude_history)
-               for key, history in rows]
+    queries = []
+    for key, history in rows:
+        name = f"history of {json.dumps(key)}"
+        queries.append(Query(tuple(run.positions(history, name)), k, exclude_history))
+        problem = run.unindexed_ids(history)
+        if problem:  # named here: the batched search could only say that some history has it
+            raise SettingError(name, f": {problem}")
     with torch.no_grad():
         results = run.recommend(queries, batch_size=batch_size, show_progress=show_progress)
     with atomic_path(out) as tmp, open(tmp, "w") as f:

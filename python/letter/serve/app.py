@@ -10,9 +10,10 @@
                          (needs --tokenizer; letter.rec.index_versions.add_items)
 
 Errors are JSON {"error": "<field>: <what is wrong>", "field": "<field>"} with status 400 (malformed
-JSON), 415 (a body not sent as application/json), 422 (a field's value: unknown item id, empty
-history, k out of range, wrong type, unknown field) or 503 (the request queue is full; retry
-later), never a stack trace.
+JSON, a body that is not UTF-8), 404 (unknown path), 405 (wrong method), 415 (a body not sent as
+application/json), 422 (a field's value: unknown item id, empty history, k out of range, wrong type,
+unknown field, a batch longer than the queue) or 503 (the request queue is full; retry later),
+never a stack trace.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from letter.errors import LetterError
 from letter.rec.recommend import Query, RunRecommender
@@ -111,6 +113,26 @@ def _error(status: int, field: str, message: str, headers: dict | None = None) -
     return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status, headers=headers)
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body is read by then: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _answer_unless_gone(request: Request, work):
+    """Await the coroutine `work`, cancelled when the client disconnects first: its queued rows are
+    then dropped from their batch (the batcher skips cancelled requests). The server does not cancel
+    a handler whose client left, so without this a gone client's request would still be searched."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():  # the client left (or this handler was cancelled)
+            task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
+
+
 def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float = 2.0,
                queue_size: int = 1024, tokenizer: str | None = None) -> FastAPI:
     """The app serving `run` (already loaded); the batcher starts and stops with the app.
@@ -136,6 +158,11 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
         if first.get("type") == "json_invalid":
             return _error(400, "body", f"malformed JSON ({first.get('ctx', {}).get('error', first.get('msg'))})")
         return _error(422, field, first.get("msg", "invalid value"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # raised by the framework itself
+        field = {400: "body", 404: "path", 405: "method"}.get(exc.status_code, "request")
+        return _error(exc.status_code, field, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(FieldError)
     async def bad_field(request: Request, exc: FieldError):
@@ -165,15 +192,22 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
         return RecommendResponse(items=items, k=query.k, excluded=len(query.banned()))
 
     @app.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True)
-    async def recommend(req: RecommendRequest):
+    async def recommend(req: RecommendRequest, request: Request):
         query = to_query(req)
-        (items,) = await batcher.submit([query])
-        return response(query, items)
+        results = await _answer_unless_gone(request, batcher.submit([query]))
+        if results is None:  # nobody to answer
+            return _error(499, "client", "disconnected before the answer")
+        return response(query, results[0])
 
     @app.post("/recommend/batch", response_model=BatchResponse, response_model_exclude_none=True)
-    async def recommend_batch(req: BatchRequest):
+    async def recommend_batch(req: BatchRequest, request: Request):
+        if len(req.requests) > batcher.queue_size:  # it could never fit: a 503 "retry later" would loop forever
+            raise FieldError("requests", f"at most {batcher.queue_size} requests per batch (the server's "
+                                         f"--queue-size), got {len(req.requests)}")
         queries = [to_query(r, f"requests[{i}].") for i, r in enumerate(req.requests)]
-        results = await batcher.submit(queries)
+        results = await _answer_unless_gone(request, batcher.submit(queries))
+        if results is None:
+            return _error(499, "client", "disconnected before the answer")
         return BatchResponse(results=[response(q, items) for q, items in zip(queries, results)])
 
     @app.post("/items", response_model=AddItemsResponse)
