@@ -86,8 +86,10 @@ class RunRecommender:
         return self.rec.dataset.num_items
 
     def metadata(self) -> dict:
-        """What is being served: model, dataset, catalog and identifier index."""
-        dataset = self.rec.dataset
+        """What is being served: model, dataset, catalog and identifier index (one version's, read
+        from one snapshot while POST /items may swap it)."""
+        _, rec, index, _, codes_sha256 = self._state
+        dataset = rec.dataset
         return {
             "model": self.config.model,
             "run": self.run_dir,
@@ -98,8 +100,8 @@ class RunRecommender:
             "beams": self.beams,
             "max_k": self.beams,
             # the identity of the item -> identifier map the run decodes with (sha256 of its codes)
-            "index": {"version": self._state[4][:16], "codes_sha256": self._state[4],
-                      "index_version": self.rec.index_version, **self.index.summary()},
+            "index": {"version": codes_sha256[:16], "codes_sha256": codes_sha256,
+                      "index_version": rec.index_version, **index.summary()},
             "max_new_share": self.max_new_share,
         }
 
