@@ -25,7 +25,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException
 
 from letter.errors import LetterError
@@ -49,8 +49,9 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     history: list[ItemId] = Field(min_length=1, max_length=MAX_LIST,
                                   description="Item ids the user interacted with, oldest first.")
-    k: int = Field(10, description="Number of identifiers to return (1 .. the server's --beams).")
-    exclude_history: bool = Field(True, description="Never return an item of the history.")
+    # strict: JSON true is not k 1, nor "yes" a boolean
+    k: StrictInt = Field(10, description="Number of identifiers to return (1 .. the server's --beams).")
+    exclude_history: StrictBool = Field(True, description="Never return an item of the history.")
     exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_LIST,
                                   description="Further item ids never to return.")
 
