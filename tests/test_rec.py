@@ -230,6 +230,21 @@ def test_every_epoch_records_the_arithmetic_it_ran_in(synth, tmp_path):
     assert history["bf16"][0]["train_loss"] != history["fp32"][0]["train_loss"]
 
 
+def test_one_evaluated_user_writes_strict_json(trained, tmp_path):
+    """One user has no spread to measure: its standard errors are null, and the file parses under
+    a strict reader (NaN is not JSON)."""
+    out, _ = trained
+    written = tmp_path / "one.json"
+    result = evaluate(out, "test", max_users=1, device="cpu", out=str(written))
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    strict = json.loads(written.read_text(), parse_constant=refuse)
+    assert result["users"] == strict["users"] == 1
+    assert set(strict["standard_errors"].values()) == {None}
+
+
 # ------------------------------------------------------------------------------ resume and DDP
 
 

@@ -37,14 +37,15 @@ def metrics_from_hits(hits: torch.Tensor, ks=(5, 10)) -> dict[str, float]:
     return {name: v.sum().item() / denom for name, v in values.items()}
 
 
-def standard_errors(hits: torch.Tensor, ks=(5, 10)) -> dict[str, float]:
+def standard_errors(hits: torch.Tensor, ks=(5, 10)) -> dict[str, float | None]:
     """Standard error of each metric of metrics_from_hits as an estimate of its mean over the users'
-    population: sample standard deviation of the per-user values / sqrt(users) (nan below 2 users).
+    population: sample standard deviation of the per-user values / sqrt(users); None below 2 users
+    (undefined; null in the JSON outputs, which NaN would make invalid JSON).
     It says how far a metric measured on these users may be from the same model's metric on others,
     i.e. which differences between two validations are noise."""
     n = hits.shape[0]
     if n < 2:
-        return {name: float("nan") for name in per_user_metrics(hits, ks)}
+        return {name: None for name in per_user_metrics(hits, ks)}
     return {name: (v.std(unbiased=True) / n ** 0.5).item() for name, v in per_user_metrics(hits, ks).items()}
 
 

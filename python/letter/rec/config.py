@@ -94,11 +94,12 @@ class RecConfig(Settings):
         """First epoch at which early stopping may end the run."""
         return math.ceil(self.stop_from * self.epochs)
 
-    def improvement_threshold(self, ndcg_se: float) -> float:
-        """The NDCG@10 gain a validation with standard error `ndcg_se` needs to count as better."""
+    def improvement_threshold(self, ndcg_se: float | None) -> float:
+        """The NDCG@10 gain a validation with standard error `ndcg_se` (None: one user) needs to
+        count as better."""
         if self.min_delta > 0:
             return self.min_delta
-        return self.min_delta_se * ndcg_se if math.isfinite(ndcg_se) else 0.0
+        return self.min_delta_se * ndcg_se if ndcg_se is not None else 0.0
 
     def model_kwargs(self) -> dict:
         names = ["d_model", "num_layers", "num_decoder_layers", "num_heads", "d_kv", "d_ff", "dropout",
