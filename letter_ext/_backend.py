@@ -13,7 +13,7 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 def _load_library():
     """Load the compiled op library (it registers the letter:: ops); return its path."""
     here = os.path.dirname(os.path.abspath(__file__))
-    found = sorted(glob.glob(os.path.join(glob.escape(here), "_C*.so")) + glob.glob(os.path.join(glob.escape(here), "_C*.pyd")))
+    found = sorted(path for ext in ("so", "pyd") for path in glob.glob(os.path.join(glob.escape(here), f"_C*.{ext}")))
     if not found:
         raise ImportError("no compiled letter_ext/_C library in this installation")
     torch.ops.load_library(found[0])

@@ -200,10 +200,11 @@ class RandomStreams:
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
         moved = ("cuda" in state) != (self.device.type == "cuda")
+        reseeded = sorted(name for name in state["generators"] if moved and name in self.on_run_device)
         for name, gen_state in state["generators"].items():
-            if name in self.generators and not (moved and name in self.on_run_device):
+            if name in self.generators and name not in reseeded:
                 self.generators[name].set_state(gen_state)
-        return sorted(name for name in state["generators"] if moved and name in self.on_run_device)
+        return reseeded
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
