@@ -11,7 +11,8 @@ import click
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
 @click.option("--beams", default=20, show_default=True, type=click.IntRange(min=1),
-              help="Beam width of every search; a request's k (<= beams) takes its first k identifiers.")
+              help="Beam width of every search; a request's k (<= beams; default 10, or --beams when smaller) "
+                   "takes its first k identifiers.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
               help="Most requests gathered into one batched beam search (1 = no batching).")
 @click.option("--max-delay-ms", default=2.0, show_default=True, type=click.FloatRange(min=0),
@@ -30,8 +31,12 @@ import click
               help="The run's tokenizer folder: enables POST /items (new items join without retraining).")
 @click.option("--allow-other-data", is_flag=True,
               help="Serve with a dataset whose content differs from the one the run was trained on (refused otherwise).")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=None,
+              help="Larger request bodies are answered 413 before they are read whole (default: twice the largest "
+                   "legitimate request -- a --queue-size batch of max_history-long histories and exclude lists, or "
+                   "with --tokenizer a POST /items of the whole catalog's rows -- and at least 1 MiB).")
 def serve_cmd(run_dir, data_path, host, port, beams, max_batch, max_delay_ms, queue_size, device, threads, log_level,
-              index_version, max_new_share, tokenizer_dir, allow_other_data):
+              index_version, max_new_share, tokenizer_dir, allow_other_data, max_body_bytes):
     """Serve a trained recommender over HTTP (JSON): POST /recommend, POST /recommend/batch, GET /healthz,
     GET /metadata, POST /items (with --tokenizer); OpenAPI docs at /docs. Concurrent requests are batched into one constrained beam
     search (up to --max-batch, waiting at most --max-delay-ms). Needs pip install -e .[serve]."""
@@ -44,7 +49,7 @@ def serve_cmd(run_dir, data_path, host, port, beams, max_batch, max_delay_ms, qu
     serve(run_dir, data=data_path, device=device, beams=beams, host=host, port=port, max_batch=max_batch,
           max_delay_ms=max_delay_ms, queue_size=queue_size, log_level=log_level, log=click.echo,
           index_version=index_version, max_new_share=max_new_share, tokenizer=tokenizer_dir,
-          allow_other_data=allow_other_data)
+          allow_other_data=allow_other_data, max_body_bytes=max_body_bytes)
 
 
 @click.command("serve")

@@ -414,3 +414,88 @@ def test_a_request_whose_client_left_before_its_batch_is_dropped(trained, synth)
         time.sleep(3.0)
         stats = get_json(url + "/metadata")[1]["stats"]
     assert stats["dropped"] == 1 and stats["requests"] == 0, stats
+
+
+def _limited_post(url: str, body: bytes, chunks: int = 0):
+    """POST /recommend with `body` sent whole with its Content-Length, or (chunks > 0) in that many
+    chunks of a chunked transfer without one -> (status, JSON answer)."""
+    parsed = urlparse(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    try:
+        if chunks:
+            size = -(-len(body) // chunks)
+            parts = [body[i:i + size] for i in range(0, len(body), size)]
+            conn.request("POST", "/recommend", body=iter(parts), encode_chunked=True,
+                         headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        else:
+            conn.request("POST", "/recommend", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_body_over_max_body_bytes_is_a_413_before_it_is_parsed(trained, synth):
+    """--max-body-bytes: a body one byte over the limit is refused (with a Content-Length, and
+    chunked without one), a body exactly at the limit is served; the server keeps serving."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    out, _ = trained
+    _, history = _test_users(synth, 1)[0]
+    body = json.dumps({"history": history, "k": 3}).encode()
+    limit = len(body) + 40
+    at_limit = body[:-1] + b" " * (limit - len(body)) + b"}"  # whitespace: the same request, exactly `limit` bytes
+    over = at_limit[:-1] + b" }"
+    assert len(at_limit) == limit and len(over) == limit + 1
+    with running_server(out, "--max-body-bytes", str(limit), threads=1) as url:
+        for data, chunks, status in ((over, 0, 413), (over, 3, 413), (at_limit, 0, 200), (at_limit, 3, 200)):
+            got, answer = _limited_post(url, data, chunks)
+            assert got == status, (chunks, answer)
+            if status == 413:
+                assert answer == {"error": f"body: larger than the server's limit of {limit} bytes (--max-body-bytes)",
+                                  "field": "body"}
+            else:
+                assert len(answer["items"]) == 3
+        # a huge declared body is refused at once, without the server reading it
+        parsed = urlparse(url)
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as s:
+            s.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 10000000000\r\n\r\n{")
+            reply = s.recv(65536).decode()
+        assert reply.startswith("HTTP/1.1 413") and '"field":"body"' in reply, reply
+        assert get_json(url + "/metadata")[1]["server"]["max_body_bytes"] == limit
+        assert _limited_post(url, body)[0] == 200
+
+
+def test_the_default_body_limit_fits_the_largest_legitimate_batch(server, synth):
+    """Without --max-body-bytes: a batch of --queue-size requests with max_history-long history and
+    exclude lists (the largest legitimate request) is served."""
+    _, _, _, ds = synth
+    status, meta = get_json(server + "/metadata")
+    limit, size = meta["server"]["max_body_bytes"], meta["server"]["queue_size"]
+    longest = max(ds.item_ids, key=len)
+    request = {"history": [longest] * 20, "k": 3, "exclude_history": False, "exclude": [ds.item_ids[0]] * 20}
+    body = json.dumps({"requests": [request] * size}, indent=1).encode()  # indented: more bytes than compact
+    assert limit >= 1 << 20 and len(body) < limit
+    status, text = _raw(server, "POST", "/recommend/batch", body)
+    assert status == 200 and len(json.loads(text)["results"]) == size
+
+
+def test_k_defaults_to_10_or_the_beam_width_when_smaller(server, trained, synth):
+    """A request without k gets min(10, --beams) items; an explicit k above --beams stays a 422."""
+    out, _ = trained
+    _, history = _test_users(synth, 1)[0]
+    status, text = _raw(server, "POST", "/recommend", json.dumps({"history": history}).encode())  # --beams 20
+    assert status == 200 and json.loads(text)["k"] == 10
+    with running_server(out, "--beams", "5", threads=1) as url:
+        status, text = _raw(url, "POST", "/recommend", json.dumps({"history": history}).encode())
+        answer = json.loads(text)
+        assert status == 200 and answer["k"] == 5 and len({i["rank"] for i in answer["items"]}) == 5, answer
+        run = RunRecommender(out, beams=5)
+        expected = run.recommend([Query(tuple(run.positions(history)), 5, True)])[0]
+        assert _ids(answer["items"]) == _ids(expected)
+        status, text = _raw(url, "POST", "/recommend", json.dumps({"history": history, "k": 6}).encode())
+        answer = json.loads(text)
+        assert status == 422 and answer["field"] == "k" and "[1, 5]" in answer["error"], answer
+        status, text = _raw(url, "POST", "/recommend", json.dumps({"history": history, "k": None}).encode())
+        assert status == 422 and json.loads(text)["field"] == "k"  # null is not "not given"

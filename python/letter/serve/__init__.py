@@ -1,7 +1,8 @@
 """`letter serve`: a train-rec run (TIGER or LC-Rec) loaded once behind a JSON HTTP API with
 dynamic batching (needs the `serve` extra: pip install -e .[serve]).
 
-  create_app(RunRecommender(run_dir), max_batch=32, max_delay_ms=2, queue_size=1024, tokenizer=None) -> FastAPI app
+  create_app(RunRecommender(run_dir), max_batch=32, max_delay_ms=2, queue_size=1024, tokenizer=None,
+             max_body_bytes=None) -> FastAPI app
   serve(run_dir, host="127.0.0.1", port=8000, ...)     load the run and run uvicorn (blocking)
 """
 from letter.errors import LetterError
@@ -19,10 +20,11 @@ def require_serve_packages() -> None:
 def serve(run_dir: str, *, data=None, device: str = "cpu", beams: int = 20, host: str = "127.0.0.1",
           port: int = 8000, max_batch: int = 32, max_delay_ms: float = 2.0, queue_size: int = 1024,
           log_level: str = "warning", log=None, index_version: int | None = None, max_new_share: float | None = None,
-          tokenizer: str | None = None, allow_other_data: bool = False) -> None:
+          tokenizer: str | None = None, allow_other_data: bool = False, max_body_bytes: int | None = None) -> None:
     """Load `run_dir` once (its index version `index_version`, default the newest) and serve it
     until interrupted; with `tokenizer` (the run's tokenizer folder) POST /items adds items.
-    allow_other_data: serve with a dataset whose content is not the one the run was trained on."""
+    allow_other_data: serve with a dataset whose content is not the one the run was trained on.
+    max_body_bytes: larger request bodies are answered 413 (default: see app.default_max_body_bytes)."""
     require_serve_packages()
     import uvicorn
 
@@ -32,9 +34,11 @@ def serve(run_dir: str, *, data=None, device: str = "cpu", beams: int = 20, host
 
     run = RunRecommender(run_dir, data=data, device=device, beams=beams, index_version=index_version,
                          max_new_share=max_new_share, allow_other_data=allow_other_data)
-    app = create_app(run, max_batch=max_batch, max_delay_ms=max_delay_ms, queue_size=queue_size, tokenizer=tokenizer)
+    app = create_app(run, max_batch=max_batch, max_delay_ms=max_delay_ms, queue_size=queue_size, tokenizer=tokenizer,
+                     max_body_bytes=max_body_bytes)
     meta = run.metadata()
     log = log or (lambda message: print(message, flush=True))
     log(f"serving {meta['model']} run {run.run_dir} ({meta['dataset']}, {meta['items']} items, index "
-        f"{meta['index']['version']}) on http://{host}:{port} (API docs: /docs)")
+        f"{meta['index']['version']}) on http://{host}:{port} (API docs: /docs; bodies up to "
+        f"{app.state.max_body_bytes} bytes)")
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -10,8 +10,8 @@
                          (needs --tokenizer; letter.rec.index_versions.add_items)
 
 Errors are JSON {"error": "<field>: <what is wrong>", "field": "<field>"} with status 400 (malformed
-JSON, a body that is not UTF-8), 404 (unknown path), 405 (wrong method), 415 (a body not sent as
-application/json), 422 (a field's value: unknown item id, empty history, k out of range, wrong type,
+JSON, a body that is not UTF-8), 404 (unknown path), 405 (wrong method), 413 (a body over
+--max-body-bytes, refused before it is parsed), 415 (a body not sent as application/json), 422 (a field's value: unknown item id, empty history, k out of range, wrong type,
 unknown field, a batch longer than the queue) or 503 (the request queue is full; retry later),
 never a stack trace.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import Annotated
 
 import numpy as np
@@ -26,15 +27,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.rec.recommend import Query, RunRecommender
 
 from .batching import DynamicBatcher, QueueFullError
 
 MAX_LIST = 10_000  # longest history / exclude list accepted (the model reads the last max_history items)
 MAX_BATCH_REQUESTS = 1024
+DEFAULT_K = 10  # a request's k when it gives none (or --beams, when smaller)
+MIN_BODY_LIMIT = 1 << 20  # the default body limit never goes below 1 MiB (long single histories)
+FLOAT_JSON_BYTES = 25  # the longest JSON text of a float32 value as Python writes it, with ", "
+REQUEST_JSON_BYTES = 128  # the keys, k and flags of one request, with generous whitespace
 
 
 def _id_as_text(value):
@@ -50,7 +56,9 @@ class RecommendRequest(BaseModel):
     history: list[ItemId] = Field(min_length=1, max_length=MAX_LIST,
                                   description="Item ids the user interacted with, oldest first.")
     # strict: JSON true is not k 1, nor "yes" a boolean
-    k: StrictInt = Field(10, description="Number of identifiers to return (1 .. the server's --beams).")
+    # no default value here: a k not given is min(10, --beams), which only the server knows
+    k: StrictInt = Field(None, description=f"Number of identifiers to return (1 .. the server's --beams; "
+                                           f"default {DEFAULT_K}, or --beams when smaller).")
     exclude_history: StrictBool = Field(True, description="Never return an item of the history.")
     exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_LIST,
                                   description="Further item ids never to return.")
@@ -134,10 +142,75 @@ async def _answer_unless_gone(request: Request, work):
     return task.result() if task.done() and not task.cancelled() else None
 
 
+class BodyTooLarge(HTTPException):
+    """A request body over the server's limit (-> 413), raised while the body is read."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"larger than the server's limit of {limit} bytes (--max-body-bytes)")
+
+
+class BodyLimit:
+    """ASGI middleware refusing a request body over `max_bytes` before anything parses it: at its
+    first read when its Content-Length says so (nothing of it is read), else (a chunked body) as
+    soon as the bytes read pass the limit, so at most the limit plus one received chunk is held.
+    The BodyTooLarge raised from `receive` reaches the app's HTTPException handler (413 JSON)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        over = declared.isdigit() and int(declared) > self.max_bytes
+        read = 0
+
+        async def limited_receive():
+            nonlocal read
+            if over:
+                raise BodyTooLarge(self.max_bytes)
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def largest_request_bytes(run: RunRecommender, queue_size: int, embedding_dim: int | None = None) -> int:
+    """Bytes of the largest legitimate request body: a /recommend/batch of min(queue_size,
+    MAX_BATCH_REQUESTS) requests whose history and exclude lists each hold max_history (what the
+    model reads) of the catalog's longest id, or, when items can be added (`embedding_dim`), a
+    POST /items of every catalog item's row (the whole-catalog form; at most MAX_LIST rows)."""
+    id_bytes = max(len(json.dumps(i)) for i in run.rec.dataset.item_ids) + 2  # with ", "
+    request = 2 * run.config.max_history * id_bytes + REQUEST_JSON_BYTES
+    batch = min(queue_size, MAX_BATCH_REQUESTS) * request
+    items = min(run.num_items, MAX_LIST) * embedding_dim * FLOAT_JSON_BYTES if embedding_dim else 0
+    return max(batch, items)
+
+
+def default_max_body_bytes(run: RunRecommender, queue_size: int, tokenizer: str | None = None) -> int:
+    """Twice the largest legitimate request (largest_request_bytes; the tokenizer's input width for
+    POST /items), at least MIN_BODY_LIMIT."""
+    dim = None
+    if tokenizer is not None:
+        from letter.tokenizer import load_tokenizer
+
+        dim = load_tokenizer(tokenizer).model.in_dim
+    return max(MIN_BODY_LIMIT, 2 * largest_request_bytes(run, queue_size, dim))
+
+
 def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float = 2.0,
-               queue_size: int = 1024, tokenizer: str | None = None) -> FastAPI:
+               queue_size: int = 1024, tokenizer: str | None = None, max_body_bytes: int | None = None) -> FastAPI:
     """The app serving `run` (already loaded); the batcher starts and stops with the app.
-    `tokenizer`: the run's tokenizer folder, which POST /items needs."""
+    `tokenizer`: the run's tokenizer folder, which POST /items needs. `max_body_bytes`: larger
+    request bodies are answered 413 before they are parsed (default: default_max_body_bytes)."""
+    if max_body_bytes is None:
+        max_body_bytes = default_max_body_bytes(run, queue_size, tokenizer)
+    if max_body_bytes < 1:
+        raise SettingError("max_body_bytes", f"must be >= 1, got {max_body_bytes}")
     batcher = DynamicBatcher(run.recommend, max_batch, max_delay_ms / 1000.0, queue_size)
 
     @contextlib.asynccontextmanager
@@ -148,7 +221,8 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
 
     app = FastAPI(title="LETTER recommender", version="1", lifespan=lifespan,
                   description=f"Serving {run.config.model} run {run.run_dir} on {run.rec.dataset.name}.")
-    app.state.run, app.state.batcher = run, batcher
+    app.state.run, app.state.batcher, app.state.max_body_bytes = run, batcher, max_body_bytes
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -162,7 +236,7 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):  # raised by the framework itself
-        field = {400: "body", 404: "path", 405: "method"}.get(exc.status_code, "request")
+        field = {400: "body", 404: "path", 405: "method", 413: "body"}.get(exc.status_code, "request")
         return _error(exc.status_code, field, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(FieldError)
@@ -178,8 +252,9 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
         return _error(500, "server", f"internal error ({type(exc).__name__})")
 
     def to_query(req: RecommendRequest, prefix: str = "") -> Query:
-        if not 1 <= req.k <= run.beams:
-            raise FieldError(f"{prefix}k", f"must be in [1, {run.beams}] (the server's --beams), got {req.k}")
+        k = min(DEFAULT_K, run.beams) if req.k is None else req.k  # None: not given (null is refused)
+        if not 1 <= k <= run.beams:
+            raise FieldError(f"{prefix}k", f"must be in [1, {run.beams}] (the server's --beams), got {k}")
         for name, ids in (("history", req.history), ("exclude", req.exclude)):
             problem = run.unknown_ids(ids)
             if problem:
@@ -187,7 +262,7 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
         problem = run.unindexed_ids(req.history)
         if problem:
             raise FieldError(prefix + "history", problem)
-        return Query(tuple(run.positions(req.history)), req.k, req.exclude_history, tuple(run.positions(req.exclude)))
+        return Query(tuple(run.positions(req.history)), k, req.exclude_history, tuple(run.positions(req.exclude)))
 
     def response(query: Query, items: list[dict]) -> RecommendResponse:
         return RecommendResponse(items=items, k=query.k, excluded=len(query.banned()))
@@ -232,7 +307,7 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
     async def metadata():
         return {**run.metadata(),
                 "server": {"max_batch": batcher.max_batch, "max_delay_ms": batcher.max_delay_s * 1000.0,
-                           "queue_size": batcher.queue_size},
+                           "queue_size": batcher.queue_size, "max_body_bytes": max_body_bytes},
                 "stats": dict(batcher.stats)}
 
     return app
