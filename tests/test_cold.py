@@ -18,6 +18,7 @@ from letter.cli.main import main as cli
 from letter.data import leave_one_out, load_dataset, make_synthetic, write_letter
 from letter.data.cold import cold_split, read_cold_split
 from letter.decoding import PrefixIndex
+from letter.errors import LetterError
 from letter.decoding.search import quota_last_step
 from letter.rec import evaluate, generate, load_run, recommend
 from letter.rec.evaluation import added_leaves
@@ -479,3 +480,132 @@ def test_recommend_histories_names_the_line_of_an_item_without_identifier(chain,
     result = run_cli("recommend", "--model", rec, "--histories", histories, "--out", tmp_path / "out.jsonl", ok=False)
     assert result.exit_code != 0 and not (tmp_path / "out.jsonl").exists()
     assert '{"line": 2}' in result.output and "no identifier" in result.output, result.output
+
+
+# ------------------------------------------------------------------ a catalog that grew by appending
+
+
+def _grown(split: str, emb: str, folder, new_ids: list[str], reorder: bool = False) -> tuple[str, str]:
+    """A copy of the split folder with items `new_ids` appended to its item file (no interactions),
+    and [N + len(new_ids), d] embeddings (the new rows: the first cold rows plus a shift). reorder:
+    also swap the first two history items of the first user (other interactions: other data)."""
+    shutil.copytree(split, folder)
+    items_path, inter_path = os.path.join(folder, "Synth.item.json"), os.path.join(folder, "Synth.inter.json")
+    with open(items_path) as f:
+        items = json.load(f)
+    for i, item in enumerate(new_ids):
+        items[item] = {**items["0"], "title": f"new item {i}"}
+    with open(items_path, "w") as f:
+        json.dump(items, f)
+    if reorder:
+        with open(inter_path) as f:
+            inter = json.load(f)
+        first = next(iter(inter))
+        inter[first][:2] = inter[first][1::-1]
+        with open(inter_path, "w") as f:
+            json.dump(inter, f)
+    rows = np.load(emb)
+    grown_emb = os.path.join(folder, "grown-emb.npy")
+    np.save(grown_emb, np.concatenate([rows, rows[-len(new_ids):] + 0.5]).astype(np.float32))
+    return str(folder), grown_emb
+
+
+def test_items_appended_to_the_catalog_are_added_served_and_decoded(chain, tmp_path):
+    """The dataset grew by appending items: add-items gives identifiers to the cold items and the
+    new ones (no --allow-other-data), every reader takes the grown catalog, the version 0 stays as it
+    was, and the catalog as it was before it grew no longer fits the newest version."""
+    split, tok, rec, emb = chain
+    warm = read_cold_split(split)["warm_items"]
+    run = str(tmp_path / "rec")
+    shutil.copytree(rec, run)
+    new = ["9001", "9002", "9003"]
+    grown, grown_emb = _grown(split, emb, tmp_path / "grown", new)
+    record = add_items(run, tok, grown_emb, data=grown)
+    assert record["version"] == 1 and record["indexed_items"] == NUM_ITEMS + 3
+    assert record["items"] == [str(i) for i in range(warm, NUM_ITEMS)] + new
+    codes, version, _ = load_index_codes(run)
+    training = np.load(os.path.join(rec, "codes.npy"))
+    assert version == 1 and np.array_equal(codes[:warm], training) and len(codes) == NUM_ITEMS + 3
+    assert np.array_equal(load_index_codes(run, 0)[0], training)
+    assert len({tuple(c) for c in codes.tolist()}) == NUM_ITEMS + 3  # --unique
+
+    from letter.rec import Query, RunRecommender
+
+    served = RunRecommender(run, data=grown, beams=NUM_ITEMS + 3)  # every identifier fits the beam
+    assert served.metadata()["index"]["index_version"] == 1 and served.num_items == NUM_ITEMS + 3
+    with torch.no_grad():
+        listed = served.recommend([Query(tuple(served.positions(["1", "2"])), NUM_ITEMS + 3)])[0]
+    by_id = {i["item_id"]: i for i in listed}
+    assert set(new) <= set(by_id)  # an exhaustive search decodes every added item...
+    for i, item in enumerate(new):  # ...to the identifier the add gave it
+        assert by_id[item]["code"] == codes[NUM_ITEMS + i].tolist()
+    result = run_cli("recommend", "--model", run, "--data", grown, "--history", "9001,1", "-k", 5)
+    assert len(result.output.strip().splitlines()) >= 5
+    before = evaluate(rec)
+    assert evaluate(run, data=grown, index_version=0)["metrics"] == before["metrics"]  # same users, same codes
+
+    with pytest.raises(LetterError, match=r"index version 1 of .* gave identifiers to items up to 123.*index_version 0"):
+        RunRecommender(run)  # the run's recorded dataset: the catalog before it grew
+    assert RunRecommender(run, index_version=0).metadata()["index"]["index_version"] == 0
+    again = add_items(run, tok, grown_emb, data=grown)
+    assert again["added"] == 0 and index_versions(run) == [0, 1]
+
+
+def test_adding_from_other_data_is_refused_and_the_versions_stay(chain, tmp_path):
+    """Other interactions (even with --allow-other-data), or a catalog that grew differently from
+    the one an add used: refused with a line that says why; the versions on disk are unchanged."""
+    from letter.rec import RunRecommender
+
+    split, tok, rec, emb = chain
+    run = str(tmp_path / "rec")
+    shutil.copytree(rec, run)
+    other, other_emb = _grown(split, emb, tmp_path / "other", ["9001"], reorder=True)
+    with pytest.raises(LetterError, match="not the dataset .* grown by appending items"):
+        add_items(run, tok, other_emb, data=other)
+    served = RunRecommender(run, data=other, allow_other_data=True)  # served as other data ...
+    with pytest.raises(LetterError, match="can be served but not added to"):  # ... not added to
+        served.add_items(tok, other_emb)
+    result = run_cli("add-items", "--model", run, "--tokenizer", tok, "--embeddings", other_emb, "--data", other,
+                     ok=False)
+    assert result.exit_code == 1 and "grown by appending items" in result.output and "Traceback" not in result.output
+    assert index_versions(run) == [0]
+
+    grown, grown_emb = _grown(split, emb, tmp_path / "grown", ["9001", "9002"])
+    assert add_items(run, tok, grown_emb, data=grown)["version"] == 1
+    codes = load_index_codes(run)[0]
+    elsewhere, elsewhere_emb = _grown(split, emb, tmp_path / "elsewhere", ["9001", "9005"])
+    with pytest.raises(LetterError, match=r"item 121 is '9005', but index version 1 .* item '9002' \(the catalog grew"):
+        add_items(run, tok, elsewhere_emb, data=elsewhere)
+    with pytest.raises(LetterError, match="grew differently"):
+        RunRecommender(run, data=elsewhere)
+    assert index_versions(run) == [0, 1] and np.array_equal(load_index_codes(run)[0], codes)
+
+
+def test_an_allow_other_data_server_adds_the_items_of_a_grown_catalog(chain, served_copy, tmp_path):
+    """`letter serve --allow-other-data --tokenizer`: POST /items adds to a catalog that grew by
+    appending (served, decodable), and answers other data (other interactions) with a 422 that
+    says why, its versions and its answers unchanged."""
+    from letter.serve.process import get_json, running_server
+
+    split, tok, _, emb = chain
+    run, warm = served_copy
+    grown, grown_emb = _grown(split, emb, tmp_path / "grown", ["9001", "9002"])
+    other, other_emb = _grown(split, emb, tmp_path / "other", ["9001"], reorder=True)
+    with running_server(run, "--data", other, "--allow-other-data", "--tokenizer", tok, threads=1) as url:
+        status, body = _post(url, "/items", {"embeddings": np.load(other_emb)[warm:].tolist()})
+        assert status == 422 and body["field"] == "embeddings" and "can be served but not added to" in body["error"]
+        assert _post(url, "/recommend", {"history": ["1", "2"], "k": 5})[0] == 200
+    assert index_versions(run) == [0]
+    with running_server(run, "--data", grown, "--allow-other-data", "--tokenizer", tok, threads=1) as url:
+        status, body = _post(url, "/items", {"embeddings": np.load(grown_emb)[warm:].tolist()})
+        assert status == 200 and body["version"] == 1 and body["items"][-2:] == ["9001", "9002"], body
+        meta = get_json(url + "/metadata")[1]
+        assert meta["items"] == NUM_ITEMS + 2 and meta["index"]["index_version"] == 1
+        status, body = _post(url, "/recommend", {"history": ["9002", "9001"], "k": 5})
+        assert status == 200 and len(body["items"]) >= 5
+    codes = load_index_codes(run)[0]
+    assert index_versions(run) == [0, 1] and len(codes) == NUM_ITEMS + 2
+    with running_server(run, "--data", grown, "--beams", str(NUM_ITEMS + 2), threads=1) as url:  # no flag needed
+        status, body = _post(url, "/recommend", {"history": ["1", "2"], "k": NUM_ITEMS + 2})
+    listed = {i["item_id"]: i["code"] for i in body["items"]}
+    assert status == 200 and listed["9001"] == codes[NUM_ITEMS].tolist() and listed["9002"] == codes[NUM_ITEMS + 1].tolist()

@@ -149,17 +149,19 @@ def read_cold_split(path) -> dict | None:
     return record
 
 
-def check_no_cold_training(dataset: Dataset, record: dict | None) -> None:
+def check_no_cold_training(dataset: Dataset, record: dict | None, grown: bool = False) -> None:
     """Refuse a cold-split dataset whose training or validation data hold a cold item: a cold item
-    may only be a user's last (test) item. Also checks the record matches the dataset."""
+    may only be a user's last (test) item. Also checks the record matches the dataset. grown: the
+    dataset may have items appended after the split's (a trained run's catalog that grew since)."""
     if record is None:
         return
-    warm, cold = record["warm_items"], record["cold_items"]
-    if dataset.num_items != record["num_items"] or cold != list(range(warm, dataset.num_items)):
-        raise DataError(f"{dataset.source}: {SPLIT_FILE} describes {record['num_items']} items with cold ids "
-                        f"{warm}..{record['num_items'] - 1}, but the dataset has {dataset.num_items} items")
+    warm, cold, total = record["warm_items"], record["cold_items"], record["num_items"]
+    fits = dataset.num_items >= total if grown else dataset.num_items == total
+    if not fits or cold != list(range(warm, total)):
+        raise DataError(f"{dataset.source}: {SPLIT_FILE} describes {total} items with cold ids "
+                        f"{warm}..{total - 1}, but the dataset has {dataset.num_items} items")
     for user, seq in zip(dataset.user_ids, dataset.sequences):
-        leaked = [i for i in seq[:-1] if i >= warm]
+        leaked = [i for i in seq[:-1] if warm <= i < total]
         if leaked:
             raise DataError(f"{dataset.source}: cold item {dataset.item_ids[leaked[0]]} is in user {user}'s "
                             "training/validation sequence; a cold split may hold cold items only as test targets")

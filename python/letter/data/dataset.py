@@ -34,10 +34,12 @@ class Dataset:
     def num_users(self) -> int:
         return len(self.user_ids)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, num_items: int | None = None) -> str:
         """sha256 of the item ids and every user's sequence: equal for equal contents, wherever the
-        files are (what resume checks and comparisons key on)."""
-        h = hashlib.sha256(json.dumps(self.item_ids).encode())
+        files are (what resume checks and comparisons key on). num_items: of the first num_items
+        item ids and the same sequences, i.e. the fingerprint of the catalog this one grew from by
+        appending items (items without interactions) -- when it did."""
+        h = hashlib.sha256(json.dumps(self.item_ids[:num_items]).encode())
         for seq in self.sequences:
             h.update(np.asarray(seq, dtype=np.int64).tobytes())
             h.update(b"|")

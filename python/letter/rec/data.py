@@ -43,11 +43,14 @@ def codes_sha(codes: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()
 
 
-def resolve_codes(codes, dataset: Dataset, cold: dict | None = None, what: str = "codes") -> tuple[np.ndarray, str]:
+def resolve_codes(codes, dataset: Dataset, cold: dict | None = None, what: str = "codes",
+                  prefix: bool = False) -> tuple[np.ndarray, str]:
     """Item codes [num_items, L] from an array, an index .json, a codes .npy, or a tokenizer run
     folder (its codes.npy, else its single <Name>.index.json). Returns (codes, description).
     On a cold split (`cold`, its cold_split.json record) the codes cover the warm items 0..W-1 only.
-    `what`: the argument messages name a run folder by ("" when the caller names it; see input_error)."""
+    prefix: codes of items 0..M-1 for any M <= num_items (a trained run's index on a catalog that
+    grew since). `what`: the argument messages name a run folder by ("" when the caller names it;
+    see input_error)."""
     source = "array"
     if isinstance(codes, (str, os.PathLike)):
         path = os.fspath(codes)
@@ -83,11 +86,14 @@ def resolve_codes(codes, dataset: Dataset, cold: dict | None = None, what: str =
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] < 1 or not np.issubdtype(codes.dtype, np.integer):
         raise DataError(f"{source}: codes must be an integer array [num_items, levels], got {codes.dtype} {codes.shape}")
-    if cold is not None and codes.shape[0] != cold["warm_items"]:
+    if prefix:
+        if codes.shape[0] > dataset.num_items:
+            raise DataError(f"{source}: codes cover {codes.shape[0]} items but {dataset.source} has {dataset.num_items}")
+    elif cold is not None and codes.shape[0] != cold["warm_items"]:
         raise DataError(f"{source}: codes cover {codes.shape[0]} items but the cold split {dataset.source} has "
                         f"{cold['warm_items']} warm items; a recommender on a cold split trains on the warm items' "
                         "codes only (a tokenizer trained on the split folder), cold items come in with `letter add-items`")
-    if cold is None and codes.shape[0] != dataset.num_items:
+    elif cold is None and codes.shape[0] != dataset.num_items:
         raise DataError(f"{source}: codes cover {codes.shape[0]} items but {dataset.source} has {dataset.num_items}")
     if codes.min() < 0:
         raise DataError(f"{source}: codes must be non-negative")
@@ -222,15 +228,16 @@ def input_lengths(enc: torch.Tensor) -> torch.Tensor:
     return (enc != PAD).sum(1)
 
 
-def load_rec_data(data, codes, max_history: int) -> RecData:
+def load_rec_data(data, codes, max_history: int, prefix: bool = False) -> RecData:
     """`data`: a dataset path (any format `letter.data.load_dataset` reads) or a Dataset. A cold
-    split (letter.data.cold) is refused when a cold item is in its training or validation data."""
+    split (letter.data.cold) is refused when a cold item is in its training or validation data.
+    prefix: `codes` may cover only the first items (see resolve_codes)."""
     if isinstance(data, Dataset):
         dataset, source = data, data.source
     else:
         dataset, source = load_dataset(os.fspath(data)), os.path.abspath(os.fspath(data))
     cold = read_cold_split(dataset)
-    check_no_cold_training(dataset, cold)
-    codes, codes_source = resolve_codes(codes, dataset, cold)
+    check_no_cold_training(dataset, cold, grown=prefix)
+    codes, codes_source = resolve_codes(codes, dataset, cold, prefix=prefix)
     layout = TokenLayout(tuple(int(c) + 1 for c in codes.max(axis=0)))
     return RecData(dataset, leave_one_out(dataset, max_history), codes, layout, source, codes_source)

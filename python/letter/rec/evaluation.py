@@ -24,7 +24,7 @@ from letter.utils import progress
 
 from .config import RecConfig
 from .data import RecData, load_rec_data
-from .index_versions import load_index_codes
+from .index_versions import check_version_items, load_index_codes, trained_sizes
 from .recommender import Recommender, as_recommender, recommender_class
 
 DECODERS = ("fused", "hf")
@@ -196,9 +196,11 @@ def _load(run_dir: str, data=None, device="cpu", index_version: int | None = Non
     codes = load_npy(os.path.join(run_dir, RecRun.CODES))
     model = cls.load_best(run_dir, config, device).eval()  # a corrupt file is named before the checks below
     path, manifest = check_rec_run(run_dir, info, data)  # unfinished or mixed folder; the dataset (relative path first)
-    rec = load_rec_data(path, codes, config.max_history)
-    check_rec_dataset(run_dir, manifest, rec.dataset, path, data is not None, allow_other_data)
+    rec = load_rec_data(path, codes, config.max_history, prefix=True)  # the catalog may have grown since
+    check_rec_dataset(run_dir, manifest, rec.dataset, path, data is not None, allow_other_data,
+                      trained_sizes(codes, rec.dataset))
     version_codes, version, _ = load_index_codes(run_dir, index_version)
+    check_version_items(run_dir, version, rec.dataset, path)
     if version:
         rec = rec.with_index(version_codes, version)
     return cls.for_decoding(model, rec=rec), rec, config

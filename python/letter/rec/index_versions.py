@@ -15,6 +15,13 @@ a version covers a prefix 0..M_k-1 of the catalog (the cold split puts its cold 
 an add covers the next items, so an item can never be added twice; adding when every item of the
 dataset has an identifier is a no-op. `evaluate`, `recommend` and `serve` read the newest
 version unless given `index_version`.
+
+Items are added from the dataset the run was trained on or from that dataset grown by appending
+items (new item ids after the old ones, without interactions: e.g. new items written to the
+dataset's item file), never from other data (check_rec_dataset's ADDING_RULE); every reader takes
+such a grown catalog as the run's dataset too. A version is served only with a dataset whose items
+at the positions each add gave identifiers to are the items it added (check_version_items): not
+with the catalog as it was before it grew past the version, nor with one that grew differently.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import time
 
 import numpy as np
 
+from letter.data.cold import read_cold_split
 from letter.errors import LetterError, SettingError, input_error
 from letter.runs import RecRun, load_npy, read_json, remove_stale_temps, sha256_file
 
@@ -68,26 +76,60 @@ def load_index_codes(run_dir: str, version: int | None = None) -> tuple[np.ndarr
     return load_npy(path), version, record
 
 
+def trained_sizes(training_codes: np.ndarray, dataset) -> tuple[int, ...]:
+    """The item counts the training dataset of a run whose training codes are `training_codes` can
+    have had, when `dataset` is that dataset grown by appending items: one per item (codes cover
+    the whole catalog), or the cold split's item count (codes cover its warm items)."""
+    cold = read_cold_split(dataset)
+    return (len(training_codes),) + ((int(cold["num_items"]),) if cold else ())
+
+
+def check_version_items(run_dir: str, version: int, dataset, shown: str) -> None:
+    """Refuse index version `version` of a run for `dataset` (named `shown`) unless every add up to
+    it gave its identifiers to the items the dataset has at those positions."""
+    for v in index_versions(run_dir)[1:]:
+        if v > version:
+            break
+        record = read_json(os.path.join(_version_dir(run_dir, v), VERSION_FILE), "index version record")
+        end = record["indexed_items"]
+        start = end - record["added"]
+        if end > dataset.num_items:
+            raise LetterError(f"{shown}: {dataset.num_items} items, but index version {v} of {run_dir} gave identifiers "
+                              f"to items up to {end} (added from the catalog as it grew since); use that catalog, or "
+                              f"index_version {v - 1}", "index_version")
+        if dataset.item_ids[start:end] != record["items"]:
+            where = next(i for i, (a, b) in enumerate(zip(dataset.item_ids[start:end], record["items"])) if a != b)
+            raise LetterError(f"{shown}: item {start + where} is {dataset.item_ids[start + where]!r}, but index version "
+                              f"{v} of {run_dir} gave that identifier to item {record['items'][where]!r} (the catalog "
+                              f"grew differently); use the catalog it was added from, or index_version {v - 1}",
+                              "index_version")
+
+
 def add_items(run_dir: str, tokenizer_dir: str, embeddings, *, data=None) -> dict:
     """Give identifiers to the dataset items that the newest index version lacks and write them as
     a new version (see the module docstring). `embeddings`: an array or .npy path, either [N, d]
     rows of the whole catalog (rows of items already indexed are ignored) or [n, d] rows of the
     next n items not yet indexed. `tokenizer_dir`: the tokenizer run that made the run's training
-    codes (checked). Returns {"version", "added", "items", "identifiers_shared_with_catalog", ...};
+    codes (checked). `data`: the dataset (a path, or a loaded Dataset) instead of the run's
+    recorded one: the training dataset or that dataset grown by appending items (see the module
+    docstring). Returns {"version", "added", "items", "identifiers_shared_with_catalog", ...};
     "added" is 0 (and no version is written) when every item already has an identifier."""
-    from letter.data import load_dataset
+    from letter.data import Dataset, load_dataset
     from letter.runs import check_rec_dataset, check_rec_run, read_rec_run_info
     from letter.tokenizer import load_tokenizer
 
     info = read_rec_run_info(run_dir)
     path, manifest = check_rec_run(run_dir, info, data)
-    dataset = load_dataset(path)
-    check_rec_dataset(run_dir, manifest, dataset, path, data is not None)
+    dataset = path if isinstance(path, Dataset) else load_dataset(path)
+    shown = dataset.source if isinstance(path, Dataset) else path
+    training_codes = load_npy(os.path.join(run_dir, RecRun.CODES))
+    check_rec_dataset(run_dir, manifest, dataset, shown, data is not None,
+                      trained_sizes=trained_sizes(training_codes, dataset), adding=True)
     codes, base, _ = load_index_codes(run_dir)
+    check_version_items(run_dir, base, dataset, shown)
     indexed, total = codes.shape[0], dataset.num_items
     # the tokenizer is checked also when nothing is to add (adding the same rows twice is a no-op)
     tok = load_tokenizer(tokenizer_dir)
-    training_codes = load_npy(os.path.join(run_dir, RecRun.CODES))
     if tok.catalog_codes is None or not np.array_equal(tok.catalog_codes, training_codes):
         raise input_error("tokenizer", tokenizer_dir, f"its codes are not the identifiers {run_dir} was trained on")
     if indexed >= total:

@@ -74,7 +74,8 @@ class RunRecommender:
         `POST /items` calls; one add at a time). With nothing to add, the newest version (which
         another add may have written since this run was loaded) is served from then on."""
         with self._adding:
-            record = add_items(self.run_dir, tokenizer_dir, embeddings, data=self.data)
+            # the catalog served (items appended to the dataset's files since it was loaded are not)
+            record = add_items(self.run_dir, tokenizer_dir, embeddings, data=self.rec.dataset)
             if record["version"] != self.rec.index_version:
                 codes, version, _ = load_index_codes(self.run_dir, record["version"])
                 rec = self.rec.with_index(codes, version)

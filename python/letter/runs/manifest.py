@@ -100,11 +100,11 @@ def _resume_and_overwrite() -> LetterError:
 
 
 def check_inputs(source: str, recorded: dict, current: dict, allowed: dict | None = None,
-                 names: tuple[str, ...] = ()) -> None:
+                 names: tuple[str, ...] = (), refused: str = "") -> None:
     """Refuse when an input differs from the one `source` recorded: `current` maps an input name to
     (its hash, how the user named it: words, or (argument, value) as in input_error); `allowed`
     maps input names to True or to the argument that overrides (named in the message). `names`:
-    arguments `source` names (see LetterError)."""
+    arguments `source` names (see LetterError). `refused`: why no argument overrides (appended)."""
     allowed = allowed or {}
     for name, (digest, shown) in current.items():
         old = recorded.get(name)
@@ -113,7 +113,7 @@ def check_inputs(source: str, recorded: dict, current: dict, allowed: dict | Non
         if allowed.get(name) is True:
             continue
         override = allowed.get(name)
-        hint = f"; pass {override} to use it anyway" if isinstance(override, str) else ""
+        hint = f"; pass {override} to use it anyway" if isinstance(override, str) else (f"; {refused}" if refused else "")
         problem = f"not the {name} {source} was made from (its content differs from the one recorded){hint}"
         what, value = shown if isinstance(shown, tuple) else ("", shown)
         raise input_error(what, value, problem, *names, *([override] if isinstance(override, str) else []))
