@@ -14,7 +14,8 @@ index_version_option = click.option(
     help="Index version of the run to use (default: the newest; 0: the training index).")
 allow_other_data_option = click.option(
     "--allow-other-data", is_flag=True,
-    help="Use a dataset whose content differs from the one the run was trained on (refused otherwise).")
+    help="Use a dataset whose content differs from the one the run was trained on (refused otherwise; the "
+         "training dataset grown by appending items needs no flag).")
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="Replace the run already in --out (refused otherwise; see --resume).")
 max_new_share_option = click.option(
@@ -175,12 +176,14 @@ def recommend_cmd(run_dir, history, histories_file, users, out, k, beams, exclud
               help="The train-tokenizer run that made the run's identifiers.")
 @click.option("--embeddings", required=True, type=click.Path(dir_okay=False),
               help="Text embeddings .npy: [items, d] rows of the whole catalog, or rows of the next items to add.")
-@click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
+@click.option("--data", "data_path", default=None, type=click.Path(),
+              help="Dataset path (default: the run's): the training dataset or it grown by appending items.")
 def add_items_cmd(run_dir, tokenizer_dir, embeddings, data_path):
     """Make new items recommendable without retraining: the dataset's items that the run's newest
     index lacks (catalog order) get identifiers from the tokenizer (the catalog's identifiers stay
     taken, the run's collision rules and --unique apply) and are written as a new index version,
-    atomically. Adding when nothing is missing is a no-op."""
+    atomically. Adding when nothing is missing is a no-op. The dataset is the one the run was
+    trained on, or it with items appended to its item file; other data is refused."""
     from letter.rec.index_versions import add_items
 
     record = add_items(run_dir, tokenizer_dir, embeddings, data=data_path)

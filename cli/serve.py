@@ -30,7 +30,9 @@ import click
 @click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(file_okay=False),
               help="The run's tokenizer folder: enables POST /items (new items join without retraining).")
 @click.option("--allow-other-data", is_flag=True,
-              help="Serve with a dataset whose content differs from the one the run was trained on (refused otherwise).")
+              help="Serve with a dataset whose content differs from the one the run was trained on (refused otherwise; "
+                   "the training dataset grown by appending items needs no flag). POST /items never adds to "
+                   "other data.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=None,
               help="Larger request bodies are answered 413 before they are read whole (default: twice the largest "
                    "legitimate request -- a --queue-size batch of max_history-long histories and exclude lists, or "

@@ -88,7 +88,8 @@ def resolve_codes(codes, dataset: Dataset, cold: dict | None = None, what: str =
         raise DataError(f"{source}: codes must be an integer array [num_items, levels], got {codes.dtype} {codes.shape}")
     if prefix:
         if codes.shape[0] > dataset.num_items:
-            raise DataError(f"{source}: codes cover {codes.shape[0]} items but {dataset.source} has {dataset.num_items}")
+            raise DataError(f"{source}: codes cover {codes.shape[0]} items but {dataset.source} has "
+                            f"{dataset.num_items}")
     elif cold is not None and codes.shape[0] != cold["warm_items"]:
         raise DataError(f"{source}: codes cover {codes.shape[0]} items but the cold split {dataset.source} has "
                         f"{cold['warm_items']} warm items; a recommender on a cold split trains on the warm items' "

@@ -94,14 +94,14 @@ def check_version_items(run_dir: str, version: int, dataset, shown: str) -> None
         end = record["indexed_items"]
         start = end - record["added"]
         if end > dataset.num_items:
-            raise LetterError(f"{shown}: {dataset.num_items} items, but index version {v} of {run_dir} gave identifiers "
-                              f"to items up to {end} (added from the catalog as it grew since); use that catalog, or "
-                              f"index_version {v - 1}", "index_version")
+            raise LetterError(f"{shown}: {dataset.num_items} items, but index version {v} of {run_dir} gave "
+                              f"identifiers to items up to {end} (added from the catalog as it grew since); use that "
+                              f"catalog, or index_version {v - 1}", "index_version")
         if dataset.item_ids[start:end] != record["items"]:
             where = next(i for i, (a, b) in enumerate(zip(dataset.item_ids[start:end], record["items"])) if a != b)
-            raise LetterError(f"{shown}: item {start + where} is {dataset.item_ids[start + where]!r}, but index version "
-                              f"{v} of {run_dir} gave that identifier to item {record['items'][where]!r} (the catalog "
-                              f"grew differently); use the catalog it was added from, or index_version {v - 1}",
+            raise LetterError(f"{shown}: item {start + where} is {dataset.item_ids[start + where]!r}, but index "
+                              f"version {v} of {run_dir} gave that identifier to item {record['items'][where]!r} (the "
+                              f"catalog grew differently); use the catalog it was added from, or index_version {v - 1}",
                               "index_version")
 
 

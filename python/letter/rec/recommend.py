@@ -52,7 +52,6 @@ class RunRecommender:
         max_new_items(max_new_share, 1)  # checks the share
         self.device = resolve_device(device)
         self.run_dir = os.path.abspath(run_dir)
-        self.data = data
         self.rm, self.rec, self.config = _load(run_dir, data, self.device, index_version, allow_other_data)
         self.beams = beams
         self.max_new_share = max_new_share
@@ -70,9 +69,10 @@ class RunRecommender:
         self.rm, self.rec, self.index = rm, rec, index
 
     def add_items(self, tokenizer_dir: str, embeddings) -> dict:
-        """letter.rec.index_versions.add_items on the served run, then serve the new version (what
-        `POST /items` calls; one add at a time). With nothing to add, the newest version (which
-        another add may have written since this run was loaded) is served from then on."""
+        """letter.rec.index_versions.add_items on the served run and the catalog it serves (refused
+        for other data, see ADDING_RULE), then serve the new version (what `POST /items` calls; one
+        add at a time). With nothing to add, the newest version (which another add may have
+        written since this run was loaded) is served from then on."""
         with self._adding:
             # the catalog served (items appended to the dataset's files since it was loaded are not)
             record = add_items(self.run_dir, tokenizer_dir, embeddings, data=self.rec.dataset)

@@ -113,7 +113,10 @@ def check_inputs(source: str, recorded: dict, current: dict, allowed: dict | Non
         if allowed.get(name) is True:
             continue
         override = allowed.get(name)
-        hint = f"; pass {override} to use it anyway" if isinstance(override, str) else (f"; {refused}" if refused else "")
+        if isinstance(override, str):
+            hint = f"; pass {override} to use it anyway"
+        else:
+            hint = f"; {refused}" if refused else ""
         problem = f"not the {name} {source} was made from (its content differs from the one recorded){hint}"
         what, value = shown if isinstance(shown, tuple) else ("", shown)
         raise input_error(what, value, problem, *names, *([override] if isinstance(override, str) else []))

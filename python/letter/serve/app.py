@@ -5,14 +5,15 @@
   POST /recommend/batch  {"requests": [<as /recommend>, ...]} -> {"results": [<as /recommend>, ...]}
   GET  /healthz          liveness and queue length
   GET  /metadata         model, dataset, item count, identifier index version, server settings, counters
-  POST /items            {"embeddings": [[...], ...]} rows of the dataset's next items lacking an
-                         identifier (catalog order) -> a new index version, served from then on
-                         (needs --tokenizer; letter.rec.index_versions.add_items)
+  POST /items            {"embeddings": [[...], ...]} rows of the served dataset's next items lacking
+                         an identifier (catalog order) -> a new index version, served from then on
+                         (needs --tokenizer; letter.rec.index_versions.add_items: never other data)
 
 Errors are JSON {"error": "<field>: <what is wrong>", "field": "<field>"} with status 400 (malformed
 JSON, a body that is not UTF-8), 404 (unknown path), 405 (wrong method), 413 (a body over
---max-body-bytes, refused before it is parsed), 415 (a body not sent as application/json), 422 (a field's value: unknown item id, empty history, k out of range, wrong type,
-unknown field, a batch longer than the queue) or 503 (the request queue is full; retry later),
+--max-body-bytes, refused before it is parsed), 415 (a body not sent as application/json), 422
+(a field's value: unknown item id, empty history, k out of range, wrong type, unknown field, a
+batch longer than the queue) or 503 (the request queue is full; retry later),
 never a stack trace.
 """
 from __future__ import annotations
