@@ -68,8 +68,8 @@ def build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, 
         if config.unique:
             report["unique_method"] = resolution["unique_method"]
             report["unique_moves"] = resolution["unique_moves"]
-        if cf is not None:
-            zq = model.cf_proj(quantized) if model.cf_proj is not None else quantized
+        zq = model.cf_proj(quantized) if cf is not None and model.cf_proj is not None else quantized
+        if cf is not None and cf.shape[1] == zq.shape[1]:  # other widths: no trained map between the spaces
             report["cf_alignment_cosine"] = float(F.cosine_similarity(zq, torch.from_numpy(cf), dim=1).mean())
     if item_labels is not None:
         report["level1_category_agreement"] = category_agreement(codes[:, 0], item_labels)
