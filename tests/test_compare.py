@@ -283,3 +283,13 @@ def test_exclude_history_reports_both_protocols(setup):
     md = open(os.path.join(out, "compare.md")).read()
     assert "## Both protocols" in md and "| rqk | history excluded |" in md
     assert report["evaluation"]["exclude_history"] is True
+
+
+def test_the_table_names_the_recommender_that_was_trained(compared):
+    # compare trains whatever RecConfig.model says; an LC-Rec comparison must not be described as
+    # a TIGER of d_model/layers LC-Rec never reads.
+    _, report, _ = compared
+    assert "TIGER (d_model 16, 1+1 layers" in compare_mod.compare_markdown(report)
+    lcrec = {**report, "rec_config": RecConfig(model="lcrec", base_model="/models/tiny-llama", lora_r=4).to_dict()}
+    md = compare_mod.compare_markdown(lcrec)
+    assert "TIGER" not in md and "LC-Rec (LoRA r 4 on tiny-llama" in md

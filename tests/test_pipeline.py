@@ -191,3 +191,17 @@ def test_library_errors_name_settings_and_the_cli_names_its_options(tmp_path):
     with pytest.raises(SettingError, match=r"^from_stage must be one of prepare, "):
         pipeline_module.Pipeline(out=str(tmp_path / "run"), config={}, source={"synthetic": True}).run("nope")
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_report_names_the_rec_stage_model(tmp_path):
+    # The rec section may train LC-Rec (rec.model lcrec): the table row is then LETTER-LC-Rec.
+    from types import SimpleNamespace
+
+    from letter.pipeline_report import metric_table
+
+    cf_metrics = tmp_path / "cf.json"
+    cf_metrics.write_text(json.dumps({"test_history_kept": {"recall@10": 0.2}, "popularity_test": {"recall@10": 0.1}}))
+    for model, row in (("tiger", "LETTER-TIGER"), ("lcrec", "LETTER-LC-Rec")):
+        p = SimpleNamespace(config={"rec": {"model": model}},
+                            outputs={"cf": {"metrics": str(cf_metrics)}, "evaluate": {"result": {"metrics": {"recall@10": 0.3}}}})
+        assert [r["model"] for r in metric_table(p)] == ["Popularity", "SASRec", row]

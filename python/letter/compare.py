@@ -2,7 +2,8 @@
 
 One dataset, several identifier sets (tokenizer run folders, authors'-format index .json files or
 codes .npy files, each with a label; a path holding `{seed}` names one set per seed, e.g. one
-tokenizer run per seed, so the seeds repeat the whole tokenizer + recommender chain). The same TIGER settings are trained on every set for each of
+tokenizer run per seed, so the seeds repeat the whole tokenizer + recommender chain). The same
+recommender settings (TIGER, or LC-Rec with model "lcrec") are trained on every set for each of
 `seeds` recommender seeds (config.seed, config.seed + 1, ...), and every run is evaluated on the
 same test users. Output folder:
 
@@ -43,6 +44,7 @@ from letter.errors import LetterError, SettingError
 from letter.utils import pyplot
 from letter.metrics import metrics_from_hits, normalized_mutual_info
 from letter.rec import RecConfig, train_rec
+from letter.rec.config import model_summary
 from letter.rec.data import codes_sha, resolve_codes
 from letter.rec.evaluation import generate, load_run, prefix_index, target_hits
 from letter.rec.recommender import as_recommender
@@ -416,8 +418,8 @@ def compare_markdown(report: dict) -> str:
     lines = [
         f"# Identifier sets compared on {report['dataset']['name']}",
         "",
-        f"TIGER (d_model {cfg['d_model']}, {cfg['num_layers']}+{cfg['num_decoder_layers']} layers, "
-        f"up to {cfg['epochs']} epoch(s), patience {cfg['patience']}) trained on each set with the same settings, "
+        f"{model_summary(cfg)} trained on each set with the same settings (up to {cfg['epochs']} epoch(s), "
+        f"patience {cfg['patience']}), "
         f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); test split, {ev['users']} users"
         f"{' (fixed sample)' if ev['test_users'] else ''}, constrained beam search with {ev['beams']} beams. "
         "Metrics: mean ± std over seeds.",
