@@ -330,6 +330,11 @@ def compare(
     dataset = data if isinstance(data, Dataset) else load_dataset(os.fspath(data))
     data_arg = data if isinstance(data, Dataset) else os.path.abspath(os.fspath(data))
     seed_list = [config.seed + i for i in range(seeds)]
+    try:  # run i uses seed + i: the last one must be a valid seed too (found before any run trains)
+        dataclasses.replace(config, seed=seed_list[-1]).validate()
+    except SettingError as e:
+        raise SettingError("seeds", f": {seeds} runs use seeds {config.seed}..{seed_list[-1]}, but seed {e.problem}",
+                           "seed") from None
     id_sets = load_sets(dataset, sets, seed_list)  # every set checked before any training
     categories = item_categories(dataset)
     data_sha = dataset.fingerprint()
