@@ -205,3 +205,18 @@ def test_report_names_the_rec_stage_model(tmp_path):
         p = SimpleNamespace(config={"rec": {"model": model}},
                             outputs={"cf": {"metrics": str(cf_metrics)}, "evaluate": {"result": {"metrics": {"recall@10": 0.3}}}})
         assert [r["model"] for r in metric_table(p)] == ["Popularity", "SASRec", row]
+
+
+def test_cold_split_data_leaves_no_run_folder(tmp_path):
+    # The pipeline refuses a cold split (its copy would lose the record); like other data it
+    # refuses, that is found before the run folder is made.
+    from letter.data import make_synthetic
+    from letter.data.cold import write_cold_split
+
+    split = str(tmp_path / "split")
+    write_cold_split(make_synthetic(num_users=60, num_items=40, num_categories=4, min_length=5, max_length=8, seed=0),
+                     split)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["pipeline", "--data", split, "--out", str(run)])
+    assert result.exit_code == 1 and "is a cold split" in result.output and "Traceback" not in result.output
+    assert not run.exists()
