@@ -187,6 +187,7 @@ def test_level_stats_by_hand():
         ({"clusters": 3}, np.zeros((10, 4), np.float32), "clusters must be"),
         ({"alpha": 0.1}, None, "needs CF embeddings"),
         ({"lr": 0}, np.zeros((10, 4), np.float32), "lr must be > 0"),
+        ({"method": "rqkmeans", "pca_dim": 7}, None, r"pca_dim must be in \[1, 6\]"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, kwargs, cf, message):

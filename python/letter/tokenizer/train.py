@@ -20,7 +20,7 @@ from .config import TokenizerConfig
 from .inference import Tokenizer, check_embeddings, encode_all
 from .model import ROW_CHUNK, RQVAE, collaborative_loss, diversity_loss, quantization_loss, row_tensor
 from .report import build_report, plot_curves, report_markdown
-from .rqkmeans import fit_rqkmeans
+from .rqkmeans import check_pca_dim, fit_rqkmeans
 
 T = runs.TokenizerRun
 CHECKPOINT = T.CHECKPOINT  # resumable training state (latest)
@@ -40,6 +40,8 @@ def _check_inputs(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | No
                 "cf_projection (a learned linear map e_dim -> CF dim)", "e_dim", "cf_projection")
     elif config.alpha > 0:
         raise SettingError("alpha", "> 0 needs CF embeddings (give cf_emb, or set alpha 0)", "cf_emb")
+    if config.method == "rqkmeans":  # before the run folder is made, not when fitting starts
+        check_pca_dim(text.shape[1], config.pca_dim or None)
     space = math.prod(config.codebook_sizes)
     if config.unique and space < num_items:
         raise LetterError(
