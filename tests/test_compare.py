@@ -306,3 +306,11 @@ def test_seeds_past_the_last_valid_seed_fail_before_any_training(setup, tmp_path
     with pytest.raises(SettingError, match="seeds") as err:
         compare(setup["data"], [f"a={setup['rqk']}"], str(out), tiny_config(seed=2**32 - 2), seeds=3)
     assert "4294967295" in str(err.value) and not out.exists()
+
+
+def test_a_missing_lcrec_base_model_fails_before_any_folder(setup, tmp_path):
+    out = tmp_path / "lc"
+    config = RecConfig(model="lcrec", base_model=str(tmp_path / "missing"), epochs=1, valid_users=20, eval_beams=10)
+    with pytest.raises(LetterError, match="no such folder"):
+        compare(setup["data"], [f"a={setup['rqk']}"], str(out), config, seeds=1)
+    assert not out.exists()

@@ -220,3 +220,14 @@ def test_cold_split_data_leaves_no_run_folder(tmp_path):
     result = CliRunner().invoke(main, ["pipeline", "--data", split, "--out", str(run)])
     assert result.exit_code == 1 and "is a cold split" in result.output and "Traceback" not in result.output
     assert not run.exists()
+
+
+def test_a_missing_lcrec_base_model_fails_before_any_stage(tmp_path, tiny_config):
+    cfg = yaml.safe_load(open(tiny_config))
+    cfg["rec"] = {"model": "lcrec", "base_model": str(tmp_path / "missing")}
+    bad = tmp_path / "lcrec.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["pipeline", "--synthetic", "--config", str(bad), "--out", str(run)])
+    assert result.exit_code == 1 and "no such folder" in result.output and "Traceback" not in result.output
+    assert not run.exists()

@@ -47,7 +47,7 @@ from letter.rec import RecConfig, train_rec
 from letter.rec.config import model_summary
 from letter.rec.data import codes_sha, resolve_codes
 from letter.rec.evaluation import generate, load_run, prefix_index, target_hits
-from letter.rec.recommender import as_recommender
+from letter.rec.recommender import as_recommender, recommender_class
 from letter.runs import (RecRun, TokenizerRun, atomic_path, finished_step, fingerprint, mark_started, prepare_run_folder,
                          read_json, start_step, write_json, write_manifest)
 from letter.tokenizer.codes import collision_rate
@@ -319,6 +319,7 @@ def compare(
     Returns the compare.json dict. Bad sets raise LetterError before any training.
     """
     config.validate()
+    recommender_class(config.model).check_settings(config)  # e.g. LC-Rec's base model, before any folder
     if seeds < 1:
         raise SettingError("seeds", f"must be >= 1, got {seeds}")
     if num_beams < 10:

@@ -108,6 +108,11 @@ class Pipeline:
     def run(self, from_stage: str | None = None) -> dict:
         if from_stage is not None and from_stage not in STAGES:
             raise SettingError("from_stage", f"must be one of {', '.join(STAGES)}, got {from_stage!r}")
+        from letter.rec import RecConfig
+        from letter.rec.recommender import recommender_class
+
+        rec = RecConfig.from_dict(self.config["rec"])
+        recommender_class(rec.model).check_settings(rec)  # LC-Rec's base model: not found only at the rec stage
         prepare_run_folder(self.out, "pipeline", resume=True, what="out")
         if not os.path.isdir(self.out) and "data" in self.source:  # data the stages refuse: no run folder is left
             from letter.cf.train import check_catalog
