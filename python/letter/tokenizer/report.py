@@ -52,7 +52,7 @@ def build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, 
             "name": tok.name,
             "items": int(len(text)),
             "levels": config.codebook_sizes,
-            "epochs": config.epochs,
+            "epochs": 0 if config.method == "rqkmeans" else config.epochs,  # rqkmeans fits, never trains
             "best_epoch": best["epoch"],
             "best_train_collision": best["collision"],
             "collision_rate_before": resolution["collision_before"],
@@ -97,8 +97,9 @@ def report_markdown(report: dict) -> str:
     lines = [
         f"# LETTER tokenizer report: {report['name']}",
         "",
-        f"{report['items']} items, levels {report['levels']}, {report['epochs']} epochs "
-        f"(best-collision checkpoint: epoch {report['best_epoch']}).",
+        f"{report['items']} items, levels {report['levels']}, "
+        + (f"{report['epochs']} epochs (best-collision checkpoint: epoch {report['best_epoch']})." if report["epochs"]
+           else "residual k-means, no training."),
         "",
         "| collision rate | value |",
         "|---|---|",
