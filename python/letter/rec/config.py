@@ -16,9 +16,10 @@ MODEL_NAMES = {"tiger": "TIGER", "lcrec": "LC-Rec"}  # how reports name each Rec
 
 def model_summary(config: dict) -> str:
     """The trained recommender in a report's words, from RecConfig.to_dict(): its name and size."""
+    name = MODEL_NAMES[config["model"]]
     if config["model"] == "lcrec":
-        return f"LC-Rec (LoRA r {config['lora_r']} on {os.path.basename(config['base_model'])})"
-    return f"TIGER (d_model {config['d_model']}, {config['num_layers']}+{config['num_decoder_layers']} layers)"
+        return f"{name} (LoRA r {config['lora_r']} on {os.path.basename(config['base_model'])})"
+    return f"{name} (d_model {config['d_model']}, {config['num_layers']}+{config['num_decoder_layers']} layers)"
 
 
 @dataclass
