@@ -34,9 +34,10 @@ from letter.rec.config import RecConfig
 @preset_option
 def compare_cmd(data_path, sets, out_dir, seeds, config_file, preset, num_beams, test_users, sample_seed, bootstrap,
                 exclude_history, **options):
-    """Train the same TIGER on each identifier set for several seeds and compare them on the same
-    test users: mean ± std per metric, paired bootstrap intervals of the difference to the first
-    set, identifier diagnostics; writes compare.md / compare.json / compare.png."""
+    """Train the same recommender (TIGER, or LC-Rec with --model lcrec) on each identifier set for
+    several seeds and compare them on the same test users: mean ± std per metric, paired bootstrap
+    intervals of the difference to the first set, identifier diagnostics; writes compare.md /
+    compare.json / compare.png."""
     from letter.compare import compare
 
     try:

@@ -23,8 +23,8 @@ def pipeline(data_path, synthetic, config_file, preset, out, from_stage, device)
     """Run prepare -> embed -> train-cf -> train-tokenizer -> train-rec -> evaluate and write a report.
 
     Stages whose outputs exist and match the config are skipped, so rerunning the same command
-    resumes after a crash or Ctrl-C. Ends with the metric table (Popularity, SASRec, LETTER-TIGER)
-    and writes OUT/report.md, OUT/report.json and PNG plots.
+    resumes after a crash or Ctrl-C. Ends with the metric table (Popularity, SASRec, LETTER-TIGER;
+    LETTER-LC-Rec with rec.model lcrec) and writes OUT/report.md, OUT/report.json and PNG plots.
     """
     from letter.config import effective_config
     from letter.pipeline import Pipeline

@@ -318,8 +318,9 @@ def _dpce_fwd_fake(q, keys, targets, exclude, bias, temperature, ignore_index):
 
 
 def _dpce_bwd_fake(grad_rows, q, keys, targets, exclude, bias, lse, temperature, ignore_index):
-    dbias = torch.empty_like(bias) if bias is not None else q.new_empty((0,))
-    return torch.empty_like(q), torch.empty_like(keys), dbias
+    # new_empty, not empty_like: the kernels return contiguous gradients for inputs of any strides.
+    dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
+    return q.new_empty(q.shape), keys.new_empty(keys.shape), dbias
 
 
 def _dpce_chunked_fake(q, keys, targets, exclude, bias, temperature, ignore_index, grad_rows):

@@ -16,7 +16,7 @@ from letter.cli.main import LetterGroup
 from letter.compare import compare, identifier_diagnostics, item_categories, paired_bootstrap, per_user_metric
 from letter.data import make_synthetic, write_index_json, write_letter
 from letter.embed import embed_items
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.metrics import metrics_from_hits
 from letter.rec import RecConfig, evaluate
 from letter.tokenizer.rqkmeans import fit_rqkmeans
@@ -283,3 +283,34 @@ def test_exclude_history_reports_both_protocols(setup):
     md = open(os.path.join(out, "compare.md")).read()
     assert "## Both protocols" in md and "| rqk | history excluded |" in md
     assert report["evaluation"]["exclude_history"] is True
+
+
+def test_the_table_names_the_recommender_that_was_trained(compared):
+    # compare trains whatever RecConfig.model says; an LC-Rec comparison must not be described as
+    # a TIGER of d_model/layers LC-Rec never reads.
+    _, report, _ = compared
+    assert "TIGER (d_model 16, 1+1 layers" in compare_mod.compare_markdown(report)
+    lcrec = {**report, "rec_config": RecConfig(model="lcrec", base_model="/models/tiny-llama", lora_r=4).to_dict()}
+    md = compare_mod.compare_markdown(lcrec)
+    assert "TIGER" not in md and "LC-Rec (LoRA r 4 on tiny-llama" in md
+
+
+def test_seeds_past_the_last_valid_seed_fail_before_any_training(setup, tmp_path, monkeypatch):
+    # Run i uses --seed + i: a first seed near the top of the range leaves later runs without a
+    # valid seed. That is a usage error up front, not a failure after the first runs trained.
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(compare_mod, "train_rec", no_training)
+    out = tmp_path / "top"
+    with pytest.raises(SettingError, match="seeds") as err:
+        compare(setup["data"], [f"a={setup['rqk']}"], str(out), tiny_config(seed=2**32 - 2), seeds=3)
+    assert "4294967295" in str(err.value) and not out.exists()
+
+
+def test_a_missing_lcrec_base_model_fails_before_any_folder(setup, tmp_path):
+    out = tmp_path / "lc"
+    config = RecConfig(model="lcrec", base_model=str(tmp_path / "missing"), epochs=1, valid_users=20, eval_beams=10)
+    with pytest.raises(LetterError, match="no such folder"):
+        compare(setup["data"], [f"a={setup['rqk']}"], str(out), config, seeds=1)
+    assert not out.exists()

@@ -501,3 +501,20 @@ def test_chunked_reduced_loss_backward_twice():
     q.grad = None
     loss.backward()
     torch.testing.assert_close(q.grad.double(), want[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+def test_fake_outputs_are_contiguous_like_the_kernels_for_non_contiguous_inputs():
+    # The kernels return contiguous gradients whatever the inputs' strides; the fake (meta)
+    # registration must say the same, or torch.compile plans for strides the kernel never writes.
+    gen = torch.Generator().manual_seed(26)
+    q = torch.randn(6, 5, generator=gen).T
+    keys = torch.randn(6, 7, generator=gen).T
+    targets = torch.randint(0, 7, (5,), generator=gen)
+    bias = torch.randn(14, generator=gen)[::2]
+    assert not q.is_contiguous() and not keys.is_contiguous() and not bias.is_contiguous()
+    _, lse = torch.ops.letter.dot_product_cross_entropy_fwd(q, keys, targets, None, bias, 0.7, -100)
+    torch.library.opcheck(torch.ops.letter.dot_product_cross_entropy_bwd.default,
+                          (torch.randn(5, generator=gen), q, keys, targets, None, bias, lse, 0.7, -100))
+    torch.library.opcheck(torch.ops.letter.dot_product_cross_entropy_chunked.default,
+                          (q, keys, targets, None, bias, 0.7, -100, torch.randn(5, generator=gen)))

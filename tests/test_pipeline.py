@@ -191,3 +191,43 @@ def test_library_errors_name_settings_and_the_cli_names_its_options(tmp_path):
     with pytest.raises(SettingError, match=r"^from_stage must be one of prepare, "):
         pipeline_module.Pipeline(out=str(tmp_path / "run"), config={}, source={"synthetic": True}).run("nope")
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_report_names_the_rec_stage_model(tmp_path):
+    # The rec section may train LC-Rec (rec.model lcrec): the table row is then LETTER-LC-Rec.
+    from types import SimpleNamespace
+
+    from letter.pipeline_report import metric_table
+
+    cf_metrics = tmp_path / "cf.json"
+    cf_metrics.write_text(json.dumps({"test_history_kept": {"recall@10": 0.2}, "popularity_test": {"recall@10": 0.1}}))
+    for model, row in (("tiger", "LETTER-TIGER"), ("lcrec", "LETTER-LC-Rec")):
+        p = SimpleNamespace(config={"rec": {"model": model}},
+                            outputs={"cf": {"metrics": str(cf_metrics)}, "evaluate": {"result": {"metrics": {"recall@10": 0.3}}}})
+        assert [r["model"] for r in metric_table(p)] == ["Popularity", "SASRec", row]
+
+
+def test_cold_split_data_leaves_no_run_folder(tmp_path):
+    # The pipeline refuses a cold split (its copy would lose the record); like other data it
+    # refuses, that is found before the run folder is made.
+    from letter.data import make_synthetic
+    from letter.data.cold import write_cold_split
+
+    split = str(tmp_path / "split")
+    write_cold_split(make_synthetic(num_users=60, num_items=40, num_categories=4, min_length=5, max_length=8, seed=0),
+                     split)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["pipeline", "--data", split, "--out", str(run)])
+    assert result.exit_code == 1 and "is a cold split" in result.output and "Traceback" not in result.output
+    assert not run.exists()
+
+
+def test_a_missing_lcrec_base_model_fails_before_any_stage(tmp_path, tiny_config):
+    cfg = yaml.safe_load(open(tiny_config))
+    cfg["rec"] = {"model": "lcrec", "base_model": str(tmp_path / "missing")}
+    bad = tmp_path / "lcrec.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["pipeline", "--synthetic", "--config", str(bad), "--out", str(run)])
+    assert result.exit_code == 1 and "no such folder" in result.output and "Traceback" not in result.output
+    assert not run.exists()

@@ -142,3 +142,15 @@ def test_nmi_by_hand():
     hb = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
     mi = hb - 0.5 * np.log(2)
     assert normalized_mutual_info([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(2 * mi / (np.log(2) + hb))
+
+
+def test_report_of_a_run_says_nothing_was_trained(blobs, tmp_path):
+    # rqkmeans trains no epochs (--epochs is refused with it): its report must not claim the
+    # default 200 epochs and a best checkpoint.
+    from letter.tokenizer import train_tokenizer
+
+    x, _ = blobs
+    report = train_tokenizer(TokenizerConfig(method="rqkmeans", codebook_sizes=SIZES), x, None, str(tmp_path / "run"))
+    assert report["epochs"] == 0
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "epochs" not in md.splitlines()[2] and "residual k-means, no training" in md

@@ -187,6 +187,7 @@ def test_level_stats_by_hand():
         ({"clusters": 3}, np.zeros((10, 4), np.float32), "clusters must be"),
         ({"alpha": 0.1}, None, "needs CF embeddings"),
         ({"lr": 0}, np.zeros((10, 4), np.float32), "lr must be > 0"),
+        ({"method": "rqkmeans", "pca_dim": 7}, None, r"pca_dim must be in \[1, 6\]"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, kwargs, cf, message):
@@ -221,3 +222,17 @@ def test_grouped_sinkhorn_equals_separate_problems():
     a, b = torch.rand(5, 6, generator=g), torch.rand(3, 6, generator=g) * 10
     joint = sinkhorn_assign(torch.cat([a, b]), 0.01, 50, groups=torch.tensor([0] * 5 + [1] * 3))
     assert torch.equal(joint, torch.cat([sinkhorn_assign(a, 0.01, 50), sinkhorn_assign(b, 0.01, 50)]))
+
+
+def test_sinkhorn_resolve_counts_the_rounds_it_ran():
+    cbs, z, codes = _colliding_setup()
+    unique = np.stack([np.arange(12) % 4, np.arange(12) // 4], 1)
+    out, rounds = sinkhorn_resolve(unique, z, cbs, 0.003, 50, rounds=20)
+    assert rounds == 0 and np.array_equal(out, unique)  # nothing collides: no round
+    # a group that Sinkhorn cannot split (one fixed, one movable member: a one-row problem) runs none
+    pair = unique.copy()
+    pair[1] = pair[0]
+    movable = np.ones(12, bool)
+    movable[0] = False
+    out, rounds = sinkhorn_resolve(pair, z, cbs, 0.003, 50, rounds=20, movable=movable)
+    assert rounds == 0 and np.array_equal(out, pair)

@@ -171,3 +171,19 @@ def test_cli_bad_input_is_a_clean_error(synth, tmp_path):
     result = CliRunner().invoke(main, ["train-tokenizer", "--data", synth["dir"], "--config", str(per_level),
                                        "--levels", "2"])
     assert result.exit_code == 1 and "--levels with per-level --codebook-sizes" in result.output
+
+
+def test_rqvae_ignores_the_dim_of_cf_embeddings_it_does_not_train_on(synth, tmp_path):
+    # The plain RQ-VAE has no collaborative term: CF embeddings of another width than e_dim are no
+    # reason to refuse it, and no untrained projection may produce a "CF alignment" for the report.
+    cf16 = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    for projection in (False, True):
+        cfg = TokenizerConfig(**{**SMALL, "epochs": 2, "method": "rqvae", "cf_projection": projection})
+        out = tmp_path / f"rqvae-{projection}"
+        report = train_tokenizer(cfg, synth["text"][:300], cf16, str(out), name="Synth")
+        assert "cf_alignment_cosine" not in report
+        assert load_checkpoint(str(out / "model.pt"))["cf_dim"] is None
+    # with CF embeddings of e_dim's width the alignment is still reported
+    cf8 = np.load(os.path.join(synth["dir"], "Synth.cf-sasrec8.npy"))[:300]
+    _, report = _train(synth, tmp_path / "rqvae-8", method="rqvae", epochs=2)
+    assert -1 <= report["cf_alignment_cosine"] <= 1 and cf8.shape[1] == SMALL["e_dim"]

@@ -2,7 +2,8 @@
 
 One dataset, several identifier sets (tokenizer run folders, authors'-format index .json files or
 codes .npy files, each with a label; a path holding `{seed}` names one set per seed, e.g. one
-tokenizer run per seed, so the seeds repeat the whole tokenizer + recommender chain). The same TIGER settings are trained on every set for each of
+tokenizer run per seed, so the seeds repeat the whole tokenizer + recommender chain). The same
+recommender settings (TIGER, or LC-Rec with model "lcrec") are trained on every set for each of
 `seeds` recommender seeds (config.seed, config.seed + 1, ...), and every run is evaluated on the
 same test users. Output folder:
 
@@ -43,9 +44,10 @@ from letter.errors import LetterError, SettingError
 from letter.utils import pyplot
 from letter.metrics import metrics_from_hits, normalized_mutual_info
 from letter.rec import RecConfig, train_rec
+from letter.rec.config import model_summary
 from letter.rec.data import codes_sha, resolve_codes
 from letter.rec.evaluation import generate, load_run, prefix_index, target_hits
-from letter.rec.recommender import as_recommender
+from letter.rec.recommender import as_recommender, recommender_class
 from letter.runs import (RecRun, TokenizerRun, atomic_path, finished_step, fingerprint, mark_started, prepare_run_folder,
                          read_json, start_step, write_json, write_manifest)
 from letter.tokenizer.codes import collision_rate
@@ -317,6 +319,7 @@ def compare(
     Returns the compare.json dict. Bad sets raise LetterError before any training.
     """
     config.validate()
+    recommender_class(config.model).check_settings(config)  # e.g. LC-Rec's base model, before any folder
     if seeds < 1:
         raise SettingError("seeds", f"must be >= 1, got {seeds}")
     if num_beams < 10:
@@ -328,6 +331,11 @@ def compare(
     dataset = data if isinstance(data, Dataset) else load_dataset(os.fspath(data))
     data_arg = data if isinstance(data, Dataset) else os.path.abspath(os.fspath(data))
     seed_list = [config.seed + i for i in range(seeds)]
+    try:  # run i uses seed + i: the last one must be a valid seed too (found before any run trains)
+        dataclasses.replace(config, seed=seed_list[-1]).validate()
+    except SettingError as e:
+        raise SettingError("seeds", f": {seeds} runs use seeds {config.seed}..{seed_list[-1]}, but seed {e.problem}",
+                           "seed") from None
     id_sets = load_sets(dataset, sets, seed_list)  # every set checked before any training
     categories = item_categories(dataset)
     data_sha = dataset.fingerprint()
@@ -416,8 +424,8 @@ def compare_markdown(report: dict) -> str:
     lines = [
         f"# Identifier sets compared on {report['dataset']['name']}",
         "",
-        f"TIGER (d_model {cfg['d_model']}, {cfg['num_layers']}+{cfg['num_decoder_layers']} layers, "
-        f"up to {cfg['epochs']} epoch(s), patience {cfg['patience']}) trained on each set with the same settings, "
+        f"{model_summary(cfg)} trained on each set with the same settings (up to {cfg['epochs']} epoch(s), "
+        f"patience {cfg['patience']}), "
         f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); test split, {ev['users']} users"
         f"{' (fixed sample)' if ev['test_users'] else ''}, constrained beam search with {ev['beams']} beams. "
         "Metrics: mean ± std over seeds.",

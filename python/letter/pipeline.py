@@ -108,12 +108,18 @@ class Pipeline:
     def run(self, from_stage: str | None = None) -> dict:
         if from_stage is not None and from_stage not in STAGES:
             raise SettingError("from_stage", f"must be one of {', '.join(STAGES)}, got {from_stage!r}")
+        from letter.rec import RecConfig
+        from letter.rec.recommender import recommender_class
+
+        rec = RecConfig.from_dict(self.config["rec"])
+        recommender_class(rec.model).check_settings(rec)  # LC-Rec's base model: not found only at the rec stage
         prepare_run_folder(self.out, "pipeline", resume=True, what="out")
         if not os.path.isdir(self.out) and "data" in self.source:  # data the stages refuse: no run folder is left
             from letter.cf.train import check_catalog
             from letter.data import load_dataset
 
             dataset = load_dataset(self.source["data"])
+            _refuse_cold_split(self.source["data"])
             if dataset.item_text is None:
                 raise LetterError(f"{dataset.source}: no item text (<Name>.item.json); the embed stage needs it")
             check_catalog(dataset)
@@ -192,6 +198,13 @@ def _digest(files: dict) -> str:
     return fingerprint(sorted((rel, st.get("sha256")) for rel, st in files.items()))
 
 
+def _refuse_cold_split(data: str) -> None:
+    from letter.data.cold import read_cold_split
+
+    if read_cold_split(data) is not None:  # its copy would lose the record, and cold items would train
+        raise LetterError(f"{data} is a cold split: run its stages one by one (README, cold start)")
+
+
 def _prepare(p: Pipeline, directory: str) -> dict:
     from letter.data import load_dataset, make_synthetic, write_letter
     from letter.data.stats import dataset_stats
@@ -199,10 +212,7 @@ def _prepare(p: Pipeline, directory: str) -> dict:
     if p.source.get("synthetic"):
         ds = make_synthetic(**p.config["data"]["synthetic"], name="Synth")
     else:
-        from letter.data.cold import read_cold_split
-
-        if read_cold_split(p.source["data"]) is not None:  # its copy would lose the record, and cold items train
-            raise LetterError(f"{p.source['data']} is a cold split: run its stages one by one (README, cold start)")
+        _refuse_cold_split(p.source["data"])  # data that became a split since the run folder was made
         ds = load_dataset(p.source["data"])
     write_letter(ds, directory)
     stats = dataset_stats(ds)

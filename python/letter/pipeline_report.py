@@ -1,7 +1,8 @@
-"""The pipeline's report: the metric table (Popularity, SASRec, LETTER-TIGER on the same test split),
+"""The pipeline's report: the metric table (Popularity, SASRec, LETTER-TIGER or -LC-Rec on the same test split),
 tokenizer statistics, time per stage and training curves, as report.json, report.md and PNGs."""
 import os
 
+from letter.rec.config import MODEL_NAMES
 from letter.runs import atomic_path, parse_json, read_text, write_json
 from letter.utils import pyplot
 
@@ -11,6 +12,11 @@ CF_NAMES = {"sasrec": "SASRec", "lightgcn": "LightGCN"}  # the cf section's mode
 
 def _cf_name(cf_metrics: dict) -> str:
     return CF_NAMES[cf_metrics.get("config", {}).get("model", "sasrec")]
+
+
+def _rec_name(p) -> str:
+    """The rec stage's model as the table names it (its section's RecConfig.model)."""
+    return MODEL_NAMES[p.config["rec"]["model"]]
 
 
 def _load(path: str):
@@ -28,16 +34,16 @@ def _sasrec_protocols(cf_metrics: dict) -> tuple[dict, dict | None]:
 
 
 def metric_table(p) -> list[dict]:
-    """Popularity, SASRec and LETTER-TIGER on the same leave-one-out test split: per row the metrics
+    """Popularity, SASRec and LETTER-<rec model> on the same leave-one-out test split: per row the metrics
     with history kept, and under "history_excluded" those with every history item ruled out (SASRec
-    and Popularity: masked from the ranking; TIGER: pruned from the search), or None if not measured."""
+    and Popularity: masked from the ranking; the recommender: pruned from the search), or None if not measured."""
     cf_metrics = _load(p.outputs["cf"]["metrics"])
     tiger = p.outputs["evaluate"]["result"]
     sasrec_kept, sasrec_excluded = _sasrec_protocols(cf_metrics)
     rows = [
         ("Popularity", cf_metrics.get("popularity_test", {}), cf_metrics.get("popularity_test_history_masked")),
         (_cf_name(cf_metrics), sasrec_kept, sasrec_excluded),
-        ("LETTER-TIGER", tiger["metrics"], tiger.get("metrics_exclude_history")),
+        (f"LETTER-{_rec_name(p)}", tiger["metrics"], tiger.get("metrics_exclude_history")),
     ]
     return [{"model": model, **{m: kept.get(m) for m in METRICS},
              "history_excluded": {m: excluded.get(m) for m in METRICS} if excluded else None}
@@ -82,14 +88,15 @@ def write_report(p) -> dict:
         f"Dataset **{stats['name']}**: {stats['users']} users, {stats['items']} items, "
         f"{stats['interactions']} interactions (sparsity {stats['sparsity']:.4f}).",
         "",
-        f"## Test metrics (leave-one-out, full ranking; TIGER: constrained beam search, {evaluation.get('beams')} beams,"
+        f"## Test metrics (leave-one-out, full ranking; {_rec_name(p)}: constrained beam search, "
+        f"{evaluation.get('beams')} beams,"
         f" {evaluation.get('users_per_s')} users/s)",
         "",
         format_table(table),
         "",
         "History kept: the authors' protocol (an item the user already has may be recommended and counts if "
         "it is the target). History excluded: every earlier item of the user is ruled out (SASRec "
-        "cf.mask_history; TIGER evaluate.exclude_history, pruned inside the constrained search).",
+        f"cf.mask_history; {_rec_name(p)} evaluate.exclude_history, pruned inside the constrained search).",
         "",
         "## Tokenizer",
         "",
@@ -132,10 +139,10 @@ def _plot_curves(p) -> list[str]:
         series.append((f"{_cf_name(cf_metrics)} valid NDCG@10", [h.get("epoch") for h in cf_hist], [h.get("valid_ndcg@10") for h in cf_hist]))
     rec_hist = _load(p.outputs["rec"]["history"])
     if rec_hist:
-        series.append(("TIGER train loss", [h.get("epoch") for h in rec_hist], [h.get("train_loss") for h in rec_hist]))
+        series.append((f"{_rec_name(p)} train loss", [h.get("epoch") for h in rec_hist], [h.get("train_loss") for h in rec_hist]))
         evals = [h for h in rec_hist if h.get("valid_ndcg@10") is not None]
         if evals:
-            series.append(("TIGER valid NDCG@10", [h["epoch"] for h in evals], [h["valid_ndcg@10"] for h in evals]))
+            series.append((f"{_rec_name(p)} valid NDCG@10", [h["epoch"] for h in evals], [h["valid_ndcg@10"] for h in evals]))
     series = [s for s in series if any(v is not None for v in s[2])]
     if series:
         fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.4), squeeze=False)

@@ -5,9 +5,21 @@ LC-Rec's; everything else (optimisation, early stopping, temperature, max_histor
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from letter.settings import Settings, setting
+
+
+MODEL_NAMES = {"tiger": "TIGER", "lcrec": "LC-Rec"}  # how reports name each RecConfig.model
+
+
+def model_summary(config: dict) -> str:
+    """The trained recommender in a report's words, from RecConfig.to_dict(): its name and size."""
+    name = MODEL_NAMES[config["model"]]
+    if config["model"] == "lcrec":
+        return f"{name} (LoRA r {config['lora_r']} on {os.path.basename(config['base_model'])})"
+    return f"{name} (d_model {config['d_model']}, {config['num_layers']}+{config['num_decoder_layers']} layers)"
 
 
 @dataclass

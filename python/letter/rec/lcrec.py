@@ -71,7 +71,7 @@ def token_name(level: int, code: int) -> str:
     return f"<{string.ascii_lowercase[level]}_{code}>"
 
 
-def _check_base_folder(path: str):
+def check_base_folder(path: str):
     """The config of a local causal-LM folder; LetterError (one line) otherwise. Loads no weights."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -149,7 +149,7 @@ class LCRec(nn.Module):
             raise LetterError(f"temperature must be > 0, got {temperature}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         base_model = os.path.abspath(os.fspath(base_model))
-        _check_base_folder(base_model)
+        check_base_folder(base_model)
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

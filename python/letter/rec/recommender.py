@@ -4,6 +4,8 @@ One `Recommender` adapter per model (TIGER in recommender_tiger.py, LC-Rec in re
 holds the model-specific parts; the training loop, the checkpoint/resume logic, the beam search
 driver, the metrics and the reports are shared.
 
+Before anything is written: cls.check_settings(config) refuses settings that cannot work (LC-Rec: no
+usable base model folder).
 Training (the adapter of a new run, `cls.build(config, rec, device)`, called with the RNG seeded):
   model                       the nn.Module (Tiger / LCRec)
   step_module                 called per batch: step_module(*batch(rows)) -> loss summed over the
@@ -47,6 +49,11 @@ class Recommender:
     def __init__(self, model, rec=None):
         self.model = model
         self.rec = rec
+
+    @classmethod
+    def check_settings(cls, config) -> None:
+        """LetterError for RecConfig settings that cannot work here (cheap: checked by compare and
+        the pipeline before they make any folder)."""
 
     @property
     def step_module(self):

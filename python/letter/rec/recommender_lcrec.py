@@ -16,7 +16,7 @@ from letter.decoding import PrefixIndex
 from letter.errors import LetterError
 from letter.runs import RecRun
 
-from .lcrec import LCRec
+from .lcrec import LCRec, check_base_folder
 from .recommender import Recommender
 
 BEST_MODEL_DIR = RecRun.LCREC_MODEL
@@ -66,6 +66,11 @@ class LCRecRecommender(Recommender):
                                 gradient_checkpointing=config.gradient_checkpointing and on_gpu,
                                 max_history=config.max_history, device=device)
         return cls(model, rec, seed=config.seed)
+
+    @classmethod
+    def check_settings(cls, config) -> None:
+        _require_llm_packages()
+        check_base_folder(config.base_model)
 
     @staticmethod
     def wraps(model) -> bool:

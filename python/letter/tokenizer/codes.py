@@ -57,8 +57,8 @@ def sinkhorn_resolve(
     last = codebooks[-1]
     best, best_rate = codes, collision_rate(codes)
     seen = set()  # Sinkhorn is deterministic: a group with the same members gives the same answer
-    done = 0
-    for done in range(1, rounds + 1):
+    done = 0  # rounds that ran a Sinkhorn
+    for _ in range(rounds):
         groups = []
         for group in colliding_groups(codes):
             members = group[movable[group]]
@@ -68,6 +68,7 @@ def sinkhorn_resolve(
                 groups.append(members)
         if not groups:
             break
+        done += 1
         rows = np.concatenate(groups)
         group_of = torch.from_numpy(np.repeat(np.arange(len(groups)), [len(g) for g in groups]))
         dist = torch.cdist(r_last[torch.from_numpy(rows)], last) ** 2
@@ -78,7 +79,7 @@ def sinkhorn_resolve(
             best, best_rate = codes, rate
         if rate == 0:
             break
-    return best, (done if rounds else 0)
+    return best, done
 
 
 def make_unique(

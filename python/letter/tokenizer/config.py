@@ -43,7 +43,8 @@ class TokenizerConfig(Settings):
     div_temperature: float = setting(1.0, "Diversity loss temperature.", low=0, low_open=True)
     clusters: int = setting(10, "Codebook clusters (K) for the diversity loss.", low=2)
     cluster_every: int = setting(1, "Epochs between cluster refreshes.", low=1)
-    cf_projection: bool = setting(False, "CF dim != e_dim: learn a linear map e_dim -> CF dim (else an error).")
+    cf_projection: bool = setting(False, "CF dim != e_dim: learn a linear map e_dim -> CF dim for the collaborative "
+                                  "term (else an error).")
     sinkhorn_epsilon: float = setting(0.003, "Sinkhorn-balanced last level during training: epsilon (0 disables).", low=0)
     sinkhorn_iters: int = setting(50, "Sinkhorn iterations.", low=1)
     # Codebook init: k-means++ seeding + Lloyd steps, level by level, on the initial encoder outputs.
@@ -72,7 +73,8 @@ class TokenizerConfig(Settings):
     # Settings a method never reads (selector -> value -> fields): given as options, they are an error.
     UNUSED_BY = {"method": {
         "letter": ("pca_dim",),
-        "rqvae": ("pca_dim", "alpha", "beta", "cf_temperature", "div_temperature", "clusters", "cluster_every"),
+        "rqvae": ("pca_dim", "alpha", "beta", "cf_temperature", "div_temperature", "clusters", "cluster_every",
+                  "cf_projection"),
         "rqkmeans": ("layers", "e_dim", "dropout", "batch_norm", "mu", "alpha", "beta", "cf_temperature",
                      "div_temperature", "clusters", "cluster_every", "cf_projection", "kmeans_balanced", "epochs",
                      "batch_size", "lr", "weight_decay", "eval_every", "best_from", "checkpoint_every"),

@@ -52,7 +52,7 @@ def build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, 
             "name": tok.name,
             "items": int(len(text)),
             "levels": config.codebook_sizes,
-            "epochs": config.epochs,
+            "epochs": 0 if config.method == "rqkmeans" else config.epochs,  # rqkmeans fits, never trains
             "best_epoch": best["epoch"],
             "best_train_collision": best["collision"],
             "collision_rate_before": resolution["collision_before"],
@@ -68,8 +68,8 @@ def build_report(tok, text, cf, codes_raw, codes, z, resolution, history, best, 
         if config.unique:
             report["unique_method"] = resolution["unique_method"]
             report["unique_moves"] = resolution["unique_moves"]
-        if cf is not None:
-            zq = model.cf_proj(quantized) if model.cf_proj is not None else quantized
+        zq = model.cf_proj(quantized) if cf is not None and model.cf_proj is not None else quantized
+        if cf is not None and cf.shape[1] == zq.shape[1]:  # other widths: no trained map between the spaces
             report["cf_alignment_cosine"] = float(F.cosine_similarity(zq, torch.from_numpy(cf), dim=1).mean())
     if item_labels is not None:
         report["level1_category_agreement"] = category_agreement(codes[:, 0], item_labels)
@@ -97,8 +97,9 @@ def report_markdown(report: dict) -> str:
     lines = [
         f"# LETTER tokenizer report: {report['name']}",
         "",
-        f"{report['items']} items, levels {report['levels']}, {report['epochs']} epochs "
-        f"(best-collision checkpoint: epoch {report['best_epoch']}).",
+        f"{report['items']} items, levels {report['levels']}, "
+        + (f"{report['epochs']} epochs (best-collision checkpoint: epoch {report['best_epoch']})." if report["epochs"]
+           else "residual k-means, no training."),
         "",
         "| collision rate | value |",
         "|---|---|",

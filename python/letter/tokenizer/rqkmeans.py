@@ -31,6 +31,12 @@ from .clustering import inertia, kmeans, nearest
 from .model import assign_codes
 
 
+def check_pca_dim(in_dim: int, pca_dim: int | None) -> None:
+    """LetterError naming pca_dim unless it is None (no PCA) or in [1, in_dim]."""
+    if pca_dim is not None and not 1 <= pca_dim <= in_dim:
+        raise LetterError(f"rqkmeans: pca_dim must be in [1, {in_dim}] (the input dim), got {pca_dim}", "pca_dim")
+
+
 class RQKMeans(nn.Module):
     """Preprocessing buffers + L fixed codebooks; `encode(x) -> (codes [B, L], z [B, d])`.
 
@@ -46,8 +52,7 @@ class RQKMeans(nn.Module):
             raise LetterError(f"rqkmeans: in_dim must be >= 1, got {in_dim}")
         if not codebook_sizes or any(int(n) < 1 for n in codebook_sizes):
             raise LetterError(f"rqkmeans: codebook sizes must be >= 1, got {codebook_sizes}")
-        if pca_dim is not None and not 1 <= pca_dim <= in_dim:
-            raise LetterError(f"rqkmeans: pca_dim must be in [1, {in_dim}] (the input dim), got {pca_dim}", "pca_dim")
+        check_pca_dim(in_dim, pca_dim)
         self.in_dim = int(in_dim)
         self.codebook_sizes = [int(n) for n in codebook_sizes]
         self.standardize_inputs = bool(standardize)

@@ -20,7 +20,7 @@ from .config import TokenizerConfig
 from .inference import Tokenizer, check_embeddings, encode_all
 from .model import ROW_CHUNK, RQVAE, collaborative_loss, diversity_loss, quantization_loss, row_tensor
 from .report import build_report, plot_curves, report_markdown
-from .rqkmeans import fit_rqkmeans
+from .rqkmeans import check_pca_dim, fit_rqkmeans
 
 T = runs.TokenizerRun
 CHECKPOINT = T.CHECKPOINT  # resumable training state (latest)
@@ -33,12 +33,15 @@ def _check_inputs(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | No
     if cf is not None:
         if cf.shape[0] != num_items:
             raise LetterError(f"CF embeddings have {cf.shape[0]} rows but the text embeddings have {num_items}")
-        if cf.shape[1] != config.e_dim and not config.cf_projection:
+        # only the collaborative term reads CF embeddings at e_dim (rqvae keeps them for the report)
+        if config.alpha > 0 and cf.shape[1] != config.e_dim and not config.cf_projection:
             raise LetterError(
                 f"CF embedding dim {cf.shape[1]} != e_dim {config.e_dim}: set e_dim to {cf.shape[1]} or enable "
                 "cf_projection (a learned linear map e_dim -> CF dim)", "e_dim", "cf_projection")
     elif config.alpha > 0:
         raise SettingError("alpha", "> 0 needs CF embeddings (give cf_emb, or set alpha 0)", "cf_emb")
+    if config.method == "rqkmeans":  # before the run folder is made, not when fitting starts
+        check_pca_dim(text.shape[1], config.pca_dim or None)
     space = math.prod(config.codebook_sizes)
     if config.unique and space < num_items:
         raise LetterError(
@@ -173,7 +176,8 @@ class TokenizerTrainable(Trainable):
         # the values the model would compute per batch, without that work in every step
         self.xs: torch.Tensor | None = None
         self.h = torch.from_numpy(cf).to(dev) if cf is not None else None
-        self.needs_proj = cf is not None and cf.shape[1] != config.e_dim
+        # a projection only where the collaborative term trains it (an untrained one aligns nothing)
+        self.needs_proj = cf is not None and config.alpha > 0 and cf.shape[1] != config.e_dim
         self.model = self.step_module = RQVAE(text.shape[1], config, cf_dim=cf.shape[1] if self.needs_proj else None).to(dev)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.timings = {"kmeans_init_s": 0.0, "cluster_refresh_s": [], "epoch_s": [], "eval_s": [], "checkpoint_s": []}
