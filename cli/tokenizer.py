@@ -17,6 +17,8 @@ def _codebook_sizes(levels: int | None, size: int | None, current: list[int]) ->
         return current
     if levels is not None and levels < 1:
         raise LetterError(f"--levels must be >= 1, got {levels}")
+    if size is not None and size < 2:
+        raise LetterError(f"--codebook-size must be >= 2, got {size}")
     if size is None and len(set(current)) > 1:
         raise LetterError("--levels with per-level --codebook-sizes: give --codebook-size N or --codebook-sizes N1,N2,...")
     return [size if size is not None else current[0]] * (levels if levels is not None else len(current))

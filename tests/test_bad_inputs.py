@@ -289,6 +289,8 @@ CASES = [
      1, "--alpha: tokenizer: alpha must be a finite number, got nan"),
     ("train-tokenizer", "levels 0", none, ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", "--levels", "0"],
      1, "--levels"),
+    ("train-tokenizer", "codebook-size 1", none,
+     ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", "--codebook-size", "1"], 1, "--codebook-size must be >= 2"),
     ("train-tokenizer", "garbage text-emb", write("e.npy", "garbage"),
      ["train-tokenizer", "--data", "{data}", "--out", "{case}/t", "--text-emb", "{case}/e.npy"], 1, "--text-emb"),
     ("train-tokenizer", "mixed cf embeddings", mixed("data", "Synth.cf-sasrec16.npy"),
