@@ -151,17 +151,32 @@ def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(compared, setup,
                     seeds=2, num_beams=10, bootstrap=500, log=logs.append)
     assert calls == [] and sum("skipped" in line for line in logs) == 4
     assert again["sets"] == report["sets"]
-    # An interrupted run (trained, not yet evaluated) resumes from its checkpoint; a run whose
-    # settings changed (here: the evaluation sample) starts afresh.
-    os.remove(os.path.join(out, "runs", "rqk", "seed-5", "result.json"))
+    # An interrupted training (checkpoint, no manifest yet) resumes from its checkpoint.
+    run, rec = os.path.join(out, "runs", "rqk", "seed-5"), os.path.join(out, "runs", "rqk", "seed-5", "rec")
+    trained = json.load(open(os.path.join(rec, "summary.json")))
+    os.remove(os.path.join(run, "result.json"))
+    os.remove(os.path.join(rec, "manifest.json"))
     compare(setup["data"], [f"rqk={setup['rqk']}"], out, tiny_config(), seeds=1, num_beams=10, bootstrap=10,
             log=logs.append)
-    assert calls == [(os.path.join(out, "runs", "rqk", "seed-5", "rec"), True)]
+    assert calls == [(rec, True)]
     calls.clear()
+    # Only the evaluation changed (here: the test sample): the trained run is kept and evaluated again.
+    model_bytes = open(os.path.join(rec, "model.pt"), "rb").read()
+    logs.clear()
     compare(setup["data"], [f"rqk={setup['rqk']}"], out, tiny_config(), seeds=1, num_beams=10, bootstrap=10,
             test_users=50, log=logs.append)
-    assert calls == [(os.path.join(out, "runs", "rqk", "seed-5", "rec"), False)]
+    assert calls == [] and any("trained run kept" in line for line in logs)
+    assert open(os.path.join(rec, "model.pt"), "rb").read() == model_bytes
+    result = json.load(open(os.path.join(run, "result.json")))
+    assert result["users"] == 50 and result["epochs_trained"] == trained["epochs_trained"]
     assert json.load(open(os.path.join(out, "compare.json")))["evaluation"]["users"] == 50
+    # The same evaluation as a fresh compare would give on the same trained model.
+    direct = compare_mod.user_ranks(rec, "test", data=setup["data"], max_users=50, num_beams=10)
+    assert result["metrics"] == direct["metrics"]
+    # A training setting changed: the run starts afresh.
+    compare(setup["data"], [f"rqk={setup['rqk']}"], out, tiny_config(lr=1e-3), seeds=1, num_beams=10, bootstrap=10,
+            test_users=50, log=logs.append)
+    assert calls == [(rec, False)]
 
 
 def test_bad_sets_fail_before_any_training(setup, tmp_path, monkeypatch):

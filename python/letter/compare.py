@@ -19,9 +19,12 @@ same test users. Output folder:
 
 Resuming works like `letter pipeline`: result.json records as input a fingerprint of everything the
 run depends on (rec settings, the codes, the dataset, the evaluation settings); a rerun skips a run
-whose fingerprint matches and whose test_ranks.npz is the one recorded, resumes an interrupted one from its checkpoint (train_rec(resume=True))
-when the fingerprint is unchanged, and restarts it when the settings changed. Every set is
-validated (path, readable codes, item count) before any training starts.
+whose fingerprint matches and whose test_ranks.npz is the one recorded. The run folder itself is
+keyed by the training part of it (rec settings, codes, dataset): with that unchanged an
+interrupted training resumes from its checkpoint (train_rec(resume=True)) and a finished one is
+kept when only the evaluation settings changed (it is evaluated again, not retrained); a change
+of the training part restarts the run. Every set is validated (path, readable codes, item count)
+before any training starts.
 
 Paired bootstrap: for set A vs the first set F, d[s, u] = metric_A(seed s, user u) -
 metric_F(seed s, user u) pairs users and seeds; the per-user mean over seeds is resampled over
@@ -48,8 +51,8 @@ from letter.rec.config import model_summary
 from letter.rec.data import codes_sha, resolve_codes
 from letter.rec.evaluation import generate, load_run, prefix_index, target_hits
 from letter.rec.recommender import as_recommender, recommender_class
-from letter.runs import (RecRun, TokenizerRun, atomic_path, finished_step, fingerprint, mark_started, prepare_run_folder,
-                         read_json, start_step, write_json, write_manifest)
+from letter.runs import (MANIFEST, RecRun, TokenizerRun, atomic_path, finished_step, fingerprint, mark_started,
+                         prepare_run_folder, read_json, start_step, write_json, write_manifest)
 from letter.tokenizer.codes import collision_rate
 from letter.tokenizer.report import category_agreement
 from letter.devices import resolve_device
@@ -258,6 +261,7 @@ def paired_bootstrap(diff: np.ndarray, resamples: int = 2000, seed: int = 0, lev
 def _run_one(data, s: IdentifierSet, config: RecConfig, run_dir: str, depends: dict, eval_args: dict,
              log: Callable[[str], None]) -> dict:
     fp = fingerprint(depends)
+    training = {k: v for k, v in depends.items() if k != "eval"}
     tag = f"[{s.label} seed {config.seed}]"
     done, reason = finished_step(os.path.join(run_dir, RESULT), RUN_KIND, fp, run_dir, required=(RANKS,))
     if reason is None:
@@ -265,13 +269,17 @@ def _run_one(data, s: IdentifierSet, config: RecConfig, run_dir: str, depends: d
         return done
     if reason != "not run yet":
         log(f"{tag} rerunning: {reason}")
-    if start_step(run_dir, fp, STARTED, depends=depends):
-        log(f"{tag} {run_dir} held a run with other settings: started afresh")
+    if start_step(run_dir, fingerprint(training), STARTED, depends=training):
+        log(f"{tag} {run_dir} held a run with other training settings: started afresh")
     rec_dir = os.path.join(run_dir, "rec")
-    resume = os.path.isfile(os.path.join(rec_dir, RecRun.CHECKPOINT))
-    log(f"{tag} {'resuming' if resume else 'training'} -> {rec_dir}")
     t0 = time.time()
-    summary = train_rec(config, data, s.for_seed(config.seed).path, rec_dir, resume=resume)
+    if os.path.isfile(os.path.join(rec_dir, MANIFEST)):  # trained with these settings: only the evaluation changed
+        log(f"{tag} trained run kept, evaluating again -> {rec_dir}")
+        summary = read_json(os.path.join(rec_dir, RecRun.SUMMARY), "train-rec summary")
+    else:
+        resume = os.path.isfile(os.path.join(rec_dir, RecRun.CHECKPOINT))
+        log(f"{tag} {'resuming' if resume else 'training'} -> {rec_dir}")
+        summary = train_rec(config, data, s.for_seed(config.seed).path, rec_dir, resume=resume)
     train_s = time.time() - t0
     ev = user_ranks(rec_dir, "test", data=data, device=config.device, batch_size=config.eval_batch_size, **eval_args)
     with atomic_path(os.path.join(run_dir, RANKS), suffix=".npz") as tmp:
