@@ -154,3 +154,17 @@ def test_report_of_a_run_says_nothing_was_trained(blobs, tmp_path):
     assert report["epochs"] == 0
     md = (tmp_path / "run" / "report.md").read_text()
     assert "epochs" not in md.splitlines()[2] and "residual k-means, no training" in md
+
+
+def test_a_fresh_run_drops_an_unfinished_runs_index_of_another_dataset_name(blobs, tmp_path):
+    # an unfinished run (no manifest) of another dataset name left its index file: the new run
+    # must not finish beside it (a reader of the folder's single <Name>.index.json would take it)
+    from letter.tokenizer import train_tokenizer
+
+    x, _ = blobs
+    out = tmp_path / "run"
+    train_tokenizer(TokenizerConfig(method="rqkmeans", codebook_sizes=SIZES), x, None, str(out), name="Old")
+    (out / "manifest.json").unlink()
+    assert (out / "Old.index.json").exists()
+    train_tokenizer(TokenizerConfig(method="rqkmeans", codebook_sizes=SIZES), x, None, str(out), name="New")
+    assert sorted(p.name for p in out.glob("*.index.json")) == ["New.index.json"]

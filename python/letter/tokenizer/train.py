@@ -133,7 +133,7 @@ def _fit_rqkmeans(config: TokenizerConfig, text: np.ndarray, out_dir: str, name:
                   ctx: DistContext) -> dict:
     """Residual k-means codebooks (no training, so nothing to resume: a rerun refits identically)."""
     runs.mark_started(out_dir, T.kind)
-    _start_fresh(out_dir, name)
+    _start_fresh(out_dir)
     model = fit_rqkmeans(text, config.codebook_sizes, iters=config.kmeans_iters, standardize=config.standardize,
                          pca_dim=config.pca_dim or None, seed=config.seed, device=ctx.device)
     tok = Tokenizer(model.cpu(), config, name)
@@ -147,12 +147,14 @@ def _fit_rqkmeans(config: TokenizerConfig, text: np.ndarray, out_dir: str, name:
     return report
 
 
-def _start_fresh(out_dir: str, name: str) -> None:
+def _start_fresh(out_dir: str) -> None:
     """A new run in a folder of an unfinished one (prepare_run_folder already removed any manifest):
-    drop the earlier outputs, so an interrupted new run never sits beside the old model and codes."""
-    for file in OUTPUTS + (CHECKPOINT, T.index_json(name)):
+    drop the earlier outputs, so an interrupted new run never sits beside the old model and codes
+    (the earlier index file whatever dataset name it had)."""
+    paths = [os.path.join(out_dir, file) for file in OUTPUTS + (CHECKPOINT,)]
+    for path in paths + runs.files_matching(out_dir, T.index_json("*")):
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, file))
+            os.remove(path)
 
 
 class TokenizerTrainable(Trainable):
@@ -266,7 +268,7 @@ def _train(config: TokenizerConfig, text: np.ndarray, cf: np.ndarray | None, out
            item_labels, inputs: dict, ctx: DistContext) -> dict:
     runs.mark_started(out_dir, T.kind)
     if not resume and ctx.main:
-        _start_fresh(out_dir, name)
+        _start_fresh(out_dir)
     ctx.barrier()
     seed_everything(config.seed)
     rng = RandomStreams(ctx.device)
