@@ -65,6 +65,22 @@ def test_letter_folder_roundtrip_and_id_order(tmp_path):
     assert again.sequences == ds.sequences
 
 
+def test_item_order_is_the_same_in_every_process(tmp_path):
+    """Ids of equal value ("007" and "7") still have one order, not the order of a set of strings
+    (which changes with the process's hash seed); ids that only look numeric to str.isdigit ("--5")
+    sort as text instead of raising."""
+    import subprocess
+    import sys
+
+    _write(tmp_path / "Z.inter.json", json.dumps({"u": ["007", "7", "1", "07"], "v": ["7", "1"]}))
+    code = f"from letter.data import load_dataset; print(load_dataset({str(tmp_path)!r}).item_ids)"
+    orders = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                             capture_output=True, text=True, check=True).stdout for seed in range(4)}
+    assert orders == {"['1', '007', '07', '7']\n"}
+    _write(tmp_path / "Z.inter.json", json.dumps({"u": ["--5", "1", "-2"]}))
+    assert load_dataset(str(tmp_path)).item_ids == ["--5", "-2", "1"]
+
+
 def test_letter_folder_with_item_text(tmp_path):
     _write(tmp_path / "T.inter.json", json.dumps({"u": ["x", "y", "x"]}))
     _write(tmp_path / "T.item.json", json.dumps({"y": {"title": "Y"}, "x": {"title": "X"}, "z": {"title": "Z"}}))
