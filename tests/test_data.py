@@ -129,6 +129,9 @@ def test_p5_reader(tmp_path):
     _write(folder / "sequential_data.txt", "1 1 2\n2 3 x\n")
     with pytest.raises(DataError, match="line 2: id 'x'"):
         load_dataset(str(folder))
+    _write(folder / "sequential_data.txt", "1 1 2\n2 3 \u00b2\n")  # str.isdigit, but not an integer
+    with pytest.raises(DataError, match="line 2: id '\u00b2' is not a positive integer"):
+        load_dataset(str(folder))
     _write(folder / "sequential_data.txt", "1 1 2\n1 3 4\n")
     with pytest.raises(DataError, match="duplicate user '1'"):
         load_dataset(str(folder))

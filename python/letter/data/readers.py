@@ -122,7 +122,7 @@ def read_p5(path: str, name: str | None = None) -> Dataset:
                     continue
                 if len(parts) < 2:
                     raise DataError(f"{file}: line {lineno}: user {parts[0]!r} has no items")
-                bad = [p for p in parts if not p.isdigit()]
+                bad = [p for p in parts if not (p.isascii() and p.isdigit())]  # int() refuses "²"
                 if bad:
                     raise DataError(f"{file}: line {lineno}: id {bad[0]!r} is not a positive integer")
                 if parts[0] in user_items:
