@@ -293,3 +293,17 @@ def test_cli_synth_stats_convert(tmp_path):
     assert r.exit_code == 0 and load_dataset(str(tmp_path / "p5")).sequences == [[0, 1, 2]]
     r = runner.invoke(main, ["data", "stats", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "no such file" in r.output and "Traceback" not in r.output
+
+
+def test_cli_convert_names_a_letter_folder_by_name(tmp_path):
+    """--name renames every format's dataset, a LETTER folder's too (its files and Dataset.name)."""
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    _write(tmp_path / "Old.inter.json", json.dumps({"u": [1, 2, 3], "v": [3, 1, 2]}))
+    r = CliRunner().invoke(main, ["data", "convert", str(tmp_path), str(tmp_path / "new"), "--name", "New"])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(tmp_path / "new")) == ["New.inter.json"]
+    renamed = load_dataset(str(tmp_path / "new"))
+    assert renamed.name == "New" and renamed.sequences == load_dataset(str(tmp_path)).sequences

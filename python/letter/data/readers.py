@@ -48,9 +48,10 @@ def _letter_files(path: str) -> tuple[str, str, str | None]:
     return name, inter, item if os.path.exists(item) else None
 
 
-def read_letter(path: str) -> Dataset:
-    """A LETTER/LC-Rec folder: <Name>.inter.json {user: [item ids]} and optional <Name>.item.json."""
-    name, inter_path, item_path = _letter_files(path)
+def read_letter(path: str, name: str | None = None) -> Dataset:
+    """A LETTER/LC-Rec folder: <Name>.inter.json {user: [item ids]} and optional <Name>.item.json
+    (the dataset is called `name`, default Name)."""
+    file_name, inter_path, item_path = _letter_files(path)
     raw = _read_json(inter_path)
     if not isinstance(raw, dict) or not raw:
         raise DataError(f"{inter_path}: expected a non-empty object {{user id: [item ids]}}")
@@ -68,7 +69,7 @@ def read_letter(path: str) -> Dataset:
             if not isinstance(fields, dict):
                 raise DataError(f"{item_path}: key {key!r}: expected an object of text fields")
         item_text = raw_text
-    return build_dataset(name, user_items, item_text, source=inter_path)
+    return build_dataset(name or file_name, user_items, item_text, source=inter_path)
 
 
 def write_letter(dataset: Dataset, out_dir: str) -> str:
@@ -329,10 +330,11 @@ def source_files(path: str, format: str = "auto") -> list[str]:
 
 
 def load_dataset(path: str, format: str = "auto", k: int = 5, name: str | None = None) -> Dataset:
-    """Read any supported format (auto-detected by default). `k` (k-core) applies to raw Amazon dumps."""
+    """Read any supported format (auto-detected by default). `k` (k-core) applies to raw Amazon dumps;
+    `name` names the dataset (default: from the file or folder name)."""
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "letter":
-        return read_letter(path)
+        return read_letter(path, name=name)
     if fmt == "p5":
         return read_p5(path, name=name)
     if fmt == "amazon":
