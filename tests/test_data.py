@@ -81,6 +81,14 @@ def test_item_order_is_the_same_in_every_process(tmp_path):
     assert load_dataset(str(tmp_path)).item_ids == ["--5", "-2", "1"]
 
 
+def test_letter_format_needs_an_inter_json_file(tmp_path):
+    """--format letter on a file not named <Name>.inter.json is refused: its name was cut from the
+    file name by the suffix's length ("interactions_of_x.json" -> dataset "interaction")."""
+    _write(tmp_path / "interactions_of_x.json", json.dumps({"u": [1, 2, 3]}))
+    with pytest.raises(DataError, match=r"interactions_of_x.json: not a <Name>.inter.json file"):
+        load_dataset(str(tmp_path / "interactions_of_x.json"), format="letter")
+
+
 def test_letter_folder_with_item_text(tmp_path):
     _write(tmp_path / "T.inter.json", json.dumps({"u": ["x", "y", "x"]}))
     _write(tmp_path / "T.item.json", json.dumps({"y": {"title": "Y"}, "x": {"title": "X"}, "z": {"title": "Z"}}))

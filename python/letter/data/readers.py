@@ -41,8 +41,10 @@ def _letter_files(path: str) -> tuple[str, str, str | None]:
         if len(found) != 1:
             raise DataError(f"{path}: expected exactly one *{INTER_SUFFIX} file, found {len(found)}")
         inter = found[0]
-    else:
+    elif path.endswith(INTER_SUFFIX):
         inter = path
+    else:  # the name is the file name less the suffix
+        raise DataError(f"{path}: not a <Name>{INTER_SUFFIX} file (a LETTER dataset's interactions)")
     name = os.path.basename(inter)[: -len(INTER_SUFFIX)]
     item = os.path.join(os.path.dirname(inter), name + ITEM_SUFFIX)
     return name, inter, item if os.path.exists(item) else None
