@@ -240,6 +240,16 @@ def test_synthetic_is_deterministic_and_structured():
     assert same > 0.6
 
 
+def test_synthetic_p_follow_of_one_is_refused():
+    """p_follow 1 never leaves a cycle of successors (an item whose successors are all among the
+    last three) and the generator hung; it must be below 1 (pipeline data.synthetic.p_follow)."""
+    from letter.errors import SettingError
+
+    with pytest.raises(SettingError, match=r"data.synthetic: p_follow must be >= 0 and < 1, got 1.0"):
+        make_synthetic(num_users=5, num_items=40, num_categories=2, p_follow=1.0)
+    assert make_synthetic(num_users=5, num_items=40, num_categories=2, p_follow=0.99).num_users == 5
+
+
 def test_synthetic_roundtrip(tmp_path):
     ds = make_synthetic(num_users=50, num_items=40, num_categories=4)
     write_letter(ds, str(tmp_path))
