@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import letter_ext
 from letter.cli.main import main as cli
-from letter.data import leave_one_out, load_dataset, make_synthetic, write_letter
+from letter.data import Dataset, leave_one_out, load_dataset, make_synthetic, write_letter
 from letter.data.cold import cold_split, read_cold_split
 from letter.decoding import PrefixIndex
 from letter.decoding.search import quota_last_step
@@ -104,6 +104,24 @@ def test_split_is_seeded_and_follows_the_protocol(source):
     users = rec_a["users"]
     assert users["cold_target"] == sum(s[-1] >= warm for s in a.sequences) > 0
     assert users["cold_target"] + users["warm_target"] + users["dropped"] == ds.num_users
+
+
+def test_split_refuses_embeddings_of_another_dataset(source, tmp_path):
+    """--embeddings whose sidecar records other items (or that changed since it was written) are
+    refused as every reader refuses them: the split would otherwise write them a new sidecar
+    recording the split's items, and train-tokenizer would take them."""
+    from letter.embed import embed_dataset
+
+    folder, _, ds, _ = source
+    other = Dataset("Synth", ds.user_ids, ds.sequences, [f"x{i}" for i in ds.item_ids], ds.item_text)  # other ids
+    foreign, _ = embed_dataset(other, str(tmp_path / "other"), model="hash", dim=8)
+    result = run_cli("data", "cold-split", folder, "--out", tmp_path / "split", "--embeddings", foreign, ok=False)
+    assert result.exit_code == 1 and "not the items the embeddings Synth.emb-hash8.npy was made from" in result.output
+    assert not (tmp_path / "split").exists()
+    np.save(foreign, np.zeros((NUM_ITEMS, 8), np.float32))  # replaced after its sidecar was written
+    result = run_cli("data", "cold-split", folder, "--out", tmp_path / "split", "--embeddings", foreign, ok=False)
+    assert result.exit_code == 1 and "since Synth.emb-hash8.json was written" in result.output
+    assert not (tmp_path / "split").exists()
 
 
 def test_no_cold_item_reaches_training_validation_cf_or_tokenizer(chain, source, tmp_path):

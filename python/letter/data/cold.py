@@ -93,7 +93,7 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
     file name, and cold_split.json last. A split already in `out_dir` is refused unless overwrite;
     an output onto one of the inputs always. Returns the record."""
     split, record = cold_split(dataset, fraction, seed)
-    from letter.runs import load_npy, sidecar_path, sidecar_record
+    from letter.runs import check_sidecar, load_npy, sidecar_path, sidecar_record
 
     names = [os.path.basename(p) for p in embeddings]
     sources = source_files(dataset.source) if isinstance(dataset.source, str) and os.path.exists(dataset.source) else []
@@ -103,7 +103,11 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
                            kind="cold-split")
 
     arrays = []
+    made_from = {"items": (dataset.items_fingerprint(), ("the dataset", dataset.source)),
+                 "dataset": (dataset.fingerprint(), ("the dataset", dataset.source))}
     for path in embeddings:
+        # as every reader does: the split writes them a sidecar vouching for the split's items
+        check_sidecar(path, "embeddings", made_from)
         arr = load_npy(path, "embeddings")
         if arr.ndim != 2 or arr.shape[0] != dataset.num_items:
             raise input_error("embeddings", path, f"expected [{dataset.num_items}, dim] rows of {dataset.source}'s "
