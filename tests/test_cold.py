@@ -124,6 +124,19 @@ def test_split_refuses_embeddings_of_another_dataset(source, tmp_path):
     assert not (tmp_path / "split").exists()
 
 
+def test_split_overwrite_with_bad_embeddings_keeps_the_earlier_split(source, tmp_path):
+    """--overwrite with --embeddings of the wrong shape is refused before the split already there is
+    removed (it was deleted first, then the embeddings were refused)."""
+    folder, _, _, _ = source
+    run_cli("data", "cold-split", folder, "--out", tmp_path / "split")
+    before = {name: (tmp_path / "split" / name).read_bytes() for name in os.listdir(tmp_path / "split")}
+    np.save(tmp_path / "bad.npy", np.zeros((3, 2), np.float32))
+    result = run_cli("data", "cold-split", folder, "--out", tmp_path / "split", "--seed", 1, "--embeddings",
+                     tmp_path / "bad.npy", "--overwrite", ok=False)
+    assert result.exit_code == 1 and f"expected [{NUM_ITEMS}, dim] rows" in result.output, result.output
+    assert {name: (tmp_path / "split" / name).read_bytes() for name in os.listdir(tmp_path / "split")} == before
+
+
 def test_no_cold_item_reaches_training_validation_cf_or_tokenizer(chain, source, tmp_path):
     split, tok, rec, emb = chain
     record = read_cold_split(split)

@@ -95,14 +95,7 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
     split, record = cold_split(dataset, fraction, seed)
     from letter.runs import check_sidecar, load_npy, sidecar_path, sidecar_record
 
-    names = [os.path.basename(p) for p in embeddings]
-    sources = source_files(dataset.source) if isinstance(dataset.source, str) and os.path.exists(dataset.source) else []
-    prepare_dataset_output(out_dir, dataset.name, overwrite=overwrite,
-                           inputs={"data_path": sources, "embeddings": list(embeddings)},
-                           extra=(*names, *(os.path.basename(sidecar_path(n)) for n in names), SPLIT_FILE),
-                           kind="cold-split")
-
-    arrays = []
+    arrays = []  # checked before overwrite removes an earlier split
     made_from = {"items": (dataset.items_fingerprint(), ("the dataset", dataset.source)),
                  "dataset": (dataset.fingerprint(), ("the dataset", dataset.source))}
     for path in embeddings:
@@ -113,6 +106,12 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
             raise input_error("embeddings", path, f"expected [{dataset.num_items}, dim] rows of {dataset.source}'s "
                               f"items, got shape {arr.shape}")
         arrays.append((path, arr))
+    names = [os.path.basename(p) for p in embeddings]
+    sources = source_files(dataset.source) if isinstance(dataset.source, str) and os.path.exists(dataset.source) else []
+    prepare_dataset_output(out_dir, dataset.name, overwrite=overwrite,
+                           inputs={"data_path": sources, "embeddings": list(embeddings)},
+                           extra=(*names, *(os.path.basename(sidecar_path(n)) for n in names), SPLIT_FILE),
+                           kind="cold-split")
     os.makedirs(out_dir, exist_ok=True)
     marker = os.path.join(out_dir, SPLIT_FILE)
     write_letter(split, out_dir)
