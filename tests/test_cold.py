@@ -137,6 +137,19 @@ def test_split_overwrite_with_bad_embeddings_keeps_the_earlier_split(source, tmp
     assert {name: (tmp_path / "split" / name).read_bytes() for name in os.listdir(tmp_path / "split")} == before
 
 
+def test_split_refuses_two_embeddings_of_one_name(source, tmp_path):
+    """Two --embeddings of one file name would be written to the same file of the split (the
+    second silently replacing the first): refused, nothing written."""
+    folder, emb_path, _, emb = source
+    (tmp_path / "b").mkdir()
+    np.save(tmp_path / "b" / os.path.basename(emb_path), emb[:, ::-1])
+    result = run_cli("data", "cold-split", folder, "--out", tmp_path / "split", "--embeddings", emb_path,
+                     "--embeddings", tmp_path / "b" / os.path.basename(emb_path), ok=False)
+    assert result.exit_code == 1 and "--embeddings" in result.output and "Synth.emb-test.npy" in result.output
+    assert "twice" in result.output, result.output
+    assert not (tmp_path / "split").exists()
+
+
 def test_no_cold_item_reaches_training_validation_cf_or_tokenizer(chain, source, tmp_path):
     split, tok, rec, emb = chain
     record = read_cold_split(split)

@@ -98,7 +98,11 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
     arrays = []  # checked before overwrite removes an earlier split
     made_from = {"items": (dataset.items_fingerprint(), ("the dataset", dataset.source)),
                  "dataset": (dataset.fingerprint(), ("the dataset", dataset.source))}
-    for path in embeddings:
+    names = [os.path.basename(p) for p in embeddings]
+    for position, (path, name) in enumerate(zip(embeddings, names)):
+        if name in names[:position]:  # each is written under its own file name
+            raise input_error("embeddings", path, f"the file name {name} is given twice; the split writes each "
+                              "embedding under its own file name")
         # as every reader does: the split writes them a sidecar vouching for the split's items
         check_sidecar(path, "embeddings", made_from)
         arr = load_npy(path, "embeddings")
@@ -106,7 +110,6 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
             raise input_error("embeddings", path, f"expected [{dataset.num_items}, dim] rows of {dataset.source}'s "
                               f"items, got shape {arr.shape}")
         arrays.append((path, arr))
-    names = [os.path.basename(p) for p in embeddings]
     sources = source_files(dataset.source) if isinstance(dataset.source, str) and os.path.exists(dataset.source) else []
     prepare_dataset_output(out_dir, dataset.name, overwrite=overwrite,
                            inputs={"data_path": sources, "embeddings": list(embeddings)},
