@@ -89,6 +89,23 @@ def test_letter_format_needs_an_inter_json_file(tmp_path):
         load_dataset(str(tmp_path / "interactions_of_x.json"), format="letter")
 
 
+def test_a_failed_item_text_write_leaves_no_dataset(tmp_path, monkeypatch):
+    """write_letter writes <Name>.inter.json, which makes the folder a dataset, after the item text:
+    a failed item.json write (disk full) left a dataset without text that every stage read."""
+    import letter.data.readers as readers
+
+    def full_disk(path, obj, indent=2):
+        if path.endswith(".item.json"):
+            raise OSError(28, "No space left on device", path)
+        real_write_json(path, obj, indent)
+
+    real_write_json = readers.write_json
+    monkeypatch.setattr(readers, "write_json", full_disk)
+    with pytest.raises(OSError):
+        write_letter(make_synthetic(num_users=5, num_items=8, num_categories=2), str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
 def test_letter_folder_with_item_text(tmp_path):
     _write(tmp_path / "T.inter.json", json.dumps({"u": ["x", "y", "x"]}))
     _write(tmp_path / "T.item.json", json.dumps({"y": {"title": "Y"}, "x": {"title": "X"}, "z": {"title": "Z"}}))

@@ -78,12 +78,13 @@ def write_letter(dataset: Dataset, out_dir: str) -> str:
     """Write <Name>.inter.json (+ <Name>.item.json) with internal ids as keys; returns the folder.
 
     Internal ids are written (not the originals) so index and embedding files, whose row i is
-    item i, line up with the ids in the files."""
-    inter = {u: seq for u, seq in zip(dataset.user_ids, dataset.sequences)}
-    write_json(os.path.join(out_dir, dataset.name + INTER_SUFFIX), inter, indent=None)
+    item i, line up with the ids in the files. The item text goes first: <Name>.inter.json makes
+    the folder a dataset, so a failed write never leaves one without its text."""
     if dataset.item_text is not None:
         items = {str(i): fields for i, fields in enumerate(dataset.item_text)}
         write_json(os.path.join(out_dir, dataset.name + ITEM_SUFFIX), items)
+    inter = {u: seq for u, seq in zip(dataset.user_ids, dataset.sequences)}
+    write_json(os.path.join(out_dir, dataset.name + INTER_SUFFIX), inter, indent=None)
     return out_dir
 
 
