@@ -342,3 +342,23 @@ def test_cli_convert_names_a_letter_folder_by_name(tmp_path):
     assert sorted(os.listdir(tmp_path / "new")) == ["New.inter.json"]
     renamed = load_dataset(str(tmp_path / "new"))
     assert renamed.name == "New" and renamed.sequences == load_dataset(str(tmp_path)).sequences
+
+
+def test_cli_shows_data_warnings_as_one_line(tmp_path):
+    """Warnings about the user's data (items without a meta record, users too short for the split)
+    are one "warning: ..." line, not Python's warning with the library's file, line and source."""
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    reviews = [{"reviewerID": u, "asin": i, "unixReviewTime": t} for u in "ABC" for t, i in enumerate(["i1", "i2", "i3"])]
+    _gz_lines(tmp_path / "Toys_5.json.gz", reviews)
+    _gz_lines(tmp_path / "meta_Toys.json.gz", [{"asin": "i1", "title": "One"}])
+    r = CliRunner().invoke(main, ["data", "convert", str(tmp_path), str(tmp_path / "out"), "--kcore", "2"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr == f"warning: {tmp_path / 'meta_Toys.json.gz'}: 2 item(s) have no meta record; their text is empty\n"
+    data = tmp_path / "short"
+    write_letter(Dataset("S", ["u", "v"], [list(range(12)), [0, 1]], [str(i) for i in range(12)]), str(data))
+    r = CliRunner().invoke(main, ["train-cf", str(data), "--dim", "8", "--blocks", "1", "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr == "warning: S: skipped 1 user(s) with fewer than 3 interactions in the leave-one-out split\n"

@@ -9,7 +9,7 @@ import warnings
 from collections import Counter, defaultdict
 
 from letter.data.dataset import TEXT_FIELDS, Dataset, build_dataset
-from letter.errors import DataError, LetterError
+from letter.errors import DataError, LetterError, LetterWarning
 from letter.runs import INTER_SUFFIX, ITEM_SUFFIX, files_matching, parse_json, read_text, write_json
 from letter.utils import progress
 
@@ -279,7 +279,8 @@ def _read_meta(meta_path: str, user_items: dict[str, list[str]]) -> dict[str, di
             }
     missing = wanted - set(text)
     if missing:
-        warnings.warn(f"{meta_path}: {len(missing)} item(s) have no meta record; their text is empty", stacklevel=3)
+        warnings.warn(LetterWarning(f"{meta_path}: {len(missing)} item(s) have no meta record; their text is empty"),
+                      stacklevel=3)
         for item in missing:
             text[item] = dict.fromkeys(TEXT_FIELDS, "")
     return text
