@@ -60,6 +60,11 @@ def test_cli_embed_hash(tmp_path, tiny):
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "Synth.emb-hash16.npy").shape == (24, 16)
     assert json.load(open(tmp_path / "Synth.emb-hash16.json"))["fields"] == ["title"]
+    # "title, description" names the fields title and description (it was refused: no field ' description')
+    r = CliRunner().invoke(main, ["embed", str(tmp_path), "--model", "hash", "--dim", "16", "--fields",
+                                  "title, description", "--tag", "two"])
+    assert r.exit_code == 0, r.output
+    assert json.load(open(tmp_path / "Synth.emb-two.json"))["fields"] == ["title", "description"]
 
 
 def test_cli_embed_bad_input_with_overwrite_keeps_the_embeddings(tmp_path, tiny):
