@@ -45,6 +45,17 @@ def test_embed_export_and_sidecar(tmp_path, tiny):
     assert _category_separation(emb, cats) > 0.1  # category words make same-category items closer
 
 
+def test_field_values_that_are_false_are_text(tiny):
+    """A field value 0 (the synthetic "category" of the first category) is the text "0", not an
+    empty text (a zero vector)."""
+    from letter.embed import field_texts
+
+    (texts,) = field_texts(tiny, ["category"])
+    assert texts == [str(t["category"]) for t in tiny.item_text] and "0" in texts
+    emb, _ = embed_items(tiny, model="hash", dim=8, fields=["category"])
+    assert np.all(np.linalg.norm(emb, axis=1) > 0.99)
+
+
 def test_embed_errors(tiny):
     no_text = Dataset("N", ["u"], [[0, 1, 2]], ["0", "1", "2"], source="N.inter.json")
     with pytest.raises(LetterError, match="N: no item text"):

@@ -70,7 +70,7 @@ class EmbedSettings(Settings):
 
 
 def field_texts(dataset: Dataset, fields: list[str]) -> list[list[str]]:
-    """texts[f][i]: field f of item i ("" when missing)."""
+    """texts[f][i]: field f of item i (see _field_text)."""
     if dataset.item_text is None:
         raise LetterError(f"{dataset.name}: no item text (<Name>.item.json) to embed ({dataset.source})")
     present = sorted({key for item in dataset.item_text if item for key in item})
@@ -78,7 +78,12 @@ def field_texts(dataset: Dataset, fields: list[str]) -> list[list[str]]:
     if unknown:
         raise SettingError("fields", f"{', '.join(map(repr, unknown))}: no item of {dataset.name} has them; the fields "
                                      f"that exist are: {', '.join(present) or '(none)'}")
-    return [[str(item.get(f) or "") for item in dataset.item_text] for f in fields]
+    return [[_field_text(item.get(f)) for item in dataset.item_text] for f in fields]
+
+
+def _field_text(value) -> str:
+    """A field's text: empty for a missing, null or empty value; a number as written (0 is "0")."""
+    return str(value) if value or value == 0 else ""
 
 
 # ---------------------------------------------------------------- hash encoder
