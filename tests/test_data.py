@@ -233,6 +233,10 @@ def test_index_json_roundtrip_and_errors(tmp_path):
     _write(tmp_path / "bad.json", json.dumps({"0": [f"<{chr(97 + i)}_0>" for i in range(26)] + ["<a_0>"]}))  # past level z
     with pytest.raises(DataError, match="27 tokens, at most 26"):
         read_index_json(str(tmp_path / "bad.json"))
+    # a code past int64 was an OverflowError traceback
+    _write(tmp_path / "bad.json", json.dumps({"0": ["<a_1>", f"<b_{2 ** 63}>"]}))
+    with pytest.raises(DataError, match=r"key '0': token '<b_9223372036854775808>' at level 1 is not '<b_N>'"):
+        read_index_json(str(tmp_path / "bad.json"))
 
 
 def test_authors_index_files(shared_data):
