@@ -366,3 +366,20 @@ def test_cli_shows_data_warnings_as_one_line(tmp_path):
     r = CliRunner().invoke(main, ["train-cf", str(data), "--dim", "8", "--blocks", "1", "--epochs", "1"])
     assert r.exit_code == 0, r.output
     assert r.stderr == "warning: S: skipped 1 user(s) with fewer than 3 interactions in the leave-one-out split\n"
+
+
+def test_cli_convert_refuses_kcore_for_a_format_without_it(tmp_path):
+    """--kcore filters raw Amazon dumps only: given with another format it would be ignored, so it is
+    a usage error naming it (as every option a combination ignores), and nothing is written."""
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    _write(tmp_path / "sequential_data.txt", "1 2 3 4\n2 3 4\n")
+    for fmt in ("auto", "p5"):
+        r = CliRunner().invoke(main, ["data", "convert", str(tmp_path), str(tmp_path / "out"), "--kcore", "3",
+                                      "--format", fmt])
+        assert r.exit_code == 2 and "--kcore applies to raw Amazon dumps only (SRC is a p5 dataset)" in r.output, r.output
+        assert not (tmp_path / "out").exists()
+    r = CliRunner().invoke(main, ["data", "convert", str(tmp_path), str(tmp_path / "out")])
+    assert r.exit_code == 0 and load_dataset(str(tmp_path / "out")).num_users == 2
