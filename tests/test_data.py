@@ -162,6 +162,21 @@ def test_p5_reader(tmp_path):
         load_dataset(str(folder))
 
 
+def test_p5_and_amazon_files_with_a_byte_order_mark(tmp_path):
+    """UTF-8 with a byte order mark (Windows editors) reads as the JSON files do; the first id
+    ('\ufeff1') or the first record was refused."""
+    (tmp_path / "p5").mkdir()
+    (tmp_path / "p5" / "sequential_data.txt").write_bytes(b"\xef\xbb\xbf1 1 2 3\n2 3 4 1\n")
+    assert load_dataset(str(tmp_path / "p5")).user_ids == ["1", "2"]
+    records = [{"reviewerID": u, "asin": i, "unixReviewTime": 1} for u in "AB" for i in ("x", "y")]
+    text = "\ufeff" + "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "Toys.json").write_bytes(text.encode())
+    with gzip.open(tmp_path / "Toys.json.gz", "wb") as f:
+        f.write(text.encode())
+    for name in ("Toys.json", "Toys.json.gz"):
+        assert load_dataset(str(tmp_path / name), k=2).user_ids == ["A", "B"]
+
+
 # ---------------------------------------------------------------- raw Amazon
 
 

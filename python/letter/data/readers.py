@@ -119,7 +119,7 @@ def read_p5(path: str, name: str | None = None) -> Dataset:
     file = os.path.join(path, P5_FILE) if os.path.isdir(path) else path
     user_items: dict[str, list[str]] = {}
     try:
-        with open(file, encoding="utf-8") as f:
+        with open(file, encoding="utf-8-sig") as f:  # a byte order mark is no part of the first id
             for lineno, line in enumerate(f, 1):
                 parts = line.split()
                 if not parts:
@@ -146,7 +146,8 @@ def read_p5(path: str, name: str | None = None) -> Dataset:
 
 
 def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+    # utf-8-sig: a byte order mark is no part of the first record (as for the JSON files, read_text)
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.endswith(".gz") else open(path, encoding="utf-8-sig")
 
 
 def _json_lines(path: str):
