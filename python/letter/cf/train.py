@@ -236,7 +236,7 @@ def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False
     paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
     with distributed(cfg.device) as ctx:  # the device is checked before overwrite removes anything
         prepare_output_files([paths["embeddings"], paths["checkpoint"], paths["metrics"]], "train-cf", resume=resume,
-                             overwrite=overwrite)
+                             overwrite=overwrite, main=ctx.main)
         return _train(dataset, split, out_dir, cfg, resume, ctx, log)
 
 
