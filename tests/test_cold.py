@@ -150,6 +150,22 @@ def test_split_refuses_two_embeddings_of_one_name(source, tmp_path):
     assert not (tmp_path / "split").exists()
 
 
+@pytest.mark.parametrize("change", [{"num_items": None}, {"num_items": "120"}, {"warm_items": True},
+                                    {"warm_items": 200}])
+def test_a_corrupt_split_record_is_one_line(source, tmp_path, change):
+    """A cold_split.json without num_items, or with counts that are no item counts, was a KeyError
+    or TypeError traceback in the stages that read it."""
+    folder, _, _, _ = source
+    run_cli("data", "cold-split", folder, "--out", tmp_path / "split")
+    record = json.loads((tmp_path / "split" / "cold_split.json").read_text())
+    record.update(change)
+    record = {key: value for key, value in record.items() if value is not None}
+    (tmp_path / "split" / "cold_split.json").write_text(json.dumps(record))
+    result = run_cli("train-cf", tmp_path / "split", "--dim", "8", "--epochs", "1", ok=False)
+    assert result.exit_code == 1 and "cold_split.json: corrupt cold split record" in result.output, result.output
+    assert not [f for f in os.listdir(tmp_path / "split") if ".cf-" in f]
+
+
 def test_no_cold_item_reaches_training_validation_cf_or_tokenizer(chain, source, tmp_path):
     split, tok, rec, emb = chain
     record = read_cold_split(split)

@@ -150,8 +150,11 @@ def read_cold_split(path) -> dict | None:
     from letter.runs import read_json
 
     record = read_json(os.path.join(folder, SPLIT_FILE), "cold split record")
-    if not isinstance(record.get("warm_items"), int) or not isinstance(record.get("cold_items"), list):
-        raise DataError(f"{os.path.join(folder, SPLIT_FILE)}: corrupt cold split record (no warm_items/cold_items)")
+    counts = [record.get(key) for key in ("warm_items", "num_items", "seed")]
+    if not (all(isinstance(c, int) and not isinstance(c, bool) for c in counts) and 0 < counts[0] < counts[1]
+            and isinstance(record.get("cold_items"), list)):  # what the stages read, checked once here
+        raise DataError(f"{os.path.join(folder, SPLIT_FILE)}: corrupt cold split record (needs integers "
+                        "0 < warm_items < num_items, a seed and the list cold_items)")
     return record
 
 
