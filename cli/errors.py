@@ -29,9 +29,12 @@ def option_names(command: click.Command | None) -> dict[str, str]:
     return names
 
 
-def with_options(text: str, names, flags: dict[str, str]) -> str:
+def with_options(text: str, names, flags: dict[str, str], literal: str = "") -> str:
     """`text` with each of `names` the command has an option for shown as that option. Only whole
-    words outside paths are replaced ("out_dir" yes, "/tmp/out_dir" or "out_dir.json" no)."""
+    words outside paths are replaced ("out_dir" yes, "/tmp/out_dir" or "out_dir.json" no), and none
+    in `literal`, the start of `text` holding the user's value (a folder called `data`)."""
+    if literal and text.startswith(literal):
+        return literal + with_options(text[len(literal):], names, flags)
     for name in names:
         if name in flags:
             text = re.sub(rf"(?<![\w/.-]){re.escape(name)}(?![\w/-]|\.\w)", flags[name], text)
@@ -43,7 +46,7 @@ def setting_message(e: SettingError, command: click.Command | None) -> str:
     replaced by `command`'s option of that name: "num_beams must be >= 10" -> "--beams must be >= 10".
     A setting the command has no option for keeps the library's words (the others are still mapped)."""
     flags = option_names(command)
-    problem = with_options(e.problem, e.others, flags)
+    problem = with_options(e.problem, e.others, flags, e.literal)
     if e.setting not in flags:
         text = SettingError.naming(e.setting, problem)
         return f"{e.section}: {text}" if e.section else text
@@ -54,7 +57,7 @@ def letter_message(e: LetterError, command: click.Command | None) -> str:
     """A library error's one line, naming `command`'s options where it names their parameters."""
     if isinstance(e, SettingError):
         return setting_message(e, command)
-    return with_options(str(e), e.names, option_names(command))
+    return with_options(str(e), e.names, option_names(command), e.literal)
 
 
 def _show_warning(command, show_other):

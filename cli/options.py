@@ -12,7 +12,7 @@ from letter.utils import read_mapping_file
 
 
 class ListOf(click.ParamType):
-    """A comma-separated list: '2048,1024,512'."""
+    """A comma-separated list: '2048,1024,512' ('title, description': spaces around a value dropped)."""
 
     def __init__(self, element: type):
         self.element = element
@@ -22,7 +22,7 @@ class ListOf(click.ParamType):
         if isinstance(value, list):
             return value
         try:
-            return [self.element(v) for v in str(value).split(",") if v.strip()]
+            return [self.element(v.strip()) for v in str(value).split(",") if v.strip()]
         except ValueError:
             self.fail(f"expected comma-separated {self.element.__name__} values, got {value!r}", param, ctx)
 

@@ -264,3 +264,26 @@ def test_bad_cf_options_are_one_line_errors(tmp_path, args, message):
     assert result.exit_code != 0 and message in result.output, result.output
     assert "Traceback" not in result.output
     assert not [f for f in os.listdir(data) if ".cf-" in f]
+
+
+def test_bad_input_with_overwrite_keeps_the_earlier_outputs(tmp_path):
+    """--overwrite with a bad --device, or on data without a training sample, is refused before
+    the outputs already there are removed (they were deleted first, then the input was refused)."""
+    from click.testing import CliRunner
+
+    from letter.cli.main import main as cli
+
+    data = tmp_path / "data"
+    write_letter(make_synthetic(num_users=60, num_items=30, num_categories=3, seed=4), str(data))
+    earlier = {path: f"earlier {key}".encode() for key, path in output_paths(str(data), "Synth", 8).items()}
+    for path, content in earlier.items():
+        with open(path, "wb") as f:
+            f.write(content)
+    for args, message in ((["--device", "tpu"], "--device 'tpu': not a device name"),
+                          ([], "no training samples (every user has fewer than 4 items)")):
+        if not args:  # histories of 3 items: nothing to train on
+            write_letter(make_synthetic(num_users=60, num_items=30, num_categories=3, min_length=3, max_length=3),
+                         str(data))
+        result = CliRunner().invoke(cli, ["train-cf", str(data), "--dim", "8", "--epochs", "1", "--overwrite", *args])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert {path: open(path, "rb").read() for path in earlier} == earlier

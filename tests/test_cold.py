@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import letter_ext
 from letter.cli.main import main as cli
-from letter.data import leave_one_out, load_dataset, make_synthetic, write_letter
+from letter.data import Dataset, leave_one_out, load_dataset, make_synthetic, write_letter
 from letter.data.cold import cold_split, read_cold_split
 from letter.decoding import PrefixIndex
 from letter.errors import LetterError
@@ -105,6 +105,66 @@ def test_split_is_seeded_and_follows_the_protocol(source):
     users = rec_a["users"]
     assert users["cold_target"] == sum(s[-1] >= warm for s in a.sequences) > 0
     assert users["cold_target"] + users["warm_target"] + users["dropped"] == ds.num_users
+
+
+def test_split_refuses_embeddings_of_another_dataset(source, tmp_path):
+    """--embeddings whose sidecar records other items (or that changed since it was written) are
+    refused as every reader refuses them: the split would otherwise write them a new sidecar
+    recording the split's items, and train-tokenizer would take them."""
+    from letter.embed import embed_dataset
+
+    folder, _, ds, _ = source
+    other = Dataset("Synth", ds.user_ids, ds.sequences, [f"x{i}" for i in ds.item_ids], ds.item_text)  # other ids
+    foreign, _ = embed_dataset(other, str(tmp_path / "other"), model="hash", dim=8)
+    result = run_cli("data", "cold-split", folder, "--out", tmp_path / "split", "--embeddings", foreign, ok=False)
+    assert result.exit_code == 1 and "not the items the embeddings Synth.emb-hash8.npy was made from" in result.output
+    assert not (tmp_path / "split").exists()
+    np.save(foreign, np.zeros((NUM_ITEMS, 8), np.float32))  # replaced after its sidecar was written
+    result = run_cli("data", "cold-split", folder, "--out", tmp_path / "split", "--embeddings", foreign, ok=False)
+    assert result.exit_code == 1 and "since Synth.emb-hash8.json was written" in result.output
+    assert not (tmp_path / "split").exists()
+
+
+def test_split_overwrite_with_bad_embeddings_keeps_the_earlier_split(source, tmp_path):
+    """--overwrite with --embeddings of the wrong shape is refused before the split already there is
+    removed (it was deleted first, then the embeddings were refused)."""
+    folder, _, _, _ = source
+    run_cli("data", "cold-split", folder, "--out", tmp_path / "split")
+    before = {name: (tmp_path / "split" / name).read_bytes() for name in os.listdir(tmp_path / "split")}
+    np.save(tmp_path / "bad.npy", np.zeros((3, 2), np.float32))
+    result = run_cli("data", "cold-split", folder, "--out", tmp_path / "split", "--seed", 1, "--embeddings",
+                     tmp_path / "bad.npy", "--overwrite", ok=False)
+    assert result.exit_code == 1 and f"expected [{NUM_ITEMS}, dim] rows" in result.output, result.output
+    assert {name: (tmp_path / "split" / name).read_bytes() for name in os.listdir(tmp_path / "split")} == before
+
+
+def test_split_refuses_two_embeddings_of_one_name(source, tmp_path):
+    """Two --embeddings of one file name would be written to the same file of the split (the
+    second silently replacing the first): refused, nothing written."""
+    folder, emb_path, _, emb = source
+    (tmp_path / "b").mkdir()
+    np.save(tmp_path / "b" / os.path.basename(emb_path), emb[:, ::-1])
+    result = run_cli("data", "cold-split", folder, "--out", tmp_path / "split", "--embeddings", emb_path,
+                     "--embeddings", tmp_path / "b" / os.path.basename(emb_path), ok=False)
+    assert result.exit_code == 1 and "--embeddings" in result.output and "Synth.emb-test.npy" in result.output
+    assert "twice" in result.output, result.output
+    assert not (tmp_path / "split").exists()
+
+
+@pytest.mark.parametrize("change", [{"num_items": None}, {"num_items": "120"}, {"warm_items": True},
+                                    {"warm_items": 200}])
+def test_a_corrupt_split_record_is_one_line(source, tmp_path, change):
+    """A cold_split.json without num_items, or with counts that are no item counts, was a KeyError
+    or TypeError traceback in the stages that read it."""
+    folder, _, _, _ = source
+    run_cli("data", "cold-split", folder, "--out", tmp_path / "split")
+    record = json.loads((tmp_path / "split" / "cold_split.json").read_text())
+    record.update(change)
+    record = {key: value for key, value in record.items() if value is not None}
+    (tmp_path / "split" / "cold_split.json").write_text(json.dumps(record))
+    result = run_cli("train-cf", tmp_path / "split", "--dim", "8", "--epochs", "1", ok=False)
+    assert result.exit_code == 1 and "cold_split.json: corrupt cold split record" in result.output, result.output
+    assert not [f for f in os.listdir(tmp_path / "split") if ".cf-" in f]
 
 
 def test_no_cold_item_reaches_training_validation_cf_or_tokenizer(chain, source, tmp_path):

@@ -65,6 +65,47 @@ def test_letter_folder_roundtrip_and_id_order(tmp_path):
     assert again.sequences == ds.sequences
 
 
+def test_item_order_is_the_same_in_every_process(tmp_path):
+    """Ids of equal value ("007" and "7") still have one order, not the order of a set of strings
+    (which changes with the process's hash seed); ids that only look numeric to str.isdigit ("--5")
+    sort as text instead of raising."""
+    import subprocess
+    import sys
+
+    _write(tmp_path / "Z.inter.json", json.dumps({"u": ["007", "7", "1", "07"], "v": ["7", "1"]}))
+    code = f"from letter.data import load_dataset; print(load_dataset({str(tmp_path)!r}).item_ids)"
+    orders = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                             capture_output=True, text=True, check=True).stdout for seed in range(4)}
+    assert orders == {"['1', '007', '07', '7']\n"}
+    _write(tmp_path / "Z.inter.json", json.dumps({"u": ["--5", "1", "-2"]}))
+    assert load_dataset(str(tmp_path)).item_ids == ["--5", "-2", "1"]
+
+
+def test_letter_format_needs_an_inter_json_file(tmp_path):
+    """--format letter on a file not named <Name>.inter.json is refused: its name was cut from the
+    file name by the suffix's length ("interactions_of_x.json" -> dataset "interaction")."""
+    _write(tmp_path / "interactions_of_x.json", json.dumps({"u": [1, 2, 3]}))
+    with pytest.raises(DataError, match=r"interactions_of_x.json: not a <Name>.inter.json file"):
+        load_dataset(str(tmp_path / "interactions_of_x.json"), format="letter")
+
+
+def test_a_failed_item_text_write_leaves_no_dataset(tmp_path, monkeypatch):
+    """write_letter writes <Name>.inter.json, which makes the folder a dataset, after the item text:
+    a failed item.json write (disk full) left a dataset without text that every stage read."""
+    import letter.data.readers as readers
+
+    def full_disk(path, obj, indent=2):
+        if path.endswith(".item.json"):
+            raise OSError(28, "No space left on device", path)
+        real_write_json(path, obj, indent)
+
+    real_write_json = readers.write_json
+    monkeypatch.setattr(readers, "write_json", full_disk)
+    with pytest.raises(OSError):
+        write_letter(make_synthetic(num_users=5, num_items=8, num_categories=2), str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
 def test_letter_folder_with_item_text(tmp_path):
     _write(tmp_path / "T.inter.json", json.dumps({"u": ["x", "y", "x"]}))
     _write(tmp_path / "T.item.json", json.dumps({"y": {"title": "Y"}, "x": {"title": "X"}, "z": {"title": "Z"}}))
@@ -113,9 +154,27 @@ def test_p5_reader(tmp_path):
     _write(folder / "sequential_data.txt", "1 1 2\n2 3 x\n")
     with pytest.raises(DataError, match="line 2: id 'x'"):
         load_dataset(str(folder))
+    _write(folder / "sequential_data.txt", "1 1 2\n2 3 \u00b2\n")  # str.isdigit, but not an integer
+    with pytest.raises(DataError, match="line 2: id '\u00b2' is not a positive integer"):
+        load_dataset(str(folder))
     _write(folder / "sequential_data.txt", "1 1 2\n1 3 4\n")
     with pytest.raises(DataError, match="duplicate user '1'"):
         load_dataset(str(folder))
+
+
+def test_p5_and_amazon_files_with_a_byte_order_mark(tmp_path):
+    """UTF-8 with a byte order mark (Windows editors) reads as the JSON files do; the first id
+    ('\ufeff1') or the first record was refused."""
+    (tmp_path / "p5").mkdir()
+    (tmp_path / "p5" / "sequential_data.txt").write_bytes(b"\xef\xbb\xbf1 1 2 3\n2 3 4 1\n")
+    assert load_dataset(str(tmp_path / "p5")).user_ids == ["1", "2"]
+    records = [{"reviewerID": u, "asin": i, "unixReviewTime": 1} for u in "AB" for i in ("x", "y")]
+    text = "\ufeff" + "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "Toys.json").write_bytes(text.encode())
+    with gzip.open(tmp_path / "Toys.json.gz", "wb") as f:
+        f.write(text.encode())
+    for name in ("Toys.json", "Toys.json.gz"):
+        assert load_dataset(str(tmp_path / name), k=2).user_ids == ["A", "B"]
 
 
 # ---------------------------------------------------------------- raw Amazon
@@ -189,6 +248,10 @@ def test_index_json_roundtrip_and_errors(tmp_path):
     _write(tmp_path / "bad.json", json.dumps({"0": [f"<{chr(97 + i)}_0>" for i in range(26)] + ["<a_0>"]}))  # past level z
     with pytest.raises(DataError, match="27 tokens, at most 26"):
         read_index_json(str(tmp_path / "bad.json"))
+    # a code past int64 was an OverflowError traceback
+    _write(tmp_path / "bad.json", json.dumps({"0": ["<a_1>", f"<b_{2 ** 63}>"]}))
+    with pytest.raises(DataError, match=r"key '0': token '<b_9223372036854775808>' at level 1 is not '<b_N>'"):
+        read_index_json(str(tmp_path / "bad.json"))
 
 
 def test_authors_index_files(shared_data):
@@ -211,6 +274,16 @@ def test_synthetic_is_deterministic_and_structured():
     # sequential structure: consecutive items share a category far more often than chance (1/6)
     same = np.mean([cats[x] == cats[y] for s in a.sequences for x, y in zip(s, s[1:])])
     assert same > 0.6
+
+
+def test_synthetic_p_follow_of_one_is_refused():
+    """p_follow 1 never leaves a cycle of successors (an item whose successors are all among the
+    last three) and the generator hung; it must be below 1 (pipeline data.synthetic.p_follow)."""
+    from letter.errors import SettingError
+
+    with pytest.raises(SettingError, match=r"data.synthetic: p_follow must be >= 0 and < 1, got 1.0"):
+        make_synthetic(num_users=5, num_items=40, num_categories=2, p_follow=1.0)
+    assert make_synthetic(num_users=5, num_items=40, num_categories=2, p_follow=0.99).num_users == 5
 
 
 def test_synthetic_roundtrip(tmp_path):
@@ -274,3 +347,54 @@ def test_cli_synth_stats_convert(tmp_path):
     assert r.exit_code == 0 and load_dataset(str(tmp_path / "p5")).sequences == [[0, 1, 2]]
     r = runner.invoke(main, ["data", "stats", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "no such file" in r.output and "Traceback" not in r.output
+
+
+def test_cli_convert_names_a_letter_folder_by_name(tmp_path):
+    """--name renames every format's dataset, a LETTER folder's too (its files and Dataset.name)."""
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    _write(tmp_path / "Old.inter.json", json.dumps({"u": [1, 2, 3], "v": [3, 1, 2]}))
+    r = CliRunner().invoke(main, ["data", "convert", str(tmp_path), str(tmp_path / "new"), "--name", "New"])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(tmp_path / "new")) == ["New.inter.json"]
+    renamed = load_dataset(str(tmp_path / "new"))
+    assert renamed.name == "New" and renamed.sequences == load_dataset(str(tmp_path)).sequences
+
+
+def test_cli_shows_data_warnings_as_one_line(tmp_path):
+    """Warnings about the user's data (items without a meta record, users too short for the split)
+    are one "warning: ..." line, not Python's warning with the library's file, line and source."""
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    reviews = [{"reviewerID": u, "asin": i, "unixReviewTime": t} for u in "ABC" for t, i in enumerate(["i1", "i2", "i3"])]
+    _gz_lines(tmp_path / "Toys_5.json.gz", reviews)
+    _gz_lines(tmp_path / "meta_Toys.json.gz", [{"asin": "i1", "title": "One"}])
+    r = CliRunner().invoke(main, ["data", "convert", str(tmp_path), str(tmp_path / "out"), "--kcore", "2"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr == f"warning: {tmp_path / 'meta_Toys.json.gz'}: 2 item(s) have no meta record; their text is empty\n"
+    data = tmp_path / "short"
+    write_letter(Dataset("S", ["u", "v"], [list(range(12)), [0, 1]], [str(i) for i in range(12)]), str(data))
+    r = CliRunner().invoke(main, ["train-cf", str(data), "--dim", "8", "--blocks", "1", "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr == "warning: S: skipped 1 user(s) with fewer than 3 interactions in the leave-one-out split\n"
+
+
+def test_cli_convert_refuses_kcore_for_a_format_without_it(tmp_path):
+    """--kcore filters raw Amazon dumps only: given with another format it would be ignored, so it is
+    a usage error naming it (as every option a combination ignores), and nothing is written."""
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    _write(tmp_path / "sequential_data.txt", "1 2 3 4\n2 3 4\n")
+    for fmt in ("auto", "p5"):
+        r = CliRunner().invoke(main, ["data", "convert", str(tmp_path), str(tmp_path / "out"), "--kcore", "3",
+                                      "--format", fmt])
+        assert r.exit_code == 2 and "--kcore applies to raw Amazon dumps only (SRC is a p5 dataset)" in r.output, r.output
+        assert not (tmp_path / "out").exists()
+    r = CliRunner().invoke(main, ["data", "convert", str(tmp_path), str(tmp_path / "out")])
+    assert r.exit_code == 0 and load_dataset(str(tmp_path / "out")).num_users == 2

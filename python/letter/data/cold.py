@@ -93,22 +93,28 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
     file name, and cold_split.json last. A split already in `out_dir` is refused unless overwrite;
     an output onto one of the inputs always. Returns the record."""
     split, record = cold_split(dataset, fraction, seed)
-    from letter.runs import load_npy, sidecar_path, sidecar_record
+    from letter.runs import check_sidecar, load_npy, sidecar_path, sidecar_record
 
+    arrays = []  # checked before overwrite removes an earlier split
+    made_from = {"items": (dataset.items_fingerprint(), ("the dataset", dataset.source)),
+                 "dataset": (dataset.fingerprint(), ("the dataset", dataset.source))}
     names = [os.path.basename(p) for p in embeddings]
-    sources = source_files(dataset.source) if isinstance(dataset.source, str) and os.path.exists(dataset.source) else []
-    prepare_dataset_output(out_dir, dataset.name, overwrite=overwrite,
-                           inputs={"data_path": sources, "embeddings": list(embeddings)},
-                           extra=(*names, *(os.path.basename(sidecar_path(n)) for n in names), SPLIT_FILE),
-                           kind="cold-split")
-
-    arrays = []
-    for path in embeddings:
+    for position, (path, name) in enumerate(zip(embeddings, names)):
+        if name in names[:position]:  # each is written under its own file name
+            raise input_error("embeddings", path, f"the file name {name} is given twice; the split writes each "
+                              "embedding under its own file name")
+        # as every reader does: the split writes them a sidecar vouching for the split's items
+        check_sidecar(path, "embeddings", made_from)
         arr = load_npy(path, "embeddings")
         if arr.ndim != 2 or arr.shape[0] != dataset.num_items:
             raise input_error("embeddings", path, f"expected [{dataset.num_items}, dim] rows of {dataset.source}'s "
                               f"items, got shape {arr.shape}")
         arrays.append((path, arr))
+    sources = source_files(dataset.source) if isinstance(dataset.source, str) and os.path.exists(dataset.source) else []
+    prepare_dataset_output(out_dir, dataset.name, overwrite=overwrite,
+                           inputs={"data_path": sources, "embeddings": list(embeddings)},
+                           extra=(*names, *(os.path.basename(sidecar_path(n)) for n in names), SPLIT_FILE),
+                           kind="cold-split")
     os.makedirs(out_dir, exist_ok=True)
     marker = os.path.join(out_dir, SPLIT_FILE)
     write_letter(split, out_dir)
@@ -144,8 +150,11 @@ def read_cold_split(path) -> dict | None:
     from letter.runs import read_json
 
     record = read_json(os.path.join(folder, SPLIT_FILE), "cold split record")
-    if not isinstance(record.get("warm_items"), int) or not isinstance(record.get("cold_items"), list):
-        raise DataError(f"{os.path.join(folder, SPLIT_FILE)}: corrupt cold split record (no warm_items/cold_items)")
+    counts = [record.get(key) for key in ("warm_items", "num_items", "seed")]
+    if not (all(isinstance(c, int) and not isinstance(c, bool) for c in counts) and 0 < counts[0] < counts[1]
+            and isinstance(record.get("cold_items"), list)):  # what the stages read, checked once here
+        raise DataError(f"{os.path.join(folder, SPLIT_FILE)}: corrupt cold split record (needs integers "
+                        "0 < warm_items < num_items, a seed and the list cold_items)")
     return record
 
 

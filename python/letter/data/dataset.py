@@ -1,6 +1,7 @@
 """The in-memory dataset every stage consumes: users' time-ordered item sequences with 0-based ids."""
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,12 +70,16 @@ class Dataset:
         return sum(len(s) for s in self.sequences)
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
 def item_order(raw_ids) -> list[str]:
     """Deterministic internal order of original item ids: numeric when all are integers (so ids
-    0..N-1 keep their value, matching the authors' index/embedding files), else lexicographic."""
+    0..N-1 keep their value, matching the authors' index/embedding files; equal values such as
+    "007" and "7" by their text), else lexicographic."""
     ids = {str(i) for i in raw_ids}
-    if all(i.lstrip("-").isdigit() for i in ids):
-        return sorted(ids, key=int)
+    if all(_INTEGER.fullmatch(i) for i in ids):
+        return sorted(ids, key=lambda i: (int(i), i))
     return sorted(ids)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 from letter.errors import DataError, LetterError
 from letter.runs import parse_json, read_text, write_json
 
-_TOKEN = re.compile(r"<([a-z])_(\d+)>")
+_TOKEN = re.compile(r"<([a-z])_([0-9]+)>")
+MAX_CODE = 2**63 - 1  # codes are int64
 LEVEL_LETTERS = string.ascii_lowercase
 
 
@@ -36,10 +37,10 @@ def read_index_json(path: str, num_items: int | None = None) -> np.ndarray:
         codes = []
         for level, token in enumerate(tokens):
             m = _TOKEN.fullmatch(token) if isinstance(token, str) else None
-            if m is None or m.group(1) != LEVEL_LETTERS[level]:
+            if m is None or m.group(1) != LEVEL_LETTERS[level] or int(m.group(2)) > MAX_CODE:
                 raise DataError(
                     f"{path}: key {key!r}: token {token!r} at level {level} is not "
-                    f"'<{LEVEL_LETTERS[level]}_N>'"
+                    f"'<{LEVEL_LETTERS[level]}_N>' (N from 0 to {MAX_CODE})"
                 )
             codes.append(int(m.group(2)))
         rows[int(key)] = codes

@@ -9,7 +9,7 @@ import warnings
 from collections import Counter, defaultdict
 
 from letter.data.dataset import TEXT_FIELDS, Dataset, build_dataset
-from letter.errors import DataError, LetterError
+from letter.errors import DataError, LetterError, LetterWarning
 from letter.runs import INTER_SUFFIX, ITEM_SUFFIX, files_matching, parse_json, read_text, write_json
 from letter.utils import progress
 
@@ -41,16 +41,19 @@ def _letter_files(path: str) -> tuple[str, str, str | None]:
         if len(found) != 1:
             raise DataError(f"{path}: expected exactly one *{INTER_SUFFIX} file, found {len(found)}")
         inter = found[0]
-    else:
+    elif path.endswith(INTER_SUFFIX):
         inter = path
+    else:  # the name is the file name less the suffix
+        raise DataError(f"{path}: not a <Name>{INTER_SUFFIX} file (a LETTER dataset's interactions)")
     name = os.path.basename(inter)[: -len(INTER_SUFFIX)]
     item = os.path.join(os.path.dirname(inter), name + ITEM_SUFFIX)
     return name, inter, item if os.path.exists(item) else None
 
 
-def read_letter(path: str) -> Dataset:
-    """A LETTER/LC-Rec folder: <Name>.inter.json {user: [item ids]} and optional <Name>.item.json."""
-    name, inter_path, item_path = _letter_files(path)
+def read_letter(path: str, name: str | None = None) -> Dataset:
+    """A LETTER/LC-Rec folder: <Name>.inter.json {user: [item ids]} and optional <Name>.item.json
+    (the dataset is called `name`, default Name)."""
+    file_name, inter_path, item_path = _letter_files(path)
     raw = _read_json(inter_path)
     if not isinstance(raw, dict) or not raw:
         raise DataError(f"{inter_path}: expected a non-empty object {{user id: [item ids]}}")
@@ -68,19 +71,20 @@ def read_letter(path: str) -> Dataset:
             if not isinstance(fields, dict):
                 raise DataError(f"{item_path}: key {key!r}: expected an object of text fields")
         item_text = raw_text
-    return build_dataset(name, user_items, item_text, source=inter_path)
+    return build_dataset(name or file_name, user_items, item_text, source=inter_path)
 
 
 def write_letter(dataset: Dataset, out_dir: str) -> str:
     """Write <Name>.inter.json (+ <Name>.item.json) with internal ids as keys; returns the folder.
 
     Internal ids are written (not the originals) so index and embedding files, whose row i is
-    item i, line up with the ids in the files."""
-    inter = {u: seq for u, seq in zip(dataset.user_ids, dataset.sequences)}
-    write_json(os.path.join(out_dir, dataset.name + INTER_SUFFIX), inter, indent=None)
+    item i, line up with the ids in the files. The item text goes first: <Name>.inter.json makes
+    the folder a dataset, so a failed write never leaves one without its text."""
     if dataset.item_text is not None:
         items = {str(i): fields for i, fields in enumerate(dataset.item_text)}
         write_json(os.path.join(out_dir, dataset.name + ITEM_SUFFIX), items)
+    inter = {u: seq for u, seq in zip(dataset.user_ids, dataset.sequences)}
+    write_json(os.path.join(out_dir, dataset.name + INTER_SUFFIX), inter, indent=None)
     return out_dir
 
 
@@ -115,14 +119,14 @@ def read_p5(path: str, name: str | None = None) -> Dataset:
     file = os.path.join(path, P5_FILE) if os.path.isdir(path) else path
     user_items: dict[str, list[str]] = {}
     try:
-        with open(file, encoding="utf-8") as f:
+        with open(file, encoding="utf-8-sig") as f:  # a byte order mark is no part of the first id
             for lineno, line in enumerate(f, 1):
                 parts = line.split()
                 if not parts:
                     continue
                 if len(parts) < 2:
                     raise DataError(f"{file}: line {lineno}: user {parts[0]!r} has no items")
-                bad = [p for p in parts if not p.isdigit()]
+                bad = [p for p in parts if not (p.isascii() and p.isdigit())]  # int() refuses "²"
                 if bad:
                     raise DataError(f"{file}: line {lineno}: id {bad[0]!r} is not a positive integer")
                 if parts[0] in user_items:
@@ -142,7 +146,8 @@ def read_p5(path: str, name: str | None = None) -> Dataset:
 
 
 def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+    # utf-8-sig: a byte order mark is no part of the first record (as for the JSON files, read_text)
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.endswith(".gz") else open(path, encoding="utf-8-sig")
 
 
 def _json_lines(path: str):
@@ -275,7 +280,8 @@ def _read_meta(meta_path: str, user_items: dict[str, list[str]]) -> dict[str, di
             }
     missing = wanted - set(text)
     if missing:
-        warnings.warn(f"{meta_path}: {len(missing)} item(s) have no meta record; their text is empty", stacklevel=3)
+        warnings.warn(LetterWarning(f"{meta_path}: {len(missing)} item(s) have no meta record; their text is empty"),
+                      stacklevel=3)
         for item in missing:
             text[item] = dict.fromkeys(TEXT_FIELDS, "")
     return text
@@ -329,10 +335,11 @@ def source_files(path: str, format: str = "auto") -> list[str]:
 
 
 def load_dataset(path: str, format: str = "auto", k: int = 5, name: str | None = None) -> Dataset:
-    """Read any supported format (auto-detected by default). `k` (k-core) applies to raw Amazon dumps."""
+    """Read any supported format (auto-detected by default). `k` (k-core) applies to raw Amazon dumps;
+    `name` names the dataset (default: from the file or folder name)."""
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "letter":
-        return read_letter(path)
+        return read_letter(path, name=name)
     if fmt == "p5":
         return read_p5(path, name=name)
     if fmt == "amazon":

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from letter.data.dataset import Dataset
+from letter.errors import LetterWarning
 
 Sample = tuple[list[int], int]  # (history, target), history in time order
 
@@ -81,8 +82,8 @@ def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
         eval_users.append(user)
     if short:
         warnings.warn(
-            f"{dataset.name}: skipped {short} user(s) with fewer than {MIN_SEQUENCE_LENGTH} "
-            "interactions in the leave-one-out split",
+            LetterWarning(f"{dataset.name}: skipped {short} user(s) with fewer than {MIN_SEQUENCE_LENGTH} "
+                          "interactions in the leave-one-out split"),
             stacklevel=2,
         )
     return Split(train, valid, test, max_history, eval_users)

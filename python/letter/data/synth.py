@@ -57,8 +57,8 @@ class SyntheticSettings(Settings):
     num_categories: int = setting(20, "Latent item categories (<= items/4).", low=1, flag="categories")
     min_length: int = setting(5, "Shortest history.", low=3)
     max_length: int = setting(20, "Longest history (>= min_length).", low=3)
-    p_follow: float = setting(0.6, "Probability that the next item is a successor of the previous one.", low=0,
-                              high=1, cli=False)
+    p_follow: float = setting(0.6, "Probability that the next item is a successor of the previous one (< 1: a walk "
+                              "must be able to leave a cycle of successors).", low=0, high=1, high_open=True, cli=False)
     seed: int = setting(0, "Random seed.", low=0, high=2**32 - 1)
 
     def check(self) -> None:

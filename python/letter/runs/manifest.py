@@ -167,12 +167,13 @@ def prepare_run_folder(folder: str, kind: str, *, resume: bool = False, overwrit
 
 
 def prepare_output_files(paths: list[str], kind: str, *, resume: bool | None = None, overwrite: bool = False,
-                         what: str = "out_dir", what_names: tuple[str, ...] = ()) -> None:
+                         what: str = "out_dir", what_names: tuple[str, ...] = (), main: bool = True) -> None:
     """Check the files a `kind` command that writes single files is about to write (`paths`, its sidecar
     manifest last). Any of them already there is refused unless overwrite (they are removed, the
     manifest first, so an interrupted removal leaves nothing finished-looking) or resume (continue:
     the caller's checkpoint; None: the command cannot resume). `what`: the argument choosing the
-    place (see input_error), or words naming the arguments `what_names`, e.g. "tag or out_dir"."""
+    place (see input_error), or words naming the arguments `what_names`, e.g. "tag or out_dir".
+    `main`: False on the other processes of a torchrun, which only check (rank 0 removes)."""
     if resume and overwrite:
         raise _resume_and_overwrite()
     names = what_names or ((what,) if what.isidentifier() else ())
@@ -190,7 +191,7 @@ def prepare_output_files(paths: list[str], kind: str, *, resume: bool | None = N
         options = "resume to continue its run, overwrite" if resume is not None else "overwrite"
         raise LetterError(f"{present[0]}: {state} {kind} output is already there; pass {options} to replace it, "
                           f"or choose another {what}", *names, "resume", "overwrite")
-    if overwrite:
+    if overwrite and main:
         for path in reversed(present):
             os.remove(path)
 
