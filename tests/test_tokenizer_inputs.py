@@ -99,6 +99,25 @@ def test_embeddings_of_another_dataset_are_refused(data):
     assert "data_dir" in raised.value.names
 
 
+def test_embeddings_of_items_regenerated_under_the_same_ids_are_refused(tmp_path):
+    # `data synth --overwrite` with another seed keeps the item ids 0..N-1 but not their text: the
+    # embeddings left in the folder describe the old items and must not be taken for the new ones.
+    folder = tmp_path / "data"
+    runner = CliRunner()
+    for args in (["data", "synth", str(folder), "--items", "60", "--users", "80", "--categories", "4", "--seed", "0"],
+                 ["embed", str(folder), "--model", "hash", "--dim", "8"]):
+        assert runner.invoke(main, args).exit_code == 0
+    assert prepare_tokenizer_inputs(str(folder), TokenizerConfig(alpha=0.0)).num_items == 60
+    regenerated = runner.invoke(main, ["data", "synth", str(folder), "--items", "60", "--users", "80", "--categories", "4", "--seed", "1",
+                                       "--overwrite"])
+    assert regenerated.exit_code == 0, regenerated.output
+    result = runner.invoke(main, ["train-tokenizer", "--data", str(folder), "--alpha", "0", "--epochs", "1",
+                                  "--out", str(tmp_path / "tok")])
+    assert result.exit_code == 1 and "not the items the text embedding Synth.emb-hash8.npy was made from" in \
+        result.output, result.output
+    assert not (tmp_path / "tok").exists()
+
+
 def test_a_cold_split_trains_on_its_warm_rows(data, tmp_path):
     from letter.data import load_dataset
 

@@ -47,9 +47,15 @@ class Dataset:
         return h.hexdigest()
 
     def items_fingerprint(self) -> str:
-        """sha256 of the item ids in row order: what per-item files (text embeddings, row i = item
-        i) depend on, whatever the interactions."""
-        return hashlib.sha256(json.dumps(self.item_ids).encode()).hexdigest()
+        """sha256 of the item ids in row order and of each item's text fields: what per-item files
+        (text embeddings, row i = item i, and identifiers made from them) depend on, whatever the
+        interactions. The text is in it so that embeddings of other items with the same ids (a
+        dataset regenerated or edited in place) are never taken for these items'."""
+        h = hashlib.sha256(json.dumps(self.item_ids).encode())
+        for text in self.item_text or ():
+            h.update(json.dumps(text, sort_keys=True, ensure_ascii=False, default=str).encode())
+            h.update(b"|")
+        return h.hexdigest()
 
     def category_labels(self) -> np.ndarray | None:
         """[num_items] integer labels of the items' "category" text field (its distinct values in
