@@ -106,6 +106,24 @@ def test_a_failed_item_text_write_leaves_no_dataset(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_write_interrupted_before_the_interactions_is_an_unfinished_output(tmp_path):
+    """A crash between write_letter's two files leaves the item text only: a rerun must call that an
+    unfinished output (the interactions file is the one written last), not a finished dataset."""
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    write_letter(make_synthetic(num_users=5, num_items=8, num_categories=2), str(tmp_path))
+    os.remove(tmp_path / "Synth.inter.json")
+    result = CliRunner().invoke(main, ["data", "synth", str(tmp_path), "--items", "8", "--users", "5",
+                                       "--categories", "2"])
+    assert result.exit_code == 1
+    assert "Synth.item.json: an unfinished (or another tool's) dataset output is already there" in result.output
+    again = CliRunner().invoke(main, ["data", "synth", str(tmp_path), "--items", "8", "--users", "5",
+                                      "--categories", "2", "--overwrite"])
+    assert again.exit_code == 0 and sorted(os.listdir(tmp_path)) == ["Synth.inter.json", "Synth.item.json"]
+
+
 def test_letter_folder_with_item_text(tmp_path):
     _write(tmp_path / "T.inter.json", json.dumps({"u": ["x", "y", "x"]}))
     _write(tmp_path / "T.item.json", json.dumps({"y": {"title": "Y"}, "x": {"title": "X"}, "z": {"title": "Z"}}))

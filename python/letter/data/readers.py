@@ -103,7 +103,8 @@ def prepare_dataset_output(out_dir: str, name: str, *, overwrite: bool = False, 
     if others:
         raise LetterError(f"{out_dir}: holds another dataset ({others[0]}; a dataset folder holds one); "
                           "choose another folder")
-    files = [os.path.join(out_dir, n) for n in (name + INTER_SUFFIX, name + ITEM_SUFFIX, *extra)]
+    # in the order written (write_letter: the item text, then the interactions that make the folder a dataset)
+    files = [os.path.join(out_dir, n) for n in (name + ITEM_SUFFIX, name + INTER_SUFFIX, *extra)]
     for option, paths in (inputs or {}).items():
         for path in paths:
             for file in files:
