@@ -7,6 +7,7 @@ from letter.cli.errors import LetterGroup
 from letter.cli.options import overwrite_option, refuse_ignored, settings_from_options, settings_options
 from letter.data.readers import FORMATS
 from letter.data.synth import SyntheticSettings
+from letter.errors import LetterError
 
 
 @click.group("data", cls=LetterGroup)
@@ -71,11 +72,15 @@ def convert(src, out_dir, fmt, kcore, name, overwrite):
 
     Items are renumbered 0..N-1 (numeric ids keep their order, others sort as text)."""
     from letter.data import load_dataset, write_letter
+    from letter.data.cold import SPLIT_FILE, read_cold_split
     from letter.data.readers import detect_format, prepare_dataset_output, source_files
 
     detected = detect_format(src) if fmt == "auto" else fmt
     if detected != "amazon":
         refuse_ignored(["kcore"], f"applies to raw Amazon dumps only (SRC is a {detected} dataset)")
+    if read_cold_split(src) is not None:  # renumbering would scatter its cold ids; the copy would lose the record
+        raise LetterError(f"SRC {src}: a cold split ({SPLIT_FILE}); convert the dataset it was split from, then split "
+                          "that with `letter data cold-split`")
     ds = load_dataset(src, format=fmt, k=kcore, name=name)
     prepare_dataset_output(out_dir, ds.name, overwrite=overwrite, inputs={"SRC": source_files(src, fmt)})
     write_letter(ds, out_dir)

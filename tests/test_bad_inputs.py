@@ -612,6 +612,8 @@ CASES += [
     ("data cold-split", "out onto its data, --overwrite", copy("data"),
      ["data", "cold-split", "{case}/data", "--out", "{case}/data", "--overwrite"], 1,
      "{case}/data/Synth.inter.json: is the command's input DATA_PATH"),
+    ("data convert", "SRC a cold split", both(copy("data"), split_into("s")), ["data", "convert", "{case}/s", "{case}/c"],
+     1, "SRC {case}/s: a cold split (cold_split.json); convert the dataset it was split from"),
     ("data convert", "OUT is SRC, --overwrite", copy("data"), ["data", "convert", "{case}/data", "{case}/data", "--overwrite"],
      1, "{case}/data/Synth.inter.json: is the command's input SRC"),
     ("data synth", "OUT holds another dataset", copy("data"), ["data", "synth", "{case}/data", "--name", "Other"], 1,
