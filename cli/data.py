@@ -70,7 +70,8 @@ def synth_catalog(out_dir, items, users, zipf, mean_length, seed, name, overwrit
 def convert(src, out_dir, fmt, kcore, name, overwrite):
     """Read SRC (LETTER folder, P5 sequential_data.txt, raw Amazon dump) and write a LETTER folder.
 
-    Items are renumbered 0..N-1 (numeric ids keep their order, others sort as text)."""
+    Items are renumbered 0..N-1 (numeric ids keep their order, others sort as text). A cold split
+    is refused: convert the dataset it was split from."""
     from letter.data import load_dataset, write_letter
     from letter.data.cold import SPLIT_FILE, read_cold_split
     from letter.data.readers import detect_format, prepare_dataset_output, source_files
