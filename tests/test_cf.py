@@ -134,10 +134,32 @@ def test_masked_full_ranking_never_counts_a_history_item_on_a_small_catalog():
     cfg = CFConfig(max_len=20, eval_batch_size=4, device="cpu")
     samples = [(list(range(9)), 3), (list(range(9)), 9)]
     scores = lambda hist, users: torch.arange(10, dtype=torch.float).expand(len(users), -1).clone()
-    masked = ranking_metrics(scores, samples, [0, 1], 10, DistContext(), cfg, mask_history=True)
+    masked = ranking_metrics(scores, samples, [0, 1], 10, DistContext(), cfg, mask_history=True,
+                             seen=[h for h, _ in samples])
     assert masked["recall@10"] == 0.5 and masked["ndcg@10"] == pytest.approx(0.5)  # only item 9, ranked first
     kept = ranking_metrics(scores, samples, [0, 1], 10, DistContext(), cfg, mask_history=False)
     assert kept["recall@10"] == 1.0
+
+
+def test_masking_rules_out_the_whole_history_not_only_the_models_window():
+    # histories longer than the window the model reads (max_len / max_history): the masked protocol
+    # rules out every item the user had, as TIGER's exclude_history does (Split.seen_items)
+    from letter.cf.train import popularity_metrics, ranking_metrics
+    from letter.training import DistContext
+
+    ds = Dataset("Tiny", ["u"], [[0, 1, 2, 3]], [str(i) for i in range(12)])
+    split = leave_one_out(ds, max_history=1)
+    assert split.test == [([2], 3)] and split.seen_items(ds, "test", [0]) == [[0, 1, 2]]
+    assert split.seen_items(ds, "valid", [0]) == [[0, 1]]
+    # popularity (training head [0, 1]): 0, 1 and 2 ruled out, the target first
+    assert popularity_metrics(split, ds, "test", mask_history=True)["ndcg@5"] == pytest.approx(1.0)
+    cfg = CFConfig(max_len=1, eval_batch_size=4, device="cpu")
+    scores = lambda hist, users: torch.arange(10, 0, -1, dtype=torch.float).expand(len(users), -1).clone()
+    masked = ranking_metrics(scores, split.test, [0], 10, DistContext(), cfg, mask_history=True,
+                             seen=split.seen_items(ds, "test", [0]))
+    assert masked["ndcg@10"] == pytest.approx(1.0)  # ranked 0, 1, 2, 3, ...: 0-2 ruled out
+    with pytest.raises(ValueError, match="seen items"):
+        ranking_metrics(scores, split.test, [0], 10, DistContext(), cfg, mask_history=True)
 
 
 def test_sasrec_bf16_autocast_step_matches_fp32():

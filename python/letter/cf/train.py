@@ -54,7 +54,7 @@ def popularity_counts(split: Split, dataset: Dataset) -> np.ndarray:
 def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS,
                        mask_history: bool = False) -> dict[str, float]:
     """Baseline: everyone gets the items most frequent in the training sequences (with
-    mask_history: the most frequent ones not in the user's history sample)."""
+    mask_history: the most frequent ones not in the user's whole history)."""
     counts = popularity_counts(split, dataset)
     samples = split.part(part)
     targets = torch.tensor([t for _, t in samples])
@@ -67,10 +67,11 @@ def popularity_metrics(split: Split, dataset: Dataset, part: str = "test", ks=KS
     # O(k + history) rather than a pass over the catalog
     ranked = np.argsort(-counts, kind="stable")
     k = max(ks)
-    head = ranked[: k + max((len(history) for history, _ in samples), default=0)].tolist()
+    seen_lists = split.seen_items(dataset, part, range(len(samples)))
+    head = ranked[: k + max((len(seen) for seen in seen_lists), default=0)].tolist()
     top = torch.full((len(samples), k), -1, dtype=torch.long)  # -1: an empty slot, never a hit
-    for row, (history, _) in enumerate(samples):
-        seen = set(history)
+    for row, seen in enumerate(seen_lists):
+        seen = set(seen)
         kept = [item for item in head if item not in seen][:k]
         top[row, : len(kept)] = torch.tensor(kept, dtype=torch.long)
     return {key: v / len(samples) for key, v in metric_sums(hits_from_topk(top, targets), ks).items()}
@@ -111,13 +112,17 @@ def ranking_batch_rows(batch_size: int, num_items: int) -> int:
 
 @torch.no_grad()
 def ranking_metrics(scores_of, samples, users: list[int], num_items: int, ctx: DistContext, cfg: CFConfig,
-                    mask_history: bool | None = None) -> dict[str, float]:
+                    mask_history: bool | None = None, seen: list[list[int]] | None = None) -> dict[str, float]:
     """Full-ranking Recall/NDCG@5,10 over `samples` (users[i]: the user of samples[i]), sharded over
     processes and summed, in batches of at most ranking_batch_rows users. scores_of(histories,
-    users) -> [B, num_items] scores, histories in model ids (item + 1, left-padded with 0). History
-    items are ruled out when `mask_history` (default: the config's)."""
+    users) -> [B, num_items] scores, histories in model ids (item + 1, left-padded with 0). When
+    `mask_history` (default: the config's) the items seen[i] (Split.seen_items: the user's whole
+    history, not only the sample's last max_len items) are ruled out for samples[i]."""
     mask_history = cfg.mask_history if mask_history is None else mask_history
+    if mask_history and (seen is None or len(seen) != len(samples)):
+        raise ValueError("a masked ranking needs the seen items of every sample")
     mine, my_users = samples[ctx.rank :: ctx.world], users[ctx.rank :: ctx.world]
+    my_seen = seen[ctx.rank :: ctx.world] if mask_history else None
     sums = dict.fromkeys([f"{m}@{k}" for k in KS for m in ("recall", "ndcg")], 0.0)
     rows = ranking_batch_rows(cfg.eval_batch_size, num_items)
     for start in range(0, len(mine), rows):
@@ -126,10 +131,10 @@ def ranking_metrics(scores_of, samples, users: list[int], num_items: int, ctx: D
         targets = torch.tensor([t for _, t in batch], device=ctx.device)
         scores = scores_of(hist, torch.tensor(my_users[start : start + rows], device=ctx.device))
         if mask_history:
-            # count history occurrences per item (pads add 0 at item 0) and rule those items out
-            seen = torch.zeros_like(scores, dtype=torch.int32)
-            seen.scatter_add_(1, (hist - 1).clamp(min=0), (hist > 0).int())
-            scores.masked_fill_(seen > 0, float("-inf"))
+            batch_seen = my_seen[start : start + rows]
+            row_of = torch.repeat_interleave(torch.arange(len(batch_seen)), torch.tensor([len(s) for s in batch_seen]))
+            items = torch.tensor([item for s in batch_seen for item in s], dtype=torch.long)
+            scores[row_of.to(scores.device), items.to(scores.device)] = float("-inf")
         top = scores.topk(max(KS), dim=1)
         # a masked item that still reaches the top k (fewer than k unmasked items) is an empty slot
         topk = top.indices.masked_fill(top.values == float("-inf"), -1) if mask_history else top.indices
@@ -175,11 +180,12 @@ class CFTrainable(Trainable):
         (Split.sample_rows, seeded by the config's seed: the same users every epoch)."""
         rows = self.split.sample_rows(part, max_users, self.cfg.seed)
         samples, users = self.split.part(part), self.split.eval_users
+        seen = self.split.seen_items(self.dataset, part, rows)
         self.model.eval()
         try:
             with torch.no_grad():
                 return ranking_metrics(self.scorer(), [samples[i] for i in rows], [users[i] for i in rows],
-                                       self.dataset.num_items, self.ctx, self.cfg, mask_history)
+                                       self.dataset.num_items, self.ctx, self.cfg, mask_history, seen)
         finally:
             self.model.train()
 

@@ -35,6 +35,15 @@ class Split:
             return np.sort(np.random.default_rng(seed).choice(count, size=max_users, replace=False)).tolist()
         return list(range(count))
 
+    def seen_items(self, dataset: Dataset, name: str, rows: list[int]) -> list[list[int]]:
+        """Every item the user of each of part(name)'s samples at `rows` ("valid" or "test")
+        interacted with before its target: the whole history in `dataset` (the one split), not
+        only the last max_history items the sample holds (what a masked/excluded ranking rules out)."""
+        if name not in ("valid", "test"):
+            raise ValueError(f"seen items are those of valid or test samples, got {name!r}")
+        drop = 1 if name == "test" else 2  # valid / test targets are the second-last / last items
+        return [list(dataset.sequences[self.eval_users[i]][:-drop]) for i in rows]
+
     def tensors(self, name: str, pad: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
         """(histories LongTensor [N, max_history] left-padded with `pad`, targets LongTensor [N])."""
         samples = self.part(name)

@@ -181,9 +181,7 @@ class RecData:
     def eval_seen_items(self, part: str, max_users: int = 0, seed: int = 0) -> list[list[int]]:
         """Every item each evaluated user interacted with before the target (the whole history,
         not only the last max_history items the model reads), in the order of eval_tensors."""
-        drop = 1 if part == "test" else 2  # valid / test targets are the second-last / last items
-        sequences, users = self.dataset.sequences, self.split.eval_users
-        return [list(sequences[users[i]][:-drop]) for i in self.split.sample_rows(part, max_users, seed)]
+        return self.split.seen_items(self.dataset, part, self.split.sample_rows(part, max_users, seed))
 
     def eval_tensors(self, part: str, max_users: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoder tokens [U, S], target item ids [U]) of `part`, or of a fixed random sample of
