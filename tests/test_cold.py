@@ -157,6 +157,28 @@ def test_stages_refuse_cold_items_in_training_data(chain, tmp_path):
     assert result.exit_code != 0 and "is a cold split" in result.output
 
 
+
+def test_a_cold_split_record_without_its_item_count_is_one_line(chain, tmp_path):
+    """A cold_split.json whose num_items is missing or not an integer: every reader of the split
+    (evaluate, add-items) says the record is corrupt, in one line, instead of a KeyError traceback."""
+    split, tok, rec, emb = chain
+    for value in (None, "120"):
+        bad = tmp_path / f"bad-{value}"
+        shutil.copytree(split, bad)
+        record = json.loads((bad / "cold_split.json").read_text())
+        if value is None:
+            del record["num_items"]
+        else:
+            record["num_items"] = value
+        (bad / "cold_split.json").write_text(json.dumps(record))
+        for args in (["evaluate", "--model", rec, "--data", bad],
+                     ["add-items", "--model", rec, "--tokenizer", tok, "--embeddings", emb, "--data", bad]):
+            result = run_cli(*args, ok=False)
+            assert result.exit_code == 1 and "corrupt cold split record" in result.output, result.output
+            assert "Traceback" not in result.output and not isinstance(result.exception, KeyError)
+    assert index_versions(rec) == [0]
+
+
 # ------------------------------------------------------------------------------------ add-items
 
 def test_added_items_get_distinct_identifiers_and_can_be_recommended(chain, added):

@@ -144,8 +144,10 @@ def read_cold_split(path) -> dict | None:
     from letter.runs import read_json
 
     record = read_json(os.path.join(folder, SPLIT_FILE), "cold split record")
-    if not isinstance(record.get("warm_items"), int) or not isinstance(record.get("cold_items"), list):
-        raise DataError(f"{os.path.join(folder, SPLIT_FILE)}: corrupt cold split record (no warm_items/cold_items)")
+    if not all(isinstance(record.get(key), int) for key in ("warm_items", "num_items")) \
+            or not isinstance(record.get("cold_items"), list):
+        raise DataError(f"{os.path.join(folder, SPLIT_FILE)}: corrupt cold split record "
+                        "(no warm_items/num_items/cold_items)")
     return record
 
 
