@@ -382,6 +382,16 @@ def test_bench_serve_never_writes_its_json_onto_a_run_file(trained, tmp_path):
     assert open(manifest, "rb").read() == before
 
 
+def test_bench_serve_refuses_a_k_its_servers_would_refuse(trained, tmp_path):
+    """The bench's servers run with the default --beams (20): -k 21 is a usage error naming -k, given
+    before the run is loaded, not an error about a --beams option the bench does not have."""
+    out, _ = trained
+    result = CliRunner().invoke(cli, ["bench", "serve", "--model", out, "--requests", "2", "--concurrency", "1",
+                                      "-k", "21", "--out", str(tmp_path / "b.json")])
+    assert result.exit_code == 2 and "-k" in result.output and "beams" not in result.output, result.output
+    assert "== batching" not in result.output and not (tmp_path / "b.json").exists()
+
+
 def test_batching_in_process_measures_a_full_batch_with_fewer_sampled_histories(trained):
     """`letter bench serve --requests 2 --max-batch 4`: batching in process still times 4 single
     searches against one batch of 4 (the histories repeat), as its log line and the JSON say."""
