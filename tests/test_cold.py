@@ -366,6 +366,26 @@ def test_quota_last_step_equals_the_brute_force_quota_top_k(seed):
                                                               ref[1][scores > float("-inf")])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_quota_last_step_refuses_nan_logits_of_a_live_beam_as_the_fused_step_does(bad):
+    """NaN/+inf in a live beam's logits: a ValueError naming the row, as letter_ext.constrained_beam_step
+    (not -inf slots ahead of live ones, a list silently short and no longer best first); a dead
+    beam's logits are never read."""
+    codes = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [1, 2]])
+    index = PrefixIndex.from_codes(codes, [2, 3])
+    new_leaves = torch.zeros(index.num_leaves, dtype=torch.bool)
+    new_leaves[4] = True
+    logits = torch.randn(2, index.trie.vocab_size, generator=torch.Generator().manual_seed(0))
+    logits[0, 2] = bad
+    nodes = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match=r"of a live beam contains NaN or \+inf"):
+        letter_ext.constrained_beam_step(logits, torch.tensor([[0.0, -1.0]]), nodes, index.trie, 1, 4)
+    with pytest.raises(ValueError, match=r"logits row 0 \(batch row 0, beam 0\) of a live beam contains NaN or \+inf"):
+        quota_last_step(logits, torch.tensor([[0.0, -1.0]]), nodes, index.trie, 4, new_leaves, 0)
+    scores = quota_last_step(logits, torch.tensor([[float("-inf"), -1.0]]), nodes, index.trie, 4, new_leaves, 0)[0]
+    assert torch.isfinite(scores[0, :2]).all() and (scores[0, 2:] == float("-inf")).all()  # beam 1's children only
+
+
 def test_share_holds_on_every_list(chain, added):
     split, _, _, _ = chain
     run, _ = added

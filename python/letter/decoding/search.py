@@ -195,6 +195,11 @@ def quota_last_step(logits, beam_scores, nodes, trie, num_beams: int, new_leaves
     logp = torch.log_softmax(logits.to(dtype), -1)
     ptr, child = trie.row_ptr[level], trie.child_token[level]
     alive = (beam_scores > float("-inf")).reshape(-1)
+    undefined = (alive & (torch.isnan(logits) | (logits == float("inf"))).any(1)).nonzero()
+    if undefined.numel():  # as constrained_beam_step: a NaN would sort first and push live expansions out
+        row = int(undefined[0, 0])
+        raise ValueError(f"quota_last_step: logits row {row} (batch row {row // k_in}, beam {row % k_in}) of a live "
+                         "beam contains NaN or +inf; its log-probabilities are undefined")
     node = torch.where(alive, nodes.reshape(-1), 0)
     start, count = ptr[node], torch.where(alive, ptr[node + 1] - ptr[node], 0)
     width = max(int(count.max()) if count.numel() else 0, 1)
