@@ -623,6 +623,28 @@ def test_adding_from_other_data_is_refused_and_the_versions_stay(chain, tmp_path
     assert index_versions(run) == [0, 1] and np.array_equal(load_index_codes(run)[0], codes)
 
 
+def test_evaluating_other_data_with_unindexed_items_in_histories_is_one_line(chain, tmp_path):
+    """--allow-other-data with a catalog whose appended item is in a history: evaluate (and
+    evaluate --cold) refuse it naming the item and the index version, instead of an IndexError
+    traceback while encoding the histories (the model cannot read an item without identifier)."""
+    split, tok, rec, emb = chain
+    other, _ = _grown(split, emb, tmp_path / "other", ["9001"])
+    inter_path = os.path.join(other, "Synth.inter.json")
+    with open(inter_path) as f:
+        inter = json.load(f)
+    first = next(iter(inter))
+    inter[first].insert(1, "9001")
+    with open(inter_path, "w") as f:
+        json.dump(inter, f)
+    with pytest.raises(LetterError, match="item 9001 is in a history to evaluate but has no identifier in index "
+                                          "version 0"):
+        evaluate(rec, data=other, allow_other_data=True)
+    for extra in ([], ["--cold"]):
+        result = run_cli("evaluate", "--model", rec, "--data", other, "--allow-other-data", *extra, ok=False)
+        assert result.exit_code == 1 and "item 9001" in result.output, result.output
+        assert not isinstance(result.exception, IndexError) and "Traceback" not in result.output
+
+
 def test_an_allow_other_data_server_adds_the_items_of_a_grown_catalog(chain, served_copy, tmp_path):
     """`letter serve --allow-other-data --tokenizer`: POST /items adds to a catalog that grew by
     appending (served, decodable), and answers other data (other interactions) with a 422 that
