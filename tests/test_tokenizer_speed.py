@@ -1,8 +1,12 @@
 """The tokenizer's speed changes keep its results: bit for bit, or (Sinkhorn) up to rounding
 that leaves every assignment and so the training run unchanged."""
+import json
+
 import numpy as np
 import pytest
 import torch
+
+from letter_ext.bench.common import cpu_model
 
 from letter.tokenizer import TokenizerConfig, clustering, train_tokenizer
 from letter.tokenizer.clustering import _sinkhorn, _sinkhorn_one, sinkhorn_assign
@@ -91,3 +95,5 @@ def test_tokenizer_epoch_benchmark_splits_epochs_into_steps_and_evaluation(tmp_p
         assert abs(result[key] - (steps + evaluation / every + ckpt) / bare) < 1e-3 * result[key] + 1e-3
     assert result["ratio_eval_every_epoch"] > result["ratio"] > result["ratio_steps_only"] > 0
     assert out.exists()
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["cpu"] == cpu_model() and machine["cpu"]  # the CPU model, as every benchmark JSON records it

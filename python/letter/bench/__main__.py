@@ -4,6 +4,8 @@ import time
 
 import torch
 
+from letter_ext.bench.common import cpu_model
+
 from letter.runs import write_json
 
 from . import BENCHMARKS, DEFAULT_BENCHMARKS, module
@@ -21,7 +23,7 @@ def main(argv=None) -> dict:
         module(name).add_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+    results = {"machine": {"cpu": cpu_model(), "platform": platform.platform(),
                            "torch": torch.__version__, "threads": args.threads, "clock": args.clock,
                            "started": time.strftime("%Y-%m-%d %H:%M:%S")},
                "command": "python -m letter.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
