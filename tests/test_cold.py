@@ -645,6 +645,25 @@ def test_evaluating_other_data_with_unindexed_items_in_histories_is_one_line(cha
         assert not isinstance(result.exception, IndexError) and "Traceback" not in result.output
 
 
+def test_evaluate_cold_refuses_a_newest_version_the_catalog_does_not_hold(chain, tmp_path):
+    """evaluate --cold reads version 0 and the newest one: the newest, added from the grown catalog,
+    is refused with the catalog before it grew (as evaluate/recommend/serve refuse it), naming
+    the version, instead of searching identifiers of items the catalog does not have."""
+    split, tok, rec, emb = chain
+    run = str(tmp_path / "rec")
+    shutil.copytree(rec, run)
+    grown, grown_emb = _grown(split, emb, tmp_path / "grown", ["9001", "9002"])
+    add_items(run, tok, grown_emb, data=grown)
+    with pytest.raises(LetterError, match=r"index version 1 of .* gave identifiers to items up to 122"):
+        evaluate(run)
+    result = run_cli("evaluate", "--model", run, "--cold", ok=False)
+    assert result.exit_code == 1 and "index version 1" in result.output and "up to 122" in result.output, \
+        result.output
+    report = run_cli("evaluate", "--model", run, "--cold", "--data", grown, "--out", tmp_path / "cold.json")
+    rows = json.loads((tmp_path / "cold.json").read_text())["rows"]
+    assert [r["indexed_items"] for r in rows if "indexed_items" in r] == [read_cold_split(split)["warm_items"], NUM_ITEMS + 2], report.output
+
+
 def test_an_allow_other_data_server_adds_the_items_of_a_grown_catalog(chain, served_copy, tmp_path):
     """`letter serve --allow-other-data --tokenizer`: POST /items adds to a catalog that grew by
     appending (served, decodable), and answers other data (other interactions) with a 422 that

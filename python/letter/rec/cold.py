@@ -29,7 +29,7 @@ from letter.runs import check_output_path, files_matching, load_npy, write_json
 from letter.devices import resolve_device
 
 from .evaluation import _load, check_indexed_histories, evaluate_model
-from .index_versions import index_versions, load_index_codes
+from .index_versions import check_version_items, index_versions, load_index_codes
 
 KS = (5, 10)
 
@@ -139,6 +139,7 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
     tiger_row("recommender, training index (before adding)", rec)
     newest = index_versions(run_dir)[-1]
     if newest:
+        check_version_items(run_dir, newest, rec.dataset, rec.source)  # as every other reader of a version
         codes, version, _ = load_index_codes(run_dir, newest)
         added = rec.with_index(codes, version)
         tiger_row("recommender + added items", added)
