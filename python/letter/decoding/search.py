@@ -188,7 +188,8 @@ def quota_last_step(logits, beam_scores, nodes, trie, num_beams: int, new_leaves
     (and none on row b's banned leaves banned_node[banned_ptr[b]:banned_ptr[b + 1]], if given).
     Exact: the best K of the unflagged expansions merged with the best `max_new` flagged ones is
     the quota-constrained top K. Ties go to the lowest (k, t), as in letter_ext.constrained_beam_step,
-    whose (scores, parent, token, leaf) result layout this returns (empty slots: -inf, 0, -1, -1)."""
+    whose (scores, parent, token, leaf) result layout this returns (empty slots: -inf, 0, -1, -1).
+    Raises ValueError, as that op, when a live beam's logits row holds NaN or +inf."""
     level = trie.num_levels - 1
     batch, k_in = beam_scores.shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
