@@ -664,6 +664,29 @@ def test_evaluate_cold_refuses_a_newest_version_the_catalog_does_not_hold(chain,
     assert [r["indexed_items"] for r in rows if "indexed_items" in r] == [read_cold_split(split)["warm_items"], NUM_ITEMS + 2], report.output
 
 
+@pytest.mark.parametrize("damage", ["no items", "items not a list", "no indexed_items"])
+def test_a_corrupt_index_version_record_is_one_line(chain, added, damage):
+    """A version.json missing the fields the version check reads (hand-edited, truncated): every
+    reader names the file as corrupt in one line, instead of a KeyError traceback."""
+    run, _ = added
+    path = os.path.join(run, "index-versions", "v1", "version.json")
+    with open(path) as f:
+        record = json.load(f)
+    if damage == "no items":
+        del record["items"]
+    elif damage == "items not a list":
+        record["items"] = 5
+    else:
+        del record["indexed_items"]
+    with open(path, "w") as f:
+        json.dump(record, f)
+    with pytest.raises(LetterError, match="corrupt index version record"):
+        evaluate(run)
+    result = run_cli("recommend", "--model", run, "--history", "1,2", ok=False)
+    assert result.exit_code == 1 and "corrupt index version record" in result.output, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (KeyError, TypeError))
+
+
 def test_an_allow_other_data_server_adds_the_items_of_a_grown_catalog(chain, served_copy, tmp_path):
     """`letter serve --allow-other-data --tokenizer`: POST /items adds to a catalog that grew by
     appending (served, decodable), and answers other data (other interactions) with a 422 that
