@@ -217,6 +217,28 @@ def test_stages_refuse_cold_items_in_training_data(chain, tmp_path):
     assert result.exit_code != 0 and "is a cold split" in result.output
 
 
+
+def test_a_cold_split_record_without_its_item_count_is_one_line(chain, tmp_path):
+    """A cold_split.json whose num_items is missing or not an integer: every reader of the split
+    (evaluate, add-items) says the record is corrupt, in one line, instead of a KeyError traceback."""
+    split, tok, rec, emb = chain
+    for value in (None, "120"):
+        bad = tmp_path / f"bad-{value}"
+        shutil.copytree(split, bad)
+        record = json.loads((bad / "cold_split.json").read_text())
+        if value is None:
+            del record["num_items"]
+        else:
+            record["num_items"] = value
+        (bad / "cold_split.json").write_text(json.dumps(record))
+        for args in (["evaluate", "--model", rec, "--data", bad],
+                     ["add-items", "--model", rec, "--tokenizer", tok, "--embeddings", emb, "--data", bad]):
+            result = run_cli(*args, ok=False)
+            assert result.exit_code == 1 and "corrupt cold split record" in result.output, result.output
+            assert "Traceback" not in result.output and not isinstance(result.exception, KeyError)
+    assert index_versions(rec) == [0]
+
+
 # ------------------------------------------------------------------------------------ add-items
 
 def test_added_items_get_distinct_identifiers_and_can_be_recommended(chain, added):
@@ -402,6 +424,26 @@ def test_quota_last_step_equals_the_brute_force_quota_top_k(seed):
                                                    backend="reference")
             assert torch.equal(leaf, ref[3]) and torch.equal(parent[scores > float("-inf")],
                                                               ref[1][scores > float("-inf")])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_quota_last_step_refuses_nan_logits_of_a_live_beam_as_the_fused_step_does(bad):
+    """NaN/+inf in a live beam's logits: a ValueError naming the row, as letter_ext.constrained_beam_step
+    (not -inf slots ahead of live ones, a list silently short and no longer best first); a dead
+    beam's logits are never read."""
+    codes = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [1, 2]])
+    index = PrefixIndex.from_codes(codes, [2, 3])
+    new_leaves = torch.zeros(index.num_leaves, dtype=torch.bool)
+    new_leaves[4] = True
+    logits = torch.randn(2, index.trie.vocab_size, generator=torch.Generator().manual_seed(0))
+    logits[0, 2] = bad
+    nodes = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match=r"of a live beam contains NaN or \+inf"):
+        letter_ext.constrained_beam_step(logits, torch.tensor([[0.0, -1.0]]), nodes, index.trie, 1, 4)
+    with pytest.raises(ValueError, match=r"logits row 0 \(batch row 0, beam 0\) of a live beam contains NaN or \+inf"):
+        quota_last_step(logits, torch.tensor([[0.0, -1.0]]), nodes, index.trie, 4, new_leaves, 0)
+    scores = quota_last_step(logits, torch.tensor([[float("-inf"), -1.0]]), nodes, index.trie, 4, new_leaves, 0)[0]
+    assert torch.isfinite(scores[0, :2]).all() and (scores[0, 2:] == float("-inf")).all()  # beam 1's children only
 
 
 def test_share_holds_on_every_list(chain, added):
@@ -639,6 +681,70 @@ def test_adding_from_other_data_is_refused_and_the_versions_stay(chain, tmp_path
     with pytest.raises(LetterError, match="grew differently"):
         RunRecommender(run, data=elsewhere)
     assert index_versions(run) == [0, 1] and np.array_equal(load_index_codes(run)[0], codes)
+
+
+def test_evaluating_other_data_with_unindexed_items_in_histories_is_one_line(chain, tmp_path):
+    """--allow-other-data with a catalog whose appended item is in a history: evaluate (and
+    evaluate --cold) refuse it naming the item and the index version, instead of an IndexError
+    traceback while encoding the histories (the model cannot read an item without identifier)."""
+    split, tok, rec, emb = chain
+    other, _ = _grown(split, emb, tmp_path / "other", ["9001"])
+    inter_path = os.path.join(other, "Synth.inter.json")
+    with open(inter_path) as f:
+        inter = json.load(f)
+    first = next(iter(inter))
+    inter[first].insert(1, "9001")
+    with open(inter_path, "w") as f:
+        json.dump(inter, f)
+    with pytest.raises(LetterError, match="item 9001 is in a history to evaluate but has no identifier in index "
+                                          "version 0"):
+        evaluate(rec, data=other, allow_other_data=True)
+    for extra in ([], ["--cold"]):
+        result = run_cli("evaluate", "--model", rec, "--data", other, "--allow-other-data", *extra, ok=False)
+        assert result.exit_code == 1 and "item 9001" in result.output, result.output
+        assert not isinstance(result.exception, IndexError) and "Traceback" not in result.output
+
+
+def test_evaluate_cold_refuses_a_newest_version_the_catalog_does_not_hold(chain, tmp_path):
+    """evaluate --cold reads version 0 and the newest one: the newest, added from the grown catalog,
+    is refused with the catalog before it grew (as evaluate/recommend/serve refuse it), naming
+    the version, instead of searching identifiers of items the catalog does not have."""
+    split, tok, rec, emb = chain
+    run = str(tmp_path / "rec")
+    shutil.copytree(rec, run)
+    grown, grown_emb = _grown(split, emb, tmp_path / "grown", ["9001", "9002"])
+    add_items(run, tok, grown_emb, data=grown)
+    with pytest.raises(LetterError, match=r"index version 1 of .* gave identifiers to items up to 122"):
+        evaluate(run)
+    result = run_cli("evaluate", "--model", run, "--cold", ok=False)
+    assert result.exit_code == 1 and "index version 1" in result.output and "up to 122" in result.output, \
+        result.output
+    report = run_cli("evaluate", "--model", run, "--cold", "--data", grown, "--out", tmp_path / "cold.json")
+    rows = json.loads((tmp_path / "cold.json").read_text())["rows"]
+    assert [r["indexed_items"] for r in rows if "indexed_items" in r] == [read_cold_split(split)["warm_items"], NUM_ITEMS + 2], report.output
+
+
+@pytest.mark.parametrize("damage", ["no items", "items not a list", "no indexed_items"])
+def test_a_corrupt_index_version_record_is_one_line(chain, added, damage):
+    """A version.json missing the fields the version check reads (hand-edited, truncated): every
+    reader names the file as corrupt in one line, instead of a KeyError traceback."""
+    run, _ = added
+    path = os.path.join(run, "index-versions", "v1", "version.json")
+    with open(path) as f:
+        record = json.load(f)
+    if damage == "no items":
+        del record["items"]
+    elif damage == "items not a list":
+        record["items"] = 5
+    else:
+        del record["indexed_items"]
+    with open(path, "w") as f:
+        json.dump(record, f)
+    with pytest.raises(LetterError, match="corrupt index version record"):
+        evaluate(run)
+    result = run_cli("recommend", "--model", run, "--history", "1,2", ok=False)
+    assert result.exit_code == 1 and "corrupt index version record" in result.output, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (KeyError, TypeError))
 
 
 def test_an_allow_other_data_server_adds_the_items_of_a_grown_catalog(chain, served_copy, tmp_path):

@@ -4,6 +4,7 @@ recommend`, every bad request a 4xx naming the field, the server still answering
 import asyncio
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -365,6 +366,30 @@ def test_bench_serve_measures_every_level_both_servers_and_batching_in_process(t
     stats = by_name["unbatched"]["server_stats"]
     assert summary["one_search_ms"] == {"in_process": round(batching["plain"]["singles_ms"] / 4, 2),
                                         "unbatched_server": round(1e3 * stats["search_s"] / stats["batches"], 2)}
+
+
+def test_bench_serve_never_writes_its_json_onto_a_run_file(trained, tmp_path):
+    """`letter bench serve --out RUN/manifest.json`: refused before any server starts (as `bench
+    kernels --out`), naming --out; the run's manifest stays as it was."""
+    out, _ = trained
+    manifest = os.path.join(out, "manifest.json")
+    before = open(manifest, "rb").read()
+    started = time.perf_counter()
+    result = CliRunner().invoke(cli, ["bench", "serve", "--model", out, "--requests", "2", "--concurrency", "1",
+                                      "--max-batch", "2", "--out", manifest])
+    assert result.exit_code != 0 and "--out" in result.output and "run folder" in result.output, result.output
+    assert "== server" not in result.output and time.perf_counter() - started < 30
+    assert open(manifest, "rb").read() == before
+
+
+def test_bench_serve_refuses_a_k_its_servers_would_refuse(trained, tmp_path):
+    """The bench's servers run with the default --beams (20): -k 21 is a usage error naming -k, given
+    before the run is loaded, not an error about a --beams option the bench does not have."""
+    out, _ = trained
+    result = CliRunner().invoke(cli, ["bench", "serve", "--model", out, "--requests", "2", "--concurrency", "1",
+                                      "-k", "21", "--out", str(tmp_path / "b.json")])
+    assert result.exit_code == 2 and "-k" in result.output and "beams" not in result.output, result.output
+    assert "== batching" not in result.output and not (tmp_path / "b.json").exists()
 
 
 def test_batching_in_process_measures_a_full_batch_with_fewer_sampled_histories(trained):

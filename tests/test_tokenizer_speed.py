@@ -1,8 +1,12 @@
 """The tokenizer's speed changes keep its results: bit for bit, or (Sinkhorn) up to rounding
 that leaves every assignment and so the training run unchanged."""
+import json
+
 import numpy as np
 import pytest
 import torch
+
+from letter_ext.bench.common import cpu_model
 
 from letter.tokenizer import TokenizerConfig, clustering, train_tokenizer
 from letter.tokenizer.clustering import _sinkhorn, _sinkhorn_one, sinkhorn_assign
@@ -77,6 +81,23 @@ def test_standardized_once_gives_the_same_forward_and_codes():
     assert all(torch.equal(copy[k], v) and copy[k].data_ptr() != v.data_ptr() for k, v in model.state_dict().items())
 
 
+def test_bench_out_onto_a_dataset_file_is_refused_before_any_benchmark_runs(tmp_path, capsys):
+    """python -m letter.bench --out DATA/Synth.inter.json: refused (as `letter bench kernels/serve
+    --out`) before the first benchmark, the dataset's file unchanged."""
+    from letter.bench.__main__ import main
+    from letter.data import make_synthetic, write_letter
+
+    write_letter(make_synthetic(num_users=20, num_items=40, num_categories=4, seed=0), str(tmp_path))
+    inter = tmp_path / "Synth.inter.json"
+    before = inter.read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        main(["tokenizer_epoch", "--out", str(inter), "--tok-items", "40", "--tok-text-dim", "8",
+              "--tok-epochs", "1", "--tok-rounds", "1", "--tok-kmeans-iters", "1"])
+    printed = capsys.readouterr()
+    assert stop.value.code == 2 and "a dataset's file" in printed.err and "== tokenizer_epoch" not in printed.out
+    assert inter.read_bytes() == before
+
+
 def test_tokenizer_epoch_benchmark_splits_epochs_into_steps_and_evaluation(tmp_path):
     from letter.bench.__main__ import main
 
@@ -91,3 +112,5 @@ def test_tokenizer_epoch_benchmark_splits_epochs_into_steps_and_evaluation(tmp_p
         assert abs(result[key] - (steps + evaluation / every + ckpt) / bare) < 1e-3 * result[key] + 1e-3
     assert result["ratio_eval_every_epoch"] > result["ratio"] > result["ratio_steps_only"] > 0
     assert out.exists()
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["cpu"] == cpu_model() and machine["cpu"]  # the CPU model, as every benchmark JSON records it

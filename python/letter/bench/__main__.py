@@ -4,7 +4,10 @@ import time
 
 import torch
 
-from letter.runs import write_json
+from letter_ext.bench.common import cpu_model
+
+from letter.errors import LetterError
+from letter.runs import check_output_path, write_json
 
 from . import BENCHMARKS, DEFAULT_BENCHMARKS, module
 
@@ -20,8 +23,13 @@ def main(argv=None) -> dict:
     for name in BENCHMARKS:
         module(name).add_arguments(p)
     args = p.parse_args(argv)
+    if args.out:
+        try:  # before the benchmarks run: never onto a run's or a dataset's file
+            check_output_path(args.out, {})
+        except LetterError as e:
+            p.error(str(e))
     torch.set_num_threads(args.threads)
-    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+    results = {"machine": {"cpu": cpu_model(), "platform": platform.platform(),
                            "torch": torch.__version__, "threads": args.threads, "clock": args.clock,
                            "started": time.strftime("%Y-%m-%d %H:%M:%S")},
                "command": "python -m letter.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}

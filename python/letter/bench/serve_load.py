@@ -30,7 +30,7 @@ from letter_ext.bench.common import cpu_model, interleaved_medians
 
 from letter.data import load_dataset
 from letter.rec.recommend import Query, RunRecommender
-from letter.runs import check_rec_run, read_rec_run_info, write_json
+from letter.runs import check_output_path, check_rec_run, read_rec_run_info, write_json
 from letter.serve.process import Connection, get_json, running_server
 
 CONCURRENCY = (1, 8, 32, 128)
@@ -117,6 +117,8 @@ def run_serve_bench(run_dir: str, *, out: str | None = None, requests: int = 256
                     level_time_limit_s: float = 120.0, warmup: int = 16, seed: int = 0, label: str | None = None,
                     log=print) -> dict:
     """Both server settings x exclusion off/on x each concurrency level; returns (and writes) the JSON."""
+    if out:
+        check_output_path(out, {"run_dir": run_dir})  # before the servers run: never onto a run's or a dataset's file
     histories = sample_histories(run_dir, requests, seed)
     result = {
         "benchmark": "serve",

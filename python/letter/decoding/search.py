@@ -188,13 +188,19 @@ def quota_last_step(logits, beam_scores, nodes, trie, num_beams: int, new_leaves
     (and none on row b's banned leaves banned_node[banned_ptr[b]:banned_ptr[b + 1]], if given).
     Exact: the best K of the unflagged expansions merged with the best `max_new` flagged ones is
     the quota-constrained top K. Ties go to the lowest (k, t), as in letter_ext.constrained_beam_step,
-    whose (scores, parent, token, leaf) result layout this returns (empty slots: -inf, 0, -1, -1)."""
+    whose (scores, parent, token, leaf) result layout this returns (empty slots: -inf, 0, -1, -1).
+    Raises ValueError, as that op, when a live beam's logits row holds NaN or +inf."""
     level = trie.num_levels - 1
     batch, k_in = beam_scores.shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.log_softmax(logits.to(dtype), -1)
     ptr, child = trie.row_ptr[level], trie.child_token[level]
     alive = (beam_scores > float("-inf")).reshape(-1)
+    undefined = (alive & (torch.isnan(logits) | (logits == float("inf"))).any(1)).nonzero()
+    if undefined.numel():  # as constrained_beam_step: a NaN would sort first and push live expansions out
+        row = int(undefined[0, 0])
+        raise ValueError(f"quota_last_step: logits row {row} (batch row {row // k_in}, beam {row % k_in}) of a live "
+                         "beam contains NaN or +inf; its log-probabilities are undefined")
     node = torch.where(alive, nodes.reshape(-1), 0)
     start, count = ptr[node], torch.where(alive, ptr[node + 1] - ptr[node], 0)
     width = max(int(count.max()) if count.numel() else 0, 1)

@@ -28,8 +28,8 @@ from letter.metrics import hits_from_topk, metrics_from_hits
 from letter.runs import check_output_path, files_matching, load_npy, write_json
 from letter.devices import resolve_device
 
-from .evaluation import _load, evaluate_model
-from .index_versions import index_versions, load_index_codes
+from .evaluation import _load, check_indexed_histories, evaluate_model
+from .index_versions import check_version_items, index_versions, load_index_codes
 
 KS = (5, 10)
 
@@ -115,8 +115,9 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
     if cold is None:
         raise SettingError("cold", f": {rec.source} is not a cold split (no cold_split.json; make one with "
                                    "`letter data cold-split`)")
-    enc, targets = rm.eval_inputs(rec, "test", 0, config.seed)
     histories = [h for h, _ in rec.split.test]
+    check_indexed_histories(rec, histories)
+    enc, targets = rm.eval_inputs(rec, "test", 0, config.seed)
     groups = test_groups(targets.numpy(), cold)
     warm = np.flatnonzero(groups["warm"])
     if 0 < warm_users < len(warm):
@@ -138,6 +139,7 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
     tiger_row("recommender, training index (before adding)", rec)
     newest = index_versions(run_dir)[-1]
     if newest:
+        check_version_items(run_dir, newest, rec.dataset, rec.source)  # as every other reader of a version
         codes, version, _ = load_index_codes(run_dir, newest)
         added = rec.with_index(codes, version)
         tiger_row("recommender + added items", added)

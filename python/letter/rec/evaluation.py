@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_search
-from letter.errors import SettingError, input_error
+from letter.errors import LetterError, SettingError, input_error
 from letter.metrics import metrics_from_hits, standard_errors
 from letter.runs import RecRun, check_output_path, check_rec_dataset, check_rec_run, load_npy, read_rec_run_info, write_json
 from letter.devices import resolve_device
@@ -179,6 +179,19 @@ def evaluate_model(model, rec: RecData, enc: torch.Tensor, targets: torch.Tensor
     }
 
 
+def check_indexed_histories(rec: RecData, histories) -> None:
+    """Refuse histories (item ids) holding an item without an identifier in `rec`'s index version:
+    the model cannot read it. Only other data can have one (a cold split keeps its cold items out
+    of histories, a grown catalog's appended items have no interactions)."""
+    indexed = len(rec.codes)
+    late = next((max(h) for h in histories if h and max(h) >= indexed), None)
+    if late is not None:
+        raise LetterError(f"{rec.source}: item {rec.dataset.item_ids[late]} is in a history to evaluate but has no "
+                          f"identifier in index version {rec.index_version} (other data: the run reads only the items it "
+                          "has identifiers for)",
+                          "data")
+
+
 def training_items(run_dir: str) -> int:
     """Items of a run's training index (version 0): ids at or above it were added later."""
     return len(load_npy(os.path.join(run_dir, RecRun.CODES)))
@@ -240,6 +253,8 @@ def evaluate(run_dir: str, split: str | None = None, *, settings: EvaluateSettin
         check_output_path(out, {"run_dir": run_dir, "data": data})
     device = resolve_device(device)
     rm, rec, config = _load(run_dir, data, device, index_version, allow_other_data)
+    seen = rec.eval_seen_items(split, max_users, config.seed)
+    check_indexed_histories(rec, seen)
     enc, targets = rm.eval_inputs(rec, split, max_users, config.seed)
     index = rm.prefix_index(rec, device)
     quota = {"max_new_share": max_new_share, "training_items": training_items(run_dir)}
@@ -247,7 +262,6 @@ def evaluate(run_dir: str, split: str | None = None, *, settings: EvaluateSettin
               **evaluate_model(rm, rec, enc, targets, num_beams, batch_size, device, decoder, index,
                                show_progress=show_progress, **quota)}
     if exclude_history:
-        seen = rec.eval_seen_items(split, max_users, config.seed)
         excluded = evaluate_model(rm, rec, enc, targets, num_beams, batch_size, device, decoder, index,
                                   show_progress=show_progress, banned_items=seen, **quota)
         result.update({

@@ -90,17 +90,22 @@ def check_version_items(run_dir: str, version: int, dataset, shown: str) -> None
     for v in index_versions(run_dir)[1:]:
         if v > version:
             break
-        record = read_json(os.path.join(_version_dir(run_dir, v), VERSION_FILE), "index version record")
-        end = record["indexed_items"]
-        start = end - record["added"]
+        path = os.path.join(_version_dir(run_dir, v), VERSION_FILE)
+        record = read_json(path, "index version record")
+        end, added, items = (record.get(key) if isinstance(record, dict) else None
+                             for key in ("indexed_items", "added", "items"))
+        if not (isinstance(end, int) and isinstance(added, int) and 0 <= added <= end and isinstance(items, list)
+                and len(items) == added):
+            raise LetterError(f"{path}: corrupt index version record (no indexed_items/added/items)")
+        start = end - added
         if end > dataset.num_items:
             raise LetterError(f"{shown}: {dataset.num_items} items, but index version {v} of {run_dir} gave "
                               f"identifiers to items up to {end} (added from the catalog as it grew since); use that "
                               f"catalog, or index_version {v - 1}", "index_version")
-        if dataset.item_ids[start:end] != record["items"]:
-            where = next(i for i, (a, b) in enumerate(zip(dataset.item_ids[start:end], record["items"])) if a != b)
+        if dataset.item_ids[start:end] != items:
+            where = next(i for i, (a, b) in enumerate(zip(dataset.item_ids[start:end], items)) if a != b)
             raise LetterError(f"{shown}: item {start + where} is {dataset.item_ids[start + where]!r}, but index "
-                              f"version {v} of {run_dir} gave that identifier to item {record['items'][where]!r} (the "
+                              f"version {v} of {run_dir} gave that identifier to item {items[where]!r} (the "
                               f"catalog grew differently); use the catalog it was added from, or index_version {v - 1}",
                               "index_version")
 
