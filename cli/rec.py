@@ -183,7 +183,8 @@ def add_items_cmd(run_dir, tokenizer_dir, embeddings, data_path):
     index lacks (catalog order) get identifiers from the tokenizer (the catalog's identifiers stay
     taken, the run's collision rules and --unique apply) and are written as a new index version,
     atomically. Adding when nothing is missing is a no-op. The dataset is the one the run was
-    trained on, or it with items appended to its item file; other data is refused."""
+    trained on, or it with items appended to its item file (new ids that sort after the old ones
+    in the catalog's order, without interactions); other data is refused."""
     from letter.rec.index_versions import add_items
 
     record = add_items(run_dir, tokenizer_dir, embeddings, data=data_path)
