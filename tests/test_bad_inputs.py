@@ -159,7 +159,8 @@ def both(*setups):
 
 
 def odd_categories(world, case):
-    """A copy of the dataset whose item.json has a null and a list `category` (other items: strings)."""
+    """A copy of the dataset whose item.json has a null and a list `category` (other items: strings),
+    embedded again (embeddings are keyed by the items' text: the copied ones no longer fit)."""
     shutil.copytree(world / "data", case / "data")
     items = case / "data" / "Synth.item.json"
     raw = json.loads(items.read_text())
@@ -167,6 +168,7 @@ def odd_categories(world, case):
     raw[first]["category"] = None
     raw[second]["category"] = ["a", "b"]
     items.write_text(json.dumps(raw))
+    _ok(["embed", case / "data", "--model", "hash", "--mode", "hash", "--dim", 16, "--overwrite"])
 
 
 # -- checks of cases that must succeed ---------------------------------------------------------
