@@ -98,6 +98,22 @@ def test_bench_out_onto_a_dataset_file_is_refused_before_any_benchmark_runs(tmp_
     assert inter.read_bytes() == before
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["rec_throughput", "--rec-steps", "0"], "--rec-steps: must be >= 1, got 0"),
+    (["rec_throughput", "--rec-warmup", "-1"], "--rec-warmup: must be >= 0, got -1"),
+    (["tokenizer_epoch", "--tok-epochs", "two"], "--tok-epochs: not an integer: 'two'"),
+    (["--threads", "0"], "--threads: must be >= 1, got 0"),
+])
+def test_bench_counts_out_of_range_are_usage_errors(argv, message, capsys):
+    """A count of 0 (e.g. --rec-steps 0 divided by zero after loading its data) is refused up front."""
+    from letter.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    printed = capsys.readouterr()
+    assert stop.value.code == 2 and message in printed.err and "==" not in printed.out
+
+
 def test_tokenizer_epoch_benchmark_splits_epochs_into_steps_and_evaluation(tmp_path):
     from letter.bench.__main__ import main
 

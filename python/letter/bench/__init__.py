@@ -11,6 +11,7 @@ The kernel benchmarks of letter_ext are `python -m letter_ext.bench`.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import time
@@ -19,6 +20,20 @@ import types
 BENCHMARKS = ("tokenizer_epoch", "rec_throughput", "rec_components", "scale")
 DEFAULT_BENCHMARKS = BENCHMARKS[:3]  # `scale` (an hour or more at 1M items) runs only when named
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def count(minimum: int = 1):
+    """An argparse type: an integer >= minimum, so that a bad count is a usage error, not a crash
+    inside a benchmark."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
 
 def clock(name: str):

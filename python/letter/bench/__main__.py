@@ -9,7 +9,7 @@ from letter_ext.bench.common import cpu_model
 from letter.errors import LetterError
 from letter.runs import check_output_path, write_json
 
-from . import BENCHMARKS, DEFAULT_BENCHMARKS, module
+from . import BENCHMARKS, DEFAULT_BENCHMARKS, count, module
 
 
 def main(argv=None) -> dict:
@@ -17,7 +17,7 @@ def main(argv=None) -> dict:
     p.add_argument("names", nargs="*", help=f"benchmarks to run (default: {', '.join(DEFAULT_BENCHMARKS)}; also: scale)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable timings)")
+    p.add_argument("--threads", type=count(), default=1, help="torch intra-op threads (default 1: stable timings)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="cpu: process CPU time (default; with one thread, robust to other load), wall: elapsed")
     for name in BENCHMARKS:

@@ -20,9 +20,11 @@ NAME = "rec_components"
 
 
 def add_arguments(p) -> None:
+    from . import count
+
     g = p.add_argument_group(NAME)
-    g.add_argument("--comp-repeats", type=int, default=7)
-    g.add_argument("--comp-bucketed-width", type=int, default=24, help="mean trimmed width of bucketed batches")
+    g.add_argument("--comp-repeats", type=count(), default=7)
+    g.add_argument("--comp-bucketed-width", type=count(), default=24, help="mean trimmed width of bucketed batches")
 
 
 class _UniformDropout(torch.autograd.Function):

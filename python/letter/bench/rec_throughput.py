@@ -35,11 +35,13 @@ INSTRUMENTS_LENGTHS = [24772, 24772, 16913, 12216, 9119, 7000, 5503, 4360, 3564,
 
 
 def add_arguments(p) -> None:
+    from . import count
+
     g = p.add_argument_group(NAME)
     g.add_argument("--rec-sizes", nargs="+", default=["authors", "cpu"], choices=["authors", "cpu"])
-    g.add_argument("--rec-steps", type=int, default=20, help="timed steps per arm")
-    g.add_argument("--rec-warmup", type=int, default=2, help="untimed steps per arm first")
-    g.add_argument("--rec-batch-size", type=int, default=256)
+    g.add_argument("--rec-steps", type=count(), default=20, help="timed steps per arm")
+    g.add_argument("--rec-warmup", type=count(0), default=2, help="untimed steps per arm first")
+    g.add_argument("--rec-batch-size", type=count(), default=256)
     g.add_argument("--rec-data", default=None, help="dataset folder (default: Instruments when present)")
     g.add_argument("--rec-index", default=None, help="index .json (default: <data>/Instruments.index.json)")
     g.add_argument("--rec-synthetic", action="store_true", help="use synthetic histories even if data exist")

@@ -55,18 +55,20 @@ DATA_NAME = "Catalog"
 
 
 def add_arguments(p) -> None:
+    from . import count
+
     g = p.add_argument_group(NAME)
     g.add_argument("--scale-items", default="10000,100000,1000000", help="catalog sizes, comma-separated")
     g.add_argument("--scale-dir", default=os.path.expanduser("~/letter-runs/scale-bench"),
                    help="work folder (one sub-folder per size; several GB at 1M items)")
     g.add_argument("--scale-stages", default=",".join(s for s in STAGES if s != "sample_codes"),
                    help="stages to run, comma-separated, in this order")
-    g.add_argument("--scale-dim", type=int, default=384, help="hash encoder dimension")
-    g.add_argument("--scale-tokenizer-epochs", type=int, default=1, help="tokenizer epochs (the stage's budget)")
-    g.add_argument("--scale-kmeans-iters", type=int, default=10, help="Lloyd steps of the codebook init")
-    g.add_argument("--scale-steps", type=int, default=5, help="training steps timed per model (the budget)")
-    g.add_argument("--scale-negatives", type=int, default=1024, help="sasrec_sampled: negatives per step")
-    g.add_argument("--scale-users", type=int, default=200, help="inference: test users")
+    g.add_argument("--scale-dim", type=count(), default=384, help="hash encoder dimension")
+    g.add_argument("--scale-tokenizer-epochs", type=count(), default=1, help="tokenizer epochs (the stage's budget)")
+    g.add_argument("--scale-kmeans-iters", type=count(), default=10, help="Lloyd steps of the codebook init")
+    g.add_argument("--scale-steps", type=count(), default=5, help="training steps timed per model (the budget)")
+    g.add_argument("--scale-negatives", type=count(), default=1024, help="sasrec_sampled: negatives per step")
+    g.add_argument("--scale-users", type=count(), default=200, help="inference: test users")
     g.add_argument("--scale-keep", default=None, help="an earlier result JSON (same settings) whose rows this run "
                                                       "keeps unless it measures them again (runs split by size or stage)")
 

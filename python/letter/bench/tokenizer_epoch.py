@@ -37,15 +37,17 @@ RESEARCH_CODE = {
 
 
 def add_arguments(p) -> None:
+    from . import count
+
     g = p.add_argument_group(NAME)
-    g.add_argument("--tok-items", type=int, default=9922)
-    g.add_argument("--tok-text-dim", type=int, default=4096)
+    g.add_argument("--tok-items", type=count(), default=9922)
+    g.add_argument("--tok-text-dim", type=count(), default=4096)
     g.add_argument("--tok-text", default=None, help="a [items, dim] .npy of text embeddings (default: Gaussian)")
     g.add_argument("--tok-cf", default=None, help="a [items, 32] .npy of CF embeddings (default: the authors' "
                                                   "Instruments SASRec ones when present, else Gaussian)")
-    g.add_argument("--tok-epochs", type=int, default=3, help="epochs per arm per round")
-    g.add_argument("--tok-rounds", type=int, default=2, help="rounds (each: both arms, alternating order)")
-    g.add_argument("--tok-kmeans-iters", type=int, default=20,
+    g.add_argument("--tok-epochs", type=count(), default=3, help="epochs per arm per round")
+    g.add_argument("--tok-rounds", type=count(), default=2, help="rounds (each: both arms, alternating order)")
+    g.add_argument("--tok-kmeans-iters", type=count(), default=20,
                    help="Lloyd steps of the codebook init (before the timed epochs; default config: 100)")
 
 
