@@ -176,6 +176,11 @@ def info_nce(z, h, temperature: float = 1.0, symmetric: bool = False, *, backend
     check_float_tensor("h", h, 2, "[B, d]")
     if h.shape[0] != z.shape[0]:
         raise ValueError(f"h must have the B={z.shape[0]} rows of z (row i is z_i's positive), got {h.shape[0]}")
+    # checked here to name z and h, not the op's q and keys
+    if h.shape[1] != z.shape[1]:
+        raise ValueError(f"h must have z's width d={z.shape[1]}, got {h.shape[1]}")
+    if h.dtype != z.dtype or h.device != z.device:
+        raise ValueError(f"h ({h.dtype}, {h.device}) must have z's dtype and device ({z.dtype}, {z.device})")
     targets = torch.arange(z.shape[0], device=z.device)
     loss = dot_product_cross_entropy(z, h, targets, temperature=temperature, backend=backend)
     if symmetric:

@@ -78,6 +78,10 @@ def test_codebook_diversity_loss_excludes_the_selected_code():
 def test_info_nce_needs_one_positive_per_row():
     with pytest.raises(ValueError, match="h must have the B=3 rows"):
         letter_ext.info_nce(torch.zeros(3, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match=r"h \(torch.float64, cpu\) must have z's dtype and device \(torch.float32"):
+        letter_ext.info_nce(torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="h must have z's width d=2, got 5"):
+        letter_ext.info_nce(torch.zeros(3, 2), torch.zeros(3, 5))
 
 
 def test_all_rows_ignored_mean_is_nan_like_torch():
