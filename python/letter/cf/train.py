@@ -132,9 +132,10 @@ def ranking_metrics(scores_of, samples, users: list[int], num_items: int, ctx: D
         scores = scores_of(hist, torch.tensor(my_users[start : start + rows], device=ctx.device))
         if mask_history:
             batch_seen = my_seen[start : start + rows]
-            row_of = torch.repeat_interleave(torch.arange(len(batch_seen)), torch.tensor([len(s) for s in batch_seen]))
-            items = torch.tensor([item for s in batch_seen for item in s], dtype=torch.long)
-            scores[row_of.to(scores.device), items.to(scores.device)] = float("-inf")
+            lengths = torch.tensor([len(s) for s in batch_seen], device=scores.device)
+            row_of = torch.repeat_interleave(torch.arange(len(batch_seen), device=scores.device), lengths)
+            items = torch.tensor([item for s in batch_seen for item in s], dtype=torch.long, device=scores.device)
+            scores[row_of, items] = float("-inf")
         top = scores.topk(max(KS), dim=1)
         # a masked item that still reaches the top k (fewer than k unmasked items) is an empty slot
         topk = top.indices.masked_fill(top.values == float("-inf"), -1) if mask_history else top.indices
@@ -180,12 +181,13 @@ class CFTrainable(Trainable):
         (Split.sample_rows, seeded by the config's seed: the same users every epoch)."""
         rows = self.split.sample_rows(part, max_users, self.cfg.seed)
         samples, users = self.split.part(part), self.split.eval_users
-        seen = self.split.seen_items(self.dataset, part, rows)
+        masked = self.cfg.mask_history if mask_history is None else mask_history
+        seen = self.split.seen_items(self.dataset, part, rows) if masked else None  # only a masked ranking reads them
         self.model.eval()
         try:
             with torch.no_grad():
                 return ranking_metrics(self.scorer(), [samples[i] for i in rows], [users[i] for i in rows],
-                                       self.dataset.num_items, self.ctx, self.cfg, mask_history, seen)
+                                       self.dataset.num_items, self.ctx, self.cfg, masked, seen)
         finally:
             self.model.train()
 
