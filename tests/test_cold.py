@@ -775,3 +775,24 @@ def test_an_allow_other_data_server_adds_the_items_of_a_grown_catalog(chain, ser
         status, body = _post(url, "/recommend", {"history": ["1", "2"], "k": NUM_ITEMS + 2})
     listed = {i["item_id"]: i["code"] for i in body["items"]}
     assert status == 200 and [listed["9001"], listed["9002"]] == codes[NUM_ITEMS:].tolist()
+
+
+def test_evaluate_cold_ranks_a_grown_catalog_with_the_cf_baseline_of_its_training_items(chain, source, tmp_path):
+    """evaluate --cold --cf on the catalog grown by appending items (taken by every other reader):
+    the SASRec baseline, trained on the split before it grew, ranks the items it was trained on (the
+    appended ones have no CF vector, no interactions, and are never a target), so its row is the
+    one on the split itself; a train-cf run on other interactions is still refused."""
+    split, _, rec, emb = chain
+    cf = tmp_path / "cf"
+    run_cli("train-cf", split, "--dim", 8, "--blocks", 1, "--max-len", 5, "--epochs", 1, "--out", cf)
+    grown, _ = _grown(split, emb, tmp_path / "grown", ["9001", "9002"])
+    rows = {}
+    for data in (split, grown):
+        out = tmp_path / f"cold-{os.path.basename(data)}.json"
+        run_cli("evaluate", "--model", rec, "--cold", "--data", data, "--cf", cf, "--out", out)
+        rows[data] = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows[grown]["SASRec"] == rows[split]["SASRec"]
+    other_cf = tmp_path / "other-cf"  # on the dataset before the split: other interactions
+    run_cli("train-cf", source[0], "--dim", 8, "--blocks", 1, "--max-len", 5, "--epochs", 1, "--out", other_cf)
+    result = run_cli("evaluate", "--model", rec, "--cold", "--data", grown, "--cf", other_cf, ok=False)
+    assert result.exit_code == 1 and "trained on other data" in result.output and "Traceback" not in result.output

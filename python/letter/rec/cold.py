@@ -7,6 +7,7 @@ cold-target and warm-target test users, before and after its cold items were add
   popularity    items ranked by their count in the training sequences (cold items count 0)
   SASRec        a train-cf run on the split, ranking the full catalog with its own scores: cold
                 items were never a positive in its training, so it scores them as unknown items
+                (items appended to the catalog after the split, with no CF vector, are not ranked)
 
 Every method sees the same test users and histories (the split's leave-one-out test part; cold
 items are never in a history). Recall/NDCG@5,10 per group: "cold" (target is a cold item),
@@ -67,7 +68,9 @@ def popularity_topk(counts: np.ndarray, num_users: int, k: int) -> torch.Tensor:
 
 def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch: int = 1024) -> torch.Tensor:
     """[U, k] items ranked by the best SASRec of a train-cf run folder (the one checkpoint in it),
-    which must have been trained on `dataset`."""
+    which must have been trained on `dataset` or on the catalog `dataset` grew from by appending
+    items: it ranks the items it was trained on (appended items have no CF vector; they have no
+    interactions, so they are never a target)."""
     from letter.cf.config import CFConfig
     from letter.cf.model import SASRec
     from letter.runs import read_json
@@ -82,9 +85,12 @@ def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch:
         raise SettingError("cf_dir", f"{cf_dir}: unfinished train-cf run (no {os.path.basename(metrics_path)})")
     cfg = CFConfig.from_dict(read_json(metrics_path, "train-cf metrics")["config"])
     ckpt = load_checkpoint(found[0])
-    if ckpt["identity"].get("inputs.dataset") != dataset.fingerprint():
+    identity = ckpt["identity"]
+    trained_items = identity.get("inputs.num_items")
+    if not isinstance(trained_items, int) or not dataset.is_or_grew_from(identity.get("inputs.dataset"),
+                                                                         (trained_items,)):
         raise SettingError("cf_dir", f"{cf_dir}: trained on other data than {dataset.source}")
-    model = SASRec(dataset.num_items, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len)
+    model = SASRec(trained_items, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len)
     model.load_state_dict(ckpt["trainer"]["best_model"])
     model.eval()
     out = []
