@@ -33,7 +33,8 @@ SERVE_BEAMS = 20  # `letter serve --beams` default, which the servers of `letter
               help="The run's tokenizer folder: enables POST /items (new items join without retraining).")
 @click.option("--allow-other-data", is_flag=True,
               help="Serve with a dataset whose content differs from the one the run was trained on (refused otherwise; "
-                   "the training dataset grown by appending items needs no flag). POST /items never adds to "
+                   "the training dataset grown by appending items needs no flag; a cold split of the run's catalog, or the "
+                   "catalog of its split, is refused: the items are numbered otherwise). POST /items never adds to "
                    "other data.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=None,
               help="Larger request bodies are answered 413 before they are read whole (default: twice the largest "

@@ -796,3 +796,29 @@ def test_evaluate_cold_ranks_a_grown_catalog_with_the_cf_baseline_of_its_trainin
     run_cli("train-cf", source[0], "--dim", 8, "--blocks", 1, "--max-len", 5, "--epochs", 1, "--out", other_cf)
     result = run_cli("evaluate", "--model", rec, "--cold", "--data", grown, "--cf", other_cf, ok=False)
     assert result.exit_code == 1 and "trained on other data" in result.output and "Traceback" not in result.output
+
+
+def test_other_data_never_swaps_a_whole_catalog_for_its_cold_split(chain, source, tmp_path):
+    """--allow-other-data serves other interactions of the run's items, never another numbering of
+    them: a cold split renumbers the catalog (warm items first), so a run trained on the whole
+    catalog is refused its cold split, and a run trained on the split the whole catalog (serve,
+    evaluate, recommend), where each identifier would go to another item."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from letter.rec import RunRecommender
+
+    split, _, split_run, _ = chain
+    folder, emb_path, _, _ = source
+    whole = tmp_path / "whole"  # the tokenizer and recommender of the whole catalog
+    run_cli("train-tokenizer", "--data", folder, "--text-emb", emb_path, "--method", "rqkmeans", "--levels", 2,
+            "--codebook-size", 16, "--unique", "--out", whole / "tok")
+    config = tmp_path / "rec.json"
+    config.write_text(json.dumps(REC))
+    run_cli("train-rec", "--data", folder, "--index", whole / "tok", "--out", whole / "rec", "--config", config)
+    for run, data, why in ((str(whole / "rec"), split, "the run's training index covers 120 items"),
+                           (split_run, folder, "the run was trained on the cold split")):
+        with pytest.raises(LetterError, match=why):
+            RunRecommender(run, data=data, allow_other_data=True)
+        for command in (["serve", "--port", 0], ["evaluate"], ["recommend", "--history", "1"]):
+            result = run_cli(command[0], "--model", run, "--data", data, "--allow-other-data", *command[1:], ok=False)
+            assert result.exit_code == 1 and why in result.output and "Traceback" not in result.output, result.output
