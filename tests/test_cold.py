@@ -822,3 +822,31 @@ def test_other_data_never_swaps_a_whole_catalog_for_its_cold_split(chain, source
         for command in (["serve", "--port", 0], ["evaluate"], ["recommend", "--history", "1"]):
             result = run_cli(command[0], "--model", run, "--data", data, "--allow-other-data", *command[1:], ok=False)
             assert result.exit_code == 1 and why in result.output and "Traceback" not in result.output, result.output
+
+
+def test_cold_content_knn_excludes_the_whole_history_as_exclude_history_does(chain, tmp_path):
+    """evaluate --cold's content KNN rules out every item the user had before the target (the whole
+    history, as `evaluate --exclude-history` and the masked SASRec do), not only the max_history
+    items of the window its user vector is the mean of: its row equals a brute force doing so."""
+    split, _, rec, emb = chain
+    out = tmp_path / "cold.json"
+    run_cli("evaluate", "--model", rec, "--cold", "--text-emb", emb, "--out", out)
+    row = {r["method"]: r for r in json.loads(out.read_text())["rows"]}["content KNN"]
+    dataset = load_dataset(split)
+    samples = leave_one_out(dataset, REC["max_history"])
+    vectors = np.load(emb).astype(np.float64)
+    items = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def recall_ndcg_at_10(excluded):
+        recall = ndcg = 0.0
+        for (window, target), user in zip(samples.test, samples.eval_users):
+            scores = items @ vectors[window].mean(0)
+            scores[excluded(window, user)] = -np.inf
+            top = np.argsort(-scores, kind="stable")[:10].tolist()
+            if target in top:
+                recall, ndcg = recall + 1, ndcg + 1 / np.log2(top.index(target) + 2)
+        return recall / len(samples.test), ndcg / len(samples.test)
+
+    whole = recall_ndcg_at_10(lambda window, user: dataset.sequences[user][:-1])
+    assert whole != recall_ndcg_at_10(lambda window, user: window)  # this data tells the two apart
+    assert (row["all"]["recall@10"], row["all"]["ndcg@10"]) == pytest.approx(whole)
