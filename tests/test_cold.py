@@ -850,3 +850,26 @@ def test_cold_content_knn_excludes_the_whole_history_as_exclude_history_does(cha
     whole = recall_ndcg_at_10(lambda window, user: dataset.sequences[user][:-1])
     assert whole != recall_ndcg_at_10(lambda window, user: window)  # this data tells the two apart
     assert (row["all"]["recall@10"], row["all"]["ndcg@10"]) == pytest.approx(whole)
+
+
+def test_the_default_body_limit_reads_the_tokenizer_width_without_loading_it(chain, monkeypatch):
+    """A server started with --tokenizer sizes its default body limit by the tokenizer's input
+    width, read from the run's model.pt record (memory-mapped) instead of loading the tokenizer."""
+    pytest.importorskip("fastapi")
+    from letter.rec import RunRecommender
+    from letter.serve.app import create_app, default_max_body_bytes
+    from letter.tokenizer import load_tokenizer
+    from letter.tokenizer.inference import tokenizer_input_dim
+
+    _, tok, rec, _ = chain
+    run = RunRecommender(rec)
+    width = load_tokenizer(tok).model.in_dim
+    expected = default_max_body_bytes(run, 8, tok)
+
+    def no_load(run_dir):
+        raise AssertionError(f"the tokenizer {run_dir} was loaded")
+
+    monkeypatch.setattr("letter.tokenizer.load_tokenizer", no_load)
+    monkeypatch.setattr("letter.tokenizer.inference.load_tokenizer", no_load)
+    assert tokenizer_input_dim(tok) == width
+    assert create_app(run, queue_size=8, tokenizer=tok).state.max_body_bytes == expected
