@@ -15,7 +15,8 @@ index_version_option = click.option(
 allow_other_data_option = click.option(
     "--allow-other-data", is_flag=True,
     help="Use a dataset whose content differs from the one the run was trained on (refused otherwise; the "
-         "training dataset grown by appending items needs no flag).")
+         "training dataset grown by appending items needs no flag; a cold split of the run's catalog, or the catalog "
+         "of its split, is refused: the items are numbered otherwise).")
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="Replace the run already in --out (refused otherwise; see --resume).")
 max_new_share_option = click.option(

@@ -3,7 +3,7 @@ import json
 
 import click
 
-SERVE_BEAMS = 20  # `letter serve --beams` default, which the servers of `letter bench serve` run with
+from letter.rec.recommend import DEFAULT_BEAMS  # `letter serve --beams` default, which `letter bench serve` runs with
 
 
 @click.command("serve")
@@ -12,7 +12,7 @@ SERVE_BEAMS = 20  # `letter serve --beams` default, which the servers of `letter
 @click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
-@click.option("--beams", default=SERVE_BEAMS, show_default=True, type=click.IntRange(min=1),
+@click.option("--beams", default=DEFAULT_BEAMS, show_default=True, type=click.IntRange(min=1),
               help="Beam width of every search; a request's k (<= beams; default 10, or --beams when smaller) "
                    "takes its first k identifiers.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
@@ -33,7 +33,8 @@ SERVE_BEAMS = 20  # `letter serve --beams` default, which the servers of `letter
               help="The run's tokenizer folder: enables POST /items (new items join without retraining).")
 @click.option("--allow-other-data", is_flag=True,
               help="Serve with a dataset whose content differs from the one the run was trained on (refused otherwise; "
-                   "the training dataset grown by appending items needs no flag). POST /items never adds to "
+                   "the training dataset grown by appending items needs no flag; a cold split of the run's catalog, or the "
+                   "catalog of its split, is refused: the items are numbered otherwise). POST /items never adds to "
                    "other data.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=None,
               help="Larger request bodies are answered 413 before they are read whole (default: twice the largest "
@@ -64,8 +65,8 @@ def serve_cmd(run_dir, data_path, host, port, beams, max_batch, max_delay_ms, qu
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=2),
               help="--max-batch of the batched server (the other server runs with 1).")
 @click.option("--max-delay-ms", default=2.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, SERVE_BEAMS),
-              help=f"k of every request (at most {SERVE_BEAMS}, the servers' default --beams).")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, DEFAULT_BEAMS),
+              help=f"k of every request (at most {DEFAULT_BEAMS}, the servers' default --beams).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="The server's torch threads.")
 @click.option("--level-time-limit", default=120.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds a level may take; requests unanswered by then count as errors.")

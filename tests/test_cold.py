@@ -775,3 +775,101 @@ def test_an_allow_other_data_server_adds_the_items_of_a_grown_catalog(chain, ser
         status, body = _post(url, "/recommend", {"history": ["1", "2"], "k": NUM_ITEMS + 2})
     listed = {i["item_id"]: i["code"] for i in body["items"]}
     assert status == 200 and [listed["9001"], listed["9002"]] == codes[NUM_ITEMS:].tolist()
+
+
+def test_evaluate_cold_ranks_a_grown_catalog_with_the_cf_baseline_of_its_training_items(chain, source, tmp_path):
+    """evaluate --cold --cf on the catalog grown by appending items (taken by every other reader):
+    the SASRec baseline, trained on the split before it grew, ranks the items it was trained on (the
+    appended ones have no CF vector, no interactions, and are never a target), so its row is the
+    one on the split itself; a train-cf run on other interactions is still refused."""
+    split, _, rec, emb = chain
+    cf = tmp_path / "cf"
+    run_cli("train-cf", split, "--dim", 8, "--blocks", 1, "--max-len", 5, "--epochs", 1, "--out", cf)
+    grown, _ = _grown(split, emb, tmp_path / "grown", ["9001", "9002"])
+    rows = {}
+    for data in (split, grown):
+        out = tmp_path / f"cold-{os.path.basename(data)}.json"
+        run_cli("evaluate", "--model", rec, "--cold", "--data", data, "--cf", cf, "--out", out)
+        rows[data] = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows[grown]["SASRec"] == rows[split]["SASRec"]
+    other_cf = tmp_path / "other-cf"  # on the dataset before the split: other interactions
+    run_cli("train-cf", source[0], "--dim", 8, "--blocks", 1, "--max-len", 5, "--epochs", 1, "--out", other_cf)
+    result = run_cli("evaluate", "--model", rec, "--cold", "--data", grown, "--cf", other_cf, ok=False)
+    assert result.exit_code == 1 and "trained on other data" in result.output and "Traceback" not in result.output
+
+
+def test_other_data_never_swaps_a_whole_catalog_for_its_cold_split(chain, source, tmp_path):
+    """--allow-other-data serves other interactions of the run's items, never another numbering of
+    them: a cold split renumbers the catalog (warm items first), so a run trained on the whole
+    catalog is refused its cold split, and a run trained on the split the whole catalog (serve,
+    evaluate, recommend), where each identifier would go to another item."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from letter.rec import RunRecommender
+
+    split, _, split_run, _ = chain
+    folder, emb_path, _, _ = source
+    whole = tmp_path / "whole"  # the tokenizer and recommender of the whole catalog
+    run_cli("train-tokenizer", "--data", folder, "--text-emb", emb_path, "--method", "rqkmeans", "--levels", 2,
+            "--codebook-size", 16, "--unique", "--out", whole / "tok")
+    config = tmp_path / "rec.json"
+    config.write_text(json.dumps(REC))
+    run_cli("train-rec", "--data", folder, "--index", whole / "tok", "--out", whole / "rec", "--config", config)
+    for run, data, why in ((str(whole / "rec"), split, "the run's training index covers 120 items"),
+                           (split_run, folder, "the run was trained on the cold split")):
+        with pytest.raises(LetterError, match=why):
+            RunRecommender(run, data=data, allow_other_data=True)
+        for command in (["serve", "--port", 0], ["evaluate"], ["recommend", "--history", "1"]):
+            result = run_cli(command[0], "--model", run, "--data", data, "--allow-other-data", *command[1:], ok=False)
+            assert result.exit_code == 1 and why in result.output and "Traceback" not in result.output, result.output
+
+
+def test_cold_content_knn_excludes_the_whole_history_as_exclude_history_does(chain, tmp_path):
+    """evaluate --cold's content KNN rules out every item the user had before the target (the whole
+    history, as `evaluate --exclude-history` and the masked SASRec do), not only the max_history
+    items of the window its user vector is the mean of: its row equals a brute force doing so."""
+    split, _, rec, emb = chain
+    out = tmp_path / "cold.json"
+    run_cli("evaluate", "--model", rec, "--cold", "--text-emb", emb, "--out", out)
+    row = {r["method"]: r for r in json.loads(out.read_text())["rows"]}["content KNN"]
+    dataset = load_dataset(split)
+    samples = leave_one_out(dataset, REC["max_history"])
+    vectors = np.load(emb).astype(np.float64)
+    items = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def recall_ndcg_at_10(excluded):
+        recall = ndcg = 0.0
+        for (window, target), user in zip(samples.test, samples.eval_users):
+            scores = items @ vectors[window].mean(0)
+            scores[excluded(window, user)] = -np.inf
+            top = np.argsort(-scores, kind="stable")[:10].tolist()
+            if target in top:
+                recall, ndcg = recall + 1, ndcg + 1 / np.log2(top.index(target) + 2)
+        return recall / len(samples.test), ndcg / len(samples.test)
+
+    whole = recall_ndcg_at_10(lambda window, user: dataset.sequences[user][:-1])
+    assert whole != recall_ndcg_at_10(lambda window, user: window)  # this data tells the two apart
+    assert (row["all"]["recall@10"], row["all"]["ndcg@10"]) == pytest.approx(whole)
+
+
+def test_the_default_body_limit_reads_the_tokenizer_width_without_loading_it(chain, monkeypatch):
+    """A server started with --tokenizer sizes its default body limit by the tokenizer's input
+    width, read from the run's model.pt record (memory-mapped) instead of loading the tokenizer."""
+    pytest.importorskip("fastapi")
+    from letter.rec import RunRecommender
+    from letter.serve.app import create_app, default_max_body_bytes
+    from letter.tokenizer import load_tokenizer
+    from letter.tokenizer.inference import tokenizer_input_dim
+
+    _, tok, rec, _ = chain
+    run = RunRecommender(rec)
+    width = load_tokenizer(tok).model.in_dim
+    expected = default_max_body_bytes(run, 8, tok)
+
+    def no_load(run_dir):
+        raise AssertionError(f"the tokenizer {run_dir} was loaded")
+
+    monkeypatch.setattr("letter.tokenizer.load_tokenizer", no_load)
+    monkeypatch.setattr("letter.tokenizer.inference.load_tokenizer", no_load)
+    assert tokenizer_input_dim(tok) == width
+    assert create_app(run, queue_size=8, tokenizer=tok).state.max_body_bytes == expected

@@ -99,6 +99,16 @@ def test_from_base_errors(tmp_path):
         LCRec.from_base(str(tmp_path / "t5"), LEVELS)
 
 
+@pytest.mark.parametrize("max_history", [0, -3])
+def test_from_base_refuses_a_history_window_below_one(base, max_history):
+    """max_history 0 would read the whole history ([-0:]), -3 all but its first 3 items: refused, as
+    RecConfig refuses it, before the base model loads."""
+    from letter.errors import SettingError
+
+    with pytest.raises(SettingError, match=f"^max_history must be >= 1, got {max_history}$"):
+        LCRec.from_base(base, LEVELS, max_history=max_history)
+
+
 # -- prompts -------------------------------------------------------------------------------------
 
 

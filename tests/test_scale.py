@@ -284,3 +284,14 @@ def test_train_cf_says_which_loss_and_validates_the_sample(tmp_path):
     assert lines[0] == loss_choice(CFConfig(), 60)
     assert [h["valid_users"] for h in result["history"]] == [40, 40]
     assert result["valid"]["ndcg@10"] == result["history"][result["best_epoch"] - 1]["valid_ndcg@10"]
+
+
+def test_scale_bench_records_the_cpu_model_every_benchmark_records(tmp_path, monkeypatch):
+    """The scale result's cpu_model is the one CPU-model helper's (letter_ext.bench.common): with
+    lscpu missing it still names the CPU, as the benchmark JSON's machine.cpu beside it does."""
+    from letter.bench.__main__ import main as bench_main
+    from letter_ext.bench.common import cpu_model
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no lscpu on the PATH
+    results = bench_main(["scale", "--scale-items", "10", "--scale-stages", "", "--scale-dir", str(tmp_path)])
+    assert results["scale"]["cpu_model"] == results["machine"]["cpu"] == cpu_model()

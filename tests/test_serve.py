@@ -550,3 +550,22 @@ def test_serve_freezes_what_it_loaded_out_of_the_cyclic_gc(trained, monkeypatch)
         assert not any(o is sequences for o in gc.get_objects())  # in no generation: no collection scans it
     finally:
         gc.unfreeze()
+
+
+def test_the_serve_beam_default_is_the_library_constant():
+    """letter.rec.recommend.DEFAULT_BEAMS is the one beam default: serve() and `letter serve --beams`
+    (and `letter bench serve -k`'s bound) follow it (changed here before they are imported)."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib, inspect
+importlib.import_module("letter.rec.recommend").DEFAULT_BEAMS = 7  # the module (letter.rec.recommend is a function)
+from letter.serve import serve
+from letter.cli.serve import bench_serve_cmd, serve_cmd
+beams = next(p for p in serve_cmd.params if p.name == "beams")
+k = next(p for p in bench_serve_cmd.params if p.name == "k")
+print(inspect.signature(serve).parameters["beams"].default, beams.default, k.type.max)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["7", "7", "7"]

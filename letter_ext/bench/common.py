@@ -93,7 +93,7 @@ def with_isa(name: str | None, fn):
 
 
 def cpu_model() -> str:
-    """The CPU's model name (lscpu's), or the architecture where /proc/cpuinfo is missing."""
+    """The CPU's model name (/proc/cpuinfo's, as lscpu shows it), or the architecture where /proc/cpuinfo is missing."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

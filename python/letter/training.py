@@ -353,14 +353,15 @@ def save_checkpoint(path: str, obj: dict) -> None:
     torch_save(path, obj)
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """torch.load, with a missing, empty, truncated or foreign file as one LetterError naming it."""
+def load_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> dict:
+    """torch.load, with a missing, empty, truncated or foreign file as one LetterError naming it.
+    mmap: map the tensors' storage instead of reading it (for a reader of the record only)."""
     if not os.path.isfile(path):
         raise LetterError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise LetterError(f"{path}: corrupt or truncated (empty file)")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        obj = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
             AttributeError, ModuleNotFoundError, IndexError, KeyError, UnicodeDecodeError) as e:
         raise LetterError(f"{path}: corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

@@ -45,7 +45,7 @@ import time
 import numpy as np
 
 from letter.utils import pyplot
-from letter_ext.bench.common import peak_rss_bytes
+from letter_ext.bench.common import cpu_model, peak_rss_bytes
 
 NAME = "scale"
 STAGES = ("generate", "load", "embed", "tokenizer", "tokenize", "sample_codes", "prefix_index", "tiger_train",
@@ -77,14 +77,6 @@ def _settings(args) -> dict:
     return {"dim": args.scale_dim, "tokenizer_epochs": args.scale_tokenizer_epochs,
             "kmeans_iters": args.scale_kmeans_iters, "steps": args.scale_steps, "negatives": args.scale_negatives,
             "users": args.scale_users}
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown")
 
 
 def run(args) -> dict:

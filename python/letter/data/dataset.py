@@ -46,6 +46,12 @@ class Dataset:
             h.update(b"|")
         return h.hexdigest()
 
+    def is_or_grew_from(self, fingerprint: str | None, num_items=()) -> bool:
+        """Whether this is the dataset whose fingerprint() is `fingerprint`, or that dataset grown by
+        appending items, when it had one of the item counts `num_items`."""
+        return fingerprint == self.fingerprint() or any(
+            n < self.num_items and self.fingerprint(n) == fingerprint for n in num_items)
+
     def items_fingerprint(self) -> str:
         """sha256 of the item ids in row order and of each item's text fields: what per-item files
         (text embeddings, row i = item i, and identifiers made from them) depend on, whatever the

@@ -3,10 +3,12 @@ cold-target and warm-target test users, before and after its cold items were add
 (letter.rec.index_versions), beside baselines on the same users:
 
   content KNN   cosine between each item's text embedding and the mean of the user's history
-                embeddings, over the full catalog (warm and cold), history items excluded
+                embeddings, over the full catalog (warm and cold), every item of the user's whole
+                history excluded (as evaluate's exclude_history), not only the history's window
   popularity    items ranked by their count in the training sequences (cold items count 0)
   SASRec        a train-cf run on the split, ranking the full catalog with its own scores: cold
                 items were never a positive in its training, so it scores them as unknown items
+                (items appended to the catalog after the split, with no CF vector, are not ranked)
 
 Every method sees the same test users and histories (the split's leave-one-out test part; cold
 items are never in a history). Recall/NDCG@5,10 per group: "cold" (target is a cold item),
@@ -46,16 +48,17 @@ def _exclude(scores: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
     return scores.index_put((rows, cols), torch.tensor(float("-inf")))
 
 
-def content_knn_topk(text_emb: np.ndarray, histories: list[list[int]], k: int, batch: int = 4096) -> torch.Tensor:
-    """[U, k] items by cosine between item embeddings and the mean history embedding, history excluded."""
+def content_knn_topk(text_emb: np.ndarray, histories: list[list[int]], seen: list[list[int]], k: int,
+                     batch: int = 4096) -> torch.Tensor:
+    """[U, k] items by cosine between item embeddings and the mean embedding of each history,
+    each user's `seen` items (the whole history, Split.seen_items) excluded."""
     emb = torch.from_numpy(np.asarray(text_emb, dtype=np.float32))
     items = torch.nn.functional.normalize(emb, dim=1)
     out = []
     for start in range(0, len(histories), batch):
-        part = histories[start:start + batch]
-        users = torch.stack([emb[h].mean(0) for h in part])
+        users = torch.stack([emb[h].mean(0) for h in histories[start:start + batch]])
         scores = torch.nn.functional.normalize(users, dim=1) @ items.T
-        out.append(_exclude(scores, part).topk(k, dim=1).indices)
+        out.append(_exclude(scores, seen[start:start + batch]).topk(k, dim=1).indices)
     return torch.cat(out)
 
 
@@ -67,7 +70,9 @@ def popularity_topk(counts: np.ndarray, num_users: int, k: int) -> torch.Tensor:
 
 def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch: int = 1024) -> torch.Tensor:
     """[U, k] items ranked by the best SASRec of a train-cf run folder (the one checkpoint in it),
-    which must have been trained on `dataset`."""
+    which must have been trained on `dataset` or on the catalog `dataset` grew from by appending
+    items: it ranks the items it was trained on (appended items have no CF vector; they have no
+    interactions, so they are never a target)."""
     from letter.cf.config import CFConfig
     from letter.cf.model import SASRec
     from letter.runs import read_json
@@ -82,9 +87,12 @@ def sasrec_topk(cf_dir: str, dataset, histories: list[list[int]], k: int, batch:
         raise SettingError("cf_dir", f"{cf_dir}: unfinished train-cf run (no {os.path.basename(metrics_path)})")
     cfg = CFConfig.from_dict(read_json(metrics_path, "train-cf metrics")["config"])
     ckpt = load_checkpoint(found[0])
-    if ckpt["identity"].get("inputs.dataset") != dataset.fingerprint():
+    identity = ckpt["identity"]
+    trained_items = identity.get("inputs.num_items")
+    if not isinstance(trained_items, int) or not dataset.is_or_grew_from(identity.get("inputs.dataset"),
+                                                                         (trained_items,)):
         raise SettingError("cf_dir", f"{cf_dir}: trained on other data than {dataset.source}")
-    model = SASRec(dataset.num_items, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len)
+    model = SASRec(trained_items, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len)
     model.load_state_dict(ckpt["trainer"]["best_model"])
     model.eval()
     out = []
@@ -117,13 +125,15 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
                                    "`letter data cold-split`)")
     histories = [h for h, _ in rec.split.test]
     check_indexed_histories(rec, histories)
+    seen = rec.eval_seen_items("test")  # what content KNN excludes, as evaluate's exclude_history
     enc, targets = rm.eval_inputs(rec, "test", 0, config.seed)
     groups = test_groups(targets.numpy(), cold)
     warm = np.flatnonzero(groups["warm"])
     if 0 < warm_users < len(warm):
         keep = np.sort(np.r_[np.flatnonzero(groups["cold"]),
                              np.random.default_rng(cold["seed"]).choice(warm, size=warm_users, replace=False)])
-        enc, targets, histories = enc[torch.from_numpy(keep)], targets[torch.from_numpy(keep)], [histories[i] for i in keep]
+        enc, targets = enc[torch.from_numpy(keep)], targets[torch.from_numpy(keep)]
+        histories, seen = [histories[i] for i in keep], [seen[i] for i in keep]
         groups = test_groups(targets.numpy(), cold)
     training_items = len(rec.codes)
     rows = []
@@ -151,7 +161,7 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
         if emb.ndim != 2 or emb.shape[0] != rec.dataset.num_items:
             raise SettingError("text_emb", f": expected [{rec.dataset.num_items}, d] rows of the split's items, "
                                            f"got shape {emb.shape}")
-        topk = content_knn_topk(emb, histories, k)
+        topk = content_knn_topk(emb, histories, seen, k)
         rows.append({"method": "content KNN", **_group_metrics(hits_from_topk(topk, targets), groups)})
     topk = popularity_topk(popularity_counts(rec.split, rec.dataset), len(histories), k)
     rows.append({"method": "popularity", **_group_metrics(hits_from_topk(topk, targets), groups)})

@@ -17,7 +17,9 @@ import torch
 from letter.decoding import PrefixIndex, constrained_beam_search, hf_style_beam_search
 from letter.errors import LetterError, SettingError, input_error
 from letter.metrics import metrics_from_hits, standard_errors
-from letter.runs import RecRun, check_output_path, check_rec_dataset, check_rec_run, load_npy, read_rec_run_info, write_json
+from letter.data.cold import read_cold_split
+from letter.runs import (RecRun, check_output_path, check_rec_dataset, check_rec_run, load_npy, read_rec_run_info,
+                         recorded_data, write_json)
 from letter.devices import resolve_device
 from letter.settings import Settings, setting
 from letter.utils import progress
@@ -197,6 +199,31 @@ def training_items(run_dir: str) -> int:
     return len(load_npy(os.path.join(run_dir, RecRun.CODES)))
 
 
+def _check_item_numbering(run_dir: str, info: dict, rec: RecData, path: str, given: bool, training_items: int) -> None:
+    """Refuse other data whose items are numbered by another cold split than the run's training
+    data (or by none where that had one, or the reverse): a cold split renumbers the catalog (warm
+    items first) and identifiers go by position, so they would go to other items. The training
+    data's split is read beside its recorded path; where that is gone, a cold split is still
+    refused to a run whose training index covers more than the split's warm items (a run trained
+    on a split indexes exactly those)."""
+    served, what = read_cold_split(rec.dataset), "data" if given else "the dataset"
+    if served is not None and training_items != served["warm_items"]:
+        raise input_error(what, path, f"a cold split ({served['warm_items']} warm items, renumbered first), but the "
+                                      f"run's training index covers {training_items} items: the run was not trained on "
+                                      "this split, and its identifiers would go to other items (even as other data)")
+    try:
+        recorded = recorded_data(info, run_dir)
+    except LetterError:
+        return  # the training data is gone: its split cannot be compared
+    trained = read_cold_split(recorded)
+    if served != trained:
+        problem = ("not a cold split, but the run was trained on the cold split" if served is None else
+                   "a cold split, but the run was trained on a catalog that is not one," if trained is None else
+                   "another cold split than the run was trained on,")
+        raise input_error(what, path, f"{problem} {recorded}: its items are numbered otherwise, and the run's "
+                                      "identifiers would go to other items (even as other data)")
+
+
 def _load(run_dir: str, data=None, device="cpu", index_version: int | None = None, allow_other_data: bool = False
           ) -> tuple[Recommender, RecData, RecConfig]:
     device = torch.device(device)
@@ -210,8 +237,9 @@ def _load(run_dir: str, data=None, device="cpu", index_version: int | None = Non
     model = cls.load_best(run_dir, config, device).eval()  # a corrupt file is named before the checks below
     path, manifest = check_rec_run(run_dir, info, data)  # unfinished or mixed folder; the dataset (relative path first)
     rec = load_rec_data(path, codes, config.max_history, prefix=True)  # the catalog may have grown since
-    check_rec_dataset(run_dir, manifest, rec.dataset, path, data is not None, allow_other_data,
-                      trained_sizes(codes, rec.dataset))
+    if check_rec_dataset(run_dir, manifest, rec.dataset, path, data is not None, allow_other_data,
+                         trained_sizes(codes, rec.dataset)):
+        _check_item_numbering(run_dir, info, rec, path, data is not None, len(codes))
     version_codes, version, _ = load_index_codes(run_dir, index_version)
     check_version_items(run_dir, version, rec.dataset, path)
     if version:

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.runs import atomic_dir, read_json
 
 IGNORE_INDEX = -100
@@ -141,12 +141,15 @@ class LCRec(nn.Module):
         """Load the causal LM + tokenizer of the local folder `base_model` (nothing is fetched from a
         hub), add one token per (level, code), resize the embeddings and wrap the model with LoRA.
         dtype: torch dtype of the weights (None: as the folder's from_pretrained default, fp32);
-        device: where to put the model (default CPU)."""
+        device: where to put the model (default CPU); max_history: the last items of a history each
+        prompt reads (>= 1)."""
         level_sizes = tuple(int(s) for s in level_sizes)
         if not level_sizes or min(level_sizes) < 1:
             raise LetterError(f"level_sizes must be positive ints, got {level_sizes}")
         if temperature <= 0:
             raise LetterError(f"temperature must be > 0, got {temperature}")
+        if max_history < 1:  # as RecConfig.max_history: 0 would read the whole history ([-0:])
+            raise SettingError("max_history", f"must be >= 1, got {max_history}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         base_model = os.path.abspath(os.fspath(base_model))
         check_base_folder(base_model)

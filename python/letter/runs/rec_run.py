@@ -45,20 +45,21 @@ ADDING_RULE = ("items are added only to the dataset the run was trained on or to
 
 
 def check_rec_dataset(run_dir: str, manifest: dict, dataset, path: str, given: bool,
-                      allow_other_data: bool = False, trained_sizes=(), adding: bool = False) -> None:
+                      allow_other_data: bool = False, trained_sizes=(), adding: bool = False) -> bool:
     """Refuse a dataset (read from `path`; `given`: by the argument data, else the run's recorded
     one) whose content is neither the one the run was trained on nor that dataset grown by
-    appending items (Dataset.fingerprint(n) equal to the recorded one for an n of `trained_sizes`,
+    appending items (Dataset.is_or_grew_from the recorded fingerprint, for an n of `trained_sizes`,
     the item counts the training dataset can have had), unless allow_other_data. adding: the
-    dataset new items are added from, where allow_other_data does not apply (ADDING_RULE)."""
-    recorded, current = manifest["inputs"].get("dataset"), dataset.fingerprint()
-    if recorded in (None, current) or any(n < dataset.num_items and dataset.fingerprint(n) == recorded
-                                          for n in trained_sizes):
-        return  # the training dataset, or it with items appended
+    dataset new items are added from, where allow_other_data does not apply (ADDING_RULE). Returns
+    whether the dataset was taken as other data."""
+    recorded = manifest["inputs"].get("dataset")
+    if recorded is None or dataset.is_or_grew_from(recorded, trained_sizes):
+        return False  # the training dataset, or it with items appended
     shown = ("data", path) if given else ("the dataset", path)
     allowed = {} if adding else {"dataset": True if allow_other_data else OTHER_DATA}
-    check_inputs(f"run_dir {run_dir}", manifest["inputs"], {"dataset": (current, shown)}, allowed,
+    check_inputs(f"run_dir {run_dir}", manifest["inputs"], {"dataset": (dataset.fingerprint(), shown)}, allowed,
                  names=("run_dir",), refused=ADDING_RULE if adding else "")
+    return True
 
 
 def recorded_data(info: dict, run_dir: str) -> str:

@@ -8,6 +8,7 @@ dynamic batching (needs the `serve` extra: pip install -e .[serve]).
 import gc
 
 from letter.errors import LetterError
+from letter.rec.recommend import DEFAULT_BEAMS
 
 
 def require_serve_packages() -> None:
@@ -19,7 +20,7 @@ def require_serve_packages() -> None:
         raise LetterError(f"letter serve needs the serve extra ({e.name} is missing): pip install -e .[serve]") from None
 
 
-def serve(run_dir: str, *, data=None, device: str = "cpu", beams: int = 20, host: str = "127.0.0.1",
+def serve(run_dir: str, *, data=None, device: str = "cpu", beams: int = DEFAULT_BEAMS, host: str = "127.0.0.1",
           port: int = 8000, max_batch: int = 32, max_delay_ms: float = 2.0, queue_size: int = 1024,
           log_level: str = "warning", log=None, index_version: int | None = None, max_new_share: float | None = None,
           tokenizer: str | None = None, allow_other_data: bool = False, max_body_bytes: int | None = None) -> None:

@@ -194,12 +194,10 @@ def largest_request_bytes(run: RunRecommender, queue_size: int, embedding_dim: i
 
 def default_max_body_bytes(run: RunRecommender, queue_size: int, tokenizer: str | None = None) -> int:
     """Twice the largest legitimate request (largest_request_bytes; the tokenizer's input width for
-    POST /items), at least MIN_BODY_LIMIT."""
-    dim = None
-    if tokenizer is not None:
-        from letter.tokenizer import load_tokenizer
+    POST /items, read from its model record without loading it), at least MIN_BODY_LIMIT."""
+    from letter.tokenizer.inference import tokenizer_input_dim
 
-        dim = load_tokenizer(tokenizer).model.in_dim
+    dim = tokenizer_input_dim(tokenizer) if tokenizer is not None else None
     return max(MIN_BODY_LIMIT, 2 * largest_request_bytes(run, queue_size, dim))
 
 

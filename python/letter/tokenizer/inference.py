@@ -108,12 +108,27 @@ def check_tokenizer_run(run_dir: str, what: str = "tokenizer") -> dict:
     return check_manifest(run_dir, TokenizerRun.kind, what)
 
 
+def _model_record(run_dir: str, mmap: bool = False) -> tuple[str, dict]:
+    """(path, contents) of the model.pt of a finished tokenizer run folder (checked)."""
+    path = os.path.join(run_dir, TokenizerRun.MODEL)
+    blob = load_checkpoint(path, mmap=mmap) if os.path.isfile(path) else None  # a corrupt file is named as such first
+    check_tokenizer_run(run_dir)
+    return path, blob if blob is not None else load_checkpoint(path, mmap=mmap)
+
+
+def tokenizer_input_dim(run_dir: str) -> int:
+    """The embedding width a finished tokenizer run encodes (its model.pt's in_dim), read with the
+    weights memory-mapped, not read or built (what a server sizes its POST /items limit by)."""
+    path, blob = _model_record(run_dir, mmap=True)
+    in_dim = blob.get("in_dim")
+    if isinstance(in_dim, bool) or not isinstance(in_dim, int):
+        raise LetterError(f"{path}: not a tokenizer model file (no integer in_dim)")
+    return in_dim
+
+
 def load_tokenizer(run_dir: str) -> Tokenizer:
     """Load a finished run folder written by train_tokenizer (model.pt + codes.npy)."""
-    path = os.path.join(run_dir, TokenizerRun.MODEL)
-    blob = load_checkpoint(path) if os.path.isfile(path) else None  # a corrupt file is named as such first
-    check_tokenizer_run(run_dir)
-    blob = blob if blob is not None else load_checkpoint(path)
+    path, blob = _model_record(run_dir)
     try:
         config = TokenizerConfig.from_dict(blob["config"])
         if config.method == "rqkmeans":
