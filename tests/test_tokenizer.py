@@ -206,6 +206,14 @@ def test_nan_rows_are_named(tmp_path):
         train_tokenizer(TokenizerConfig(**SMALL, alpha=0), np.random.rand(10, 6), None, str(tmp_path / "r"), num_items=11)
 
 
+def test_complex_embeddings_are_refused(tmp_path):
+    # a complex .npy would lose its imaginary parts in the float32 copy, silently
+    text = np.random.rand(10, 6) + 1j * np.random.rand(10, 6)
+    with pytest.raises(LetterError, match="text embeddings: expected real numbers, got dtype complex128"):
+        train_tokenizer(TokenizerConfig(**SMALL, alpha=0), text, None, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_file_round_trip_and_unknown_field(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("alpha: 0.5\ncodebook_sizes: [8, 8]\nclusters: 4\n")

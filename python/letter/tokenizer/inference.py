@@ -25,8 +25,9 @@ def check_embeddings(name: str, emb, num_items: int | None = None) -> np.ndarray
     arr = emb if isinstance(emb, np.memmap) else np.asarray(emb)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise LetterError(f"{name}: expected a [num_items, dim] matrix, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise LetterError(f"{name}: expected numbers, got dtype {arr.dtype}")
+    # complex is a number too, but the float32 copy would drop its imaginary parts
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise LetterError(f"{name}: expected real numbers, got dtype {arr.dtype}")
     if num_items is not None and arr.shape[0] != num_items:
         raise LetterError(f"{name}: has {arr.shape[0]} rows but the dataset has {num_items} items")
     bad = np.concatenate([start + np.flatnonzero(~np.isfinite(arr[start : start + ROW_CHUNK]).all(1))
