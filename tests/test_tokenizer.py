@@ -200,8 +200,12 @@ def test_bad_input_fails_before_training(tmp_path, kwargs, cf, message):
 def test_nan_rows_are_named(tmp_path):
     text = np.random.rand(10, 6)
     text[3, 2] = np.nan
-    with pytest.raises(LetterError, match=r"1 row\(s\) contain NaN/inf, e.g. item\(s\) \[3\]"):
+    with pytest.raises(LetterError, match=r"1 row\(s\) contain NaN/inf \(as float32\), e.g. item\(s\) \[3\]"):
         train_tokenizer(TokenizerConfig(**SMALL, alpha=0), text, None, str(tmp_path / "run"))
+    text[3, 2] = 1e39  # finite in float64, inf in the float32 the tokenizer computes in
+    with pytest.raises(LetterError, match=r"1 row\(s\) contain NaN/inf \(as float32\), e.g. item\(s\) \[3\]"):
+        train_tokenizer(TokenizerConfig(**SMALL, alpha=0), text, None, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
     with pytest.raises(LetterError, match="has 10 rows but the dataset has 11"):
         train_tokenizer(TokenizerConfig(**SMALL, alpha=0), np.random.rand(10, 6), None, str(tmp_path / "r"), num_items=11)
 

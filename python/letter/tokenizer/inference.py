@@ -30,10 +30,13 @@ def check_embeddings(name: str, emb, num_items: int | None = None) -> np.ndarray
         raise LetterError(f"{name}: expected real numbers, got dtype {arr.dtype}")
     if num_items is not None and arr.shape[0] != num_items:
         raise LetterError(f"{name}: has {arr.shape[0]} rows but the dataset has {num_items} items")
-    bad = np.concatenate([start + np.flatnonzero(~np.isfinite(arr[start : start + ROW_CHUNK]).all(1))
-                          for start in range(0, len(arr), ROW_CHUNK)])
+    # checked as float32, the dtype the tokenizer computes in: a float64 beyond its range becomes inf
+    # (reported below as such, not as numpy's overflow warning)
+    with np.errstate(over="ignore"):
+        bad = np.concatenate([start + np.flatnonzero(~np.isfinite(np.asarray(arr[start : start + ROW_CHUNK], np.float32)).all(1))
+                              for start in range(0, len(arr), ROW_CHUNK)])
     if len(bad):
-        raise LetterError(f"{name}: {len(bad)} row(s) contain NaN/inf, e.g. item(s) {bad[:5].tolist()}")
+        raise LetterError(f"{name}: {len(bad)} row(s) contain NaN/inf (as float32), e.g. item(s) {bad[:5].tolist()}")
     if isinstance(arr, np.memmap) and arr.dtype == np.float32:
         return arr
     return arr.astype(np.float32, copy=True)
