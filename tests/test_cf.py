@@ -86,6 +86,9 @@ def test_resume_continues_identically(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(LetterError, match="blocks was 1, now 2"):
         train_cf(ds, str(tmp_path / "b"), CFConfig(epochs=4, **{**cfg, "blocks": 2}), resume=True, log=_quiet)
+    # early stopping reads the masked or the unmasked NDCG@10: one run never mixes the two
+    with pytest.raises(LetterError, match="mask_history was False, now True"):
+        train_cf(ds, str(tmp_path / "b"), CFConfig(epochs=4, **{**cfg, "mask_history": True}), resume=True, log=_quiet)
 
 
 def test_ddp_two_processes_match_one(tmp_path):
