@@ -210,6 +210,13 @@ def test_nan_rows_are_named(tmp_path):
         train_tokenizer(TokenizerConfig(**SMALL, alpha=0), np.random.rand(10, 6), None, str(tmp_path / "r"), num_items=11)
 
 
+def test_divergence_within_an_epoch_is_a_clean_error(tmp_path):
+    # lr 1e30 overflows the weights at the first step: the next batch's latents are inf
+    cfg = TokenizerConfig(**{**SMALL, "batch_size": 4}, alpha=0, lr=1e30)
+    with pytest.raises(LetterError, match="training diverged: the latents or codebooks hold NaN/inf; lower lr"):
+        train_tokenizer(cfg, np.random.rand(10, 6), None, str(tmp_path / "run"))
+
+
 def test_complex_embeddings_are_refused(tmp_path):
     # a complex .npy would lose its imaginary parts in the float32 copy, silently
     text = np.random.rand(10, 6) + 1j * np.random.rand(10, 6)
