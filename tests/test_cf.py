@@ -241,6 +241,19 @@ def test_lightgcn_resume_continues_identically(tmp_path):
         train_cf(ds, str(tmp_path / "b"), CFConfig(epochs=4, **{**cfg, "graph_layers": 3}), resume=True, log=_quiet)
 
 
+@pytest.mark.parametrize("model,loss", [("sasrec", "ce"), ("sasrec", "sampled"), ("sasrec", "bce"),
+                                        ("lightgcn", "ce"), ("lightgcn", "bpr")])
+def test_divergence_is_a_clean_error_and_writes_no_embeddings(tmp_path, model, loss):
+    # lr 1e30 overflows the weights at the first step; the fused ce loss would stop on its NaN input
+    # with a bare ValueError, the others would export NaN embeddings
+    ds = make_synthetic(num_users=60, num_items=30, num_categories=3, seed=2)
+    extra = {"negatives": 8} if loss == "sampled" else {}
+    cfg = CFConfig(model=model, loss=loss, dim=8, blocks=1, epochs=2, batch_size=16, lr=1e30, **extra)
+    with pytest.raises(LetterError, match="training diverged: .*; lower lr"):
+        train_cf(ds, str(tmp_path), cfg, log=_quiet)
+    assert not os.path.exists(output_paths(str(tmp_path), ds.name, 8, model)["embeddings"])
+
+
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     ds = make_synthetic(num_users=60, num_items=30, num_categories=3, seed=2)
     with pytest.raises(LetterError, match="cannot resume: no checkpoint at .*Synth.cf-sasrec8.ckpt.pt"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 
 import numpy as np
@@ -145,6 +146,13 @@ def ranking_metrics(scores_of, samples, users: list[int], num_items: int, ctx: D
     return {key: total / max(totals[-1], 1) for key, total in zip(sums, totals)}
 
 
+def check_not_diverged(*tensors: torch.Tensor) -> None:
+    """LetterError when what a step's fused cross-entropy reads holds NaN/inf: the weights diverged
+    inside the epoch (the op would stop on its input with a bare ValueError). One host sync."""
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise LetterError("training diverged: the hidden states or item embeddings hold NaN/inf; lower lr", "lr")
+
+
 class CFTrainable(Trainable):
     """What every CF model shares on top of its own `batches`/`step`: validation by full-ranking
     NDCG@10 on the split's validation part, the selected weights kept in the checkpoint, the mean
@@ -173,8 +181,10 @@ class CFTrainable(Trainable):
 
     def epoch_record(self, epoch: int, sums: dict[str, float], steps: int) -> dict:
         # each process added its share of every step's loss
-        return {"loss": sums.get("loss", 0.0) / self.ctx.world / max(steps, 1),
-                "precision": precision_used(self.use_amp, self.model)}
+        loss = sums.get("loss", 0.0) / self.ctx.world / max(steps, 1)
+        if not math.isfinite(loss):  # the summed loss is the same on every rank: all raise alike
+            raise LetterError(f"training diverged: the loss is {loss} in epoch {epoch}; lower lr", "lr")
+        return {"loss": loss, "precision": precision_used(self.use_amp, self.model)}
 
     def ranking(self, part: str, mask_history: bool | None = None, max_users: int = 0) -> dict[str, float]:
         """Full-ranking metrics of `part`'s users, or of a fixed random sample of max_users of them
