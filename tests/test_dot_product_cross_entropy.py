@@ -84,6 +84,31 @@ def test_info_nce_needs_one_positive_per_row():
         letter_ext.info_nce(torch.zeros(3, 2), torch.zeros(3, 5))
 
 
+def test_info_nce_and_diversity_errors_name_their_own_arguments():
+    z, h = torch.randn(4, 3), torch.randn(4, 3)
+    bad = z.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="^z contains NaN or inf"):
+        letter_ext.info_nce(bad, h)
+    with pytest.raises(ValueError, match="^h contains NaN or inf"):
+        letter_ext.info_nce(z, bad, symmetric=True)
+    positives, selected_idx = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0])
+    cases = [
+        ((z, h, positives, positives), r"^positives\[0\] is excluded by selected_idx\[0\]"),
+        ((z, h, torch.tensor([0, 1, 2, 9]), selected_idx), r"^positives must be in \[0, M=4\)"),
+        ((z, h, positives, torch.tensor([1, 2, 3, 7])), r"^selected_idx must be in \[0, M=4\)"),
+        ((z, h, positives.int(), selected_idx), "^positives must be an int64 tensor"),
+        ((z, h, positives[:3], selected_idx), r"^positives must be \[B\] with B=4 \(the rows of selected\)"),
+        ((z, h[:, :2], positives, selected_idx), "^codebook dim d=2 does not match selected dim d=3"),
+        ((z, h[:0], positives, selected_idx), r"^codebook must have M >= 1 rows"),
+        ((bad, h, positives, selected_idx), "^selected contains NaN or inf"),
+        ((z.long(), h, positives, selected_idx), "^selected must be a floating-point tensor"),
+    ]
+    for args, message in cases:
+        with pytest.raises((TypeError, ValueError), match=message):
+            letter_ext.codebook_diversity_loss(*args)
+
+
 def test_all_rows_ignored_mean_is_nan_like_torch():
     q, keys, targets, _, _ = make_inputs(3, 4, 2, seed=3)
     targets[:] = -100
