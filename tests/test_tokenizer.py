@@ -102,6 +102,20 @@ def test_sinkhorn_balances_a_skewed_assignment():
     assert (authors > 0).all() and authors.max() <= 32
 
 
+def test_training_sinkhorn_leaves_a_one_row_batch_its_nearest_code():
+    # a one-row Sinkhorn is uniform over the codes: its argmax was code 0 whatever the distances
+    torch.manual_seed(0)
+    model = RQVAE(6, TokenizerConfig(**{**SMALL, "codebook_sizes": [8, 8]}))
+    for cb in model.codebooks:
+        torch.nn.init.normal_(cb)
+    z = torch.randn(5, 4)
+    for row in range(5):
+        balanced, *_ = model.quantize(z[row : row + 1], sinkhorn=True)
+        plain, *_ = model.quantize(z[row : row + 1])
+        assert torch.equal(balanced, plain)
+    assert not (model.quantize(z)[0][:, -1] == 0).all()  # the rows' nearest last-level codes differ from 0
+
+
 def test_kmeans_init_beats_random_init():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(16, 8, generator=g) * 5

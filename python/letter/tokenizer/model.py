@@ -123,8 +123,9 @@ class RQVAE(nn.Module):
             dist = torch.cdist(assigned_residuals[:, -1], self.codebooks[-1].detach()) ** 2
             if share is not None:
                 dist = share.gather(dist)
-            last = sinkhorn_assign(dist, self.config.sinkhorn_epsilon, self.config.sinkhorn_iters)
-            codes[:, -1] = last if share is None else last[share.positions]
+            if dist.shape[0] > 1:  # one row has nothing to balance (its Sinkhorn is uniform: code 0)
+                last = sinkhorn_assign(dist, self.config.sinkhorn_epsilon, self.config.sinkhorn_iters)
+                codes[:, -1] = last if share is None else last[share.positions]
         e = torch.stack([cb[codes[:, l]] for l, cb in enumerate(self.codebooks)], 1)
         before = torch.cumsum(e.detach(), 1) - e.detach()  # sum_{k<l} e_k
         residuals = z.unsqueeze(1) - before
