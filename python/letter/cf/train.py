@@ -146,13 +146,6 @@ def ranking_metrics(scores_of, samples, users: list[int], num_items: int, ctx: D
     return {key: total / max(totals[-1], 1) for key, total in zip(sums, totals)}
 
 
-def check_not_diverged(*tensors: torch.Tensor) -> None:
-    """LetterError when what a step's fused cross-entropy reads holds NaN/inf: the weights diverged
-    inside the epoch (the op would stop on its input with a bare ValueError). One host sync."""
-    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        raise LetterError("training diverged: the hidden states or item embeddings hold NaN/inf; lower lr", "lr")
-
-
 class CFTrainable(Trainable):
     """What every CF model shares on top of its own `batches`/`step`: validation by full-ranking
     NDCG@10 on the split's validation part, the selected weights kept in the checkpoint, the mean

@@ -15,8 +15,7 @@ from torch.nn import functional as F
 
 import letter_ext
 
-from letter.errors import LetterError
-from letter.training import BatchShare
+from letter.training import BatchShare, check_not_diverged
 
 from .clustering import sinkhorn_assign
 from .config import TokenizerConfig
@@ -113,10 +112,7 @@ class RQVAE(nn.Module):
         (grad to z only), z_hat [B, d] (straight-through: value sum_l e_l, gradient to z).
         `share`: z holds one rank's rows of a global batch; Sinkhorn balances the whole batch.
         Raises LetterError when z or a codebook holds NaN/inf (training diverged inside an epoch)."""
-        # one host sync for all of them; residual_quantize would raise a bare ValueError on its input
-        finite = torch.stack([torch.isfinite(z).all()] + [torch.isfinite(cb).all() for cb in self.codebooks])
-        if not bool(finite.all()):
-            raise LetterError("training diverged: the latents or codebooks hold NaN/inf; lower lr", "lr")
+        check_not_diverged("the latents or codebooks", z, *self.codebooks)  # not residual_quantize's ValueError
         codes, assigned_residuals = assign_codes(z, list(self.codebooks))
         if sinkhorn and self.config.sinkhorn_epsilon > 0:
             # Balanced re-assignment of the last level within the batch (the authors' training rule).
