@@ -350,6 +350,28 @@ def test_opcheck():
     torch.library.opcheck(bwd, (grad_rows, q.detach(), keys.detach(), targets, excl, b.detach(), lse, 0.7, -100))
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_opcheck_other_dtypes_and_strides(dtype):
+    # the fakes must give the kernels' dtypes (rows and lse in the accumulation dtype, gradients
+    # in the inputs') and contiguous gradients for strided inputs
+    _, _, targets, excl, _ = _op_args()
+    gen = torch.Generator().manual_seed(16)
+    q = torch.randn(6, 9, generator=gen, dtype=dtype).T.requires_grad_()
+    keys = torch.randn(6, 11, generator=gen, dtype=dtype).T.requires_grad_()
+    b = torch.randn(22, generator=gen, dtype=dtype)[::2].requires_grad_()
+    fwd = torch.ops.letter.dot_product_cross_entropy_fwd.default
+    torch.library.opcheck(fwd, (q, keys, targets, excl, b, 0.7, -100))
+    _, lse = fwd(q, keys, targets, excl, b, 0.7, -100)
+    grad_rows = torch.randn(18, generator=gen, dtype=lse.dtype)[::2]
+    inputs = (q.detach(), keys.detach(), targets, excl, b.detach())
+    torch.library.opcheck(torch.ops.letter.dot_product_cross_entropy_bwd.default,
+                          (grad_rows, *inputs, lse, 0.7, -100))
+    for rows in (None, grad_rows):
+        torch.library.opcheck(torch.ops.letter.dot_product_cross_entropy_chunked.default,
+                              (*inputs, 0.7, -100, rows))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_opcheck_triton(device):
     if "triton" not in available_backends("dot_product_cross_entropy_fwd", device):
