@@ -73,6 +73,17 @@ def _show_warning(command, show_other):
     return show
 
 
+def check_environment() -> None:
+    """LetterError for a bad $LETTER_BACKEND: every op call reads it, so a command is refused
+    before it writes anything rather than stopped at its first op call."""
+    from letter_ext._backend import env_backend
+
+    try:
+        env_backend()
+    except ValueError as e:
+        raise LetterError(str(e)) from None
+
+
 class LetterGroup(click.Group):
     """Turns LetterError (bad input the user can fix) and file-system errors into a one-line click
     error, no traceback, and LetterWarning into a "warning: ..." line; both name the invoked
@@ -83,6 +94,8 @@ class LetterGroup(click.Group):
             return self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
 
         try:
+            if ctx.parent is None and not {"-h", "--help"} & set(ctx.args):  # help needs no working environment
+                check_environment()
             with warnings.catch_warnings():
                 warnings.simplefilter("always", LetterWarning)  # every time, not once per place
                 warnings.showwarning = _show_warning(command, warnings.showwarning)

@@ -108,12 +108,21 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def env_backend() -> str | None:
+    """$LETTER_BACKEND (None when unset or empty); ValueError naming it unless it is one of
+    BACKENDS or 'auto'. Programs can check it up front, before any op call reads it."""
+    value = os.environ.get("LETTER_BACKEND") or None
+    if value is not None and value not in BACKENDS + ("auto",):
+        raise ValueError(f"$LETTER_BACKEND must be one of {BACKENDS} or 'auto', got {value!r}")
+    return value
+
+
 def resolve(op: str, device: torch.device, backend: str | None) -> str:
     """Pick the backend of one call: the argument, else $LETTER_BACKEND, else the fastest available.
 
     Auto choice: the compiled kernel for the tensor's device, then Triton on CUDA, then the reference.
     """
-    choice = backend or os.environ.get("LETTER_BACKEND") or "auto"
+    choice = backend or env_backend() or "auto"
     if choice not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {choice!r}")
     if choice == "auto":

@@ -29,13 +29,13 @@ def check_finite(name: str, t: torch.Tensor) -> float:
     return max(-low, high)
 
 
-def check_index_tensor(name: str, t, length: int, device: torch.device) -> None:
-    """An int64 [B] tensor on `device`, B = `length` (the rows of q)."""
+def check_index_tensor(name: str, t, length: int, device: torch.device, rows_of: str = "q") -> None:
+    """An int64 [B] tensor on `device`, B = `length` (the rows of the tensor named `rows_of`)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.long:
         raise TypeError(f"{name} must be an int64 tensor, got dtype {t.dtype}")
     if t.dim() != 1 or t.shape[0] != length:
-        raise ValueError(f"{name} must be [B] with B={length} (the rows of q), got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be [B] with B={length} (the rows of {rows_of}), got shape {tuple(t.shape)}")
     if t.device != device:
-        raise ValueError(f"q is on {device} but {name} is on {t.device}")
+        raise ValueError(f"{rows_of} is on {device} but {name} is on {t.device}")

@@ -53,18 +53,25 @@ def chunked_path_wins(B: int, M: int, d: int, device_type: str = "cpu") -> bool:
     return device_type == "cpu" or d >= 128
 
 
-def _check_dot_product_cross_entropy(q, keys, targets, temperature, exclude, bias, ignore_index, reduction):
-    check_float_tensor("q", q, 2, "[B, d]")
-    check_float_tensor("keys", keys, 2, "[M, d]")
+# The op's argument names; info_nce and codebook_diversity_loss pass their own, so that an error
+# names the argument their caller gave (z, positives...), not the op's.
+OP_NAMES = {"q": "q", "keys": "keys", "targets": "targets", "exclude": "exclude"}
+
+
+def _check_dot_product_cross_entropy(q, keys, targets, temperature, exclude, bias, ignore_index, reduction,
+                                     names=OP_NAMES):
+    n_q, n_keys, n_targets, n_exclude = (names[k] for k in ("q", "keys", "targets", "exclude"))
+    check_float_tensor(n_q, q, 2, "[B, d]")
+    check_float_tensor(n_keys, keys, 2, "[M, d]")
     B, M = q.shape[0], keys.shape[0]
     if M == 0:
-        raise ValueError("keys must have M >= 1 rows, got shape (0, d)")
+        raise ValueError(f"{n_keys} must have M >= 1 rows, got shape (0, d)")
     if keys.shape[1] != q.shape[1]:
-        raise ValueError(f"keys dim d={keys.shape[1]} does not match q dim d={q.shape[1]}")
+        raise ValueError(f"{n_keys} dim d={keys.shape[1]} does not match {n_q} dim d={q.shape[1]}")
     if keys.device != q.device:
-        raise ValueError(f"q is on {q.device} but keys is on {keys.device}")
+        raise ValueError(f"{n_q} is on {q.device} but {n_keys} is on {keys.device}")
     if keys.dtype != q.dtype:
-        raise ValueError(f"keys dtype {keys.dtype} does not match q dtype {q.dtype}")
+        raise ValueError(f"{n_keys} dtype {keys.dtype} does not match {n_q} dtype {q.dtype}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not temperature > 0 or temperature == float("inf"):
@@ -73,28 +80,28 @@ def _check_dot_product_cross_entropy(q, keys, targets, temperature, exclude, bia
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    check_index_tensor("targets", targets, B, q.device)
+    check_index_tensor(n_targets, targets, B, q.device, n_q)
     valid = targets != ignore_index
     if bool(((targets < 0) | (targets >= M))[valid].any()):
-        raise ValueError(f"targets must be in [0, M={M}) or ignore_index={ignore_index}")
+        raise ValueError(f"{n_targets} must be in [0, M={M}) or ignore_index={ignore_index}")
     if exclude is not None:
-        check_index_tensor("exclude", exclude, B, q.device)
+        check_index_tensor(n_exclude, exclude, B, q.device, n_q)
         if bool(((exclude < -1) | (exclude >= M)).any()):
-            raise ValueError(f"exclude must be in [0, M={M}) or -1 (none)")
+            raise ValueError(f"{n_exclude} must be in [0, M={M}) or -1 (none)")
         if M == 1 and bool((exclude == 0).any()):
-            raise ValueError("exclude removes every key of a row (M=1); such a row has no softmax")
+            raise ValueError(f"{n_exclude} removes every key of a row (M=1); such a row has no softmax")
         if bool(((exclude == targets) & valid).any()):
             row = int(torch.nonzero((exclude == targets) & valid)[0, 0])
-            raise ValueError(f"targets[{row}] is excluded by exclude[{row}]: its loss would be infinite")
+            raise ValueError(f"{n_targets}[{row}] is excluded by {n_exclude}[{row}]: its loss would be infinite")
     if bias is not None:
         check_float_tensor("bias", bias, 1, "[M]")
         if bias.shape[0] != M:
             raise ValueError(f"bias must be [M] with M={M}, got shape {tuple(bias.shape)}")
         if bias.device != q.device:
-            raise ValueError(f"q is on {q.device} but bias is on {bias.device}")
+            raise ValueError(f"{n_q} is on {q.device} but bias is on {bias.device}")
         if bias.dtype != q.dtype:
-            raise ValueError(f"bias dtype {bias.dtype} does not match q dtype {q.dtype}")
-    for name, t in (("q", q), ("keys", keys), ("bias", bias)):
+            raise ValueError(f"bias dtype {bias.dtype} does not match {n_q} dtype {q.dtype}")
+    for name, t in ((n_q, q), (n_keys, keys), ("bias", bias)):
         if t is not None:
             check_finite(name, t)
 
@@ -135,7 +142,12 @@ def dot_product_cross_entropy(
     chunked path use GEMMs in that dtype (fp32 accumulation), like eager F.linear; so do bf16
     inputs on CPU's chunked path where letter_ext._backend.bf16_gemms() (AMX/AVX512-BF16).
     """
-    _check_dot_product_cross_entropy(q, keys, targets, temperature, exclude, bias, ignore_index, reduction)
+    return _loss(q, keys, targets, temperature, exclude, bias, ignore_index, reduction, backend, path, OP_NAMES)
+
+
+def _loss(q, keys, targets, temperature, exclude, bias, ignore_index, reduction, backend, path, names):
+    """dot_product_cross_entropy, its argument errors naming `names` (see OP_NAMES)."""
+    _check_dot_product_cross_entropy(q, keys, targets, temperature, exclude, bias, ignore_index, reduction, names)
     which = resolve("dot_product_cross_entropy_fwd", q.device, backend)
     temperature = float(temperature)
     if path not in PATHS + (None,):
@@ -182,9 +194,10 @@ def info_nce(z, h, temperature: float = 1.0, symmetric: bool = False, *, backend
     if h.dtype != z.dtype or h.device != z.device:
         raise ValueError(f"h ({h.dtype}, {h.device}) must have z's dtype and device ({z.dtype}, {z.device})")
     targets = torch.arange(z.shape[0], device=z.device)
-    loss = dot_product_cross_entropy(z, h, targets, temperature=temperature, backend=backend)
+    loss = _loss(z, h, targets, temperature, None, None, -100, "mean", backend, None, {**OP_NAMES, "q": "z", "keys": "h"})
     if symmetric:
-        loss = 0.5 * (loss + dot_product_cross_entropy(h, z, targets, temperature=temperature, backend=backend))
+        swapped = {**OP_NAMES, "q": "h", "keys": "z"}
+        loss = 0.5 * (loss + _loss(h, z, targets, temperature, None, None, -100, "mean", backend, None, swapped))
     return loss
 
 
@@ -197,9 +210,8 @@ def codebook_diversity_loss(
     positives: [B] int64, a code sampled from c's cluster (must differ from c); selected_idx: [B]
     int64, c itself, removed from the softmax. loss = mean_i -log softmax_{j != c_i}(e_c . e_j / tau)[+].
     """
-    return dot_product_cross_entropy(
-        selected, codebook, positives, temperature=temperature, exclude=selected_idx, backend=backend
-    )
+    names = {"q": "selected", "keys": "codebook", "targets": "positives", "exclude": "selected_idx"}
+    return _loss(selected, codebook, positives, temperature, selected_idx, None, -100, "mean", backend, None, names)
 
 
 def _reduce(loss_rows, targets, ignore_index, reduction, dtype):

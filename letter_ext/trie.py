@@ -14,6 +14,7 @@ Bans: per batch row a CSR (ptr [B + 1], ids [nnz]) of node ids. TrieLevels.banne
 banned leaves into what constrained_beam_step takes at each level: the nodes whose whole subtree
 is banned, so that a prefix with no allowed leaf left never takes a beam.
 """
+import operator
 from typing import NamedTuple, Sequence
 
 import torch
@@ -152,9 +153,9 @@ def csr_from_rows(rows, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 def _as_int_list(name: str, values, length: int) -> list[int]:
     if isinstance(values, torch.Tensor):
         values = values.tolist()
-    try:
-        out = [int(v) for v in values]
-    except (TypeError, ValueError) as e:
+    try:  # operator.index, not int(): a float (3.5) or a string would be truncated or parsed
+        out = [operator.index(v) for v in values]
+    except TypeError as e:
         raise TypeError(f"{name} must be a sequence of {length} integers") from e
     if len(out) != length:
         raise ValueError(f"{name} must have one entry per level ({length}), got {len(out)}")

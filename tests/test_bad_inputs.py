@@ -754,3 +754,17 @@ def test_files_respect_umask_and_stale_temps_go(tmp_path):
     os.utime(stale, (past, past))
     write_json(str(tmp_path / "a.json"), {"x": 2})
     assert not stale.exists() and fresh.exists()
+
+
+def test_unknown_letter_backend_is_refused_before_any_output(tmp_path):
+    # $LETTER_BACKEND is read by every op call: a bad value used to stop train-cf at its first
+    # step with a traceback, after its output folder was prepared
+    data = tmp_path / "data"
+    _ok(["data", "synth", data, "--users", 30, "--items", 20, "--categories", 4, "--min-length", 4, "--max-length", 6])
+    before = sorted(os.listdir(data))
+    result = CliRunner().invoke(main, ["train-cf", str(data), "--dim", "8", "--epochs", "1"],
+                                env={"LETTER_BACKEND": "tpu"})
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == ("Error: $LETTER_BACKEND must be one of ('reference', 'cpu', 'cuda', 'triton') "
+                                     "or 'auto', got 'tpu'")
+    assert sorted(os.listdir(data)) == before

@@ -86,6 +86,9 @@ def test_resume_continues_identically(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(LetterError, match="blocks was 1, now 2"):
         train_cf(ds, str(tmp_path / "b"), CFConfig(epochs=4, **{**cfg, "blocks": 2}), resume=True, log=_quiet)
+    # early stopping reads the masked or the unmasked NDCG@10: one run never mixes the two
+    with pytest.raises(LetterError, match="mask_history was False, now True"):
+        train_cf(ds, str(tmp_path / "b"), CFConfig(epochs=4, **{**cfg, "mask_history": True}), resume=True, log=_quiet)
 
 
 def test_ddp_two_processes_match_one(tmp_path):
@@ -236,6 +239,19 @@ def test_lightgcn_resume_continues_identically(tmp_path):
     assert np.array_equal(a, b)
     with pytest.raises(LetterError, match="graph_layers was 2, now 3"):
         train_cf(ds, str(tmp_path / "b"), CFConfig(epochs=4, **{**cfg, "graph_layers": 3}), resume=True, log=_quiet)
+
+
+@pytest.mark.parametrize("model,loss", [("sasrec", "ce"), ("sasrec", "sampled"), ("sasrec", "bce"),
+                                        ("lightgcn", "ce"), ("lightgcn", "bpr")])
+def test_divergence_is_a_clean_error_and_writes_no_embeddings(tmp_path, model, loss):
+    # lr 1e30 overflows the weights at the first step; the fused ce loss would stop on its NaN input
+    # with a bare ValueError, the others would export NaN embeddings
+    ds = make_synthetic(num_users=60, num_items=30, num_categories=3, seed=2)
+    extra = {"negatives": 8} if loss == "sampled" else {}
+    cfg = CFConfig(model=model, loss=loss, dim=8, blocks=1, epochs=2, batch_size=16, lr=1e30, **extra)
+    with pytest.raises(LetterError, match="training diverged: .*; lower lr"):
+        train_cf(ds, str(tmp_path), cfg, log=_quiet)
+    assert not os.path.exists(output_paths(str(tmp_path), ds.name, 8, model)["embeddings"])
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):

@@ -249,6 +249,10 @@ def test_gpu_build_equals_cpu_build():
         ([[0.5, 1.0]], [3, 4], None, TypeError, "codes must be an integer tensor"),
         ([0, 1], [3, 4], None, ValueError, "codes must be \\[I, L\\]"),
         ([[0, 1]], [3, 0], None, ValueError, "level_sizes must be >= 1"),
+        # truncated by int() before: a vocabulary of 3 codes, offsets shifted
+        ([[0, 1]], [3.5, 4], None, TypeError, "level_sizes must be a sequence of 2 integers"),
+        ([[0, 1]], ["3", 4], None, TypeError, "level_sizes must be a sequence of 2 integers"),
+        ([[0, 1]], [3, 4], [0, 3.5], TypeError, "vocab_offsets must be a sequence of 2 integers"),
     ],
 )
 def test_bad_codes(codes, sizes, offsets, exc, words):

@@ -84,6 +84,31 @@ def test_info_nce_needs_one_positive_per_row():
         letter_ext.info_nce(torch.zeros(3, 2), torch.zeros(3, 5))
 
 
+def test_info_nce_and_diversity_errors_name_their_own_arguments():
+    z, h = torch.randn(4, 3), torch.randn(4, 3)
+    bad = z.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="^z contains NaN or inf"):
+        letter_ext.info_nce(bad, h)
+    with pytest.raises(ValueError, match="^h contains NaN or inf"):
+        letter_ext.info_nce(z, bad, symmetric=True)
+    positives, selected_idx = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0])
+    cases = [
+        ((z, h, positives, positives), r"^positives\[0\] is excluded by selected_idx\[0\]"),
+        ((z, h, torch.tensor([0, 1, 2, 9]), selected_idx), r"^positives must be in \[0, M=4\)"),
+        ((z, h, positives, torch.tensor([1, 2, 3, 7])), r"^selected_idx must be in \[0, M=4\)"),
+        ((z, h, positives.int(), selected_idx), "^positives must be an int64 tensor"),
+        ((z, h, positives[:3], selected_idx), r"^positives must be \[B\] with B=4 \(the rows of selected\)"),
+        ((z, h[:, :2], positives, selected_idx), "^codebook dim d=2 does not match selected dim d=3"),
+        ((z, h[:0], positives, selected_idx), r"^codebook must have M >= 1 rows"),
+        ((bad, h, positives, selected_idx), "^selected contains NaN or inf"),
+        ((z.long(), h, positives, selected_idx), "^selected must be a floating-point tensor"),
+    ]
+    for args, message in cases:
+        with pytest.raises((TypeError, ValueError), match=message):
+            letter_ext.codebook_diversity_loss(*args)
+
+
 def test_all_rows_ignored_mean_is_nan_like_torch():
     q, keys, targets, _, _ = make_inputs(3, 4, 2, seed=3)
     targets[:] = -100
@@ -323,6 +348,28 @@ def test_opcheck():
     _, lse = fwd(q, keys, targets, excl, b, 0.7, -100)
     grad_rows = torch.randn(9)
     torch.library.opcheck(bwd, (grad_rows, q.detach(), keys.detach(), targets, excl, b.detach(), lse, 0.7, -100))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled kernel")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_opcheck_other_dtypes_and_strides(dtype):
+    # the fakes must give the kernels' dtypes (rows and lse in the accumulation dtype, gradients
+    # in the inputs') and contiguous gradients for strided inputs
+    _, _, targets, excl, _ = _op_args()
+    gen = torch.Generator().manual_seed(16)
+    q = torch.randn(6, 9, generator=gen, dtype=dtype).T.requires_grad_()
+    keys = torch.randn(6, 11, generator=gen, dtype=dtype).T.requires_grad_()
+    b = torch.randn(22, generator=gen, dtype=dtype)[::2].requires_grad_()
+    fwd = torch.ops.letter.dot_product_cross_entropy_fwd.default
+    torch.library.opcheck(fwd, (q, keys, targets, excl, b, 0.7, -100))
+    _, lse = fwd(q, keys, targets, excl, b, 0.7, -100)
+    grad_rows = torch.randn(18, generator=gen, dtype=lse.dtype)[::2]
+    inputs = (q.detach(), keys.detach(), targets, excl, b.detach())
+    torch.library.opcheck(torch.ops.letter.dot_product_cross_entropy_bwd.default,
+                          (grad_rows, *inputs, lse, 0.7, -100))
+    for rows in (None, grad_rows):
+        torch.library.opcheck(torch.ops.letter.dot_product_cross_entropy_chunked.default,
+                              (*inputs, 0.7, -100, rows))
 
 
 @pytest.mark.parametrize("device", devices())

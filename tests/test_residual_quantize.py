@@ -152,6 +152,20 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.letter.residual_quantize.default, (x, cb, ret))
 
 
+@pytest.mark.skipif(not available_backends("residual_quantize"), reason="no compiled kernel")
+@pytest.mark.parametrize("x_dtype,cb_dtype", [(torch.float16, torch.float64), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float64, torch.float32)])
+def test_opcheck_other_dtypes_strides_and_empty_batch(x_dtype, cb_dtype):
+    # the fake must give the kernel's dtypes (quantized, residuals: x's) and contiguous outputs
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 9, generator=gen).T.to(x_dtype).requires_grad_()  # strided
+    cb = torch.randn(7, 6, 2, generator=gen).permute(2, 0, 1).to(cb_dtype).requires_grad_()
+    op = torch.ops.letter.residual_quantize.default
+    for ret in (False, True):
+        torch.library.opcheck(op, (x, cb, ret))
+    torch.library.opcheck(op, (x.detach()[:0], cb, True))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_opcheck_triton(device):
     if "triton" not in available_backends("residual_quantize", device):

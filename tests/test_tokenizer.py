@@ -102,6 +102,20 @@ def test_sinkhorn_balances_a_skewed_assignment():
     assert (authors > 0).all() and authors.max() <= 32
 
 
+def test_training_sinkhorn_leaves_a_one_row_batch_its_nearest_code():
+    # a one-row Sinkhorn is uniform over the codes: its argmax was code 0 whatever the distances
+    torch.manual_seed(0)
+    model = RQVAE(6, TokenizerConfig(**{**SMALL, "codebook_sizes": [8, 8]}))
+    for cb in model.codebooks:
+        torch.nn.init.normal_(cb)
+    z = torch.randn(5, 4)
+    for row in range(5):
+        balanced, *_ = model.quantize(z[row : row + 1], sinkhorn=True)
+        plain, *_ = model.quantize(z[row : row + 1])
+        assert torch.equal(balanced, plain)
+    assert not (model.quantize(z)[0][:, -1] == 0).all()  # the rows' nearest last-level codes differ from 0
+
+
 def test_kmeans_init_beats_random_init():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(16, 8, generator=g) * 5
@@ -200,10 +214,29 @@ def test_bad_input_fails_before_training(tmp_path, kwargs, cf, message):
 def test_nan_rows_are_named(tmp_path):
     text = np.random.rand(10, 6)
     text[3, 2] = np.nan
-    with pytest.raises(LetterError, match=r"1 row\(s\) contain NaN/inf, e.g. item\(s\) \[3\]"):
+    with pytest.raises(LetterError, match=r"1 row\(s\) contain NaN/inf \(as float32\), e.g. item\(s\) \[3\]"):
         train_tokenizer(TokenizerConfig(**SMALL, alpha=0), text, None, str(tmp_path / "run"))
+    text[3, 2] = 1e39  # finite in float64, inf in the float32 the tokenizer computes in
+    with pytest.raises(LetterError, match=r"1 row\(s\) contain NaN/inf \(as float32\), e.g. item\(s\) \[3\]"):
+        train_tokenizer(TokenizerConfig(**SMALL, alpha=0), text, None, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
     with pytest.raises(LetterError, match="has 10 rows but the dataset has 11"):
         train_tokenizer(TokenizerConfig(**SMALL, alpha=0), np.random.rand(10, 6), None, str(tmp_path / "r"), num_items=11)
+
+
+def test_divergence_within_an_epoch_is_a_clean_error(tmp_path):
+    # lr 1e30 overflows the weights at the first step: the next batch's latents are inf
+    cfg = TokenizerConfig(**{**SMALL, "batch_size": 4}, alpha=0, lr=1e30)
+    with pytest.raises(LetterError, match="training diverged: the latents or codebooks hold NaN/inf; lower lr"):
+        train_tokenizer(cfg, np.random.rand(10, 6), None, str(tmp_path / "run"))
+
+
+def test_complex_embeddings_are_refused(tmp_path):
+    # a complex .npy would lose its imaginary parts in the float32 copy, silently
+    text = np.random.rand(10, 6) + 1j * np.random.rand(10, 6)
+    with pytest.raises(LetterError, match="text embeddings: expected real numbers, got dtype complex128"):
+        train_tokenizer(TokenizerConfig(**SMALL, alpha=0), text, None, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_file_round_trip_and_unknown_field(tmp_path):

@@ -389,6 +389,14 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def check_not_diverged(what: str, *tensors: torch.Tensor) -> None:
+    """LetterError "training diverged: <what> hold NaN/inf; lower lr" when any of `tensors` does:
+    the weights diverged inside an epoch, before its loss could be checked (the fused ops would
+    stop on such input with a bare ValueError). One host sync."""
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise LetterError(f"training diverged: {what} hold NaN/inf; lower lr", "lr")
+
+
 def content_hash(*arrays) -> str:
     """A short sha256 of arrays' shapes, dtypes and bytes (numpy or torch), to tell inputs apart."""
     h = hashlib.sha256()

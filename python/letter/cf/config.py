@@ -37,8 +37,11 @@ class CFConfig(Settings):
                                   "N: a fixed random sample of N users (seeded by seed; full ranking costs users x items, "
                                   "hours per epoch at a million of each on a CPU).", low=0)
     eval_batch_size: int = setting(1024, "Users per evaluation batch.", low=1, may_change_on_resume=True)
-    mask_history: bool = setting(False, "Exclude history items from the ranking (default: not excluded).",
-                                 may_change_on_resume=True)
+    # fixed on resume: early stopping reads this protocol's NDCG@10, and the two are not comparable
+    # (the test reports both anyway)
+    mask_history: bool = setting(False, "Exclude history items from the validation ranking early stopping reads and "
+                                        "from the reported test (default: not excluded; both test protocols are "
+                                        "always in the metrics file).")
     seed: int = setting(0, "Random seed.", low=0, high=2**32 - 1)
     precision: str = setting("auto", "Training arithmetic: fp32, bf16 (autocast, fp32 master weights) or auto (bf16 on "
                                      "a bf16-capable GPU, or on a CPU with AMX/AVX512-BF16 from dim 128).",

@@ -22,7 +22,7 @@ from torch import nn
 from letter.cf.config import CFConfig
 from letter.cf.train import CFTrainable
 from letter.data import Dataset, Split
-from letter.training import DistContext, RandomStreams, batch_order, epoch_generator, shard
+from letter.training import DistContext, RandomStreams, batch_order, check_not_diverged, epoch_generator, shard
 from letter_ext import dot_product_cross_entropy
 
 
@@ -101,6 +101,7 @@ class LightGCNTrainable(CFTrainable):
             negative = items_emb[shard(negatives, ctx).to(ctx.device)]
             total = F.softplus(-((u * items_emb[items]).sum(-1) - (u * negative).sum(-1))).sum()
         else:
+            check_not_diverged("the user or item embeddings", u, items_emb)
             total = dot_product_cross_entropy(u, items_emb, items, reduction="sum")
         # gradients are averaged over processes: scaling by world / |global batch| gives the batch mean
         loss = total * ctx.world / len(batch)

@@ -12,7 +12,8 @@ from letter.cf.config import CFConfig
 from letter.cf.model import SASRec
 from letter.cf.train import CFTrainable
 from letter.data import Dataset, Split, drop_leading_padding, pad_left
-from letter.training import DistContext, RandomStreams, batch_order, bf16_autocast, epoch_generator, shard
+from letter.training import (DistContext, RandomStreams, batch_order, bf16_autocast, check_not_diverged,
+                             epoch_generator, shard)
 from letter_ext import dot_product_cross_entropy
 
 
@@ -50,6 +51,7 @@ def step_loss(model, inputs, targets, num_items: int, loss: str, global_targets:
     h, t = hidden[valid], targets[valid] - 1
     if loss == "ce":
         # fused: the [targets x items] logits are never built (O(rows) memory at any catalog size)
+        check_not_diverged("the hidden states or item embeddings", h, model.item_embeddings())
         total = dot_product_cross_entropy(h.float(), model.item_embeddings().float(), t, reduction="sum")
     elif loss == "sampled":
         # draws are with replacement: as many as the catalog would miss about a third of it, so

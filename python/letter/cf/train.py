@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 
 import numpy as np
@@ -173,8 +174,10 @@ class CFTrainable(Trainable):
 
     def epoch_record(self, epoch: int, sums: dict[str, float], steps: int) -> dict:
         # each process added its share of every step's loss
-        return {"loss": sums.get("loss", 0.0) / self.ctx.world / max(steps, 1),
-                "precision": precision_used(self.use_amp, self.model)}
+        loss = sums.get("loss", 0.0) / self.ctx.world / max(steps, 1)
+        if not math.isfinite(loss):  # the summed loss is the same on every rank: all raise alike
+            raise LetterError(f"training diverged: the loss is {loss} in epoch {epoch}; lower lr", "lr")
+        return {"loss": loss, "precision": precision_used(self.use_amp, self.model)}
 
     def ranking(self, part: str, mask_history: bool | None = None, max_users: int = 0) -> dict[str, float]:
         """Full-ranking metrics of `part`'s users, or of a fixed random sample of max_users of them

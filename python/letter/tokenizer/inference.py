@@ -25,14 +25,18 @@ def check_embeddings(name: str, emb, num_items: int | None = None) -> np.ndarray
     arr = emb if isinstance(emb, np.memmap) else np.asarray(emb)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise LetterError(f"{name}: expected a [num_items, dim] matrix, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise LetterError(f"{name}: expected numbers, got dtype {arr.dtype}")
+    # complex is a number too, but the float32 copy would drop its imaginary parts
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise LetterError(f"{name}: expected real numbers, got dtype {arr.dtype}")
     if num_items is not None and arr.shape[0] != num_items:
         raise LetterError(f"{name}: has {arr.shape[0]} rows but the dataset has {num_items} items")
-    bad = np.concatenate([start + np.flatnonzero(~np.isfinite(arr[start : start + ROW_CHUNK]).all(1))
-                          for start in range(0, len(arr), ROW_CHUNK)])
+    # checked as float32, the dtype the tokenizer computes in: a float64 beyond its range becomes inf
+    # (reported below as such, not as numpy's overflow warning)
+    with np.errstate(over="ignore"):
+        bad = np.concatenate([start + np.flatnonzero(~np.isfinite(np.asarray(arr[start : start + ROW_CHUNK], np.float32)).all(1))
+                              for start in range(0, len(arr), ROW_CHUNK)])
     if len(bad):
-        raise LetterError(f"{name}: {len(bad)} row(s) contain NaN/inf, e.g. item(s) {bad[:5].tolist()}")
+        raise LetterError(f"{name}: {len(bad)} row(s) contain NaN/inf (as float32), e.g. item(s) {bad[:5].tolist()}")
     if isinstance(arr, np.memmap) and arr.dtype == np.float32:
         return arr
     return arr.astype(np.float32, copy=True)

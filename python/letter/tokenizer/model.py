@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 import letter_ext
 
-from letter.training import BatchShare
+from letter.training import BatchShare, check_not_diverged
 
 from .clustering import sinkhorn_assign
 from .config import TokenizerConfig
@@ -110,15 +110,18 @@ class RQVAE(nn.Module):
     def quantize(self, z: torch.Tensor, sinkhorn: bool = False, share: BatchShare | None = None):
         """-> codes [B, L], selected code vectors e [B, L, d] (grad to codebooks), residuals r [B, L, d]
         (grad to z only), z_hat [B, d] (straight-through: value sum_l e_l, gradient to z).
-        `share`: z holds one rank's rows of a global batch; Sinkhorn balances the whole batch."""
+        `share`: z holds one rank's rows of a global batch; Sinkhorn balances the whole batch.
+        Raises LetterError when z or a codebook holds NaN/inf (training diverged inside an epoch)."""
+        check_not_diverged("the latents or codebooks", z, *self.codebooks)  # not residual_quantize's ValueError
         codes, assigned_residuals = assign_codes(z, list(self.codebooks))
         if sinkhorn and self.config.sinkhorn_epsilon > 0:
             # Balanced re-assignment of the last level within the batch (the authors' training rule).
             dist = torch.cdist(assigned_residuals[:, -1], self.codebooks[-1].detach()) ** 2
             if share is not None:
                 dist = share.gather(dist)
-            last = sinkhorn_assign(dist, self.config.sinkhorn_epsilon, self.config.sinkhorn_iters)
-            codes[:, -1] = last if share is None else last[share.positions]
+            if dist.shape[0] > 1:  # one row has nothing to balance (its Sinkhorn is uniform: code 0)
+                last = sinkhorn_assign(dist, self.config.sinkhorn_epsilon, self.config.sinkhorn_iters)
+                codes[:, -1] = last if share is None else last[share.positions]
         e = torch.stack([cb[codes[:, l]] for l, cb in enumerate(self.codebooks)], 1)
         before = torch.cumsum(e.detach(), 1) - e.detach()  # sum_{k<l} e_k
         residuals = z.unsqueeze(1) - before
