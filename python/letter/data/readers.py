@@ -194,7 +194,9 @@ def _categories(meta: dict) -> str:
     cats = meta.get("category")
     if cats is None:
         cats = meta.get("categories") or []
-        cats = cats[0] if cats and isinstance(cats[0], list) else cats
+        cats = cats[0] if isinstance(cats, list) and cats and isinstance(cats[0], list) else cats
+    if not isinstance(cats, (list, tuple)):  # one category as a string or number, not a list of them
+        cats = [cats]
     return ",".join(c for c in (clean_text(c) for c in cats) if c)
 
 
