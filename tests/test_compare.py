@@ -329,3 +329,17 @@ def test_a_missing_lcrec_base_model_fails_before_any_folder(setup, tmp_path):
     with pytest.raises(LetterError, match="no such folder"):
         compare(setup["data"], [f"a={setup['rqk']}"], str(out), config, seeds=1)
     assert not out.exists()
+
+
+def test_data_without_training_samples_fails_before_any_folder(tmp_path):
+    # Users of 3 items give validation and test targets but no training sample: refused like
+    # train-rec refuses it, before the output folder is made (not after the first run's folder).
+    data = tmp_path / "data"
+    ds = make_synthetic(num_users=5, num_items=8, num_categories=2, min_length=3, max_length=3, seed=0)
+    write_letter(ds, str(data))
+    codes = tmp_path / "codes.npy"
+    np.save(codes, np.stack([np.arange(8) % 4, np.arange(8) // 4], 1).astype(np.int64))
+    out = tmp_path / "out"
+    with pytest.raises(LetterError, match="no training samples") as err:
+        compare(str(data), [f"a={codes}"], str(out), tiny_config(), seeds=1)
+    assert "\n" not in str(err.value) and not out.exists()

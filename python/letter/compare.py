@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from letter.data import Dataset, load_dataset
+from letter.data.split import check_training_samples
 from letter.errors import LetterError, SettingError
 from letter.utils import pyplot
 from letter.metrics import metrics_from_hits, normalized_mutual_info
@@ -344,6 +345,7 @@ def compare(
     except SettingError as e:
         raise SettingError("seeds", f": {seeds} runs use seeds {config.seed}..{seed_list[-1]}, but seed {e.problem}",
                            "seed") from None
+    check_training_samples(dataset, data_arg if isinstance(data_arg, str) else dataset.source)  # before any folder
     id_sets = load_sets(dataset, sets, seed_list)  # every set checked before any training
     categories = item_categories(dataset)
     data_sha = dataset.fingerprint()
