@@ -343,3 +343,26 @@ def test_data_without_training_samples_fails_before_any_folder(tmp_path):
     with pytest.raises(LetterError, match="no training samples") as err:
         compare(str(data), [f"a={codes}"], str(out), tiny_config(), seeds=1)
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_a_cold_split_compares_its_warm_items_codes(tmp_path):
+    # train-rec on a cold split reads codes of the warm items only: compare checks the sets the
+    # same way (full-catalog codes refused before any folder) and its level-1 diagnostics use the
+    # warm items' categories.
+    from letter.data.cold import write_cold_split
+
+    ds = make_synthetic(num_users=60, num_items=20, num_categories=4, min_length=5, max_length=8, seed=0)
+    data = tmp_path / "split"
+    record = write_cold_split(ds, str(data), fraction=0.2, seed=0)
+    warm = record["warm_items"]
+    full, warm_codes = tmp_path / "full.npy", tmp_path / "warm.npy"
+    np.save(full, np.stack([np.arange(20) % 4, np.arange(20) // 4], 1).astype(np.int64))
+    np.save(warm_codes, np.stack([np.arange(warm) % 4, np.arange(warm) // 4], 1).astype(np.int64))
+    out = tmp_path / "out"
+    with pytest.raises(LetterError, match=f"{warm} warm items"):
+        compare(str(data), [f"a={full}"], str(out), tiny_config(), seeds=1)
+    assert not out.exists()
+    report = compare(str(data), [f"a={warm_codes}"], str(out), tiny_config(), seeds=1, num_beams=10, bootstrap=10,
+                     log=lambda line: None)
+    diagnostics = report["sets"][0]["diagnostics"]
+    assert diagnostics["items"] == warm and 0 <= diagnostics["level1_purity"] <= 1

@@ -23,8 +23,8 @@ whose fingerprint matches and whose test_ranks.npz is the one recorded. The run 
 keyed by the training part of it (rec settings, codes, dataset): with that unchanged an
 interrupted training resumes from its checkpoint (train_rec(resume=True)) and a finished one is
 kept when only the evaluation settings changed (it is evaluated again, not retrained); a change
-of the training part restarts the run. Every set is validated (path, readable codes, item count)
-before any training starts.
+of the training part restarts the run. Every set is validated (path, readable codes, item count;
+on a cold split the warm items', as train-rec reads them) before any training starts.
 
 Paired bootstrap: for set A vs the first set F, d[s, u] = metric_A(seed s, user u) -
 metric_F(seed s, user u) pairs users and seeds; the per-user mean over seeds is resampled over
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from letter.data import Dataset, load_dataset
+from letter.data.cold import read_cold_split
 from letter.data.split import check_training_samples
 from letter.errors import LetterError, SettingError
 from letter.utils import pyplot
@@ -113,6 +114,7 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
     if not pairs:
         raise LetterError("no identifier set given: sets needs at least one LABEL=PATH", "sets")
     problems, out, seen = [], [], set()
+    cold = read_cold_split(dataset)  # a cold split's codes cover its warm items (as train-rec reads them)
     for label, path in pairs:
         path = os.fspath(path)
         where = f"sets {label}={path}"
@@ -131,7 +133,7 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
                 problems.append(f"{where}: no such file or folder {concrete}")
                 continue
             try:
-                codes, _ = resolve_codes(concrete, dataset, what="")  # `where` names the set
+                codes, _ = resolve_codes(concrete, dataset, cold, what="")  # `where` names the set
             except (LetterError, OSError, ValueError) as e:
                 problems.append(f"{where}: {e}")
                 continue
@@ -184,9 +186,10 @@ def identifier_diagnostics(codes: np.ndarray, categories: tuple[str, np.ndarray]
     }
     if categories is not None:
         field, labels = categories
+        labels = labels[: len(codes)]  # a cold split's codes: its warm items, the first of the catalog
         agreement = category_agreement(codes[:, 0], labels)
         out["category_field"] = field
-        out["categories"] = int(labels.max() + 1)
+        out["categories"] = int(len(np.unique(labels)))
         out["level1_purity"] = agreement["purity"]
         out["level1_nmi"] = normalized_mutual_info(codes[:, 0], labels)
         out["level1_same_code_same_category"] = agreement["same_code"]
