@@ -114,15 +114,15 @@ class Pipeline:
         rec = RecConfig.from_dict(self.config["rec"])
         recommender_class(rec.model).check_settings(rec)  # LC-Rec's base model: not found only at the rec stage
         prepare_run_folder(self.out, "pipeline", resume=True, what="out")
-        if not os.path.isdir(self.out) and "data" in self.source:  # data the stages refuse: no run folder is left
+        if not os.path.isdir(self.out):  # data the stages refuse: no run folder is left
             from letter.cf.train import check_catalog
-            from letter.data import load_dataset
+            from letter.data.split import check_training_samples
 
-            dataset = load_dataset(self.source["data"])
-            _refuse_cold_split(self.source["data"])
+            dataset = self.source_dataset()
             if dataset.item_text is None:
                 raise LetterError(f"{dataset.source}: no item text (<Name>.item.json); the embed stage needs it")
             check_catalog(dataset)
+            check_training_samples(dataset, dataset.source)
         mark_started(self.out, "pipeline")
         for path in remove_stale_temps(self.out):
             self.log(f"removed {path} (left by an interrupted write)")
@@ -186,6 +186,15 @@ class Pipeline:
         marker = self._read(stage, MARKER)
         return marker.get("seconds") if marker else None
 
+    def source_dataset(self):
+        """The dataset the prepare stage writes: the synthetic one, or the data source's."""
+        from letter.data import load_dataset, make_synthetic
+
+        if self.source.get("synthetic"):
+            return make_synthetic(**self.config["data"]["synthetic"], name="Synth")
+        _refuse_cold_split(self.source["data"])  # data that became a split since the run folder was made
+        return load_dataset(self.source["data"])
+
     # Shared inputs of several stages -------------------------------------------------------
     def dataset(self):
         from letter.data import load_dataset
@@ -206,14 +215,10 @@ def _refuse_cold_split(data: str) -> None:
 
 
 def _prepare(p: Pipeline, directory: str) -> dict:
-    from letter.data import load_dataset, make_synthetic, write_letter
+    from letter.data import write_letter
     from letter.data.stats import dataset_stats
 
-    if p.source.get("synthetic"):
-        ds = make_synthetic(**p.config["data"]["synthetic"], name="Synth")
-    else:
-        _refuse_cold_split(p.source["data"])  # data that became a split since the run folder was made
-        ds = load_dataset(p.source["data"])
+    ds = p.source_dataset()
     write_letter(ds, directory)
     stats = dataset_stats(ds)
     write_json(os.path.join(directory, "stats.json"), stats)
