@@ -151,6 +151,16 @@ def test_split_refuses_two_embeddings_of_one_name(source, tmp_path):
     assert not (tmp_path / "split").exists()
 
 
+def test_a_split_is_not_split_again(source, tmp_path):
+    """Splitting a split would make its cold items, never trained on, warm items of the new split
+    (and its record is not carried over): refused as `letter data convert` refuses a split."""
+    folder, _, _, _ = source
+    run_cli("data", "cold-split", folder, "--out", tmp_path / "split")
+    result = run_cli("data", "cold-split", tmp_path / "split", "--out", tmp_path / "again", ok=False)
+    assert result.exit_code == 1 and "already a cold split" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "again").exists()
+
+
 @pytest.mark.parametrize("change", [{"num_items": None}, {"num_items": "120"}, {"warm_items": True},
                                     {"warm_items": 200}])
 def test_a_corrupt_split_record_is_one_line(source, tmp_path, change):

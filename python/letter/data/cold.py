@@ -91,7 +91,11 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
     """Split `dataset` and write the split folder: the LETTER files, each of `embeddings` ([N, d]
     .npy of the source catalog, row = item) with its rows in the split's item order under the same
     file name, and cold_split.json last. A split already in `out_dir` is refused unless overwrite;
-    an output onto one of the inputs always. Returns the record."""
+    an output onto one of the inputs always, and so is a dataset that is itself a split (its cold
+    items would become warm items of the new one). Returns the record."""
+    if read_cold_split(dataset) is not None:
+        raise LetterError(f"{dataset.source}: already a cold split ({SPLIT_FILE}); split the dataset it was split "
+                          "from instead")
     split, record = cold_split(dataset, fraction, seed)
     from letter.runs import check_sidecar, load_npy, sidecar_path, sidecar_record
 
