@@ -255,3 +255,15 @@ def test_data_the_stages_refuse_leaves_no_run_folder(tmp_path, source, settings,
     result = CliRunner().invoke(main, ["pipeline", *args, "--config", str(config), "--out", str(run)])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert not run.exists()
+
+
+def test_a_trainer_section_device_this_torch_lacks_leaves_no_run_folder(tmp_path):
+    # --device auto leaves each trainer its section's device: one torch cannot use is found before
+    # any stage, naming the setting (it failed in the cf stage, after prepare and embed wrote)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"embed": {"model": "hash", "dim": 8}, "tokenizer": {"device": "cuda:99"}}))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["pipeline", "--synthetic", "--config", str(config), "--out", str(run)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.startswith("Error: config: tokenizer.device cuda:99: "), result.output
+    assert not run.exists()

@@ -17,6 +17,7 @@ import os
 import time
 from typing import Callable
 
+from letter.devices import resolve_device
 from letter.errors import LetterError, SettingError
 from letter.pipeline_report import write_report
 from letter.runs import (MANIFEST, RecRun, TokenizerRun, file_state, fingerprint, finished_step, folder_files,
@@ -33,6 +34,7 @@ DEPENDS = {
     "rec": (("tokenizer",), ("rec", "data")),
     "evaluate": (("rec",), ("evaluate",)),
 }
+TRAINER_SECTIONS = ("cf", "tokenizer", "rec")  # the config sections with their own device
 MARKER = "stage.json"  # a stage's manifest
 STAGE_KIND = "pipeline-stage"
 STARTED = "stage.started.json"
@@ -113,6 +115,7 @@ class Pipeline:
 
         rec = RecConfig.from_dict(self.config["rec"])
         recommender_class(rec.model).check_settings(rec)  # LC-Rec's base model: not found only at the rec stage
+        self._check_devices()
         prepare_run_folder(self.out, "pipeline", resume=True, what="out")
         if not os.path.isdir(self.out):  # data the stages refuse: no run folder is left
             from letter.cf.train import check_catalog
@@ -145,6 +148,17 @@ class Pipeline:
             # changed or missing outputs: nothing in the folder can be trusted, start afresh
             self._run_stage(stage, fp, fresh=forced or (done is not None and done["inputs"].get("fingerprint") == fp))
         return write_report(self)
+
+    def _check_devices(self) -> None:
+        """A device this torch lacks, the pipeline's or a trainer section's, is refused before any stage writes."""
+        if self.device != "auto":  # it replaces the sections' own
+            resolve_device(self.device)
+            return
+        for section in TRAINER_SECTIONS:
+            try:
+                resolve_device(self.config[section]["device"])
+            except SettingError as e:
+                raise LetterError(f"config: {section}.device {e.problem}") from None
 
     def _relative(self, outputs: dict) -> dict:
         return {k: relative_to(v, self.out) if k in PATH_KEYS and isinstance(v, str) else v
