@@ -366,3 +366,10 @@ def test_a_cold_split_compares_its_warm_items_codes(tmp_path):
                      log=lambda line: None)
     diagnostics = report["sets"][0]["diagnostics"]
     assert diagnostics["items"] == warm and 0 <= diagnostics["level1_purity"] <= 1
+
+
+def test_a_device_this_torch_lacks_fails_before_any_folder(setup, tmp_path):
+    out = tmp_path / "dev"
+    with pytest.raises(SettingError, match="^device cuda:99: "):
+        compare(setup["data"], [f"a={setup['rqk']}"], str(out), tiny_config(device="cuda:99"), seeds=1)
+    assert not out.exists()

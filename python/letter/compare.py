@@ -332,6 +332,7 @@ def compare(
     """
     config.validate()
     recommender_class(config.model).check_settings(config)  # e.g. LC-Rec's base model, before any folder
+    resolve_device(config.device)  # a device this torch lacks, too
     if seeds < 1:
         raise SettingError("seeds", f"must be >= 1, got {seeds}")
     if num_beams < 10:
