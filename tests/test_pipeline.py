@@ -238,9 +238,11 @@ def test_a_missing_lcrec_base_model_fails_before_any_stage(tmp_path, tiny_config
     ("synthetic", {"data": {"synthetic": {"num_items": 8, "num_categories": 2}}}, "needs at least 10"),
     ("synthetic", {"data": {"synthetic": {"num_users": 20, "num_items": 40, "num_categories": 4, "min_length": 3,
                                           "max_length": 3}}}, "no training samples"),
+    ("synthetic", {"embed": {"model": "/nonexistent/model"}}, "cannot load model '/nonexistent/model'"),
+    ("synthetic", {"embed": {"model": "hash", "dim": 8, "fields": ["title", "nope"]}}, "'nope': no item of Synth"),
 ])
-def test_data_the_stages_refuse_leaves_no_run_folder(tmp_path, source, settings, message):
-    # found before the run folder is made, not by the cf stage after prepare and embed ran
+def test_inputs_the_stages_refuse_leave_no_run_folder(tmp_path, source, settings, message):
+    # found before the run folder is made, not by the embed or cf stage after the stages before it ran
     from letter.data import Dataset, write_letter
 
     config = tmp_path / "config.yaml"

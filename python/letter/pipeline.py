@@ -120,12 +120,14 @@ class Pipeline:
         if not os.path.isdir(self.out):  # data the stages refuse: no run folder is left
             from letter.cf.train import check_catalog
             from letter.data.split import check_training_samples
+            from letter.embed import EmbedSettings, encoder_inputs
 
             dataset = self.source_dataset()
             if dataset.item_text is None:
                 raise LetterError(f"{dataset.source}: no item text (<Name>.item.json); the embed stage needs it")
             check_catalog(dataset)
             check_training_samples(dataset, dataset.source)
+            encoder_inputs(dataset, EmbedSettings.from_dict(self.config["embed"]), self.device)  # model, fields
         mark_started(self.out, "pipeline")
         for path in remove_stale_temps(self.out):
             self.log(f"removed {path} (left by an interrupted write)")
