@@ -373,3 +373,13 @@ def test_a_device_this_torch_lacks_fails_before_any_folder(setup, tmp_path):
     with pytest.raises(SettingError, match="^device cuda:99: "):
         compare(setup["data"], [f"a={setup['rqk']}"], str(out), tiny_config(device="cuda:99"), seeds=1)
     assert not out.exists()
+
+
+def test_the_report_names_the_codes_each_run_trained_on(compared, setup):
+    # a set is named by its path, whose file may change later: the report keeps the codes' hash
+    from letter.rec.data import codes_sha
+
+    _, report, _ = compared
+    rqk, rnd = report["sets"]
+    assert rqk["codes_sha256"] == [codes_sha(setup["codes"])] * 2
+    assert len(set(rnd["codes_sha256"])) == 1 and rnd["codes_sha256"] != rqk["codes_sha256"]

@@ -10,7 +10,8 @@ same test users. Output folder:
   compare.json / compare.md   per set: mean +- std over seeds of Recall/NDCG@5,10; the paired
                               bootstrap 95% interval of its difference to the first set; identifier
                               diagnostics (collision rate, codes used per level, agreement of
-                              level-1 codes with the items' categories when item.json has them)
+                              level-1 codes with the items' categories when item.json has them);
+                              compare.json also the sha256 of the codes each seed's run trained on
   compare.png                 the same as bar charts (when matplotlib is installed)
   runs/<label>/seed-<s>/      rec/ (the train-rec run folder), test_ranks.npz (rank of the target's
                               identifier per test user, -1 = not generated), result.json (the
@@ -396,6 +397,7 @@ def compare(
         entry = {
             "label": s.label,
             "path": s.path,
+            "codes_sha256": [s.for_seed(seed).sha for seed in seed_list],  # what each seed's run trained on
             "diagnostics": set_diagnostics(s, categories),
             **{key: _seed_summary([run[key] for run in runs[s.label]])
                for key in ("metrics", "metrics_exclude_history") if key in runs[s.label][0]},
