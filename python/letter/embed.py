@@ -70,7 +70,7 @@ class EmbedSettings(Settings):
 
 
 def field_texts(dataset: Dataset, fields: list[str]) -> list[list[str]]:
-    """texts[f][i]: field f of item i (see _field_text)."""
+    """texts[f][i]: field f of item i (see _field_text); refused when every one of them is empty."""
     if dataset.item_text is None:
         raise LetterError(f"{dataset.name}: no item text (<Name>.item.json) to embed ({dataset.source})")
     present = sorted({key for item in dataset.item_text if item for key in item})
@@ -78,7 +78,11 @@ def field_texts(dataset: Dataset, fields: list[str]) -> list[list[str]]:
     if unknown:
         raise SettingError("fields", f"{', '.join(map(repr, unknown))}: no item of {dataset.name} has them; the fields "
                                      f"that exist are: {', '.join(present) or '(none)'}")
-    return [[_field_text(item.get(f)) for item in dataset.item_text] for f in fields]
+    texts = [[_field_text(item.get(f)) for item in dataset.item_text] for f in fields]
+    if not any(text for field in texts for text in field):  # every item would get the same vector
+        raise SettingError("fields", f"{','.join(fields)}: empty for every item of {dataset.name}; nothing to "
+                                     "embed (choose fields that hold text)")
+    return texts
 
 
 def _field_text(value) -> str:
