@@ -126,7 +126,7 @@ def cold_split_cmd(data_path, fraction, seed, out_dir, embeddings, overwrite):
     removed from every sequence except as a user's last (test) item; users left with < 3 items are
     dropped. OUT gets a LETTER folder plus cold_split.json, which train-cf, train-tokenizer and
     train-rec read to refuse (or skip) cold items; `letter evaluate --cold` reports cold-target and
-    warm-target users separately."""
+    warm-target users separately. A cold split is refused: split the dataset it was split from."""
     from letter.data import load_dataset
     from letter.data.cold import write_cold_split
 

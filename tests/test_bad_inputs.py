@@ -608,7 +608,7 @@ CASES += [
      "--tag or --out {case}/rec: a train-rec run folder"),
     ("data cold-split", "over a finished split", both(copy("data"), split_into("s")),
      ["data", "cold-split", "{case}/data", "--out", "{case}/s", "--seed", "3"], 1,
-     "{case}/s/Synth.item.json: a finished cold-split output is already there; pass --overwrite"),
+     "{case}/s/cold_split.json: a finished cold-split output is already there; pass --overwrite"),
     ("data cold-split", "over a finished split, --overwrite", both(copy("data"), split_into("s")),
      ["data", "cold-split", "{case}/data", "--out", "{case}/s", "--seed", "3", "--overwrite"], 0, other_split_written),
     ("data cold-split", "out onto its data, --overwrite", copy("data"),

@@ -151,6 +151,49 @@ def test_split_refuses_two_embeddings_of_one_name(source, tmp_path):
     assert not (tmp_path / "split").exists()
 
 
+@pytest.mark.parametrize("failing", ["cold_split.json", "Synth.emb-test.json", "Synth.item.json"])
+def test_a_split_cut_short_is_no_dataset(source, tmp_path, monkeypatch, failing):
+    """A split that fails before its last file (disk full, killed) must not leave a dataset the
+    stages read: one without cold_split.json would be taken for an ordinary dataset, its cold
+    items trained on. A rerun calls what is there unfinished."""
+    import letter.data.cold as cold_module
+    import letter.data.readers as readers
+
+    folder, emb_path, _, _ = source
+
+    def full_disk(real):
+        def write(path, obj, *args, **kwargs):
+            if os.path.basename(path) == failing:
+                raise OSError(28, "No space left on device", path)
+            return real(path, obj, *args, **kwargs)
+        return write
+
+    monkeypatch.setattr(cold_module, "write_json", full_disk(cold_module.write_json))
+    monkeypatch.setattr(readers, "write_json", full_disk(readers.write_json))
+    out = tmp_path / "split"
+    result = run_cli("data", "cold-split", folder, "--out", out, "--embeddings", emb_path, ok=False)
+    assert result.exit_code == 1 and "No space left on device" in result.output, result.output
+    assert not (out / "Synth.inter.json").exists()
+    monkeypatch.undo()
+    if failing != "cold_split.json":  # the first file: nothing was left
+        again = run_cli("data", "cold-split", folder, "--out", out, "--embeddings", emb_path, ok=False)
+        assert again.exit_code == 1 and "an unfinished (or another tool's) cold-split output" in again.output, \
+            again.output
+    run_cli("data", "cold-split", folder, "--out", out, "--embeddings", emb_path, "--overwrite")
+    assert read_cold_split(str(out))["embeddings"] == ["Synth.emb-test.npy"]
+    assert load_dataset(str(out)).num_items == NUM_ITEMS
+
+
+def test_a_split_is_not_split_again(source, tmp_path):
+    """Splitting a split would make its cold items, never trained on, warm items of the new split
+    (and its record is not carried over): refused as `letter data convert` refuses a split."""
+    folder, _, _, _ = source
+    run_cli("data", "cold-split", folder, "--out", tmp_path / "split")
+    result = run_cli("data", "cold-split", tmp_path / "split", "--out", tmp_path / "again", ok=False)
+    assert result.exit_code == 1 and "already a cold split" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "again").exists()
+
+
 @pytest.mark.parametrize("change", [{"num_items": None}, {"num_items": "120"}, {"warm_items": True},
                                     {"warm_items": 200}])
 def test_a_corrupt_split_record_is_one_line(source, tmp_path, change):

@@ -329,3 +329,57 @@ def test_a_missing_lcrec_base_model_fails_before_any_folder(setup, tmp_path):
     with pytest.raises(LetterError, match="no such folder"):
         compare(setup["data"], [f"a={setup['rqk']}"], str(out), config, seeds=1)
     assert not out.exists()
+
+
+def test_data_without_training_samples_fails_before_any_folder(tmp_path):
+    # Users of 3 items give validation and test targets but no training sample: refused like
+    # train-rec refuses it, before the output folder is made (not after the first run's folder).
+    data = tmp_path / "data"
+    ds = make_synthetic(num_users=5, num_items=8, num_categories=2, min_length=3, max_length=3, seed=0)
+    write_letter(ds, str(data))
+    codes = tmp_path / "codes.npy"
+    np.save(codes, np.stack([np.arange(8) % 4, np.arange(8) // 4], 1).astype(np.int64))
+    out = tmp_path / "out"
+    with pytest.raises(LetterError, match="no training samples") as err:
+        compare(str(data), [f"a={codes}"], str(out), tiny_config(), seeds=1)
+    assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_a_cold_split_compares_its_warm_items_codes(tmp_path):
+    # train-rec on a cold split reads codes of the warm items only: compare checks the sets the
+    # same way (full-catalog codes refused before any folder) and its level-1 diagnostics use the
+    # warm items' categories.
+    from letter.data.cold import write_cold_split
+
+    ds = make_synthetic(num_users=60, num_items=20, num_categories=4, min_length=5, max_length=8, seed=0)
+    data = tmp_path / "split"
+    record = write_cold_split(ds, str(data), fraction=0.2, seed=0)
+    warm = record["warm_items"]
+    full, warm_codes = tmp_path / "full.npy", tmp_path / "warm.npy"
+    np.save(full, np.stack([np.arange(20) % 4, np.arange(20) // 4], 1).astype(np.int64))
+    np.save(warm_codes, np.stack([np.arange(warm) % 4, np.arange(warm) // 4], 1).astype(np.int64))
+    out = tmp_path / "out"
+    with pytest.raises(LetterError, match=f"{warm} warm items"):
+        compare(str(data), [f"a={full}"], str(out), tiny_config(), seeds=1)
+    assert not out.exists()
+    report = compare(str(data), [f"a={warm_codes}"], str(out), tiny_config(), seeds=1, num_beams=10, bootstrap=10,
+                     log=lambda line: None)
+    diagnostics = report["sets"][0]["diagnostics"]
+    assert diagnostics["items"] == warm and 0 <= diagnostics["level1_purity"] <= 1
+
+
+def test_a_device_this_torch_lacks_fails_before_any_folder(setup, tmp_path):
+    out = tmp_path / "dev"
+    with pytest.raises(SettingError, match="^device cuda:99: "):
+        compare(setup["data"], [f"a={setup['rqk']}"], str(out), tiny_config(device="cuda:99"), seeds=1)
+    assert not out.exists()
+
+
+def test_the_report_names_the_codes_each_run_trained_on(compared, setup):
+    # a set is named by its path, whose file may change later: the report keeps the codes' hash
+    from letter.rec.data import codes_sha
+
+    _, report, _ = compared
+    rqk, rnd = report["sets"]
+    assert rqk["codes_sha256"] == [codes_sha(setup["codes"])] * 2
+    assert len(set(rnd["codes_sha256"])) == 1 and rnd["codes_sha256"] != rqk["codes_sha256"]

@@ -239,6 +239,16 @@ def test_amazon_reader_errors(tmp_path):
         load_dataset(str(tmp_path / "r.json.gz"))
 
 
+def test_amazon_meta_with_one_category_as_a_string_or_number(tmp_path):
+    # some dumps give a single category as a string (not split into letters) or a number (no crash)
+    reviews = [{"reviewerID": u, "asin": i, "unixReviewTime": 1} for u in "AB" for i in ("i1", "i2")]
+    _gz_lines(tmp_path / "Toys_5.json.gz", reviews)
+    meta = [{"asin": "i1", "category": "Toys &amp; Games"}, {"asin": "i2", "categories": 7}]
+    _gz_lines(tmp_path / "meta_Toys.json.gz", meta)
+    ds = load_dataset(str(tmp_path), k=1)
+    assert [t["categories"] for t in ds.item_text] == ["Toys & Games", "7"]
+
+
 # ---------------------------------------------------------------- index files
 
 

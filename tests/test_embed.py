@@ -64,6 +64,19 @@ def test_embed_errors(tiny):
         embed_items(tiny, model="/nonexistent/model", mode="mean-pool")
 
 
+def test_items_whose_text_is_empty_in_every_field_are_refused(tmp_path):
+    # every embedding would be the same vector (the hash encoder's zeros): identifiers made from
+    # them carry nothing of the items, so there is nothing to embed; one line, nothing written
+    blank = Dataset("B", ["u"], [[0, 1, 2]], ["0", "1", "2"], [{"title": "", "description": None}] * 3,
+                    source="B.inter.json")
+    with pytest.raises(LetterError, match=r"^fields title,description: empty for every item of B"):
+        embed_dataset(blank, str(tmp_path), model="hash", dim=8)
+    assert list(tmp_path.iterdir()) == []
+    emb, _ = embed_items(Dataset("B", ["u"], [[0, 1, 2]], ["0", "1", "2"],
+                                 [{"title": "", "description": "a drum"}] * 3), model="hash", dim=8)
+    assert np.all(np.linalg.norm(emb, axis=1) > 0)  # one field with text is enough
+
+
 def test_cli_embed_hash(tmp_path, tiny):
     write_letter(tiny, str(tmp_path))
     r = CliRunner().invoke(main, ["embed", str(tmp_path), "--model", "hash", "--mode", "hash", "--dim", "16",

@@ -231,3 +231,41 @@ def test_a_missing_lcrec_base_model_fails_before_any_stage(tmp_path, tiny_config
     result = CliRunner().invoke(main, ["pipeline", "--synthetic", "--config", str(bad), "--out", str(run)])
     assert result.exit_code == 1 and "no such folder" in result.output and "Traceback" not in result.output
     assert not run.exists()
+
+
+@pytest.mark.parametrize("source, settings, message", [
+    ("data", {}, "no training samples"),  # users of 3 items: validation and test targets only
+    ("synthetic", {"data": {"synthetic": {"num_items": 8, "num_categories": 2}}}, "needs at least 10"),
+    ("synthetic", {"data": {"synthetic": {"num_users": 20, "num_items": 40, "num_categories": 4, "min_length": 3,
+                                          "max_length": 3}}}, "no training samples"),
+    ("synthetic", {"embed": {"model": "/nonexistent/model"}}, "cannot load model '/nonexistent/model'"),
+    ("synthetic", {"embed": {"model": "hash", "dim": 8, "fields": ["title", "nope"]}}, "'nope': no item of Synth"),
+])
+def test_inputs_the_stages_refuse_leave_no_run_folder(tmp_path, source, settings, message):
+    # found before the run folder is made, not by the embed or cf stage after the stages before it ran
+    from letter.data import Dataset, write_letter
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"embed": {"model": "hash", "dim": 8}, **settings}))
+    args = ["--synthetic"]
+    if source == "data":
+        ds = Dataset("Three", [f"u{u}" for u in range(12)], [[u, (u + 1) % 12, (u + 2) % 12] for u in range(12)],
+                     [str(i) for i in range(12)], [{"title": f"item {i}"} for i in range(12)])
+        write_letter(ds, str(tmp_path / "data"))
+        args = ["--data", str(tmp_path / "data")]
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["pipeline", *args, "--config", str(config), "--out", str(run)])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert not run.exists()
+
+
+def test_a_trainer_section_device_this_torch_lacks_leaves_no_run_folder(tmp_path):
+    # --device auto leaves each trainer its section's device: one torch cannot use is found before
+    # any stage, naming the setting (it failed in the cf stage, after prepare and embed wrote)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"embed": {"model": "hash", "dim": 8}, "tokenizer": {"device": "cuda:99"}}))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["pipeline", "--synthetic", "--config", str(config), "--out", str(run)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.startswith("Error: config: tokenizer.device cuda:99: "), result.output
+    assert not run.exists()

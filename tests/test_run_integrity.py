@@ -146,6 +146,13 @@ def test_strict_yaml():
         parse_yaml("b:\n  c: 1\n  c: 2\n", "F.yaml")
 
 
+def test_yaml_numbers_in_exponent_notation_are_numbers():
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string, so `lr: 1e-3` was refused as "must be a number,
+    # got '1e-3'"; JSON and YAML 1.2 read it as the number it is
+    assert parse_yaml("lr: 1e-3\nsteps: 2E+3\nw: -5e2\nname: '1e-3'\nv: 1.5e-3\n", "F.yaml") == {
+        "lr": 1e-3, "steps": 2000.0, "w": -500.0, "name": "1e-3", "v": 1.5e-3}
+
+
 def test_undecodable_json_file_names_the_file(tmp_path):
     path = tmp_path / "r.json"
     path.write_bytes(json.dumps({"a": "é"}).encode("utf-16"))

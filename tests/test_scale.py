@@ -10,6 +10,7 @@ import textwrap
 import tracemalloc
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -51,6 +52,22 @@ def test_catalog_is_seeded_and_amazon_like(tmp_path):
     text = ds.item_text[7]
     assert set(text) == {"title", "description", "brand", "categories", "category"} and text["category"] == 0
     assert text["title"].endswith("model 7")
+
+
+def test_a_catalog_whose_item_text_cannot_be_put_in_place_is_no_dataset(tmp_path, monkeypatch):
+    """<Name>.inter.json makes a folder a dataset, so it is put in place after the item text (as
+    write_letter does): a failure in between left interactions without their text."""
+    real_replace = os.replace
+
+    def fail_for_item_text(src, dst):
+        if str(dst).endswith(".item.json"):
+            raise OSError(28, "No space left on device", dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_for_item_text)
+    with pytest.raises(OSError, match="No space left"):
+        write_catalog(str(tmp_path), 1000, 5, seed=0)
+    assert os.listdir(tmp_path) == []
 
 
 def _peak_traced(fn) -> int:

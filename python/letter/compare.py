@@ -10,7 +10,8 @@ same test users. Output folder:
   compare.json / compare.md   per set: mean +- std over seeds of Recall/NDCG@5,10; the paired
                               bootstrap 95% interval of its difference to the first set; identifier
                               diagnostics (collision rate, codes used per level, agreement of
-                              level-1 codes with the items' categories when item.json has them)
+                              level-1 codes with the items' categories when item.json has them);
+                              compare.json also the sha256 of the codes each seed's run trained on
   compare.png                 the same as bar charts (when matplotlib is installed)
   runs/<label>/seed-<s>/      rec/ (the train-rec run folder), test_ranks.npz (rank of the target's
                               identifier per test user, -1 = not generated), result.json (the
@@ -23,8 +24,8 @@ whose fingerprint matches and whose test_ranks.npz is the one recorded. The run 
 keyed by the training part of it (rec settings, codes, dataset): with that unchanged an
 interrupted training resumes from its checkpoint (train_rec(resume=True)) and a finished one is
 kept when only the evaluation settings changed (it is evaluated again, not retrained); a change
-of the training part restarts the run. Every set is validated (path, readable codes, item count)
-before any training starts.
+of the training part restarts the run. Every set is validated (path, readable codes, item count;
+on a cold split the warm items', as train-rec reads them) before any training starts.
 
 Paired bootstrap: for set A vs the first set F, d[s, u] = metric_A(seed s, user u) -
 metric_F(seed s, user u) pairs users and seeds; the per-user mean over seeds is resampled over
@@ -43,6 +44,8 @@ import numpy as np
 import torch
 
 from letter.data import Dataset, load_dataset
+from letter.data.cold import read_cold_split
+from letter.data.split import check_training_samples
 from letter.errors import LetterError, SettingError
 from letter.utils import pyplot
 from letter.metrics import metrics_from_hits, normalized_mutual_info
@@ -112,6 +115,7 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
     if not pairs:
         raise LetterError("no identifier set given: sets needs at least one LABEL=PATH", "sets")
     problems, out, seen = [], [], set()
+    cold = read_cold_split(dataset)  # a cold split's codes cover its warm items (as train-rec reads them)
     for label, path in pairs:
         path = os.fspath(path)
         where = f"sets {label}={path}"
@@ -130,7 +134,7 @@ def load_sets(dataset: Dataset, sets: Iterable, seeds: list[int] | None = None) 
                 problems.append(f"{where}: no such file or folder {concrete}")
                 continue
             try:
-                codes, _ = resolve_codes(concrete, dataset, what="")  # `where` names the set
+                codes, _ = resolve_codes(concrete, dataset, cold, what="")  # `where` names the set
             except (LetterError, OSError, ValueError) as e:
                 problems.append(f"{where}: {e}")
                 continue
@@ -183,9 +187,10 @@ def identifier_diagnostics(codes: np.ndarray, categories: tuple[str, np.ndarray]
     }
     if categories is not None:
         field, labels = categories
+        labels = labels[: len(codes)]  # a cold split's codes: its warm items, the first of the catalog
         agreement = category_agreement(codes[:, 0], labels)
         out["category_field"] = field
-        out["categories"] = int(labels.max() + 1)
+        out["categories"] = int(len(np.unique(labels)))
         out["level1_purity"] = agreement["purity"]
         out["level1_nmi"] = normalized_mutual_info(codes[:, 0], labels)
         out["level1_same_code_same_category"] = agreement["same_code"]
@@ -328,6 +333,7 @@ def compare(
     """
     config.validate()
     recommender_class(config.model).check_settings(config)  # e.g. LC-Rec's base model, before any folder
+    resolve_device(config.device)  # a device this torch lacks, too
     if seeds < 1:
         raise SettingError("seeds", f"must be >= 1, got {seeds}")
     if num_beams < 10:
@@ -344,6 +350,7 @@ def compare(
     except SettingError as e:
         raise SettingError("seeds", f": {seeds} runs use seeds {config.seed}..{seed_list[-1]}, but seed {e.problem}",
                            "seed") from None
+    check_training_samples(dataset, data_arg if isinstance(data_arg, str) else dataset.source)  # before any folder
     id_sets = load_sets(dataset, sets, seed_list)  # every set checked before any training
     categories = item_categories(dataset)
     data_sha = dataset.fingerprint()
@@ -390,6 +397,7 @@ def compare(
         entry = {
             "label": s.label,
             "path": s.path,
+            "codes_sha256": [s.for_seed(seed).sha for seed in seed_list],  # what each seed's run trained on
             "diagnostics": set_diagnostics(s, categories),
             **{key: _seed_summary([run[key] for run in runs[s.label]])
                for key in ("metrics", "metrics_exclude_history") if key in runs[s.label][0]},

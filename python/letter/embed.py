@@ -70,7 +70,7 @@ class EmbedSettings(Settings):
 
 
 def field_texts(dataset: Dataset, fields: list[str]) -> list[list[str]]:
-    """texts[f][i]: field f of item i (see _field_text)."""
+    """texts[f][i]: field f of item i (see _field_text); refused when every one of them is empty."""
     if dataset.item_text is None:
         raise LetterError(f"{dataset.name}: no item text (<Name>.item.json) to embed ({dataset.source})")
     present = sorted({key for item in dataset.item_text if item for key in item})
@@ -78,7 +78,11 @@ def field_texts(dataset: Dataset, fields: list[str]) -> list[list[str]]:
     if unknown:
         raise SettingError("fields", f"{', '.join(map(repr, unknown))}: no item of {dataset.name} has them; the fields "
                                      f"that exist are: {', '.join(present) or '(none)'}")
-    return [[_field_text(item.get(f)) for item in dataset.item_text] for f in fields]
+    texts = [[_field_text(item.get(f)) for item in dataset.item_text] for f in fields]
+    if not any(text for field in texts for text in field):  # every item would get the same vector
+        raise SettingError("fields", f"{','.join(fields)}: empty for every item of {dataset.name}; nothing to "
+                                     "embed (choose fields that hold text)")
+    return texts
 
 
 def _field_text(value) -> str:
@@ -285,12 +289,12 @@ def embed_items(dataset: Dataset, settings: EmbedSettings | None = None, device:
     With `out_path` the hash encoder streams its rows into a memory-mapped .npy there (and returns
     that memmap), so a million-item catalog never holds its matrix in memory."""
     settings = (settings or EmbedSettings()).replace(**values)
-    return _encode(dataset, settings, *_encoder_inputs(dataset, settings, device), out_path)
+    return _encode(dataset, settings, *encoder_inputs(dataset, settings, device), out_path)
 
 
-def _encoder_inputs(dataset: Dataset, settings: EmbedSettings, device: str | None) -> tuple:
+def encoder_inputs(dataset: Dataset, settings: EmbedSettings, device: str | None) -> tuple:
     """(device, texts per field, model path or None for the hash encoder): every input checked
-    before anything is encoded or an earlier output removed."""
+    before anything is encoded or an earlier output removed (the pipeline: before its run folder)."""
     dev = resolve_device(device)  # also when the hash encoder ignores it: a bad device is an error
     corpus = field_texts(dataset, settings.fields)
     hashed = settings.mode == "hash" or settings.model == "hash"
@@ -299,7 +303,7 @@ def _encoder_inputs(dataset: Dataset, settings: EmbedSettings, device: str | Non
 
 def _encode(dataset: Dataset, settings: EmbedSettings, dev, corpus: list[list[str]], path: str | None,
             out_path: str | None) -> tuple[np.ndarray, dict]:
-    """embed_items' result from the inputs _encoder_inputs checked."""
+    """embed_items' result from the inputs encoder_inputs checked."""
     model, mode, fields, batch_size = settings.model, settings.mode, settings.fields, settings.batch_size
     dtype, dim, max_length = settings.dtype, settings.dim, settings.max_length
     info = {"mode": mode, "fields": list(fields), "num_items": dataset.num_items}
@@ -328,7 +332,7 @@ def embed_dataset(dataset: Dataset, out_dir: str, settings: EmbedSettings | None
     settings = (settings or EmbedSettings()).replace(**values)
     tag = check_file_name(tag, "tag") if tag else settings.tag()
     stem = embedding_stem(out_dir, dataset.name, tag)
-    inputs = _encoder_inputs(dataset, settings, device)  # a bad input removes no earlier output
+    inputs = encoder_inputs(dataset, settings, device)  # a bad input removes no earlier output
     prepare_output_files([stem + ".npy", stem + ".json"], "embed", overwrite=overwrite, what="tag or out_dir",
                          what_names=("tag", "out_dir"))
     with atomic_path(stem + ".npy") as tmp:

@@ -17,6 +17,7 @@ import os
 import time
 from typing import Callable
 
+from letter.devices import resolve_device
 from letter.errors import LetterError, SettingError
 from letter.pipeline_report import write_report
 from letter.runs import (MANIFEST, RecRun, TokenizerRun, file_state, fingerprint, finished_step, folder_files,
@@ -33,6 +34,7 @@ DEPENDS = {
     "rec": (("tokenizer",), ("rec", "data")),
     "evaluate": (("rec",), ("evaluate",)),
 }
+TRAINER_SECTIONS = ("cf", "tokenizer", "rec")  # the config sections with their own device
 MARKER = "stage.json"  # a stage's manifest
 STAGE_KIND = "pipeline-stage"
 STARTED = "stage.started.json"
@@ -113,16 +115,19 @@ class Pipeline:
 
         rec = RecConfig.from_dict(self.config["rec"])
         recommender_class(rec.model).check_settings(rec)  # LC-Rec's base model: not found only at the rec stage
+        self._check_devices()
         prepare_run_folder(self.out, "pipeline", resume=True, what="out")
-        if not os.path.isdir(self.out) and "data" in self.source:  # data the stages refuse: no run folder is left
+        if not os.path.isdir(self.out):  # data the stages refuse: no run folder is left
             from letter.cf.train import check_catalog
-            from letter.data import load_dataset
+            from letter.data.split import check_training_samples
+            from letter.embed import EmbedSettings, encoder_inputs
 
-            dataset = load_dataset(self.source["data"])
-            _refuse_cold_split(self.source["data"])
+            dataset = self.source_dataset()
             if dataset.item_text is None:
                 raise LetterError(f"{dataset.source}: no item text (<Name>.item.json); the embed stage needs it")
             check_catalog(dataset)
+            check_training_samples(dataset, dataset.source)
+            encoder_inputs(dataset, EmbedSettings.from_dict(self.config["embed"]), self.device)  # model, fields
         mark_started(self.out, "pipeline")
         for path in remove_stale_temps(self.out):
             self.log(f"removed {path} (left by an interrupted write)")
@@ -145,6 +150,17 @@ class Pipeline:
             # changed or missing outputs: nothing in the folder can be trusted, start afresh
             self._run_stage(stage, fp, fresh=forced or (done is not None and done["inputs"].get("fingerprint") == fp))
         return write_report(self)
+
+    def _check_devices(self) -> None:
+        """A device this torch lacks, the pipeline's or a trainer section's, is refused before any stage writes."""
+        if self.device != "auto":  # it replaces the sections' own
+            resolve_device(self.device)
+            return
+        for section in TRAINER_SECTIONS:
+            try:
+                resolve_device(self.config[section]["device"])
+            except SettingError as e:
+                raise LetterError(f"config: {section}.device {e.problem}") from None
 
     def _relative(self, outputs: dict) -> dict:
         return {k: relative_to(v, self.out) if k in PATH_KEYS and isinstance(v, str) else v
@@ -186,6 +202,15 @@ class Pipeline:
         marker = self._read(stage, MARKER)
         return marker.get("seconds") if marker else None
 
+    def source_dataset(self):
+        """The dataset the prepare stage writes: the synthetic one, or the data source's."""
+        from letter.data import load_dataset, make_synthetic
+
+        if self.source.get("synthetic"):
+            return make_synthetic(**self.config["data"]["synthetic"], name="Synth")
+        _refuse_cold_split(self.source["data"])  # data that became a split since the run folder was made
+        return load_dataset(self.source["data"])
+
     # Shared inputs of several stages -------------------------------------------------------
     def dataset(self):
         from letter.data import load_dataset
@@ -206,14 +231,10 @@ def _refuse_cold_split(data: str) -> None:
 
 
 def _prepare(p: Pipeline, directory: str) -> dict:
-    from letter.data import load_dataset, make_synthetic, write_letter
+    from letter.data import write_letter
     from letter.data.stats import dataset_stats
 
-    if p.source.get("synthetic"):
-        ds = make_synthetic(**p.config["data"]["synthetic"], name="Synth")
-    else:
-        _refuse_cold_split(p.source["data"])  # data that became a split since the run folder was made
-        ds = load_dataset(p.source["data"])
+    ds = p.source_dataset()
     write_letter(ds, directory)
     stats = dataset_stats(ds)
     write_json(os.path.join(directory, "stats.json"), stats)

@@ -84,9 +84,10 @@ def write_catalog(out_dir: str, num_items: int, num_users: int | None = None, *,
         return start[c] + (items - start[c] + 1) % size[c]
 
     os.makedirs(out_dir, exist_ok=True)
-    # both files appear together or not at all (an error removes both temporary files)
-    with atomic_path(os.path.join(out_dir, name + ITEM_SUFFIX)) as item_tmp, \
-            atomic_path(os.path.join(out_dir, name + INTER_SUFFIX)) as inter_tmp:
+    # an error removes both temporary files; the item text is put in place first (the inner
+    # context), as <Name>.inter.json is what makes the folder a dataset (see write_letter)
+    with atomic_path(os.path.join(out_dir, name + INTER_SUFFIX)) as inter_tmp, \
+            atomic_path(os.path.join(out_dir, name + ITEM_SUFFIX)) as item_tmp:
         with open(item_tmp, "w") as f:
             f.write("{")
             for chunk_start in range(0, num_items, CHUNK):

@@ -16,21 +16,23 @@ Protocol (`cold_split`, `letter data cold-split`):
 4. Two test sets: users whose test target is cold ("cold-target") and users whose test target is
    warm ("warm-target"); both come from the split's leave-one-out test part (`test_groups`).
 
-The output folder is a LETTER dataset folder (`<Name>.inter.json`, `<Name>.item.json`) plus
-`cold_split.json` (written last: the protocol, its parameters, the warm count, the cold ids, the
-original ids and the counts). Every training stage reads it next to its data: train-cf and
+The output folder is a LETTER dataset folder (`<Name>.inter.json`, `<Name>.item.json`, written
+last: a split cut short is no dataset) plus `cold_split.json` (the protocol, its parameters, the
+warm count, the cold ids, the original ids and the counts). Every training stage reads it next to its data: train-cf and
 train-rec refuse a dataset where a cold item occurs anywhere but as a user's last item
 (`check_no_cold_training`), train-tokenizer trains on the warm rows only (`warm_rows`), and
 train-rec refuses codes that cover cold items.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import numpy as np
 
 from letter.data.dataset import Dataset
-from letter.data.readers import dataset_dir, load_dataset, prepare_dataset_output, source_files, write_letter
+from letter.data.readers import dataset_dir, prepare_dataset_output, source_files, write_letter
 from letter.errors import DataError, LetterError, SettingError, input_error
 from letter.runs import save_npy, write_json
 
@@ -88,10 +90,14 @@ def cold_split(dataset: Dataset, fraction: float = 0.05, seed: int = 0) -> tuple
 
 def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, seed: int = 0,
                      embeddings: list[str] = (), overwrite: bool = False) -> dict:
-    """Split `dataset` and write the split folder: the LETTER files, each of `embeddings` ([N, d]
+    """Split `dataset` and write the split folder: cold_split.json, each of `embeddings` ([N, d]
     .npy of the source catalog, row = item) with its rows in the split's item order under the same
-    file name, and cold_split.json last. A split already in `out_dir` is refused unless overwrite;
-    an output onto one of the inputs always. Returns the record."""
+    file name, and the LETTER files last. A split already in `out_dir` is refused unless overwrite;
+    an output onto one of the inputs always, and so is a dataset that is itself a split (its cold
+    items would become warm items of the new one). Returns the record."""
+    if read_cold_split(dataset) is not None:
+        raise LetterError(f"{dataset.source}: already a cold split ({SPLIT_FILE}); split the dataset it was split "
+                          "from instead")
     split, record = cold_split(dataset, fraction, seed)
     from letter.runs import check_sidecar, load_npy, sidecar_path, sidecar_record
 
@@ -113,12 +119,15 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
     sources = source_files(dataset.source) if isinstance(dataset.source, str) and os.path.exists(dataset.source) else []
     prepare_dataset_output(out_dir, dataset.name, overwrite=overwrite,
                            inputs={"data_path": sources, "embeddings": list(embeddings)},
-                           extra=(*names, *(os.path.basename(sidecar_path(n)) for n in names), SPLIT_FILE),
+                           extra=(SPLIT_FILE, *names, *(os.path.basename(sidecar_path(n)) for n in names)),
                            kind="cold-split")
     os.makedirs(out_dir, exist_ok=True)
-    marker = os.path.join(out_dir, SPLIT_FILE)
-    write_letter(split, out_dir)
-    written = load_dataset(out_dir).items_fingerprint()  # the items as their readers will see them
+    # the dataset last (write_letter: its <Name>.inter.json last), so that a split cut short is no
+    # dataset, never one without its record that the stages would take for an ordinary dataset
+    record["embeddings"] = names
+    write_json(os.path.join(out_dir, SPLIT_FILE), record)
+    # the items as their readers will see them (the text after its round trip through item.json)
+    written = dataclasses.replace(split, item_text=json.loads(json.dumps(split.item_text))).items_fingerprint()
     order = _old_rows(dataset, record)
     for path, arr in arrays:
         target = os.path.join(out_dir, os.path.basename(path))
@@ -126,8 +135,7 @@ def write_cold_split(dataset: Dataset, out_dir: str, fraction: float = 0.05, see
         write_json(sidecar_path(target),
                    {"source": os.path.abspath(path), "rows": "reordered by the cold split (cold_split.json)",
                     **sidecar_record(target, {"items": written})})
-    record["embeddings"] = [os.path.basename(p) for p, _ in arrays]
-    write_json(marker, record)
+    write_letter(split, out_dir)
     return record
 
 

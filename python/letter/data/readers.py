@@ -90,8 +90,8 @@ def write_letter(dataset: Dataset, out_dir: str) -> str:
 
 def prepare_dataset_output(out_dir: str, name: str, *, overwrite: bool = False, inputs: dict | None = None,
                            extra: tuple[str, ...] = (), kind: str = "dataset") -> None:
-    """Before a command writes the dataset `name` into `out_dir` (plus `extra` file names there, its
-    record last): refuse a folder holding a run or another dataset (a LETTER folder holds one), an
+    """Before a command writes the dataset `name` into `out_dir` (plus `extra` file names there,
+    written before the dataset, whose <Name>.inter.json comes last): refuse a folder holding a run or another dataset (a LETTER folder holds one), an
     output that is one of the command's `inputs` (argument -> list of paths), and that dataset's
     files already there unless overwrite (then they are removed)."""
     from letter.runs import check_file_name, check_not_input, held_datasets, prepare_output_files
@@ -104,7 +104,7 @@ def prepare_dataset_output(out_dir: str, name: str, *, overwrite: bool = False, 
         raise LetterError(f"{out_dir}: holds another dataset ({others[0]}; a dataset folder holds one); "
                           "choose another folder")
     # in the order written (write_letter: the item text, then the interactions that make the folder a dataset)
-    files = [os.path.join(out_dir, n) for n in (name + ITEM_SUFFIX, name + INTER_SUFFIX, *extra)]
+    files = [os.path.join(out_dir, n) for n in (*extra, name + ITEM_SUFFIX, name + INTER_SUFFIX)]
     for option, paths in (inputs or {}).items():
         for path in paths:
             for file in files:
@@ -194,7 +194,9 @@ def _categories(meta: dict) -> str:
     cats = meta.get("category")
     if cats is None:
         cats = meta.get("categories") or []
-        cats = cats[0] if cats and isinstance(cats[0], list) else cats
+        cats = cats[0] if isinstance(cats, list) and cats and isinstance(cats[0], list) else cats
+    if not isinstance(cats, (list, tuple)):  # one category as a string or number, not a list of them
+        cats = [cats]
     return ",".join(c for c in (clean_text(c) for c in cats) if c)
 
 

@@ -6,11 +6,19 @@ import numpy as np
 import torch
 
 from letter.data.dataset import Dataset
-from letter.errors import LetterWarning
+from letter.errors import LetterError, LetterWarning
 
 Sample = tuple[list[int], int]  # (history, target), history in time order
 
 MIN_SEQUENCE_LENGTH = 3  # one training item, one validation target, one test target
+
+
+def check_training_samples(dataset: Dataset, source: str) -> None:
+    """A LetterError naming `source` unless leave_one_out(dataset) has a training sample, i.e. some
+    user has more than MIN_SEQUENCE_LENGTH items (for a trainer to refuse before it writes anything)."""
+    if not any(len(items) > MIN_SEQUENCE_LENGTH for items in dataset.sequences):
+        raise LetterError(f"{source}: no training samples (one needs a user with at least {MIN_SEQUENCE_LENGTH + 1} "
+                          "interactions: the last two are the validation and test targets)")
 
 
 @dataclass

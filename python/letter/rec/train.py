@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from letter.data.split import check_training_samples
 from letter.errors import LetterError
 from letter.runs import (MANIFEST, RecRun, check_manifest, load_npy, mark_started, prepare_run_folder, read_json, save_npy,
                          write_json, write_manifest)
@@ -159,9 +160,7 @@ class RecTrainable(Trainable):
 
 def _train(config, data, codes, out_dir, resume, stop_after, checkpoint_minutes, ctx: DistContext):
     rec = load_rec_data(data, codes, config.max_history)
-    if not rec.split.train:  # before anything is written into the run folder
-        raise LetterError(f"{rec.source}: no training samples (one needs a user with at least 4 interactions: the "
-                          "last two are the validation and test targets)")
+    check_training_samples(rec.dataset, rec.source)  # before anything is written into the run folder
     ckpt_path = os.path.join(out_dir, CHECKPOINT)  # prepare_run_folder refused a started run without resume
     seed_everything(config.seed)  # same initial weights on every process
     rm = recommender_class(config.model).build(config, rec, ctx.device)  # a bad base model fails before the run folder

@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -181,6 +182,9 @@ def parse_json(text: str, path: str):
         raise LetterError(f"{path}: nested too deeply to read") from None
 
 
+_EXPONENT_NUMBER = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
+
+
 def parse_yaml(text: str, path: str):
     """YAML (safe subset) with duplicate keys and too-deep nesting as one LetterError naming `path`."""
     import yaml
@@ -198,6 +202,8 @@ def parse_yaml(text: str, path: str):
         return loader.construct_mapping(node, deep=deep)
 
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    # YAML 1.1 needs a dot in a float, so 1e-3 would be a string; YAML 1.2 and JSON read a number
+    StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_NUMBER, list("-+0123456789"))
     try:
         return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
