@@ -233,7 +233,7 @@ def test_a_missing_lcrec_base_model_fails_before_any_stage(tmp_path, tiny_config
     assert not run.exists()
 
 
-@pytest.mark.parametrize("source, settings, message", [
+REFUSED_INPUTS = pytest.mark.parametrize("source, settings, message", [
     ("data", {}, "no training samples"),  # users of 3 items: validation and test targets only
     ("synthetic", {"data": {"synthetic": {"num_items": 8, "num_categories": 2}}}, "needs at least 10"),
     ("synthetic", {"data": {"synthetic": {"num_users": 20, "num_items": 40, "num_categories": 4, "min_length": 3,
@@ -241,8 +241,10 @@ def test_a_missing_lcrec_base_model_fails_before_any_stage(tmp_path, tiny_config
     ("synthetic", {"embed": {"model": "/nonexistent/model"}}, "cannot load model '/nonexistent/model'"),
     ("synthetic", {"embed": {"model": "hash", "dim": 8, "fields": ["title", "nope"]}}, "'nope': no item of Synth"),
 ])
-def test_inputs_the_stages_refuse_leave_no_run_folder(tmp_path, source, settings, message):
-    # found before the run folder is made, not by the embed or cf stage after the stages before it ran
+
+
+def refused_pipeline(tmp_path, source, settings, run):
+    """`letter pipeline` into `run` on the refused input (a --data folder or --synthetic) and settings."""
     from letter.data import Dataset, write_letter
 
     config = tmp_path / "config.yaml"
@@ -253,10 +255,37 @@ def test_inputs_the_stages_refuse_leave_no_run_folder(tmp_path, source, settings
                      [str(i) for i in range(12)], [{"title": f"item {i}"} for i in range(12)])
         write_letter(ds, str(tmp_path / "data"))
         args = ["--data", str(tmp_path / "data")]
+    return CliRunner().invoke(main, ["pipeline", *args, "--config", str(config), "--out", str(run)])
+
+
+@REFUSED_INPUTS
+def test_inputs_the_stages_refuse_leave_no_run_folder(tmp_path, source, settings, message):
+    # found before the run folder is made, not by the embed or cf stage after the stages before it ran
     run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["pipeline", *args, "--config", str(config), "--out", str(run)])
+    result = refused_pipeline(tmp_path, source, settings, run)
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert not run.exists()
+
+
+@REFUSED_INPUTS
+def test_inputs_the_stages_refuse_stop_a_rerun_before_any_stage(tmp_path, monkeypatch, source, settings, message):
+    # the pre-checks ran only when --out did not exist yet: on an existing run folder prepare ran
+    # again and the embed or cf stage found the problem
+    def interrupted(p, directory):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    config = tmp_path / "good.yaml"
+    config.write_text(yaml.safe_dump({"data": {"synthetic": {"num_users": 300, "num_items": 120, "num_categories": 6}},
+                                      "embed": {"model": "hash", "dim": 8}}))
+    monkeypatch.setitem(pipeline_module.STAGE_FUNCTIONS, "embed", interrupted)
+    CliRunner().invoke(main, ["pipeline", "--synthetic", "--config", str(config), "--out", str(run)])
+    monkeypatch.undo()
+    prepared = markers(run)
+    assert set(prepared) == {"prepare"}
+    result = refused_pipeline(tmp_path, source, settings, run)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert "running" not in result.output and markers(run) == prepared, result.output
 
 
 def test_a_trainer_section_device_this_torch_lacks_leaves_no_run_folder(tmp_path):

@@ -126,17 +126,7 @@ class Pipeline:
         recommender_class(rec.model).check_settings(rec)  # LC-Rec's base model: not found only at the rec stage
         self._check_devices()
         prepare_run_folder(self.out, "pipeline", resume=True, what="out")
-        if not os.path.isdir(self.out):  # data the stages refuse: no run folder is left
-            from letter.cf.train import check_catalog
-            from letter.data.split import check_training_samples
-            from letter.embed import EmbedSettings, encoder_inputs
-
-            dataset = self.source_dataset()
-            if dataset.item_text is None:
-                raise LetterError(f"{dataset.source}: no item text (<Name>.item.json); the embed stage needs it")
-            check_catalog(dataset)
-            check_training_samples(dataset, dataset.source)
-            encoder_inputs(dataset, EmbedSettings.from_dict(self.config["embed"]), self.device)  # model, fields
+        self._check_inputs()
         mark_started(self.out, "pipeline")
         for path in remove_stale_temps(self.out):
             self.log(f"removed {path} (left by an interrupted write)")
@@ -159,6 +149,21 @@ class Pipeline:
             # changed or missing outputs: nothing in the folder can be trusted, start afresh
             self._run_stage(stage, fp, fresh=forced or (done is not None and done["inputs"].get("fingerprint") == fp))
         return write_report(self)
+
+    def _check_inputs(self) -> None:
+        """Data and embed settings the stages would refuse, refused before any stage runs: no run
+        folder is left by a new run, and a rerun does not stop at the stage that reads them after
+        the ones before it ran again (every run, also on an existing run folder)."""
+        from letter.cf.train import check_catalog
+        from letter.data.split import check_training_samples
+        from letter.embed import EmbedSettings, encoder_inputs
+
+        dataset = self.source_dataset()
+        if dataset.item_text is None:
+            raise LetterError(f"{dataset.source}: no item text (<Name>.item.json); the embed stage needs it")
+        check_catalog(dataset)
+        check_training_samples(dataset, dataset.source)
+        encoder_inputs(dataset, EmbedSettings.from_dict(self.config["embed"]), self.device)  # model, fields
 
     def _check_devices(self) -> None:
         """A device this torch lacks, the pipeline's or a trainer section's, is refused before any stage writes."""
