@@ -298,3 +298,26 @@ def test_a_trainer_section_device_this_torch_lacks_leaves_no_run_folder(tmp_path
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert result.output.startswith("Error: config: tokenizer.device cuda:99: "), result.output
     assert not run.exists()
+
+
+def test_report_plot_is_written_atomically(tmp_path, full_disk_savefig):
+    # it wrote training_curves.png.tmp.png and renamed it: a failed write left that file behind
+    from types import SimpleNamespace
+
+    from letter.pipeline_report import _plot_curves
+
+    (tmp_path / "cf.json").write_text(json.dumps({"history": [{"epoch": 1, "valid_ndcg@10": 0.1}]}))
+    (tmp_path / "history.json").write_text(json.dumps([{"epoch": 1, "train_loss": 2.0}]))
+    (tmp_path / "tokenizer").mkdir()
+    p = SimpleNamespace(out=str(tmp_path / "run"), config={"rec": {"model": "tiger"}},
+                        outputs={"tokenizer": {"run": str(tmp_path / "tokenizer")}, "cf": {"metrics": str(tmp_path / "cf.json")},
+                                 "rec": {"history": str(tmp_path / "history.json")}})
+    (tmp_path / "run").mkdir()
+    assert _plot_curves(p) == [str(tmp_path / "run" / "training_curves.png")]
+    earlier = (tmp_path / "run" / "training_curves.png").read_bytes()
+    assert earlier.startswith(b"\x89PNG") and len(earlier) > 1000
+    full_disk_savefig()
+    with pytest.raises(OSError, match="No space left"):
+        _plot_curves(p)
+    assert os.listdir(tmp_path / "run") == ["training_curves.png"]
+    assert (tmp_path / "run" / "training_curves.png").read_bytes() == earlier
