@@ -290,6 +290,7 @@ with distributed("cpu") as ctx:
 """
 
 
+@pytest.mark.slow
 def test_divergence_on_one_rank_stops_every_rank_alike(tmp_path):
     """Under torchrun a NaN in one rank's rows made that rank alone raise; the others went on into
     the next collective and waited there for it. Every rank must raise the same one-line error."""
