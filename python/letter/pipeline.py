@@ -5,13 +5,12 @@ Each stage writes into RUN/<stage>/ and, when it finishes, its manifest RUN/<sta
 each file it wrote (names relative to RUN, so a copied or moved run folder uses its own files), as
 inputs the fingerprint of everything it read (its config settings, its upstream stages'
 fingerprints and output contents, the synthetic generator's settings or the content of the data
-source's files) and the upstream stages'
-output digests, and its results (paths relative to RUN). A rerun skips a stage whose manifest has
-the fingerprint and whose files are all still there and unchanged; otherwise it logs why and reruns
-it (and, through the fingerprints, what follows). A
+source's files) and the upstream stages' output digests, and its results (paths relative to RUN).
+A rerun skips a stage whose manifest has the fingerprint and whose files are all still there and
+unchanged; otherwise it logs why and reruns it (and, through the fingerprints, what follows). A
 stage interrupted midway resumes from its own checkpoint when its fingerprint is unchanged and
-starts afresh otherwise. A failing stage
-stops the pipeline with a LetterError naming the stage; earlier stages' outputs stay intact.
+starts afresh otherwise. Inputs a stage would refuse are refused before any stage runs. A failing
+stage stops the pipeline with a LetterError naming the stage; earlier stages' outputs stay intact.
 """
 import dataclasses
 import os
