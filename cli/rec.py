@@ -181,8 +181,9 @@ def recommend_cmd(run_dir, history, histories_file, users, out, k, beams, exclud
               help="Dataset path (default: the run's): the training dataset or it grown by appending items.")
 def add_items_cmd(run_dir, tokenizer_dir, embeddings, data_path):
     """Make new items recommendable without retraining: the dataset's items that the run's newest
-    index lacks (catalog order) get identifiers from the tokenizer (the catalog's identifiers stay
-    taken, the run's collision rules and --unique apply) and are written as a new index version,
+    index lacks (catalog order) get identifiers from the tokenizer (`letter tokenize`'s rules: with
+    the tokenizer run's --unique the catalog's identifiers stay taken, without it a new item may
+    share one) and are written as a new index version,
     atomically. Adding when nothing is missing is a no-op. The dataset is the one the run was
     trained on, or it with items appended to its item file (new ids that sort after the old ones
     in the catalog's order, without interactions); other data is refused."""

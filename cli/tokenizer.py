@@ -72,8 +72,11 @@ def train_tokenizer_cmd(data_dir, text_emb, cf_emb, config_file, preset, levels,
 @click.option("--embeddings", required=True, type=click.Path(exists=True, dir_okay=False), help="[n, text_dim] .npy of new items.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Output .index.json or .npy (default: <embeddings>.index.json).")
 def tokenize_cmd(run_dir, embeddings, out):
-    """Assign identifiers to unseen (cold-start) items with a trained tokenizer: the catalog's
-    identifiers stay taken, collisions get the run's rules. Row i of --embeddings -> key "i"."""
+    """Assign identifiers to unseen (cold-start) items with a trained tokenizer and the run's
+    collision rules: new items sharing an identifier are re-assigned among themselves; with the
+    run's --unique they also avoid every catalog identifier and each other's, without it a new
+    item may share a catalog item's identifier (as catalog items may share one; the count is
+    printed). Row i of --embeddings -> key "i"."""
     from letter.data import write_index_json
     from letter.runs import check_output_path, save_npy
     from letter.tokenizer import load_tokenizer

@@ -64,6 +64,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def full_disk_savefig(monkeypatch):
+    """A call that makes matplotlib's Figure.savefig write part of its file, then fail as a full
+    disk does (tests of atomic plot writes; skipped without matplotlib)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    def full_disk(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise OSError(28, "No space left on device", fname)
+
+    return lambda: monkeypatch.setattr(Figure, "savefig", full_disk)
+
+
 # -- a tiny local causal LM for LC-Rec (tests/test_lcrec.py, tests/test_lcrec_train.py) ---------
 
 TINY_LLAMA_WORDS = (

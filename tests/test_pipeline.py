@@ -233,7 +233,7 @@ def test_a_missing_lcrec_base_model_fails_before_any_stage(tmp_path, tiny_config
     assert not run.exists()
 
 
-@pytest.mark.parametrize("source, settings, message", [
+REFUSED_INPUTS = pytest.mark.parametrize("source, settings, message", [
     ("data", {}, "no training samples"),  # users of 3 items: validation and test targets only
     ("synthetic", {"data": {"synthetic": {"num_items": 8, "num_categories": 2}}}, "needs at least 10"),
     ("synthetic", {"data": {"synthetic": {"num_users": 20, "num_items": 40, "num_categories": 4, "min_length": 3,
@@ -241,8 +241,10 @@ def test_a_missing_lcrec_base_model_fails_before_any_stage(tmp_path, tiny_config
     ("synthetic", {"embed": {"model": "/nonexistent/model"}}, "cannot load model '/nonexistent/model'"),
     ("synthetic", {"embed": {"model": "hash", "dim": 8, "fields": ["title", "nope"]}}, "'nope': no item of Synth"),
 ])
-def test_inputs_the_stages_refuse_leave_no_run_folder(tmp_path, source, settings, message):
-    # found before the run folder is made, not by the embed or cf stage after the stages before it ran
+
+
+def refused_pipeline(tmp_path, source, settings, run):
+    """`letter pipeline` into `run` on the refused input (a --data folder or --synthetic) and settings."""
     from letter.data import Dataset, write_letter
 
     config = tmp_path / "config.yaml"
@@ -253,10 +255,37 @@ def test_inputs_the_stages_refuse_leave_no_run_folder(tmp_path, source, settings
                      [str(i) for i in range(12)], [{"title": f"item {i}"} for i in range(12)])
         write_letter(ds, str(tmp_path / "data"))
         args = ["--data", str(tmp_path / "data")]
+    return CliRunner().invoke(main, ["pipeline", *args, "--config", str(config), "--out", str(run)])
+
+
+@REFUSED_INPUTS
+def test_inputs_the_stages_refuse_leave_no_run_folder(tmp_path, source, settings, message):
+    # found before the run folder is made, not by the embed or cf stage after the stages before it ran
     run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["pipeline", *args, "--config", str(config), "--out", str(run)])
+    result = refused_pipeline(tmp_path, source, settings, run)
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert not run.exists()
+
+
+@REFUSED_INPUTS
+def test_inputs_the_stages_refuse_stop_a_rerun_before_any_stage(tmp_path, monkeypatch, source, settings, message):
+    # the pre-checks ran only when --out did not exist yet: on an existing run folder prepare ran
+    # again and the embed or cf stage found the problem
+    def interrupted(p, directory):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    config = tmp_path / "good.yaml"
+    config.write_text(yaml.safe_dump({"data": {"synthetic": {"num_users": 300, "num_items": 120, "num_categories": 6}},
+                                      "embed": {"model": "hash", "dim": 8}}))
+    monkeypatch.setitem(pipeline_module.STAGE_FUNCTIONS, "embed", interrupted)
+    CliRunner().invoke(main, ["pipeline", "--synthetic", "--config", str(config), "--out", str(run)])
+    monkeypatch.undo()
+    prepared = markers(run)
+    assert set(prepared) == {"prepare"}
+    result = refused_pipeline(tmp_path, source, settings, run)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert "running" not in result.output and markers(run) == prepared, result.output
 
 
 def test_a_trainer_section_device_this_torch_lacks_leaves_no_run_folder(tmp_path):
@@ -269,3 +298,26 @@ def test_a_trainer_section_device_this_torch_lacks_leaves_no_run_folder(tmp_path
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert result.output.startswith("Error: config: tokenizer.device cuda:99: "), result.output
     assert not run.exists()
+
+
+def test_report_plot_is_written_atomically(tmp_path, full_disk_savefig):
+    # it wrote training_curves.png.tmp.png and renamed it: a failed write left that file behind
+    from types import SimpleNamespace
+
+    from letter.pipeline_report import _plot_curves
+
+    (tmp_path / "cf.json").write_text(json.dumps({"history": [{"epoch": 1, "valid_ndcg@10": 0.1}]}))
+    (tmp_path / "history.json").write_text(json.dumps([{"epoch": 1, "train_loss": 2.0}]))
+    (tmp_path / "tokenizer").mkdir()
+    p = SimpleNamespace(out=str(tmp_path / "run"), config={"rec": {"model": "tiger"}},
+                        outputs={"tokenizer": {"run": str(tmp_path / "tokenizer")}, "cf": {"metrics": str(tmp_path / "cf.json")},
+                                 "rec": {"history": str(tmp_path / "history.json")}})
+    (tmp_path / "run").mkdir()
+    assert _plot_curves(p) == [str(tmp_path / "run" / "training_curves.png")]
+    earlier = (tmp_path / "run" / "training_curves.png").read_bytes()
+    assert earlier.startswith(b"\x89PNG") and len(earlier) > 1000
+    full_disk_savefig()
+    with pytest.raises(OSError, match="No space left"):
+        _plot_curves(p)
+    assert os.listdir(tmp_path / "run") == ["training_curves.png"]
+    assert (tmp_path / "run" / "training_curves.png").read_bytes() == earlier

@@ -4,6 +4,7 @@ import os
 import shutil
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from letter import pipeline as pipeline_module
@@ -157,3 +158,42 @@ def test_deleted_or_changed_output_reruns_that_stage(finished, tmp_path):
     out = pipeline(data, copy, config)
     assert "[evaluate] rerunning: output evaluate/metrics.json changed" in out, out
     assert "[rec] up to date" in out
+
+
+def folder_bytes(run, stages) -> dict:
+    return {str(path.relative_to(run)): path.read_bytes() for stage in stages for path in (run / stage).rglob("*")
+            if path.is_file()}
+
+
+def test_a_changed_max_history_reruns_only_the_stages_that_read_it(finished, tmp_path):
+    """data.max_history is read by the rec stage alone (and evaluate reads rec's model); prepare's
+    fingerprint held the whole data section, so a change of it reran every stage."""
+    data, run, config = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    kept = ("prepare", "embed", "cf", "tokenizer")
+    before, kept_bytes = markers(copy), folder_bytes(copy, kept)
+    cfg = yaml.safe_load(open(config))
+    cfg["data"]["max_history"] = 7
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    out = pipeline(data, copy, changed)
+    assert all(f"[{s}] up to date" in out for s in kept), out
+    assert "[rec] rerunning: its settings or inputs changed" in out and "[evaluate] rerunning: " in out, out
+    after = markers(copy)
+    assert all(after[s] == before[s] for s in kept) and folder_bytes(copy, kept) == kept_bytes
+    assert after["rec"] != before["rec"] and after["evaluate"] != before["evaluate"]
+    assert json.load(open(copy / "rec" / "run.json"))["config"]["max_history"] == 7
+    # the synthetic generator's settings are not read from a data folder: nothing to redo
+    cfg["data"]["synthetic"]["seed"] = 1
+    changed.write_text(yaml.safe_dump(cfg))
+    out = pipeline(data, copy, changed)
+    assert all(f"[{s}] up to date" in out for s in pipeline_module.STAGES), out
+    # a synthetic source is its generator's settings: they, not max_history, make prepare rerun
+    def prepare_fingerprint(data_settings):
+        settings = dict(cfg, data={**cfg["data"], **data_settings})
+        return pipeline_module.Pipeline(out=str(tmp_path / "x"), config=settings, source={"synthetic": True},
+                                        log=lambda line: None).fingerprint("prepare")
+
+    assert prepare_fingerprint({"max_history": 3}) == prepare_fingerprint({"max_history": 4})
+    assert prepare_fingerprint({"synthetic": dict(cfg["data"]["synthetic"], seed=2)}) != prepare_fingerprint({})

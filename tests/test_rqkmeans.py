@@ -1,5 +1,5 @@
 """RQ-KMeans tokenizer: category capture on clustered data, seeding, collision rules of Tokenizer,
-cold start and state-dict round trip."""
+cold start (with and without `unique`) and state-dict round trip."""
 import numpy as np
 import pytest
 import torch
@@ -106,6 +106,32 @@ def test_tokenizer_rules_apply_unchanged(blobs):
     assert report["collision_rate_after"] == 0.0
     assert report["recon_mse"] == pytest.approx(report["quantization_mse"], rel=1e-5)
     assert report["level1_category_agreement"]["purity"] > 0.8
+
+
+def test_cold_start_without_unique_may_share_catalog_identifiers(blobs):
+    """What `letter tokenize` --help says: the catalog's identifiers stay taken only with `unique`;
+    without it a new item colliding with catalog items alone keeps the shared identifier."""
+    x, _ = blobs
+    model = fit_rqkmeans(x, SIZES, iters=20, standardize=True, seed=0)
+    config = TokenizerConfig(codebook_sizes=SIZES, unique=False)
+    tok = Tokenizer(model, config, "blobs")
+    catalog = tok.resolve(*tok.raw_codes(x))[0]
+    taken = {tuple(c) for c in catalog.tolist()}
+    shared = Tokenizer(model, config, "blobs", catalog_codes=catalog).encode(x[:1])
+    assert tuple(shared[0]) in taken
+    unique = Tokenizer(model, TokenizerConfig(codebook_sizes=SIZES, unique=True), "blobs", catalog_codes=catalog).encode(x[:1])
+    assert tuple(unique[0]) not in taken
+
+
+def test_cold_start_help_says_when_catalog_identifiers_stay_taken():
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    for command in ("tokenize", "add-items"):
+        text = " ".join(CliRunner().invoke(main, [command, "--help"]).output.split())
+        assert "--unique" in text and "may share" in text, command
+
 
 
 def test_state_dict_round_trip(blobs, tmp_path):

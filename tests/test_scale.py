@@ -312,3 +312,19 @@ def test_scale_bench_records_the_cpu_model_every_benchmark_records(tmp_path, mon
     monkeypatch.setenv("PATH", str(tmp_path))  # no lscpu on the PATH
     results = bench_main(["scale", "--scale-items", "10", "--scale-stages", "", "--scale-dir", str(tmp_path)])
     assert results["scale"]["cpu_model"] == results["machine"]["cpu"] == cpu_model()
+
+
+def test_scale_plot_is_written_atomically(tmp_path, full_disk_savefig):
+    # savefig wrote into OUT.png itself: a failed write left a partial plot in place of the earlier one
+    from letter.bench.scale import plot
+
+    result = {"stages": {"embed": {"1000": {"per_unit_cpu_s": 1e-3}, "10000": {"per_unit_cpu_s": 2e-3}}},
+              "growth_exponent": {"embed": 0.3}, "cpu_model": "test CPU"}
+    path = tmp_path / "scale.png"
+    assert plot(result, str(path))
+    earlier = path.read_bytes()
+    assert earlier.startswith(b"\x89PNG")
+    full_disk_savefig()
+    with pytest.raises(OSError, match="No space left"):
+        plot(result, str(path))
+    assert os.listdir(tmp_path) == ["scale.png"] and path.read_bytes() == earlier

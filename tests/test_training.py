@@ -1,6 +1,7 @@
 """The shared training core (letter.training) and what every trainer must get from it: devices,
 generators on the run's device, resume checks, checkpoint loading, batch order, torchrun."""
 import ast
+import json
 import os
 import pathlib
 import subprocess
@@ -247,6 +248,64 @@ def test_tokenizer_torchrun_two_processes_match_one(tok_inputs, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[procs] = np.load(os.path.join(out, "codes.npy"))
     assert np.array_equal(runs[1], runs[2])
+
+
+# every rank checks its own rows; rank 1's alone hold a NaN. Each rank writes what each check said,
+# then meets the others at a barrier (a rank that raised alone would leave the others waiting there).
+_DIVERGED_ON_ONE_RANK = """
+import json, sys, torch
+from letter.cf.model import SASRec
+from letter.cf.sasrec import step_loss
+from letter.errors import LetterError
+from letter.tokenizer import TokenizerConfig
+from letter.tokenizer.model import RQVAE
+from letter.training import BatchShare, check_not_diverged, distributed
+
+def said(check):
+    try:
+        check()
+        return "ok"
+    except LetterError as e:
+        return str(e)
+
+with distributed("cpu") as ctx:
+    torch.manual_seed(0)
+    poisoned = float("nan") if ctx.rank == 1 else 0.0
+    rqvae = RQVAE(6, TokenizerConfig(layers=[8], e_dim=4, codebook_sizes=[4, 4]))
+    sasrec = SASRec(10, 8, 1, 1, 0.0, 5)
+    if ctx.rank == 1:
+        with torch.no_grad():
+            sasrec.item_emb.weight[3] = poisoned
+    inputs = torch.tensor([[1, 2, 3, 4, 5]])
+    seen = {}
+    seen["direct"] = said(lambda: check_not_diverged("the rows", torch.full((3,), poisoned), ctx=ctx))
+    ctx.barrier()
+    z = torch.zeros(4, 4) + poisoned
+    seen["tokenizer"] = said(lambda: rqvae.quantize(z, share=BatchShare(8, ctx)))
+    ctx.barrier()
+    seen["sasrec"] = said(lambda: step_loss(sasrec, inputs, inputs, 10, "ce", 5, ctx.world, ctx=ctx))
+    ctx.barrier()
+    with open(f"{sys.argv[1]}/rank{ctx.rank}.json", "w") as f:
+        json.dump(seen, f)
+"""
+
+
+@pytest.mark.slow
+def test_divergence_on_one_rank_stops_every_rank_alike(tmp_path):
+    """Under torchrun a NaN in one rank's rows made that rank alone raise; the others went on into
+    the next collective and waited there for it. Every rank must raise the same one-line error."""
+    script = tmp_path / "diverge.py"
+    script.write_text(_DIVERGED_ON_ONE_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LETTER_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == {
+        "direct": "training diverged: the rows hold NaN/inf; lower lr",
+        "tokenizer": "training diverged: the latents or codebooks hold NaN/inf; lower lr",
+        "sasrec": "training diverged: the hidden states or item embeddings hold NaN/inf; lower lr",
+    }
 
 
 def test_interrupted_fresh_tokenizer_run_leaves_no_earlier_outputs(tok_inputs, tmp_path, monkeypatch):

@@ -3,14 +3,14 @@
 Each stage writes into RUN/<stage>/ and, when it finishes, its manifest RUN/<stage>/stage.json
 (letter.runs.write_manifest, written last: kind "pipeline-stage"), with the size/mtime/sha256 of
 each file it wrote (names relative to RUN, so a copied or moved run folder uses its own files), as
-inputs the fingerprint of everything it read (its config sections, its upstream stages'
-fingerprints and output contents, the content of the data source's files) and the upstream stages'
-output digests, and its results (paths relative to RUN). A rerun skips a stage whose manifest has
-the fingerprint and whose files are all still there and unchanged; otherwise it logs why and reruns
-it (and, through the fingerprints, what follows). A
+inputs the fingerprint of everything it read (its config settings, its upstream stages'
+fingerprints and output contents, the synthetic generator's settings or the content of the data
+source's files) and the upstream stages' output digests, and its results (paths relative to RUN).
+A rerun skips a stage whose manifest has the fingerprint and whose files are all still there and
+unchanged; otherwise it logs why and reruns it (and, through the fingerprints, what follows). A
 stage interrupted midway resumes from its own checkpoint when its fingerprint is unchanged and
-starts afresh otherwise. A failing stage
-stops the pipeline with a LetterError naming the stage; earlier stages' outputs stay intact.
+starts afresh otherwise. Inputs a stage would refuse are refused before any stage runs. A failing
+stage stops the pipeline with a LetterError naming the stage; earlier stages' outputs stay intact.
 """
 import dataclasses
 import os
@@ -25,13 +25,15 @@ from letter.runs import (MANIFEST, RecRun, TokenizerRun, file_state, fingerprint
                          resolve, start_step, write_json, write_manifest)
 
 STAGES = ("prepare", "embed", "cf", "tokenizer", "rec", "evaluate")
-# Upstream stages and the config sections each stage reads.
+# Upstream stages and the config settings each stage reads: whole sections, or "section.key" for
+# one setting of a section (a stage reruns only when what it reads changed). prepare's data.synthetic
+# is part of its source (_source_identity): a real data source does not read it.
 DEPENDS = {
-    "prepare": ((), ("data",)),
+    "prepare": ((), ()),
     "embed": (("prepare",), ("embed",)),
     "cf": (("prepare",), ("cf",)),
     "tokenizer": (("embed", "cf"), ("tokenizer",)),
-    "rec": (("tokenizer",), ("rec", "data")),
+    "rec": (("tokenizer",), ("rec", "data.max_history")),
     "evaluate": (("rec",), ("evaluate",)),
 }
 TRAINER_SECTIONS = ("cf", "tokenizer", "rec")  # the config sections with their own device
@@ -76,20 +78,26 @@ class Pipeline:
         return values
 
     def fingerprint(self, stage: str) -> str:
-        """Hash of what the stage reads: its config sections, each upstream stage's fingerprint and
-        the content of its outputs, and (prepare) the content of the data source's files."""
-        ups, sections = DEPENDS[stage]
+        """Hash of what the stage reads: its config settings, each upstream stage's fingerprint and
+        the content of its outputs, and (prepare) the data source: the synthetic generator's settings
+        or the content of the data source's files."""
+        ups, settings = DEPENDS[stage]
         payload = {
             "stage": stage,
             "upstream": [[self.fingerprints[u], self.digests[u]] for u in ups],
-            "config": {s: self.config[s] for s in sections},
+            "config": {name: self._setting(name) for name in settings},
             "source": self._source_identity() if stage == "prepare" else None,
         }
         return fingerprint(payload)
 
+    def _setting(self, name: str):
+        """A config section ("rec"), or one setting of it ("data.max_history")."""
+        section, _, key = name.partition(".")
+        return self.config[section][key] if key else self.config[section]
+
     def _source_identity(self) -> dict:
         if self.source.get("synthetic"):
-            return {"synthetic": True}
+            return {"synthetic": self.config["data"]["synthetic"]}
         from letter.data.readers import source_files
 
         previous = (self._read("prepare", MARKER) or {}).get("source_files", {})
@@ -117,17 +125,7 @@ class Pipeline:
         recommender_class(rec.model).check_settings(rec)  # LC-Rec's base model: not found only at the rec stage
         self._check_devices()
         prepare_run_folder(self.out, "pipeline", resume=True, what="out")
-        if not os.path.isdir(self.out):  # data the stages refuse: no run folder is left
-            from letter.cf.train import check_catalog
-            from letter.data.split import check_training_samples
-            from letter.embed import EmbedSettings, encoder_inputs
-
-            dataset = self.source_dataset()
-            if dataset.item_text is None:
-                raise LetterError(f"{dataset.source}: no item text (<Name>.item.json); the embed stage needs it")
-            check_catalog(dataset)
-            check_training_samples(dataset, dataset.source)
-            encoder_inputs(dataset, EmbedSettings.from_dict(self.config["embed"]), self.device)  # model, fields
+        self._check_inputs()
         mark_started(self.out, "pipeline")
         for path in remove_stale_temps(self.out):
             self.log(f"removed {path} (left by an interrupted write)")
@@ -150,6 +148,21 @@ class Pipeline:
             # changed or missing outputs: nothing in the folder can be trusted, start afresh
             self._run_stage(stage, fp, fresh=forced or (done is not None and done["inputs"].get("fingerprint") == fp))
         return write_report(self)
+
+    def _check_inputs(self) -> None:
+        """Data and embed settings the stages would refuse, refused before any stage runs: no run
+        folder is left by a new run, and a rerun does not stop at the stage that reads them after
+        the ones before it ran again (every run, also on an existing run folder)."""
+        from letter.cf.train import check_catalog
+        from letter.data.split import check_training_samples
+        from letter.embed import EmbedSettings, encoder_inputs
+
+        dataset = self.source_dataset()
+        if dataset.item_text is None:
+            raise LetterError(f"{dataset.source}: no item text (<Name>.item.json); the embed stage needs it")
+        check_catalog(dataset)
+        check_training_samples(dataset, dataset.source)
+        encoder_inputs(dataset, EmbedSettings.from_dict(self.config["embed"]), self.device)  # model, fields
 
     def _check_devices(self) -> None:
         """A device this torch lacks, the pipeline's or a trainer section's, is refused before any stage writes."""

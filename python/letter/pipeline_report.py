@@ -153,8 +153,8 @@ def _plot_curves(p) -> list[str]:
             ax.grid(alpha=0.3)
         fig.tight_layout()
         path = os.path.join(p.out, "training_curves.png")
-        fig.savefig(path + ".tmp.png", dpi=100)
+        with atomic_path(path) as tmp:  # the temporary name keeps .png, the format savefig writes
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        os.replace(path + ".tmp.png", path)
         paths.append(path)
     return paths

@@ -389,11 +389,18 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def check_not_diverged(what: str, *tensors: torch.Tensor) -> None:
+def check_not_diverged(what: str, *tensors: torch.Tensor, ctx: DistContext | None = None) -> None:
     """LetterError "training diverged: <what> hold NaN/inf; lower lr" when any of `tensors` does:
     the weights diverged inside an epoch, before its loss could be checked (the fused ops would
-    stop on such input with a bare ValueError). One host sync."""
-    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+    stop on such input with a bare ValueError). One host sync.
+
+    `ctx` of several processes (a collective: every process calls it at the same step): every
+    process raises when any one's tensors hold NaN/inf, so none is left waiting in the next
+    collective for one that left."""
+    diverged = not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    if ctx is not None and ctx.world > 1:
+        diverged = ctx.sum([float(diverged)])[0] > 0
+    if diverged:
         raise LetterError(f"training diverged: {what} hold NaN/inf; lower lr", "lr")
 
 

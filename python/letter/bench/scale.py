@@ -44,6 +44,7 @@ import time
 
 import numpy as np
 
+from letter.runs import atomic_path
 from letter.utils import pyplot
 from letter_ext.bench.common import cpu_model, peak_rss_bytes
 
@@ -175,7 +176,8 @@ def plot(result: dict, path: str) -> bool:
         ax.legend(fontsize=7)
     fig.suptitle(f"letter.bench scale on {result['cpu_model']} (1 thread)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # the temporary name keeps the suffix: savefig's format follows it
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return True
 

@@ -101,7 +101,7 @@ class LightGCNTrainable(CFTrainable):
             negative = items_emb[shard(negatives, ctx).to(ctx.device)]
             total = F.softplus(-((u * items_emb[items]).sum(-1) - (u * negative).sum(-1))).sum()
         else:
-            check_not_diverged("the user or item embeddings", u, items_emb)
+            check_not_diverged("the user or item embeddings", u, items_emb, ctx=ctx)
             total = dot_product_cross_entropy(u, items_emb, items, reduction="sum")
         # gradients are averaged over processes: scaling by world / |global batch| gives the batch mean
         loss = total * ctx.world / len(batch)

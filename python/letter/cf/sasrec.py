@@ -41,17 +41,18 @@ def sampled_softmax_loss(h: torch.Tensor, emb: torch.Tensor, t: torch.Tensor, ne
     return (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos.squeeze(1)).sum()
 
 
-def step_loss(model, inputs, targets, num_items: int, loss: str, global_targets: int, world: int, negatives: int = 0):
+def step_loss(model, inputs, targets, num_items: int, loss: str, global_targets: int, world: int, negatives: int = 0,
+              ctx: DistContext | None = None):
     """The loss of one process's share of a batch, scaled so that DDP's gradient average gives the
     sum over the global batch divided by its number of targets. `negatives`: loss "sampled"'s
-    uniform negative items per step."""
+    uniform negative items per step. `ctx`: the processes that stop together when one diverges."""
     hidden = model(inputs)  # through the DDP wrapper when distributed, so gradients get synced
     model = getattr(model, "module", model)
     valid = targets > 0
     h, t = hidden[valid], targets[valid] - 1
     if loss == "ce":
         # fused: the [targets x items] logits are never built (O(rows) memory at any catalog size)
-        check_not_diverged("the hidden states or item embeddings", h, model.item_embeddings())
+        check_not_diverged("the hidden states or item embeddings", h, model.item_embeddings(), ctx=ctx)
         total = dot_product_cross_entropy(h.float(), model.item_embeddings().float(), t, reduction="sum")
     elif loss == "sampled":
         # draws are with replacement: as many as the catalog would miss about a third of it, so
@@ -95,7 +96,7 @@ class SASRecTrainable(CFTrainable):
         seq, tgt = drop_leading_padding(self.inputs[shard(batch, ctx)], self.targets[shard(batch, ctx)])
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             loss = step_loss(self.step_module, seq.to(ctx.device), tgt.to(ctx.device), self.dataset.num_items,
-                             self.cfg.loss, global_targets, ctx.world, self.cfg.negatives)
+                             self.cfg.loss, global_targets, ctx.world, self.cfg.negatives, ctx)
         return loss, {"loss": loss}
 
     def scorer(self):

@@ -1,8 +1,9 @@
 """Index versions of a train-rec run: new items join a trained recommender without retraining.
 
 Version 0 is the run's training index (its codes.npy, never rewritten). `add_items` turns new
-items' text embeddings into identifiers with the tokenizer that made the run's codes (the
-catalog's identifiers stay taken; the tokenizer's collision rules and `unique` setting apply) and writes
+items' text embeddings into identifiers with the tokenizer that made the run's codes (its
+collision rules; with its `unique` setting the catalog's identifiers stay taken, without it a new
+item may share one: the record counts them) and writes
 version k+1 = version k's codes plus the new rows:
 
     RUN/index-versions/v<k>/codes.npy      codes [M_k, L] of items 0..M_k-1 of the run's dataset
@@ -152,7 +153,7 @@ def add_items(run_dir: str, tokenizer_dir: str, embeddings, *, data=None) -> dic
         raise LetterError(f"{where}: {emb.shape[0]} rows, but {dataset.source} has {total} items of which "
                           f"{total - indexed} lack an identifier: give [{total}, d] catalog rows or at most "
                           f"{total - indexed} rows of the next items", "embeddings")
-    tok.catalog_codes = codes  # every identifier of the newest version stays taken
+    tok.catalog_codes = codes  # the newest version's identifiers: fixed (and taken, with `unique`)
     new = tok.encode(emb)
     sizes = info.get("level_sizes") or [int(c) + 1 for c in training_codes.max(0)]
     outside = np.flatnonzero((new >= np.asarray(sizes)).any(1))

@@ -63,7 +63,7 @@ class Tokenizer:
         self.model = model.eval()
         self.config = config
         self.name = name
-        self.catalog_codes = catalog_codes  # the run's codes.npy; cold-start items must avoid them
+        self.catalog_codes = catalog_codes  # the run's codes.npy; fixed when cold-start items are resolved
 
     @property
     def codebooks(self) -> list[torch.Tensor]:
@@ -91,7 +91,8 @@ class Tokenizer:
 
     def encode(self, emb) -> np.ndarray:
         """Codes [n, L] for new (cold-start) items with the training run's rules: argmin, then the
-        collision rules applied to the new items only, the catalog's identifiers counting as taken."""
+        collision rules applied to the new items only (the catalog's codes never move). With
+        config.unique the catalog's identifiers count as taken; without it a new item may share one."""
         new = check_embeddings("embeddings", emb)
         if new.shape[1] != self.model.in_dim:
             raise LetterError(f"embeddings have dim {new.shape[1]} but the tokenizer was trained on dim {self.model.in_dim}")

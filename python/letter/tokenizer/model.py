@@ -111,8 +111,10 @@ class RQVAE(nn.Module):
         """-> codes [B, L], selected code vectors e [B, L, d] (grad to codebooks), residuals r [B, L, d]
         (grad to z only), z_hat [B, d] (straight-through: value sum_l e_l, gradient to z).
         `share`: z holds one rank's rows of a global batch; Sinkhorn balances the whole batch.
-        Raises LetterError when z or a codebook holds NaN/inf (training diverged inside an epoch)."""
-        check_not_diverged("the latents or codebooks", z, *self.codebooks)  # not residual_quantize's ValueError
+        Raises LetterError when z or a codebook holds NaN/inf (training diverged inside an epoch), with
+        `share` on every rank when any rank's do."""
+        # not residual_quantize's ValueError; the ranks sharing a batch all raise
+        check_not_diverged("the latents or codebooks", z, *self.codebooks, ctx=share.ctx if share is not None else None)
         codes, assigned_residuals = assign_codes(z, list(self.codebooks))
         if sinkhorn and self.config.sinkhorn_epsilon > 0:
             # Balanced re-assignment of the last level within the batch (the authors' training rule).
