@@ -16,7 +16,7 @@ from letter.data import (
     write_index_json,
     write_letter,
 )
-from letter.errors import DataError
+from letter.errors import DataError, SettingError
 from letter.metrics import hits_from_topk, metrics_from_hits, ranking_metrics, standard_errors
 
 
@@ -48,6 +48,14 @@ def test_leave_one_out_default_history_20():
     assert split.test == [(list(range(9, 29)), 29)]
     assert split.train[-1] == (list(range(7, 27)), 27)
     assert len(split.train) == 27
+
+
+@pytest.mark.parametrize("max_history", [0, -3])
+def test_leave_one_out_refuses_a_history_window_below_one(max_history):
+    """A library error the CLI shows as one line (it was a plain ValueError)."""
+    ds = Dataset("t", ["u"], [list(range(6))], [str(i) for i in range(6)])
+    with pytest.raises(SettingError, match=f"^max_history must be >= 1, got {max_history}$"):
+        leave_one_out(ds, max_history=max_history)
 
 
 # ---------------------------------------------------------------- LETTER folder
