@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -383,6 +384,24 @@ def test_cli_synth_stats_convert(tmp_path):
     assert r.exit_code == 0 and load_dataset(str(tmp_path / "p5")).sequences == [[0, 1, 2]]
     r = runner.invoke(main, ["data", "stats", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "no such file" in r.output and "Traceback" not in r.output
+
+
+def test_an_empty_name_is_refused_by_every_reader(tmp_path):
+    """--name "" used to fall back to the default name silently; now one line naming --name, nothing written."""
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    _write(tmp_path / "Old.inter.json", json.dumps({"u": [1, 2, 3], "v": [3, 1, 2]}))
+    _write(tmp_path / "sequential_data.txt", "1 2 3 4\n")
+    _gz_lines(tmp_path / "r.json.gz", [{"reviewerID": "A", "asin": "x", "unixReviewTime": 1}])
+    message = "name '': not usable in a file name (no '/', '\\', leading '.' or empty name)"
+    for src in ("Old.inter.json", "sequential_data.txt", "r.json.gz"):
+        with pytest.raises(SettingError, match=f"^{re.escape(message)}$"):
+            load_dataset(str(tmp_path / src), name="")
+        r = CliRunner().invoke(main, ["data", "convert", str(tmp_path / src), str(tmp_path / "out"), "--name", ""])
+        assert r.exit_code == 1 and r.output == f"Error: --{message}\n", r.output
+        assert not (tmp_path / "out").exists()
 
 
 def test_cli_convert_names_a_letter_folder_by_name(tmp_path):
