@@ -248,6 +248,16 @@ def test_amazon_reader_errors(tmp_path):
         load_dataset(str(tmp_path / "r.json.gz"))
 
 
+@pytest.mark.parametrize("key,value", [("reviewerID", None), ("reviewerID", ""), ("asin", None), ("asin", [1])])
+def test_amazon_reader_refuses_a_null_or_empty_id(tmp_path, key, value):
+    """Refused as a line without the key is (a null reviewerID became the user "None")."""
+    good = {"reviewerID": "A", "asin": "x", "unixReviewTime": 1}
+    _gz_lines(tmp_path / "r.json.gz", [good, {**good, key: value}])
+    message = f"{tmp_path}/r.json.gz: line 2: {key} {value!r} is not an integer or non-empty string"
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        load_dataset(str(tmp_path / "r.json.gz"), k=1)
+
+
 def test_amazon_meta_with_one_category_as_a_string_or_number(tmp_path):
     # some dumps give a single category as a string (not split into letters) or a number (no crash)
     reviews = [{"reviewerID": u, "asin": i, "unixReviewTime": 1} for u in "AB" for i in ("i1", "i2")]

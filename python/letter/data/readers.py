@@ -25,9 +25,13 @@ def _read_json(path: str):
         raise DataError(str(e).replace(": not valid JSON (", ": malformed json (", 1)) from None
 
 
+def _is_id(value) -> bool:
+    """An integer or a non-empty string: bool (an int subclass) is refused with None, floats, lists, ..."""
+    return not isinstance(value, bool) and isinstance(value, (int, str)) and str(value) != ""
+
+
 def _id(value, path: str, key: str) -> str:
-    # bool is an int subclass; reject it along with floats, lists, ...
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or str(value) == "":
+    if not _is_id(value):
         raise DataError(f"{path}: key {key!r}: item id {value!r} is not an integer or non-empty string")
     return str(value)
 
@@ -246,7 +250,8 @@ def _dump_name(review_path: str) -> str:
 def read_amazon(path: str, meta_path: str | None = None, k: int = 5, name: str | None = None) -> Dataset:
     """Raw Amazon reviews (json lines with reviewerID, asin, unixReviewTime; .gz or plain) and an
     optional meta_*.json.gz. `path` may be the review file or a folder with both. Repeated
-    (user, item) pairs keep the first; ties in time keep file order; then k-core filtering."""
+    (user, item) pairs keep the first; ties in time keep file order; then k-core filtering. A line
+    without reviewerID, asin (each an integer or a non-empty string) or unixReviewTime is refused."""
     review_path, found_meta = _amazon_files(path)
     name = _dataset_name(name, _dump_name(review_path))
     meta_path = meta_path or found_meta
@@ -258,6 +263,9 @@ def read_amazon(path: str, meta_path: str | None = None, k: int = 5, name: str |
             raise DataError(
                 f"{review_path}: line {lineno}: needs reviewerID, asin and integer unixReviewTime ({e!r})"
             ) from e
+        for key, value in (("reviewerID", user), ("asin", item)):  # a null one would become the id "None"
+            if not _is_id(value):
+                raise DataError(f"{review_path}: line {lineno}: {key} {value!r} is not an integer or non-empty string")
         events[str(user)].append((time, order, str(item)))
     user_items = {}
     for user, evs in events.items():
