@@ -74,12 +74,13 @@ def _show_warning(command, show_other):
 
 
 def check_environment() -> None:
-    """LetterError for a bad $LETTER_BACKEND: every op call reads it, so a command is refused
-    before it writes anything rather than stopped at its first op call."""
-    from letter_ext._backend import env_backend
+    """LetterError for a bad $LETTER_BACKEND or $LETTER_ISA: every op call refuses them, so a command
+    is refused before it writes anything rather than stopped at its first op call."""
+    from letter_ext._backend import check_env_isa, env_backend
 
     try:
         env_backend()
+        check_env_isa()
     except ValueError as e:
         raise LetterError(str(e)) from None
 

@@ -58,7 +58,7 @@ def supported_isas() -> list[str]:
 def set_isa(name: str) -> None:
     """Force the C++ CPU kernels onto the `name` path (one of supported_isas()), for the whole
     process: to test every path on one machine, or to stand in for a CPU without AVX-512.
-    $LETTER_ISA does the same when letter_ext is imported."""
+    $LETTER_ISA does the same when letter_ext is imported (see check_env_isa for a bad one)."""
     if _C is None:
         raise RuntimeError("set_isa needs the compiled letter_ext._C library")
     torch.ops.letter.set_isa(name)
@@ -70,8 +70,21 @@ def bf16_gemms() -> bool:
     return bool(torch.ops.letter.bf16_gemms()) if _C is not None else False
 
 
+# A bad $LETTER_ISA is not applied, and not raised here either: an error while importing would stop
+# every program (the `letter` command included) before its own error handling; op calls refuse it.
+_ENV_ISA_ERROR = None
 if _C is not None and os.environ.get("LETTER_ISA"):
-    set_isa(os.environ["LETTER_ISA"])
+    try:
+        set_isa(os.environ["LETTER_ISA"])
+    except ValueError as e:
+        _ENV_ISA_ERROR = f"$LETTER_ISA: {str(e).removeprefix('set_isa: ')}"
+
+
+def check_env_isa() -> None:
+    """ValueError naming $LETTER_ISA when the value it had at import was refused (not an ISA name, or
+    one this CPU does not run). Every op call checks it; programs can check it up front."""
+    if _ENV_ISA_ERROR is not None:
+        raise ValueError(_ENV_ISA_ERROR)
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,6 +135,7 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
 
     Auto choice: the compiled kernel for the tensor's device, then Triton on CUDA, then the reference.
     """
+    check_env_isa()
     choice = backend or env_backend() or "auto"
     if choice not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {choice!r}")

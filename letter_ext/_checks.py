@@ -2,6 +2,7 @@
 import math
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -39,3 +40,9 @@ def check_index_tensor(name: str, t, length: int, device: torch.device, rows_of:
         raise ValueError(f"{name} must be [B] with B={length} (the rows of {rows_of}), got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{rows_of} is on {device} but {name} is on {t.device}")
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """Whether t holds values a check can read: not a fake (traced) or meta tensor, whose checks
+    would stop tracing; those are checked when the op runs on real tensors."""
+    return not (t.is_meta or isinstance(t, FakeTensor))

@@ -9,7 +9,7 @@ import torch
 
 from . import reference
 from ._backend import HAS_TRITON, has_schema, resolve, route_cuda_to_triton
-from ._checks import check_float_tensor
+from ._checks import check_float_tensor, has_values
 from .reference import accumulation_dtype
 from .trie import TrieLevels, check_csr
 
@@ -40,6 +40,12 @@ def _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_be
     for name, t in (("beam_scores", beam_scores), ("nodes", nodes), ("trie", trie)):
         if t.device != logits.device:
             raise ValueError(f"logits is on {logits.device} but {name} is on {t.device}")
+
+
+def _check_beam_scores(beam_scores):
+    """-inf marks a dead beam; NaN or +inf is no score (a NaN beam would pass as dead, a +inf one win)."""
+    if has_values(beam_scores) and bool((torch.isnan(beam_scores) | (beam_scores == float("inf"))).any()):
+        raise ValueError("beam_scores contains NaN or +inf; a beam's score is finite, or -inf for a dead beam")
 
 
 def _check_live_nodes(beam_scores, nodes, trie, level):
@@ -91,7 +97,7 @@ def constrained_beam_step(
         logits: [B*K_in, V] float; row b*K_in + k is the next-token logits of beam k of batch row
             b. V may exceed the trie's tokens (special tokens): they are never continuations.
         beam_scores: [B, K_in] float, sum of log-probs so far; -inf marks a dead beam (at step 0
-            use [0, -inf, ...] or K_in = 1).
+            use [0, -inf, ...] or K_in = 1); NaN or +inf raises ValueError.
         nodes: [B, K_in] int64, each beam's trie node at depth `level` (0 at step 0); ignored for
             dead beams.
         trie: letter_ext.TrieLevels (see letter_ext.trie), on logits' device.
@@ -119,6 +125,7 @@ def constrained_beam_step(
     never read, so anything in them is ignored.
     """
     _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_beams)
+    _check_beam_scores(beam_scores)
     banned_ptr, banned_node = _check_bans(
         banned_ptr, banned_node, beam_scores.shape[0], trie.child_token[level].numel(), logits.device
     )

@@ -9,6 +9,8 @@ asserts the result (right data, right outputs); nothing outside the case folder 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+import letter_ext
 from letter.cli.main import main
 
 # -- a tiny world of finished runs, built once -------------------------------------------------
@@ -768,3 +771,23 @@ def test_unknown_letter_backend_is_refused_before_any_output(tmp_path):
     assert result.output.strip() == ("Error: $LETTER_BACKEND must be one of ('reference', 'cpu', 'cuda', 'triton') "
                                      "or 'auto', got 'tpu'")
     assert sorted(os.listdir(data)) == before
+
+
+@pytest.mark.skipif(letter_ext._backend._C is None, reason="$LETTER_ISA needs the compiled letter_ext._C")
+def test_bad_letter_isa_is_refused_by_op_calls_and_commands(tmp_path):
+    # $LETTER_ISA is applied when letter_ext is imported: a bad value used to raise there, so every
+    # `letter` command (even --help) stopped with a traceback before the CLI could report it
+    env = {**os.environ, "LETTER_ISA": "avx9"}
+    message = "$LETTER_ISA: isa must be 'scalar', 'avx2' or 'avx512', got 'avx9'"
+    out = tmp_path / "data"
+    proc = subprocess.run([sys.executable, "-m", "letter.cli.main", "data", "synth", str(out), "--users", "30"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"Error: {message}", proc.stderr
+    assert not out.exists()
+    code = ("import torch, letter_ext\n"
+            "try:\n"
+            "    letter_ext.residual_quantize(torch.zeros(2, 4), torch.zeros(1, 3, 4))\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == message, proc.stdout + proc.stderr

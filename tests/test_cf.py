@@ -318,7 +318,8 @@ def test_bad_input_with_overwrite_keeps_the_earlier_outputs(tmp_path):
         with open(path, "wb") as f:
             f.write(content)
     for args, message in ((["--device", "tpu"], "--device 'tpu': not a device name"),
-                          ([], "no training samples (every user has fewer than 4 items)")):
+                          ([], "no training samples (one needs a user with at least 4 interactions: the last two "
+                                "are the validation and test targets)")):
         if not args:  # histories of 3 items: nothing to train on
             write_letter(make_synthetic(num_users=60, num_items=30, num_categories=3, min_length=3, max_length=3),
                          str(data))

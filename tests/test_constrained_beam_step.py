@@ -264,6 +264,32 @@ def test_live_node_out_of_range_is_a_value_error(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_beam_score_is_a_value_error(backend, bad):
+    """-inf marks a dead beam; a NaN beam used to pass as dead and a +inf one to fill the slots."""
+    logits, beam_scores, nodes, trie = _good_inputs()
+    beam_scores[1, 2] = bad
+    with pytest.raises(ValueError, match=r"beam_scores contains NaN or \+inf"):
+        letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 4, backend=backend)
+    beam_scores[1, 2] = NEG_INF
+    letter_ext.constrained_beam_step(logits, beam_scores, nodes, trie, 1, 4, backend=backend)
+
+
+@pytest.mark.skipif("cpu" not in available_backends("constrained_beam_step"), reason="no compiled kernel")
+def test_fake_tensors_pass_the_value_checks():
+    """Tracing runs the wrapper on fake tensors: checks that read values skip them (not stop the trace)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    logits, beam_scores, nodes, trie = _good_inputs()
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (logits, beam_scores, nodes)]
+        trie = trie._replace(row_ptr=tuple(map(mode.from_tensor, trie.row_ptr)),
+                             child_token=tuple(map(mode.from_tensor, trie.child_token)))
+        scores, parent, token, node = letter_ext.constrained_beam_step(*fake, trie, 1, 4, backend="cpu")
+    assert scores.shape == parent.shape == token.shape == node.shape == (2, 4)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends("constrained_beam_step"))
 def test_empty_batch(backend):
     gen = torch.Generator().manual_seed(13)
     trie = random_trie(20, 2, gen)

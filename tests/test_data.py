@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from letter.data import (
     write_index_json,
     write_letter,
 )
-from letter.errors import DataError
+from letter.errors import DataError, SettingError
 from letter.metrics import hits_from_topk, metrics_from_hits, ranking_metrics, standard_errors
 
 
@@ -48,6 +49,14 @@ def test_leave_one_out_default_history_20():
     assert split.test == [(list(range(9, 29)), 29)]
     assert split.train[-1] == (list(range(7, 27)), 27)
     assert len(split.train) == 27
+
+
+@pytest.mark.parametrize("max_history", [0, -3])
+def test_leave_one_out_refuses_a_history_window_below_one(max_history):
+    """A library error the CLI shows as one line (it was a plain ValueError)."""
+    ds = Dataset("t", ["u"], [list(range(6))], [str(i) for i in range(6)])
+    with pytest.raises(SettingError, match=f"^max_history must be >= 1, got {max_history}$"):
+        leave_one_out(ds, max_history=max_history)
 
 
 # ---------------------------------------------------------------- LETTER folder
@@ -239,6 +248,16 @@ def test_amazon_reader_errors(tmp_path):
         load_dataset(str(tmp_path / "r.json.gz"))
 
 
+@pytest.mark.parametrize("key,value", [("reviewerID", None), ("reviewerID", ""), ("asin", None), ("asin", [1])])
+def test_amazon_reader_refuses_a_null_or_empty_id(tmp_path, key, value):
+    """Refused as a line without the key is (a null reviewerID became the user "None")."""
+    good = {"reviewerID": "A", "asin": "x", "unixReviewTime": 1}
+    _gz_lines(tmp_path / "r.json.gz", [good, {**good, key: value}])
+    message = f"{tmp_path}/r.json.gz: line 2: {key} {value!r} is not an integer or non-empty string"
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        load_dataset(str(tmp_path / "r.json.gz"), k=1)
+
+
 def test_amazon_meta_with_one_category_as_a_string_or_number(tmp_path):
     # some dumps give a single category as a string (not split into letters) or a number (no crash)
     reviews = [{"reviewerID": u, "asin": i, "unixReviewTime": 1} for u in "AB" for i in ("i1", "i2")]
@@ -375,6 +394,24 @@ def test_cli_synth_stats_convert(tmp_path):
     assert r.exit_code == 0 and load_dataset(str(tmp_path / "p5")).sequences == [[0, 1, 2]]
     r = runner.invoke(main, ["data", "stats", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "no such file" in r.output and "Traceback" not in r.output
+
+
+def test_an_empty_name_is_refused_by_every_reader(tmp_path):
+    """--name "" used to fall back to the default name silently; now one line naming --name, nothing written."""
+    from click.testing import CliRunner
+
+    from letter.cli.main import main
+
+    _write(tmp_path / "Old.inter.json", json.dumps({"u": [1, 2, 3], "v": [3, 1, 2]}))
+    _write(tmp_path / "sequential_data.txt", "1 2 3 4\n")
+    _gz_lines(tmp_path / "r.json.gz", [{"reviewerID": "A", "asin": "x", "unixReviewTime": 1}])
+    message = "name '': not usable in a file name (no '/', '\\', leading '.' or empty name)"
+    for src in ("Old.inter.json", "sequential_data.txt", "r.json.gz"):
+        with pytest.raises(SettingError, match=f"^{re.escape(message)}$"):
+            load_dataset(str(tmp_path / src), name="")
+        r = CliRunner().invoke(main, ["data", "convert", str(tmp_path / src), str(tmp_path / "out"), "--name", ""])
+        assert r.exit_code == 1 and r.output == f"Error: --{message}\n", r.output
+        assert not (tmp_path / "out").exists()
 
 
 def test_cli_convert_names_a_letter_folder_by_name(tmp_path):

@@ -109,6 +109,16 @@ def test_from_base_refuses_a_history_window_below_one(base, max_history):
         LCRec.from_base(base, LEVELS, max_history=max_history)
 
 
+def test_constructor_refuses_a_history_window_below_one(base):
+    """LCRec(...) directly (not from_base) used to keep max_history 0, and read whole histories."""
+    from letter.errors import SettingError
+
+    lm = _model(base)
+    with pytest.raises(SettingError, match="^max_history must be >= 1, got 0$"):
+        LCRec(lm.model, lm.tokenizer, lm.base_model, lm.level_sizes, lm.vocab_offsets, temperature=lm.temperature,
+              max_history=0, lora=lm.lora)
+
+
 # -- prompts -------------------------------------------------------------------------------------
 
 

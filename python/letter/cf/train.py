@@ -26,6 +26,7 @@ import torch
 from letter.cf.config import CFConfig
 from letter.data import Dataset, Split, drop_leading_padding, leave_one_out, pad_left
 from letter.data.cold import check_no_cold_training, read_cold_split
+from letter.data.split import check_training_samples
 from letter.errors import LetterError
 from letter.metrics import hits_from_topk, metric_sums
 from letter.runs import cf_output_paths, prepare_output_files, save_npy, sidecar_record, write_json
@@ -241,9 +242,8 @@ def train_cf(dataset: Dataset, out_dir: str, cfg: CFConfig, resume: bool = False
     cfg.validate()
     check_catalog(dataset)
     check_no_cold_training(dataset, read_cold_split(dataset))
+    check_training_samples(dataset, dataset.source)
     split = leave_one_out(dataset, max_history=cfg.max_len)
-    if not split.train:
-        raise LetterError(f"{dataset.source}: no training samples (every user has fewer than 4 items)")
     paths = output_paths(out_dir, dataset.name, cfg.dim, cfg.model)
     with distributed(cfg.device) as ctx:  # the device is checked before overwrite removes anything
         prepare_output_files([paths["embeddings"], paths["checkpoint"], paths["metrics"]], "train-cf", resume=resume,

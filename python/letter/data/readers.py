@@ -10,7 +10,8 @@ from collections import Counter, defaultdict
 
 from letter.data.dataset import TEXT_FIELDS, Dataset, build_dataset
 from letter.errors import DataError, LetterError, LetterWarning
-from letter.runs import INTER_SUFFIX, ITEM_SUFFIX, files_matching, parse_json, read_text, write_json
+from letter.runs import (INTER_SUFFIX, ITEM_SUFFIX, check_file_name, files_matching, parse_json, read_text,
+                         write_json)
 from letter.utils import progress
 
 P5_FILE = "sequential_data.txt"
@@ -24,11 +25,21 @@ def _read_json(path: str):
         raise DataError(str(e).replace(": not valid JSON (", ": malformed json (", 1)) from None
 
 
+def _is_id(value) -> bool:
+    """An integer or a non-empty string: bool (an int subclass) is refused with None, floats, lists, ..."""
+    return not isinstance(value, bool) and isinstance(value, (int, str)) and str(value) != ""
+
+
 def _id(value, path: str, key: str) -> str:
-    # bool is an int subclass; reject it along with floats, lists, ...
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or str(value) == "":
+    if not _is_id(value):
         raise DataError(f"{path}: key {key!r}: item id {value!r} is not an integer or non-empty string")
     return str(value)
+
+
+def _dataset_name(name: str | None, default: str) -> str:
+    """The name a reader gives its dataset: `name`, refused before any reading when it is no file
+    name (an empty one used to fall back to the default silently), or `default` when it is None."""
+    return default if name is None else check_file_name(name, "name")
 
 
 # ---------------------------------------------------------------- LETTER / LC-Rec folder
@@ -54,6 +65,7 @@ def read_letter(path: str, name: str | None = None) -> Dataset:
     """A LETTER/LC-Rec folder: <Name>.inter.json {user: [item ids]} and optional <Name>.item.json
     (the dataset is called `name`, default Name)."""
     file_name, inter_path, item_path = _letter_files(path)
+    name = _dataset_name(name, file_name)
     raw = _read_json(inter_path)
     if not isinstance(raw, dict) or not raw:
         raise DataError(f"{inter_path}: expected a non-empty object {{user id: [item ids]}}")
@@ -71,7 +83,7 @@ def read_letter(path: str, name: str | None = None) -> Dataset:
             if not isinstance(fields, dict):
                 raise DataError(f"{item_path}: key {key!r}: expected an object of text fields")
         item_text = raw_text
-    return build_dataset(name or file_name, user_items, item_text, source=inter_path)
+    return build_dataset(name, user_items, item_text, source=inter_path)
 
 
 def write_letter(dataset: Dataset, out_dir: str) -> str:
@@ -118,6 +130,7 @@ def prepare_dataset_output(out_dir: str, name: str, *, overwrite: bool = False, 
 def read_p5(path: str, name: str | None = None) -> Dataset:
     """P5 `sequential_data.txt`: one line per user, `user item item ...` (1-based integer ids)."""
     file = os.path.join(path, P5_FILE) if os.path.isdir(path) else path
+    name = _dataset_name(name, os.path.basename(os.path.dirname(os.path.abspath(file))) or "p5")
     user_items: dict[str, list[str]] = {}
     try:
         with open(file, encoding="utf-8-sig") as f:  # a byte order mark is no part of the first id
@@ -139,8 +152,7 @@ def read_p5(path: str, name: str | None = None) -> Dataset:
         raise DataError(f"{file}: not UTF-8 text (byte {e.start} of a block); save it as UTF-8") from None
     if not user_items:
         raise DataError(f"{file}: no users")
-    default = os.path.basename(os.path.dirname(os.path.abspath(file))) or "p5"
-    return build_dataset(name or default, user_items, None, source=file)
+    return build_dataset(name, user_items, None, source=file)
 
 
 # ---------------------------------------------------------------- raw Amazon dumps
@@ -238,8 +250,10 @@ def _dump_name(review_path: str) -> str:
 def read_amazon(path: str, meta_path: str | None = None, k: int = 5, name: str | None = None) -> Dataset:
     """Raw Amazon reviews (json lines with reviewerID, asin, unixReviewTime; .gz or plain) and an
     optional meta_*.json.gz. `path` may be the review file or a folder with both. Repeated
-    (user, item) pairs keep the first; ties in time keep file order; then k-core filtering."""
+    (user, item) pairs keep the first; ties in time keep file order; then k-core filtering. A line
+    without reviewerID, asin (each an integer or a non-empty string) or unixReviewTime is refused."""
     review_path, found_meta = _amazon_files(path)
+    name = _dataset_name(name, _dump_name(review_path))
     meta_path = meta_path or found_meta
     events: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     for order, (lineno, record) in enumerate(progress(_json_lines(review_path), desc="reviews", unit=" lines")):
@@ -249,6 +263,9 @@ def read_amazon(path: str, meta_path: str | None = None, k: int = 5, name: str |
             raise DataError(
                 f"{review_path}: line {lineno}: needs reviewerID, asin and integer unixReviewTime ({e!r})"
             ) from e
+        for key, value in (("reviewerID", user), ("asin", item)):  # a null one would become the id "None"
+            if not _is_id(value):
+                raise DataError(f"{review_path}: line {lineno}: {key} {value!r} is not an integer or non-empty string")
         events[str(user)].append((time, order, str(item)))
     user_items = {}
     for user, evs in events.items():
@@ -263,7 +280,7 @@ def read_amazon(path: str, meta_path: str | None = None, k: int = 5, name: str |
     if not user_items:
         raise DataError(f"{review_path}: no user is left after {k}-core filtering ({before} before)")
     item_text = _read_meta(meta_path, user_items) if meta_path else None
-    return build_dataset(name or _dump_name(review_path), user_items, item_text, source=review_path)
+    return build_dataset(name, user_items, item_text, source=review_path)
 
 
 def _read_meta(meta_path: str, user_items: dict[str, list[str]]) -> dict[str, dict]:
@@ -339,7 +356,7 @@ def source_files(path: str, format: str = "auto") -> list[str]:
 
 def load_dataset(path: str, format: str = "auto", k: int = 5, name: str | None = None) -> Dataset:
     """Read any supported format (auto-detected by default). `k` (k-core) applies to raw Amazon dumps;
-    `name` names the dataset (default: from the file or folder name)."""
+    `name` names the dataset (default: from the file or folder name; an empty one is refused)."""
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "letter":
         return read_letter(path, name=name)

@@ -6,11 +6,18 @@ import numpy as np
 import torch
 
 from letter.data.dataset import Dataset
-from letter.errors import LetterError, LetterWarning
+from letter.errors import LetterError, LetterWarning, SettingError
 
 Sample = tuple[list[int], int]  # (history, target), history in time order
 
 MIN_SEQUENCE_LENGTH = 3  # one training item, one validation target, one test target
+
+
+def check_max_history(max_history: int) -> None:
+    """SettingError unless max_history >= 1: 0 would keep whole histories (items[-0:]), -n all
+    but their first n items."""
+    if max_history < 1:
+        raise SettingError("max_history", f"must be >= 1, got {max_history}")
 
 
 def check_training_samples(dataset: Dataset, source: str) -> None:
@@ -83,8 +90,7 @@ def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
     """Per user: test = items[:-1] -> items[-1], valid = items[:-2] -> items[-2], train = every
     prefix items[:i] -> items[i] for 1 <= i < len(items) - 2. Histories keep their last
     `max_history` items. Users with fewer than 3 items are skipped with a warning."""
-    if max_history < 1:
-        raise ValueError(f"max_history must be >= 1, got {max_history}")
+    check_max_history(max_history)
     train, valid, test, eval_users = [], [], [], []
     short = 0
     for user, items in enumerate(dataset.sequences):

@@ -38,7 +38,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from letter.errors import LetterError, SettingError
+from letter.data.split import check_max_history
+from letter.errors import LetterError
 from letter.runs import atomic_dir, read_json
 
 IGNORE_INDEX = -100
@@ -113,6 +114,7 @@ class LCRec(nn.Module):
 
     def __init__(self, model, tokenizer, base_model: str, level_sizes: Sequence[int], vocab_offsets: Sequence[int],
                  *, temperature: float, max_history: int, lora: dict):
+        check_max_history(max_history)
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -148,8 +150,7 @@ class LCRec(nn.Module):
             raise LetterError(f"level_sizes must be positive ints, got {level_sizes}")
         if temperature <= 0:
             raise LetterError(f"temperature must be > 0, got {temperature}")
-        if max_history < 1:  # as RecConfig.max_history: 0 would read the whole history ([-0:])
-            raise SettingError("max_history", f"must be >= 1, got {max_history}")
+        check_max_history(max_history)  # before the base model loads
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         base_model = os.path.abspath(os.fspath(base_model))
         check_base_folder(base_model)
