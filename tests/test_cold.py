@@ -605,6 +605,9 @@ def test_serve_adds_items_without_retraining(chain, served_copy):
         assert status == 200 and all(int(i["item_id"]) < warm for i in body["items"])
         status, body = _post(url, "/items", {"embeddings": [r[:-1] for r in rows]})
         assert status == 422 and body["field"] == "embeddings"  # wrong dimension: one line, nothing written
+        for wrong in (True, "0.5"):  # JSON true or text is no number (as k's true is no 1): refused, not coded
+            status, body = _post(url, "/items", {"embeddings": [[wrong] * len(r) for r in rows]})
+            assert status == 422 and body["field"] == "embeddings[0][0]", body
         assert index_versions(run) == [0]
         status, body = _post(url, "/items", {"embeddings": rows})
         assert status == 200 and body["version"] == 1 and body["added"] == len(rows)
