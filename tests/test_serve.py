@@ -540,16 +540,52 @@ def test_serve_freezes_what_it_loaded_out_of_the_cyclic_gc(trained, monkeypatch)
 
     out, _ = trained
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append((app, gc.get_freeze_count())))
+
+    def run(app, **kw):  # while serving, the loaded run is in no generation: no collection scans it
+        sequences = app.state.run.rec.dataset.sequences
+        served.append((gc.get_freeze_count(), any(o is sequences for o in gc.get_objects())))
+
+    monkeypatch.setattr(uvicorn, "run", run)
     before = gc.get_freeze_count()
     try:
         serve(out, log=lambda message: None)
-        app, frozen = served[0]
-        assert frozen > before
-        sequences = app.state.run.rec.dataset.sequences
-        assert not any(o is sequences for o in gc.get_objects())  # in no generation: no collection scans it
+        frozen, tracked = served[0]
+        assert frozen > before and not tracked
+        assert gc.get_freeze_count() == 0  # thawed once served: collected at exit (see the test below)
     finally:
         gc.unfreeze()
+
+
+def test_a_server_stopped_with_ctrl_c_prints_nothing_but_its_serving_line(trained):
+    """Objects left frozen at exit are never collected: the extension bindings then dumped a
+    30-line "nanobind: leaked ..." report on every Ctrl-C stop of `letter serve`."""
+    import signal
+    import subprocess
+    import sys
+
+    from letter.serve.process import free_port
+
+    out, _ = trained
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "letter.cli.main", "serve", "--model", out, "--port", str(port),
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "LETTER_PROGRESS": "0"})
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if get_json(f"http://127.0.0.1:{port}/healthz", timeout=1.0)[0] == 200:
+                    break
+            except (OSError, ValueError):
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("serving tiger run"), lines[:5]
 
 
 def test_the_serve_beam_default_is_the_library_constant():

@@ -49,4 +49,7 @@ def serve(run_dir: str, *, data=None, device: str = "cpu", beams: int = DEFAULT_
     log(f"serving {meta['model']} run {run.run_dir} ({meta['dataset']}, {meta['items']} items, index "
         f"{meta['index']['version']}) on http://{host}:{port} (API docs: /docs; bodies up to "
         f"{app.state.max_body_bytes} bytes)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    finally:  # frozen objects are never collected at exit: the bindings would report them as leaks
+        gc.unfreeze()
