@@ -407,10 +407,10 @@ CASES = [
                                           "--beams", "3"], 2, "--beams must be >= -k"),
     ("recommend", "unknown excluded item", none, ["recommend", "--model", "{rec}", "--history", "1,2",
                                                   "--exclude", "zz"], 1, "--exclude: unknown item id(s) zz"),
-    # serve: the run is loaded (and refused) before anything listens
-    ("serve", "missing run", none, ["serve", "--model", "{case}/none"], 1,
+    # serve: the run is loaded (and refused) before anything listens (--port 0: whatever holds 8000)
+    ("serve", "missing run", none, ["serve", "--model", "{case}/none", "--port", "0"], 1,
      "--model {case}/none: not a train-rec run folder"),
-    ("serve", "unfinished", unfinished("rec", ["manifest.json"]), ["serve", "--model", "{case}/rec"], 1,
+    ("serve", "unfinished", unfinished("rec", ["manifest.json"]), ["serve", "--model", "{case}/rec", "--port", "0"], 1,
      "--model {case}/rec: unfinished train-rec run"),
     ("serve", "port", none, ["serve", "--model", "{rec}", "--port", "70000"], 2, "--port"),
     # pipeline and config show: wrong types name the key
@@ -446,7 +446,7 @@ CASES += [
      "--model {case}/rec: unfinished train-rec run"),
     ("recommend", "marker deleted", drop_marker("rec"), ["recommend", "--model", "{case}/rec", "--history", "1,2"], 1,
      "--model {case}/rec: unfinished train-rec run"),
-    ("serve", "marker deleted", drop_marker("rec"), ["serve", "--model", "{case}/rec"], 1, "--model {case}/rec: unfinished train-rec run"),
+    ("serve", "marker deleted", drop_marker("rec"), ["serve", "--model", "{case}/rec", "--port", "0"], 1, "--model {case}/rec: unfinished train-rec run"),
     ("add-items", "marker deleted", drop_marker("rec"),
      ["add-items", "--model", "{case}/rec", "--tokenizer", "{tok}", "--embeddings", "{data}/Synth.emb-hash16.npy"], 1,
      "--model {case}/rec: unfinished train-rec run"),

@@ -545,7 +545,11 @@ def test_serve_freezes_what_it_loaded_out_of_the_cyclic_gc(trained, monkeypatch)
         sequences = app.state.run.rec.dataset.sequences
         served.append((gc.get_freeze_count(), any(o is sequences for o in gc.get_objects())))
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    def serving(server, sockets=None):
+        run(server.config.app)
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", serving)
     before = gc.get_freeze_count()
     try:
         serve(out, log=lambda message: None)
@@ -554,6 +558,39 @@ def test_serve_freezes_what_it_loaded_out_of_the_cyclic_gc(trained, monkeypatch)
         assert gc.get_freeze_count() == 0  # thawed once served: collected at exit (see the test below)
     finally:
         gc.unfreeze()
+
+
+def test_a_taken_port_is_one_line_before_the_run_loads_and_port_0_names_the_real_one(trained, monkeypatch):
+    """A port in use: one line naming --port, exit 1, before the run is loaded (uvicorn found it
+    only after the 'serving ... on' line, then exited 3 with its own log line); --port 0: the
+    serving line names the port taken, not 0."""
+    import uvicorn
+
+    from letter.serve.process import free_port
+
+    def no_load(self, *args, **kwargs):
+        raise AssertionError("the run was loaded")
+
+    out, _ = trained
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(RunRecommender, "__init__", no_load)
+        result = CliRunner().invoke(cli, ["serve", "--model", out, "--port", str(port)])
+        assert result.exit_code == 1, (result.output, result.exception)
+        assert result.output.strip().splitlines() == [
+            f"Error: --port {port}: cannot listen on --host 127.0.0.1 (Address already in use)"]
+    monkeypatch.undo()
+    listening = []
+
+    def run(server, sockets=None):
+        listening.append(sockets[0].getsockname()[1])
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    result = CliRunner().invoke(cli, ["serve", "--model", out, "--port", "0"])
+    port = listening[0]
+    assert result.exit_code == 0 and port != 0 and f"on http://127.0.0.1:{port} " in result.output, result.output
 
 
 def test_a_server_stopped_with_ctrl_c_prints_nothing_but_its_serving_line(trained):
