@@ -46,7 +46,12 @@ class EvaluateSettings(Settings):
                            choices=DECODERS)
     exclude_history: bool = setting(False, "Also measure with every item the user had before the target excluded from "
                                            "the search (as SASRec's mask_history): metrics_exclude_history next to "
-                                           "metrics (history kept).")
+                                           "metrics (history kept); fused decoder only.")
+
+    def check(self) -> None:
+        if self.exclude_history and self.decoder != "fused":  # else refused only after a whole first search
+            self.fail("decoder", f"{self.decoder}: exclude_history needs the fused decoder (it prunes the excluded "
+                                 "items inside the search)")
 
 
 def prefix_index(rec: RecData, device, model=None) -> PrefixIndex:
