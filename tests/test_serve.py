@@ -85,6 +85,7 @@ def test_evaluate_with_exclusion_never_counts_a_history_item(trained):
     _, real_targets = rec.eval_tensors("test")
     assert result["targets_in_history"] == sum(int(t) in set(h) for t, h in zip(real_targets.tolist(), seen))
     assert set(result["metrics_exclude_history"]) == set(result["metrics"])
+    assert result["data"] == rec.source  # the result names the data it measured (--data may be another's)
     with pytest.raises(Exception, match="fused decoder"):
         generate(model, prefix_index(rec, "cpu", model), enc[:2], 20, 2, "cpu", decoder="hf", banned_items=seen[:2])
 
