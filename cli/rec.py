@@ -67,7 +67,8 @@ def train_rec_cmd(data_path, codes, out_dir, resume, overwrite, stop_after, chec
               help="Cold-split report: cold-target and warm-target test users, before and after the added items, "
                    "with popularity (+ content KNN with --text-emb, SASRec with --cf).")
 @click.option("--text-emb", type=click.Path(dir_okay=False), default=None,
-              help="--cold: [items, d] text embeddings of the split's items for the content-KNN baseline.")
+              help="--cold: [items, d] text embeddings of the split's items for the content-KNN baseline (refused "
+                   "when its sidecar records other items).")
 @click.option("--cf", "cf_dir", type=click.Path(file_okay=False), default=None,
               help="--cold: a train-cf run folder on the split for the SASRec baseline.")
 @click.option("--warm-users", type=click.IntRange(min=0), default=0, show_default=True,
@@ -176,7 +177,8 @@ def recommend_cmd(run_dir, history, histories_file, users, out, k, beams, exclud
 @click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(file_okay=False),
               help="The train-tokenizer run that made the run's identifiers.")
 @click.option("--embeddings", required=True, type=click.Path(dir_okay=False),
-              help="Text embeddings .npy: [items, d] rows of the whole catalog, or rows of the next items to add.")
+              help="Text embeddings .npy: [items, d] rows of the whole catalog (refused when its sidecar, as "
+                   "`letter embed` writes it, records other items), or rows of the next items to add.")
 @click.option("--data", "data_path", default=None, type=click.Path(),
               help="Dataset path (default: the run's): the training dataset or it grown by appending items.")
 def add_items_cmd(run_dir, tokenizer_dir, embeddings, data_path):

@@ -11,7 +11,8 @@ from letter.rec.recommend import DEFAULT_BEAMS  # `letter serve --beams` default
               help="A train-rec run folder (TIGER or LC-Rec), loaded once.")
 @click.option("--data", "data_path", default=None, type=click.Path(), help="Dataset path (default: the run's).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port (0: a free one, named in the serving line); taken before the run is loaded.")
 @click.option("--beams", default=DEFAULT_BEAMS, show_default=True, type=click.IntRange(min=1),
               help="Beam width of every search; a request's k (<= beams; default 10, or --beams when smaller) "
                    "takes its first k identifiers.")

@@ -349,6 +349,28 @@ def test_add_items_refuses_a_foreign_tokenizer(chain, tmp_path, source):
     assert index_versions(str(run)) == [0]
 
 
+def test_embeddings_of_other_items_are_refused_by_add_items_and_cold_knn(chain, source, tmp_path):
+    """The source catalog's embeddings (as `letter embed` writes them, with their sidecar) have as
+    many rows as the split, but in the source's item order: their cold rows are other items' text.
+    add-items (whole-catalog rows) and evaluate --cold --text-emb refuse them by the sidecar's item
+    fingerprint instead of coding the cold items from other items' rows."""
+    from letter.runs import sidecar_path, sidecar_record, write_json
+
+    split, tok, rec, _ = chain
+    folder, emb_path, _, _ = source
+    stale = str(tmp_path / "Synth.emb-source.npy")
+    shutil.copyfile(emb_path, stale)
+    write_json(sidecar_path(stale), sidecar_record(stale, {"items": load_dataset(folder).items_fingerprint()}))
+    run = tmp_path / "rec"
+    shutil.copytree(rec, run)
+    result = run_cli("add-items", "--model", run, "--tokenizer", tok, "--embeddings", stale, ok=False)
+    assert result.exit_code == 1 and "not the items" in result.output and "Traceback" not in result.output, \
+        result.output
+    assert index_versions(str(run)) == [0]
+    result = run_cli("evaluate", "--model", rec, "--cold", "--text-emb", stale, ok=False)
+    assert result.exit_code == 1 and "not the items" in result.output, result.output
+
+
 def test_a_failed_add_leaves_the_previous_version(chain, tmp_path, monkeypatch):
     _, tok, rec, emb = chain
     run = str(tmp_path / "rec")
@@ -583,6 +605,9 @@ def test_serve_adds_items_without_retraining(chain, served_copy):
         assert status == 200 and all(int(i["item_id"]) < warm for i in body["items"])
         status, body = _post(url, "/items", {"embeddings": [r[:-1] for r in rows]})
         assert status == 422 and body["field"] == "embeddings"  # wrong dimension: one line, nothing written
+        for wrong in (True, "0.5"):  # JSON true or text is no number (as k's true is no 1): refused, not coded
+            status, body = _post(url, "/items", {"embeddings": [[wrong] * len(r) for r in rows]})
+            assert status == 422 and body["field"] == "embeddings[0][0]", body
         assert index_versions(run) == [0]
         status, body = _post(url, "/items", {"embeddings": rows})
         assert status == 200 and body["version"] == 1 and body["added"] == len(rows)

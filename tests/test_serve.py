@@ -85,6 +85,7 @@ def test_evaluate_with_exclusion_never_counts_a_history_item(trained):
     _, real_targets = rec.eval_tensors("test")
     assert result["targets_in_history"] == sum(int(t) in set(h) for t, h in zip(real_targets.tolist(), seen))
     assert set(result["metrics_exclude_history"]) == set(result["metrics"])
+    assert result["data"] == rec.source  # the result names the data it measured (--data may be another's)
     with pytest.raises(Exception, match="fused decoder"):
         generate(model, prefix_index(rec, "cpu", model), enc[:2], 20, 2, "cpu", decoder="hf", banned_items=seen[:2])
 
@@ -540,16 +541,89 @@ def test_serve_freezes_what_it_loaded_out_of_the_cyclic_gc(trained, monkeypatch)
 
     out, _ = trained
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append((app, gc.get_freeze_count())))
+
+    def run(app, **kw):  # while serving, the loaded run is in no generation: no collection scans it
+        sequences = app.state.run.rec.dataset.sequences
+        served.append((gc.get_freeze_count(), any(o is sequences for o in gc.get_objects())))
+
+    def serving(server, sockets=None):
+        run(server.config.app)
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", serving)
     before = gc.get_freeze_count()
     try:
         serve(out, log=lambda message: None)
-        app, frozen = served[0]
-        assert frozen > before
-        sequences = app.state.run.rec.dataset.sequences
-        assert not any(o is sequences for o in gc.get_objects())  # in no generation: no collection scans it
+        frozen, tracked = served[0]
+        assert frozen > before and not tracked
+        assert gc.get_freeze_count() == 0  # thawed once served: collected at exit (see the test below)
     finally:
         gc.unfreeze()
+
+
+def test_a_taken_port_is_one_line_before_the_run_loads_and_port_0_names_the_real_one(trained, monkeypatch):
+    """A port in use: one line naming --port, exit 1, before the run is loaded (uvicorn found it
+    only after the 'serving ... on' line, then exited 3 with its own log line); --port 0: the
+    serving line names the port taken, not 0."""
+    import uvicorn
+
+    from letter.serve.process import free_port
+
+    def no_load(self, *args, **kwargs):
+        raise AssertionError("the run was loaded")
+
+    out, _ = trained
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(RunRecommender, "__init__", no_load)
+        result = CliRunner().invoke(cli, ["serve", "--model", out, "--port", str(port)])
+        assert result.exit_code == 1, (result.output, result.exception)
+        assert result.output.strip().splitlines() == [
+            f"Error: --port {port}: cannot listen on --host 127.0.0.1 (Address already in use)"]
+    monkeypatch.undo()
+    listening = []
+
+    def run(server, sockets=None):
+        listening.append(sockets[0].getsockname()[1])
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    result = CliRunner().invoke(cli, ["serve", "--model", out, "--port", "0"])
+    port = listening[0]
+    assert result.exit_code == 0 and port != 0 and f"on http://127.0.0.1:{port} " in result.output, result.output
+
+
+def test_a_server_stopped_with_ctrl_c_prints_nothing_but_its_serving_line(trained):
+    """Objects left frozen at exit are never collected: the extension bindings then dumped a
+    30-line "nanobind: leaked ..." report on every Ctrl-C stop of `letter serve`."""
+    import signal
+    import subprocess
+    import sys
+
+    from letter.serve.process import free_port
+
+    out, _ = trained
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "letter.cli.main", "serve", "--model", out, "--port", str(port),
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "LETTER_PROGRESS": "0"})
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if get_json(f"http://127.0.0.1:{port}/healthz", timeout=1.0)[0] == 200:
+                    break
+            except (OSError, ValueError):
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("serving tiger run"), lines[:5]
 
 
 def test_the_serve_beam_default_is_the_library_constant():

@@ -27,7 +27,7 @@ from letter.data import drop_leading_padding, pad_left
 from letter.data.cold import read_cold_split, test_groups
 from letter.errors import SettingError
 from letter.metrics import hits_from_topk, metrics_from_hits
-from letter.runs import check_output_path, files_matching, load_npy, write_json
+from letter.runs import check_output_path, check_sidecar, files_matching, load_npy, write_json
 from letter.devices import resolve_device
 
 from .evaluation import _load, check_indexed_histories, evaluate_model
@@ -123,6 +123,14 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
     if cold is None:
         raise SettingError("cold", f": {rec.source} is not a cold split (no cold_split.json; make one with "
                                    "`letter data cold-split`)")
+    if text_emb is not None:  # checked before anything is evaluated
+        emb = load_npy(text_emb, "text_emb") if isinstance(text_emb, (str, os.PathLike)) else np.asarray(text_emb)
+        if emb.ndim != 2 or emb.shape[0] != rec.dataset.num_items:
+            raise SettingError("text_emb", f": expected [{rec.dataset.num_items}, d] rows of the split's items, "
+                                           f"got shape {emb.shape}")
+        if isinstance(text_emb, (str, os.PathLike)):  # rows by position: refuse a file made for other items
+            shown = ("data", data) if data is not None else f"the dataset {rec.source}"
+            check_sidecar(os.fspath(text_emb), "text embedding", {"items": (rec.dataset.items_fingerprint(), shown)})
     histories = [h for h, _ in rec.split.test]
     check_indexed_histories(rec, histories)
     seen = rec.eval_seen_items("test")  # what content KNN excludes, as evaluate's exclude_history
@@ -157,10 +165,6 @@ def evaluate_cold(run_dir: str, *, data=None, text_emb=None, cf_dir: str | None 
             tiger_row(f"recommender + added items, share <= {max_new_share:g}", added, max_new_share)
     k = max(KS)
     if text_emb is not None:
-        emb = load_npy(text_emb, "text_emb") if isinstance(text_emb, (str, os.PathLike)) else np.asarray(text_emb)
-        if emb.ndim != 2 or emb.shape[0] != rec.dataset.num_items:
-            raise SettingError("text_emb", f": expected [{rec.dataset.num_items}, d] rows of the split's items, "
-                                           f"got shape {emb.shape}")
         topk = content_knn_topk(emb, histories, seen, k)
         rows.append({"method": "content KNN", **_group_metrics(hits_from_topk(topk, targets), groups)})
     topk = popularity_topk(popularity_counts(rec.split, rec.dataset), len(histories), k)

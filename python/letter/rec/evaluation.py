@@ -46,7 +46,12 @@ class EvaluateSettings(Settings):
                            choices=DECODERS)
     exclude_history: bool = setting(False, "Also measure with every item the user had before the target excluded from "
                                            "the search (as SASRec's mask_history): metrics_exclude_history next to "
-                                           "metrics (history kept).")
+                                           "metrics (history kept); fused decoder only.")
+
+    def check(self) -> None:
+        if self.exclude_history and self.decoder != "fused":  # else refused only after a whole first search
+            self.fail("decoder", f"{self.decoder}: exclude_history needs the fused decoder (it prunes the excluded "
+                                 "items inside the search)")
 
 
 def prefix_index(rec: RecData, device, model=None) -> PrefixIndex:
@@ -265,7 +270,7 @@ def evaluate(run_dir: str, split: str | None = None, *, settings: EvaluateSettin
     replaced: on the split ('valid' or 'test'; max_users > 0: a fixed random sample) with index
     version `index_version` (default the newest). max_new_share: at most that share of each list
     from items added after training. Returns (and with `out`, writes as JSON) the metrics, users,
-    beams, wall time and users/s.
+    beams, wall time and users/s, and the data path.
 
     exclude_history: also measure the second protocol, on the same users: every item the user had
     before the target is excluded from the search (as SASRec's mask_history), reported as
@@ -286,7 +291,7 @@ def evaluate(run_dir: str, split: str | None = None, *, settings: EvaluateSettin
     enc, targets = rm.eval_inputs(rec, split, max_users, config.seed)
     index = rm.prefix_index(rec, device)
     quota = {"max_new_share": max_new_share, "training_items": training_items(run_dir)}
-    result = {"model": os.path.abspath(run_dir), "split": split,
+    result = {"model": os.path.abspath(run_dir), "data": rec.source, "split": split,
               **evaluate_model(rm, rec, enc, targets, num_beams, batch_size, device, decoder, index,
                                show_progress=show_progress, **quota)}
     if exclude_history:

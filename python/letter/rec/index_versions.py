@@ -37,7 +37,7 @@ import numpy as np
 
 from letter.data.cold import read_cold_split
 from letter.errors import LetterError, SettingError, input_error
-from letter.runs import RecRun, load_npy, read_json, remove_stale_temps, sha256_file
+from letter.runs import RecRun, check_sidecar, load_npy, read_json, remove_stale_temps, sha256_file
 
 VERSIONS_DIR = RecRun.INDEX_VERSIONS
 VERSION_FILE = "version.json"
@@ -114,8 +114,8 @@ def check_version_items(run_dir: str, version: int, dataset, shown: str) -> None
 def add_items(run_dir: str, tokenizer_dir: str, embeddings, *, data=None) -> dict:
     """Give identifiers to the dataset items that the newest index version lacks and write them as
     a new version (see the module docstring). `embeddings`: an array or .npy path, either [N, d]
-    rows of the whole catalog (rows of items already indexed are ignored) or [n, d] rows of the
-    next n items not yet indexed. `tokenizer_dir`: the tokenizer run that made the run's training
+    rows of the whole catalog (rows of items already indexed are ignored; a .npy whose sidecar
+    records other items is refused) or [n, d] rows of the next n items not yet indexed. `tokenizer_dir`: the tokenizer run that made the run's training
     codes (checked). `data`: the dataset (a path, or a loaded Dataset) instead of the run's
     recorded one: the training dataset or that dataset grown by appending items (see the module
     docstring). Returns {"version", "added", "items", "identifiers_shared_with_catalog", ...};
@@ -147,6 +147,12 @@ def add_items(run_dir: str, tokenizer_dir: str, embeddings, *, data=None) -> dic
     emb = np.asarray(emb)
     if emb.ndim != 2:
         raise LetterError(f"{where}: expected an [items, dim] matrix, got shape {emb.shape}", "embeddings")
+    if isinstance(embeddings, (str, os.PathLike)):
+        # whole-catalog rows are taken by position: a file made for other items (e.g. a cold split's
+        # source catalog, as many rows in another order) is refused by its sidecar's item fingerprint
+        made_from = {"items": (dataset.items_fingerprint(), ("data", shown) if data is not None else
+                               f"the dataset {shown}")}
+        check_sidecar(os.fspath(embeddings), "embeddings", made_from if emb.shape[0] == total else None)
     if emb.shape[0] == total:
         emb = emb[indexed:]
     elif emb.shape[0] > total - indexed:

@@ -6,8 +6,9 @@ dynamic batching (needs the `serve` extra: pip install -e .[serve]).
   serve(run_dir, host="127.0.0.1", port=8000, ...)     load the run and run uvicorn (blocking)
 """
 import gc
+import socket
 
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.rec.recommend import DEFAULT_BEAMS
 
 
@@ -18,6 +19,23 @@ def require_serve_packages() -> None:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise LetterError(f"letter serve needs the serve extra ({e.name} is missing): pip install -e .[serve]") from None
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: a free one), or one SettingError naming port and
+    host (a taken port, an unknown host)."""
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port at once
+        sock.bind(address)
+        return sock
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise SettingError("port", f"{port}: cannot listen on host {host} ({e.strerror or e})", "host") from None
 
 
 def serve(run_dir: str, *, data=None, device: str = "cpu", beams: int = DEFAULT_BEAMS, host: str = "127.0.0.1",
@@ -35,18 +53,30 @@ def serve(run_dir: str, *, data=None, device: str = "cpu", beams: int = DEFAULT_
 
     from .app import create_app
 
-    run = RunRecommender(run_dir, data=data, device=device, beams=beams, index_version=index_version,
-                         max_new_share=max_new_share, allow_other_data=allow_other_data)
-    app = create_app(run, max_batch=max_batch, max_delay_ms=max_delay_ms, queue_size=queue_size, tokenizer=tokenizer,
-                     max_body_bytes=max_body_bytes)
-    # Freeze what exists now (the imported modules and the loaded run: ~370k tracked objects for the
-    # synthetic TIGER) out of the cyclic GC: else every full collection scans them all, a ~300 ms
-    # pause of the event loop and the search thread together (the stall seen in `bench serve`).
-    gc.collect()
-    gc.freeze()
-    meta = run.metadata()
-    log = log or (lambda message: print(message, flush=True))
-    log(f"serving {meta['model']} run {run.run_dir} ({meta['dataset']}, {meta['items']} items, index "
-        f"{meta['index']['version']}) on http://{host}:{port} (API docs: /docs; bodies up to "
-        f"{app.state.max_body_bytes} bytes)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    sock = bound_socket(host, port)  # first: a taken port fails before the run is loaded
+    port = sock.getsockname()[1]  # the one taken (for port 0)
+    try:
+        run = RunRecommender(run_dir, data=data, device=device, beams=beams, index_version=index_version,
+                             max_new_share=max_new_share, allow_other_data=allow_other_data)
+        app = create_app(run, max_batch=max_batch, max_delay_ms=max_delay_ms, queue_size=queue_size,
+                         tokenizer=tokenizer, max_body_bytes=max_body_bytes)
+        # Freeze what exists now (the imported modules and the loaded run: ~370k tracked objects for the
+        # synthetic TIGER) out of the cyclic GC: else every full collection scans them all, a ~300 ms
+        # pause of the event loop and the search thread together (the stall seen in `bench serve`).
+        gc.collect()
+        gc.freeze()
+        meta = run.metadata()
+        log = log or (lambda message: print(message, flush=True))
+        log(f"serving {meta['model']} run {run.run_dir} ({meta['dataset']}, {meta['items']} items, index "
+            f"{meta['index']['version']}) on http://{host}:{port} (API docs: /docs; bodies up "
+            f"to {app.state.max_body_bytes} bytes)")
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C: the server stopped cleanly (as uvicorn.run takes it)
+            pass
+        if not server.started:  # uvicorn logged why (e.g. the app's startup failed)
+            raise LetterError(f"the server on port {port} did not start (see the log line above)")
+    finally:
+        gc.unfreeze()  # frozen objects are never collected at exit: the bindings would report them as leaks
+        sock.close()

@@ -27,7 +27,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
@@ -67,8 +67,9 @@ class RecommendRequest(BaseModel):
 
 class AddItemsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    embeddings: list[list[float]] = Field(min_length=1, max_length=MAX_LIST,
-                                          description="Text embeddings of the next items to add, one row per item.")
+    # strict: JSON true or "0.5" is no embedding value (lax floats would code them into a new version)
+    embeddings: list[list[StrictFloat]] = Field(min_length=1, max_length=MAX_LIST,
+                                                description="Text embeddings of the next items to add, one row per item.")
 
 
 class AddItemsResponse(BaseModel):
