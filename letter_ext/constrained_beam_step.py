@@ -42,8 +42,9 @@ def _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_be
             raise ValueError(f"logits is on {logits.device} but {name} is on {t.device}")
 
 
-def _check_beam_scores(beam_scores):
-    """-inf marks a dead beam; NaN or +inf is no score (a NaN beam would pass as dead, a +inf one win)."""
+def check_beam_scores(beam_scores):
+    """-inf marks a dead beam; NaN or +inf is no score (a NaN beam would pass as dead, a +inf one win).
+    Also the check of letter.decoding.quota_last_step, which takes beam scores the same way."""
     if has_values(beam_scores) and bool((torch.isnan(beam_scores) | (beam_scores == float("inf"))).any()):
         raise ValueError("beam_scores contains NaN or +inf; a beam's score is finite, or -inf for a dead beam")
 
@@ -125,7 +126,7 @@ def constrained_beam_step(
     never read, so anything in them is ignored.
     """
     _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_beams)
-    _check_beam_scores(beam_scores)
+    check_beam_scores(beam_scores)
     banned_ptr, banned_node = _check_bans(
         banned_ptr, banned_node, beam_scores.shape[0], trie.child_token[level].numel(), logits.device
     )
