@@ -51,6 +51,8 @@ def check_beam_scores(beam_scores):
 
 def _check_live_nodes(beam_scores, nodes, trie, level):
     num_nodes = trie.row_ptr[level].numel() - 1
+    if not (has_values(beam_scores) and has_values(nodes)):
+        return
     live = beam_scores > float("-inf")
     if bool((live & ((nodes < 0) | (nodes >= num_nodes))).any()):
         raise ValueError(f"nodes of live beams must be node ids at depth {level}, in [0, {num_nodes})")
@@ -69,10 +71,14 @@ def _check_bans(banned_ptr, banned_node, batch: int, num_children: int, device: 
     nnz = banned_node.numel()
     if nnz == 0:
         return None, None  # the kernels' no-ban path, at exactly its cost
-    row_starts = banned_ptr[:-1]
-    starts = torch.zeros(nnz, dtype=torch.bool, device=device)  # where a row's ids begin
-    starts[row_starts[row_starts < nnz]] = True
-    if bool(((banned_node[1:] < banned_node[:-1]) & ~starts[1:]).any()):  # sort by id, then stably by row
+    if has_values(banned_ptr) and has_values(banned_node):
+        row_starts = banned_ptr[:-1]
+        starts = torch.zeros(nnz, dtype=torch.bool, device=device)  # where a row's ids begin
+        starts[row_starts[row_starts < nnz]] = True
+        unsorted = bool(((banned_node[1:] < banned_node[:-1]) & ~starts[1:]).any())
+    else:  # traced: the order is unknown
+        unsorted = True
+    if unsorted:  # sort by id, then stably by row
         row = torch.repeat_interleave(torch.arange(batch, device=device), torch.diff(banned_ptr), output_size=nnz)
         order = torch.sort(banned_node, stable=True).indices
         order = order[torch.sort(row[order], stable=True).indices]
