@@ -44,6 +44,7 @@ def check_index_tensor(name: str, t, length: int, device: torch.device, rows_of:
 
 
 def has_values(t: torch.Tensor) -> bool:
-    """Whether t holds values a check can read: not a fake (traced) or meta tensor, whose checks
-    would stop tracing; those are checked when the op runs on real tensors."""
-    return not (t.is_meta or isinstance(t, FakeTensor))
+    """Whether t holds values a check can read: not a fake (traced) or meta tensor, and not while
+    torch.compile traces (its tensors are symbolic there; a check would break the graph). Such
+    tensors are checked when the op runs eagerly on real tensors; a compiled graph skips the checks."""
+    return not (torch.compiler.is_compiling() or t.is_meta or isinstance(t, FakeTensor))

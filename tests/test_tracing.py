@@ -1,5 +1,6 @@
 """The op wrappers under tracing: on fake tensors (FakeTensorMode, as torch.library.opcheck, export and
-torch.compile trace them) their checks that read values are skipped, not a stop of the trace."""
+torch.compile trace them) their checks that read values are skipped, not a stop of the trace; and
+torch.compile(fullgraph=True) of each wrapper gives its eager result."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -64,3 +65,30 @@ def test_wrapper_runs_on_fake_tensors_with_the_eager_result_shapes(name, backend
         traced = call(_fake(mode, inputs), backend)
     assert [(t.shape, t.dtype) for t in torch.utils._pytree.tree_leaves(traced)] == \
         [(t.shape, t.dtype) for t in torch.utils._pytree.tree_leaves(eager)]
+
+
+@pytest.mark.skipif(not available_backends("residual_quantize"), reason="no compiled kernel")
+@pytest.mark.parametrize("name", [name for name in WRAPPER_CALLS if name != "dot_product_cross_entropy backward"])
+def test_wrapper_compiles_as_one_graph_with_the_eager_result(name):
+    """torch.compile(fullgraph=True) of each wrapper, its default backend choice included (resolve
+    used to break the graph); aot_eager traces the graph with fake tensors as inductor would, without
+    inductor's C++ builds (minutes on a small machine)."""
+    call = WRAPPER_CALLS[name][1]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: call(t, None), fullgraph=True, backend="aot_eager")(_inputs())
+    eager = call(_inputs(), None)
+    for got, expected in zip(torch.utils._pytree.tree_leaves(compiled), torch.utils._pytree.tree_leaves(eager),
+                             strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not available_backends("dot_product_cross_entropy_fwd"), reason="no compiled kernel")
+def test_compiled_loss_has_the_eager_gradients():
+    inputs, compiled_inputs = _inputs(), _inputs()
+    for t in (inputs, compiled_inputs):
+        t["q"].requires_grad_()
+    call = WRAPPER_CALLS["dot_product_cross_entropy"][1]
+    torch._dynamo.reset()
+    torch.compile(lambda t: call(t, None).sum(), fullgraph=True, backend="aot_eager")(compiled_inputs).backward()
+    call(inputs, None).sum().backward()
+    torch.testing.assert_close(compiled_inputs["q"].grad, inputs["q"].grad, rtol=0, atol=0)
