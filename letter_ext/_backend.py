@@ -87,10 +87,16 @@ def check_env_isa() -> None:
         raise ValueError(_ENV_ISA_ERROR)
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the answer
 def has_compiled_op(name: str, device_type: str) -> bool:
-    """Whether letter::<name> has a compiled kernel for this device type (cached: kernels are
-    registered when letter_ext is imported, before any op call asks)."""
+    """Whether letter::<name> has a compiled kernel for this device type: a constant (kernels are
+    registered when letter_ext is imported, before any op call asks), which lets
+    torch.compile(fullgraph=True) trace the op wrappers' backend choice."""
+    return _has_compiled_kernel(name, device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_compiled_kernel(name: str, device_type: str) -> bool:
     if _C is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]

@@ -42,14 +42,17 @@ def _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_be
             raise ValueError(f"logits is on {logits.device} but {name} is on {t.device}")
 
 
-def _check_beam_scores(beam_scores):
-    """-inf marks a dead beam; NaN or +inf is no score (a NaN beam would pass as dead, a +inf one win)."""
+def check_beam_scores(beam_scores):
+    """-inf marks a dead beam; NaN or +inf is no score (a NaN beam would pass as dead, a +inf one win).
+    Also the check of letter.decoding.quota_last_step, which takes beam scores the same way."""
     if has_values(beam_scores) and bool((torch.isnan(beam_scores) | (beam_scores == float("inf"))).any()):
         raise ValueError("beam_scores contains NaN or +inf; a beam's score is finite, or -inf for a dead beam")
 
 
 def _check_live_nodes(beam_scores, nodes, trie, level):
     num_nodes = trie.row_ptr[level].numel() - 1
+    if not (has_values(beam_scores) and has_values(nodes)):
+        return
     live = beam_scores > float("-inf")
     if bool((live & ((nodes < 0) | (nodes >= num_nodes))).any()):
         raise ValueError(f"nodes of live beams must be node ids at depth {level}, in [0, {num_nodes})")
@@ -68,10 +71,14 @@ def _check_bans(banned_ptr, banned_node, batch: int, num_children: int, device: 
     nnz = banned_node.numel()
     if nnz == 0:
         return None, None  # the kernels' no-ban path, at exactly its cost
-    row_starts = banned_ptr[:-1]
-    starts = torch.zeros(nnz, dtype=torch.bool, device=device)  # where a row's ids begin
-    starts[row_starts[row_starts < nnz]] = True
-    if bool(((banned_node[1:] < banned_node[:-1]) & ~starts[1:]).any()):  # sort by id, then stably by row
+    if has_values(banned_ptr) and has_values(banned_node):
+        row_starts = banned_ptr[:-1]
+        starts = torch.zeros(nnz, dtype=torch.bool, device=device)  # where a row's ids begin
+        starts[row_starts[row_starts < nnz]] = True
+        unsorted = bool(((banned_node[1:] < banned_node[:-1]) & ~starts[1:]).any())
+    else:  # traced: the order is unknown
+        unsorted = True
+    if unsorted:  # sort by id, then stably by row
         row = torch.repeat_interleave(torch.arange(batch, device=device), torch.diff(banned_ptr), output_size=nnz)
         order = torch.sort(banned_node, stable=True).indices
         order = order[torch.sort(row[order], stable=True).indices]
@@ -125,7 +132,7 @@ def constrained_beam_step(
     never read, so anything in them is ignored.
     """
     _check_constrained_beam_step(logits, beam_scores, nodes, trie, level, num_beams)
-    _check_beam_scores(beam_scores)
+    check_beam_scores(beam_scores)
     banned_ptr, banned_node = _check_bans(
         banned_ptr, banned_node, beam_scores.shape[0], trie.child_token[level].numel(), logits.device
     )

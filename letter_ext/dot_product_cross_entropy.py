@@ -20,7 +20,7 @@ import torch
 
 from . import reference
 from ._backend import HAS_TRITON, has_schema, resolve, route_cuda_to_triton
-from ._checks import check_finite, check_float_tensor, check_index_tensor
+from ._checks import check_finite, check_float_tensor, check_index_tensor, has_values
 from .reference import accumulation_dtype
 
 
@@ -81,16 +81,18 @@ def _check_dot_product_cross_entropy(q, keys, targets, temperature, exclude, bia
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_index_tensor(n_targets, targets, B, q.device, n_q)
-    valid = targets != ignore_index
-    if bool(((targets < 0) | (targets >= M))[valid].any()):
-        raise ValueError(f"{n_targets} must be in [0, M={M}) or ignore_index={ignore_index}")
     if exclude is not None:
         check_index_tensor(n_exclude, exclude, B, q.device, n_q)
+    if has_values(targets):
+        valid = targets != ignore_index
+        if bool((((targets < 0) | (targets >= M)) & valid).any()):
+            raise ValueError(f"{n_targets} must be in [0, M={M}) or ignore_index={ignore_index}")
+    if exclude is not None and has_values(exclude):
         if bool(((exclude < -1) | (exclude >= M)).any()):
             raise ValueError(f"{n_exclude} must be in [0, M={M}) or -1 (none)")
         if M == 1 and bool((exclude == 0).any()):
             raise ValueError(f"{n_exclude} removes every key of a row (M=1); such a row has no softmax")
-        if bool(((exclude == targets) & valid).any()):
+        if has_values(targets) and bool(((exclude == targets) & valid).any()):
             row = int(torch.nonzero((exclude == targets) & valid)[0, 0])
             raise ValueError(f"{n_targets}[{row}] is excluded by {n_exclude}[{row}]: its loss would be infinite")
     if bias is not None:
@@ -256,7 +258,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             dq, dkeys, dbias = ctx.saved_tensors
             # An upstream 1 (loss.backward()) returns the saved gradients themselves: autograd frees
             # its saved copy before storing them as .grad, so no second copy of dkeys is made.
-            if not bool(grad == 1):
+            if not (has_values(grad) and bool(grad == 1)):  # traced: the upstream gradient is unknown
                 dq, dkeys, dbias = (g * grad.to(g.dtype) for g in (dq, dkeys, dbias))
         else:
             q, keys, targets, exclude, bias = ctx.saved_tensors

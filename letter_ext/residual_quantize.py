@@ -34,7 +34,8 @@ def residual_quantize(x, codebooks, *, return_residuals: bool = False, backend: 
     overflow (or underflow) the compute dtype, x and codebooks are scaled by a power of two first
     (argmin is scale invariant) and quantized/residuals scaled back, which is exact except for
     components that become subnormal (below 2^-126 times the largest value in fp32) and for results
-    that themselves overflow x's dtype (inf).
+    that themselves overflow x's dtype (inf). Traced (fake tensors, torch.compile) the magnitudes and
+    NaN/inf are unknown: no check or rescaling is traced, so such a graph needs moderate finite inputs.
     """
     check_float_tensor("x", x, 2, "[B, d]")
     check_float_tensor("codebooks", codebooks, 3, "[L, N, d]")

@@ -19,6 +19,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ._checks import has_values
+
 
 class TrieLevels(NamedTuple):
     """Prefix trie as per-level CSR arrays (see the module docstring).
@@ -124,6 +126,8 @@ def check_csr(ptr_name: str, ids_name: str, ptr, ids, num_ids: int, device: torc
             raise ValueError(f"{name} is on {t.device}, expected {device}")
     if ptr.numel() == 0:
         raise ValueError(f"{ptr_name} must be [B + 1], got an empty tensor")
+    if not (has_values(ptr) and has_values(ids)):
+        return
     nnz = ids.numel()
     if nnz == 0:  # one reduction: an empty CSR's pointer is all zeros
         bad_ptr, bad_id = bool(ptr.any()), False

@@ -511,6 +511,22 @@ def test_quota_last_step_refuses_nan_logits_of_a_live_beam_as_the_fused_step_doe
     assert torch.isfinite(scores[0, :2]).all() and (scores[0, 2:] == float("-inf")).all()  # beam 1's children only
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_quota_last_step_refuses_nan_or_inf_beam_scores_as_the_fused_step_does(bad):
+    """A NaN beam score used to pass as a dead beam and a +inf one as live; -inf stays a dead beam."""
+    codes = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [1, 2]])
+    index = PrefixIndex.from_codes(codes, [2, 3])
+    new_leaves = torch.zeros(index.num_leaves, dtype=torch.bool)
+    logits = torch.randn(2, index.trie.vocab_size, generator=torch.Generator().manual_seed(0))
+    nodes = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match=r"beam_scores contains NaN or \+inf"):
+        letter_ext.constrained_beam_step(logits, torch.tensor([[bad, -1.0]]), nodes, index.trie, 1, 4)
+    with pytest.raises(ValueError, match=r"beam_scores contains NaN or \+inf"):
+        quota_last_step(logits, torch.tensor([[bad, -1.0]]), nodes, index.trie, 4, new_leaves, 0)
+    scores = quota_last_step(logits, torch.tensor([[float("-inf"), -1.0]]), nodes, index.trie, 4, new_leaves, 0)[0]
+    assert torch.isfinite(scores[0, :3]).all() and (scores[0, 3:] == float("-inf")).all()  # beam 1's 3 children only
+
+
 def test_share_holds_on_every_list(chain, added):
     split, _, _, _ = chain
     run, _ = added

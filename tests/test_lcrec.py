@@ -119,6 +119,21 @@ def test_constructor_refuses_a_history_window_below_one(base):
               max_history=0, lora=lm.lora)
 
 
+@pytest.mark.parametrize("temperature", [0.0, -0.5, float("nan"), float("inf")])
+def test_from_base_and_constructor_refuse_a_temperature_that_is_not_finite_and_positive(base, temperature):
+    """LCRec(...) directly used to keep any temperature (and from_base let NaN and inf through), to
+    divide every logit by it: refused by both, from_base before the base model loads."""
+    from letter.errors import SettingError
+
+    expected = f"^temperature must be a finite number > 0, got {temperature!r}$"
+    with pytest.raises(SettingError, match=expected):
+        LCRec.from_base(base, LEVELS, temperature=temperature)
+    lm = _model(base)
+    with pytest.raises(SettingError, match=expected):
+        LCRec(lm.model, lm.tokenizer, lm.base_model, lm.level_sizes, lm.vocab_offsets, temperature=temperature,
+              max_history=lm.max_history, lora=lm.lora)
+
+
 # -- prompts -------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import has_values
 from ..reference import nonfinite_logits_error
 
 _LOW_BITS = 2**31 - 1  # beam * V + child rank must stay below this
@@ -153,7 +154,10 @@ def launch(logits, beam_scores, nodes, row_ptr, child_token, num_beams: int, ban
 
 
 def check_logits(bad_beam: torch.Tensor, k_in: int) -> None:
-    """Raise the spec's ValueError for the first flagged row of launch's bad_beam (one device sync)."""
+    """Raise the spec's ValueError for the first flagged row of launch's bad_beam (one device sync;
+    none while tracing: a fake bad_beam has no values)."""
+    if not has_values(bad_beam):
+        return
     flagged = torch.nonzero(bad_beam < k_in)
     if flagged.numel():
         b = int(flagged[0, 0])

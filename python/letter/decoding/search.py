@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 import letter_ext
+from letter_ext.constrained_beam_step import check_beam_scores
 from letter_ext.hf_decoding import hf_style_step, prefix_allowed_tokens_fn
 from letter_ext.trie import csr_from_rows
 
@@ -189,7 +190,9 @@ def quota_last_step(logits, beam_scores, nodes, trie, num_beams: int, new_leaves
     Exact: the best K of the unflagged expansions merged with the best `max_new` flagged ones is
     the quota-constrained top K. Ties go to the lowest (k, t), as in letter_ext.constrained_beam_step,
     whose (scores, parent, token, leaf) result layout this returns (empty slots: -inf, 0, -1, -1).
-    Raises ValueError, as that op, when a live beam's logits row holds NaN or +inf."""
+    Raises ValueError, as that op, when beam_scores holds NaN or +inf (-inf marks a dead beam) or a
+    live beam's logits row holds NaN or +inf."""
+    check_beam_scores(beam_scores)
     level = trie.num_levels - 1
     batch, k_in = beam_scores.shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
 import os
 import shutil
 import string
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 
 from letter.data.split import check_max_history
-from letter.errors import LetterError
+from letter.errors import LetterError, SettingError
 from letter.runs import atomic_dir, read_json
 
 IGNORE_INDEX = -100
@@ -70,6 +72,13 @@ def token_name(level: int, code: int) -> str:
     if not 0 <= level < 26:
         raise LetterError(f"LC-Rec identifiers support at most 26 levels, got level {level}")
     return f"<{string.ascii_lowercase[level]}_{code}>"
+
+
+def check_temperature(temperature: float) -> None:
+    """SettingError unless temperature is a finite number > 0: the logits are divided by it (0 or
+    below, NaN or inf would make every score inf, NaN or 0)."""
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
+        raise SettingError("temperature", f"must be a finite number > 0, got {temperature!r}")
 
 
 def check_base_folder(path: str):
@@ -114,6 +123,7 @@ class LCRec(nn.Module):
 
     def __init__(self, model, tokenizer, base_model: str, level_sizes: Sequence[int], vocab_offsets: Sequence[int],
                  *, temperature: float, max_history: int, lora: dict):
+        check_temperature(temperature)
         check_max_history(max_history)
         super().__init__()
         self.model = model
@@ -148,9 +158,8 @@ class LCRec(nn.Module):
         level_sizes = tuple(int(s) for s in level_sizes)
         if not level_sizes or min(level_sizes) < 1:
             raise LetterError(f"level_sizes must be positive ints, got {level_sizes}")
-        if temperature <= 0:
-            raise LetterError(f"temperature must be > 0, got {temperature}")
-        check_max_history(max_history)  # before the base model loads
+        check_temperature(temperature)  # both before the base model loads
+        check_max_history(max_history)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         base_model = os.path.abspath(os.fspath(base_model))
         check_base_folder(base_model)
