@@ -128,8 +128,9 @@ def evaluate_cmd(run_dir, data_path, device, out, index_version, max_new_share, 
 @allow_other_data_option
 def recommend_cmd(run_dir, history, histories_file, users, out, k, beams, exclude_history, exclude, batch_size,
                   data_path, device, index_version, max_new_share, allow_other_data):
-    """Print the top-k recommended items (id, score, title) for a history, or write them as JSONL for
-    a file of histories or the dataset's users (batched, with a progress bar)."""
+    """Print the top-k recommended items (rank, id, score, title) for a history, or write them as JSONL
+    for a file of histories or the dataset's users (batched, with a progress bar). Items sharing an
+    identifier share its rank, so a list can have more than k lines."""
     from letter.rec.recommend import DEFAULT_BEAMS, RunRecommender, read_histories_file, recommend, recommend_jsonl
 
     if sum(x is not None for x in (history, histories_file, users)) != 1:
@@ -148,8 +149,8 @@ def recommend_cmd(run_dir, history, histories_file, users, out, k, beams, exclud
         items = recommend(run_dir, ids, k, data=data_path, device=device, beams=beams, exclude_history=exclude_history,
                           exclude=[e.strip() for e in exclude.split(",") if e.strip()], index_version=index_version,
                           max_new_share=max_new_share, allow_other_data=allow_other_data)
-        for rank, rec in enumerate(items, 1):
-            click.echo(f"{rank:3d}  {rec['item_id']:>10}  {rec['score']:9.4f}  {rec['title'] or ''}")
+        for rec in items:  # items sharing an identifier share its rank (and may give more than k lines)
+            click.echo(f"{rec['rank']:3d}  {rec['item_id']:>10}  {rec['score']:9.4f}  {rec['title'] or ''}")
         return
     from letter.runs import check_output_path
 

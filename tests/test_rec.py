@@ -404,3 +404,19 @@ def test_no_training_samples_names_the_four_interactions_needed(tmp_path):
     with pytest.raises(LetterError, match="at least 4 interactions"):
         train_rec(small_config(), str(tmp_path / "data"), codes, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")  # no started run left behind
+
+
+def test_recommend_prints_the_identifier_rank_that_shared_items_share(tmp_path, monkeypatch):
+    # items 7 and 9 share the first identifier: both are rank 1 (as in the JSON lists), the next is rank 2
+    import importlib
+
+    recommend_module = importlib.import_module("letter.rec.recommend")  # the module (letter.rec exports the function)
+
+    listed = [{"item_id": "7", "title": "a", "score": -0.5, "rank": 1, "code": [0, 1]},
+              {"item_id": "9", "title": "b", "score": -0.5, "rank": 1, "code": [0, 1]},
+              {"item_id": "3", "title": None, "score": -1.25, "rank": 2, "code": [1, 2]}]
+    monkeypatch.setattr(recommend_module, "recommend", lambda *args, **kwargs: listed)
+    result = CliRunner().invoke(cli, ["recommend", "--model", str(tmp_path), "--history", "1,2", "-k", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines()]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("1", "7", "-0.5000"), ("1", "9", "-0.5000"), ("2", "3", "-1.2500")]
