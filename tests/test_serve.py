@@ -213,7 +213,7 @@ def _raw(url: str, method: str, path: str, body: bytes = b"", content_type: str 
     parsed = urlparse(url)
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": content_type} if body else {})
+        conn.request(method, path, body=body, headers={} if method == "GET" else {"Content-Type": content_type})
         response = conn.getresponse()
         return response.status, response.read().decode()
     finally:
@@ -265,6 +265,8 @@ BAD_REQUESTS = [
     # (name, path, body (bytes: sent as is), content type, status, field)
     ("malformed JSON", "/recommend", b'{"history": ["1",', "application/json", 400, "body"),
     ("not JSON", "/recommend", b"history=1", "application/x-www-form-urlencoded", 415, "body"),
+    ("empty body", "/recommend", b"", "application/json", 400, "body"),
+    ("a type that only contains json", "/recommend", {"history": ["{item}"]}, "application/jsonx", 415, "body"),
     ("body a list", "/recommend", [1, 2], "application/json", 422, "body"),
     ("missing history", "/recommend", {"k": 3}, "application/json", 422, "history"),
     ("empty history", "/recommend", {"history": []}, "application/json", 422, "history"),
@@ -306,6 +308,14 @@ def test_bad_request_gets_its_4xx_and_the_server_keeps_serving(server, synth, na
     assert "Traceback" not in text and "File \"" not in text
     got, text = _raw(server, "POST", "/recommend", json.dumps({"history": [item], "k": 3}).encode())
     assert got == 200 and len(json.loads(text)["items"]) == 3
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON",
+                                          "application/vnd.api+json"])
+def test_json_with_parameters_or_a_json_suffix_is_served(server, synth, content_type):
+    item = synth[3].item_ids[1]
+    got, text = _raw(server, "POST", "/recommend", json.dumps({"history": [item], "k": 2}).encode(), content_type)
+    assert got == 200 and len(json.loads(text)["items"]) == 2, text
 
 
 def test_clients_that_disconnect_cost_the_others_nothing(server, synth):

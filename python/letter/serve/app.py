@@ -10,7 +10,7 @@
                          (needs --tokenizer; letter.rec.index_versions.add_items: never other data)
 
 Errors are JSON {"error": "<field>: <what is wrong>", "field": "<field>"} with status 400 (malformed
-JSON, a body that is not UTF-8), 404 (unknown path), 405 (wrong method), 413 (a body over
+JSON, an empty body, a body that is not UTF-8), 404 (unknown path), 405 (wrong method), 413 (a body over
 --max-body-bytes, refused before it is parsed), 415 (a body not sent as application/json), 422
 (a field's value: unknown item id, empty history, k out of range, wrong type, unknown field, a
 batch longer than the queue) or 503 (the request queue is full; retry later),
@@ -108,6 +108,12 @@ class FieldError(Exception):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field, self.message = field, message
+
+
+def _is_json(content_type: str) -> bool:
+    """Whether FastAPI reads a body of this Content-Type as JSON: application/json or application/*+json."""
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _field_name(loc) -> str:
@@ -228,10 +234,12 @@ def create_app(run: RunRecommender, *, max_batch: int = 32, max_delay_ms: float 
     async def invalid_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
         field = _field_name(first.get("loc", ()))
-        if "json" not in request.headers.get("content-type", ""):
+        if not _is_json(request.headers.get("content-type", "")):
             return _error(415, "body", "send the request as JSON with the header Content-Type: application/json")
         if first.get("type") == "json_invalid":
             return _error(400, "body", f"malformed JSON ({first.get('ctx', {}).get('error', first.get('msg'))})")
+        if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):  # no bytes at all
+            return _error(400, "body", "malformed JSON (the body is empty)")
         return _error(422, field, first.get("msg", "invalid value"))
 
     @app.exception_handler(HTTPException)
