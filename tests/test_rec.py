@@ -420,3 +420,10 @@ def test_recommend_prints_the_identifier_rank_that_shared_items_share(tmp_path, 
     assert result.exit_code == 0, result.output
     rows = [line.split() for line in result.output.splitlines()]
     assert [(r[0], r[1], r[2]) for r in rows] == [("1", "7", "-0.5000"), ("1", "9", "-0.5000"), ("2", "3", "-1.2500")]
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.5, float("nan"), float("inf")])
+def test_tiger_refuses_a_temperature_that_is_not_finite_and_positive(temperature):
+    # RecConfig checks it for train-rec; the model itself (built directly, or from a run's hparams) did not
+    with pytest.raises(LetterError, match=r"temperature must be a finite number > 0"):
+        Tiger(20, d_model=16, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8, d_ff=32, temperature=temperature)

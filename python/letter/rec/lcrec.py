@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
-import numbers
 import os
 import shutil
 import string
@@ -41,7 +39,8 @@ import torch
 from torch import nn
 
 from letter.data.split import check_max_history
-from letter.errors import LetterError, SettingError
+from letter.errors import LetterError
+from letter.rec.model import check_temperature
 from letter.runs import atomic_dir, read_json
 
 IGNORE_INDEX = -100
@@ -72,13 +71,6 @@ def token_name(level: int, code: int) -> str:
     if not 0 <= level < 26:
         raise LetterError(f"LC-Rec identifiers support at most 26 levels, got level {level}")
     return f"<{string.ascii_lowercase[level]}_{code}>"
-
-
-def check_temperature(temperature: float) -> None:
-    """SettingError unless temperature is a finite number > 0: the logits are divided by it (0 or
-    below, NaN or inf would make every score inf, NaN or 0)."""
-    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
-        raise SettingError("temperature", f"must be a finite number > 0, got {temperature!r}")
 
 
 def check_base_folder(path: str):

@@ -12,12 +12,15 @@ The vocabulary is tiny: PAD, EOS, BOS and one token per (level, code); see `Toke
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from letter.errors import SettingError
 
 PAD, EOS, BOS = 0, 1, 2
 NUM_SPECIAL = 3
@@ -189,6 +192,13 @@ class DecoderState:
     length: int = 0  # decoder tokens consumed so far
 
 
+def check_temperature(temperature: float) -> None:
+    """SettingError unless temperature is a finite number > 0: the logits are divided by it (0 or
+    below, NaN or inf would make every score inf, NaN or 0)."""
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
+        raise SettingError("temperature", f"must be a finite number > 0, got {temperature!r}")
+
+
 class Tiger(nn.Module):
     def __init__(
         self,
@@ -205,6 +215,7 @@ class Tiger(nn.Module):
         temperature: float = 1.0,
     ):
         super().__init__()
+        check_temperature(temperature)
         self.hparams = dict(
             vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_decoder_layers=num_decoder_layers,
             num_heads=num_heads, d_kv=d_kv, d_ff=d_ff, dropout=dropout, relative_buckets=relative_buckets,
