@@ -321,3 +321,21 @@ def test_report_plot_is_written_atomically(tmp_path, full_disk_savefig):
         _plot_curves(p)
     assert os.listdir(tmp_path / "run") == ["training_curves.png"]
     assert (tmp_path / "run" / "training_curves.png").read_bytes() == earlier
+
+
+def test_evaluate_stage_measures_the_index_the_pipeline_built(tmp_path, monkeypatch):
+    # an index version added later into the rec folder (`letter add-items`) is no input of the stage: a
+    # rerun for another reason must not measure it in its place (that is `letter evaluate`'s default)
+    import types
+
+    import letter.rec
+    from letter.rec import EvaluateSettings
+
+    calls = []
+    monkeypatch.setattr(letter.rec, "evaluate", lambda run, **kwargs: calls.append((run, kwargs)) or {"ok": 1})
+    p = types.SimpleNamespace(outputs={"rec": {"run": "R"}, "prepare": {"dataset": "D"}}, device="cpu",
+                              config={"evaluate": EvaluateSettings().to_dict()})
+    outputs = pipeline_module._evaluate(p, str(tmp_path))
+    assert outputs["result"] == {"ok": 1} and len(calls) == 1
+    run, kwargs = calls[0]
+    assert run == "R" and kwargs["data"] == "D" and kwargs["index_version"] == 0

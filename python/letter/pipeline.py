@@ -300,9 +300,12 @@ def _evaluate(p: Pipeline, directory: str) -> dict:
     from letter.rec import EvaluateSettings, evaluate
 
     out = os.path.join(directory, "metrics.json")
-    # the dataset of this run folder (not the path the rec run recorded, which a copy shares)
+    # the dataset of this run folder (not the path the rec run recorded, which a copy shares), and the
+    # index the tokenizer stage built: versions `letter add-items` writes later into the rec folder are
+    # no input of this stage, so they must not change what a rerun measures (`letter evaluate` does)
     result = evaluate(p.outputs["rec"]["run"], settings=EvaluateSettings.from_dict(p.config["evaluate"]),
-                      data=p.outputs["prepare"]["dataset"], device=p.device, out=out, show_progress=True)
+                      data=p.outputs["prepare"]["dataset"], device=p.device, out=out, show_progress=True,
+                      index_version=0)
     return {"metrics": out, "result": result}
 
 
